@@ -1,0 +1,68 @@
+"""The typer application: global options, error reporting and exit codes.
+
+Commands live in small modules beside this one and import torch/timm only inside their bodies, so
+`taskvec --help`, `inspect`, `list` and `push` start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from taskvec import __version__
+from taskvec.cli import core
+from taskvec.cli.console import STATE, fail
+
+app = typer.Typer(
+    name="taskvec",
+    help=(
+        "Train one medical imaging model across hospitals without sharing images: each site fine-tunes "
+        "the same base and exports a data vector (fine-tuned − base weights, optionally with DP); a merger "
+        "combines any set of vectors by task arithmetic.\n\n"
+        "Typical flow: init → (each site) finetune → export → (merger) merge → evaluate."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"taskvec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    STATE["debug"] = debug
+
+
+core.register(app)
+
+
+def main() -> None:
+    """Console entry point: one clear line on stderr and a non-zero exit for any error."""
+    from taskvec.errors import TaskvecError
+
+    try:
+        app()
+    except TaskvecError as e:
+        if STATE["debug"]:
+            raise
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted", code=130)
+    except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
+        if STATE["debug"]:
+            raise
+        fail(f"{type(e).__name__}: {e} (run `taskvec --debug ...` for the traceback)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

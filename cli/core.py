@@ -1,0 +1,149 @@
+"""`taskvec init`, `export`, `merge` and `inspect`: the data-vector core."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from taskvec.cli.console import console, print_json, track, warn
+
+
+def init(
+    arch: str = typer.Option(..., help="timm architecture, e.g. vit_small_patch16_224, convnext_tiny, test_vit."),
+    task: str = typer.Option("classification", help="classification | segmentation"),
+    num_classes: int = typer.Option(..., "--num-classes", help="Number of classes (segmentation: incl. background)."),
+    out: Path = typer.Option(..., help="Model file to write (.safetensors)."),
+    in_chans: int = typer.Option(3, "--in-chans", help="Input channels (1 for grayscale)."),
+    img_size: int | None = typer.Option(None, "--img-size", help="Input size in pixels (default: the model's)."),
+    labels: str | None = typer.Option(None, help="Comma-separated class names, e.g. malignant,benign."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Load timm's pretrained weights (needs a network)."),
+    weights: Path | None = typer.Option(None, help="Load a local timm checkpoint (.safetensors) instead."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+) -> None:
+    """Create the shared base model file every site starts from; prints its identity."""
+    from taskvec.files import check_output
+    from taskvec.models import build_base, save_model
+
+    check_output(out, force)
+    names = [s.strip() for s in labels.split(",")] if labels else None
+    module, spec = build_base(arch, task, num_classes, in_chans, img_size, names, pretrained, weights)
+    source = {"pretrained": pretrained, "weights": str(weights) if weights else None}
+    identity = save_model(module, spec, out, extra={"source": source}, force=force)
+    n = sum(p.numel() for p in module.parameters())
+    console.print(f"wrote [bold]{out}[/]: {spec.arch} {spec.task}, {n:,} parameters, labels {spec.labels}")
+    console.print(f"base identity {identity}")
+
+
+def export(
+    finetuned: Path = typer.Argument(..., help="Fine-tuned model file, run directory, or any safetensors state_dict."),
+    base: Path = typer.Option(..., help="The base model file the site started from."),
+    out: Path = typer.Option(..., help="Vector file to write (.safetensors)."),
+    clip: float | None = typer.Option(None, help="Clip the whole delta to this L2 norm (the DP sensitivity)."),
+    noise_multiplier: float | None = typer.Option(
+        None, "--noise-multiplier", help="Add N(0, (Z·clip)²) per coordinate: Gaussian mechanism, unit = site."
+    ),
+    epsilon: float | None = typer.Option(None, help="Solve the noise multiplier for this ε (needs --delta)."),
+    delta: float | None = typer.Option(None, help="δ of the guarantee, e.g. 1e-5."),
+    dtype: str = typer.Option("fp32", help="fp32 | bf16 (half size, ~2e-3 rel. error) | fp16 (underflows < 1e-5)."),
+    contributor: str | None = typer.Option(None, help="Contributor id (site name) recorded in the vector."),
+    samples: int | None = typer.Option(None, help="Training sample count (used by --method weighted)."),
+    seed: int | None = typer.Option(None, help="Seed the noise (testing only: reproducible noise is not secret)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+) -> None:
+    """Export a data vector: fine-tuned − base, optionally clipped and noised (export-time DP)."""
+    from taskvec.privacy import summarize_ledger
+    from taskvec.vectors import export_vector
+
+    r = export_vector(
+        finetuned, base, out, clip=clip, noise_multiplier=noise_multiplier, epsilon=epsilon, delta=delta,
+        dtype=dtype, contributor=contributor, samples=samples, seed=seed, force=force,
+    )
+    for w in r.warnings:
+        warn(w)
+    console.print(f"wrote [bold]{r.path}[/]: {r.num_params:,} deltas, sha256 {r.sha256[:16]}")
+    console.print(f"delta L2 norm {r.pre_clip_norm:.4g} before clipping, {r.post_clip_norm:.4g} after")
+    if r.expected_noise_norm:
+        ratio = r.expected_noise_norm / max(r.post_clip_norm, 1e-30)
+        console.print(f"expected noise norm Z·C·√d = {r.expected_noise_norm:.4g} ({ratio:.3g}× the signal)")
+        if ratio > 10:
+            warn("the noise is over 10× the delta: this vector will carry little signal")
+    console.print(f"privacy: {summarize_ledger(r.privacy)}")
+
+
+def merge(
+    vectors: list[Path] = typer.Argument(..., help="Vector files to merge."),
+    base: Path = typer.Option(..., help="The base model file all vectors were exported against."),
+    out: Path = typer.Option(..., help="Merged model file to write."),
+    method: str = typer.Option("sum", help="sum | mean | weighted (by samples) | ties | dare"),
+    scale: float = typer.Option(1.0, help="λ in base + λ·combine(vectors)."),
+    density: float | None = typer.Option(None, help="ties: fraction kept (0.2); dare: keep probability (0.5)."),
+    seed: int = typer.Option(0, help="Seed for dare's random drop."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+) -> None:
+    """Merge data vectors into synthetic weights: base + λ·combine(vectors), streaming one file at a time."""
+    from taskvec.merge import merge_vectors
+
+    r = merge_vectors(
+        vectors, base, out, method=method, scale=scale, density=density, seed=seed, force=force, track=track
+    )
+    for w in r.warnings:
+        warn(w)
+    console.print(f"wrote [bold]{r.path}[/]: {r.method} of {len(r.vectors)} vectors, λ={r.scale:g}")
+    console.print(f"model identity {r.identity}")
+
+
+def inspect(
+    file: Path = typer.Argument(..., help="A model, vector or plain safetensors file."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+) -> None:
+    """Show what a file is: kind, metadata, tensor/parameter counts, size, norm, integrity, DP ledger."""
+    from taskvec.inspection import inspect_file
+
+    info = inspect_file(file)
+    if as_json:
+        print_json(info)
+        return
+    _print_summary(info)
+
+
+def _print_summary(info: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from taskvec.privacy import summarize_ledger
+
+    m = info["metadata"]
+    t = Table(show_header=False, box=None)
+    rows: list[tuple[str, str]] = [
+        ("kind", info["kind"]),
+        ("size", f"{info['size_bytes'] / 1e6:.2f} MB"),
+        ("tensors", str(info["tensors"])),
+        ("parameters", f"{info['parameters']:,}"),
+        ("L2 norm", f"{info['l2_norm']:.6g}"),
+        ("integrity", {True: "ok", False: "MISMATCH", None: "no stored hash"}[info["integrity"]]),
+    ]
+    if info["kind"] == "model":
+        spec = m["model"]
+        rows += [("identity", m["identity"]), ("model", f"{spec['arch']} {spec['task']} {spec['num_classes']} classes"),
+                 ("labels", ", ".join(spec["labels"]))]
+        if "parent" in m:
+            rows.append(("parent base", m["parent"]))
+        if "merge" in m:
+            mg = m["merge"]
+            rows.append(("merge", f"{mg['method']} of {len(mg['vectors'])} vectors, λ={mg['scale']:g}"))
+            rows += [(f"  {v['contributor']}", f"{v['sha256'][:12]} {summarize_ledger(v['privacy'])}") for v in mg["vectors"]]
+    elif info["kind"] == "vector":
+        rows += [("sha256", m["sha256"]), ("base", f"{m['base']['identity']} ({m['base']['arch']})"),
+                 ("contributor", str(m["contributor"])), ("samples", str(m.get("samples"))),
+                 ("dtype", m["dtype"]), ("norm before clip", f"{m['norm']['pre_clip']:.6g}")]
+    if info["kind"] != "state_dict":
+        rows += [("created", m.get("created", "?")), ("privacy", summarize_ledger(info["privacy"]))]
+    for k, v in rows:
+        t.add_row(f"[bold]{k}[/]", v)
+    console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    for fn in (init, export, merge, inspect):
+        app.command()(fn)

@@ -1,0 +1,1 @@
+"""Vector exchange (local folder and Hugging Face Hub registries); filled in by the registry work."""

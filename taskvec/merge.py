@@ -1,0 +1,233 @@
+"""Streaming merge: `base + λ·combine(vectors)`, holding one accumulator and one vector file at a time.
+
+Every vector is checked (format, base identity, task, labels, keys, shapes, dtypes) before any tensor is
+read, and every vector's sha256 is re-computed while it streams, so a corrupted file never lands in a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import safe_open
+
+from taskvec.errors import FileFormatError, MismatchError
+from taskvec.files import FLOAT_DTYPES, Digest, Header, check_output, read_kind
+from taskvec.merge_methods import MergeMethod, dare_drop, dare_seed, get_method
+from taskvec.models import ModelSpec, save_model
+from taskvec.tensors import TORCH_TO_ST, is_statistic, tensor_bytes
+
+T = TypeVar("T")
+Track = Callable[[Iterable[T], str, int], Iterable[T]]
+
+
+def _no_track(it: Iterable[T], description: str, total: int) -> Iterable[T]:
+    return it
+
+
+@dataclass
+class MergeReport:
+    path: Path
+    identity: str
+    method: str
+    scale: float
+    density: float | None
+    vectors: list[dict[str, Any]]
+    warnings: list[str] = field(default_factory=list)
+
+
+def delta_keys(base: Header) -> list[str]:
+    """Keys that a vector carries as deltas: the base's floating tensors that are not statistics."""
+    return sorted(k for k, t in base.tensors.items() if t.dtype in FLOAT_DTYPES and not is_statistic(k))
+
+
+def check_vectors(base: Header, paths: Sequence[str | os.PathLike[str]]) -> list[Header]:
+    """Validate every vector against the base from headers alone; fail fast naming the file and field."""
+    if not paths:
+        raise FileFormatError("no vectors given")
+    expected = set(delta_keys(base))
+    stat_keys = {k for k in base.tensors if is_statistic(k)}
+    bmodel = base.meta["model"]
+    headers, seen = [], {}
+    for p in paths:
+        h = read_kind(p, "vector")
+        m = h.meta
+        if m["base"]["identity"] != base.meta["identity"]:
+            raise MismatchError(
+                f"{h.path}: base identity is {m['base']['identity'][:12]}, not {base.meta['identity'][:12]} "
+                f"({base.path}); it was exported against another base"
+            )
+        for fld in ("task", "labels"):
+            if m.get(fld) != bmodel.get(fld):
+                raise MismatchError(f"{h.path}: {fld} is {m.get(fld)!r}, base has {bmodel.get(fld)!r}")
+        deltas = {k for k in h.tensors if k not in set(m.get("statistics", []))}
+        if deltas != expected:
+            missing, extra = sorted(expected - deltas), sorted(deltas - expected)
+            raise MismatchError(f"{h.path}: keys differ from the base: missing {missing[:5]}, extra {extra[:5]}")
+        if not set(m.get("statistics", [])) <= stat_keys:
+            raise MismatchError(f"{h.path}: statistics keys the base does not have")
+        for k, t in h.tensors.items():
+            if t.shape != base.tensors[k].shape:
+                raise MismatchError(f"{h.path}: shape of {k} is {list(t.shape)}, base has {list(base.tensors[k].shape)}")
+            if t.dtype not in FLOAT_DTYPES:
+                raise MismatchError(f"{h.path}: tensor {k} has dtype {t.dtype}, vectors hold floating tensors")
+        if m["sha256"] in seen:
+            raise MismatchError(f"{h.path}: same vector as {seen[m['sha256']]} (sha256 {m['sha256'][:12]}); give it once")
+        seen[m["sha256"]] = h.path
+        headers.append(h)
+    return headers
+
+
+def _stream(header: Header, f: Any, keys: Iterable[str], dig: Digest) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, fp32 tensor) for `keys`, feeding the original bytes to the vector's digest."""
+    for k in keys:
+        t = f.get_tensor(k)
+        dig.update(k, TORCH_TO_ST[t.dtype], tuple(t.shape), tensor_bytes(t))
+        t = t.to(torch.float32)
+        if not torch.isfinite(t).all():
+            raise FileFormatError(f"{header.path}: tensor {k} holds NaN or Inf")
+        yield k, t
+
+
+def _verify(header: Header, dig: Digest) -> None:
+    if dig.hexdigest() != header.meta["sha256"]:
+        raise FileFormatError(f"{header.path}: content does not match its sha256; the file is corrupted")
+
+
+@dataclass
+class Accumulator:
+    """Σ cᵢ·fᵢ(τᵢ) over delta keys and per-key sums of statistics: the whole state of a linear merge."""
+
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    stat_counts: dict[str, int] = field(default_factory=dict)
+
+    def add_stat(self, k: str, t: torch.Tensor) -> None:
+        self.stats[k] = self.stats[k] + t if k in self.stats else t.clone()
+        self.stat_counts[k] = self.stat_counts.get(k, 0) + 1
+
+
+def accumulate_linear(
+    method: MergeMethod, headers: Sequence[Header], density: float | None, seed: int, track: Track[Any]
+) -> Accumulator:
+    """Add each vector into one accumulator, one file open at a time."""
+    assert method.coefficients is not None
+    coefs = method.coefficients([h.meta.get("samples") for h in headers])
+    acc = Accumulator()
+    for h, c in track(zip(headers, coefs), "merging", len(headers)):
+        dig = Digest()
+        stats = set(h.meta.get("statistics", []))
+        with safe_open(str(h.path), "pt") as f:
+            for k, t in _stream(h, f, sorted(h.tensors), dig):
+                if k in stats:
+                    acc.add_stat(k, t)
+                    continue
+                if method.drop:
+                    assert density is not None
+                    t = dare_drop(t, density, dare_seed(seed, h.meta["sha256"], k))
+                if k in acc.deltas:
+                    acc.deltas[k].add_(t, alpha=c)
+                else:
+                    acc.deltas[k] = t.mul_(c)
+        _verify(h, dig)
+    return acc
+
+
+def accumulate_tensorwise(
+    method: MergeMethod, headers: Sequence[Header], density: float | None, track: Track[Any]
+) -> Accumulator:
+    """Combine key by key with every vector open (memory-mapped); only one tensor per vector is read."""
+    assert method.tensorwise is not None and density is not None
+    acc = Accumulator()
+    keys = sorted(set().union(*(h.tensors for h in headers)))
+    digs = [Digest() for _ in headers]
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(safe_open(str(h.path), "pt")) for h in headers]
+        for k in track(keys, "merging", len(keys)):
+            ts = []
+            for h, f, d in zip(headers, files, digs):
+                if k in h.tensors:
+                    ts.extend(t for _, t in _stream(h, f, [k], d))
+            if is_statistic(k):
+                for t in ts:
+                    acc.add_stat(k, t)
+            else:
+                acc.deltas[k] = method.tensorwise(ts, density)
+    for h, d in zip(headers, digs):
+        _verify(h, d)
+    return acc
+
+
+def apply_to_base(base: Header, acc: Accumulator, scale: float) -> dict[str, torch.Tensor]:
+    """`base + λ·Σ` for deltas, averaged statistics, base values for everything else, in base dtypes."""
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(base.path), "pt") as fb:
+        for k in sorted(base.tensors):
+            b = fb.get_tensor(k)
+            if k in acc.deltas:
+                out[k] = acc.deltas.pop(k).mul_(scale).add_(b.to(torch.float32)).to(b.dtype)
+            elif k in acc.stats:
+                out[k] = (acc.stats[k] / acc.stat_counts[k]).to(b.dtype)
+            else:
+                out[k] = b
+    return out
+
+
+def vector_summary(h: Header) -> dict[str, Any]:
+    """What a merged model records of each input vector."""
+    m = h.meta
+    return {
+        "sha256": m["sha256"],
+        "contributor": m["contributor"],
+        "samples": m.get("samples"),
+        "privacy": m.get("privacy", []),
+        "file": h.path.name,
+    }
+
+
+def merge_vectors(
+    vectors: Sequence[str | os.PathLike[str]],
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    method: str = "sum",
+    scale: float = 1.0,
+    density: float | None = None,
+    seed: int = 0,
+    force: bool = False,
+    track: Track[Any] = _no_track,
+) -> MergeReport:
+    """Merge data vectors into `base + scale·combine(vectors)` and save it as a taskvec model file."""
+    check_output(out, force)
+    m = get_method(method)
+    density = m.default_density if density is None else density
+    if m.default_density is not None and density is not None and not 0 < density <= 1:
+        raise FileFormatError(f"--density must be in (0, 1], got {density}")
+    bh = read_kind(base, "model")
+    headers = check_vectors(bh, vectors)
+    if m.linear:
+        acc = accumulate_linear(m, headers, density, seed, track)
+    else:
+        acc = accumulate_tensorwise(m, headers, density, track)
+    state = apply_to_base(bh, acc, scale)
+    summaries = [vector_summary(h) for h in headers]
+    record = {
+        "method": method,
+        "scale": scale,
+        "density": density if m.default_density is not None else None,
+        "seed": seed if m.drop else None,
+        "vectors": summaries,
+    }
+    identity = save_model(
+        state, ModelSpec.from_dict(bh.meta["model"]), out,
+        extra={"parent": bh.meta["identity"], "merge": record}, force=force,
+    )
+    warnings = []
+    if any(not s["privacy"] for s in summaries):
+        warnings.append("some inputs carry no DP guarantee (see `taskvec inspect`)")
+    return MergeReport(Path(out), identity, method, scale, record["density"], summaries, warnings)

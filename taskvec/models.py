@@ -1,0 +1,174 @@
+"""Model files: build a timm model from a self-describing spec, save it with its identity, load it back.
+
+A model file is safetensors holding the full state_dict, plus metadata (`kind: model`) with the spec
+needed to rebuild the exact `nn.Module` and a content identity (sha256 over its tensors). Classification
+files are plain timm state_dicts, so timm and torch load them as they are.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from taskvec.errors import FileFormatError, TaskvecError
+from taskvec.files import FORMAT, FORMAT_VERSION, read_header, read_kind
+from taskvec.tensors import save_tensors, state_digest
+
+TASKS = ("classification", "segmentation")
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a taskvec model: the timm architecture and its keyword arguments."""
+
+    arch: str
+    task: str
+    num_classes: int
+    in_chans: int = 3
+    img_size: int = 224
+    labels: list[str] = field(default_factory=list)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    decoder: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        return cls(**d)
+
+
+def _timm_create(arch: str, spec_kwargs: dict[str, Any], pretrained: bool, weights: str | None) -> nn.Module:
+    import timm
+
+    kwargs = dict(spec_kwargs)
+    if weights is not None:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+    return timm.create_model(arch, pretrained=pretrained or weights is not None, **kwargs)
+
+
+def _module_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    kw: dict[str, Any] = {"in_chans": spec.in_chans, **spec.model_kwargs}
+    if spec.task == "classification":
+        kw["num_classes"] = spec.num_classes
+    else:
+        kw["features_only"] = True
+    return kw
+
+
+def create_module(spec: ModelSpec, pretrained: bool = False, weights: str | None = None) -> nn.Module:
+    """Build the `nn.Module` a spec describes (random init unless `pretrained`/`weights`)."""
+    from taskvec.segmentation import SegmentationModel
+
+    net = _timm_create(spec.arch, _module_kwargs(spec), pretrained, weights)
+    if spec.task == "segmentation":
+        return SegmentationModel(net, spec.num_classes, **(spec.decoder or {}))
+    return net
+
+
+def build_base(
+    arch: str,
+    task: str = "classification",
+    num_classes: int = 2,
+    in_chans: int = 3,
+    img_size: int | None = None,
+    labels: list[str] | None = None,
+    pretrained: bool = False,
+    weights: str | os.PathLike[str] | None = None,
+) -> tuple[nn.Module, ModelSpec]:
+    """Create a base model and its spec. `weights` is a local timm checkpoint (safetensors)."""
+    import timm
+
+    if task not in TASKS:
+        raise TaskvecError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if not timm.is_model(arch):
+        raise TaskvecError(f"unknown timm architecture {arch!r}; see `timm.list_models()`")
+    if num_classes < 2 and task == "segmentation":
+        raise TaskvecError("segmentation needs --num-classes >= 2 (background + foreground)")
+    if num_classes < 1:
+        raise TaskvecError("--num-classes must be >= 1")
+    labels = list(labels) if labels else [str(i) for i in range(num_classes)]
+    if len(labels) != num_classes:
+        raise TaskvecError(f"--labels names {len(labels)} classes but --num-classes is {num_classes}")
+    if weights is not None:
+        read_header(weights)  # refuses pickle, corrupt or missing files with a clear message
+    default_size = timm.get_pretrained_cfg(arch)
+    size = img_size or (default_size.input_size[-1] if default_size is not None else 224)
+    spec = ModelSpec(arch, task, num_classes, in_chans, int(size), labels, {})
+    if task == "segmentation":
+        spec.decoder = {"channels": 64}
+    if img_size is not None:
+        spec.model_kwargs["img_size"] = int(img_size)
+        try:
+            module = create_module(spec, pretrained, str(weights) if weights else None)
+        except TypeError:  # the architecture takes no img_size (CNNs work at any size)
+            spec.model_kwargs.pop("img_size")
+            module = create_module(spec, pretrained, str(weights) if weights else None)
+    else:
+        module = create_module(spec, pretrained, str(weights) if weights else None)
+    return module, spec
+
+
+def save_model(
+    model: nn.Module | dict[str, torch.Tensor],
+    spec: ModelSpec,
+    path: str | os.PathLike[str],
+    extra: dict[str, Any] | None = None,
+    force: bool = False,
+) -> str:
+    """Save a model file with its spec and content identity; return the identity."""
+    from taskvec import __version__
+
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    identity = state_digest(state)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": "model",
+        "identity": identity,
+        "model": spec.to_dict(),
+        "created": now(),
+        "taskvec_version": __version__,
+        **(extra or {}),
+    }
+    save_tensors(state, path, meta, force=force)
+    return identity
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the exact `nn.Module` a taskvec model file describes and load its weights."""
+    from safetensors.torch import load_file
+
+    header = read_kind(path, "model")
+    module = create_module(ModelSpec.from_dict(header.meta["model"]))
+    state = load_file(str(path))
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise FileFormatError(f"{path}: weights do not fit its architecture: {str(e).splitlines()[0]}") from None
+    return module.to(device)
+
+
+def model_spec(path: str | os.PathLike[str]) -> ModelSpec:
+    """The spec stored in a model file (no torch needed)."""
+    return ModelSpec.from_dict(read_kind(path, "model").meta["model"])
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def resolve_model_path(path: str | os.PathLike[str]) -> Path:
+    """A run directory stands for the model file it holds (`RUN_DIR/model.safetensors`)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "model.safetensors").exists():
+            return p / "model.safetensors"
+        raise FileFormatError(f"{p}: directory holds no model.safetensors (is the fine-tuning run finished?)")
+    return p

@@ -1,0 +1,195 @@
+"""Data vectors: `finetuned − base` for floating parameters, optionally clipped and noised, as safetensors.
+
+Deltas are computed in fp32. Integer buffers never enter a vector. BatchNorm running statistics are stored
+as values (merged by averaging), not as deltas. Export-time noise is added in fp32 before any cast.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from taskvec.errors import FileFormatError, MismatchError, PrivacyError, TaskvecError
+from taskvec.files import FLOAT_DTYPES, FORMAT, FORMAT_VERSION, Header, check_output, read_header, read_kind
+from taskvec.models import now, resolve_model_path
+from taskvec.privacy import gaussian_noise_multiplier, gaussian_output_entry
+from taskvec.tensors import CAST_DTYPES, TORCH_TO_ST, is_statistic, save_tensors, state_digest
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    sha256: str
+    num_params: int
+    pre_clip_norm: float
+    post_clip_norm: float
+    expected_noise_norm: float
+    privacy: list[dict[str, Any]]
+    statistics: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_same_layout(base: Header, other: Header, what: str = "") -> None:
+    """Keys and shapes of `other` must equal the base's; the error names the file and the field."""
+    missing = sorted(set(base.tensors) - set(other.tensors))
+    extra = sorted(set(other.tensors) - set(base.tensors))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if extra:
+            parts.append(f"extra keys {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+        raise MismatchError(f"{other.path}: does not match base {base.path}{what}: {'; '.join(parts)}")
+    for k, t in other.tensors.items():
+        if t.shape != base.tensors[k].shape:
+            raise MismatchError(
+                f"{other.path}: shape of {k} is {list(t.shape)}, base has {list(base.tensors[k].shape)}"
+            )
+
+
+def _check_finetuned(base: Header, ft: Header) -> None:
+    if ft.kind == "vector":
+        raise FileFormatError(f"{ft.path}: is a data vector; export takes a fine-tuned model or state_dict")
+    if ft.kind == "model":
+        parent = ft.meta.get("parent")
+        if parent is not None and parent != base.meta["identity"]:
+            raise MismatchError(
+                f"{ft.path}: was fine-tuned from base {parent[:12]}, not from {base.path} ({base.meta['identity'][:12]})"
+            )
+        for fld in ("arch", "task", "num_classes", "labels"):
+            if ft.meta["model"].get(fld) != base.meta["model"].get(fld):
+                raise MismatchError(
+                    f"{ft.path}: {fld} is {ft.meta['model'].get(fld)!r}, base has {base.meta['model'].get(fld)!r}"
+                )
+    check_same_layout(base, ft)
+
+
+def _resolve_noise(
+    clip: float | None, noise_multiplier: float | None, epsilon: float | None, delta: float | None
+) -> float | None:
+    if clip is not None and clip <= 0:
+        raise PrivacyError("--clip must be > 0")
+    if noise_multiplier is not None and epsilon is not None:
+        raise PrivacyError("give either --noise-multiplier or --epsilon/--delta, not both")
+    if (noise_multiplier is not None or epsilon is not None) and clip is None:
+        raise PrivacyError("noise without clipping gives no guarantee: pass --clip C (the sensitivity)")
+    if epsilon is not None:
+        if delta is None:
+            raise PrivacyError("--epsilon needs --delta (for example --delta 1e-5)")
+        return gaussian_noise_multiplier(epsilon, delta)
+    if noise_multiplier is not None:
+        if noise_multiplier <= 0:
+            raise PrivacyError("--noise-multiplier must be > 0")
+        if delta is None:
+            raise PrivacyError("--noise-multiplier needs --delta to report ε (for example --delta 1e-5)")
+    return noise_multiplier
+
+
+def export_vector(
+    finetuned: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    clip: float | None = None,
+    noise_multiplier: float | None = None,
+    epsilon: float | None = None,
+    delta: float | None = None,
+    dtype: str = "fp32",
+    contributor: str | None = None,
+    samples: int | None = None,
+    seed: int | None = None,
+    force: bool = False,
+) -> ExportReport:
+    """Write the data vector `finetuned − base` to `out` and return what was done.
+
+    With `clip` the whole delta is scaled to L2 norm ≤ clip. With a noise multiplier Z (or ε, δ) every
+    coordinate gets N(0, (Z·clip)²): one release of the Gaussian mechanism with sensitivity `clip` over
+    the site's whole contribution, accounted with the analytic Gaussian mechanism. Statistics
+    (BatchNorm running mean/var) carry no noise, so a noised export leaves them out.
+    """
+    check_output(out, force)
+    if dtype not in CAST_DTYPES:
+        raise TaskvecError(f"--dtype must be one of {', '.join(CAST_DTYPES)}, got {dtype!r}")
+    z = _resolve_noise(clip, noise_multiplier, epsilon, delta)
+    bh = read_kind(base, "model")
+    fh = read_header(resolve_model_path(finetuned))
+    _check_finetuned(bh, fh)
+    training = fh.meta.get("training", {})
+    samples = samples if samples is not None else training.get("samples")
+    if samples is not None and samples < 1:
+        raise TaskvecError("--samples must be >= 1")
+    warnings: list[str] = []
+
+    deltas: dict[str, torch.Tensor] = {}
+    stats: dict[str, torch.Tensor] = {}
+    with safe_open(str(bh.path), "pt") as fb, safe_open(str(fh.path), "pt") as ff:
+        for k in sorted(bh.tensors):
+            if bh.tensors[k].dtype not in FLOAT_DTYPES:
+                continue
+            ft = ff.get_tensor(k).to(torch.float32)
+            if not torch.isfinite(ft).all():
+                raise FileFormatError(f"{fh.path}: tensor {k} holds NaN or Inf; the fine-tuning diverged")
+            if is_statistic(k):
+                stats[k] = ft
+            else:
+                deltas[k] = ft - fb.get_tensor(k).to(torch.float32)
+
+    pre = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas.values()))
+    post = pre
+    if clip is not None and pre > clip:
+        factor = clip / pre
+        for d in deltas.values():
+            d.mul_(factor)
+        post = clip
+    num = sum(d.numel() for d in deltas.values())
+    privacy = list(fh.meta.get("privacy", []))
+    noise_norm = 0.0
+    if z is not None:
+        assert clip is not None and delta is not None
+        gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+        sigma = z * clip
+        for d in deltas.values():
+            d.add_(torch.randn(d.shape, generator=gen, dtype=torch.float32) * sigma)
+        noise_norm = sigma * math.sqrt(num)
+        privacy.append(gaussian_output_entry(z, clip, delta, fh.meta.get("run_id")))
+        if stats:
+            warnings.append(
+                f"left out {len(stats)} BatchNorm statistics tensors: they would be released without noise; "
+                "the merge keeps the base's statistics (or re-estimates them with --calibrate)"
+            )
+            stats = {}
+    elif clip is not None:
+        warnings.append("clipping without noise is not differential privacy; the vector is recorded as 'no DP'")
+
+    cast = CAST_DTYPES[dtype]
+    tensors = {k: v.to(cast) for k, v in deltas.items()} | stats
+    sha = state_digest(tensors)
+    bmodel = bh.meta["model"]
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": "vector",
+        "base": {"identity": bh.meta["identity"], "arch": bmodel["arch"]},
+        "task": bmodel["task"],
+        "labels": bmodel["labels"],
+        "contributor": contributor or training.get("contributor") or "anonymous",
+        "samples": samples,
+        "created": now(),
+        "dtype": TORCH_TO_ST[cast],
+        "statistics": sorted(stats),
+        "source": {"identity": fh.meta.get("identity"), "run_id": fh.meta.get("run_id")},
+        "norm": {"pre_clip": pre, "post_clip": post, "expected_noise": noise_norm},
+        "clip": clip,
+        "noise_multiplier": z,
+        "privacy": privacy,
+        "sha256": sha,
+    }
+    path = save_tensors(tensors, out, meta, force=force)
+    return ExportReport(path, sha, num, pre, post, noise_norm, privacy, len(stats), warnings)
