@@ -1,0 +1,109 @@
+"""The container layer: header validation, content identity, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from taskvec.errors import FileFormatError, OutputExistsError
+from taskvec.files import atomic_output, file_digest, read_header, read_kind
+from taskvec.tensors import state_digest
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "w": torch.randn(3, 4, generator=g),
+        "h": torch.randn(5, generator=g).to(torch.bfloat16),
+        "n": torch.tensor(7, dtype=torch.int64),
+        "s": torch.tensor(1.5),
+    }
+
+
+def test_file_identity_equals_memory_identity(tmp_path: Path) -> None:
+    t = _tensors()
+    save_file(t, str(tmp_path / "a.safetensors"))
+    assert file_digest(read_header(tmp_path / "a.safetensors")) == state_digest(t)
+
+
+def test_identity_changes_with_any_field() -> None:
+    t = _tensors()
+    base = state_digest(t)
+    assert state_digest({**t, "w": t["w"].clone().index_fill_(0, torch.tensor([0]), 0.0)}) != base
+    assert state_digest({**t, "w": t["w"].reshape(4, 3)}) != base  # same bytes, other shape
+    assert state_digest({**t, "s": t["s"].to(torch.float64)}) != base  # other dtype
+    renamed = {("x" if k == "w" else k): v for k, v in t.items()}
+    assert state_digest(renamed) != base
+
+
+def test_truncated_file_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "a.safetensors"
+    save_file(_tensors(), str(p))
+    data = p.read_bytes()
+    p.write_bytes(data[:-5])
+    with pytest.raises(FileFormatError, match="truncated"):
+        read_header(p)
+    p.write_bytes(data[:6])
+    with pytest.raises(FileFormatError, match="too short"):
+        read_header(p)
+
+
+def test_corrupt_header_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "a.safetensors"
+    body = b"{not json!"
+    p.write_bytes(struct.pack("<Q", len(body)) + body)
+    with pytest.raises(FileFormatError, match="corrupt"):
+        read_header(p)
+    bad = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]}}).encode()
+    p.write_bytes(struct.pack("<Q", len(bad)) + bad + b"\0" * 8)
+    with pytest.raises(FileFormatError, match="corrupt entry"):
+        read_header(p)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".bin", ".safetensors"])
+def test_pickle_is_never_loaded(tmp_path: Path, suffix: str) -> None:
+    p = tmp_path / f"model{suffix}"
+    p.write_bytes(pickle.dumps({"w": [1, 2, 3]}, protocol=4))
+    with pytest.raises(FileFormatError, match="pickle"):
+        read_header(p)
+
+
+def test_read_kind_names_what_it_got(tmp_path: Path) -> None:
+    p = tmp_path / "a.safetensors"
+    save_file(_tensors(), str(p))
+    with pytest.raises(FileFormatError, match="plain safetensors"):
+        read_kind(p, "vector")
+
+
+def test_newer_format_version_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "a.safetensors"
+    save_file(_tensors(), str(p), metadata={"taskvec": json.dumps({"format_version": 99, "kind": "model"})})
+    with pytest.raises(FileFormatError, match="upgrade taskvec"):
+        read_header(p)
+
+
+def test_atomic_output_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(RuntimeError):
+        with atomic_output(out) as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_output_refuses_existing_without_force(tmp_path: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"keep me")
+    with pytest.raises(OutputExistsError, match="--force"):
+        with atomic_output(out):
+            pass
+    assert out.read_bytes() == b"keep me"
+    with atomic_output(out, force=True) as tmp:
+        tmp.write_bytes(b"new")
+    assert out.read_bytes() == b"new"

@@ -1,0 +1,112 @@
+"""Streaming merge against a reference that loads everything; checks, provenance and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from taskvec.errors import FileFormatError, MismatchError
+from taskvec.files import read_kind
+from taskvec.merge import merge_vectors
+from taskvec.merge_methods import MERGE_METHODS, dare_seed
+from taskvec.vectors import export_vector
+
+
+@pytest.fixture
+def three(make_base, make_finetuned, tmp_path: Path):
+    base = make_base("test_resnet")
+    vecs = [
+        export_vector(make_finetuned(base, i), base, tmp_path / f"v{i}.safetensors", samples=10 * (i + 1),
+                      contributor=f"site{i}").path
+        for i in range(3)
+    ]
+    return base, vecs
+
+
+def _reference(base: Path, vecs: list[Path], method: str, scale: float, density, seed: int) -> dict:
+    b = load_file(str(base))
+    vs = [load_file(str(v)) for v in vecs]
+    metas = [read_kind(v, "vector").meta for v in vecs]
+    m = MERGE_METHODS[method]
+    out = {}
+    for k, t in b.items():
+        if k.endswith(("running_mean", "running_var")):
+            out[k] = torch.stack([v[k] for v in vs]).mean(0)
+        elif not t.is_floating_point():
+            out[k] = t
+        else:
+            seeds = [dare_seed(seed, meta["sha256"], k) for meta in metas]
+            comb = m.combine([v[k] for v in vs], [meta["samples"] for meta in metas], density, seeds)
+            out[k] = t + scale * comb
+    return out
+
+
+@pytest.mark.parametrize("method", list(MERGE_METHODS))
+def test_streaming_merge_equals_reference(three, tmp_path: Path, method: str) -> None:
+    base, vecs = three
+    density = {"ties": 0.3, "dare": 0.6}.get(method)
+    r = merge_vectors(vecs, base, tmp_path / "m.safetensors", method=method, scale=0.7, density=density, seed=3)
+    got, want = load_file(str(r.path)), _reference(base, vecs, method, 0.7, density, 3)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-6), k
+    meta = read_kind(r.path, "model").meta
+    assert meta["merge"]["method"] == method and meta["merge"]["scale"] == 0.7
+    assert [v["sha256"] for v in meta["merge"]["vectors"]] == [read_kind(v, "vector").meta["sha256"] for v in vecs]
+    assert meta["parent"] == read_kind(base, "model").meta["identity"]
+
+
+def test_dare_does_not_depend_on_order(three, tmp_path: Path) -> None:
+    base, vecs = three
+    a = merge_vectors(vecs, base, tmp_path / "a.safetensors", method="dare", seed=1)
+    b = merge_vectors(vecs[::-1], base, tmp_path / "b.safetensors", method="dare", seed=1)
+    la, lb = load_file(str(a.path)), load_file(str(b.path))
+    assert all(torch.allclose(la[k], lb[k], atol=1e-6) for k in la)
+
+
+def test_merged_model_loads_in_taskvec_and_timm(three, tmp_path: Path) -> None:
+    import timm
+
+    from taskvec.models import load_model
+
+    base, vecs = three
+    r = merge_vectors(vecs, base, tmp_path / "m.safetensors")
+    model = load_model(r.path).eval()
+    plain = timm.create_model("test_resnet", num_classes=3)
+    plain.load_state_dict(load_file(str(r.path)))
+    plain.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(model(x), plain(x))
+
+
+def test_vector_from_another_base_fails_before_reading(make_base, make_finetuned, three, tmp_path: Path) -> None:
+    base, vecs = three
+    other = make_base("test_resnet", name="other.safetensors", in_chans=1)
+    foreign = export_vector(make_finetuned(other, 9, name="f.safetensors"), other, tmp_path / "f-vec.safetensors").path
+    with pytest.raises(MismatchError, match="f-vec.safetensors: base identity"):
+        merge_vectors([*vecs, foreign], base, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_duplicate_and_corrupted_vectors(three, tmp_path: Path) -> None:
+    base, vecs = three
+    with pytest.raises(MismatchError, match="same vector"):
+        merge_vectors([vecs[0], vecs[1], vecs[0]], base, tmp_path / "m.safetensors")
+    data = bytearray(vecs[1].read_bytes())
+    data[-3] ^= 0xFF  # flip bits inside the last tensor's bytes
+    vecs[1].write_bytes(bytes(data))
+    with pytest.raises(FileFormatError, match="does not match its sha256"):
+        merge_vectors(vecs, base, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_weighted_without_samples_and_bad_density(make_base, make_finetuned, tmp_path: Path) -> None:
+    base = make_base()
+    v = export_vector(make_finetuned(base, 1), base, tmp_path / "v.safetensors").path
+    with pytest.raises(Exception, match="--samples"):
+        merge_vectors([v], base, tmp_path / "m.safetensors", method="weighted")
+    with pytest.raises(FileFormatError, match="--density"):
+        merge_vectors([v], base, tmp_path / "m.safetensors", method="ties", density=1.5)
