@@ -35,6 +35,7 @@ class ModelSpec:
     labels: list[str] = field(default_factory=list)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     decoder: dict[str, Any] | None = None
+    dp_compatible: dict[str, Any] | None = None  # DP-ready conversion (taskvec.dp_models), redone on load
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,7 +69,11 @@ def create_module(spec: ModelSpec, pretrained: bool = False, weights: str | None
 
     net = _timm_create(spec.arch, _module_kwargs(spec), pretrained, weights)
     if spec.task == "segmentation":
-        return SegmentationModel(net, spec.num_classes, **(spec.decoder or {}))
+        net = SegmentationModel(net, spec.num_classes, **(spec.decoder or {}))
+    if spec.dp_compatible is not None:
+        from taskvec.dp_models import make_dp_compatible
+
+        make_dp_compatible(net, **spec.dp_compatible)
     return net
 
 
@@ -81,8 +86,12 @@ def build_base(
     labels: list[str] | None = None,
     pretrained: bool = False,
     weights: str | os.PathLike[str] | None = None,
+    dp_compatible: bool = False,
 ) -> tuple[nn.Module, ModelSpec]:
-    """Create a base model and its spec. `weights` is a local timm checkpoint (safetensors)."""
+    """Create a base model and its spec. `weights` is a local timm checkpoint (safetensors).
+
+    `dp_compatible` converts it for DP-SGD (see `taskvec.dp_models`) and records that in the spec.
+    """
     import timm
 
     if task not in TASKS:
@@ -103,6 +112,10 @@ def build_base(
     spec = ModelSpec(arch, task, num_classes, in_chans, int(size), labels, {})
     if task == "segmentation":
         spec.decoder = {"channels": 64}
+    if dp_compatible:
+        from taskvec.dp_models import dp_spec
+
+        spec.dp_compatible = dp_spec()
     if img_size is not None:
         spec.model_kwargs["img_size"] = int(img_size)
         try:

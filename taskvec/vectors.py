@@ -17,9 +17,24 @@ import torch
 from safetensors import safe_open
 
 from taskvec.errors import FileFormatError, MismatchError, PrivacyError, TaskvecError
-from taskvec.files import FLOAT_DTYPES, FORMAT, FORMAT_VERSION, Header, check_output, read_header, read_kind
+from taskvec.files import (
+    FLOAT_DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    Header,
+    check_output,
+    file_digest,
+    read_header,
+    read_kind,
+)
 from taskvec.models import now, resolve_model_path
-from taskvec.privacy import gaussian_noise_multiplier, gaussian_output_entry
+from taskvec.privacy import (
+    gaussian_noise_multiplier,
+    gaussian_output_entry,
+    read_releases,
+    record_release,
+    releases_path,
+)
 from taskvec.tensors import CAST_DTYPES, TORCH_TO_ST, is_statistic, save_tensors, state_digest
 
 
@@ -113,6 +128,9 @@ def export_vector(
     coordinate gets N(0, (Z·clip)²): one release of the Gaussian mechanism with sensitivity `clip` over
     the site's whole contribution, accounted with the analytic Gaussian mechanism. Statistics
     (BatchNorm running mean/var) carry no noise, so a noised export leaves them out.
+
+    Every export is recorded in `privacy_releases.json` beside the fine-tuned model, keyed by its run id
+    (or content identity); the ε of a noised export is that of all noised exports of the run composed.
     """
     check_output(out, force)
     if dtype not in CAST_DTYPES:
@@ -126,6 +144,17 @@ def export_vector(
     if samples is not None and samples < 1:
         raise TaskvecError("--samples must be >= 1")
     warnings: list[str] = []
+    record = releases_path(fh.path)
+    run_key = str(fh.meta.get("run_id") or fh.meta.get("identity") or file_digest(fh))
+    earlier = read_releases(record, run_key)
+    if z is not None and any(r["noise_multiplier"] is None for r in earlier):
+        raise PrivacyError(
+            f"{fh.path}: this run was already exported without export-time noise (see {record}); a new noised "
+            "export cannot give a site-level guarantee for data already released without it"
+        )
+    if z is None and any(r["noise_multiplier"] is not None for r in earlier):
+        warnings.append("this run was exported with noise before: once this un-noised vector is shared, the "
+                        "site-level guarantee of the earlier vectors no longer holds")
 
     deltas: dict[str, torch.Tensor] = {}
     stats: dict[str, torch.Tensor] = {}
@@ -158,7 +187,10 @@ def export_vector(
         for d in deltas.values():
             d.add_(torch.randn(d.shape, generator=gen, dtype=torch.float32) * sigma)
         noise_norm = sigma * math.sqrt(num)
-        privacy.append(gaussian_output_entry(z, clip, delta, fh.meta.get("run_id")))
+        privacy.append(gaussian_output_entry(z, clip, delta, fh.meta.get("run_id"), earlier))
+        if earlier:
+            warnings.append(f"release {len(earlier) + 1} of this run: ε composes over all its noised exports "
+                            f"(now {privacy[-1]['epsilon']:.3g}; recorded in {record})")
         if stats:
             warnings.append(
                 f"left out {len(stats)} BatchNorm statistics tensors: they would be released without noise; "
@@ -192,4 +224,6 @@ def export_vector(
         "sha256": sha,
     }
     path = save_tensors(tensors, out, meta, force=force)
+    record_release(record, run_key, {"vector": sha, "noise_multiplier": z, "clip": clip, "delta": delta,
+                                     "created": meta["created"]})
     return ExportReport(path, sha, num, pre, post, noise_norm, privacy, len(stats), warnings)

@@ -1,0 +1,315 @@
+"""DP-SGD fine-tuning with Opacus: Poisson sampling, per-example (or per-patient) clipping, Gaussian noise,
+and PRV accounting (RDP as a named fallback).
+
+`make_private(model, optimizer, loader, config, epochs=...)` returns the private versions of the three and a
+`PrivacyMeter` that counts steps, reports ε and says when the target ε is reached. The model object stays
+the same (Opacus's hooks are attached to it, not wrapped around it), so its state_dict keys are unchanged.
+
+Unit of privacy. Without patient ids each image is sampled independently with probability q and clipped on
+its own (unit `image`). With patient ids each *patient* is sampled with probability q, all of that patient's
+images enter the batch together, and the sum of their per-image gradients is clipped as one (unit
+`patient`): the sensitivity to adding or removing one person is then the clipping bound, whatever the
+number of images (tiles) they contributed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from taskvec.errors import PrivacyError
+
+PRV = "opacus-prv (Gopi et al. 2021)"
+RDP = "opacus-rdp (fallback: PRV failed)"
+
+# Opacus grad-sample mode per model family, chosen by benchmarks/dp_overhead.py on this project's CPU
+# (median step time; see the README's table). "hooks" uses Opacus's hand-written per-layer samplers,
+# "functorch" vmaps autograd over every layer.
+GRAD_SAMPLE_MODES = {"transformer": "hooks", "depthwise": "hooks", "conv": "hooks"}
+
+
+@dataclass
+class DPConfig:
+    """DP-SGD settings: clip each unit's gradient to `max_grad_norm` and either reach `target_epsilon`
+    (noise calibrated for the planned epochs, training stops at the target) or use `noise_multiplier`."""
+
+    max_grad_norm: float
+    delta: float
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    grad_sample_mode: str | None = None  # None: chosen by model family (GRAD_SAMPLE_MODES)
+    seed: int | None = None
+
+    def check(self) -> None:
+        if not self.max_grad_norm > 0:
+            raise PrivacyError("--max-grad-norm must be > 0 (the clipping bound is the sensitivity)")
+        if not 0 < self.delta < 1:
+            raise PrivacyError(f"--delta must be in (0, 1), got {self.delta}")
+        if self.target_epsilon is None and self.noise_multiplier is None:
+            raise PrivacyError("DP-SGD needs --target-epsilon E or --noise-multiplier Z")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise PrivacyError("--target-epsilon must be > 0")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise PrivacyError("--noise-multiplier must be > 0: without noise there is no DP")
+        if self.grad_sample_mode not in (None, "hooks", "functorch"):
+            raise PrivacyError(f"grad-sample mode must be hooks or functorch, got {self.grad_sample_mode!r}")
+
+
+def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> tuple[float, str]:
+    """ε after `steps` Poisson-subsampled Gaussian steps, and the accountant that computed it."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    if steps == 0:
+        return 0.0, PRV
+    try:
+        acc: Any = PRVAccountant()
+        acc.history = [(noise_multiplier, sample_rate, steps)]
+        eps = float(acc.get_epsilon(delta))
+        if math.isfinite(eps):
+            return eps, PRV
+    except (ValueError, RuntimeError, OverflowError, FloatingPointError):
+        pass
+    acc = RDPAccountant()
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    return float(acc.get_epsilon(delta)), RDP
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Smallest noise multiplier (to 1%) whose ε after `steps` steps is at most the target."""
+
+    def over(z: float) -> bool:
+        return epsilon_spent(z, sample_rate, steps, delta)[0] > target_epsilon
+
+    lo, hi = 0.0, 1.0
+    while over(hi):
+        lo, hi = hi, hi * 2
+        if hi > 1e3:
+            raise PrivacyError(f"ε = {target_epsilon} is out of reach in {steps} steps at rate {sample_rate:.3g}")
+    while hi - lo > 0.01 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if over(mid) else (lo, mid)
+    return hi
+
+
+def max_steps(noise_multiplier: float, sample_rate: float, delta: float, target_epsilon: float) -> int:
+    """The largest number of steps whose ε is at most the target (0 if even one step is over it)."""
+
+    def within(steps: int) -> bool:
+        return epsilon_spent(noise_multiplier, sample_rate, steps, delta)[0] <= target_epsilon
+
+    if not within(1):
+        return 0
+    lo, hi = 1, 2
+    while within(hi):
+        lo, hi = hi, hi * 2
+        if hi > 10**7:
+            return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if within(mid) else (lo, mid)
+    return lo
+
+
+def grad_sample_mode(model: nn.Module) -> str:
+    """Opacus grad-sample mode for this model's family (see GRAD_SAMPLE_MODES)."""
+    from taskvec.dp_models import depthwise_convolutions
+
+    if any(isinstance(m, nn.MultiheadAttention) or type(m).__name__ == "Attention" for m in model.modules()):
+        return GRAD_SAMPLE_MODES["transformer"]
+    if depthwise_convolutions(model):
+        return GRAD_SAMPLE_MODES["depthwise"]
+    return GRAD_SAMPLE_MODES["conv"]
+
+
+@dataclass
+class PrivacyMeter:
+    """Counts DP-SGD steps and turns them into ε; `exhausted` once another step would pass the target."""
+
+    config: DPConfig
+    unit: str
+    sample_rate: float
+    noise_multiplier: float
+    step_limit: int | None
+    grad_sample_mode: str
+    steps: int = 0
+    hooks: Any = field(default=None, repr=False)
+
+    def on_step(self, _optimizer: Any) -> None:
+        self.steps += 1
+
+    @property
+    def exhausted(self) -> bool:
+        return self.step_limit is not None and self.steps >= self.step_limit
+
+    def epsilon(self) -> tuple[float, str]:
+        return epsilon_spent(self.noise_multiplier, self.sample_rate, self.steps, self.config.delta)
+
+    def ledger_entry(self, run_id: str | None) -> dict[str, Any]:
+        """The `dp-sgd` ledger entry of the steps taken so far."""
+        from taskvec.privacy import dp_sgd_entry
+
+        if self.steps == 0:
+            raise PrivacyError("no DP-SGD step was taken; there is nothing to account")
+        eps, accountant = self.epsilon()
+        return dp_sgd_entry(
+            epsilon=eps, delta=self.config.delta, accountant=accountant, noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate, steps=self.steps, max_grad_norm=self.config.max_grad_norm,
+            unit=self.unit, run_id=run_id,
+        )
+
+    def release(self) -> None:
+        """Detach Opacus's hooks from the model (after training)."""
+        if self.hooks is not None:
+            self.hooks.remove_hooks()
+            self.hooks = None
+
+
+class PatientPoissonSampler(Sampler[list[int]]):
+    """Batches of whole patients: each patient enters a batch independently with probability q.
+
+    For every batch it yields, it queues the patient index of each image (0..k-1 within the batch), which the
+    optimizer pops in the same order to sum gradients per patient. DataLoader keeps batches in sampler order.
+    """
+
+    def __init__(self, patient_ids: Sequence[Hashable], sample_rate: float,
+                 generator: torch.Generator | None = None) -> None:
+        groups: dict[Hashable, list[int]] = {}
+        for i, pid in enumerate(patient_ids):
+            groups.setdefault(pid, []).append(i)
+        self.patients = list(groups.values())
+        self.sample_rate = sample_rate
+        self.steps_per_epoch = round(1 / sample_rate)
+        self.generator = generator
+        self.queue: deque[torch.Tensor] = deque()
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self.queue.clear()  # batches of an abandoned iterator are never stepped on
+        for _ in range(self.steps_per_epoch):
+            picked = torch.rand(len(self.patients), generator=self.generator) < self.sample_rate
+            batch: list[int] = []
+            owner: list[int] = []
+            for k, p in enumerate(int(i) for i in picked.nonzero().flatten()):
+                batch += self.patients[p]
+                owner += [k] * len(self.patients[p])
+            self.queue.append(torch.tensor(owner, dtype=torch.long))
+            yield batch
+
+
+def _patient_optimizer_class() -> type:
+    from opacus.optimizers import DPOptimizer
+
+    class PatientDPOptimizer(DPOptimizer):
+        """DPOptimizer that clips the sum of each patient's per-image gradients, not each image's."""
+
+        def __init__(self, *args: Any, owners: deque[torch.Tensor], **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.owners = owners
+
+        def clip_and_accumulate(self) -> None:
+            owner = self.owners.popleft()
+            n = int(owner.max()) + 1 if len(owner) else 0
+            for p in self.params:
+                gs = self._get_flat_grad_sample(p)
+                if gs.shape[0] != len(owner):
+                    raise RuntimeError("per-patient clipping lost track of the batch (one step per batch, please)")
+                p.grad_sample = torch.zeros((n, *gs.shape[1:]), dtype=gs.dtype, device=gs.device).index_add_(
+                    0, owner.to(gs.device), gs
+                )
+            super().clip_and_accumulate()
+
+    return PatientDPOptimizer
+
+
+def _patient_loader(loader: DataLoader, sampler: PatientPoissonSampler) -> DataLoader:
+    from opacus.data_loader import wrap_collate_with_empty
+    from torch.utils.data._utils.collate import default_collate
+
+    sample = loader.dataset[0]
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=sampler,
+        collate_fn=wrap_collate_with_empty(
+            collate_fn=loader.collate_fn or default_collate,
+            sample_empty_shapes=[(0, *getattr(x, "shape", ())) for x in sample],
+            dtypes=[getattr(x, "dtype", type(x)) for x in sample],
+        ),
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    config: DPConfig,
+    *,
+    epochs: int,
+    patient_ids: Sequence[Hashable] | None = None,
+) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, PrivacyMeter]:
+    """Turn a non-private (model, optimizer, loader) into DP-SGD ones and a meter of the privacy spent.
+
+    The expected batch is the loader's batch size (in images; with patient ids, in whole patients of the
+    same expected number of images). The model must be DP-ready (`taskvec init --dp-compatible`).
+    """
+    from opacus.data_loader import DPDataLoader
+    from opacus.grad_sample import GradSampleHooks
+    from opacus.optimizers import DPOptimizer
+
+    from taskvec.dp_models import DEPTHWISE_WARNING, depthwise_convolutions, dp_problems
+
+    config.check()
+    problems = dp_problems(model)
+    if problems:
+        raise PrivacyError(
+            f"the model is not DP-ready ({'; '.join(problems)}); build the shared base with "
+            "`taskvec init --dp-compatible ...` and fine-tune from that base"
+        )
+    if depthwise_convolutions(model):
+        warnings.warn(f"the model {DEPTHWISE_WARNING.format(n=depthwise_convolutions(model))}", stacklevel=2)
+    n_images = len(loader.dataset)  # type: ignore[arg-type]
+    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+    if patient_ids is not None:
+        if len(patient_ids) != n_images:
+            raise PrivacyError(f"{len(patient_ids)} patient ids for {n_images} images")
+        n_units, unit = len(set(patient_ids)), "patient"
+        per_batch = max(1.0, (loader.batch_size or 1) * n_units / n_images)  # whole patients, ~batch images
+        sampler = PatientPoissonSampler(patient_ids, 1 / max(1, round(n_units / per_batch)), generator)
+        private_loader = _patient_loader(loader, sampler)
+        q = sampler.sample_rate
+    else:
+        n_units, unit = n_images, "image"
+        private_loader = DPDataLoader.from_data_loader(loader, generator=generator)
+        q = private_loader.sample_rate
+    steps_per_epoch = len(private_loader)
+    if config.noise_multiplier is not None:
+        z = config.noise_multiplier
+    else:
+        assert config.target_epsilon is not None
+        z = calibrate_noise(config.target_epsilon, config.delta, q, epochs * steps_per_epoch)
+    limit = None if config.target_epsilon is None else max_steps(z, q, config.delta, config.target_epsilon)
+    if limit == 0:
+        raise PrivacyError(f"even one step at noise multiplier {z} exceeds ε = {config.target_epsilon}")
+
+    mode = config.grad_sample_mode or grad_sample_mode(model)
+    hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")
+    kwargs = {"noise_multiplier": z, "max_grad_norm": config.max_grad_norm,
+              "expected_batch_size": max(1, round(q * n_units)), "generator": generator}
+    if patient_ids is not None:
+        dp_optimizer = _patient_optimizer_class()(optimizer, owners=sampler.queue, **kwargs)
+    else:
+        dp_optimizer = DPOptimizer(optimizer, **kwargs)
+    meter = PrivacyMeter(config, unit, q, z, limit, mode, hooks=hooks)
+    dp_optimizer.attach_step_hook(meter.on_step)
+    return model, dp_optimizer, private_loader, meter

@@ -1,0 +1,141 @@
+"""DP-SGD glue: ε against dp-accounting, noise calibration, the step limit, per-patient clipping, refusals."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import dp_accounting as dpa
+import pytest
+import torch
+from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from taskvec.dp import PRV, RDP, DPConfig, calibrate_noise, epsilon_spent, make_private, max_steps
+from taskvec.errors import PrivacyError
+
+
+def reference_epsilon(z: float, q: float, steps: int, delta: float, kind: str = "pld") -> float:
+    """ε of `steps` Poisson-subsampled Gaussian steps by Google's dp-accounting."""
+    acc: Any = PLDAccountant(value_discretization_interval=1e-3) if kind == "pld" else RdpAccountant()
+    acc.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), steps))
+    return float(acc.get_epsilon(delta))
+
+
+@pytest.mark.parametrize("z, q, steps", [(1.0, 0.1, 100), (0.8, 0.05, 300), (2.0, 0.2, 50), (1.3, 0.125, 24)])
+def test_prv_epsilon_matches_pld(z: float, q: float, steps: int) -> None:
+    eps, accountant = epsilon_spent(z, q, steps, 1e-5)
+    assert accountant == PRV
+    assert eps == pytest.approx(reference_epsilon(z, q, steps, 1e-5), rel=0.02)
+
+
+def test_rdp_fallback_is_named_and_matches_rdp(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opacus.accountants import PRVAccountant
+
+    def broken(self: Any, delta: float, **kw: Any) -> float:
+        raise ValueError("domain too large")
+
+    monkeypatch.setattr(PRVAccountant, "get_epsilon", broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eps, accountant = epsilon_spent(1.0, 0.1, 100, 1e-5)
+    assert accountant == RDP
+    assert eps == pytest.approx(reference_epsilon(1.0, 0.1, 100, 1e-5, "rdp"), rel=0.02)
+
+
+def test_calibration_and_step_limit() -> None:
+    q, steps, target = 0.1, 50, 3.0
+    z = calibrate_noise(target, 1e-5, q, steps)
+    assert reference_epsilon(z, q, steps, 1e-5) <= target * 1.02
+    assert epsilon_spent(z * 0.98, q, steps, 1e-5)[0] > target  # not much more noise than needed
+    limit = max_steps(z, q, 1e-5, target)
+    assert limit >= steps
+    assert epsilon_spent(z, q, limit, 1e-5)[0] <= target < epsilon_spent(z, q, limit + 1, 1e-5)[0]
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"max_grad_norm": 0.0, "noise_multiplier": 1.0}, "max-grad-norm"),
+        ({"max_grad_norm": 1.0}, "target-epsilon E or --noise-multiplier"),
+        ({"max_grad_norm": 1.0, "noise_multiplier": 0.0}, "without noise"),
+        ({"max_grad_norm": 1.0, "target_epsilon": -1.0}, "target-epsilon must be > 0"),
+        ({"max_grad_norm": 1.0, "noise_multiplier": 1.0, "delta": 1.0}, "delta"),
+    ],
+)
+def test_config_is_checked(kw: dict[str, Any], match: str) -> None:
+    cfg = DPConfig(**{"delta": 1e-5, **kw})
+    with pytest.raises(PrivacyError, match=match):
+        cfg.check()
+
+
+def test_non_dp_ready_model_is_refused() -> None:
+    from taskvec.models import build_base
+
+    model, _ = build_base("test_resnet", num_classes=2, img_size=32)
+    data = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(PrivacyError, match="taskvec init --dp-compatible"):
+        make_private(model, opt, DataLoader(data, batch_size=4), DPConfig(1.0, 1e-5, noise_multiplier=1.0), epochs=1)
+
+
+def _linear_setup(patients: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[int] | None]:
+    torch.manual_seed(0)
+    x, y = torch.randn(60, 5), torch.randint(0, 3, (60,))
+    owner = [i // 4 for i in range(60)] if patients else None  # 15 patients of 4 images
+    return nn.Linear(5, 3), x, y, owner
+
+
+@pytest.mark.parametrize("patients", [False, True])
+def test_clipping_unit_matches_independent_computation(patients: bool) -> None:
+    """One step's gradient = Σ over sampled units of clip(Σ per-image gradients of the unit) / expected batch."""
+    model, x, y, owner = _linear_setup(patients)
+    clip = 0.05
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cfg = DPConfig(clip, 1e-5, noise_multiplier=1e-9, seed=1)
+    model, opt, loader, meter = make_private(model, opt, DataLoader(TensorDataset(x, y), batch_size=12), cfg,
+                                             epochs=1, patient_ids=owner)
+    assert meter.unit == ("patient" if patients else "image")
+    xb, yb = next(iter(loader))
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(xb), yb).backward()
+    opt.step()
+    got = torch.cat([model.weight.grad.flatten(), model.bias.grad.flatten()])
+
+    idx = [int((x == row).all(1).nonzero()) for row in xb]  # which images the batch holds
+    units = [owner[i] if owner else i for i in idx]
+    per_unit: dict[int, torch.Tensor] = {}
+    for i, u in zip(idx, units):
+        w = model.weight.detach().clone().requires_grad_(True)
+        b = model.bias.detach().clone().requires_grad_(True)
+        loss = nn.functional.cross_entropy((x[i : i + 1] @ w.T) + b, y[i : i + 1])
+        g = torch.cat([t.flatten() for t in torch.autograd.grad(loss, (w, b))])
+        per_unit[u] = per_unit.get(u, 0) + g
+    if owner:
+        assert all(units.count(u) == 4 for u in per_unit)  # a sampled patient brings all their images
+    want = sum(g * min(1.0, clip / (float(g.norm()) + 1e-6)) for g in per_unit.values())
+    n_units = 15 if patients else 60
+    assert torch.allclose(got, want / round(meter.sample_rate * n_units), atol=1e-6)
+    assert meter.steps == 1
+
+
+def test_training_stops_at_target_epsilon() -> None:
+    model, x, y, _ = _linear_setup(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = DPConfig(1.0, 1e-5, target_epsilon=2.0, noise_multiplier=1.0, seed=0)
+    model, opt, loader, meter = make_private(model, opt, DataLoader(TensorDataset(x, y), batch_size=6), cfg,
+                                             epochs=100)
+    while not meter.exhausted:
+        for xb, yb in loader:
+            if meter.exhausted:
+                break
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    entry = meter.ledger_entry("run")
+    assert entry["steps"] == meter.step_limit
+    assert entry["epsilon"] <= 2.0
+    assert reference_epsilon(1.0, meter.sample_rate, entry["steps"] + 1, 1e-5) > 2.0 * 0.98
+    assert entry["epsilon"] == pytest.approx(reference_epsilon(1.0, meter.sample_rate, entry["steps"], 1e-5), rel=0.02)
