@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 
 import typer
+from taskvec.cli import core, exchange, privacy, train
+from taskvec.cli.console import STATE, fail
 
 from taskvec import __version__
-from taskvec.cli import core
-from taskvec.cli.console import STATE, fail
 
 app = typer.Typer(
     name="taskvec",
@@ -44,6 +44,9 @@ def _root(
 
 
 core.register(app)
+exchange.register(app)
+train.register(app)
+privacy.register(app)
 
 
 def main() -> None:

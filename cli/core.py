@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-
 from taskvec.cli.console import console, print_json, track, warn
 
 
@@ -73,21 +72,47 @@ def export(
 
 
 def merge(
-    vectors: list[Path] = typer.Argument(..., help="Vector files to merge."),
+    vectors: list[Path] | None = typer.Argument(None, help="Vector files to merge (and/or --registry R)."),
     base: Path = typer.Option(..., help="The base model file all vectors were exported against."),
-    out: Path = typer.Option(..., help="Merged model file to write."),
+    out: Path | None = typer.Option(None, help="Merged model file to write (--incremental: a copy of the version)."),
     method: str = typer.Option("sum", help="sum | mean | weighted (by samples) | ties | dare"),
     scale: float = typer.Option(1.0, help="λ in base + λ·combine(vectors)."),
     density: float | None = typer.Option(None, help="ties: fraction kept (0.2); dare: keep probability (0.5)."),
     seed: int = typer.Option(0, help="Seed for dare's random drop."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    registry: str | None = typer.Option(
+        None, "--registry", "-r", help="Merge the vectors in this registry (folder or hf://ORG/REPO), each checked."
+    ),
+    contributor: list[str] | None = typer.Option(None, help="With --registry: only these contributors."),
+    since: str | None = typer.Option(None, help="With --registry: only vectors pushed at or after this ISO time."),
+    incremental: bool = typer.Option(
+        False, "--incremental", help="Add only new vectors to the running merge in --state (non-linear: recompute)."
+    ),
+    state: Path | None = typer.Option(None, help="State directory of --incremental: versions merged-vN, history."),
+    calibrate: Path | None = typer.Option(
+        None, "--calibrate", help="Choose λ on this validation data (grid search; re-estimates BatchNorm)."
+    ),
 ) -> None:
     """Merge data vectors into synthetic weights: base + λ·combine(vectors), streaming one file at a time."""
+    from taskvec.cli.exchange import merge_incremental_cli, merge_inputs
+
     from taskvec.merge import merge_vectors
 
+    vectors = merge_inputs(vectors, registry, contributor, since, incremental, state, out)
+    if state is not None:
+        if calibrate is not None:
+            raise typer.BadParameter("--calibrate does not combine with --incremental; merge, then calibrate")
+        merge_incremental_cli(vectors, base, state, out, method, scale, density, seed, force)
+        return
+    assert out is not None
+    from taskvec.cli.train import calibrator, print_calibration
+
+    cal = calibrator(calibrate, scale)
     r = merge_vectors(
-        vectors, base, out, method=method, scale=scale, density=density, seed=seed, force=force, track=track
+        vectors, base, out, method=method, scale=scale, density=density, seed=seed, force=force, track=track,
+        calibrate=cal,
     )
+    print_calibration(cal)
     for w in r.warnings:
         warn(w)
     console.print(f"wrote [bold]{r.path}[/]: {r.method} of {len(r.vectors)} vectors, λ={r.scale:g}")

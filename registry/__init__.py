@@ -1,1 +1,16 @@
-"""Vector exchange (local folder and Hugging Face Hub registries); filled in by the registry work."""
+"""Vector exchange: one registry interface over a folder and a Hugging Face Hub repo, with signing.
+
+`open_registry(address)` gives a `Registry`; see `taskvec.registry.base` for the layout.
+"""
+
+from taskvec.registry.base import (
+    Entry,
+    IntegrityError,
+    Registry,
+    RegistryError,
+    RegistryInfo,
+    TrustError,
+    open_registry,
+)
+
+__all__ = ["Entry", "IntegrityError", "Registry", "RegistryError", "RegistryInfo", "TrustError", "open_registry"]

@@ -20,6 +20,7 @@ from taskvec.errors import FileFormatError, MismatchError
 from taskvec.files import FLOAT_DTYPES, Digest, Header, check_output, read_kind
 from taskvec.merge_methods import MergeMethod, dare_drop, dare_seed, get_method
 from taskvec.models import ModelSpec, save_model
+from taskvec.privacy import check_budget
 from taskvec.tensors import TORCH_TO_ST, is_statistic, tensor_bytes
 
 T = TypeVar("T")
@@ -113,12 +114,16 @@ class Accumulator:
 
 
 def accumulate_linear(
-    method: MergeMethod, headers: Sequence[Header], density: float | None, seed: int, track: Track[Any]
+    method: MergeMethod, headers: Sequence[Header], density: float | None, seed: int, track: Track[Any],
+    acc: Accumulator | None = None, coefs: Sequence[float] | None = None,
 ) -> Accumulator:
-    """Add each vector into one accumulator, one file open at a time."""
+    """Add each vector into one accumulator, one file open at a time.
+
+    An incremental merge passes the running `acc` and the coefficients of the new vectors."""
     assert method.coefficients is not None
-    coefs = method.coefficients([h.meta.get("samples") for h in headers])
-    acc = Accumulator()
+    if coefs is None:
+        coefs = method.coefficients([h.meta.get("samples") for h in headers])
+    acc = Accumulator() if acc is None else acc
     for h, c in track(zip(headers, coefs), "merging", len(headers)):
         dig = Digest()
         stats = set(h.meta.get("statistics", []))
@@ -201,8 +206,16 @@ def merge_vectors(
     seed: int = 0,
     force: bool = False,
     track: Track[Any] = _no_track,
+    max_epsilon: float | None = None,
+    require_dp: bool = False,
+    calibrate: Callable[[Header, Accumulator], tuple[float, dict[str, Any]]] | None = None,
 ) -> MergeReport:
-    """Merge data vectors into `base + scale·combine(vectors)` and save it as a taskvec model file."""
+    """Merge data vectors into `base + scale·combine(vectors)` and save it as a taskvec model file.
+
+    `max_epsilon` / `require_dp` refuse vectors above the ε budget / without DP before any tensor is read.
+    `calibrate(base, acc) -> (scale, record)` chooses the scale instead (see `taskvec.calibrate`); it may set
+    statistics in `acc`, and its record is saved in the merge metadata.
+    """
     check_output(out, force)
     m = get_method(method)
     density = m.default_density if density is None else density
@@ -210,10 +223,24 @@ def merge_vectors(
         raise FileFormatError(f"--density must be in (0, 1], got {density}")
     bh = read_kind(base, "model")
     headers = check_vectors(bh, vectors)
+    check_budget([(str(h.path), h.meta.get("privacy", [])) for h in headers], max_epsilon, require_dp)
     if m.linear:
         acc = accumulate_linear(m, headers, density, seed, track)
     else:
         acc = accumulate_tensorwise(m, headers, density, track)
+    budget: dict[str, Any] = {"privacy_budget": {"max_epsilon": max_epsilon, "require_dp": require_dp}}
+    if calibrate is not None:
+        scale, budget["calibration"] = calibrate(bh, acc)
+    return save_merged(bh, acc, headers, out, method=method, scale=scale, density=density, seed=seed, force=force,
+                       extra=budget)
+
+
+def save_merged(
+    bh: Header, acc: Accumulator, headers: Sequence[Header], out: str | os.PathLike[str], *, method: str,
+    scale: float, density: float | None, seed: int, force: bool = False, extra: dict[str, Any] | None = None,
+) -> MergeReport:
+    """Save `base + scale·acc` as a model file recording the merge and every input vector (`extra` adds to it)."""
+    m = get_method(method)
     state = apply_to_base(bh, acc, scale)
     summaries = [vector_summary(h) for h in headers]
     record = {
@@ -222,6 +249,7 @@ def merge_vectors(
         "density": density if m.default_density is not None else None,
         "seed": seed if m.drop else None,
         "vectors": summaries,
+        **(extra or {}),
     }
     identity = save_model(
         state, ModelSpec.from_dict(bh.meta["model"]), out,

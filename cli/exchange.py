@@ -1,0 +1,236 @@
+"""`taskvec push`, `list`, `pull`, `publish`, `registry init|trust|reindex` and `keys generate`: vector exchange.
+
+`push` and `list` never import torch or timm.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from taskvec.cli.console import console, print_json, track
+
+REGISTRY_HELP = "Registry: a folder (./registry, file:///mnt/share/x) or a Hub model repo (hf://ORG/REPO)."
+REVISION_HELP = "Hub branch of the registry (default main)."
+
+
+def _open(address: str, revision: str | None, private: bool = True) -> Any:
+    from taskvec.registry import open_registry
+
+    return open_registry(address, revision=revision, private=private)
+
+
+def push(
+    vectors: list[Path] = typer.Argument(..., help="Vector files to publish."),
+    registry: str = typer.Option(..., "--registry", "-r", help=REGISTRY_HELP),
+    key: Path | None = typer.Option(None, help="Sign with this Ed25519 private key (from `taskvec keys generate`)."),
+    revision: str | None = typer.Option(None, help=REVISION_HELP),
+) -> None:
+    """Publish vectors to a registry (checked against its base; a second push of the same vector is a no-op)."""
+    from taskvec.registry.signing import load_private_key
+
+    reg = _open(registry, revision)
+    private_key = load_private_key(key) if key is not None else None
+    for v in vectors:
+        r = reg.push(v, private_key)
+        e = r.entry
+        what = "pushed" if r.added else "already in the registry:"
+        signed = ", signed" if e.signature else ""
+        console.print(f"{what} {v} → {reg.address}/{e.path} ({e.contributor}, sha256 {e.sha256[:16]}{signed})")
+
+
+def list_vectors(
+    registry: str = typer.Option(..., "--registry", "-r", help=REGISTRY_HELP),
+    contributor: list[str] | None = typer.Option(None, help="Only these contributors (repeatable)."),
+    since: str | None = typer.Option(None, help="Only vectors pushed at or after this ISO date/time."),
+    as_json: bool = typer.Option(False, "--json", help="Print the entries as JSON."),
+    revision: str | None = typer.Option(None, help=REVISION_HELP),
+) -> None:
+    """List a registry's vectors: contributor, samples, DP ledger, sha256, signature, time."""
+    from taskvec.privacy import summarize_ledger
+
+    reg = _open(registry, revision)
+    info = reg.info()
+    entries = reg.select(contributor, since)
+    if as_json:
+        print_json({"registry": reg.address, "base": info.base, "trusted_keys": info.trusted_keys,
+                    "vectors": [e.to_dict() | {"privacy_summary": summarize_ledger(e.privacy)} for e in entries]})
+        return
+    from rich.table import Table
+
+    console.print(f"{reg.address}: base {info.base['identity'][:16]} ({info.base['arch']}, {info.base['task']}), "
+                  f"{len(entries)} vectors{', signed only' if info.trusted_keys else ''}")
+    t = Table("contributor", "sha256", "samples", "privacy", "signed", "pushed", "created")
+    for e in entries:
+        t.add_row(e.contributor, e.sha256[:16], str(e.samples if e.samples is not None else "?"),
+                  summarize_ledger(e.privacy), "yes" if e.signature else "no", e.pushed, e.created)
+    console.print(t)
+
+
+def pull(
+    registry: str = typer.Option(..., "--registry", "-r", help=REGISTRY_HELP),
+    out: Path = typer.Option(Path("."), help="Directory to copy the vectors into."),
+    contributor: list[str] | None = typer.Option(None, help="Only these contributors (repeatable)."),
+    since: str | None = typer.Option(None, help="Only vectors pushed at or after this ISO date/time."),
+    force: bool = typer.Option(False, "--force", help="Overwrite differing files in OUT."),
+    revision: str | None = typer.Option(None, help=REVISION_HELP),
+) -> None:
+    """Copy vectors out of a registry, each checked (sha256, signature policy) before it lands in OUT."""
+    reg = _open(registry, revision)
+    done = reg.pull(reg.select(contributor, since), out, force=force, track=track)
+    for path, copied in done:
+        console.print(f"{'pulled' if copied else 'up to date'} {path}")
+    console.print(f"{sum(c for _, c in done)} new, {sum(not c for _, c in done)} already there")
+
+
+def publish(
+    model: Path = typer.Argument(..., help="A merged (or any classification) taskvec model file."),
+    repo: str = typer.Option(..., help="Hub model repo to publish to, hf://ORG/REPO (created if missing)."),
+    tag: str | None = typer.Option(None, help="Tag the commit (default vN for a version from merge --incremental)."),
+    public: bool = typer.Option(False, "--public", help="Create the repo public (default private)."),
+    license: str = typer.Option("other", help="License in the model card, e.g. apache-2.0, cc-by-nc-4.0, other."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Hub id of the base, for the card."),
+    revision: str | None = typer.Option(None, help="Hub branch (default main)."),
+) -> None:
+    """Publish a model as a timm-loadable Hub repo: timm.create_model('hf-hub:ORG/REPO', pretrained=True)."""
+    from taskvec.registry.publish import publish_model
+
+    r = publish_model(model, repo, tag=tag, revision=revision, private=not public,
+                      card={"license": license, "base_model": base_model})
+    console.print(f"published {model} → {r.url} (commit {(r.commit or '?')[:12]}{f', tag {r.tag}' if r.tag else ''})")
+    console.print(f"load it with timm.create_model('hf-hub:{r.repo_id}', pretrained=True)")
+
+
+registry_app = typer.Typer(help="Create and administer a registry (one base, optional signed-only policy).",
+                           no_args_is_help=True)
+
+
+@registry_app.command("init")
+def registry_init(
+    address: str = typer.Argument(..., help=REGISTRY_HELP),
+    base: Path = typer.Option(..., help="The base model file every vector in this registry is exported against."),
+    trust: list[str] | None = typer.Option(
+        None, help="CONTRIBUTOR=KEY.pub: accept only vectors signed by these keys (repeatable)."
+    ),
+    license: str = typer.Option("other", help="License in the Hub card, e.g. apache-2.0, other."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Hub id of the base model, for the card."),
+    public: bool = typer.Option(False, "--public", help="Create a Hub repo public (default private)."),
+    revision: str | None = typer.Option(None, help=REVISION_HELP),
+) -> None:
+    """Make a folder or Hub repo a registry for one base."""
+    reg = _open(address, revision, private=not public)
+    pairs = []
+    for item in trust or []:
+        contributor, sep, key = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--trust takes CONTRIBUTOR=KEY.pub, got {item!r}")
+        pairs.append((contributor, _key_line(key)))
+    info, created = reg.create(base, card={"license": license, "base_model": base_model})
+    for contributor, key in pairs:
+        reg.trust(contributor, key)
+    state = "created" if created else "already a registry for this base:"
+    console.print(f"{state} {reg.address} (base {info.base['identity'][:16]}, {info.base['arch']})")
+    if pairs:
+        console.print(f"trusted keys for {', '.join(c for c, _ in pairs)}: unsigned vectors are now refused")
+
+
+def _key_line(key: str) -> str:
+    from taskvec.registry.signing import parse_public_key, public_line
+
+    return public_line(parse_public_key(key))
+
+
+@registry_app.command("trust")
+def registry_trust(
+    address: str = typer.Argument(..., help=REGISTRY_HELP),
+    contributor: str = typer.Option(..., help="Contributor id the key signs for."),
+    key: str = typer.Option(..., help="Public key: a .pub file or an 'ssh-ed25519 AAAA...' line."),
+    revision: str | None = typer.Option(None, help=REVISION_HELP),
+) -> None:
+    """Trust a contributor's public key: from now on, unsigned or wrongly signed vectors are refused."""
+    reg = _open(address, revision)
+    reg.trust(contributor, _key_line(key))
+    console.print(f"{reg.address}: trusts this key for {contributor}; pushes and merges now require signatures")
+
+
+@registry_app.command("reindex")
+def registry_reindex(
+    address: str = typer.Argument(..., help=REGISTRY_HELP),
+    revision: str | None = typer.Option(None, help=REVISION_HELP),
+) -> None:
+    """Rebuild the index (and card) from the vector and signature files."""
+    reg = _open(address, revision)
+    console.print(f"{reg.address}: index lists {reg.reindex()} vectors")
+
+
+keys_app = typer.Typer(help="Ed25519 keys for signing vectors.", no_args_is_help=True)
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Path = typer.Option(..., help="Private key file to write (mode 0600); the public key goes to OUT.pub."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing key files."),
+) -> None:
+    """Create a signing key pair; give OUT.pub to the registry maintainer, keep OUT private."""
+    from taskvec.registry.signing import generate_key
+
+    priv, pub, line = generate_key(out, force)
+    console.print(f"wrote {priv} (private, keep it safe) and {pub}:")
+    console.print(line, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(push)
+    app.command("list")(list_vectors)
+    app.command()(pull)
+    app.command()(publish)
+    app.add_typer(registry_app, name="registry")
+    app.add_typer(keys_app, name="keys")
+
+
+def merge_inputs(
+    vectors: list[Path] | None, registry: str | None, contributor: list[str] | None, since: str | None,
+    incremental: bool, state: Path | None, out: Path | None,
+) -> list[Path]:
+    """The vector files `taskvec merge` works on: the given files plus the registry's (fetched and checked)."""
+    from taskvec.errors import TaskvecError
+
+    if incremental != (state is not None):
+        raise TaskvecError("--incremental and --state DIR go together (the state keeps the running merge)")
+    if out is None and not incremental:
+        raise TaskvecError("give --out FILE for the merged model")
+    if registry is None and (contributor or since):
+        raise TaskvecError("--contributor and --since select vectors of a --registry")
+    paths = list(vectors or [])
+    if registry is not None:
+        reg = _open(registry, None)
+        paths += reg.fetch_all(reg.select(contributor, since), track=track)
+    if not paths:
+        raise TaskvecError("no vectors given: pass vector files or --registry R")
+    return paths
+
+
+def merge_incremental_cli(
+    vectors: list[Path], base: Path, state: Path, out: Path | None, method: str, scale: float,
+    density: float | None, seed: int, force: bool,
+) -> None:
+    """`taskvec merge --incremental`: the next version in STATE from the vectors it does not hold yet."""
+    from taskvec.cli.console import warn
+
+    from taskvec.incremental import merge_incremental
+
+    r = merge_incremental(vectors, base, state, method=method, scale=scale, density=density, seed=seed,
+                          out=out, force=force, track=track)
+    for note in r.notes:
+        console.print(note)
+    if r.merge is None:
+        console.print(f"up to date: {r.path} (version {r.version}) already holds these {len(vectors)} vectors")
+    else:
+        for w in r.merge.warnings:
+            warn(w)
+        console.print(f"wrote [bold]{r.path}[/] (version {r.version}, {r.mode}): {method} of "
+                      f"{len(r.merge.vectors)} vectors, {len(r.added)} new, λ={scale:g}")
+        console.print(f"model identity {r.merge.identity}")
+    if out is not None:
+        console.print(f"copied to {out}")

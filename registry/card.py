@@ -1,0 +1,67 @@
+"""Model cards (README.md with YAML metadata, via huggingface_hub's ModelCard) for registries and merged models."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from taskvec.privacy import summarize_ledger
+
+PIPELINE_TAGS = {"classification": "image-classification", "segmentation": "image-segmentation"}
+
+
+def _card(body: str, task: str, tags: list[str], card: dict[str, Any]) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        license=card.get("license", "other"),
+        base_model=card.get("base_model"),
+        pipeline_tag=PIPELINE_TAGS.get(task),
+        tags=["taskvec", *tags],
+    )
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
+def render_card(info: Any, entries: Sequence[Any], address: str) -> str:
+    """The card of a registry (`RegistryInfo` and its `Entry` list): base, policy and every contribution."""
+    base = info.base
+    rows = "\n".join(
+        f"| {e.contributor} | `{e.sha256[:16]}` | {e.samples if e.samples is not None else '?'} | "
+        f"{summarize_ledger(e.privacy)} | {'yes' if e.signature else 'no'} | {e.pushed} |"
+        for e in entries
+    )
+    policy = (
+        f"Only vectors signed by a trusted key are accepted ({sum(map(len, info.trusted_keys.values()))} keys)."
+        if info.trusted_keys else "Signatures are optional."
+    )
+    body = (
+        "# taskvec registry\n\n"
+        "Data vectors (fine-tuned minus base weights) shared by sites that train one model together "
+        "with [taskvec](https://github.com/taskvec/taskvec). Merge them with "
+        f"`taskvec merge --registry {address} --base BASE --out merged.safetensors`.\n\n"
+        f"- base: `{base['identity']}` ({base['arch']}, {base['task']}, labels {', '.join(base['labels'])})\n"
+        f"- vectors: {len(entries)}\n- {policy}\n\n"
+        "| contributor | sha256 | samples | privacy | signed | pushed |\n|---|---|---|---|---|---|\n"
+        f"{rows}\n"
+    )
+    return _card(body, base["task"], ["data-vector"], info.card)
+
+
+def render_model_card(meta: dict[str, Any], repo_id: str, card: dict[str, Any], version: str | None) -> str:
+    """The card of a published merged model: how it was made and from which vectors."""
+    spec, merge = meta["model"], meta.get("merge", {})
+    vectors = merge.get("vectors", [])
+    rows = "\n".join(
+        f"| {v['contributor']} | `{v['sha256'][:16]}` | {v.get('samples') or '?'} | {summarize_ledger(v['privacy'])} |"
+        for v in vectors
+    )
+    body = (
+        f"# {spec['arch']} merged with taskvec{f' ({version})' if version else ''}\n\n"
+        f"A {spec['task']} model (labels {', '.join(spec['labels'])}) made by merging data vectors from "
+        f"{len(vectors)} sites: `{merge.get('method', '?')}`, λ = {merge.get('scale', '?')}, on base "
+        f"`{meta.get('parent', '?')}`. Model identity `{meta['identity']}`.\n\n"
+        f"```python\nimport timm\nmodel = timm.create_model('hf-hub:{repo_id}', pretrained=True)\n```\n\n"
+        "| contributor | vector sha256 | samples | privacy |\n|---|---|---|---|\n"
+        f"{rows}\n"
+    )
+    return _card(body, spec["task"], ["merged", "timm", "image-classification"], card)

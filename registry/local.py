@@ -1,0 +1,98 @@
+"""A registry in a folder (local disk or a shared drive): a file lock around each change, atomic renames.
+
+Every file is written to a temporary name in its own folder and renamed into place, vectors before
+the index, so a reader never sees a half-written file and an index never names a missing vector.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+from taskvec.registry.base import CARD_FILE, INDEX_FILE, Change, Reader, RegistryError, Store
+
+LOCK_FILE = ".taskvec.lock"
+LOCK_TIMEOUT_S = 120.0
+
+
+class _FolderReader(Reader):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def read_text(self, path: str) -> str | None:
+        p = self.root / path
+        return p.read_text() if p.is_file() else None
+
+
+def _write_atomic(target: Path, content: bytes | Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(content, Path):
+                with open(content, "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 20)
+            else:
+                f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class FolderStore(Store):
+    """A registry rooted at a local directory."""
+
+    def __init__(self, root: str | os.PathLike[str], address: str | None = None) -> None:
+        self.root = Path(root)
+        self.address = address or str(root)
+
+    def reader(self) -> Reader:
+        return _FolderReader(self.root)
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    def create(self) -> None:
+        if not self.root.parent.is_dir():
+            raise RegistryError(f"{self.root.parent}: no such directory; create it first")
+        self.root.mkdir(exist_ok=True)
+
+    def list_files(self, prefix: str) -> list[str]:
+        base = self.root / prefix
+        return sorted(
+            p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")
+        )
+
+    def local_copy(self, path: str, file_sha256: str | None) -> Path:
+        p = self.root / path
+        if not p.is_file():
+            raise RegistryError(
+                f"{self.address}/{path}: listed in the index but missing; run `taskvec registry reindex`"
+            )
+        return p
+
+    def update(self, change: Change, message: str) -> bool:
+        if not self.root.is_dir():
+            raise RegistryError(f"{self.address}: no such registry directory")
+        try:
+            with FileLock(str(self.root / LOCK_FILE), timeout=LOCK_TIMEOUT_S):
+                files = change(_FolderReader(self.root))
+                if not files:
+                    return False
+                # the index (and card) last: it must never name a file that is not yet in place
+                for path in sorted(files, key=lambda p: p in (INDEX_FILE, CARD_FILE)):
+                    _write_atomic(self.root / path, files[path])
+        except Timeout:
+            raise RegistryError(
+                f"{self.address}: locked by another process for over {LOCK_TIMEOUT_S:.0f} s; "
+                f"if none is running, remove {self.root / LOCK_FILE}"
+            ) from None
+        except PermissionError as e:
+            raise RegistryError(f"{self.address}: cannot write ({e.strerror}: {e.filename})") from None
+        return True

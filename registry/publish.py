@@ -1,0 +1,85 @@
+"""Publish a merged model as a timm-loadable Hub repo: `config.json` (timm's own writer) + `model.safetensors`.
+
+`timm.create_model('hf-hub:ORG/REPO', pretrained=True)` then loads it. The weights file is the merged
+model file itself, so its header keeps the provenance (base identity, merge method, every vector's
+sha256). A merge version (from `merge --incremental`) becomes a Hub tag `vN` on the commit.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from taskvec.registry.base import RegistryError
+
+from taskvec.errors import TaskvecError
+from taskvec.files import read_kind
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class PublishReport:
+    repo_id: str
+    commit: str | None
+    tag: str | None
+    url: str
+
+
+def parse_repo(address: str) -> str:
+    repo_id = address.removeprefix("hf://").strip("/")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise RegistryError(f"{address}: publish to a Hub model repo, hf://ORG/REPO")
+    return repo_id
+
+
+def timm_config(model_path: str | os.PathLike[str], out: Path) -> None:
+    """Write timm's `config.json` for the model in `model_path` (architecture, num_classes, model_args...)."""
+    from timm.models._hub import save_config_for_hf
+
+    from taskvec.models import load_model
+
+    spec = read_kind(model_path, "model").meta["model"]
+    size = (spec["in_chans"], spec["img_size"], spec["img_size"])
+    save_config_for_hf(
+        load_model(model_path), str(out), model_config={"label_names": spec["labels"]}, data_config={"input_size": size}
+    )
+
+
+def publish_model(
+    model: str | os.PathLike[str], repo: str, *, tag: str | None = None, revision: str | None = None,
+    endpoint: str | None = None, token: str | None = None, private: bool = True, card: dict[str, Any] | None = None,
+) -> PublishReport:
+    """Commit config.json, model.safetensors and a model card to `repo`; tag the commit (default `vN`)."""
+    from taskvec.registry.card import render_model_card
+    from taskvec.registry.hub import HubStore
+
+    repo_id = parse_repo(repo)
+    h = read_kind(model, "model")
+    meta = h.meta
+    if meta["model"]["task"] != "classification" or meta["model"].get("dp_compatible"):
+        raise TaskvecError(
+            f"{model}: only plain timm classification models load with timm.create_model; "
+            "share this model as a taskvec file instead"
+        )
+    version = meta.get("merge", {}).get("version")
+    tag = tag if tag is not None else (f"v{version}" if version is not None else None)
+    store = HubStore(repo_id, revision, endpoint, token, private)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / CONFIG_FILE
+        timm_config(h.path, config)
+        files: dict[str, bytes | Path] = {
+            CONFIG_FILE: config, WEIGHTS_FILE: h.path,
+            "README.md": render_model_card(meta, repo_id, card or {}, tag).encode(),
+        }
+        store.create()
+        label = f" {tag}" if tag else ""
+        store.update(lambda _r: files, f"taskvec: publish merged model{label} ({meta['identity'][:12]})")
+    if tag is not None:
+        with store.errors():
+            store.api.create_tag(repo_id, tag=tag, revision=store.last_commit or store.head())
+    return PublishReport(repo_id, store.last_commit, tag, f"{store.api.endpoint}/{repo_id}")
