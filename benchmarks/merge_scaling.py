@@ -39,13 +39,15 @@ total = {k: sum(v[k].float() for v in loaded) for k in loaded[0]}
 }
 
 RUNNER = """
-import json, resource, sys, time
+import json, sys, time
 vecs, base, out = json.loads(sys.argv[1])
 import torch, safetensors  # imported before the clock: every job pays the same start-up
 t0 = time.perf_counter()
 {job}
 dt = time.perf_counter() - t0
-print(json.dumps({{"seconds": dt, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+# VmHWM is this process's own peak (ru_maxrss would carry the parent's peak across fork+exec)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({{"seconds": dt, "peak_rss_mb": hwm / 1024}}))
 """
 
 
