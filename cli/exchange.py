@@ -37,7 +37,7 @@ def push(
         e = r.entry
         what = "pushed" if r.added else "already in the registry:"
         signed = ", signed" if e.signature else ""
-        console.print(f"{what} {v} → {reg.address}/{e.path} ({e.contributor}, sha256 {e.sha256[:16]}{signed})")
+        console.print(f"{what} {v} → {reg.address} ({e.contributor}, sha256 {e.sha256[:16]}{signed})")
 
 
 def list_vectors(

@@ -89,9 +89,9 @@ def hub_errors(address: str, endpoint: str) -> Iterator[None]:
         if not isinstance(e.__cause__, (HfHubHTTPError, httpx2.TransportError, ConnectionError)):
             raise
         cause = e.__cause__
-        status = cause.response.status_code if isinstance(cause, HfHubHTTPError) else type(cause).__name__
+        reason = cause.response.status_code if isinstance(cause, HfHubHTTPError) else type(cause).__name__
         raise RegistryError(
-            f"{address}: upload failed after retries ({status}); nothing was published; try again"
+            f"{address}: upload failed after retries ({reason}); nothing was published; try again"
         ) from None
 
 
