@@ -15,6 +15,7 @@ number of images (tiles) they contributed.
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from taskvec.errors import PrivacyError
+from taskvec.errors import PrivacyError, TaskvecError
 
 PRV = "opacus-prv (Gopi et al. 2021)"
 RDP = "opacus-rdp (fallback: PRV failed)"
@@ -165,6 +166,20 @@ class PrivacyMeter:
             unit=self.unit, run_id=run_id,
         )
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint must carry so a resumed run keeps counting (and uses the same mechanism)."""
+        return {"dp_steps": self.steps, "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if (state["noise_multiplier"], state["sample_rate"]) != (self.noise_multiplier, self.sample_rate):
+            raise PrivacyError(
+                f"the checkpoint was trained with noise multiplier {state['noise_multiplier']} and sampling rate "
+                f"{state['sample_rate']}, this run would use {self.noise_multiplier} and {self.sample_rate}"
+            )
+        self.steps = int(state["dp_steps"])
+
     def release(self) -> None:
         """Detach Opacus's hooks from the model (after training)."""
         if self.hooks is not None:
@@ -255,14 +270,19 @@ def make_private(
     loader: DataLoader,
     config: DPConfig,
     *,
-    epochs: int,
+    epochs: int | None = None,
+    steps: int | None = None,
     patient_ids: Sequence[Hashable] | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, PrivacyMeter]:
     """Turn a non-private (model, optimizer, loader) into DP-SGD ones and a meter of the privacy spent.
 
     The expected batch is the loader's batch size (in images; with patient ids, in whole patients of the
-    same expected number of images). The model must be DP-ready (`taskvec init --dp-compatible`).
+    same expected number of images). A target ε is reached after the planned `steps` (or `epochs`). The
+    model must be DP-ready (`taskvec init --dp-compatible`). Sampling and noise draw from a generator seeded
+    from the OS (secret), unless `config.seed` is set for tests: reproducible noise is not secret.
     """
+    if (epochs is None) == (steps is None):
+        raise TaskvecError("make_private needs the planned epochs or steps (one of them)")
     from opacus.data_loader import DPDataLoader
     from opacus.grad_sample import GradSampleHooks
     from opacus.optimizers import DPOptimizer
@@ -279,7 +299,7 @@ def make_private(
     if depthwise_convolutions(model):
         warnings.warn(f"the model {DEPTHWISE_WARNING.format(n=depthwise_convolutions(model))}", stacklevel=2)
     n_images = len(loader.dataset)  # type: ignore[arg-type]
-    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+    generator = torch.Generator().manual_seed(config.seed if config.seed is not None else secrets.randbits(63))
     if patient_ids is not None:
         if len(patient_ids) != n_images:
             raise PrivacyError(f"{len(patient_ids)} patient ids for {n_images} images")
@@ -297,7 +317,7 @@ def make_private(
         z = config.noise_multiplier
     else:
         assert config.target_epsilon is not None
-        z = calibrate_noise(config.target_epsilon, config.delta, q, epochs * steps_per_epoch)
+        z = calibrate_noise(config.target_epsilon, config.delta, q, steps or epochs * steps_per_epoch)  # type: ignore[operator]
     limit = None if config.target_epsilon is None else max_steps(z, q, config.delta, config.target_epsilon)
     if limit == 0:
         raise PrivacyError(f"even one step at noise multiplier {z} exceeds ε = {config.target_epsilon}")
@@ -313,3 +333,21 @@ def make_private(
     meter = PrivacyMeter(config, unit, q, z, limit, mode, hooks=hooks)
     dp_optimizer.attach_step_hook(meter.on_step)
     return model, dp_optimizer, private_loader, meter
+
+
+def private_setup(setup: Any, config: Any, run_id: str) -> Any:
+    """`taskvec.train`'s DP seam: the private `TrainingSetup` for `config.dp` (patient unit when the training
+    data has patient ids), whose ledger, checkpoint state and stop condition come from the privacy meter."""
+    from taskvec.train import DEFAULT_EPOCHS, TrainingSetup
+
+    dp: DPConfig = config.dp
+    epochs = None if config.steps else (config.epochs or DEFAULT_EPOCHS)
+    model, optimizer, loader, meter = make_private(
+        setup.model, setup.optimizer, setup.loader, dp, epochs=epochs, steps=config.steps,
+        patient_ids=getattr(setup.loader.dataset, "groups", None),
+    )
+    return TrainingSetup(
+        model, optimizer, loader,
+        privacy=lambda: [meter.ledger_entry(run_id)] if meter.steps else [],
+        state=meter.state, load_state=meter.load_state, stop=lambda: meter.exhausted,
+    )
