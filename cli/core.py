@@ -19,6 +19,9 @@ def init(
     labels: str | None = typer.Option(None, help="Comma-separated class names, e.g. malignant,benign."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Load timm's pretrained weights (needs a network)."),
     weights: Path | None = typer.Option(None, help="Load a local timm checkpoint (.safetensors) instead."),
+    dp_compatible: bool = typer.Option(
+        False, "--dp-compatible", help="Make it ready for finetune --dp (BatchNorm → GroupNorm, no in-place ops)."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
 ) -> None:
     """Create the shared base model file every site starts from; prints its identity."""
@@ -27,7 +30,13 @@ def init(
 
     check_output(out, force)
     names = [s.strip() for s in labels.split(",")] if labels else None
-    module, spec = build_base(arch, task, num_classes, in_chans, img_size, names, pretrained, weights)
+    module, spec = build_base(arch, task, num_classes, in_chans, img_size, names, pretrained, weights, dp_compatible)
+    if dp_compatible:
+        from taskvec.dp_models import DEPTHWISE_WARNING, depthwise_convolutions
+
+        console.print("DP-ready: BatchNorm → GroupNorm (affine weights kept), in-place ops made out-of-place")
+        if depthwise_convolutions(module):
+            warn(f"{arch} {DEPTHWISE_WARNING.format(n=depthwise_convolutions(module))}")
     source = {"pretrained": pretrained, "weights": str(weights) if weights else None}
     identity = save_model(module, spec, out, extra={"source": source}, force=force)
     n = sum(p.numel() for p in module.parameters())
@@ -92,6 +101,10 @@ def merge(
     calibrate: Path | None = typer.Option(
         None, "--calibrate", help="Choose λ on this validation data (grid search; re-estimates BatchNorm)."
     ),
+    max_epsilon: float | None = typer.Option(
+        None, "--max-epsilon", help="Refuse any vector whose best DP guarantee has ε above this (no DP: ε = ∞)."
+    ),
+    require_dp: bool = typer.Option(False, "--require-dp", help="Refuse any vector without a DP guarantee."),
 ) -> None:
     """Merge data vectors into synthetic weights: base + λ·combine(vectors), streaming one file at a time."""
     from taskvec.cli.exchange import merge_incremental_cli, merge_inputs
@@ -99,6 +112,10 @@ def merge(
     from taskvec.merge import merge_vectors
 
     vectors = merge_inputs(vectors, registry, contributor, since, incremental, state, out)
+    if max_epsilon is not None or require_dp:
+        from taskvec.privacy import check_files_budget
+
+        check_files_budget(vectors, max_epsilon, require_dp)  # before any merge, incremental ones included
     if state is not None:
         if calibrate is not None:
             raise typer.BadParameter("--calibrate does not combine with --incremental; merge, then calibrate")
@@ -110,7 +127,7 @@ def merge(
     cal = calibrator(calibrate, scale)
     r = merge_vectors(
         vectors, base, out, method=method, scale=scale, density=density, seed=seed, force=force, track=track,
-        calibrate=cal,
+        calibrate=cal, max_epsilon=max_epsilon, require_dp=require_dp,
     )
     print_calibration(cal)
     for w in r.warnings:

@@ -187,6 +187,13 @@ def check_budget(ledgers: Sequence[tuple[str, Any]], max_epsilon: float | None, 
                                f"({best['mechanism']}), above the budget --max-epsilon {max_epsilon:g}")
 
 
+def check_files_budget(paths: Sequence[str | os.PathLike[str]], max_epsilon: float | None, require_dp: bool) -> None:
+    """`check_budget` over vector files, from their headers alone."""
+    from taskvec.files import read_kind
+
+    check_budget([(str(p), read_kind(p, "vector").meta.get("privacy", [])) for p in paths], max_epsilon, require_dp)
+
+
 def releases_path(model_file: str | os.PathLike[str]) -> Path:
     """Where exports of the models in a directory are recorded: `privacy_releases.json` beside them."""
     return Path(model_file).parent / RELEASES_FILE

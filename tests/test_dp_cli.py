@@ -1,0 +1,77 @@
+"""The DP command line: `init --dp-compatible`, `merge --max-epsilon/--require-dp`, ledger in `inspect --json`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from taskvec.cli.app import app
+from typer.testing import CliRunner
+
+from taskvec.errors import PrivacyError
+
+
+def run(*args: object) -> tuple[int, str, str]:
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def refused(*args: object) -> str:
+    """The message of the error a command raises (the console script prints it as `error: ...`, exit 1)."""
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert isinstance(r.exception, PrivacyError), r.output
+    return str(r.exception)
+
+
+def test_init_dp_compatible(tmp_path: Path) -> None:
+    from taskvec.dp_models import dp_problems
+    from taskvec.models import load_model, model_spec
+
+    code, out, err = run("init", "--arch", "test_resnet", "--num-classes", "2", "--img-size", "32",
+                         "--out", tmp_path / "b.safetensors", "--dp-compatible")
+    assert code == 0, err
+    assert "DP-ready" in out
+    assert model_spec(tmp_path / "b.safetensors").dp_compatible is not None
+    assert dp_problems(load_model(tmp_path / "b.safetensors")) == []
+    code, _, err = run("init", "--arch", "test_convnext", "--num-classes", "2", "--img-size", "32",
+                       "--out", tmp_path / "c.safetensors", "--dp-compatible")
+    assert code == 0 and "depthwise convolutions" in err
+
+
+@pytest.fixture
+def vectors(make_base, make_finetuned, tmp_path: Path) -> tuple[Path, list[Path]]:
+    base = make_base()
+    paths = []
+    for i, noise in enumerate([None, 1.0, 3.0]):
+        out = tmp_path / f"v{i}.safetensors"
+        extra = ["--clip", "1", "--noise-multiplier", str(noise), "--delta", "1e-5"] if noise else []
+        code, _, err = run("export", make_finetuned(base, i), "--base", base, "--out", out, *extra)
+        assert code == 0, err
+        paths.append(out)
+    return base, paths
+
+
+def test_merge_budget_refusals(vectors: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    from taskvec.privacy import gaussian_epsilon
+
+    base, (clear, loose, tight) = vectors
+    out = tmp_path / "m.safetensors"
+    assert "v0.safetensors: carries no DP guarantee" in refused("merge", clear, tight, "--base", base, "--out", out,
+                                                                "--require-dp")
+    msg = refused("merge", loose, tight, "--base", base, "--out", out, "--max-epsilon", "2")
+    assert f"v1.safetensors: its best guarantee is ε = {gaussian_epsilon(1.0, 1e-5):.4g} per site" in msg
+    assert not out.exists()
+    p = subprocess.run([sys.executable, "-m", "taskvec.cli.app", "merge", str(clear), "--base", str(base), "--out",
+                        str(out), "--max-epsilon", "10"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and p.stderr.startswith("error: ") and "ε = ∞" in p.stderr
+
+    code, _, err = run("merge", loose, tight, "--base", base, "--out", out, "--max-epsilon", "5", "--require-dp")
+    assert code == 0, err
+    code, js, _ = run("inspect", out, "--json")
+    merged = json.loads(js)["metadata"]["merge"]
+    assert [v["privacy"][0]["epsilon"] for v in merged["vectors"]] == pytest.approx(
+        [gaussian_epsilon(1.0, 1e-5), gaussian_epsilon(3.0, 1e-5)])
+    assert merged["privacy_budget"] == {"max_epsilon": 5.0, "require_dp": True}
