@@ -188,8 +188,8 @@ class Store(ABC):
         """Create the empty folder or repo; no-op when it exists."""
 
     @abstractmethod
-    def list_files(self, prefix: str) -> list[str]:
-        """Every file path under `prefix`."""
+    def list_files(self, prefix: str) -> dict[str, str]:
+        """Every file under `prefix`, with the ISO time it was last written (folder) or committed (Hub)."""
 
     @abstractmethod
     def local_copy(self, path: str, file_sha256: str | None) -> Path:
@@ -386,14 +386,15 @@ class Registry:
         self.info(reader)
         pushed = {e.sha256: e.pushed for e in load_index(reader.read_text(INDEX_FILE), self.address)}
         entries = []
-        for path in sorted(p for p in self.store.list_files(VECTOR_DIR) if p.endswith(".safetensors")):
+        files = self.store.list_files(VECTOR_DIR)
+        for path in sorted(p for p in files if p.endswith(".safetensors")):
             local = self.store.local_copy(path, None)
             h = read_kind(local, "vector")
             if file_digest(h) != h.meta["sha256"] or path != vector_path(h.meta["contributor"], h.meta["sha256"]):
                 raise IntegrityError(f"{self.address}/{path}: content does not match its name; remove or re-push it")
             sig_text = reader.read_text(signature_path(path))
             sig = load_signature(sig_text, path) if sig_text is not None else None
-            when = pushed.get(h.meta["sha256"], h.meta["created"])
+            when = pushed.get(h.meta["sha256"], files[path])
             entries.append(Entry.from_header(h, sha256_file(local), when, sig))
         entries.sort(key=lambda e: (e.pushed, e.sha256))
 

@@ -59,10 +59,6 @@ def hub_errors(address: str, endpoint: str) -> Iterator[None]:
         RevisionNotFoundError,
     )
 
-    unreachable = (
-        f"{address}: cannot reach {endpoint} ({{}}); check the network or HF_ENDPOINT and retry; "
-        "nothing was published"
-    )
     try:
         yield
     except RemoteEntryNotFoundError:
@@ -84,7 +80,9 @@ def hub_errors(address: str, endpoint: str) -> Iterator[None]:
         detail = " ".join((e.server_message or str(e).splitlines()[0]).split())[:200]
         raise RegistryError(f"{address}: the Hub answered {status} ({detail}); nothing was published") from None
     except (LocalEntryNotFoundError, httpx2.TransportError, ConnectionError) as e:
-        raise RegistryError(unreachable.format(type(e).__name__)) from None
+        raise RegistryError(
+            f"{address}: cannot reach {endpoint} ({type(e).__name__}); check the network or HF_ENDPOINT and retry"
+        ) from None
     except RuntimeError as e:  # huggingface_hub wraps a failed LFS upload (after its own retries)
         if not isinstance(e.__cause__, (HfHubHTTPError, httpx2.TransportError, ConnectionError)):
             raise
@@ -143,23 +141,29 @@ class HubStore(Store):
     def exists(self) -> bool:
         from huggingface_hub.errors import RepositoryNotFoundError
 
-        try:
-            self.api.repo_info(self.repo_id)
-        except RepositoryNotFoundError:
-            return False
+        with self.errors():
+            try:
+                self.api.repo_info(self.repo_id)
+            except RepositoryNotFoundError:
+                return False
         return True
 
     def create(self) -> None:
         with self.errors():
             self.api.create_repo(self.repo_id, private=self.private, exist_ok=True)
 
-    def list_files(self, prefix: str) -> list[str]:
+    def list_files(self, prefix: str) -> dict[str, str]:
         from huggingface_hub.hf_api import RepoFile
 
         commit = self._commit or self.head()
         with self.errors():
-            tree = self.api.list_repo_tree(self.repo_id, path_in_repo=prefix, recursive=True, revision=commit)
-            return sorted(f.path for f in tree if isinstance(f, RepoFile))
+            tree = self.api.list_repo_tree(
+                self.repo_id, path_in_repo=prefix, recursive=True, expand=True, revision=commit
+            )
+            return {
+                f.path: f.last_commit.date.isoformat(timespec="seconds") if f.last_commit else ""
+                for f in tree if isinstance(f, RepoFile)
+            }
 
     def local_copy(self, path: str, file_sha256: str | None) -> Path:
         from huggingface_hub.errors import RemoteEntryNotFoundError

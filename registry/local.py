@@ -6,6 +6,7 @@ the index, so a reader never sees a half-written file and an index never names a
 
 from __future__ import annotations
 
+import datetime as _dt
 import os
 import shutil
 import tempfile
@@ -16,6 +17,10 @@ from taskvec.registry.base import CARD_FILE, INDEX_FILE, Change, Reader, Registr
 
 LOCK_FILE = ".taskvec.lock"
 LOCK_TIMEOUT_S = 120.0
+
+
+def _iso(timestamp: float) -> str:
+    return _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc).isoformat(timespec="seconds")
 
 
 class _FolderReader(Reader):
@@ -63,11 +68,11 @@ class FolderStore(Store):
             raise RegistryError(f"{self.root.parent}: no such directory; create it first")
         self.root.mkdir(exist_ok=True)
 
-    def list_files(self, prefix: str) -> list[str]:
-        base = self.root / prefix
-        return sorted(
-            p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")
-        )
+    def list_files(self, prefix: str) -> dict[str, str]:
+        return {
+            p.relative_to(self.root).as_posix(): _iso(p.stat().st_mtime)
+            for p in sorted((self.root / prefix).rglob("*")) if p.is_file() and not p.name.startswith(".")
+        }
 
     def local_copy(self, path: str, file_sha256: str | None) -> Path:
         p = self.root / path

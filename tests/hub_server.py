@@ -123,6 +123,17 @@ class HubState:
         return None
 
 
+def _last_commit(repo: Repo, commit: Commit, path: str) -> Commit:
+    """The oldest ancestor of `commit` since which `path` has not changed."""
+    oid = commit.files[path].oid
+    while commit.parent is not None:
+        parent = repo.commits[commit.parent]
+        if path not in parent.files or parent.files[path].oid != oid:
+            break
+        commit = parent
+    return commit
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
@@ -339,7 +350,8 @@ class Handler(BaseHTTPRequestHandler):
                     "commitMessage": header["summary"], "hookOutput": "", "pullRequestUrl": None})
 
     def tree(self, query: dict[str, str], repo: str, rev: str, path: str | None = None) -> None:
-        c = self._commit(self._repo(repo), rev)
+        r = self._repo(repo)
+        c = self._commit(r, rev)
         prefix = (path or "").strip("/")
         recursive = query.get("recursive", "false").lower() in ("true", "1")
         under = {p: b for p, b in c.files.items() if not prefix or p.startswith(prefix + "/")}
@@ -356,6 +368,9 @@ class Handler(BaseHTTPRequestHandler):
                                            "size": 0, "path": d})
             if recursive or len(parts) == 1:
                 e: dict[str, Any] = {"type": "file", "oid": b.oid, "size": b.size, "path": p}
+                if query.get("expand", "false").lower() in ("true", "1"):
+                    last = _last_commit(r, c, p)
+                    e["lastCommit"] = {"id": last.sha, "title": last.message, "date": last.date}
                 if b.lfs_oid is not None:
                     e["lfs"] = {"oid": b.lfs_oid, "size": b.size, "pointerSize": len(lfs_pointer(b.lfs_oid, b.size))}
                 entries[p] = e

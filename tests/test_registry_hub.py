@@ -138,6 +138,13 @@ def test_missing_repo_and_bad_token(hub, sites, monkeypatch: pytest.MonkeyPatch)
     assert "token" in str(e.value) and bad not in str(e.value)
 
 
+def test_unreachable_endpoint(hub, sites) -> None:
+    base, vector = sites
+    hub.stop()
+    with pytest.raises(RegistryError, match=f"cannot reach {hub.endpoint}.*HF_ENDPOINT"):
+        open_registry(REPO).push(vector(0))
+
+
 def test_cli_error_is_one_line_without_token(hub, sites) -> None:
     base, vector = sites
     created(REPO, base)
