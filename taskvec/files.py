@@ -68,19 +68,22 @@ class Header:
 
 
 def refuse_pickle(path: Path) -> None:
-    """Refuse pickle-based checkpoints: loading them can run arbitrary code."""
+    """Refuse pickle-based checkpoints by name: loading them can run arbitrary code."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise FileFormatError(
             f"{path}: pickle checkpoints ({path.suffix}) are never loaded (unpickling can run code); "
             "save the state_dict with safetensors.torch.save_file and pass the .safetensors file"
         )
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head == b"PK" or head[:1] == b"\x80":
-        raise FileFormatError(
+
+
+def _not_safetensors(path: Path, head: bytes, reason: str) -> FileFormatError:
+    """The error for a file that fails the safetensors structure check, naming pickle/zip when it is one."""
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return FileFormatError(
             f"{path}: this is a pickle/zip torch checkpoint, which taskvec never loads; "
             "convert it with safetensors.torch.save_file"
         )
+    return FileFormatError(f"{path}: {reason}")
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:
@@ -95,14 +98,15 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     with open(p, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise FileFormatError(f"{p}: not a safetensors file (too short)")
+            raise _not_safetensors(p, raw, "not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", raw)
         if n > _MAX_HEADER or 8 + n > size:
-            raise FileFormatError(f"{p}: not a safetensors file or truncated (header length {n}, file {size} B)")
+            raise _not_safetensors(p, raw, f"not a safetensors file or truncated (header length {n}, file {size} B)")
+        body = f.read(n)
         try:
-            header = json.loads(f.read(n))
+            header = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FileFormatError(f"{p}: corrupt safetensors header ({e})") from None
+            raise _not_safetensors(p, raw, f"corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise FileFormatError(f"{p}: corrupt safetensors header (not a JSON object)")
     raw_meta = header.pop("__metadata__", None) or {}
