@@ -1,0 +1,150 @@
+"""Throughput of `taskvec finetune`'s loop against a bare timm + torch loop, and epoch times on real data.
+
+    python benchmarks/finetune.py --arch resnet18 --img-size 64 --batch-size 32 --images 640 --repeats 3
+    python benchmarks/finetune.py --real-only --device cuda
+
+Throughput: the same model, batch size and in-memory images (random uint8, 2 classes). The bare loop is
+what a user would write: a TensorDataset of ready uint8 tensors, AdamW, cross-entropy, the same autocast;
+taskvec's loop adds its Dataset (per-image conversion), augmentation, the LR schedule and loss logging.
+Each repeat trains two epochs of each loop, alternating, and times the second epoch (warm); the table
+gives medians and the ratio of medians. Real data: `taskvec finetune` on ../shared/data (BreastMNIST,
+MoNuSeg), median seconds of the training part of an epoch and of the whole epoch (with validation and the
+checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+
+from taskvec.data import ImageDataset
+from taskvec.evaluate import autocast, resolve_device
+from taskvec.models import build_base, save_model
+from taskvec.train import FinetuneConfig, finetune
+
+SHARED = Path(os.environ.get("TASKVEC_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+def bare_epoch_rate(arch: str, images: np.ndarray, labels: np.ndarray, batch: int, device: torch.device) -> float:
+    """images/s of the second epoch of a plain timm + torch training loop."""
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=2, in_chans=3).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    ds = torch.utils.data.TensorDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                                        torch.from_numpy(labels))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True,
+                                         pin_memory=device.type == "cuda")
+    rate = 0.0
+    for _ in range(2):
+        n, t0 = 0, time.perf_counter()
+        for x, y in loader:
+            x = x.to(device, non_blocking=True).float().div_(255).sub_(0.5).div_(0.5)
+            y = y.to(device, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
+            with autocast(device):
+                loss = loss_fn(model(x).float(), y)
+            loss.backward()
+            opt.step()
+            n += x.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rate = n / (time.perf_counter() - t0)
+    return rate
+
+
+def taskvec_epoch_rate(base: Path, ds: ImageDataset, batch: int, device: str, work: Path, tag: str) -> float:
+    cfg = FinetuneConfig(epochs=2, batch_size=batch, lr=1e-4, device=device, val_fraction=0)
+    r = finetune(base, ds, work / tag, cfg)
+    return float(r.history[-1]["images_per_s"])
+
+
+def throughput(args: argparse.Namespace, device: torch.device, work: Path) -> None:
+    rng = np.random.default_rng(0)
+    s = args.img_size
+    images = rng.integers(0, 256, (args.images, s, s, 3), dtype=np.uint8)
+    labels = (np.arange(args.images) % 2).astype(np.int64)
+    torch.manual_seed(0)
+    module, spec = build_base(args.arch, "classification", 2, 3, s)
+    base = work / "base.safetensors"
+    save_model(module, spec, base)
+    ds = ImageDataset("classification", 3, s, 2, list(range(args.images)), labels.tolist(), array=images)
+    bare, ours = [], []
+    for i in range(args.repeats):
+        bare.append(bare_epoch_rate(args.arch, images, labels, args.batch_size, device))
+        ours.append(taskvec_epoch_rate(base, ds, args.batch_size, str(device), work, f"run{i}"))
+    mb, mo = statistics.median(bare), statistics.median(ours)
+    print(f"\n{args.arch} @ {s}px, batch {args.batch_size}, {args.images} images, {device}, "
+          f"median of {args.repeats} (second epoch each)")
+    print("| loop | images/s (median) | all runs |")
+    print("|---|---|---|")
+    print(f"| bare timm + torch | {mb:.1f} | {', '.join(f'{v:.1f}' for v in bare)} |")
+    print(f"| taskvec finetune | {mo:.1f} | {', '.join(f'{v:.1f}' for v in ours)} |")
+    print(f"| ratio taskvec / bare | {mo / mb:.2f} | |")
+
+
+def real(args: argparse.Namespace, device: torch.device, work: Path) -> None:
+    sets = [
+        ("BreastMNIST", SHARED / "breastmnist" / "breastmnist.npz", "classification", args.real_cls_arch,
+         args.real_cls_size, 1, 64),
+        ("MoNuSeg", SHARED / "monuseg_256", "segmentation", args.real_seg_arch, 256, 3, 8),
+    ]
+    print(f"\nepoch time on real data ({device}, median of {args.real_epochs - 1} epochs after the first)")
+    print("| data | task | model | img px | batch | train images | train s/epoch | epoch s (with val + ckpt) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, path, task, arch, size, chans, batch in sets:
+        if not path.exists():
+            print(f"| {name} | absent at {path} | | | | | | |")
+            continue
+        torch.manual_seed(0)
+        module, spec = build_base(arch, task, 2, chans, size)
+        base = work / f"{name}.safetensors"
+        save_model(module, spec, base)
+        t_start = time.perf_counter()
+        marks: list[float] = []
+        cfg = FinetuneConfig(epochs=args.real_epochs, batch_size=batch, lr=1e-4, device=str(device))
+        r = finetune(base, path, work / f"real-{name}", cfg,
+                     on_epoch=lambda rec, m=marks: m.append(time.perf_counter()))
+        walls = np.diff([t_start, *marks])[1:]
+        train_s = statistics.median(h["seconds"] for h in r.history[1:])
+        print(f"| {name} | {task} | {arch} | {size} | {batch} | {r.samples} | {train_s:.2f} | "
+              f"{statistics.median(walls):.2f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--images", type=int, default=640)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--real-only", action="store_true")
+    p.add_argument("--skip-real", action="store_true")
+    p.add_argument("--real-cls-arch", default="resnet18")
+    p.add_argument("--real-cls-size", type=int, default=64)
+    p.add_argument("--real-seg-arch", default="resnet18")
+    p.add_argument("--real-epochs", type=int, default=4)
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    print(f"torch {torch.__version__}, timm {timm.__version__}, "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU threads {torch.get_num_threads()}'}")
+    print("command: python benchmarks/finetune.py " + " ".join(sys.argv[1:]))
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.real_only:
+            throughput(args, device, Path(tmp))
+        if not args.skip_real:
+            real(args, device, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

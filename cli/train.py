@@ -1,0 +1,169 @@
+"""`taskvec finetune` and `taskvec evaluate`: local training and evaluation at a site."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+from taskvec.cli.console import console, print_json, track, warn
+
+
+class _TrainProgress:
+    """A rich bar over training steps with loss, throughput and ETA; epoch summaries print above it."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[ips]} img/s"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True,
+        )
+
+    def track(self, it: Iterable[Any], description: str, total: int) -> Iterator[Any]:
+        with self.progress:
+            task = self.progress.add_task(description, total=total, loss="-", ips="-")
+            for st in it:
+                yield st
+                fields = {}
+                if st.loss is not None:
+                    fields = {"loss": f"{st.loss:.4f}", "ips": f"{st.images_per_s:.1f}"}
+                self.progress.update(task, advance=1, description=f"epoch {st.epoch + 1}/{st.epochs}", **fields)
+
+    def on_epoch(self, r: Any) -> None:
+        from taskvec.metrics import primary_metric
+
+        line = f"epoch {r.epoch}: train loss {r.train_loss:.4f}, {r.images_per_s:.1f} img/s, {r.seconds:.1f} s"
+        if r.val:
+            name, value = primary_metric(r.val)
+            line += f", val {name} {_fmt(value)}"
+            if "accuracy" in r.val:
+                line += f", val accuracy {_fmt(r.val['accuracy'])}"
+        self.progress.console.print(line)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def finetune(
+    base: Path = typer.Option(..., help="The shared base model file."),
+    data: Path = typer.Option(..., help="ImageFolder tree, CSV (path,label[,patient_id,split]), MedMNIST .npz, "
+                                        "or images/+masks/ folders (segmentation)."),
+    out: Path = typer.Option(..., help="Run folder: checkpoints, model.safetensors and metrics.json."),
+    epochs: int | None = typer.Option(None, help="Epochs (default 10)."),
+    steps: int | None = typer.Option(None, help="Optimizer steps, instead of --epochs."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    weight_decay: float = typer.Option(0.05, "--weight-decay"),
+    img_size: int | None = typer.Option(None, "--img-size", help="Input size (default: the base's)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    seed: int = typer.Option(0),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last finished epoch."),
+    val_fraction: float = typer.Option(
+        0.1, "--val-fraction", help="Validation share when the data has no val split (by patient when given)."
+    ),
+    contributor: str | None = typer.Option(None, help="Contributor id (site name) recorded in the model."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Random flips and 90° rotations."),
+    workers: int | None = typer.Option(None, help="Data loader processes (default: 8 on GPU, 0 on CPU)."),
+) -> None:
+    """Fine-tune the base on local data; the run folder is then ready for `taskvec export RUN_DIR`."""
+    from taskvec.train import FinetuneConfig
+    from taskvec.train import finetune as run
+
+    config = FinetuneConfig(
+        epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, img_size=img_size,
+        device=device, seed=seed, resume=resume, val_fraction=val_fraction, contributor=contributor,
+        augment=augment, num_workers=workers,
+    )
+    bar = _TrainProgress()
+    r = run(base, data, out, config, track=bar.track, on_epoch=bar.on_epoch)
+    for w in r.warnings:
+        warn(w)
+    if r.resumed_from_epoch:
+        console.print(f"resumed after epoch {r.resumed_from_epoch}")
+    console.print(f"wrote [bold]{r.model_path}[/]: {r.epochs} epochs, {r.steps} steps on {r.samples} images")
+    if r.val_metrics:
+        from taskvec.metrics import primary_metric
+
+        name, value = primary_metric(r.val_metrics)
+        console.print(f"validation {name} {_fmt(value)}")
+    console.print(f"model identity {r.identity}; next: taskvec export {out} --base {base} --out VECTOR")
+
+
+def evaluate(
+    model: Path = typer.Argument(..., help="A model file or run folder (base, fine-tuned or merged)."),
+    data: Path = typer.Option(..., help="Data in any layout `finetune` reads."),
+    split: str = typer.Option("test", help="train | val | test | all"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    as_json: bool = typer.Option(False, "--json", help="Print every metric as JSON."),
+) -> None:
+    """Evaluate a model: accuracy, balanced accuracy, macro-F1, AUROC; or Dice, Jaccard, pixel accuracy."""
+    from taskvec.evaluate import evaluate_model
+
+    r = evaluate_model(model, data, split, device=device, batch_size=batch_size, track=track)
+    for w in r["warnings"]:
+        warn(w)
+    if as_json:
+        print_json(r)
+        return
+    _print_metrics(r)
+
+
+def _print_metrics(r: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console.print(f"{r['model']} on {r['data']} ({r['split']}, {r['samples']} images at {r['img_size']} px)")
+    seg = r["task"] == "segmentation"
+    keys = ["dice", "jaccard", "pixel_accuracy"] if seg else ["accuracy", "balanced_accuracy", "macro_f1", "auroc"]
+    for k in keys:
+        console.print(f"  {k:<18} {_fmt(r[k])}")
+    if seg:
+        console.print(f"  (means over {r['mean_over']}; pixel_accuracy over all pixels)")
+    t = Table("class", *(["dice", "jaccard", "pixel acc.", "pixels"] if seg else ["support", "precision", "recall",
+                                                                                  "f1"]))
+    for name, c in r["per_class"].items():
+        cols = ["dice", "jaccard", "pixel_accuracy"] if seg else ["precision", "recall", "f1"]
+        first = str(c["pixels"] if seg else c["support"])
+        vals = [_fmt(c[k]) for k in cols]
+        t.add_row(name, *(vals + [first] if seg else [first, *vals]))
+    console.print(t)
+
+
+def calibrator(data: Path | None, scale: float) -> Any:
+    """The `merge --calibrate` hook (None without the option)."""
+    if data is None:
+        return None
+    from taskvec.calibrate import Calibrator
+
+    return Calibrator(data, prefer=scale, track=track)
+
+
+def print_calibration(cal: Any) -> None:
+    from rich.table import Table
+
+    if cal is None:
+        return
+    rec = cal.record
+    t = Table("λ", rec["metric"], title=f"calibration on {rec['data']} ({rec['samples']} images)")
+    for row in rec["grid"]:
+        mark = " ←" if row["scale"] == rec["chosen"] else ""
+        t.add_row(f"{row['scale']:g}", f"{_fmt(row['value'])}{mark}")
+    console.print(t)
+    bn = "BatchNorm statistics re-estimated on it; " if rec["batchnorm_reestimated"] else ""
+    console.print(f"chose λ={rec['chosen']:g} ({bn}scores are on the calibration data, so optimistic)")
+
+
+def register(app: typer.Typer) -> None:
+    for fn in (finetune, evaluate):
+        app.command()(fn)

@@ -1,0 +1,483 @@
+"""Datasets a hospital has, read into one form: uint8 images at the base's channels and size, plus targets.
+
+Layouts (detected from `path`):
+- classification: an ImageFolder tree (`root/<class>/*.png`), a CSV `path,label[,patient_id,split]`
+  (paths relative to the CSV; labels are class names or indices), or a MedMNIST-style `.npz`
+  (`train_images`, `train_labels`, `val_*`, `test_*`; labels `(N,)` or `(N,1)`);
+- segmentation: `root/images/` + `root/masks/` with matching file stems; masks binary (0/255) or class
+  indices (0..K-1, background 0);
+- either, split by the data itself: `root/{train,val,test}/` each holding one of the layouts above.
+
+Conversion policy: an image goes to the base's channels (grayscale → RGB repeats the channel; RGB → gray is
+ITU-R 601 luma; alpha is dropped; 16-bit and float images are scaled by their maximum value), then is resized
+to `img_size × img_size` (bilinear for images, nearest for masks), without cropping, so the aspect ratio
+is not kept and nothing at the borders is lost. Images stay uint8; `Normalizer` scales them on the device.
+
+Splits: the data's own (npz keys, a CSV `split` column, `train/val/test` folders); else a seeded
+`val_fraction` of the training samples, drawn by patient when patient ids are given, so no patient is in
+two splits (a patient found in two of the data's own splits is an error). Unreadable image files are
+skipped and counted (`DataSplits.skipped`); every other problem is a `TaskvecError` naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from taskvec.errors import MismatchError, TaskvecError
+from taskvec.models import ModelSpec
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+Source = str | int  # a file path, or a row of an in-memory array
+
+
+@dataclass(eq=False)
+class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Samples of one split: `dataset[i]` is `(uint8 tensor C×S×S, label int | int64 mask S×S)`.
+
+    `groups` holds per-sample patient ids when the data gives them (None otherwise); `subset(indices)`
+    makes a site's share for simulations.
+    """
+
+    task: str
+    in_chans: int
+    img_size: int
+    num_classes: int
+    sources: list[Source]
+    targets: list[Any]  # class index per sample, or the mask's path
+    groups: list[str] | None = None
+    array: np.ndarray | None = field(default=None, repr=False)  # images when `sources` are row numbers
+    binary_masks: list[bool] | None = None  # per mask: stored as 0/255 (255 → class 1)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
+        src = self.sources[i]
+        img = Image.fromarray(self.array[src]) if isinstance(src, int) and self.array is not None else _open(src)
+        x = torch.from_numpy(to_array(img, self.in_chans, self.img_size)).permute(2, 0, 1)
+        if self.task == "classification":
+            return x, int(self.targets[i])
+        mask = np.asarray(_open(self.targets[i]).resize((self.img_size, self.img_size), Image.NEAREST))
+        if self.binary_masks is not None and self.binary_masks[i]:
+            mask = mask > 0
+        return x, torch.from_numpy(mask.astype(np.int64))
+
+    def subset(self, indices: Sequence[int]) -> ImageDataset:
+        idx = [int(i) for i in indices]
+
+        def pick(xs: list[Any]) -> list[Any]:
+            return [xs[i] for i in idx]
+
+        return replace(
+            self, sources=pick(self.sources), targets=pick(self.targets),
+            groups=pick(self.groups) if self.groups is not None else None,
+            binary_masks=pick(self.binary_masks) if self.binary_masks is not None else None,
+        )
+
+    def concat(self, other: ImageDataset) -> ImageDataset:
+        if self.array is not None or other.array is not None:
+            if self.array is not other.array:
+                raise TaskvecError("cannot join in-memory splits of different arrays")
+        g = self.groups + other.groups if self.groups is not None and other.groups is not None else None
+        b = (self.binary_masks or [False] * len(self)) + (other.binary_masks or [False] * len(other))
+        return replace(self, sources=self.sources + other.sources, targets=self.targets + other.targets,
+                       groups=g, binary_masks=b if self.task == "segmentation" else None)
+
+    def class_counts(self) -> list[int]:
+        """Samples per class (classification only)."""
+        return np.bincount(np.asarray(self.targets, dtype=np.int64), minlength=self.num_classes).tolist()
+
+
+@dataclass
+class DataSplits:
+    """The splits of one data source; `own_splits` says whether the data defined them itself."""
+
+    train: ImageDataset | None
+    val: ImageDataset | None
+    test: ImageDataset | None
+    source: str = ""
+    own_splits: bool = False
+    skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def get(self, split: str) -> ImageDataset:
+        """One split by name, or `all` for every sample."""
+        if split == "all":
+            parts = [d for d in (self.train, self.val, self.test) if d is not None]
+            out = parts[0]
+            for d in parts[1:]:
+                out = out.concat(d)
+            return out
+        if split not in SPLITS:
+            raise TaskvecError(f"unknown split {split!r}; choose train, val, test or all")
+        ds = getattr(self, split)
+        if ds is None:
+            have = [s for s in SPLITS if getattr(self, s) is not None]
+            hint = "" if self.own_splits else " (the data has no splits of its own)"
+            raise TaskvecError(f"{self.source}: no {split} split{hint}; it has {', '.join(have)}; "
+                               "pass --split all to use every sample")
+        return ds
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def _open(path: str | os.PathLike[str]) -> Image.Image:
+    try:
+        return Image.open(path)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise TaskvecError(f"{path}: cannot read image ({e})") from None
+
+
+def to_array(img: Image.Image, in_chans: int, size: int) -> np.ndarray:
+    """An image as uint8 `size × size × in_chans` under the module's conversion policy."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
+        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    img = img.convert("RGB" if in_chans == 3 else "L")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    a = np.array(img, dtype=np.uint8)  # a writable copy for torch.from_numpy
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.shape[2] != in_chans:
+        a = np.repeat(a, in_chans, axis=2)
+    return a
+
+
+def _readable(path: Path) -> bool:
+    """Open and verify an image file (header and, for PNG, every chunk's CRC) without decoding it."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises many types for corrupt files
+        return False
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+# ------------------------------------------------------------------------------------------- layouts
+
+
+class _Reader:
+    """Reads one data source for a model spec, collecting skipped files and warnings."""
+
+    def __init__(self, spec: ModelSpec, img_size: int) -> None:
+        self.spec, self.img_size = spec, img_size
+        self.skipped: list[str] = []
+        self.warnings: list[str] = []
+
+    def dataset(self, sources: list[Source], targets: list[Any], groups: list[str] | None = None,
+                array: np.ndarray | None = None, binary: list[bool] | None = None) -> ImageDataset:
+        s = self.spec
+        return ImageDataset(s.task, s.in_chans, self.img_size, s.num_classes, sources, targets, groups, array, binary)
+
+    def label_index(self, label: str, where: str) -> int:
+        labels = self.spec.labels
+        if label in labels:
+            return labels.index(label)
+        try:
+            i = int(label)
+        except ValueError:
+            raise MismatchError(
+                f"{where}: class {label!r} is not one of the base's labels {labels}; rename it or use a base "
+                "made with matching --labels"
+            ) from None
+        self.check_range(np.array([i]), where)
+        return i
+
+    def check_range(self, labels: np.ndarray, where: str) -> None:
+        k = self.spec.num_classes
+        bad = labels[(labels < 0) | (labels >= k)]
+        if bad.size:
+            raise MismatchError(f"{where}: label {int(bad[0])} is outside the base's classes 0..{k - 1}")
+
+    def keep_readable(self, paths: list[Path]) -> list[bool]:
+        ok = [_readable(p) for p in paths]
+        self.skipped += [str(p) for p, good in zip(paths, ok) if not good]
+        return ok
+
+    # classification layouts
+
+    def image_folder(self, root: Path) -> ImageDataset:
+        classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise TaskvecError(f"{root}: no class folders; expected {root}/<class>/<image files>")
+        sources: list[Source] = []
+        targets: list[Any] = []
+        for c in classes:
+            idx = self.label_index(c.name, f"{root}: folder {c.name}")
+            files = _image_files(c)
+            if not files:
+                raise TaskvecError(f"{c}: class folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files = [f for f, ok in zip(files, self.keep_readable(files)) if ok]
+            sources += [str(f) for f in files]
+            targets += [idx] * len(files)
+        missing = set(range(self.spec.num_classes)) - set(targets)
+        if missing:
+            names = [self.spec.labels[i] for i in sorted(missing)]
+            self.warnings.append(f"{root}: no images of class {', '.join(names)}")
+        return self.nonempty(self.dataset(sources, targets), root)
+
+    def csv_file(self, path: Path) -> dict[str, ImageDataset]:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            raise TaskvecError(f"{path}: CSV has no rows; expected a header `path,label[,patient_id,split]`")
+        cols = set(rows[0])
+        if not {"path", "label"} <= cols:
+            raise TaskvecError(f"{path}: CSV needs columns path and label (has {', '.join(sorted(cols))})")
+        has_split = "split" in cols and any(r["split"] for r in rows)
+        paths = [(path.parent / r["path"]).resolve() for r in rows]
+        for p, r in zip(paths, rows):
+            if not p.exists():
+                raise TaskvecError(f"{path}: row path {r['path']} does not exist ({p})")
+        ok = self.keep_readable(paths)
+        by_split: dict[str, tuple[list[Source], list[Any], list[str]]] = {}
+        for line, (p, r, good) in enumerate(zip(paths, rows, ok), start=2):
+            if not good:
+                continue
+            split = _split_name(r["split"], f"{path}:{line}") if has_split else "train"
+            srcs, tgts, grps = by_split.setdefault(split, ([], [], []))
+            srcs.append(str(p))
+            tgts.append(self.label_index(r["label"].strip(), f"{path}:{line}"))
+            grps.append(r.get("patient_id") or f"#row{line}")  # no id: the row is its own patient
+        use_groups = "patient_id" in cols
+        out = {s: self.dataset(v[0], v[1], v[2] if use_groups else None) for s, v in by_split.items()}
+        return {s: self.nonempty(d, path) for s, d in out.items()}
+
+    def npz_file(self, path: Path) -> dict[str, ImageDataset]:
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise TaskvecError(f"{path}: cannot read npz ({e})") from None
+        out = {}
+        for split in SPLITS:
+            if f"{split}_images" not in z.files:
+                continue
+            images = np.asarray(z[f"{split}_images"])
+            labels = np.asarray(z[f"{split}_labels"]) if f"{split}_labels" in z.files else None
+            if labels is None:
+                raise TaskvecError(f"{path}: has {split}_images but no {split}_labels")
+            if labels.ndim == 2 and labels.shape[1] == 1:
+                labels = labels[:, 0]
+            if labels.ndim != 1 or len(labels) != len(images):
+                raise TaskvecError(f"{path}: {split}_labels has shape {labels.shape}, expected ({len(images)},) "
+                                   "or (N, 1) (multi-label sets are not supported)")
+            if images.ndim not in (3, 4) or images.dtype != np.uint8:
+                raise TaskvecError(f"{path}: {split}_images must be uint8 (N,H,W) or (N,H,W,C), "
+                                   f"got {images.dtype} {images.shape}")
+            self.check_range(labels.astype(np.int64), f"{path} ({split}_labels)")
+            ds = self.dataset(list(range(len(images))), labels.astype(np.int64).tolist(), array=images)
+            out[split] = self.nonempty(ds, path)
+        if not out:
+            raise TaskvecError(f"{path}: no `<split>_images` arrays (expected train_images, train_labels, ...)")
+        return out
+
+    # segmentation layout
+
+    def seg_folder(self, root: Path) -> ImageDataset:
+        img_dir, mask_dir = root / "images", root / "masks"
+        images = {p.relative_to(img_dir).with_suffix("").as_posix(): p for p in _image_files(img_dir)}
+        masks = {p.relative_to(mask_dir).with_suffix("").as_posix(): p for p in _image_files(mask_dir)}
+        if not images:
+            raise TaskvecError(f"{img_dir}: no image files")
+        for a, b, what in ((images, masks, "has no mask in"), (masks, images, "has no image in")):
+            lone = sorted(set(a) - set(b))
+            if lone:
+                other = mask_dir if a is images else img_dir
+                raise TaskvecError(f"{(img_dir if a is images else mask_dir) / lone[0]}: {what} {other} "
+                                   f"({len(lone)} unpaired); image and mask files need the same name")
+        stems = sorted(images)
+        ok = [a and b for a, b in zip(self.keep_readable([images[s] for s in stems]),
+                                      self.keep_readable([masks[s] for s in stems]))]
+        stems = [s for s, good in zip(stems, ok) if good]
+        binary = [self.check_mask(images[s], masks[s]) for s in stems]
+        ds = self.dataset([str(images[s]) for s in stems], [str(masks[s]) for s in stems], binary=binary)
+        return self.nonempty(ds, root)
+
+    def check_mask(self, image: Path, mask: Path) -> bool:
+        """Validate one mask against its image; return True for 0/255 binary masks."""
+        with Image.open(image) as im, Image.open(mask) as m:
+            if im.size != m.size:
+                raise TaskvecError(f"{mask}: size {m.size} differs from its image's {im.size}")
+            if m.mode not in ("L", "P", "1", "I", "I;16"):
+                raise TaskvecError(f"{mask}: mode {m.mode}; masks must be single-channel (binary or class index)")
+            values = np.unique(np.asarray(m))
+        k = self.spec.num_classes
+        if values.min() >= 0 and values.max() < k:
+            return False
+        if set(values.tolist()) <= {0, 255}:
+            return True
+        raise MismatchError(f"{mask}: values {values.tolist()[:8]} are neither class indices 0..{k - 1} "
+                            "nor binary 0/255")
+
+    def nonempty(self, ds: ImageDataset, where: Path) -> ImageDataset:
+        if len(ds) == 0:
+            raise TaskvecError(f"{where}: no readable images ({len(self.skipped)} unreadable files skipped)")
+        return ds
+
+    def source(self, path: Path) -> dict[str, ImageDataset] | ImageDataset:
+        """One source: a dict of its own splits, or a single pool of samples."""
+        seg = self.spec.task == "segmentation"
+        if path.is_file():
+            suffix = path.suffix.lower()
+            if seg:
+                raise TaskvecError(f"{path}: segmentation data is a folder with images/ and masks/")
+            if suffix == ".npz":
+                return self.npz_file(path)
+            if suffix == ".csv":
+                return self.csv_file(path)
+            raise TaskvecError(f"{path}: unknown data file; give a folder, a .csv or a .npz")
+        if not path.is_dir():
+            raise TaskvecError(f"{path}: no such file or folder")
+        split_dirs = {SPLIT_ALIASES[p.name.lower()]: p for p in path.iterdir()
+                      if p.is_dir() and p.name.lower() in SPLIT_ALIASES}
+        if split_dirs:
+            return {s: self.layout(p) for s, p in split_dirs.items()}
+        return self.layout(path)
+
+    def layout(self, path: Path) -> ImageDataset:
+        if self.spec.task == "segmentation":
+            if not ((path / "images").is_dir() and (path / "masks").is_dir()):
+                raise TaskvecError(f"{path}: segmentation data needs {path}/images and {path}/masks folders")
+            return self.seg_folder(path)
+        if (path / "images").is_dir() and (path / "masks").is_dir():
+            raise TaskvecError(f"{path}: holds images/ and masks/ (segmentation data) but the base is a classifier")
+        return self.image_folder(path)
+
+
+def _split_name(value: str, where: str) -> str:
+    v = value.strip().lower()
+    if v not in SPLIT_ALIASES:
+        raise TaskvecError(f"{where}: split {value!r} is not train, val or test")
+    return SPLIT_ALIASES[v]
+
+
+# ------------------------------------------------------------------------------------------- splitting
+
+
+def split_by_group(ds: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """A seeded (train, val) split with about `fraction` of the samples in val, whole patients at a time."""
+    if not 0 < fraction < 1:
+        raise TaskvecError(f"--val-fraction must be in (0, 1), got {fraction}")
+    groups = ds.groups if ds.groups is not None else [str(i) for i in range(len(ds))]
+    unique = sorted(set(groups))
+    if len(unique) < 2:
+        raise TaskvecError(f"cannot split a validation set from {len(unique)} patient(s); give a val split")
+    order = np.random.default_rng(seed).permutation(len(unique))
+    sizes: dict[str, int] = {}
+    for g in groups:
+        sizes[g] = sizes.get(g, 0) + 1
+    val_groups: set[str] = set()
+    target, n = fraction * len(ds), 0
+    for i in order:  # whole patients while the count stays nearest the target; at least one
+        size = sizes[unique[i]]
+        if val_groups and (n + size / 2 > target or len(val_groups) == len(unique) - 1):
+            break
+        val_groups.add(unique[i])
+        n += size
+    val_idx = [i for i, g in enumerate(groups) if g in val_groups]
+    train_idx = [i for i, g in enumerate(groups) if g not in val_groups]
+    return ds.subset(train_idx), ds.subset(val_idx)
+
+
+def check_patients(splits: dict[str, ImageDataset], where: str) -> None:
+    """Refuse data whose own splits share a patient."""
+    seen: dict[str, str] = {}
+    for name, ds in splits.items():
+        for g in set(ds.groups or []):
+            if g in seen and seen[g] != name:
+                raise TaskvecError(f"{where}: patient {g!r} is in both the {seen[g]} and {name} splits; "
+                                   "a patient's images must stay in one split")
+            seen[g] = name
+
+
+def load_data(
+    path: str | os.PathLike[str], spec: ModelSpec, *, img_size: int | None = None,
+    val_fraction: float = 0.1, seed: int = 0,
+) -> DataSplits:
+    """Read a data source for a model spec (its task, classes, channels and input size) into splits."""
+    p = Path(path)
+    reader = _Reader(spec, int(img_size or spec.img_size))
+    found = reader.source(p)
+    own = isinstance(found, dict)
+    splits = found if isinstance(found, dict) else {"train": found}
+    check_patients(splits, str(p))
+    if "val" not in splits and "train" in splits and val_fraction > 0:
+        splits["train"], splits["val"] = split_by_group(splits["train"], val_fraction, seed)
+    if reader.skipped:
+        reader.warnings.append(f"skipped {len(reader.skipped)} unreadable image file(s), e.g. {reader.skipped[0]}")
+    return DataSplits(splits.get("train"), splits.get("val"), splits.get("test"), str(p), own,
+                      reader.skipped, reader.warnings)
+
+
+def as_splits(data: str | os.PathLike[str] | DataSplits | ImageDataset, spec: ModelSpec, *,
+              img_size: int | None = None, val_fraction: float = 0.1, seed: int = 0) -> DataSplits:
+    """Accept a path, ready-made splits, or one dataset (split into train/val by `val_fraction`)."""
+    if isinstance(data, DataSplits):
+        out = data
+    elif isinstance(data, ImageDataset):
+        if val_fraction > 0:
+            train, val = split_by_group(data, val_fraction, seed)
+            out = DataSplits(train, val, None, "dataset")
+        else:
+            out = DataSplits(data, None, None, "dataset")
+    else:
+        return load_data(data, spec, img_size=img_size, val_fraction=val_fraction, seed=seed)
+    for ds in (out.train, out.val, out.test):
+        if ds is not None and (ds.task, ds.num_classes, ds.in_chans) != (spec.task, spec.num_classes, spec.in_chans):
+            raise MismatchError(f"dataset is {ds.task} with {ds.num_classes} classes and {ds.in_chans} channels; "
+                                f"the base is {spec.task} with {spec.num_classes} and {spec.in_chans}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- model input
+
+
+class Normalizer:
+    """uint8 batches → float inputs normalised with the architecture's pretrained mean/std (on the device)."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device | str) -> None:
+        import timm
+
+        cfg = timm.get_pretrained_cfg(spec.arch)
+        mean = np.array(cfg.mean if cfg is not None else (0.485, 0.456, 0.406), dtype=np.float32)
+        std = np.array(cfg.std if cfg is not None else (0.229, 0.224, 0.225), dtype=np.float32)
+        if spec.in_chans != len(mean):
+            mean, std = np.full(spec.in_chans, mean.mean()), np.full(spec.in_chans, std.mean())
+        self.scale = torch.tensor(1.0 / (255.0 * std), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.shift = torch.tensor(mean / std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * self.scale - self.shift
+
+
+def make_loader(ds: ImageDataset, batch_size: int, device: torch.device, *, shuffle: bool = False,
+                generator: torch.Generator | None = None, drop_last: bool = False,
+                num_workers: int | None = None) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
+    """A DataLoader: worker processes decode images when training on a GPU (none on CPU, where they would
+    compete with the model for the same cores) and pinned memory feeds the GPU."""
+    cuda = device.type == "cuda"
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1) if cuda else 0
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
+        num_workers=num_workers, pin_memory=cuda, persistent_workers=num_workers > 0,
+    )

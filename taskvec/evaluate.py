@@ -1,0 +1,93 @@
+"""Evaluate any taskvec model file (a base, a fine-tuned model, a merged model) on one split of a data source."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from taskvec.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader
+from taskvec.errors import TaskvecError
+from taskvec.files import read_kind
+from taskvec.metrics import classification_metrics, segmentation_metrics
+from taskvec.models import ModelSpec, load_model, resolve_model_path
+
+T = TypeVar("T")
+Track = Callable[[Iterable[T], str, int], Iterable[T]]
+
+
+def no_track(it: Iterable[T], description: str, total: int) -> Iterable[T]:
+    return it
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is CUDA when available, else CPU; `cuda` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TaskvecError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise TaskvecError(f"--device {device!r}: choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision on GPU only: bf16 where supported (no loss scaling needed), else fp16."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate_module(
+    model: nn.Module, spec: ModelSpec, ds: ImageDataset, *, device: torch.device | str = "cpu",
+    batch_size: int = 64, num_workers: int | None = None, track: Track[Any] = no_track,
+) -> dict[str, Any]:
+    """Metrics of an in-memory model on a dataset (see `taskvec.metrics` for definitions)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    norm = Normalizer(spec, device)
+    loader = make_loader(ds, batch_size, device, num_workers=num_workers)
+    k = spec.num_classes
+    probs, ys = [], []
+    cm = torch.zeros(k * k, dtype=torch.int64, device=device)
+    for x, y in track(loader, "evaluating", len(loader)):
+        with autocast(device):
+            logits = model(norm(x.to(device, non_blocking=True))).float()
+        y = y.to(device, non_blocking=True)
+        if spec.task == "classification":
+            probs.append(logits.softmax(1).cpu())
+            ys.append(y.cpu())
+        else:
+            cm += torch.bincount((y * k + logits.argmax(1)).reshape(-1), minlength=k * k)
+    model.train(was_training)
+    if spec.task == "classification":
+        return classification_metrics(torch.cat(ys).numpy(), torch.cat(probs).numpy(), spec.labels)
+    return segmentation_metrics(cm.reshape(k, k).cpu().numpy(), spec.labels)
+
+
+def evaluate_model(
+    model_path: str | os.PathLike[str], data: str | os.PathLike[str] | DataSplits | ImageDataset,
+    split: str = "test", *, device: str = "auto", batch_size: int = 64, img_size: int | None = None,
+    track: Track[Any] = no_track,
+) -> dict[str, Any]:
+    """Evaluate a model file (or run directory) on `split` (`train`, `val`, `test` or `all`) of `data`."""
+    path = resolve_model_path(model_path)
+    header = read_kind(path, "model")
+    spec = ModelSpec.from_dict(header.meta["model"])
+    splits = as_splits(data, spec, img_size=img_size, val_fraction=0.0)
+    ds = splits.get(split)
+    dev = resolve_device(device)
+    model = load_model(path, dev)
+    metrics = evaluate_module(model, spec, ds, device=dev, batch_size=batch_size, track=track)
+    return {
+        "model": str(path), "identity": header.meta["identity"], "task": spec.task, "data": splits.source,
+        "split": split, "samples": len(ds), "img_size": ds.img_size, "skipped": len(splits.skipped),
+        "warnings": splits.warnings, **metrics,
+    }

@@ -1,0 +1,421 @@
+"""Local fine-tuning: one site trains the base's own architecture and head on its own data.
+
+Defaults: AdamW (timm's optimizer factory: no weight decay on biases and norms), linear warm-up then cosine
+decay per step, cross-entropy (segmentation: per-pixel cross-entropy plus soft Dice), augmentation by the 8
+flips/90° rotations of the square (the same for image and mask; no colour changes), mixed precision on GPU
+only.
+
+Determinism and resume: each epoch reseeds torch, the sampler and the augmentation from `(seed, epoch)`, and
+the learning rate is a function of the step, so a run resumed from its end-of-epoch checkpoint (written
+atomically, safetensors, no pickle) reaches the same weights as an uninterrupted one (bit for bit on CPU).
+
+DP-SGD seam: `prepare_training` is the one place where the model, optimizer and loader can be swapped for
+private versions (identity without DP); `FinetuneConfig` is a dataclass to add DP fields to.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from taskvec.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader
+from taskvec.errors import MismatchError, OutputExistsError, TaskvecError
+from taskvec.evaluate import Track, autocast, evaluate_module, no_track, resolve_device
+from taskvec.files import FORMAT, FORMAT_VERSION, atomic_output, read_kind
+from taskvec.metrics import primary_metric
+from taskvec.models import ModelSpec, load_model, save_model
+from taskvec.tensors import save_tensors, state_digest
+
+DEFAULT_EPOCHS = 10
+MODEL_FILE, CHECKPOINT_FILE = "model.safetensors", "checkpoint.safetensors"
+METRICS_FILE, RUN_FILE = "metrics.json", "run.json"
+RUNTIME_FIELDS = {"resume", "device", "num_workers"}  # may differ between a run and its resumption
+
+
+@dataclass
+class FinetuneConfig:
+    """Training settings; every field except `RUNTIME_FIELDS` must match when a run is resumed."""
+
+    epochs: int | None = None  # default DEFAULT_EPOCHS unless `steps` is given
+    steps: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup: float = 0.05  # fraction of the steps
+    img_size: int | None = None  # default: the base's
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    val_fraction: float = 0.1
+    contributor: str | None = None
+    augment: bool = True
+    num_workers: int | None = None  # default: 8 on GPU, 0 on CPU
+    dp: Any = None  # a `taskvec.dp.DPConfig`: train with DP-SGD
+
+    def check(self) -> None:
+        if self.epochs is not None and self.steps is not None:
+            raise TaskvecError("give --epochs or --steps, not both")
+        for name in ("epochs", "steps", "batch_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise TaskvecError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if self.lr <= 0:
+            raise TaskvecError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.val_fraction < 1:
+            raise TaskvecError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class TrainingSetup:
+    """What the loop trains with. DP-SGD replaces model, optimizer and loader with private versions and
+    reports its ledger through `privacy`; `state`/`load_state` carry extra JSON state through checkpoints;
+    `stop` ends training early (e.g. when a privacy budget is spent)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader  # type: ignore[type-arg]
+    privacy: Callable[[], list[dict[str, Any]]] = list
+    state: Callable[[], dict[str, Any]] = dict
+    load_state: Callable[[dict[str, Any]], None] = lambda s: None
+    stop: Callable[[], bool] = lambda: False
+
+
+def prepare_training(setup: TrainingSetup, config: FinetuneConfig, run_id: str) -> TrainingSetup:
+    """The DP seam: identity without DP; with `config.dp`, the private versions from `taskvec.dp`."""
+    if config.dp is None:
+        return setup
+    from taskvec.dp import private_setup
+
+    return private_setup(setup, config, run_id)  # type: ignore[no-any-return]
+
+
+@dataclass
+class StepState:
+    """Yielded to `track` once per step; the loop fills `loss` and `images_per_s` after the step ran."""
+
+    epoch: int
+    epochs: int
+    step: int
+    total_steps: int
+    loss: float | None = None
+    images_per_s: float | None = None
+    batch: Any = field(default=None, repr=False)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    steps: int
+    train_loss: float
+    lr: float
+    seconds: float
+    images_per_s: float
+    val: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    model_path: Path
+    identity: str
+    run_id: str
+    samples: int
+    epochs: int
+    steps: int
+    history: list[dict[str, Any]]
+    val_metrics: dict[str, Any]
+    resumed_from_epoch: int = 0
+    skipped: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ schedule
+
+
+def epoch_seed(seed: int, epoch: int, salt: int) -> int:
+    """Independent, reproducible seeds per (run seed, epoch, purpose)."""
+    return int(np.random.SeedSequence([seed, epoch, salt]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+class SegmentationLoss(nn.Module):
+    """Cross-entropy plus soft Dice over the foreground classes, both per image then averaged over the batch
+    (so the loss is a mean of per-example terms, as DP-SGD's per-example gradients need); no in-place ops.
+    Dice counters the dominance of background pixels that traps cross-entropy alone at "all background"."""
+
+    def __init__(self, smooth: float = 1.0) -> None:
+        super().__init__()
+        self.ce = nn.CrossEntropyLoss()
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        k = logits.shape[1]
+        probs = logits.softmax(1)[:, 1:]
+        onehot = nn.functional.one_hot(target, k).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
+        inter = (probs * onehot).sum((2, 3))
+        dice = (2 * inter + self.smooth) / (probs.sum((2, 3)) + onehot.sum((2, 3)) + self.smooth)
+        return self.ce(logits, target) + (1 - dice).mean()
+
+
+def augment(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply one of the 8 symmetries of the square (rotations by 90° and flips) per sample, masks alike."""
+    codes = torch.randint(0, 8, (x.shape[0],), generator=gen)
+    x_out, y_out = x.clone(), (y.clone() if y is not None else None)
+    for c in codes.unique().tolist():
+        if c == 0:
+            continue
+        idx = (codes == c).nonzero().squeeze(1).to(x.device)
+        for src, dst in ((x, x_out), (y, y_out)):
+            if src is None or dst is None:
+                continue
+            t = torch.rot90(src[idx], c & 3, dims=(-2, -1))
+            dst[idx] = t.flip(-1) if c & 4 else t
+    return x_out, y_out
+
+
+# ------------------------------------------------------------------------------------------ run folder
+
+
+def _config_dict(config: FinetuneConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(config).items() if k not in RUNTIME_FIELDS}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _open_run(out: Path, parent: str, config: FinetuneConfig, source: str) -> str:
+    """Create or reopen a run folder; return its run id. Refuse to reuse a folder without --resume."""
+    run_file = out / RUN_FILE
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not config.resume:
+        raise OutputExistsError(f"{out}: run folder exists; pass --resume to continue it, or choose another --out")
+    if config.resume and run_file.exists():
+        run = json.loads(run_file.read_text())
+        if run["parent"] != parent:
+            raise MismatchError(f"{out}: was started from base {run['parent'][:12]}, not {parent[:12]}")
+        diff = {k: (run["config"].get(k), v) for k, v in _config_dict(config).items() if run["config"].get(k) != v}
+        if diff:
+            said = ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in diff.items())
+            raise MismatchError(f"{out}: the run was started with {said}; repeat its options to resume it")
+        return str(run["run_id"])
+    if config.resume and out.exists() and any(out.iterdir()):
+        raise TaskvecError(f"{out}: holds no {RUN_FILE}; it is not a taskvec run folder")
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex
+    _write_json(run_file, {"run_id": run_id, "parent": parent, "config": _config_dict(config), "data": source})
+    return run_id
+
+
+def _finished(out: Path) -> FinetuneResult:
+    m = json.loads((out / METRICS_FILE).read_text())
+    return FinetuneResult(out, out / MODEL_FILE, m["identity"], m["run_id"], m["samples"]["train"], m["epochs"],
+                          m["steps"], m["history"], m["val_metrics"], m["resumed_from_epoch"], m["skipped"],
+                          ["the run had already finished; nothing to do"])
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    """Model and optimizer tensors plus JSON state, written atomically as safetensors."""
+    tensors = {f"model/{k}": v for k, v in net.state_dict().items()}
+    sd = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer/{pid}/{name}"] = v
+            else:
+                scalars.setdefault(str(pid), {})[name] = v
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "checkpoint", **meta,
+            "optimizer": {"param_groups": sd["param_groups"], "scalars": scalars}}
+    save_tensors(tensors, path, meta, force=True)
+
+
+def load_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model and optimizer in place; return the checkpoint's JSON state."""
+    meta = read_kind(path, "checkpoint").meta
+    tensors = load_file(str(path))
+    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optimizer/"):
+            _, pid, name = k.split("/", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, d in meta["optimizer"]["scalars"].items():
+        state.setdefault(int(pid), {}).update(d)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    return meta
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _check_size(net: nn.Module, spec: ModelSpec, size: int, device: torch.device) -> None:
+    if size == spec.img_size:
+        return
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(2, spec.in_chans, size, size, device=device))
+    except Exception as e:  # noqa: BLE001 - any failure means this size does not fit the architecture
+        raise TaskvecError(f"--img-size {size} does not fit {spec.arch} (built for {spec.img_size}): "
+                           f"{str(e).splitlines()[0]}") from None
+
+
+def finetune(
+    base: str | os.PathLike[str],
+    data: str | os.PathLike[str] | DataSplits | ImageDataset,
+    out_dir: str | os.PathLike[str],
+    config: FinetuneConfig | None = None,
+    track: Track[Any] = no_track,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune `base` on `data` (a path, `DataSplits`, or one `ImageDataset` to split) into `out_dir`.
+
+    Writes `out_dir/checkpoint.safetensors` after every epoch and, at the end, `model.safetensors` (a taskvec
+    model file with parent, run id, training record and privacy ledger) and `metrics.json`.
+    """
+    config = config or FinetuneConfig()
+    config.check()
+    out = Path(out_dir)
+    header = read_kind(base, "model")
+    spec = ModelSpec.from_dict(header.meta["model"])
+    parent = header.meta["identity"]
+    if config.resume and (out / MODEL_FILE).exists():
+        return _finished(out)
+    if (out / MODEL_FILE).exists():
+        raise OutputExistsError(f"{out}: holds a finished run ({MODEL_FILE}); choose another --out")
+    splits = as_splits(data, spec, img_size=config.img_size, val_fraction=config.val_fraction, seed=config.seed)
+    if splits.train is None:
+        raise TaskvecError(f"{splits.source}: no training split")
+    train, val = splits.train, splits.val
+    run_id = _open_run(out, parent, config, splits.source)
+
+    device = resolve_device(config.device)
+    net = load_model(base, device)
+    _check_size(net, spec, train.img_size, device)
+    import timm.optim
+
+    optimizer = timm.optim.create_optimizer_v2(net, "adamw", lr=config.lr, weight_decay=config.weight_decay)
+    loader_gen = torch.Generator()
+    loader = make_loader(train, config.batch_size, device, shuffle=True, generator=loader_gen,
+                         drop_last=len(train) > config.batch_size, num_workers=config.num_workers)
+    setup = prepare_training(TrainingSetup(net, optimizer, loader), config, run_id)
+    model, optimizer, loader = setup.model, setup.optimizer, setup.loader
+
+    per_epoch = len(loader)
+    epochs = math.ceil(config.steps / per_epoch) if config.steps else (config.epochs or DEFAULT_EPOCHS)
+    total = config.steps or epochs * per_epoch
+    warmup = max(1, round(config.warmup * total))
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    ckpt = out / CHECKPOINT_FILE
+    if ckpt.exists():
+        meta = load_checkpoint(ckpt, net, optimizer)
+        start_epoch, history = meta["epoch"], meta["history"]
+        setup.load_state(meta.get("setup", {}))
+
+    norm = Normalizer(spec, device)
+    criterion = SegmentationLoss() if spec.task == "segmentation" else nn.CrossEntropyLoss()
+    fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+    aug_gen = torch.Generator()
+    seg = spec.task == "segmentation"
+
+    def steps() -> Iterator[StepState]:
+        for epoch in range(start_epoch, epochs):
+            torch.manual_seed(epoch_seed(config.seed, epoch, 0))
+            loader_gen.manual_seed(epoch_seed(config.seed, epoch, 1))
+            aug_gen.manual_seed(epoch_seed(config.seed, epoch, 2))
+            n = min(per_epoch, total - epoch * per_epoch)
+            for i, batch in zip(range(n), loader):
+                yield StepState(epoch, epochs, epoch * per_epoch + i, total, batch=batch)
+
+    loss_sum = torch.zeros((), device=device)
+    seen, t0, steps_in_epoch, lr = 0, time.perf_counter(), 0, config.lr
+    model.train()
+    for st in track(steps(), "fine-tuning", total - start_epoch * per_epoch):
+        (x, y), st.batch = st.batch, None
+        if setup.stop():
+            break
+        lr = lr_at(st.step, total, config.lr, warmup)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if config.augment:
+            x, y_aug = augment(x, y if seg else None, aug_gen)
+            y = y_aug if y_aug is not None else y
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device):
+            loss = criterion(model(norm(x)).float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach()
+        seen += x.shape[0]
+        steps_in_epoch += 1
+        stopping = setup.stop()
+        end_of_epoch = stopping or st.step + 1 == min(total, (st.epoch + 1) * per_epoch)
+        if steps_in_epoch % 10 == 0 or end_of_epoch:
+            st.loss = float(loss.detach())
+            st.images_per_s = seen / (time.perf_counter() - t0)
+        if not end_of_epoch:
+            continue
+        seconds = time.perf_counter() - t0
+        record = EpochRecord(st.epoch + 1, st.step + 1, float(loss_sum) / steps_in_epoch, lr, seconds, seen / seconds)
+        if val is not None:
+            record.val = evaluate_module(net, spec, val, device=device, batch_size=config.batch_size,
+                                         num_workers=config.num_workers)
+            model.train()
+        history.append(asdict(record))
+        save_checkpoint(ckpt, net, optimizer, {"epoch": st.epoch + 1, "step": st.step + 1, "history": history,
+                                               "run_id": run_id, "parent": parent, "setup": setup.state()})
+        if on_epoch is not None:
+            on_epoch(record)
+        if stopping:
+            break
+        loss_sum.zero_()
+        seen, t0, steps_in_epoch = 0, time.perf_counter(), 0
+
+    val_metrics = history[-1]["val"] if history else {}
+    epochs, total = (history[-1]["epoch"], history[-1]["steps"]) if history else (0, 0)
+    training = {
+        "samples": len(train), "contributor": config.contributor, "epochs": epochs, "steps": total,
+        "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed, "img_size": train.img_size,
+        "val_samples": len(val) if val is not None else 0, "val_metrics": val_metrics,
+    }
+    privacy = setup.privacy()
+    identity = state_digest(net.state_dict())
+    result = FinetuneResult(out, out / MODEL_FILE, identity, run_id, len(train), epochs, total, history,
+                            val_metrics, start_epoch, len(splits.skipped), splits.warnings)
+    summary = {k: v for k, v in asdict(result).items() if k not in ("run_dir", "model_path")}
+    name, value = primary_metric(val_metrics) if val_metrics else ("", None)
+    _write_json(out / METRICS_FILE, {**summary, "parent": parent, "task": spec.task, "data": splits.source,
+                                     "samples": {"train": len(train), "val": training["val_samples"]},
+                                     "config": _config_dict(config), "primary_metric": {name: value},
+                                     "privacy": privacy})
+    save_model(net, spec, out / MODEL_FILE,
+               extra={"parent": parent, "run_id": run_id, "training": training, "privacy": privacy})
+    ckpt.unlink(missing_ok=True)
+    return result

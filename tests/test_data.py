@@ -1,0 +1,176 @@
+"""Data loading: layouts, conversion policy, splits without patient leaks, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from synthetic_data import image_folder, npz_file, seg_folder
+
+from taskvec.data import load_data
+from taskvec.errors import MismatchError, TaskvecError
+from taskvec.models import ModelSpec
+
+
+def spec(task: str = "classification", k: int = 2, chans: int = 3, size: int = 32,
+         labels: list[str] | None = None) -> ModelSpec:
+    return ModelSpec("test_vit", task, k, chans, size, labels or [str(i) for i in range(k)])
+
+
+def test_image_folder_converts_channels_and_sizes(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    (root / "benign").mkdir(parents=True)
+    (root / "malignant").mkdir()
+    gray = np.arange(20 * 30, dtype=np.uint8).reshape(20, 30)
+    Image.fromarray(gray).save(root / "benign" / "g.png")
+    rgb = np.dstack([np.full((50, 50), v, np.uint8) for v in (200, 100, 0)])
+    Image.fromarray(rgb).save(root / "malignant" / "c.jpg", quality=100)
+    s = load_data(root, spec(labels=["malignant", "benign"]), val_fraction=0)
+    assert s.train is not None and len(s.train) == 2
+    g = s.train.sources.index(str(root / "benign" / "g.png"))
+    assert sorted(s.train.targets) == [0, 1] and s.train.targets[g] == 1
+    x, y = s.train[g]
+    assert x.shape == (3, 32, 32) and x.dtype.__str__() == "torch.uint8"
+    assert (x[0] == x[1]).all() and (x[1] == x[2]).all()  # grayscale repeated
+    expected = np.asarray(Image.fromarray(gray).resize((32, 32), Image.BILINEAR))
+    assert np.array_equal(x[0].numpy(), expected)
+    # RGB to one channel is ITU-R 601 luma
+    s1 = load_data(root, spec(chans=1, labels=["malignant", "benign"]), val_fraction=0)
+    x1, _ = s1.train[s1.train.sources.index(str(root / "malignant" / "c.jpg"))]
+    assert x1.shape == (1, 32, 32)
+    assert abs(int(x1[0, 16, 16]) - round(0.299 * 200 + 0.587 * 100)) <= 2
+
+
+def test_unknown_class_folder_and_empty_folders(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "d", n_per_class=2, labels=("0", "7"))
+    with pytest.raises(MismatchError, match="outside the base's classes"):
+        load_data(root, spec())
+    named = image_folder(tmp_path / "n", n_per_class=2, labels=("cat", "dog"))
+    with pytest.raises(MismatchError, match="not one of the base's labels"):
+        load_data(named, spec(labels=["benign", "malignant"]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TaskvecError, match="no class folders"):
+        load_data(tmp_path / "empty", spec())
+    (tmp_path / "e2" / "0").mkdir(parents=True)
+    with pytest.raises(TaskvecError, match="holds no image files"):
+        load_data(tmp_path / "e2", spec())
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "d", n_per_class=4)
+    (root / "0" / "garbage.png").write_bytes(b"not an image at all")
+    good = (root / "1" / "0.png").read_bytes()
+    (root / "1" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "1" / "notes.txt").write_text("ignored: not an image suffix")
+    s = load_data(root, spec(), val_fraction=0)
+    assert len(s.train) == 8
+    assert sorted(Path(p).name for p in s.skipped) == ["garbage.png", "truncated.png"]
+    assert any("skipped 2 unreadable" in w for w in s.warnings)
+
+
+def test_csv_split_never_leaks_a_patient(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "imgs", n_per_class=15)
+    files = sorted(root.rglob("*.png"))
+    rows = [f"{f.relative_to(tmp_path)},{f.parent.name},p{i // 3}" for i, f in enumerate(files)]
+    lines = ["path,label,patient_id", *rows]
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    s = load_data(tmp_path / "d.csv", spec(), val_fraction=0.3, seed=1)
+    assert s.train.groups is not None and s.val.groups is not None
+    assert not set(s.train.groups) & set(s.val.groups)
+    assert len(s.train) + len(s.val) == 30 and 6 <= len(s.val) <= 12
+    again = load_data(tmp_path / "d.csv", spec(), val_fraction=0.3, seed=1)
+    assert again.val.sources == s.val.sources
+    other = load_data(tmp_path / "d.csv", spec(), val_fraction=0.3, seed=2)
+    assert other.val.sources != s.val.sources
+
+
+def test_csv_own_splits_labels_and_errors(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "imgs", n_per_class=2)
+    f = sorted(root.rglob("*.png"))
+    rel = [str(p.relative_to(tmp_path)) for p in f]
+    ok = ["path,label,patient_id,split", f"{rel[0]},benign,a,train", f"{rel[1]},malignant,b,train",
+          f"{rel[2]},1,c,test", f"{rel[3]},0,d,val"]
+    (tmp_path / "ok.csv").write_text("\n".join(ok) + "\n")
+    s = load_data(tmp_path / "ok.csv", spec(labels=["benign", "malignant"]))
+    assert s.own_splits and (len(s.train), len(s.val), len(s.test)) == (2, 1, 1)
+    assert s.train.targets == [0, 1] and s.test.targets == [1]
+    leak = ok[:2] + [f"{rel[1]},1,a,test"]
+    (tmp_path / "leak.csv").write_text("\n".join(leak) + "\n")
+    with pytest.raises(TaskvecError, match="patient 'a' is in both"):
+        load_data(tmp_path / "leak.csv", spec(labels=["benign", "malignant"]))
+    (tmp_path / "range.csv").write_text(f"path,label\n{rel[0]},5\n")
+    with pytest.raises(MismatchError, match="label 5 is outside"):
+        load_data(tmp_path / "range.csv", spec())
+    (tmp_path / "cols.csv").write_text(f"file,label\n{rel[0]},0\n")
+    with pytest.raises(TaskvecError, match="needs columns path and label"):
+        load_data(tmp_path / "cols.csv", spec())
+
+
+@pytest.mark.parametrize("label_shape", ["(N,)", "(N,1)"])
+def test_npz_label_shapes(tmp_path: Path, label_shape: str) -> None:
+    p = npz_file(tmp_path / "d.npz", n=16, label_shape=label_shape)
+    s = load_data(p, spec(chans=1))
+    assert s.own_splits and (len(s.train), len(s.val), len(s.test)) == (16, 4, 8)
+    x, y = s.test[3]
+    assert x.shape == (1, 32, 32) and y == 1
+    bad = dict(np.load(p))
+    bad["train_labels"] = np.full(16, 2, np.uint8)
+    np.savez(tmp_path / "bad.npz", **bad)
+    with pytest.raises(MismatchError, match="label 2 is outside"):
+        load_data(tmp_path / "bad.npz", spec())
+
+
+def test_segmentation_masks_binary_and_class_index(tmp_path: Path) -> None:
+    root = seg_folder(tmp_path / "s", n=4, size=32)
+    s = load_data(root, spec("segmentation"), val_fraction=0)
+    x, m = s.train[0]
+    raw = np.asarray(Image.open(root / "masks" / "s0.png"))
+    assert x.shape == (3, 32, 32) and m.dtype.__str__() == "torch.int64"
+    assert np.array_equal(m.numpy(), (raw > 0).astype(np.int64))  # 0/255 -> 0/1
+    idx = tmp_path / "k"
+    (idx / "images").mkdir(parents=True)
+    (idx / "masks").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(idx / "images" / "a.png")
+    Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16) % 3).save(idx / "masks" / "a.png")
+    k = load_data(idx, spec("segmentation", k=3, size=16), val_fraction=0)
+    assert np.array_equal(k.train[0][1].numpy(), np.arange(256).reshape(16, 16) % 3)
+    with pytest.raises(MismatchError, match="neither class indices"):
+        load_data(idx, spec("segmentation", k=2, size=16), val_fraction=0)
+
+
+def test_segmentation_errors(tmp_path: Path) -> None:
+    root = seg_folder(tmp_path / "s", n=3, size=32)
+    (root / "masks" / "s1.png").unlink()
+    with pytest.raises(TaskvecError, match="s1.*has no mask"):
+        load_data(root, spec("segmentation"))
+    root2 = seg_folder(tmp_path / "t", n=2, size=32)
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(root2 / "masks" / "s0.png")
+    with pytest.raises(TaskvecError, match="differs from its image"):
+        load_data(root2, spec("segmentation"))
+    with pytest.raises(TaskvecError, match="needs .*images"):
+        load_data(image_folder(tmp_path / "c", n_per_class=1), spec("segmentation"))
+    with pytest.raises(TaskvecError, match="base is a classifier"):
+        load_data(root2, spec())
+
+
+def test_split_folders_and_missing_split(tmp_path: Path) -> None:
+    seg_folder(tmp_path / "d" / "train", n=6, size=32)
+    seg_folder(tmp_path / "d" / "test", n=2, size=32, seed=1)
+    s = load_data(tmp_path / "d", spec("segmentation"), val_fraction=0.34, seed=0)
+    assert (len(s.train), len(s.val), len(s.test)) == (4, 2, 2)
+    assert not set(s.train.sources) & set(s.val.sources)
+    assert len(s.get("all")) == 8
+    single = load_data(tmp_path / "d" / "train", spec("segmentation"), val_fraction=0)
+    with pytest.raises(TaskvecError, match="no test split.*--split all"):
+        single.get("test")
+
+
+def test_subset_keeps_groups(tmp_path: Path) -> None:
+    p = npz_file(tmp_path / "d.npz", n=8)
+    ds = load_data(p, spec(chans=1)).train
+    ds.groups = [f"p{i // 2}" for i in range(8)]
+    sub = ds.subset([1, 2, 7])
+    assert sub.groups == ["p0", "p1", "p3"] and sub.targets == [ds.targets[i] for i in (1, 2, 7)]
+    assert np.array_equal(sub[2][0].numpy(), ds[7][0].numpy())
