@@ -34,7 +34,7 @@ class _TrainProgress:
             task = self.progress.add_task(description, total=total, loss="-", ips="-")
             for st in it:
                 yield st
-                fields = {}
+                fields: dict[str, Any] = {}
                 if st.loss is not None:
                     fields = {"loss": f"{st.loss:.4f}", "ips": f"{st.images_per_s:.1f}"}
                 self.progress.update(task, advance=1, description=f"epoch {st.epoch + 1}/{st.epochs}", **fields)

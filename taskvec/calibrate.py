@@ -77,7 +77,7 @@ class Calibrator:
         bn = has_batchnorm(model)
 
         def build(scale: float) -> None:
-            state = {}
+            state: dict[str, torch.Tensor] = {}
             for k, b in base_state.items():
                 if k in acc.deltas:
                     state[k] = (b.to(torch.float32) + scale * acc.deltas[k]).to(b.dtype)
@@ -87,7 +87,7 @@ class Calibrator:
             if bn:
                 reestimate_batchnorm(model, spec, ds, device, self.batch_size)
 
-        rows = []
+        rows: list[dict[str, Any]] = []
         for scale in self.track(self.grid, "calibrating λ", len(self.grid)):
             build(float(scale))
             metrics = evaluate_module(model, spec, ds, device=device, batch_size=self.batch_size)

@@ -65,11 +65,11 @@ class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
         src = self.sources[i]
-        img = Image.fromarray(self.array[src]) if isinstance(src, int) and self.array is not None else _open(src)
+        img = Image.fromarray(self.array[src]) if isinstance(src, int) and self.array is not None else _open(str(src))
         x = torch.from_numpy(to_array(img, self.in_chans, self.img_size)).permute(2, 0, 1)
         if self.task == "classification":
             return x, int(self.targets[i])
-        mask = np.asarray(_open(self.targets[i]).resize((self.img_size, self.img_size), Image.NEAREST))
+        mask = np.asarray(_open(self.targets[i]).resize((self.img_size, self.img_size), Image.Resampling.NEAREST))
         if self.binary_masks is not None and self.binary_masks[i]:
             mask = mask > 0
         return x, torch.from_numpy(mask.astype(np.int64))
@@ -149,7 +149,7 @@ def to_array(img: Image.Image, in_chans: int, size: int) -> np.ndarray:
         img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
     img = img.convert("RGB" if in_chans == 3 else "L")
     if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
     a = np.array(img, dtype=np.uint8)  # a writable copy for torch.from_numpy
     if a.ndim == 2:
         a = a[:, :, None]

@@ -35,7 +35,7 @@ from taskvec.errors import MismatchError, OutputExistsError, TaskvecError
 from taskvec.evaluate import Track, autocast, evaluate_module, no_track, resolve_device
 from taskvec.files import FORMAT, FORMAT_VERSION, atomic_output, read_kind
 from taskvec.metrics import primary_metric
-from taskvec.models import ModelSpec, load_model, save_model
+from taskvec.models import ModelSpec, create_module, load_model, save_model
 from taskvec.tensors import save_tensors, state_digest
 
 DEFAULT_EPOCHS = 10
@@ -75,6 +75,8 @@ class FinetuneConfig:
             raise TaskvecError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.val_fraction < 1:
             raise TaskvecError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.dp is not None:
+            self.dp.check()
 
 
 @dataclass
@@ -123,6 +125,7 @@ class EpochRecord:
     seconds: float
     images_per_s: float
     val: dict[str, Any] = field(default_factory=dict)
+    privacy: list[dict[str, Any]] = field(default_factory=list)  # the ledger so far (DP-SGD: ε spent)
 
 
 @dataclass
@@ -310,6 +313,10 @@ def finetune(
     if splits.train is None:
         raise TaskvecError(f"{splits.source}: no training split")
     train, val = splits.train, splits.val
+    if config.dp is not None:  # refuse a base DP-SGD cannot train before the run folder exists
+        from taskvec.dp import require_dp_ready
+
+        require_dp_ready(create_module(spec))
     run_id = _open_run(out, parent, config, splits.source)
 
     device = resolve_device(config.device)
@@ -384,6 +391,7 @@ def finetune(
             continue
         seconds = time.perf_counter() - t0
         record = EpochRecord(st.epoch + 1, st.step + 1, float(loss_sum) / steps_in_epoch, lr, seconds, seen / seconds)
+        record.privacy = setup.privacy()
         if val is not None:
             record.val = evaluate_module(net, spec, val, device=device, batch_size=config.batch_size,
                                          num_workers=config.num_workers)
