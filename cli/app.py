@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 import typer
-from taskvec.cli import core, exchange, privacy, train
+from taskvec.cli import core, exchange, privacy, simulate, train
 from taskvec.cli.console import STATE, fail
 
 from taskvec import __version__
@@ -47,6 +47,7 @@ core.register(app)
 exchange.register(app)
 train.register(app)
 privacy.register(app)
+simulate.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,129 @@
+"""Simulation reports: `report.md`, and PNG plots made with matplotlib (headless)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+GROUP_ORDER = {"base": 0, "local": 1, "merged": 2, "calibrated": 3, "centralised": 4}
+SHOWN = ("auroc", "accuracy", "balanced_accuracy", "macro_f1", "dice", "jaccard", "pixel_accuracy")
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells shared by report.md and the terminal table."""
+    cols = [c for c in SHOWN if any(c in r["metrics"] for r in rows)]
+    header = ["model", "kind", "ε", *cols]
+    body = [[r["name"], r["group"], "∞" if r["epsilon"] is None else f"{r['epsilon']:g}",
+             *[_fmt(r["metrics"].get(c)) for c in cols]]
+            for r in sorted(rows, key=lambda r: (r["epsilon"] or 0, GROUP_ORDER[r["group"]]))]
+    return header, body
+
+
+def _markdown(summary: dict[str, Any], plots: list[Path]) -> str:
+    header, body = table_rows(summary["rows"])
+    cfg = summary["config"]
+    lines = [
+        "# taskvec simulation report", "",
+        f"Data `{cfg['data']}`, task {cfg['task']}, {cfg['sites']} sites split `{cfg['split']}` "
+        f"(samples per site: {', '.join(map(str, summary['site_samples']))}), architecture `{cfg['arch']}`, "
+        f"{cfg['epochs']} epochs per site, test split of {summary['test_samples']} samples never used for training.",
+        "", *[f"- {n}" for n in summary["notes"]], "",
+        f"Primary metric: **{summary['metric']}**. `local` = one site alone; `merged` = base + combine(vectors); "
+        "`calibrated` = λ chosen on the merger's validation share; `centralised` = the union of all sites' data, "
+        "same epochs. ε = ∞ means no DP; otherwise DP-SGD at that ε (δ = "
+        f"{cfg['delta']:g}) for every site and for the centralised run.", "",
+        "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+        *["| " + " | ".join(r) + " |" for r in body], "",
+        *[f"![{p.stem}]({p.name})" for p in plots], "",
+    ]
+    return "\n".join(lines)
+
+
+def _plot_methods(out: Path, rows: list[dict[str, Any]], metric: str, eps: float | None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in rows if r["epsilon"] == eps]
+    local = [r["value"] for r in sel if r["group"] == "local" and r["value"] is not None]
+    merged = [r for r in sel if r["group"] in ("merged", "calibrated")]
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(merged) + 2), 4))
+    names = [r["name"] for r in merged]
+    colors = ["tab:blue" if r["group"] == "merged" else "tab:cyan" for r in merged]
+    ax.bar(range(len(merged)), [r["value"] or 0 for r in merged], color=colors)
+    if local:
+        ax.axhspan(min(local), max(local), color="tab:orange", alpha=0.2,
+                   label=f"single sites (min–max of {len(local)})")
+        ax.axhline(sum(local) / len(local), color="tab:orange", lw=1, label="single sites (mean)")
+    for group, style in (("centralised", "tab:green"), ("base", "tab:gray")):
+        for r in sel + ([rows[0]] if group == "base" else []):
+            if r["group"] == group and r["value"] is not None:
+                ax.axhline(r["value"], color=style, ls="--", label=group)
+                break
+    ax.set_xticks(range(len(merged)), names, rotation=30, ha="right")
+    ax.set_ylabel(metric)
+    ax.set_title(f"Merged models vs single sites and centralised ({'no DP' if eps is None else f'ε = {eps:g}'})")
+    ax.legend(loc="lower right", fontsize=8)
+    values = [r["value"] for r in sel if r["value"] is not None] + [rows[0]["value"] or 0]
+    ax.set_ylim(max(0.0, min(values) - 0.1), min(1.0, max(values) + 0.05))
+    fig.tight_layout()
+    path = out / ("metric_by_method.png" if eps is None else f"metric_by_method_eps{eps:g}.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_epsilon(out: Path, rows: list[dict[str, Any]], metric: str, epsilons: list[float]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["epsilon"] is None or r["value"] is None or r["group"] == "base":
+            continue
+        key = r["method"] if r["group"] == "merged" else r["group"]
+        if r["group"] == "calibrated":
+            key = f"{r['method']}+cal"
+        series.setdefault(key, []).append((r["epsilon"], r["value"]))
+    for key, pts in sorted(series.items()):
+        if key == "local":  # mean over sites at each ε
+            by: dict[float, list[float]] = {}
+            for e, v in pts:
+                by.setdefault(e, []).append(v)
+            pts = [(e, sum(v) / len(v)) for e, v in by.items()]
+            key = "single sites (mean)"
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    ax.set_xscale("log")
+    ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+    ax.set_xlabel("ε (DP-SGD, per site)")
+    ax.set_ylabel(metric)
+    ax.set_title("Utility against the privacy budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "utility_vs_epsilon.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, summary: dict[str, Any]) -> tuple[Path, list[Path]]:
+    """Write the plots and `report.md` into `out`; return their paths."""
+    rows, metric = summary["rows"], summary["metric"]
+    epsilons = summary["config"]["epsilons"]
+    plots = [_plot_methods(out, rows, metric, eps) for eps in [None, *epsilons]]
+    if epsilons:
+        plots.append(_plot_epsilon(out, rows, metric, epsilons))
+    tmp = out / "report.md.tmp"
+    tmp.write_text(_markdown(summary, plots))
+    os.replace(tmp, out / "report.md")
+    return out / "report.md", plots

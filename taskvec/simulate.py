@@ -1,0 +1,251 @@
+"""Consortium simulation: does merging data vectors beat training alone, and what does privacy cost?
+
+One data set is cut into an untouched test split, a merger's validation share, an optional "public" share
+(to train the base when no pretrained weights are given), and K sites. Each site fine-tunes independently
+through `taskvec.train.finetune` (the code path of `taskvec finetune`), exports a vector, and the vectors are
+merged with every method (and calibrated on the validation share). Everything is evaluated on the same test
+split: the base, every site alone, every merge, and centralised training on the union of the sites' data
+with the same number of epochs (the same number of gradient passes over the same images). Runs resume:
+finished site trainings are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from taskvec.data import DataSplits, ImageDataset, load_data, split_by_group
+from taskvec.errors import OutputExistsError, TaskvecError
+from taskvec.evaluate import evaluate_model
+from taskvec.merge import merge_vectors
+from taskvec.merge_methods import MERGE_METHODS
+from taskvec.metrics import primary_metric
+from taskvec.models import build_base, save_model
+from taskvec.splits import split_sites
+from taskvec.train import FinetuneConfig, finetune
+from taskvec.vectors import export_vector
+
+TCGA_SITE = re.compile(r"TCGA-([A-Z0-9]{2})-")
+Progress = Callable[[str], None]
+
+
+@dataclass
+class SimulationConfig:
+    data: str
+    out: str
+    task: str = "classification"
+    sites: int = 3
+    split: str = "iid"
+    arch: str = "test_vit"
+    num_classes: int = 2
+    labels: list[str] | None = None
+    in_chans: int = 3
+    img_size: int | None = 32
+    pretrained: bool = False
+    weights: str | None = None
+    public_fraction: float = 0.2
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    epochs: int = 3
+    base_epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-3
+    methods: list[str] = field(default_factory=lambda: list(MERGE_METHODS))
+    calibrate: bool = True
+    epsilons: list[float] = field(default_factory=list)  # one DP-SGD variant of every site per ε
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    workers: int = 1
+    seed: int = 0
+    device: str = "auto"
+
+    def check(self) -> None:
+        for m in self.methods:
+            if m not in MERGE_METHODS:
+                raise TaskvecError(f"unknown merge method {m!r}; choose from {', '.join(MERGE_METHODS)}")
+        if self.sites < 1 or self.workers < 1 or self.epochs < 1:
+            raise TaskvecError("--sites, --workers and --epochs must be >= 1")
+        if any(e <= 0 for e in self.epsilons):
+            raise TaskvecError("every target ε must be > 0")
+
+
+@dataclass
+class SimulationResult:
+    out: Path
+    rows: list[dict[str, Any]]
+    metric: str
+    report: Path
+    plots: list[Path]
+
+
+def group_ids(ds: ImageDataset, column: str) -> list[str]:
+    """Group of every sample: `patient_id` (the data's patient column) or `tcga` (the TCGA tissue-source site
+    in file names, the two characters after `TCGA-`)."""
+    if column in ("patient_id", "patient"):
+        if ds.groups is None:
+            raise TaskvecError("--split by-group:patient_id needs a CSV with a patient_id column")
+        return list(ds.groups)
+    if column == "tcga":
+        out = []
+        for s in ds.sources:
+            m = TCGA_SITE.search(Path(str(s)).name)
+            if m is None:
+                raise TaskvecError(f"{s}: file name holds no TCGA-XX- tissue-source site")
+            out.append(m.group(1))
+        return out
+    raise TaskvecError(f"unknown group column {column!r}; use by-group:patient_id or by-group:tcga")
+
+
+def _prepare_data(
+    cfg: SimulationConfig, spec: Any
+) -> tuple[ImageDataset, ImageDataset, ImageDataset | None, list[str]]:
+    """(pool for public + sites, test, merger validation, notes)."""
+    splits = load_data(cfg.data, spec, img_size=cfg.img_size, val_fraction=0.0, seed=cfg.seed)
+    notes = list(splits.warnings)
+    pool = splits.train
+    if pool is None:
+        raise TaskvecError(f"{cfg.data}: no training split")
+    test = splits.test
+    if test is None:
+        pool, test = split_by_group(pool, cfg.test_fraction, cfg.seed)
+        notes.append(f"the data has no test split: held out {len(test)} samples ({cfg.test_fraction:.0%}) as test")
+    val = splits.val
+    if val is None and cfg.calibrate:
+        pool, val = split_by_group(pool, cfg.val_fraction, cfg.seed + 1)
+        notes.append(f"held out {len(val)} samples as the merger's validation share (for --calibrate)")
+    return pool, test, val, notes
+
+
+def _site_indices(cfg: SimulationConfig, pool: ImageDataset) -> list[Sequence[int]]:
+    kind, _, arg = cfg.split.partition(":")
+    labels = pool.targets if pool.task == "classification" else None
+    groups = group_ids(pool, arg) if kind == "by-group" else None
+    return split_sites(cfg.split, cfg.sites, cfg.seed, labels=labels, groups=groups, n=len(pool))
+
+
+def _finetune_job(args: tuple[str, ImageDataset, str, FinetuneConfig, int]) -> str:
+    base, ds, out, config, threads = args
+    import torch
+
+    torch.set_num_threads(threads)
+    return str(finetune(base, ds, out, config).model_path)
+
+
+def _train_all(jobs: list[tuple[str, ImageDataset, str, FinetuneConfig]], workers: int,
+               progress: Progress) -> list[str]:
+    """Fine-tune every job (site or centralised), in parallel processes when workers > 1."""
+    if workers == 1:
+        out = []
+        for base, ds, run, config in jobs:
+            progress(f"fine-tuning {Path(run).name} on {len(ds)} samples")
+            out.append(str(finetune(base, ds, run, config).model_path))
+        return out
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    progress(f"fine-tuning {len(jobs)} runs in {workers} processes")
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(_finetune_job, [(*j, threads) for j in jobs]))
+
+
+def _evaluate(name: str, group: str, path: Path | str, test: ImageDataset, epsilon: float | None,
+              method: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    m = evaluate_model(path, DataSplits(None, None, test, source="test"), "test", device="cpu")
+    metric, value = primary_metric(m)
+    keep = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "dice", "jaccard", "pixel_accuracy")
+    return {"name": name, "group": group, "method": method, "epsilon": epsilon, "metric": metric,
+            "value": value, "metrics": {k: m[k] for k in keep if k in m}, **(extra or {})}
+
+
+def _check_out(out: Path, cfg: SimulationConfig) -> None:
+    record = out / "simulation.json"
+    mine = json.dumps(asdict(cfg), sort_keys=True)
+    if record.exists():
+        if json.dumps(json.loads(record.read_text()), sort_keys=True) != mine:
+            raise OutputExistsError(f"{out}: holds a simulation with other settings; choose another --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise OutputExistsError(f"{out}: exists and is not a taskvec simulation; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(mine)
+
+
+def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> SimulationResult:
+    """Run (or resume) a whole simulation into `cfg.out`; see the module docstring."""
+    from taskvec.calibrate import Calibrator
+    from taskvec.report import write_report
+
+    cfg.check()
+    out = Path(cfg.out)
+    _check_out(out, cfg)
+    dp = bool(cfg.epsilons)
+    module, spec = build_base(cfg.arch, cfg.task, cfg.num_classes, cfg.in_chans, cfg.img_size, cfg.labels,
+                              cfg.pretrained, cfg.weights, dp_compatible=dp)
+    pool, test, val, notes = _prepare_data(cfg, spec)
+    base = out / "base.safetensors"
+    train_cfg = FinetuneConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, img_size=cfg.img_size,
+                               device=cfg.device, seed=cfg.seed, resume=True, val_fraction=0.0)
+    if cfg.pretrained or cfg.weights:
+        if not base.exists():
+            save_model(module, spec, base, extra={"source": {"pretrained": cfg.pretrained, "weights": cfg.weights}})
+        notes.append("base: pretrained weights" + (f" from {cfg.weights}" if cfg.weights else " (timm hub)"))
+    else:
+        pool, public = split_by_group(pool, cfg.public_fraction, cfg.seed + 2)
+        init = out / "init.safetensors"
+        if not init.exists():
+            save_model(module, spec, init, extra={"source": {"pretrained": False, "weights": None}})
+        progress(f"training the base on a public share of {len(public)} samples")
+        run = finetune(init, public, out / "base-run", replace(train_cfg, epochs=cfg.base_epochs, contributor="public"))
+        if not base.exists():
+            os.link(run.model_path, base)
+        notes.append(f"base: no pretrained weights, so trained from scratch on a held-out public share of "
+                     f"{len(public)} samples ({cfg.public_fraction:.0%}) that no site holds")
+    site_idx = _site_indices(cfg, pool)
+    sites = [pool.subset(idx) for idx in site_idx]
+    union = pool.subset([i for idx in site_idx for i in idx])
+
+    rows = [_evaluate("base", "base", base, test, None)]
+    for eps in [None, *cfg.epsilons]:
+        tag = "" if eps is None else f"-eps{eps:g}"
+        run_cfg = train_cfg if eps is None else replace(
+            train_cfg, dp=True, target_epsilon=eps, delta=cfg.delta, max_grad_norm=cfg.max_grad_norm)
+        jobs = [(str(base), ds, str(out / f"sites{tag}" / f"site{i}"), replace(run_cfg, contributor=f"site{i}",
+                 seed=cfg.seed + 10 + i)) for i, ds in enumerate(sites)]
+        jobs.append((str(base), union, str(out / f"centralised{tag}"), replace(run_cfg, contributor="centralised")))
+        models = _train_all(jobs, cfg.workers, progress)
+        vec_dir = out / f"vectors{tag}"
+        vec_dir.mkdir(exist_ok=True)
+        vectors = []
+        for i, model in enumerate(models[:-1]):
+            v = vec_dir / f"site{i}.safetensors"
+            if not v.exists():  # re-exporting a DP run would spend its budget again
+                export_vector(model, base, v, contributor=f"site{i}")
+            vectors.append(v)
+            rows.append(_evaluate(f"site{i}{tag}", "local", model, test, eps, extra={"samples": len(sites[i])}))
+        rows.append(_evaluate(f"centralised{tag}", "centralised", models[-1], test, eps,
+                              extra={"samples": len(union)}))
+        merged_dir = out / f"merged{tag}"
+        merged_dir.mkdir(exist_ok=True)
+        for method in cfg.methods:
+            progress(f"merging {len(vectors)} vectors with {method}{tag}")
+            path = merged_dir / f"{method}.safetensors"
+            merge_vectors(vectors, base, path, method=method, seed=cfg.seed, force=True)
+            rows.append(_evaluate(f"{method}{tag}", "merged", path, test, eps, method))
+            if cfg.calibrate and val is not None:
+                cal = Calibrator(DataSplits(None, val, None, source="validation share"), device="cpu")
+                path = merged_dir / f"{method}-calibrated.safetensors"
+                merge_vectors(vectors, base, path, method=method, seed=cfg.seed, force=True, calibrate=cal)
+                rows.append(_evaluate(f"{method}+cal{tag}", "calibrated", path, test, eps, method,
+                                      extra={"scale": cal.record["chosen"]}))
+    summary = {"config": asdict(cfg), "notes": notes, "test_samples": len(test),
+               "site_samples": [len(s) for s in sites], "metric": rows[0]["metric"], "rows": rows}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "results.json")
+    report, plots = write_report(out, summary)
+    return SimulationResult(out, rows, rows[0]["metric"], report, plots)
