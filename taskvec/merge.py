@@ -21,7 +21,7 @@ from taskvec.files import FLOAT_DTYPES, Digest, Header, check_output, read_kind
 from taskvec.merge_methods import MergeMethod, dare_drop, dare_seed, get_method
 from taskvec.models import ModelSpec, save_model
 from taskvec.privacy import check_budget
-from taskvec.tensors import TORCH_TO_ST, is_statistic, tensor_bytes
+from taskvec.tensors import TORCH_TO_ST, all_finite, is_statistic, tensor_bytes
 
 T = TypeVar("T")
 Track = Callable[[Iterable[T], str, int], Iterable[T]]
@@ -90,7 +90,7 @@ def _stream(header: Header, f: Any, keys: Iterable[str], dig: Digest) -> Iterato
         t = f.get_tensor(k)
         dig.update(k, TORCH_TO_ST[t.dtype], tuple(t.shape), tensor_bytes(t))
         t = t.to(torch.float32)
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise FileFormatError(f"{header.path}: tensor {k} holds NaN or Inf")
         yield k, t
 

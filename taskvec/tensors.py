@@ -26,6 +26,11 @@ def is_statistic(name: str) -> bool:
     return name.endswith(STATISTIC_SUFFIXES)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True when `t` holds no NaN/Inf. One reduction; the elementwise check only runs if the sum is not finite."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The little-endian bytes safetensors would write for `t`."""
     flat = t.detach().cpu().contiguous().reshape(-1)

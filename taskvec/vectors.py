@@ -35,7 +35,7 @@ from taskvec.privacy import (
     record_release,
     releases_path,
 )
-from taskvec.tensors import CAST_DTYPES, TORCH_TO_ST, is_statistic, save_tensors, state_digest
+from taskvec.tensors import CAST_DTYPES, TORCH_TO_ST, all_finite, is_statistic, save_tensors, state_digest
 
 
 @dataclass
@@ -163,7 +163,7 @@ def export_vector(
             if bh.tensors[k].dtype not in FLOAT_DTYPES:
                 continue
             ft = ff.get_tensor(k).to(torch.float32)
-            if not torch.isfinite(ft).all():
+            if not all_finite(ft):
                 raise FileFormatError(f"{fh.path}: tensor {k} holds NaN or Inf; the fine-tuning diverged")
             if is_statistic(k):
                 stats[k] = ft

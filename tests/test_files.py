@@ -120,3 +120,14 @@ def test_header_length_bytes_that_look_like_pickle_magic_are_fine(tmp_path: Path
                 break
         else:
             raise AssertionError(f"no padding gave a header of {target:#x} bytes")
+
+
+def test_all_finite() -> None:
+    from taskvec.tensors import all_finite
+
+    assert all_finite(torch.randn(100))
+    assert all_finite(torch.full((4,), 3e38))  # the sum overflows to inf, the elements are finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(100)
+        t[37] = bad
+        assert not all_finite(t)
