@@ -2,8 +2,9 @@
 and PRV accounting (RDP as a named fallback).
 
 `make_private(model, optimizer, loader, config, epochs=...)` returns the private versions of the three and a
-`PrivacyMeter` that counts steps, reports ε and says when the target ε is reached. The model object stays
-the same (Opacus's hooks are attached to it, not wrapped around it), so its state_dict keys are unchanged.
+`PrivacyMeter` that counts steps, reports ε and says when the target ε is reached. Opacus's hooks are
+attached to the given module itself (not wrapped around it), so its state_dict keys are unchanged; the
+returned model is a thin wrapper for the training loop only (empty Poisson batches), save the original.
 
 Unit of privacy. Without patient ids each image is sampled independently with probability q and clipped on
 its own (unit `image`). With patient ids each *patient* is sampled with probability q, all of that patient's
@@ -14,6 +15,7 @@ number of images (tiles) they contributed.
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import warnings
@@ -141,7 +143,7 @@ class PrivacyMeter:
     step_limit: int | None
     grad_sample_mode: str
     steps: int = 0
-    hooks: Any = field(default=None, repr=False)
+    hooks: Any = field(default=None, repr=False)  # Opacus's per-sample-gradient hooks on the model
 
     def on_step(self, _optimizer: Any) -> None:
         self.steps += 1
@@ -180,11 +182,17 @@ class PrivacyMeter:
             )
         self.steps = int(state["dp_steps"])
 
-    def release(self) -> None:
-        """Detach Opacus's hooks from the model (after training)."""
-        if self.hooks is not None:
-            self.hooks.remove_hooks()
-            self.hooks = None
+
+def require_dp_ready(model: nn.Module) -> None:
+    """Refuse a model that DP-SGD cannot train, saying what to do."""
+    from taskvec.dp_models import dp_problems
+
+    problems = dp_problems(model)
+    if problems:
+        raise PrivacyError(
+            f"the base is not DP-ready ({'; '.join(problems)}); build the shared base with "
+            "`taskvec init --dp-compatible ...` and fine-tune from that base"
+        )
 
 
 class PatientPoissonSampler(Sampler[list[int]]):
@@ -221,29 +229,52 @@ class PatientPoissonSampler(Sampler[list[int]]):
             yield batch
 
 
-def _patient_optimizer_class() -> type:
+class EmptyBatchSafe(nn.Module):
+    """The model for the training loop: Poisson sampling can draw an empty batch, which many timm models
+    cannot take. Such a step must still happen (a noise-only update; skipping it would reveal that the
+    batch was empty), so the wrapper returns an empty output and flags it for the optimizer."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.empty = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.empty = x.shape[0] == 0
+        if not self.empty:
+            return self.net(x)  # type: ignore[no-any-return]
+        with torch.no_grad():
+            shape = self.net(x.new_zeros((1, *x.shape[1:]))).shape[1:]
+        return torch.zeros((0, *shape), device=x.device, requires_grad=True)
+
+
+def _optimizer_class() -> type:
     from opacus.optimizers import DPOptimizer
 
-    class PatientDPOptimizer(DPOptimizer):
-        """DPOptimizer that clips the sum of each patient's per-image gradients, not each image's."""
+    class TaskvecDPOptimizer(DPOptimizer):
+        """DPOptimizer that takes noise-only steps on empty batches and, given `owners` (the patient index of
+        each image of each batch, in order), clips the sum of each patient's per-image gradients."""
 
-        def __init__(self, *args: Any, owners: deque[torch.Tensor], **kwargs: Any) -> None:
+        def __init__(self, *args: Any, model: EmptyBatchSafe, owners: deque[torch.Tensor] | None = None,
+                     **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.owners = owners
+            self.model, self.owners = model, owners
 
-        def clip_and_accumulate(self) -> None:
-            owner = self.owners.popleft()
-            n = int(owner.max()) + 1 if len(owner) else 0
-            for p in self.params:
-                gs = self._get_flat_grad_sample(p)
-                if gs.shape[0] != len(owner):
-                    raise RuntimeError("per-patient clipping lost track of the batch (one step per batch, please)")
-                p.grad_sample = torch.zeros((n, *gs.shape[1:]), dtype=gs.dtype, device=gs.device).index_add_(
-                    0, owner.to(gs.device), gs
-                )
-            super().clip_and_accumulate()
+        def pre_step(self, closure: Any = None) -> bool | None:
+            owner = self.owners.popleft() if self.owners is not None else None
+            if self.model.empty:
+                for p in self.params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            elif owner is not None:
+                for p in self.params:
+                    gs = self._get_flat_grad_sample(p)
+                    if gs.shape[0] != len(owner):
+                        raise RuntimeError("per-patient clipping lost track of the batch (one step per batch)")
+                    p.grad_sample = torch.zeros((int(owner.max()) + 1, *gs.shape[1:]), dtype=gs.dtype,
+                                                device=gs.device).index_add_(0, owner.to(gs.device), gs)
+            return super().pre_step(closure)  # type: ignore[no-any-return]
 
-    return PatientDPOptimizer
+    return TaskvecDPOptimizer
 
 
 def _patient_loader(loader: DataLoader, sampler: PatientPoissonSampler) -> DataLoader:
@@ -285,17 +316,11 @@ def make_private(
         raise TaskvecError("make_private needs the planned epochs or steps (one of them)")
     from opacus.data_loader import DPDataLoader
     from opacus.grad_sample import GradSampleHooks
-    from opacus.optimizers import DPOptimizer
 
-    from taskvec.dp_models import DEPTHWISE_WARNING, depthwise_convolutions, dp_problems
+    from taskvec.dp_models import DEPTHWISE_WARNING, depthwise_convolutions
 
     config.check()
-    problems = dp_problems(model)
-    if problems:
-        raise PrivacyError(
-            f"the model is not DP-ready ({'; '.join(problems)}); build the shared base with "
-            "`taskvec init --dp-compatible ...` and fine-tune from that base"
-        )
+    require_dp_ready(model)
     if depthwise_convolutions(model):
         warnings.warn(f"the model {DEPTHWISE_WARNING.format(n=depthwise_convolutions(model))}", stacklevel=2)
     n_images = len(loader.dataset)  # type: ignore[arg-type]
@@ -310,6 +335,7 @@ def make_private(
         q = sampler.sample_rate
     else:
         n_units, unit = n_images, "image"
+        logging.getLogger("opacus.data_loader").setLevel(logging.ERROR)  # "ignoring drop_last": Poisson has none
         private_loader = DPDataLoader.from_data_loader(loader, generator=generator)
         q = private_loader.sample_rate
     steps_per_epoch = len(private_loader)
@@ -323,16 +349,16 @@ def make_private(
         raise PrivacyError(f"even one step at noise multiplier {z} exceeds ε = {config.target_epsilon}")
 
     mode = config.grad_sample_mode or grad_sample_mode(model)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus's hooks, images need no grad
     hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")
     kwargs = {"noise_multiplier": z, "max_grad_norm": config.max_grad_norm,
               "expected_batch_size": max(1, round(q * n_units)), "generator": generator}
-    if patient_ids is not None:
-        dp_optimizer = _patient_optimizer_class()(optimizer, owners=sampler.queue, **kwargs)
-    else:
-        dp_optimizer = DPOptimizer(optimizer, **kwargs)
+    safe = EmptyBatchSafe(model)
+    owners = sampler.queue if patient_ids is not None else None
+    dp_optimizer = _optimizer_class()(optimizer, model=safe, owners=owners, **kwargs)
     meter = PrivacyMeter(config, unit, q, z, limit, mode, hooks=hooks)
     dp_optimizer.attach_step_hook(meter.on_step)
-    return model, dp_optimizer, private_loader, meter
+    return safe, dp_optimizer, private_loader, meter
 
 
 def private_setup(setup: Any, config: Any, run_id: str) -> Any:

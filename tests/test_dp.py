@@ -95,12 +95,12 @@ def test_clipping_unit_matches_independent_computation(patients: bool) -> None:
     clip = 0.05
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     cfg = DPConfig(clip, 1e-5, noise_multiplier=1e-9, seed=1)
-    model, opt, loader, meter = make_private(model, opt, DataLoader(TensorDataset(x, y), batch_size=12), cfg,
-                                             epochs=1, patient_ids=owner)
+    wrapped, opt, loader, meter = make_private(model, opt, DataLoader(TensorDataset(x, y), batch_size=12), cfg,
+                                               epochs=1, patient_ids=owner)
     assert meter.unit == ("patient" if patients else "image")
     xb, yb = next(iter(loader))
     opt.zero_grad()
-    nn.functional.cross_entropy(model(xb), yb).backward()
+    nn.functional.cross_entropy(wrapped(xb), yb).backward()
     opt.step()
     got = torch.cat([model.weight.grad.flatten(), model.bias.grad.flatten()])
 
@@ -126,7 +126,7 @@ def test_training_stops_at_target_epsilon() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     cfg = DPConfig(1.0, 1e-5, target_epsilon=2.0, noise_multiplier=1.0, seed=0)
     model, opt, loader, meter = make_private(model, opt, DataLoader(TensorDataset(x, y), batch_size=6), cfg,
-                                             epochs=100)
+                                             epochs=100)  # `model` is now the loop's wrapper
     while not meter.exhausted:
         for xb, yb in loader:
             if meter.exhausted:
@@ -139,3 +139,27 @@ def test_training_stops_at_target_epsilon() -> None:
     assert entry["epsilon"] <= 2.0
     assert reference_epsilon(1.0, meter.sample_rate, entry["steps"] + 1, 1e-5) > 2.0 * 0.98
     assert entry["epsilon"] == pytest.approx(reference_epsilon(1.0, meter.sample_rate, entry["steps"], 1e-5), rel=0.02)
+
+
+@pytest.mark.parametrize("patients", [False, True])
+def test_empty_poisson_batch_is_a_noise_only_step(patients: bool) -> None:
+    """A model that cannot take a batch of 0 (timm ViT) still steps: the update is the noise alone."""
+    from taskvec.models import build_base
+
+    torch.manual_seed(0)
+    model, _ = build_base("test_vit", num_classes=2, img_size=32)
+    data = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8,)))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    cfg = DPConfig(0.5, 1e-5, noise_multiplier=2.0, seed=0)
+    wrapped, opt, loader, meter = make_private(model, opt, DataLoader(data, batch_size=4), cfg, epochs=1,
+                                               patient_ids=[i // 2 for i in range(8)] if patients else None)
+    if patients:
+        loader.batch_sampler.queue.append(torch.zeros(0, dtype=torch.long))  # what the sampler queues for []
+    opt.zero_grad()
+    nn.functional.cross_entropy(wrapped(torch.zeros(0, 3, 32, 32)), torch.zeros(0, dtype=torch.long)).backward()
+    opt.step()
+    assert meter.steps == 1
+    update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    expected_std = 2.0 * 0.5 / opt.expected_batch_size  # σ·C / expected batch, SGD with lr 1
+    assert update.std().item() == pytest.approx(expected_std, rel=0.1)

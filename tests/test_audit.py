@@ -1,0 +1,101 @@
+"""Membership-inference audit: metrics against brute force, an overfit model is caught, chance otherwise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from taskvec.audit import attack_metrics, audit_model, tpr_at_fpr
+from taskvec.data import ImageDataset
+from taskvec.errors import MismatchError
+
+
+def brute_force(members: np.ndarray, non_members: np.ndarray) -> tuple[float, float]:
+    """AUC as P(member > non-member) + ½P(tie) over all pairs; best TPR over every threshold with FPR ≤ 1%."""
+    diff = members[:, None] - non_members[None, :]
+    auc = float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+    best = 0.0
+    for t in np.concatenate([members, non_members, [-np.inf]]):
+        if (non_members > t).mean() <= 0.01:
+            best = max(best, float((members > t).mean()))
+    return auc, best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    members = np.round(rng.normal(0.5, 1, 150), 1)  # rounding makes ties
+    non_members = np.round(rng.normal(0, 1, 230), 1)
+    got = attack_metrics(members, non_members)
+    auc, tpr = brute_force(members, non_members)
+    assert got["auc"] == pytest.approx(auc)
+    assert got["tpr_at_1pct_fpr"] == pytest.approx(tpr)
+    assert tpr_at_fpr(np.array([1.0, 2.0]), np.array([0.0] * 98 + [1.5])) == 0.5  # 99 non-members: no false positive
+    assert tpr_at_fpr(np.array([1.0, 2.0]), np.array([0.0] * 99 + [1.5])) == 1.0  # 100: one allowed
+
+
+def _dataset(n: int, seed: int) -> ImageDataset:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, n).tolist()
+    return ImageDataset("classification", 3, 32, 3, list(range(n)), labels, array=images)
+
+
+def _overfit(base: Path, ds: ImageDataset, out: Path) -> None:
+    from taskvec.data import Normalizer
+    from taskvec.files import read_kind
+    from taskvec.models import load_model, model_spec, save_model
+
+    spec = model_spec(base)
+    model = load_model(base)
+    norm = Normalizer(spec, "cpu")
+    x = norm(torch.stack([ds[i][0] for i in range(len(ds))]))
+    y = torch.tensor(ds.targets)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    model.train()
+    for _ in range(30):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    save_model(model, spec, out, extra={"parent": read_kind(base, "model").meta["identity"]})
+
+
+def test_overfit_model_is_caught_and_base_is_not(make_base, tmp_path: Path) -> None:
+    base = make_base("test_vit")
+    members, non_members = _dataset(30, 1), _dataset(30, 2)
+    _overfit(base, members, tmp_path / "ft.safetensors")
+    r = audit_model(tmp_path / "ft.safetensors", members, non_members, reference=base)
+    assert r["members"] == 30 and r["mean_loss"]["members"] < r["mean_loss"]["non_members"]
+    assert r["attacks"]["loss"]["auc"] > 0.9
+    assert r["attacks"]["calibrated"]["auc"] > 0.75
+    assert r["attacks"]["loss"]["tpr_at_1pct_fpr"] > 0.3
+
+    # the base never saw either set: disjoint samples from one distribution are indistinguishable
+    chance = audit_model(base, _dataset(120, 3), _dataset(120, 4))
+    assert abs(chance["attacks"]["loss"]["auc"] - 0.5) < 0.1
+
+    with pytest.raises(MismatchError, match="is not the base"):
+        other = make_base("test_convnext", name="other.safetensors")
+        audit_model(tmp_path / "ft.safetensors", members, non_members, reference=other)
+
+
+def test_audit_cli_json(make_base, tmp_path: Path) -> None:
+    from taskvec.cli.app import app
+    from typer.testing import CliRunner
+
+    base = make_base("test_vit", num_classes=2)
+    rng = np.random.default_rng(0)
+    for name in ("members", "non_members"):
+        np.savez(tmp_path / f"{name}.npz", train_images=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
+                 train_labels=rng.integers(0, 2, 20))
+    res = CliRunner().invoke(app, ["audit", str(base), "--members", str(tmp_path / "members.npz"),
+                                   "--non-members", str(tmp_path / "non_members.npz"), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["members"] == 20 and set(out["attacks"]) == {"loss"}
+    assert 0 <= out["attacks"]["loss"]["auc"] <= 1

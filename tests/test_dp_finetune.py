@@ -1,0 +1,86 @@
+"""`finetune` with DP-SGD: stops at the target ε, ledger from model to vector, patient unit, refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import dp_accounting as dpa
+import numpy as np
+import pytest
+from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from PIL import Image
+from synthetic_data import blob_image, image_folder
+
+from taskvec.dp import DPConfig, max_steps
+from taskvec.errors import PrivacyError
+from taskvec.files import read_kind
+from taskvec.inspection import inspect_file
+from taskvec.train import FinetuneConfig, finetune
+from taskvec.vectors import export_vector
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def pld_epsilon(z: float, q: float, steps: int, delta: float) -> float:
+    acc = PLDAccountant(value_discretization_interval=1e-3)
+    acc.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), steps))
+    return float(acc.get_epsilon(delta))
+
+
+def cfg(dp: DPConfig, **kw: object) -> FinetuneConfig:
+    base = {"epochs": 30, "batch_size": 8, "lr": 1e-3, "device": "cpu", "val_fraction": 0.25, "augment": False}
+    return FinetuneConfig(**{**base, **kw}, dp=dp)  # type: ignore[arg-type]
+
+
+def test_dp_finetune_stops_at_target_and_ledger_travels(tmp_path: Path, make_base: Callable[..., Path]) -> None:
+    base = make_base("test_vit", num_classes=2)
+    data = image_folder(tmp_path / "data", n_per_class=16, size=32)
+    dp = DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=3.0, noise_multiplier=1.5)
+    r = finetune(base, data, tmp_path / "run", cfg(dp))
+    model = read_kind(r.model_path, "model").meta
+    (entry,) = model["privacy"]
+    assert entry["mechanism"] == "dp-sgd" and entry["unit"] == "image" and entry["run_id"] == r.run_id
+    assert entry["noise_multiplier"] == 1.5 and entry["max_grad_norm"] == 1.0 and entry["delta"] == 1e-5
+    q = entry["sample_rate"]
+    assert entry["steps"] == r.steps == max_steps(1.5, q, 1e-5, 3.0) < 30 / q  # stopped early, at the target
+    assert entry["epsilon"] <= 3.0 < pld_epsilon(1.5, q, entry["steps"] + 1, 1e-5) * 1.02
+    assert entry["epsilon"] == pytest.approx(pld_epsilon(1.5, q, entry["steps"], 1e-5), rel=0.02)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["privacy"] == [entry]
+    assert [h["privacy"][0]["epsilon"] for h in r.history][-1] == pytest.approx(entry["epsilon"])
+
+    v = export_vector(tmp_path / "run", base, tmp_path / "v.safetensors")
+    assert inspect_file(v.path)["privacy"] == [entry]
+
+
+def test_patient_ids_make_the_patient_the_unit(tmp_path: Path, make_base: Callable[..., Path]) -> None:
+    base = make_base("test_vit", num_classes=2)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(36):  # 12 patients with 3 tiles each
+        img, _ = blob_image(rng, 32, i % 2 == 1)
+        Image.fromarray(img).save(tmp_path / f"t{i}.png")
+        rows.append({"path": f"t{i}.png", "label": i % 2, "patient_id": f"p{i // 3}"})
+    with open(tmp_path / "data.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["path", "label", "patient_id"])
+        w.writeheader()
+        w.writerows(rows)
+    dp = DPConfig(max_grad_norm=1.0, delta=1e-5, noise_multiplier=2.0)
+    r = finetune(base, tmp_path / "data.csv", tmp_path / "run", cfg(dp, epochs=1, val_fraction=0.0, batch_size=6))
+    (entry,) = read_kind(r.model_path, "model").meta["privacy"]
+    assert entry["unit"] == "patient"
+    assert entry["sample_rate"] == pytest.approx(1 / 6)  # 12 patients, ~2 per batch of 6 tiles
+    assert entry["epsilon"] == pytest.approx(pld_epsilon(2.0, 1 / 6, entry["steps"], 1e-5), rel=0.02)
+
+
+def test_dp_refuses_a_base_that_is_not_dp_ready(tmp_path: Path, make_base: Callable[..., Path]) -> None:
+    base = make_base("test_resnet", num_classes=2)
+    data = image_folder(tmp_path / "data", n_per_class=4, size=32)
+    with warnings.catch_warnings(), pytest.raises(PrivacyError, match="taskvec init --dp-compatible"):
+        finetune(base, data, tmp_path / "run", cfg(DPConfig(1.0, 1e-5, noise_multiplier=1.0)))
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+    with pytest.raises(PrivacyError, match="without noise"):
+        finetune(base, data, tmp_path / "run", cfg(DPConfig(1.0, 1e-5, noise_multiplier=0.0)))
