@@ -48,6 +48,8 @@ class _TrainProgress:
             line += f", val {name} {_fmt(value)}"
             if "accuracy" in r.val:
                 line += f", val accuracy {_fmt(r.val['accuracy'])}"
+        for e in r.privacy:
+            line += f", {e['mechanism']} ε {e['epsilon']:.3g} (δ {e['delta']:.0e}, per {e['unit']})"
         self.progress.console.print(line)
 
 
@@ -75,15 +77,31 @@ def finetune(
     contributor: str | None = typer.Option(None, help="Contributor id (site name) recorded in the model."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random flips and 90° rotations."),
     workers: int | None = typer.Option(None, help="Data loader processes (default: 8 on GPU, 0 on CPU)."),
+    dp: bool = typer.Option(False, "--dp", help="DP-SGD (Opacus); unit: patient given patient ids, else image."),
+    target_epsilon: float | None = typer.Option(
+        None, "--target-epsilon", help="--dp: noise calibrated to reach this ε in the planned epochs; stops at it."
+    ),
+    noise_multiplier: float | None = typer.Option(
+        None, "--noise-multiplier", help="--dp: fix the noise multiplier σ and report ε (stops at --target-epsilon)."
+    ),
+    delta: float = typer.Option(1e-5, help="--dp: δ of the guarantee (keep it below 1 / number of patients)."),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="--dp: clip each unit's gradient to this norm."),
 ) -> None:
     """Fine-tune the base on local data; the run folder is then ready for `taskvec export RUN_DIR`."""
     from taskvec.train import FinetuneConfig
     from taskvec.train import finetune as run
 
+    private = None
+    if dp:
+        from taskvec.dp import DPConfig
+
+        private = DPConfig(max_grad_norm, delta, target_epsilon=target_epsilon, noise_multiplier=noise_multiplier)
+    elif target_epsilon is not None or noise_multiplier is not None:
+        raise typer.BadParameter("--target-epsilon and --noise-multiplier set up DP-SGD: add --dp")
     config = FinetuneConfig(
         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, img_size=img_size,
         device=device, seed=seed, resume=resume, val_fraction=val_fraction, contributor=contributor,
-        augment=augment, num_workers=workers,
+        augment=augment, num_workers=workers, dp=private,
     )
     bar = _TrainProgress()
     r = run(base, data, out, config, track=bar.track, on_epoch=bar.on_epoch)
@@ -97,6 +115,10 @@ def finetune(
 
         name, value = primary_metric(r.val_metrics)
         console.print(f"validation {name} {_fmt(value)}")
+    if r.history:
+        from taskvec.privacy import summarize_ledger
+
+        console.print(f"privacy: {summarize_ledger(r.history[-1]['privacy'])}")
     console.print(f"model identity {r.identity}; next: taskvec export {out} --base {base} --out VECTOR")
 
 

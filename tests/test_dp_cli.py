@@ -75,3 +75,25 @@ def test_merge_budget_refusals(vectors: tuple[Path, list[Path]], tmp_path: Path)
     assert [v["privacy"][0]["epsilon"] for v in merged["vectors"]] == pytest.approx(
         [gaussian_epsilon(1.0, 1e-5), gaussian_epsilon(3.0, 1e-5)])
     assert merged["privacy_budget"] == {"max_epsilon": 5.0, "require_dp": True}
+
+
+def test_finetune_dp_cli_reports_epsilon_and_refuses(make_base, tmp_path: Path) -> None:
+    from synthetic_data import image_folder
+
+    from taskvec.files import read_kind
+
+    base = make_base("test_vit", num_classes=2)
+    data = image_folder(tmp_path / "data", n_per_class=8, size=32)
+    code, out, err = run("finetune", "--base", base, "--data", data, "--out", tmp_path / "run", "--epochs", "2",
+                         "--batch-size", "4", "--device", "cpu", "--dp", "--noise-multiplier", "1.2",
+                         "--delta", "1e-5", "--max-grad-norm", "0.5")
+    assert code == 0, err
+    (entry,) = read_kind(tmp_path / "run" / "model.safetensors", "model").meta["privacy"]
+    assert entry["noise_multiplier"] == 1.2 and entry["max_grad_norm"] == 0.5 and entry["unit"] == "image"
+    assert f"dp-sgd ε {entry['epsilon']:.3g}" in out  # the last epoch's line states what the model carries
+    code, _, _ = run("finetune", "--base", base, "--data", data, "--out", tmp_path / "r2", "--target-epsilon", "3")
+    assert code != 0 and not (tmp_path / "r2").exists()  # DP options without --dp
+    resnet = make_base("test_resnet", num_classes=2, name="resnet.safetensors")
+    msg = refused("finetune", "--base", resnet, "--data", data, "--out", tmp_path / "r3", "--dp",
+                  "--target-epsilon", "3")
+    assert "taskvec init --dp-compatible" in msg and not (tmp_path / "r3").exists()
