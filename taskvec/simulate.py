@@ -178,6 +178,7 @@ def _check_out(out: Path, cfg: SimulationConfig) -> None:
 def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> SimulationResult:
     """Run (or resume) a whole simulation into `cfg.out`; see the module docstring."""
     from taskvec.calibrate import Calibrator
+    from taskvec.dp import DPConfig
     from taskvec.report import write_report
 
     cfg.check()
@@ -213,7 +214,7 @@ def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> Simu
     for eps in [None, *cfg.epsilons]:
         tag = "" if eps is None else f"-eps{eps:g}"
         run_cfg = train_cfg if eps is None else replace(
-            train_cfg, dp=True, target_epsilon=eps, delta=cfg.delta, max_grad_norm=cfg.max_grad_norm)
+            train_cfg, dp=DPConfig(max_grad_norm=cfg.max_grad_norm, delta=cfg.delta, target_epsilon=eps))
         jobs = [(str(base), ds, str(out / f"sites{tag}" / f"site{i}"), replace(run_cfg, contributor=f"site{i}",
                  seed=cfg.seed + 10 + i)) for i, ds in enumerate(sites)]
         jobs.append((str(base), union, str(out / f"centralised{tag}"), replace(run_cfg, contributor="centralised")))

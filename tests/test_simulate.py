@@ -63,3 +63,19 @@ def test_resume_reuses_finished_sites_and_refuses_other_settings(sim) -> None:
     assert (out / "sites" / "site1" / "model.safetensors").exists()
     with pytest.raises(OutputExistsError, match="other settings"):
         simulate(replace(cfg, sites=3))
+
+
+def test_dp_runs_reach_their_budget_and_are_reported(tmp_path: Path) -> None:
+    from taskvec.files import read_kind
+
+    data = write_classification_npz(tmp_path / "data.npz", n_train=120, n_val=30, n_test=40, size=32, seed=4)
+    cfg = SimulationConfig(data=str(data), out=str(tmp_path / "r"), sites=2, arch="test_vit", in_chans=1, img_size=32,
+                           epochs=1, base_epochs=1, methods=["sum"], calibrate=False, epsilons=[2.0])
+    res = simulate(cfg)
+    dp_rows = [r for r in res.rows if r["epsilon"] == 2.0]
+    assert [r["name"] for r in dp_rows] == ["site0-eps2", "site1-eps2", "centralised-eps2", "sum-eps2"]
+    for i in range(2):
+        (entry,) = read_kind(tmp_path / "r" / "vectors-eps2" / f"site{i}.safetensors", "vector").meta["privacy"]
+        assert entry["mechanism"] == "dp-sgd" and entry["epsilon"] <= 2.0 * 1.0001
+    assert (tmp_path / "r" / "utility_vs_epsilon.png").stat().st_size > 0
+    assert "| site0-eps2 | local | 2 |" in (tmp_path / "r" / "report.md").read_text()
