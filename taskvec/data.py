@@ -65,8 +65,15 @@ class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
         src = self.sources[i]
-        img = Image.fromarray(self.array[src]) if isinstance(src, int) and self.array is not None else _open(str(src))
-        x = torch.from_numpy(to_array(img, self.in_chans, self.img_size)).permute(2, 0, 1)
+        if isinstance(src, int) and self.array is not None:
+            a = self.array[src]
+            if a.shape[:2] == (self.img_size, self.img_size) and a.size == self.img_size ** 2 * self.in_chans:
+                a = a.reshape(self.img_size, self.img_size, self.in_chans).copy()  # already in shape: no PIL
+            else:
+                a = to_array(Image.fromarray(a), self.in_chans, self.img_size)
+        else:
+            a = to_array(_open(str(src)), self.in_chans, self.img_size)
+        x = torch.from_numpy(a).permute(2, 0, 1)
         if self.task == "classification":
             return x, int(self.targets[i])
         mask = np.asarray(_open(self.targets[i]).resize((self.img_size, self.img_size), Image.Resampling.NEAREST))

@@ -179,19 +179,18 @@ class SegmentationLoss(nn.Module):
 
 
 def augment(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Apply one of the 8 symmetries of the square (rotations by 90° and flips) per sample, masks alike."""
-    codes = torch.randint(0, 8, (x.shape[0],), generator=gen)
-    x_out, y_out = x.clone(), (y.clone() if y is not None else None)
-    for c in codes.unique().tolist():
-        if c == 0:
-            continue
-        idx = (codes == c).nonzero().squeeze(1).to(x.device)
-        for src, dst in ((x, x_out), (y, y_out)):
-            if src is None or dst is None:
-                continue
-            t = torch.rot90(src[idx], c & 3, dims=(-2, -1))
-            dst[idx] = t.flip(-1) if c & 4 else t
-    return x_out, y_out
+    """Apply one of the 8 symmetries of the square per sample (random transpose, then random flips of each
+    axis: together every rotation by 90° and every mirror), the same to a sample's mask."""
+    b = x.shape[0]
+    bits = torch.randint(0, 2, (3, b), generator=gen).bool().to(x.device)
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        shape = (b,) + (1,) * (t.dim() - 1)
+        t = torch.where(bits[0].view(shape), t.transpose(-2, -1), t)
+        t = torch.where(bits[1].view(shape), t.flip(-1), t)
+        return torch.where(bits[2].view(shape), t.flip(-2), t)
+
+    return apply(x), (apply(y) if y is not None else None)
 
 
 # ------------------------------------------------------------------------------------------ run folder
