@@ -51,7 +51,7 @@ def _group_norm(bn: nn.modules.batchnorm._BatchNorm, max_groups: int) -> nn.Modu
     return gn.to(bn.weight.device if bn.affine else "cpu")
 
 
-def _block_tail(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _block_tail(block: Any, x: torch.Tensor) -> torch.Tensor:
     """Squeeze-excite and drop-path, the optional end of a timm residual branch."""
     if block.se is not None:
         x = block.se(x)
@@ -64,21 +64,23 @@ class DPBasicBlock(BasicBlock):
     """timm `BasicBlock` with `x = x + shortcut` (Opacus's backward hooks forbid the in-place add)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-        x = self.bn2(self.conv2(x))
-        return self.act2(_block_tail(self, x) + shortcut)
+        b: Any = self  # timm types its optional layers as None
+        shortcut = x if b.downsample is None else b.downsample(x)
+        x = b.aa(b.act1(b.drop_block(b.bn1(b.conv1(x)))))
+        x = b.bn2(b.conv2(x))
+        return b.act2(_block_tail(b, x) + shortcut)  # type: ignore[no-any-return]
 
 
 class DPBottleneck(Bottleneck):
     """timm `Bottleneck` with `x = x + shortcut`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-        x = self.bn3(self.conv3(x))
-        return self.act3(_block_tail(self, x) + shortcut)
+        b: Any = self
+        shortcut = x if b.downsample is None else b.downsample(x)
+        x = b.act1(b.bn1(b.conv1(x)))
+        x = b.aa(b.act2(b.drop_block(b.bn2(b.conv2(x)))))
+        x = b.bn3(b.conv3(x))
+        return b.act3(_block_tail(b, x) + shortcut)  # type: ignore[no-any-return]
 
 
 RESIDUAL_BLOCKS: dict[type, type] = {BasicBlock: DPBasicBlock, Bottleneck: DPBottleneck}
@@ -100,7 +102,7 @@ def make_dp_compatible(module: nn.Module, norm: str = "groupnorm", max_groups: i
             m.__class__ = blocks[type(m)]
             counts["residual_blocks"] += 1
         if getattr(m, "inplace", False) is True:
-            m.inplace = False
+            setattr(m, "inplace", False)  # noqa: B010 - an attribute nn.Module does not declare
             counts["inplace"] += 1
     return counts
 
