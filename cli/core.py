@@ -157,6 +157,8 @@ def _print_summary(info: dict[str, Any]) -> None:
 
     m = info["metadata"]
     t = Table(show_header=False, box=None)
+    t.add_column(no_wrap=True)
+    t.add_column(overflow="fold")
     rows: list[tuple[str, str]] = [
         ("kind", info["kind"]),
         ("size", f"{info['size_bytes'] / 1e6:.2f} MB"),
@@ -174,7 +176,8 @@ def _print_summary(info: dict[str, Any]) -> None:
         if "merge" in m:
             mg = m["merge"]
             rows.append(("merge", f"{mg['method']} of {len(mg['vectors'])} vectors, λ={mg['scale']:g}"))
-            rows += [(f"  {v['contributor']}", f"{v['sha256'][:12]} {summarize_ledger(v['privacy'])}") for v in mg["vectors"]]
+            rows += [(f"  {v['contributor']}", f"{v['sha256'][:12]} {summarize_ledger(v['privacy'])}")
+                     for v in mg["vectors"]]
     elif info["kind"] == "vector":
         rows += [("sha256", m["sha256"]), ("base", f"{m['base']['identity']} ({m['base']['arch']})"),
                  ("contributor", str(m["contributor"])), ("samples", str(m.get("samples"))),

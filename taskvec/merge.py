@@ -74,11 +74,15 @@ def check_vectors(base: Header, paths: Sequence[str | os.PathLike[str]]) -> list
             raise MismatchError(f"{h.path}: statistics keys the base does not have")
         for k, t in h.tensors.items():
             if t.shape != base.tensors[k].shape:
-                raise MismatchError(f"{h.path}: shape of {k} is {list(t.shape)}, base has {list(base.tensors[k].shape)}")
+                raise MismatchError(
+                    f"{h.path}: shape of {k} is {list(t.shape)}, base has {list(base.tensors[k].shape)}"
+                )
             if t.dtype not in FLOAT_DTYPES:
                 raise MismatchError(f"{h.path}: tensor {k} has dtype {t.dtype}, vectors hold floating tensors")
         if m["sha256"] in seen:
-            raise MismatchError(f"{h.path}: same vector as {seen[m['sha256']]} (sha256 {m['sha256'][:12]}); give it once")
+            raise MismatchError(
+                f"{h.path}: same vector as {seen[m['sha256']]} (sha256 {m['sha256'][:12]}); give it once"
+            )
         seen[m["sha256"]] = h.path
         headers.append(h)
     return headers

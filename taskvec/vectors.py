@@ -76,7 +76,8 @@ def _check_finetuned(base: Header, ft: Header) -> None:
         parent = ft.meta.get("parent")
         if parent is not None and parent != base.meta["identity"]:
             raise MismatchError(
-                f"{ft.path}: was fine-tuned from base {parent[:12]}, not from {base.path} ({base.meta['identity'][:12]})"
+                f"{ft.path}: was fine-tuned from base {parent[:12]}, "
+                f"not from {base.path} ({base.meta['identity'][:12]})"
             )
         for fld in ("arch", "task", "num_classes", "labels"):
             if ft.meta["model"].get(fld) != base.meta["model"].get(fld):

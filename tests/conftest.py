@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-SHARED_DATA = Path(os.environ.get("TASKVEC_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get("TASKVEC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def shared_data(name: str) -> Path:
