@@ -3,7 +3,7 @@
 For each backbone (DP-ready base, as `taskvec init --dp-compatible` builds it) and each Opacus grad-sample
 mode, the same fixed batch goes through forward, backward and an AdamW step; modes are interleaved round by
 round so they share the machine's state, and the table shows medians and the ratio to non-DP. The fastest
-mode per family is what `taskvec.dp.GRAD_SAMPLE_MODES` uses. Example:
+mode overall is `taskvec.dp.DEFAULT_GRAD_SAMPLE_MODE`. Example:
   python benchmarks/dp_overhead.py --img-size 64 --batch 16 --repeats 7
 """
 

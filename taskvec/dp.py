@@ -33,10 +33,11 @@ from taskvec.errors import PrivacyError, TaskvecError
 PRV = "opacus-prv (Gopi et al. 2021)"
 RDP = "opacus-rdp (fallback: PRV failed)"
 
-# Opacus grad-sample mode per model family, chosen by benchmarks/dp_overhead.py on this project's CPU
-# (median step time; see the README's table). "hooks" uses Opacus's hand-written per-layer samplers,
-# "functorch" vmaps autograd over every layer.
-GRAD_SAMPLE_MODES = {"transformer": "hooks", "depthwise": "hooks", "conv": "hooks"}
+# Opacus grad-sample mode, chosen by benchmarks/dp_overhead.py on this project's CPU (README table): Opacus's
+# per-layer samplers ("hooks") were fastest for ResNet-18/50, ConvNeXt-T and ViT-S, and within noise of
+# "functorch" (vmap over each layer) for ViT-Ti and ConvNeXt-atto. A timm ViT or ConvNeXt block with parameters
+# of its own (cls_token, layer scale) is vmapped whole in either mode.
+DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 
 
 @dataclass
@@ -48,7 +49,7 @@ class DPConfig:
     delta: float
     target_epsilon: float | None = None
     noise_multiplier: float | None = None
-    grad_sample_mode: str | None = None  # None: chosen by model family (GRAD_SAMPLE_MODES)
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE  # or "functorch"
     seed: int | None = None
 
     def check(self) -> None:
@@ -62,7 +63,7 @@ class DPConfig:
             raise PrivacyError("--target-epsilon must be > 0")
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise PrivacyError("--noise-multiplier must be > 0: without noise there is no DP")
-        if self.grad_sample_mode not in (None, "hooks", "functorch"):
+        if self.grad_sample_mode not in ("hooks", "functorch"):
             raise PrivacyError(f"grad-sample mode must be hooks or functorch, got {self.grad_sample_mode!r}")
 
 
@@ -119,17 +120,6 @@ def max_steps(noise_multiplier: float, sample_rate: float, delta: float, target_
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if within(mid) else (lo, mid)
     return lo
-
-
-def grad_sample_mode(model: nn.Module) -> str:
-    """Opacus grad-sample mode for this model's family (see GRAD_SAMPLE_MODES)."""
-    from taskvec.dp_models import depthwise_convolutions
-
-    if any(isinstance(m, nn.MultiheadAttention) or hasattr(m, "fused_attn") for m in model.modules()):
-        return GRAD_SAMPLE_MODES["transformer"]
-    if depthwise_convolutions(model):
-        return GRAD_SAMPLE_MODES["depthwise"]
-    return GRAD_SAMPLE_MODES["conv"]
 
 
 @dataclass
@@ -348,7 +338,7 @@ def make_private(
     if limit == 0:
         raise PrivacyError(f"even one step at noise multiplier {z} exceeds ε = {config.target_epsilon}")
 
-    mode = config.grad_sample_mode or grad_sample_mode(model)
+    mode = config.grad_sample_mode
     for m in model.modules():  # fused attention has no vmap rule: per-sample gradients ran ~1.8x slower
         if getattr(m, "fused_attn", False):
             setattr(m, "fused_attn", False)  # noqa: B010 - an attribute nn.Module does not declare
