@@ -6,8 +6,6 @@ Commands live in small modules beside this one and import torch/timm only inside
 
 from __future__ import annotations
 
-import sys
-
 import typer
 from taskvec.cli import core, exchange, privacy, simulate, train
 from taskvec.cli.console import STATE, fail
@@ -69,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -54,7 +54,8 @@ def check_vectors(base: Header, paths: Sequence[str | os.PathLike[str]]) -> list
     expected = set(delta_keys(base))
     stat_keys = {k for k in base.tensors if is_statistic(k)}
     bmodel = base.meta["model"]
-    headers, seen = [], {}
+    headers: list[Header] = []
+    seen: dict[str, Path] = {}
     for p in paths:
         h = read_kind(p, "vector")
         m = h.meta
@@ -158,7 +159,7 @@ def accumulate_tensorwise(
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(safe_open(str(h.path), "pt")) for h in headers]
         for k in track(keys, "merging", len(keys)):
-            ts = []
+            ts: list[torch.Tensor] = []
             for h, f, d in zip(headers, files, digs):
                 if k in h.tensors:
                     ts.extend(t for _, t in _stream(h, f, [k], d))

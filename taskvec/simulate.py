@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from taskvec.data import DataSplits, ImageDataset, load_data, split_by_group
 from taskvec.errors import OutputExistsError, TaskvecError
@@ -123,7 +125,7 @@ def _prepare_data(
     return pool, test, val, notes
 
 
-def _site_indices(cfg: SimulationConfig, pool: ImageDataset) -> list[Sequence[int]]:
+def _site_indices(cfg: SimulationConfig, pool: ImageDataset) -> list[np.ndarray]:
     kind, _, arg = cfg.split.partition(":")
     labels = pool.targets if pool.task == "classification" else None
     groups = group_ids(pool, arg) if kind == "by-group" else None
@@ -207,7 +209,7 @@ def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> Simu
         notes.append(f"base: no pretrained weights, so trained from scratch on a held-out public share of "
                      f"{len(public)} samples ({cfg.public_fraction:.0%}) that no site holds")
     site_idx = _site_indices(cfg, pool)
-    sites = [pool.subset(idx) for idx in site_idx]
+    sites = [pool.subset(idx.tolist()) for idx in site_idx]
     union = pool.subset([i for idx in site_idx for i in idx])
 
     rows = [_evaluate("base", "base", base, test, None)]

@@ -41,6 +41,6 @@ def write_classification_npz(path: str | os.PathLike[str], n_train: int = 600, n
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = _frames(n, size, rng)
     p = Path(path)
     tmp = p.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
+    np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, p)
     return p

@@ -34,7 +34,7 @@ def all_finite(t: torch.Tensor) -> bool:
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The little-endian bytes safetensors would write for `t`."""
     flat = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:

@@ -31,9 +31,9 @@ def test_init_export_merge_inspect(make_finetuned, tmp_path: Path) -> None:
     meta = read_kind(base, "model").meta
     assert meta["model"]["labels"] == ["benign", "malignant"] and meta["model"]["model_kwargs"] == {"img_size": 32}
     for i in range(3):
+        dp = ["--clip", "1", "--noise-multiplier", "1", "--delta", "1e-5"] if i == 2 else []
         out = taskvec("export", make_finetuned(base, i), "--base", base, "--out", f"v{i}.safetensors",
-                      "--samples", str(10 + i), "--contributor", f"site{i}", *(["--clip", "1", "--noise-multiplier", "1",
-                      "--delta", "1e-5"] if i == 2 else []), cwd=tmp_path)
+                      "--samples", str(10 + i), "--contributor", f"site{i}", *dp, cwd=tmp_path)
         assert "privacy: " in out.stdout
     taskvec("merge", "v0.safetensors", "v1.safetensors", "v2.safetensors", "--base", base, "--method", "weighted",
             "--out", "merged.safetensors", cwd=tmp_path)
