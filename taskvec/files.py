@@ -187,6 +187,16 @@ def file_digest(header: Header) -> str:
     return digest((name, t.dtype, t.shape, data) for name, t, data in iter_raw(header))
 
 
+def key_difference(expected: Iterable[str], got: Iterable[str]) -> str | None:
+    """`missing keys a, b; extra keys c` (at most 5 of each), or None when the key sets are equal."""
+    want, have = set(expected), set(got)
+    parts = []
+    for what, keys in (("missing", sorted(want - have)), ("extra", sorted(have - want))):
+        if keys:
+            parts.append(f"{what} keys {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+    return "; ".join(parts) or None
+
+
 def dump_meta(meta: dict[str, Any]) -> dict[str, str]:
     """The safetensors header metadata that carries taskvec metadata."""
     return {"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)}

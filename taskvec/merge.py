@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from taskvec.errors import FileFormatError, MismatchError
-from taskvec.files import FLOAT_DTYPES, Digest, Header, check_output, read_kind
+from taskvec.files import FLOAT_DTYPES, Digest, Header, check_output, key_difference, read_kind
 from taskvec.merge_methods import MergeMethod, dare_drop, dare_seed, get_method
 from taskvec.models import ModelSpec, save_model
 from taskvec.privacy import check_budget
@@ -67,11 +67,11 @@ def check_vectors(base: Header, paths: Sequence[str | os.PathLike[str]]) -> list
         for fld in ("task", "labels"):
             if m.get(fld) != bmodel.get(fld):
                 raise MismatchError(f"{h.path}: {fld} is {m.get(fld)!r}, base has {bmodel.get(fld)!r}")
-        deltas = {k for k in h.tensors if k not in set(m.get("statistics", []))}
-        if deltas != expected:
-            missing, extra = sorted(expected - deltas), sorted(deltas - expected)
-            raise MismatchError(f"{h.path}: keys differ from the base: missing {missing[:5]}, extra {extra[:5]}")
-        if not set(m.get("statistics", [])) <= stat_keys:
+        stats = set(m.get("statistics", []))
+        diff = key_difference(expected, (k for k in h.tensors if k not in stats))
+        if diff:
+            raise MismatchError(f"{h.path}: keys differ from the base: {diff}")
+        if not stats <= stat_keys:
             raise MismatchError(f"{h.path}: statistics keys the base does not have")
         for k, t in h.tensors.items():
             if t.shape != base.tensors[k].shape:

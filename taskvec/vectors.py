@@ -24,6 +24,7 @@ from taskvec.files import (
     Header,
     check_output,
     file_digest,
+    key_difference,
     read_header,
     read_kind,
 )
@@ -53,15 +54,9 @@ class ExportReport:
 
 def check_same_layout(base: Header, other: Header, what: str = "") -> None:
     """Keys and shapes of `other` must equal the base's; the error names the file and the field."""
-    missing = sorted(set(base.tensors) - set(other.tensors))
-    extra = sorted(set(other.tensors) - set(base.tensors))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if extra:
-            parts.append(f"extra keys {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-        raise MismatchError(f"{other.path}: does not match base {base.path}{what}: {'; '.join(parts)}")
+    diff = key_difference(base.tensors, other.tensors)
+    if diff:
+        raise MismatchError(f"{other.path}: does not match base {base.path}{what}: {diff}")
     for k, t in other.tensors.items():
         if t.shape != base.tensors[k].shape:
             raise MismatchError(
