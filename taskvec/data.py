@@ -102,10 +102,6 @@ class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return replace(self, sources=self.sources + other.sources, targets=self.targets + other.targets,
                        groups=g, binary_masks=b if self.task == "segmentation" else None)
 
-    def class_counts(self) -> list[int]:
-        """Samples per class (classification only)."""
-        return np.bincount(np.asarray(self.targets, dtype=np.int64), minlength=self.num_classes).tolist()
-
 
 @dataclass
 class DataSplits:

@@ -53,7 +53,6 @@ class Header:
 
     path: Path
     tensors: dict[str, TensorInfo]
-    raw_metadata: dict[str, str]
     data_start: int
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -138,7 +137,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
                 f"{p}: taskvec format version {version!r} is newer than this taskvec reads "
                 f"({FORMAT_VERSION}); upgrade taskvec"
             )
-    return Header(p, tensors, raw_meta, 8 + n, meta)
+    return Header(p, tensors, 8 + n, meta)
 
 
 def read_kind(path: str | os.PathLike[str], kind: str) -> Header:

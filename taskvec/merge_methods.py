@@ -61,7 +61,6 @@ class MergeMethod:
     coefficients: Callable[[Sequence[float | None]], list[float]] | None = None
     drop: bool = False  # DARE: apply `dare_drop` to each vector before the linear combination
     tensorwise: Callable[[Sequence[Tensor], float], Tensor] | None = None
-    needs_samples: bool = False
     default_density: float | None = None
 
     @property
@@ -105,7 +104,7 @@ MERGE_METHODS: dict[str, MergeMethod] = {
         MergeMethod("sum", "Σ τᵢ (task arithmetic, as in the data-vector paper)", lambda s: [1.0] * len(s)),
         MergeMethod("mean", "Σ τᵢ / n", lambda s: [1.0 / len(s)] * len(s)),
         MergeMethod(
-            "weighted", "Σ nᵢ τᵢ / Σ nᵢ by sample count (one-shot FedAvg)", _sample_weights, needs_samples=True
+            "weighted", "Σ nᵢ τᵢ / Σ nᵢ by sample count (one-shot FedAvg)", _sample_weights
         ),
         MergeMethod(
             "dare", "drop with probability 1−d, rescale by 1/d (seeded), then sum",
