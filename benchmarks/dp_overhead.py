@@ -3,7 +3,7 @@
 For each backbone (DP-ready base, as `taskvec init --dp-compatible` builds it) and each Opacus grad-sample
 mode, the same fixed batch goes through forward, backward and an AdamW step; modes are interleaved round by
 round so they share the machine's state, and the table shows medians and the ratio to non-DP. The fastest
-mode overall is `taskvec.dp.DEFAULT_GRAD_SAMPLE_MODE`. Example:
+mode overall is `taskvec.privacy.dpsgd.DEFAULT_GRAD_SAMPLE_MODE`. Example:
   python benchmarks/dp_overhead.py --img-size 64 --batch 16 --repeats 7
 """
 
@@ -27,8 +27,8 @@ def make_step(arch: str, mode: str, img_size: int, batch: int) -> Any:
     """A closure running one training step on a fixed batch (DP-SGD unless mode is 'none')."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from taskvec.dp import DPConfig, make_private
-    from taskvec.models import build_base
+    from taskvec.models.spec import build_base
+    from taskvec.privacy.dpsgd import DPConfig, make_private
 
     torch.manual_seed(0)
     model, _ = build_base(arch, num_classes=2, img_size=img_size, dp_compatible=True)
@@ -75,7 +75,7 @@ def main() -> None:
                 s()
                 times[m].append(time.perf_counter() - t)
         med = {m: statistics.median(v) * 1e3 for m, v in times.items()}
-        from taskvec.models import build_base
+        from taskvec.models.spec import build_base
 
         n = sum(p.numel() for p in build_base(arch, num_classes=2, img_size=args.img_size)[0].parameters())
         best = min(("hooks", "functorch"), key=lambda m: med[m])

@@ -26,10 +26,10 @@ import numpy as np
 import timm
 import torch
 
-from taskvec.data import ImageDataset
-from taskvec.evaluate import autocast, resolve_device
-from taskvec.models import build_base, save_model
-from taskvec.train import FinetuneConfig, finetune
+from taskvec.models.spec import build_base, save_model
+from taskvec.training.data import ImageDataset
+from taskvec.training.evaluate import autocast, resolve_device
+from taskvec.training.loop import FinetuneConfig, finetune
 
 SHARED = Path(os.environ.get("TASKVEC_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 

@@ -29,8 +29,10 @@ for p in vecs:
         for k in f.keys():
             f.get_tensor(k).sum()
 """,
-    "stream": "from taskvec.merge import merge_vectors\nmerge_vectors(vecs, base, out, method='sum', force=True)",
-    "ties": "from taskvec.merge import merge_vectors\nmerge_vectors(vecs, base, out, method='ties', force=True)",
+    "stream": "from taskvec.merging.stream import merge_vectors\n"
+             "merge_vectors(vecs, base, out, method='sum', force=True)",
+    "ties": "from taskvec.merging.stream import merge_vectors\n"
+             "merge_vectors(vecs, base, out, method='ties', force=True)",
     "naive": """
 from safetensors.torch import load_file
 loaded = [load_file(p) for p in vecs]
@@ -55,8 +57,8 @@ def make_vectors(workdir: Path, arch: str, n: int) -> tuple[str, list[str]]:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from taskvec.models import build_base, save_model
-    from taskvec.vectors import export_vector
+    from taskvec.merging.export import export_vector
+    from taskvec.models.spec import build_base, save_model
 
     base = workdir / "base.safetensors"
     if not base.exists():

@@ -31,10 +31,10 @@ def run_setting(base: Path, data: Path, work: Path, epsilon: float | None, args:
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    from taskvec.audit import audit_model
-    from taskvec.dp import DPConfig
-    from taskvec.evaluate import evaluate_model
-    from taskvec.train import FinetuneConfig, finetune
+    from taskvec.audits.membership import audit_model
+    from taskvec.privacy.dpsgd import DPConfig
+    from taskvec.training.evaluate import evaluate_model
+    from taskvec.training.loop import FinetuneConfig, finetune
 
     dp = None if epsilon is None else DPConfig(args.max_grad_norm, args.delta, target_epsilon=epsilon)
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch, lr=args.lr, device="cpu", seed=seed, dp=dp,
@@ -103,7 +103,7 @@ def main() -> None:
                     help="flips/rotations (off: the overfitting regime where membership leaks)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
-    from taskvec.models import build_base, save_model
+    from taskvec.models.spec import build_base, save_model
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 from taskvec.cli import core, exchange, privacy, simulate, train
-from taskvec.cli.console import STATE, fail
+from taskvec.cli.console import STATE, USAGE, error_message, fail
 
 from taskvec import __version__
 
@@ -50,14 +50,14 @@ simulate.register(app)
 
 def main() -> None:
     """Console entry point: one clear line on stderr and a non-zero exit for any error."""
-    from taskvec.errors import TaskvecError
+    from taskvec.errors import ConfigError, TaskvecError
 
     try:
         app()
     except TaskvecError as e:
         if STATE["debug"]:
             raise
-        fail(str(e))
+        fail(error_message(e), code=USAGE if isinstance(e, ConfigError) else 1)
     except KeyboardInterrupt:
         fail("interrupted", code=130)
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence

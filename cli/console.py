@@ -11,7 +11,27 @@ from rich.console import Console
 
 T = TypeVar("T")
 STATE = {"debug": False}
+USAGE = 2  # exit code of every bad option or option conflict, as click gives for a malformed one
 console = Console(highlight=False)
+
+
+# Parameters whose flag is not `--` + the name with dashes.
+FLAGS = {"out_dir": "--out", "base": "--base", "force": "--force"}
+
+
+def flag(field: str) -> str:
+    """The command-line flag for a library parameter name."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def error_message(error: Exception) -> str:
+    """A library error in the CLI's words: a message that starts with a parameter name starts with its flag."""
+    from taskvec.errors import ConfigError
+
+    message = str(error)
+    if isinstance(error, ConfigError) and error.field and message.startswith(error.field):
+        return flag(error.field) + message[len(error.field):]
+    return message
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -25,14 +25,14 @@ def init(
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
 ) -> None:
     """Create the shared base model file every site starts from; prints its identity."""
-    from taskvec.files import check_output
-    from taskvec.models import build_base, save_model
+    from taskvec.io.files import check_output
+    from taskvec.models.spec import build_base, save_model
 
     check_output(out, force)
     names = [s.strip() for s in labels.split(",")] if labels else None
     module, spec = build_base(arch, task, num_classes, in_chans, img_size, names, pretrained, weights, dp_compatible)
     if dp_compatible:
-        from taskvec.dp_models import DEPTHWISE_WARNING, depthwise_convolutions
+        from taskvec.models.dp_ready import DEPTHWISE_WARNING, depthwise_convolutions
 
         console.print("DP-ready: BatchNorm → GroupNorm (affine weights kept), in-place ops made out-of-place")
         if depthwise_convolutions(module):
@@ -61,8 +61,8 @@ def export(
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
 ) -> None:
     """Export a data vector: fine-tuned − base, optionally clipped and noised (export-time DP)."""
-    from taskvec.privacy import summarize_ledger
-    from taskvec.vectors import export_vector
+    from taskvec.merging.export import export_vector
+    from taskvec.privacy.ledger import summarize_ledger
 
     r = export_vector(
         finetuned, base, out, clip=clip, noise_multiplier=noise_multiplier, epsilon=epsilon, delta=delta,
@@ -109,11 +109,11 @@ def merge(
     """Merge data vectors into synthetic weights: base + λ·combine(vectors), streaming one file at a time."""
     from taskvec.cli.exchange import merge_incremental_cli, merge_inputs
 
-    from taskvec.merge import merge_vectors
+    from taskvec.merging.stream import merge_vectors
 
     vectors = merge_inputs(vectors, registry, contributor, since, incremental, state, out)
     if max_epsilon is not None or require_dp:
-        from taskvec.privacy import check_files_budget
+        from taskvec.privacy.ledger import check_files_budget
 
         check_files_budget(vectors, max_epsilon, require_dp)  # before any merge, incremental ones included
     if state is not None:
@@ -141,7 +141,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
 ) -> None:
     """Show what a file is: kind, metadata, tensor/parameter counts, size, norm, integrity, DP ledger."""
-    from taskvec.inspection import inspect_file
+    from taskvec.io.inspection import inspect_file
 
     info = inspect_file(file)
     if as_json:
@@ -153,7 +153,7 @@ def inspect(
 def _print_summary(info: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from taskvec.privacy import summarize_ledger
+    from taskvec.privacy.ledger import summarize_ledger
 
     m = info["metadata"]
     t = Table(show_header=False, box=None)

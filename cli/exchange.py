@@ -48,7 +48,7 @@ def list_vectors(
     revision: str | None = typer.Option(None, help=REVISION_HELP),
 ) -> None:
     """List a registry's vectors: contributor, samples, DP ledger, sha256, signature, time."""
-    from taskvec.privacy import summarize_ledger
+    from taskvec.privacy.ledger import summarize_ledger
 
     reg = _open(registry, revision)
     info = reg.info()
@@ -218,7 +218,7 @@ def merge_incremental_cli(
     """`taskvec merge --incremental`: the next version in STATE from the vectors it does not hold yet."""
     from taskvec.cli.console import warn
 
-    from taskvec.incremental import merge_incremental
+    from taskvec.merging.incremental import merge_incremental
 
     r = merge_incremental(vectors, base, state, method=method, scale=scale, density=density, seed=seed,
                           out=out, force=force, track=track)

@@ -22,8 +22,8 @@ def audit(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Membership inference: ROC AUC and TPR at 1% FPR of telling training images from unseen ones."""
-    from taskvec.audit import audit_model
-    from taskvec.privacy import summarize_ledger
+    from taskvec.audits.membership import audit_model
+    from taskvec.privacy.ledger import summarize_ledger
 
     r = audit_model(model, members, non_members, members_split=members_split,
                     non_members_split=non_members_split, reference=reference, device=device,

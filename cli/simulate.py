@@ -12,7 +12,7 @@ from taskvec.cli.console import console
 def _print_table(result: Any) -> None:
     from rich.table import Table
 
-    from taskvec.report import table_rows
+    from taskvec.simulation.report import table_rows
 
     header, body = table_rows(result.rows)
     t = Table(*header, title=f"test-set results ({result.metric} is the primary metric)")
@@ -54,8 +54,8 @@ def simulate(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ) -> None:
     """Split one data set into sites, fine-tune each alone, merge with every method, compare on one test split."""
-    from taskvec.simulate import SimulationConfig
-    from taskvec.simulate import simulate as run
+    from taskvec.simulation.simulate import SimulationConfig
+    from taskvec.simulation.simulate import simulate as run
 
     cfg = SimulationConfig(
         data=str(data), out=str(out), task=task, sites=sites, split=split, arch=arch, num_classes=num_classes,
@@ -73,9 +73,9 @@ def demo(
     sites: int = typer.Option(3, help="Number of simulated hospitals."),
 ) -> None:
     """A small simulation on embedded synthetic ultrasound-like images (no data, no network; minutes on a CPU)."""
-    from taskvec.simulate import SimulationConfig
-    from taskvec.simulate import simulate as run
-    from taskvec.synthetic import LABELS, write_classification_npz
+    from taskvec.simulation.simulate import SimulationConfig
+    from taskvec.simulation.simulate import simulate as run
+    from taskvec.simulation.synthetic import LABELS, write_classification_npz
 
     data = out.parent / f"{out.name}-data.npz"
     console.print(f"[bold]taskvec demo[/]: SYNTHETIC data (grayscale frames, a blob that is '{LABELS[1]}' when dark "

@@ -40,7 +40,7 @@ class _TrainProgress:
                 self.progress.update(task, advance=1, description=f"epoch {st.epoch + 1}/{st.epochs}", **fields)
 
     def on_epoch(self, r: Any) -> None:
-        from taskvec.metrics import primary_metric
+        from taskvec.training.metrics import primary_metric
 
         line = f"epoch {r.epoch}: train loss {r.train_loss:.4f}, {r.images_per_s:.1f} img/s, {r.seconds:.1f} s"
         if r.val:
@@ -88,12 +88,12 @@ def finetune(
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="--dp: clip each unit's gradient to this norm."),
 ) -> None:
     """Fine-tune the base on local data; the run folder is then ready for `taskvec export RUN_DIR`."""
-    from taskvec.train import FinetuneConfig
-    from taskvec.train import finetune as run
+    from taskvec.training.loop import FinetuneConfig
+    from taskvec.training.loop import finetune as run
 
     private = None
     if dp:
-        from taskvec.dp import DPConfig
+        from taskvec.privacy.dpsgd import DPConfig
 
         private = DPConfig(max_grad_norm, delta, target_epsilon=target_epsilon, noise_multiplier=noise_multiplier)
     elif target_epsilon is not None or noise_multiplier is not None:
@@ -111,12 +111,12 @@ def finetune(
         console.print(f"resumed after epoch {r.resumed_from_epoch}")
     console.print(f"wrote [bold]{r.model_path}[/]: {r.epochs} epochs, {r.steps} steps on {r.samples} images")
     if r.val_metrics:
-        from taskvec.metrics import primary_metric
+        from taskvec.training.metrics import primary_metric
 
         name, value = primary_metric(r.val_metrics)
         console.print(f"validation {name} {_fmt(value)}")
     if r.history:
-        from taskvec.privacy import summarize_ledger
+        from taskvec.privacy.ledger import summarize_ledger
 
         console.print(f"privacy: {summarize_ledger(r.history[-1]['privacy'])}")
     console.print(f"model identity {r.identity}; next: taskvec export {out} --base {base} --out VECTOR")
@@ -131,7 +131,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print every metric as JSON."),
 ) -> None:
     """Evaluate a model: accuracy, balanced accuracy, macro-F1, AUROC; or Dice, Jaccard, pixel accuracy."""
-    from taskvec.evaluate import evaluate_model
+    from taskvec.training.evaluate import evaluate_model
 
     r = evaluate_model(model, data, split, device=device, batch_size=batch_size, track=track)
     for w in r["warnings"]:
@@ -166,7 +166,7 @@ def calibrator(data: Path | None, scale: float) -> Any:
     """The `merge --calibrate` hook (None without the option)."""
     if data is None:
         return None
-    from taskvec.calibrate import Calibrator
+    from taskvec.merging.calibrate import Calibrator
 
     return Calibrator(data, prefer=scale, track=track)
 

@@ -3,6 +3,7 @@
 `open_registry(address)` gives a `Registry`; see `taskvec.registry.base` for the layout.
 """
 
+from taskvec.registry.address import open_registry
 from taskvec.registry.base import (
     Entry,
     IntegrityError,
@@ -10,7 +11,6 @@ from taskvec.registry.base import (
     RegistryError,
     RegistryInfo,
     TrustError,
-    open_registry,
 )
 
 __all__ = ["Entry", "IntegrityError", "Registry", "RegistryError", "RegistryInfo", "TrustError", "open_registry"]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from taskvec.errors import FileFormatError, MismatchError, TaskvecError
-from taskvec.files import Header, atomic_output, file_digest, read_kind
+from taskvec.io.files import Header, atomic_output, file_digest, now, read_kind
 
 REGISTRY_FILE = "registry.json"
 INDEX_FILE = "index.json"
@@ -49,10 +49,6 @@ class TrustError(TaskvecError):
 
 class IntegrityError(FileFormatError):
     """A fetched file does not match the sha256 the registry recorded for it."""
-
-
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -463,32 +459,3 @@ def verify_vector(path: Path, entry: Entry, what: str) -> None:
     if h.meta["sha256"] != entry.sha256 or file_digest(h) != entry.sha256:
         raise IntegrityError(f"{what}: content does not match its sha256 {entry.sha256[:12]}; the file is corrupted")
 
-
-def open_registry(
-    address: str, *, revision: str | None = None, endpoint: str | None = None, token: str | None = None,
-    private: bool = True, cache_dir: str | os.PathLike[str] | None = None,
-) -> Registry:
-    """A registry from its address: a folder (`./registry`, `file:///mnt/share/x`) or `hf://ORG/REPO`.
-
-    `revision` (a Hub branch), `endpoint`, `token`, `private` (for a repo it creates) and `cache_dir`
-    (downloads) apply to Hub registries only."""
-    if address.startswith("hf://"):
-        from taskvec.registry.hub import HubStore
-
-        repo_id = address.removeprefix("hf://").strip("/")
-        if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-            raise RegistryError(f"{address}: a Hub registry is hf://ORG/REPO (a model repo)")
-        return Registry(HubStore(repo_id, revision, endpoint, token, private, cache_dir))
-    if revision is not None:
-        raise RegistryError("--revision applies to hf:// registries only")
-    if address.startswith("file://"):
-        path = address.removeprefix("file://")
-        if not path.startswith("/"):
-            raise RegistryError(f"{address}: a file URL needs an absolute path (file:///mnt/share/registry)")
-    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", address):
-        raise RegistryError(f"{address}: unknown registry scheme; use a folder path, file:///path or hf://ORG/REPO")
-    else:
-        path = address
-    from taskvec.registry.local import FolderStore
-
-    return Registry(FolderStore(Path(path).expanduser(), address))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from taskvec.privacy import summarize_ledger
+from taskvec.privacy.ledger import summarize_ledger
 
 PIPELINE_TAGS = {"classification": "image-classification", "segmentation": "image-segmentation"}
 

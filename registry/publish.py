@@ -16,7 +16,7 @@ from typing import Any
 from taskvec.registry.base import RegistryError
 
 from taskvec.errors import TaskvecError
-from taskvec.files import read_kind
+from taskvec.io.files import read_kind
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -41,7 +41,7 @@ def timm_config(model_path: str | os.PathLike[str], out: Path) -> None:
     """Write timm's `config.json` for the model in `model_path` (architecture, num_classes, model_args...)."""
     from timm.models._hub import save_config_for_hf
 
-    from taskvec.models import load_model
+    from taskvec.models.spec import load_model
 
     spec = read_kind(model_path, "model").meta["model"]
     size = (spec["in_chans"], spec["img_size"], spec["img_size"])

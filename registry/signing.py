@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from taskvec.errors import TaskvecError
-from taskvec.files import check_output
+from taskvec.io.files import check_output
 
 ALGORITHM = "ed25519"
 _CONTEXT = b"taskvec-vector-signature-v1:"

@@ -11,16 +11,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "build_base": "taskvec.models",
-    "save_model": "taskvec.models",
-    "load_model": "taskvec.models",
-    "model_spec": "taskvec.models",
-    "ModelSpec": "taskvec.models",
-    "export_vector": "taskvec.vectors",
-    "merge_vectors": "taskvec.merge",
-    "MERGE_METHODS": "taskvec.merge_methods",
-    "inspect_file": "taskvec.inspection",
-    "read_header": "taskvec.files",
+    "build_base": "taskvec.models.spec",
+    "save_model": "taskvec.models.spec",
+    "load_model": "taskvec.models.spec",
+    "model_spec": "taskvec.models.spec",
+    "ModelSpec": "taskvec.models.spec",
+    "export_vector": "taskvec.merging.export",
+    "merge_vectors": "taskvec.merging.stream",
+    "MERGE_METHODS": "taskvec.merging.methods",
+    "inspect_file": "taskvec.io.inspection",
+    "read_header": "taskvec.io.files",
 }
 __all__ = ["__version__", *_API]
 

@@ -1,11 +1,37 @@
 """Errors whose message tells the user what went wrong and what to do.
 
-The CLI prints `error: <message>` on one line and exits non-zero for any of these.
+The library speaks in parameters (`clip must be > 0`), never in command-line flags: a Python caller who
+passed `clip=-1` reads the name they used. Errors carry fields (`path`, `field`, `expected`, `got`) so a
+caller can act on them; the CLI prints `error: <message>` on one line, turns a `field` into its flag
+(`--clip`), and exits non-zero.
 """
+
+from __future__ import annotations
+
+import os
+from typing import Any
 
 
 class TaskvecError(Exception):
-    """Base class for every error taskvec raises on bad input."""
+    """Base class for every error taskvec raises on bad input.
+
+    `path`: the file or folder at fault; `field`: the parameter or header field at fault; `expected` and
+    `got`: what was wanted and what was found. The message is the whole explanation; the fields repeat
+    its parts for programs."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None, field: str | None = None,
+                 expected: Any = None, got: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = None if path is None else os.fspath(path)
+        self.field = field
+        self.expected = expected
+        self.got = got
+
+
+class ConfigError(TaskvecError, ValueError):
+    """A parameter value is out of range or conflicts with another: `field` names the parameter, and the
+    message starts with it (`clip must be > 0, got -1.0`)."""
 
 
 class FileFormatError(TaskvecError):
@@ -21,4 +47,29 @@ class OutputExistsError(TaskvecError):
 
 
 class PrivacyError(TaskvecError):
-    """A privacy setting is invalid or a privacy requirement is not met."""
+    """A privacy requirement is not met (budget exceeded, no guarantee where one is required)."""
+
+
+class PrivacyConfigError(PrivacyError, ConfigError):
+    """A privacy parameter is invalid (clip, noise multiplier, ε, δ)."""
+
+
+def check_range(field: str, value: float, *, low: float | None = None, high: float | None = None,
+                low_open: bool = True, high_open: bool = True, error: type[ConfigError] = ConfigError) -> float:
+    """`value` if it is a finite number in the interval, else a `ConfigError` naming `field`.
+
+    Open ends by default: `check_range("clip", c, low=0)` requires 0 < c < ∞. NaN and ±inf always fail."""
+    import math
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'(' if low_open else '['}{low:g}"
+        hi = "∞)" if high is None else f"{high:g}{')' if high_open else ']'}"
+        interval = f"{lo or '(-∞'}, {hi}"
+        raise error(f"{field} must be a finite number in {interval}, got {value!r}", field=field,
+                    expected=interval, got=value)
+    return float(value)

@@ -29,7 +29,7 @@ def _threads() -> None:
 @pytest.fixture
 def make_base(tmp_path: Path) -> Callable[..., Path]:
     """Create a tiny base model file: make_base(arch='test_vit', task=..., num_classes=..., name=...)."""
-    from taskvec.models import build_base, save_model
+    from taskvec.models.spec import build_base, save_model
 
     def _make(arch: str = "test_vit", task: str = "classification", num_classes: int = 3,
               in_chans: int = 3, img_size: int | None = 32, name: str = "base.safetensors",

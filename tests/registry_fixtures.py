@@ -9,7 +9,7 @@ import pytest
 from hub_server import HubServer
 from taskvec.registry import Registry, open_registry
 
-from taskvec.vectors import export_vector
+from taskvec.merging.export import export_vector
 
 TOKEN = "hf_taskvecTestTokenDoNotPrint123"
 

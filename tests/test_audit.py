@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from taskvec.audit import attack_metrics, audit_model, tpr_at_fpr
-from taskvec.data import ImageDataset
+from taskvec.audits.membership import attack_metrics, audit_model, tpr_at_fpr
 from taskvec.errors import MismatchError
+from taskvec.training.data import ImageDataset
 
 
 def brute_force(members: np.ndarray, non_members: np.ndarray) -> tuple[float, float]:
@@ -47,9 +47,9 @@ def _dataset(n: int, seed: int) -> ImageDataset:
 
 
 def _overfit(base: Path, ds: ImageDataset, out: Path) -> None:
-    from taskvec.data import Normalizer
-    from taskvec.files import read_kind
-    from taskvec.models import load_model, model_spec, save_model
+    from taskvec.io.files import read_kind
+    from taskvec.models.spec import load_model, model_spec, save_model
+    from taskvec.training.data import Normalizer
 
     spec = model_spec(base)
     model = load_model(base)

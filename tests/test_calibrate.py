@@ -10,15 +10,15 @@ import torch
 from safetensors.torch import load_file
 from synthetic_data import image_folder
 
-from taskvec.calibrate import Calibrator
-from taskvec.data import Normalizer, load_data
 from taskvec.errors import MismatchError
-from taskvec.evaluate import evaluate_model
-from taskvec.files import read_header
-from taskvec.merge import merge_vectors
-from taskvec.models import load_model, model_spec
-from taskvec.train import FinetuneConfig, finetune
-from taskvec.vectors import export_vector
+from taskvec.io.files import read_header
+from taskvec.merging.calibrate import Calibrator
+from taskvec.merging.export import export_vector
+from taskvec.merging.stream import merge_vectors
+from taskvec.models.spec import load_model, model_spec
+from taskvec.training.data import Normalizer, load_data
+from taskvec.training.evaluate import evaluate_model
+from taskvec.training.loop import FinetuneConfig, finetune
 
 GRID = (0.0, 0.5, 1.0, 1.5)
 
@@ -26,7 +26,7 @@ GRID = (0.0, 0.5, 1.0, 1.5)
 @pytest.fixture(scope="module")
 def two_vectors(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], Path]:
     """A BatchNorm base (test_efficientnet), two short fine-tunes of it, their vectors, and validation data."""
-    from taskvec.models import build_base, save_model
+    from taskvec.models.spec import build_base, save_model
 
     tmp_path = tmp_path_factory.mktemp("calibrate")
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from taskvec.files import read_kind
+from taskvec.io.files import read_kind
 
 
 def taskvec(*args: str | Path, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -96,7 +96,7 @@ def test_init_from_local_timm_weights(tmp_path: Path) -> None:
 
 
 def test_segmentation_base_round_trips(tmp_path: Path) -> None:
-    from taskvec.models import load_model
+    from taskvec.models.spec import load_model
 
     taskvec("init", "--arch", "test_convnext", "--task", "segmentation", "--num-classes", "2", "--in-chans", "1",
             "--out", "seg.safetensors", cwd=tmp_path)

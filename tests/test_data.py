@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from synthetic_data import image_folder, npz_file, seg_folder
 
-from taskvec.data import load_data
 from taskvec.errors import MismatchError, TaskvecError
-from taskvec.models import ModelSpec
+from taskvec.models.spec import ModelSpec
+from taskvec.training.data import load_data
 
 
 def spec(task: str = "classification", k: int = 2, chans: int = 3, size: int = 32,

@@ -13,8 +13,8 @@ from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from taskvec.dp import PRV, RDP, DPConfig, calibrate_noise, epsilon_spent, make_private, max_steps
 from taskvec.errors import PrivacyError
+from taskvec.privacy.dpsgd import PRV, RDP, DPConfig, calibrate_noise, epsilon_spent, make_private, max_steps
 
 
 def reference_epsilon(z: float, q: float, steps: int, delta: float, kind: str = "pld") -> float:
@@ -72,7 +72,7 @@ def test_config_is_checked(kw: dict[str, Any], match: str) -> None:
 
 
 def test_non_dp_ready_model_is_refused() -> None:
-    from taskvec.models import build_base
+    from taskvec.models.spec import build_base
 
     model, _ = build_base("test_resnet", num_classes=2, img_size=32)
     data = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8,)))
@@ -144,7 +144,7 @@ def test_training_stops_at_target_epsilon() -> None:
 @pytest.mark.parametrize("patients", [False, True])
 def test_empty_poisson_batch_is_a_noise_only_step(patients: bool) -> None:
     """A model that cannot take a batch of 0 (timm ViT) still steps: the update is the noise alone."""
-    from taskvec.models import build_base
+    from taskvec.models.spec import build_base
 
     torch.manual_seed(0)
     model, _ = build_base("test_vit", num_classes=2, img_size=32)

@@ -27,8 +27,8 @@ def refused(*args: object) -> str:
 
 
 def test_init_dp_compatible(tmp_path: Path) -> None:
-    from taskvec.dp_models import dp_problems
-    from taskvec.models import load_model, model_spec
+    from taskvec.models.dp_ready import dp_problems
+    from taskvec.models.spec import load_model, model_spec
 
     code, out, err = run("init", "--arch", "test_resnet", "--num-classes", "2", "--img-size", "32",
                          "--out", tmp_path / "b.safetensors", "--dp-compatible")
@@ -55,7 +55,7 @@ def vectors(make_base, make_finetuned, tmp_path: Path) -> tuple[Path, list[Path]
 
 
 def test_merge_budget_refusals(vectors: tuple[Path, list[Path]], tmp_path: Path) -> None:
-    from taskvec.privacy import gaussian_epsilon
+    from taskvec.privacy.ledger import gaussian_epsilon
 
     base, (clear, loose, tight) = vectors
     out = tmp_path / "m.safetensors"
@@ -80,7 +80,7 @@ def test_merge_budget_refusals(vectors: tuple[Path, list[Path]], tmp_path: Path)
 def test_finetune_dp_cli_reports_epsilon_and_refuses(make_base, tmp_path: Path) -> None:
     from synthetic_data import image_folder
 
-    from taskvec.files import read_kind
+    from taskvec.io.files import read_kind
 
     base = make_base("test_vit", num_classes=2)
     data = image_folder(tmp_path / "data", n_per_class=8, size=32)

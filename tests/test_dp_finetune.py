@@ -15,12 +15,12 @@ from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from PIL import Image
 from synthetic_data import blob_image, image_folder
 
-from taskvec.dp import DPConfig, max_steps
 from taskvec.errors import PrivacyError
-from taskvec.files import read_kind
-from taskvec.inspection import inspect_file
-from taskvec.train import FinetuneConfig, finetune
-from taskvec.vectors import export_vector
+from taskvec.io.files import read_kind
+from taskvec.io.inspection import inspect_file
+from taskvec.merging.export import export_vector
+from taskvec.privacy.dpsgd import DPConfig, max_steps
+from taskvec.training.loop import FinetuneConfig, finetune
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from taskvec.dp_models import depthwise_convolutions, dp_problems, group_count, make_dp_compatible
-from taskvec.models import build_base, load_model, model_spec, save_model
+from taskvec.models.dp_ready import depthwise_convolutions, dp_problems, group_count, make_dp_compatible
+from taskvec.models.spec import build_base, load_model, model_spec, save_model
 
 
 def _opacus_step(model: nn.Module) -> None:
@@ -75,7 +75,7 @@ def test_residual_block_output_unchanged() -> None:
     module.eval()
     x = torch.randn(2, 3, 32, 32)
     ref = module(x)
-    from taskvec.dp_models import RESIDUAL_BLOCKS
+    from taskvec.models.dp_ready import RESIDUAL_BLOCKS
 
     for m in module.modules():
         if type(m) in RESIDUAL_BLOCKS:

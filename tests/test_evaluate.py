@@ -14,9 +14,9 @@ from PIL import Image
 from synthetic_data import npz_file, seg_folder
 
 from taskvec.errors import TaskvecError
-from taskvec.evaluate import evaluate_model
-from taskvec.metrics import auroc
-from taskvec.models import load_model, model_spec
+from taskvec.models.spec import load_model, model_spec
+from taskvec.training.evaluate import evaluate_model
+from taskvec.training.metrics import auroc
 
 
 def _inputs(images: np.ndarray, arch: str) -> torch.Tensor:

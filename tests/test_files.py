@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from taskvec.errors import FileFormatError, OutputExistsError
-from taskvec.files import atomic_output, file_digest, read_header, read_kind
-from taskvec.tensors import state_digest
+from taskvec.io.files import atomic_output, file_digest, read_header, read_kind
+from taskvec.io.tensors import state_digest
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -123,7 +123,7 @@ def test_header_length_bytes_that_look_like_pickle_magic_are_fine(tmp_path: Path
 
 
 def test_all_finite() -> None:
-    from taskvec.tensors import all_finite
+    from taskvec.io.tensors import all_finite
 
     assert all_finite(torch.randn(100))
     assert all_finite(torch.full((4,), 3e38))  # the sum overflows to inf, the elements are finite

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from synthetic_data import image_folder, npz_file, seg_folder
 
 from taskvec.errors import FileFormatError, MismatchError, OutputExistsError, TaskvecError
-from taskvec.evaluate import evaluate_model
-from taskvec.files import read_header
-from taskvec.train import EpochRecord, FinetuneConfig, finetune, lr_at
+from taskvec.io.files import read_header
+from taskvec.training.evaluate import evaluate_model
+from taskvec.training.loop import EpochRecord, FinetuneConfig, finetune, lr_at
 
 
 def cfg(**kw: object) -> FinetuneConfig:
@@ -46,7 +46,7 @@ def test_classification_run_writes_model_for_export(tmp_path: Path, make_base: C
     # the saved weights are what evaluation and export see
     assert evaluate_model(tmp_path / "run", data, "val", device="cpu")["auroc"] == pytest.approx(
         r.val_metrics["auroc"])
-    from taskvec.vectors import export_vector
+    from taskvec.merging.export import export_vector
 
     v = export_vector(tmp_path / "run", base, tmp_path / "v.safetensors")
     vm = read_header(v.path).meta
@@ -137,7 +137,7 @@ def test_bad_input(tmp_path: Path, make_base: Callable[..., Path], make_finetune
     fixed = make_base("vit_tiny_patch16_224", num_classes=2, in_chans=1, name="vit.safetensors")
     with pytest.raises(TaskvecError, match="--img-size 48 does not fit vit_tiny_patch16_224"):
         finetune(fixed, data, tmp_path / "r", cfg(img_size=48))
-    from taskvec.vectors import export_vector
+    from taskvec.merging.export import export_vector
 
     vec = export_vector(make_finetuned(base, 1), base, tmp_path / "v.safetensors").path
     with pytest.raises(FileFormatError, match="expected a taskvec model file, got a taskvec vector"):

@@ -12,8 +12,9 @@ import pytest
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 
 from taskvec.errors import PrivacyError
-from taskvec.files import read_kind
-from taskvec.privacy import (
+from taskvec.io.files import read_kind
+from taskvec.merging.export import export_vector
+from taskvec.privacy.ledger import (
     RELEASES_FILE,
     check_budget,
     gaussian_epsilon,
@@ -21,7 +22,6 @@ from taskvec.privacy import (
     strongest_guarantee,
     validate_ledger,
 )
-from taskvec.vectors import export_vector
 
 
 def pld_epsilon(event: Any, delta: float) -> float:
@@ -125,9 +125,9 @@ def test_dp_sgd_ledger_round_trips_through_export_and_merge(make_base, tmp_path:
     lists each contributor's guarantee, and budgets are enforced before any tensor is read."""
     import torch
 
-    from taskvec.merge import merge_vectors
-    from taskvec.models import load_model, model_spec, save_model
-    from taskvec.privacy import dp_sgd_entry
+    from taskvec.merging.stream import merge_vectors
+    from taskvec.models.spec import load_model, model_spec, save_model
+    from taskvec.privacy.ledger import dp_sgd_entry
 
     base = make_base()
     bid = read_kind(base, "model").meta["identity"]
@@ -160,8 +160,8 @@ def test_dp_sgd_ledger_round_trips_through_export_and_merge(make_base, tmp_path:
 
 
 def test_merge_refuses_tampered_ledger(make_base, make_finetuned, tmp_path: Path) -> None:
-    from taskvec.files import dump_meta
-    from taskvec.merge import merge_vectors
+    from taskvec.io.files import dump_meta
+    from taskvec.merging.stream import merge_vectors
 
     base = make_base()
     v = export_vector(make_finetuned(base, 5), base, tmp_path / "v.safetensors", clip=1.0, noise_multiplier=1.0,

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from taskvec.errors import FileFormatError, MismatchError
-from taskvec.files import read_kind
-from taskvec.merge import merge_vectors
-from taskvec.merge_methods import MERGE_METHODS, dare_seed
-from taskvec.vectors import export_vector
+from taskvec.io.files import read_kind
+from taskvec.merging.export import export_vector
+from taskvec.merging.methods import MERGE_METHODS, dare_seed
+from taskvec.merging.stream import merge_vectors
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_dare_does_not_depend_on_order(three, tmp_path: Path) -> None:
 def test_merged_model_loads_in_taskvec_and_timm(three, tmp_path: Path) -> None:
     import timm
 
-    from taskvec.models import load_model
+    from taskvec.models.spec import load_model
 
     base, vecs = three
     r = merge_vectors(vecs, base, tmp_path / "m.safetensors")

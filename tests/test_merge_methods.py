@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from taskvec.errors import TaskvecError
-from taskvec.merge_methods import MERGE_METHODS, dare_drop, trim_top
+from taskvec.merging.methods import MERGE_METHODS, dare_drop, trim_top
 
 A = torch.tensor([1.0, -2.0, 3.0, 0.5])
 B = torch.tensor([-1.0, -1.0, 1.0, 4.0])

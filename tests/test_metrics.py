@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from taskvec.metrics import auroc, classification_metrics, confusion, primary_metric, segmentation_metrics
+from taskvec.training.metrics import auroc, classification_metrics, confusion, primary_metric, segmentation_metrics
 
 
 def test_binary_classification_by_hand() -> None:

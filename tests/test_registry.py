@@ -15,8 +15,8 @@ from taskvec.registry.base import parse_time, sha256_file
 from taskvec.registry.signing import generate_key, load_private_key, public_line
 
 from taskvec.errors import MismatchError
-from taskvec.files import read_kind
-from taskvec.merge import merge_vectors
+from taskvec.io.files import read_kind
+from taskvec.merging.stream import merge_vectors
 
 torch = pytest.importorskip("torch")
 

@@ -18,8 +18,8 @@ from taskvec.cli.app import app
 from taskvec.registry import RegistryError, open_registry
 from typer.testing import CliRunner
 
-from taskvec.files import read_kind
-from taskvec.merge import merge_vectors
+from taskvec.io.files import read_kind
+from taskvec.merging.stream import merge_vectors
 
 torch = pytest.importorskip("torch")
 REPO = "hf://consortium/chest-xray"

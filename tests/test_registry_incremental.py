@@ -10,10 +10,10 @@ import pytest
 from safetensors.torch import load_file
 
 from taskvec.errors import MismatchError, TaskvecError
-from taskvec.files import read_kind
-from taskvec.incremental import merge_incremental
-from taskvec.merge import merge_vectors
-from taskvec.vectors import export_vector
+from taskvec.io.files import read_kind
+from taskvec.merging.export import export_vector
+from taskvec.merging.incremental import merge_incremental
+from taskvec.merging.stream import merge_vectors
 
 torch = pytest.importorskip("torch")
 

@@ -15,7 +15,7 @@ from taskvec.registry import RegistryError, open_registry
 from taskvec.registry.base import sha256_file
 from typer.testing import CliRunner
 
-from taskvec.files import read_kind
+from taskvec.io.files import read_kind
 
 pytest.importorskip("torch")
 

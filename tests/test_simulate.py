@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from taskvec.errors import OutputExistsError
-from taskvec.evaluate import evaluate_model
-from taskvec.simulate import SimulationConfig, simulate
-from taskvec.synthetic import write_classification_npz
+from taskvec.simulation.simulate import SimulationConfig, simulate
+from taskvec.simulation.synthetic import write_classification_npz
+from taskvec.training.evaluate import evaluate_model
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def test_report_files_and_rows(sim) -> None:
 
 def test_rows_match_an_independent_evaluation(sim) -> None:
     cfg, results = sim
-    from taskvec.data import DataSplits, load_data
-    from taskvec.models import model_spec
+    from taskvec.models.spec import model_spec
+    from taskvec.training.data import DataSplits, load_data
 
     out = Path(cfg.out)
     test = load_data(cfg.data, model_spec(out / "base.safetensors"), val_fraction=0.0).test
@@ -66,7 +66,7 @@ def test_resume_reuses_finished_sites_and_refuses_other_settings(sim) -> None:
 
 
 def test_dp_runs_reach_their_budget_and_are_reported(tmp_path: Path) -> None:
-    from taskvec.files import read_kind
+    from taskvec.io.files import read_kind
 
     data = write_classification_npz(tmp_path / "data.npz", n_train=120, n_val=30, n_test=40, size=32, seed=4)
     cfg = SimulationConfig(data=str(data), out=str(tmp_path / "r"), sites=2, arch="test_vit", in_chans=1, img_size=32,

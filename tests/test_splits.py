@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from taskvec.errors import TaskvecError
-from taskvec.splits import split_by_group, split_dirichlet, split_iid, split_sites
+from taskvec.simulation.splits import split_by_group, split_dirichlet, split_iid, split_sites
 
 
 def _assert_partition(parts: list[np.ndarray], n: int) -> None:

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from taskvec.errors import FileFormatError, MismatchError, OutputExistsError, PrivacyError
-from taskvec.files import read_kind
-from taskvec.privacy import gaussian_epsilon
-from taskvec.vectors import export_vector
+from taskvec.io.files import read_kind
+from taskvec.merging.export import export_vector
+from taskvec.privacy.ledger import gaussian_epsilon
 
 
 def test_export_equals_independent_difference(make_base, make_finetuned, tmp_path: Path) -> None:
@@ -136,7 +136,7 @@ def test_vector_is_not_a_finetuned_model_and_output_is_kept(make_base, make_fine
 
 
 def test_model_from_another_base_is_refused(make_base, tmp_path: Path) -> None:
-    from taskvec.models import load_model, model_spec, save_model
+    from taskvec.models.spec import load_model, model_spec, save_model
 
     base_a, base_b = make_base(name="a.safetensors"), make_base(name="b.safetensors", labels=["x", "y", "z"])
     ft = tmp_path / "ft.safetensors"

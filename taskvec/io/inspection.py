@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from taskvec.files import FLOAT_DTYPES, Digest, iter_raw, read_header
-from taskvec.tensors_np import as_float64
+from taskvec.io.files import FLOAT_DTYPES, Digest, iter_raw, read_header
+from taskvec.io.tensors_np import as_float64
 
 __all__ = ["inspect_file"]
 

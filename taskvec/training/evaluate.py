@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from taskvec.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader
 from taskvec.errors import TaskvecError
-from taskvec.files import read_kind
-from taskvec.metrics import classification_metrics, segmentation_metrics
-from taskvec.models import ModelSpec, load_model, resolve_model_path
-
-T = TypeVar("T")
-Track = Callable[[Iterable[T], str, int], Iterable[T]]
-
-
-def no_track(it: Iterable[T], description: str, total: int) -> Iterable[T]:
-    return it
+from taskvec.io.files import read_kind
+from taskvec.models.spec import ModelSpec, load_model, resolve_model_path
+from taskvec.progress import Track, no_track
+from taskvec.training.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader
+from taskvec.training.metrics import classification_metrics, segmentation_metrics
 
 
 def resolve_device(device: str) -> torch.device:
@@ -48,7 +41,7 @@ def evaluate_module(
     model: nn.Module, spec: ModelSpec, ds: ImageDataset, *, device: torch.device | str = "cpu",
     batch_size: int = 64, num_workers: int | None = None, track: Track[Any] = no_track,
 ) -> dict[str, Any]:
-    """Metrics of an in-memory model on a dataset (see `taskvec.metrics` for definitions)."""
+    """Metrics of an in-memory model on a dataset (see `taskvec.training.metrics` for definitions)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from taskvec.errors import MismatchError, TaskvecError
-from taskvec.metrics import auroc
+from taskvec.training.metrics import auroc
 
 FPR = 0.01
 
@@ -46,7 +46,7 @@ def attack_metrics(members: np.ndarray, non_members: np.ndarray) -> dict[str, fl
 def per_example_losses(model: nn.Module, spec: Any, ds: Any, *, device: str | torch.device = "cpu",
                        batch_size: int = 64) -> np.ndarray:
     """Cross-entropy of each example (segmentation: mean over the image's pixels), model in eval mode."""
-    from taskvec.data import Normalizer, make_loader
+    from taskvec.training.data import Normalizer, make_loader
 
     device = torch.device(device)
     model.eval()
@@ -72,9 +72,9 @@ def audit_model(
 ) -> dict[str, Any]:
     """Run the membership-inference attacks on a model file; `members`/`non_members` are data paths
     (or datasets), `reference` the base model for the calibrated attack."""
-    from taskvec.data import as_splits
-    from taskvec.files import read_kind
-    from taskvec.models import ModelSpec, load_model, resolve_model_path
+    from taskvec.io.files import read_kind
+    from taskvec.models.spec import ModelSpec, load_model, resolve_model_path
+    from taskvec.training.data import as_splits
 
     path = resolve_model_path(model_path)
     header = read_kind(path, "model")

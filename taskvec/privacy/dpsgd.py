@@ -147,7 +147,7 @@ class PrivacyMeter:
 
     def ledger_entry(self, run_id: str | None) -> dict[str, Any]:
         """The `dp-sgd` ledger entry of the steps taken so far."""
-        from taskvec.privacy import dp_sgd_entry
+        from taskvec.privacy.ledger import dp_sgd_entry
 
         if self.steps == 0:
             raise PrivacyError("no DP-SGD step was taken; there is nothing to account")
@@ -175,7 +175,7 @@ class PrivacyMeter:
 
 def require_dp_ready(model: nn.Module) -> None:
     """Refuse a model that DP-SGD cannot train, saying what to do."""
-    from taskvec.dp_models import dp_problems
+    from taskvec.models.dp_ready import dp_problems
 
     problems = dp_problems(model)
     if problems:
@@ -307,7 +307,7 @@ def make_private(
     from opacus.data_loader import DPDataLoader
     from opacus.grad_sample import GradSampleHooks
 
-    from taskvec.dp_models import DEPTHWISE_WARNING, depthwise_convolutions
+    from taskvec.models.dp_ready import DEPTHWISE_WARNING, depthwise_convolutions
 
     config.check()
     require_dp_ready(model)
@@ -353,20 +353,3 @@ def make_private(
     dp_optimizer.attach_step_hook(meter.on_step)
     return safe, dp_optimizer, private_loader, meter
 
-
-def private_setup(setup: Any, config: Any, run_id: str) -> Any:
-    """`taskvec.train`'s DP seam: the private `TrainingSetup` for `config.dp` (patient unit when the training
-    data has patient ids), whose ledger, checkpoint state and stop condition come from the privacy meter."""
-    from taskvec.train import DEFAULT_EPOCHS, TrainingSetup
-
-    dp: DPConfig = config.dp
-    epochs = None if config.steps else (config.epochs or DEFAULT_EPOCHS)
-    model, optimizer, loader, meter = make_private(
-        setup.model, setup.optimizer, setup.loader, dp, epochs=epochs, steps=config.steps,
-        patient_ids=getattr(setup.loader.dataset, "groups", None),
-    )
-    return TrainingSetup(
-        model, optimizer, loader,
-        privacy=lambda: [meter.ledger_entry(run_id)] if meter.steps else [],
-        state=meter.state, load_state=meter.load_state, stop=lambda: meter.exhausted,
-    )

@@ -25,19 +25,27 @@ from typing import Any
 from filelock import FileLock
 
 from taskvec.errors import FileFormatError, MismatchError, TaskvecError
-from taskvec.files import FORMAT, FORMAT_VERSION, Header, atomic_output, check_output, read_header, read_kind
-from taskvec.merge import (
+from taskvec.io.files import (
+    FORMAT,
+    FORMAT_VERSION,
+    Header,
+    atomic_output,
+    check_output,
+    now,
+    read_header,
+    read_kind,
+    write_json,
+)
+from taskvec.merging.methods import MergeMethod, get_method
+from taskvec.merging.stream import (
     Accumulator,
     MergeReport,
-    Track,
-    _no_track,
     accumulate_linear,
     accumulate_tensorwise,
     check_vectors,
     save_merged,
 )
-from taskvec.merge_methods import MergeMethod, get_method
-from taskvec.models import now
+from taskvec.progress import Track, no_track
 
 STATE_FILE = "accumulator.safetensors"
 HISTORY_FILE = "history.json"
@@ -106,7 +114,7 @@ def _load_accumulator(state: Path) -> tuple[Accumulator, list[dict[str, Any]]] |
 
 
 def _save_accumulator(state: Path, acc: Accumulator, recipe: dict[str, Any], headers: Sequence[Header]) -> None:
-    from taskvec.tensors import save_tensors
+    from taskvec.io.tensors import save_tensors
 
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "merge-state", **recipe,
@@ -114,11 +122,6 @@ def _save_accumulator(state: Path, acc: Accumulator, recipe: dict[str, Any], hea
         "statistics": sorted(acc.stats), "stat_counts": acc.stat_counts, "created": now(),
     }
     save_tensors({**acc.deltas, **acc.stats}, state / STATE_FILE, meta, force=True)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with atomic_output(path, force=True) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def merge_incremental(
@@ -132,7 +135,7 @@ def merge_incremental(
     seed: int = 0,
     out: str | os.PathLike[str] | None = None,
     force: bool = False,
-    track: Track[Any] = _no_track,
+    track: Track[Any] = no_track,
 ) -> IncrementalReport:
     """Merge `vectors` into the next version in `state`, reading only the vectors the state does not hold yet.
 
@@ -179,7 +182,7 @@ def merge_incremental(
             "version": version, "file": path.name, "identity": report.identity, "scale": scale, "mode": mode,
             "vectors": [h.meta["sha256"] for h in ordered], "added": added, "created": now(),
         })
-        _write_json(state_dir / HISTORY_FILE, {"recipe": recipe, "versions": history})
+        write_json(state_dir / HISTORY_FILE, {"recipe": recipe, "versions": history})
     if out is not None:
         _copy(path, out, force)
     return IncrementalReport(path, version, mode, added, report, notes)

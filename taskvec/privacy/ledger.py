@@ -189,7 +189,7 @@ def check_budget(ledgers: Sequence[tuple[str, Any]], max_epsilon: float | None, 
 
 def check_files_budget(paths: Sequence[str | os.PathLike[str]], max_epsilon: float | None, require_dp: bool) -> None:
     """`check_budget` over vector files, from their headers alone."""
-    from taskvec.files import read_kind
+    from taskvec.io.files import read_kind
 
     check_budget([(str(p), read_kind(p, "vector").meta.get("privacy", [])) for p in paths], max_epsilon, require_dp)
 
@@ -212,7 +212,7 @@ def read_releases(record: Path, key: str) -> list[dict[str, Any]]:
 
 def record_release(record: Path, key: str, release: dict[str, Any]) -> None:
     """Append one export of run `key` to the record (rewritten atomically)."""
-    from taskvec.files import atomic_output
+    from taskvec.io.files import atomic_output
 
     runs = json.loads(record.read_text())["runs"] if record.exists() else {}
     runs.setdefault(key, []).append(release)

@@ -7,7 +7,6 @@ files are plain timm state_dicts, so timm and torch load them as they are.
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,8 +16,8 @@ import torch
 from torch import nn
 
 from taskvec.errors import FileFormatError, TaskvecError
-from taskvec.files import FORMAT, FORMAT_VERSION, read_header, read_kind
-from taskvec.tensors import save_tensors, state_digest
+from taskvec.io.files import FORMAT, FORMAT_VERSION, now, read_header, read_kind
+from taskvec.io.tensors import save_tensors, state_digest
 
 TASKS = ("classification", "segmentation")
 
@@ -35,7 +34,7 @@ class ModelSpec:
     labels: list[str] = field(default_factory=list)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     decoder: dict[str, Any] | None = None
-    dp_compatible: dict[str, Any] | None = None  # DP-ready conversion (taskvec.dp_models), redone on load
+    dp_compatible: dict[str, Any] | None = None  # DP-ready conversion (taskvec.models.dp_ready), redone on load
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,13 +64,13 @@ def _module_kwargs(spec: ModelSpec) -> dict[str, Any]:
 
 def create_module(spec: ModelSpec, pretrained: bool = False, weights: str | None = None) -> nn.Module:
     """Build the `nn.Module` a spec describes (random init unless `pretrained`/`weights`)."""
-    from taskvec.segmentation import SegmentationModel
+    from taskvec.models.segmentation import SegmentationModel
 
     net = _timm_create(spec.arch, _module_kwargs(spec), pretrained, weights)
     if spec.task == "segmentation":
         net = SegmentationModel(net, spec.num_classes, **(spec.decoder or {}))
     if spec.dp_compatible is not None:
-        from taskvec.dp_models import make_dp_compatible
+        from taskvec.models.dp_ready import make_dp_compatible
 
         make_dp_compatible(net, **spec.dp_compatible)
     return net
@@ -90,7 +89,7 @@ def build_base(
 ) -> tuple[nn.Module, ModelSpec]:
     """Create a base model and its spec. `weights` is a local timm checkpoint (safetensors).
 
-    `dp_compatible` converts it for DP-SGD (see `taskvec.dp_models`) and records that in the spec.
+    `dp_compatible` converts it for DP-SGD (see `taskvec.models.dp_ready`) and records that in the spec.
     """
     import timm
 
@@ -113,7 +112,7 @@ def build_base(
     if task == "segmentation":
         spec.decoder = {"channels": 64}
     if dp_compatible:
-        from taskvec.dp_models import dp_spec
+        from taskvec.models.dp_ready import dp_spec
 
         spec.dp_compatible = dp_spec()
     if img_size is not None:
@@ -171,10 +170,6 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
 def model_spec(path: str | os.PathLike[str]) -> ModelSpec:
     """The spec stored in a model file (no torch needed)."""
     return ModelSpec.from_dict(read_kind(path, "model").meta["model"])
-
-
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def resolve_model_path(path: str | os.PathLike[str]) -> Path:

@@ -2,7 +2,7 @@
 
 One data set is cut into an untouched test split, a merger's validation share, an optional "public" share
 (to train the base when no pretrained weights are given), and K sites. Each site fine-tunes independently
-through `taskvec.train.finetune` (the code path of `taskvec finetune`), exports a vector, and the vectors are
+through `taskvec.training.loop.finetune` (the code path of `taskvec finetune`), exports a vector, and the vectors are
 merged with every method (and calibrated on the validation share). Everything is evaluated on the same test
 split: the base, every site alone, every merge, and centralised training on the union of the sites' data
 with the same number of epochs (the same number of gradient passes over the same images). Runs resume:
@@ -23,16 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from taskvec.data import DataSplits, ImageDataset, load_data, split_by_group
 from taskvec.errors import OutputExistsError, TaskvecError
-from taskvec.evaluate import evaluate_model
-from taskvec.merge import merge_vectors
-from taskvec.merge_methods import MERGE_METHODS
-from taskvec.metrics import primary_metric
-from taskvec.models import build_base, save_model
-from taskvec.splits import split_sites
-from taskvec.train import FinetuneConfig, finetune
-from taskvec.vectors import export_vector
+from taskvec.io.files import write_json
+from taskvec.merging.export import export_vector
+from taskvec.merging.methods import MERGE_METHODS
+from taskvec.merging.stream import merge_vectors
+from taskvec.models.spec import build_base, save_model
+from taskvec.simulation.splits import split_sites
+from taskvec.training.data import DataSplits, ImageDataset, load_data, split_by_group
+from taskvec.training.evaluate import evaluate_model
+from taskvec.training.loop import FinetuneConfig, finetune
+from taskvec.training.metrics import primary_metric
 
 TCGA_SITE = re.compile(r"TCGA-([A-Z0-9]{2})-")
 Progress = Callable[[str], None]
@@ -179,9 +180,9 @@ def _check_out(out: Path, cfg: SimulationConfig) -> None:
 
 def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> SimulationResult:
     """Run (or resume) a whole simulation into `cfg.out`; see the module docstring."""
-    from taskvec.calibrate import Calibrator
-    from taskvec.dp import DPConfig
-    from taskvec.report import write_report
+    from taskvec.merging.calibrate import Calibrator
+    from taskvec.privacy.dpsgd import DPConfig
+    from taskvec.simulation.report import write_report
 
     cfg.check()
     out = Path(cfg.out)
@@ -247,8 +248,6 @@ def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> Simu
                                       extra={"scale": cal.record["chosen"]}))
     summary = {"config": asdict(cfg), "notes": notes, "test_samples": len(test),
                "site_samples": [len(s) for s in sites], "metric": rows[0]["metric"], "rows": rows}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "results.json")
+    write_json(out / "results.json", summary)
     report, plots = write_report(out, summary)
     return SimulationResult(out, rows, rows[0]["metric"], report, plots)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from taskvec.files import atomic_output, digest, dump_meta
+from taskvec.io.files import atomic_output, digest, dump_meta
 
 TORCH_TO_ST = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -18,14 +18,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from taskvec.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader
 from taskvec.errors import TaskvecError
-from taskvec.evaluate import Track, evaluate_module, no_track, resolve_device
-from taskvec.files import Header
-from taskvec.merge import Accumulator
-from taskvec.metrics import primary_metric
-from taskvec.models import ModelSpec, create_module
-from taskvec.tensors import is_statistic
+from taskvec.io.files import Header
+from taskvec.io.tensors import is_statistic
+from taskvec.merging.stream import Accumulator
+from taskvec.models.spec import ModelSpec, create_module
+from taskvec.progress import Track, no_track
+from taskvec.training.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader
+from taskvec.training.evaluate import evaluate_module, resolve_device
+from taskvec.training.metrics import primary_metric
 
 DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0)
 

@@ -11,24 +11,18 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from taskvec.errors import FileFormatError, MismatchError
-from taskvec.files import FLOAT_DTYPES, Digest, Header, check_output, key_difference, read_kind
-from taskvec.merge_methods import MergeMethod, dare_drop, dare_seed, get_method
-from taskvec.models import ModelSpec, save_model
-from taskvec.privacy import check_budget
-from taskvec.tensors import TORCH_TO_ST, all_finite, is_statistic, tensor_bytes
-
-T = TypeVar("T")
-Track = Callable[[Iterable[T], str, int], Iterable[T]]
-
-
-def _no_track(it: Iterable[T], description: str, total: int) -> Iterable[T]:
-    return it
+from taskvec.io.files import FLOAT_DTYPES, Digest, Header, check_output, key_difference, read_kind
+from taskvec.io.tensors import TORCH_TO_ST, all_finite, is_statistic, tensor_bytes
+from taskvec.merging.methods import MergeMethod, dare_drop, dare_seed, get_method
+from taskvec.models.spec import ModelSpec, save_model
+from taskvec.privacy.ledger import check_budget
+from taskvec.progress import Track, no_track
 
 
 @dataclass
@@ -210,7 +204,7 @@ def merge_vectors(
     density: float | None = None,
     seed: int = 0,
     force: bool = False,
-    track: Track[Any] = _no_track,
+    track: Track[Any] = no_track,
     max_epsilon: float | None = None,
     require_dp: bool = False,
     calibrate: Callable[[Header, Accumulator], tuple[float, dict[str, Any]]] | None = None,
@@ -218,7 +212,7 @@ def merge_vectors(
     """Merge data vectors into `base + scale·combine(vectors)` and save it as a taskvec model file.
 
     `max_epsilon` / `require_dp` refuse vectors above the ε budget / without DP before any tensor is read.
-    `calibrate(base, acc) -> (scale, record)` chooses the scale instead (see `taskvec.calibrate`); it may set
+    `calibrate(base, acc) -> (scale, record)` chooses the scale instead (see `taskvec.merging.calibrate`); it may set
     statistics in `acc`, and its record is saved in the merge metadata.
     """
     check_output(out, force)

@@ -7,6 +7,7 @@ all its metadata as one JSON string under the header key ``"taskvec"``, so every
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import hashlib
 import json
 import os
@@ -211,6 +212,17 @@ def check_output(path: str | os.PathLike[str], force: bool) -> Path:
     if not p.parent.exists():
         raise FileFormatError(f"{p.parent}: output directory does not exist")
     return p
+
+
+def now() -> str:
+    """The current UTC time, to the second, in ISO 8601: every timestamp taskvec records."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write `obj` as indented, key-sorted JSON, atomically, replacing any existing file."""
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from taskvec.errors import MismatchError, TaskvecError
-from taskvec.models import ModelSpec
+from taskvec.models.spec import ModelSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 SPLITS = ("train", "val", "test")

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from taskvec.errors import FileFormatError, MismatchError, PrivacyError, TaskvecError
-from taskvec.files import (
+from taskvec.io.files import (
     FLOAT_DTYPES,
     FORMAT,
     FORMAT_VERSION,
@@ -25,18 +25,19 @@ from taskvec.files import (
     check_output,
     file_digest,
     key_difference,
+    now,
     read_header,
     read_kind,
 )
-from taskvec.models import now, resolve_model_path
-from taskvec.privacy import (
+from taskvec.io.tensors import CAST_DTYPES, TORCH_TO_ST, all_finite, is_statistic, save_tensors, state_digest
+from taskvec.models.spec import resolve_model_path
+from taskvec.privacy.ledger import (
     gaussian_noise_multiplier,
     gaussian_output_entry,
     read_releases,
     record_release,
     releases_path,
 )
-from taskvec.tensors import CAST_DTYPES, TORCH_TO_ST, all_finite, is_statistic, save_tensors, state_digest
 
 
 @dataclass

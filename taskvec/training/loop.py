@@ -30,13 +30,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from taskvec.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader
 from taskvec.errors import MismatchError, OutputExistsError, TaskvecError
-from taskvec.evaluate import Track, autocast, evaluate_module, no_track, resolve_device
-from taskvec.files import FORMAT, FORMAT_VERSION, atomic_output, read_kind
-from taskvec.metrics import primary_metric
-from taskvec.models import ModelSpec, create_module, load_model, save_model
-from taskvec.tensors import save_tensors, state_digest
+from taskvec.io.files import FORMAT, FORMAT_VERSION, read_kind, write_json
+from taskvec.io.tensors import save_tensors, state_digest
+from taskvec.models.spec import ModelSpec, create_module, load_model, save_model
+from taskvec.privacy.dpsgd import DPConfig, make_private, require_dp_ready
+from taskvec.progress import Track, no_track
+from taskvec.training.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader
+from taskvec.training.evaluate import autocast, evaluate_module, resolve_device
+from taskvec.training.metrics import primary_metric
 
 DEFAULT_EPOCHS = 10
 MODEL_FILE, CHECKPOINT_FILE = "model.safetensors", "checkpoint.safetensors"
@@ -62,7 +64,7 @@ class FinetuneConfig:
     contributor: str | None = None
     augment: bool = True
     num_workers: int | None = None  # default: 8 on GPU, 0 on CPU
-    dp: Any = None  # a `taskvec.dp.DPConfig`: train with DP-SGD
+    dp: DPConfig | None = None  # train with DP-SGD
 
     def check(self) -> None:
         if self.epochs is not None and self.steps is not None:
@@ -95,12 +97,21 @@ class TrainingSetup:
 
 
 def prepare_training(setup: TrainingSetup, config: FinetuneConfig, run_id: str) -> TrainingSetup:
-    """The DP seam: identity without DP; with `config.dp`, the private versions from `taskvec.dp`."""
+    """The DP seam: identity without DP; with `config.dp`, the private model, optimizer and loader from
+    `taskvec.privacy.dpsgd` (patient unit when the training data has patient ids), whose ledger, checkpoint
+    state and stop condition come from the privacy meter."""
     if config.dp is None:
         return setup
-    from taskvec.dp import private_setup
-
-    return private_setup(setup, config, run_id)  # type: ignore[no-any-return]
+    epochs = None if config.steps else (config.epochs or DEFAULT_EPOCHS)
+    model, optimizer, loader, meter = make_private(
+        setup.model, setup.optimizer, setup.loader, config.dp, epochs=epochs, steps=config.steps,
+        patient_ids=getattr(setup.loader.dataset, "groups", None),
+    )
+    return TrainingSetup(
+        model, optimizer, loader,
+        privacy=lambda: [meter.ledger_entry(run_id)] if meter.steps else [],
+        state=meter.state, load_state=meter.load_state, stop=lambda: meter.exhausted,
+    )
 
 
 @dataclass
@@ -200,11 +211,6 @@ def _config_dict(config: FinetuneConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(config).items() if k not in RUNTIME_FIELDS}
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with atomic_output(path, force=True) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-
-
 def _open_run(out: Path, parent: str, config: FinetuneConfig, source: str) -> str:
     """Create or reopen a run folder; return its run id. Refuse to reuse a folder without --resume."""
     run_file = out / RUN_FILE
@@ -225,7 +231,7 @@ def _open_run(out: Path, parent: str, config: FinetuneConfig, source: str) -> st
         raise TaskvecError(f"{out}: holds no {RUN_FILE}; it is not a taskvec run folder")
     out.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex
-    _write_json(run_file, {"run_id": run_id, "parent": parent, "config": _config_dict(config), "data": source})
+    write_json(run_file, {"run_id": run_id, "parent": parent, "config": _config_dict(config), "data": source})
     return run_id
 
 
@@ -313,8 +319,6 @@ def finetune(
         raise TaskvecError(f"{splits.source}: no training split")
     train, val = splits.train, splits.val
     if config.dp is not None:  # refuse a base DP-SGD cannot train before the run folder exists
-        from taskvec.dp import require_dp_ready
-
         require_dp_ready(create_module(spec))
     run_id = _open_run(out, parent, config, splits.source)
 
@@ -418,7 +422,7 @@ def finetune(
                             val_metrics, start_epoch, len(splits.skipped), splits.warnings)
     summary = {k: v for k, v in asdict(result).items() if k not in ("run_dir", "model_path")}
     name, value = primary_metric(val_metrics) if val_metrics else ("", None)
-    _write_json(out / METRICS_FILE, {**summary, "parent": parent, "task": spec.task, "data": splits.source,
+    write_json(out / METRICS_FILE, {**summary, "parent": parent, "task": spec.task, "data": splits.source,
                                      "samples": {"train": len(train), "val": training["val_samples"]},
                                      "config": _config_dict(config), "primary_metric": {name: value},
                                      "privacy": privacy})
