@@ -163,3 +163,40 @@ def test_empty_poisson_batch_is_a_noise_only_step(patients: bool) -> None:
     update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
     expected_std = 2.0 * 0.5 / opt.expected_batch_size  # σ·C / expected batch, SGD with lr 1
     assert update.std().item() == pytest.approx(expected_std, rel=0.1)
+
+
+def test_noise_is_drawn_on_the_parameters_device_and_sampling_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DP optimizer's generator lives where the parameters are (a CPU generator cannot draw CUDA noise);
+    the sampler has its own. Checked on CPU with a recording stand-in for torch.Generator and meta tensors."""
+    from taskvec.privacy import dpsgd
+
+    assert dpsgd.parameters_device(nn.Linear(2, 2, device="meta")) == torch.device("meta")
+    with pytest.raises(PrivacyError, match="one device"):
+        dpsgd.parameters_device(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2, device="meta")))
+    made: list[str] = []
+    real = torch.Generator
+
+    def recording(device: Any = "cpu") -> torch.Generator:
+        made.append(str(device))
+        return real("cpu")  # this machine draws on CPU; the device asked for is what is checked
+
+    monkeypatch.setattr(torch, "Generator", recording)
+    monkeypatch.setattr(dpsgd, "parameters_device", lambda model: torch.device("cuda", 1))
+    model, x, y, _ = _linear_setup(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, opt, loader, _ = make_private(model, opt, DataLoader(TensorDataset(x, y), batch_size=6),
+                                     DPConfig(1.0, 1e-5, noise_multiplier=1.0), epochs=1)
+    assert made == ["cpu", "cuda:1"]
+    assert opt.generator is not loader.batch_sampler.generator
+
+
+def test_dp_sgd_never_uses_fp16_loss_scaling(monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskvec.training.loop import mixed_precision
+
+    cuda = torch.device("cuda")
+    assert mixed_precision(torch.device("cpu"), dp=True) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert mixed_precision(cuda, dp=False) == "fp16"  # scaled loss, without DP only
+    assert mixed_precision(cuda, dp=True) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert mixed_precision(cuda, dp=True) == "bf16"  # no loss scaling needed

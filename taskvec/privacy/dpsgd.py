@@ -87,20 +87,24 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Smallest noise multiplier (to 1%) whose ε after `steps` steps is at most the target."""
+    """Smallest noise multiplier (ε within 1% below the target) whose ε after `steps` steps is at most the
+    target: Opacus's own search (`get_noise_multiplier`), with the PRV accountant, RDP if PRV fails."""
+    from opacus.accountants.utils import get_noise_multiplier
 
-    def over(z: float) -> bool:
-        return epsilon_spent(z, sample_rate, steps, delta)[0] > target_epsilon
-
-    lo, hi = 0.0, 1.0
-    while over(hi):
-        lo, hi = hi, hi * 2
-        if hi > 1e3:
-            raise PrivacyError(f"ε = {target_epsilon} is out of reach in {steps} steps at rate {sample_rate:.3g}")
-    while hi - lo > 0.01 * hi:
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if over(mid) else (lo, mid)
-    return hi
+    for accountant in ("prv", "rdp"):
+        try:
+            with warnings.catch_warnings():  # PRV bounds its domain with RDP, which warns at large noise
+                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+                return float(get_noise_multiplier(
+                    target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+                    accountant=accountant, epsilon_tolerance=0.01 * target_epsilon,
+                ))
+        except (RuntimeError, OverflowError, FloatingPointError):
+            continue
+        except ValueError as e:
+            if "budget is too low" in str(e):
+                break
+    raise PrivacyError(f"ε = {target_epsilon} is out of reach in {steps} steps at rate {sample_rate:.3g}")
 
 
 def max_steps(noise_multiplier: float, sample_rate: float, delta: float, target_epsilon: float) -> int:
@@ -171,6 +175,19 @@ class PrivacyMeter:
                 f"{state['sample_rate']}, this run would use {self.noise_multiplier} and {self.sample_rate}"
             )
         self.steps = int(state["dp_steps"])
+
+
+def secret_generator(device: torch.device | str, seed: int | None = None) -> torch.Generator:
+    """A generator on `device`, seeded from the OS (secret) unless a test `seed` is given (then not secret)."""
+    return torch.Generator(device=device).manual_seed(seed if seed is not None else secrets.randbits(63))
+
+
+def parameters_device(model: nn.Module) -> torch.device:
+    """The one device of the model's trainable parameters: where DP noise must be drawn."""
+    devices = {p.device for p in model.parameters() if p.requires_grad}
+    if len(devices) != 1:
+        raise PrivacyError(f"DP-SGD needs the trainable parameters on one device, found {sorted(map(str, devices))}")
+    return devices.pop()
 
 
 def require_dp_ready(model: nn.Module) -> None:
@@ -299,8 +316,9 @@ def make_private(
 
     The expected batch is the loader's batch size (in images; with patient ids, in whole patients of the
     same expected number of images). A target ε is reached after the planned `steps` (or `epochs`). The
-    model must be DP-ready (`taskvec init --dp-compatible`). Sampling and noise draw from a generator seeded
-    from the OS (secret), unless `config.seed` is set for tests: reproducible noise is not secret.
+    model must be DP-ready (`taskvec init --dp-compatible`) and on its training device. Sampling and noise draw
+    from generators seeded from the OS (secret), unless `config.seed` is set for tests: reproducible noise is
+    not secret.
     """
     if (epochs is None) == (steps is None):
         raise TaskvecError("make_private needs the planned epochs or steps (one of them)")
@@ -314,19 +332,22 @@ def make_private(
     if depthwise_convolutions(model):
         warnings.warn(f"the model {DEPTHWISE_WARNING.format(n=depthwise_convolutions(model))}", stacklevel=2)
     n_images = len(loader.dataset)  # type: ignore[arg-type]
-    generator = torch.Generator().manual_seed(config.seed if config.seed is not None else secrets.randbits(63))
+    # Two secret generators: the sampler draws on the CPU, the noise on the parameters' device (a CPU
+    # generator cannot draw CUDA noise). A test seed makes both reproducible, and public.
+    sampler_gen = secret_generator("cpu", config.seed)
+    noise_gen = secret_generator(parameters_device(model), None if config.seed is None else config.seed + 1)
     if patient_ids is not None:
         if len(patient_ids) != n_images:
             raise PrivacyError(f"{len(patient_ids)} patient ids for {n_images} images")
         n_units, unit = len(set(patient_ids)), "patient"
         per_batch = max(1.0, (loader.batch_size or 1) * n_units / n_images)  # whole patients, ~batch images
-        sampler = PatientPoissonSampler(patient_ids, 1 / max(1, round(n_units / per_batch)), generator)
+        sampler = PatientPoissonSampler(patient_ids, 1 / max(1, round(n_units / per_batch)), sampler_gen)
         private_loader = _patient_loader(loader, sampler)
         q = sampler.sample_rate
     else:
         n_units, unit = n_images, "image"
         logging.getLogger("opacus.data_loader").setLevel(logging.ERROR)  # "ignoring drop_last": Poisson has none
-        private_loader = DPDataLoader.from_data_loader(loader, generator=generator)
+        private_loader = DPDataLoader.from_data_loader(loader, generator=sampler_gen)
         q = private_loader.sample_rate
     steps_per_epoch = len(private_loader)
     if config.noise_multiplier is not None:
@@ -345,7 +366,7 @@ def make_private(
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus's hooks, images need no grad
     hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")
     kwargs = {"noise_multiplier": z, "max_grad_norm": config.max_grad_norm,
-              "expected_batch_size": max(1, round(q * n_units)), "generator": generator}
+              "expected_batch_size": max(1, round(q * n_units)), "generator": noise_gen}
     safe = EmptyBatchSafe(model)
     owners = sampler.queue if patient_ids is not None else None
     dp_optimizer = _optimizer_class()(optimizer, model=safe, owners=owners, **kwargs)

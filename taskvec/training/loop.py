@@ -15,6 +15,7 @@ private versions (identity without DP); `FinetuneConfig` is a dataclass to add D
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -204,6 +205,17 @@ def augment(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator) -> tu
     return apply(x), (apply(y) if y is not None else None)
 
 
+def mixed_precision(device: torch.device, dp: bool) -> str | None:
+    """The autocast dtype of training: bf16 on GPUs that have it, else fp16 with loss scaling, except under
+    DP-SGD, which trains in fp32 there: loss scaling would scale per-sample gradients before clipping, and
+    its skipped overflow steps would depend on the private data."""
+    if device.type != "cuda":
+        return None
+    if torch.cuda.is_bf16_supported():
+        return "bf16"
+    return None if dp else "fp16"
+
+
 # ------------------------------------------------------------------------------------------ run folder
 
 
@@ -348,8 +360,8 @@ def finetune(
 
     norm = Normalizer(spec, device)
     criterion = SegmentationLoss() if spec.task == "segmentation" else nn.CrossEntropyLoss()
-    fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+    mixed = mixed_precision(device, config.dp is not None)
+    scaler = torch.amp.GradScaler("cuda", enabled=mixed == "fp16")
     aug_gen = torch.Generator()
     seg = spec.task == "segmentation"
 
@@ -377,7 +389,7 @@ def finetune(
             x, y_aug = augment(x, y if seg else None, aug_gen)
             y = y_aug if y_aug is not None else y
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device):
+        with autocast(device) if mixed else contextlib.nullcontext():
             loss = criterion(model(norm(x)).float(), y)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
