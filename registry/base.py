@@ -29,6 +29,8 @@ from typing import Any
 
 from taskvec.errors import FileFormatError, MismatchError, TaskvecError
 from taskvec.io.files import Header, atomic_output, file_digest, now, read_kind
+from taskvec.io.layout import check_against_base
+from taskvec.progress import Track, no_track
 
 REGISTRY_FILE = "registry.json"
 INDEX_FILE = "index.json"
@@ -311,7 +313,7 @@ class Registry:
         file_sha = sha256_file(h.path)
         signature = sign(key, file_sha) if key is not None else None
         info = self.info()
-        check_base(info, h, self.address)
+        check_against_base(h, info.base, f"registry {self.address}")
         check_trust(info, contributor, signature, file_sha, str(h.path))
         result: list[PushResult] = []
 
@@ -344,16 +346,15 @@ class Registry:
         verify_vector(path, entry, f"{self.address}/{entry.path}")
         return path
 
-    def fetch_all(self, entries: Sequence[Entry], track: Callable[..., Iterable[Entry]] | None = None) -> list[Path]:
+    def fetch_all(self, entries: Sequence[Entry], track: Track[Entry] = no_track) -> list[Path]:
         """Local, verified copies of `entries` (every one is checked before any is returned)."""
         if not entries:
             raise RegistryError(f"{self.address}: no vectors to fetch (the registry or the selection is empty)")
         info = self.info()
-        it = track(entries, "fetching", len(entries)) if track else entries
-        return [self.fetch(e, info) for e in it]
+        return [self.fetch(e, info) for e in track(entries, "fetching", len(entries))]
 
     def pull(self, entries: Sequence[Entry], out: str | os.PathLike[str], force: bool = False,
-             track: Callable[..., Iterable[Entry]] | None = None) -> list[tuple[Path, bool]]:
+             track: Track[Entry] = no_track) -> list[tuple[Path, bool]]:
         """Copy verified vectors to `out/<contributor>-<sha256[:16]>.safetensors`; (path, copied) for each.
 
         A file already there with the same bytes is kept (pulling again is a no-op)."""
@@ -362,7 +363,7 @@ class Registry:
             raise FileFormatError(f"{dest_dir}: no such directory for --out; create it first")
         info = self.info()
         done = []
-        for e in track(entries, "pulling", len(entries)) if track else entries:
+        for e in track(entries, "pulling", len(entries)):
             dest = dest_dir / f"{e.contributor}-{e.sha256[:16]}.safetensors"
             if dest.is_file() and sha256_file(dest) == e.file_sha256:
                 done.append((dest, False))
@@ -411,18 +412,6 @@ def check_contributor(name: str) -> str:
             "using letters, digits, '.', '_' or '-' (at most 64)"
         )
     return name
-
-
-def check_base(info: RegistryInfo, h: Header, address: str) -> None:
-    m = h.meta
-    if m["base"]["identity"] != info.base["identity"]:
-        raise MismatchError(
-            f"{h.path}: was exported against base {m['base']['identity'][:12]}, but {address} holds vectors for "
-            f"base {info.base['identity'][:12]} ({info.base['arch']}); push it to a registry for its own base"
-        )
-    for fld in ("task", "labels"):
-        if m.get(fld) != info.base.get(fld):
-            raise MismatchError(f"{h.path}: {fld} is {m.get(fld)!r}, the registry's base has {info.base.get(fld)!r}")
 
 
 def check_trust(

@@ -9,11 +9,12 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 from taskvec.registry.base import CARD_FILE, INDEX_FILE, Change, Reader, RegistryError, Store
+
+from taskvec.io.files import atomic_output
 
 LOCK_FILE = ".taskvec.lock"
 LOCK_TIMEOUT_S = 120.0
@@ -34,20 +35,11 @@ class _FolderReader(Reader):
 
 def _write_atomic(target: Path, content: bytes | Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(content, Path):
-                with open(content, "rb") as src:
-                    shutil.copyfileobj(src, f, 1 << 20)
-            else:
-                f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(target, force=True) as tmp:
+        if isinstance(content, Path):
+            shutil.copyfile(content, tmp)
+        else:
+            tmp.write_bytes(content)
 
 
 class FolderStore(Store):

@@ -86,7 +86,7 @@ def test_vector_from_another_base_fails_before_reading(make_base, make_finetuned
     base, vecs = three
     other = make_base("test_resnet", name="other.safetensors", in_chans=1)
     foreign = export_vector(make_finetuned(other, 9, name="f.safetensors"), other, tmp_path / "f-vec.safetensors").path
-    with pytest.raises(MismatchError, match="f-vec.safetensors: base identity"):
+    with pytest.raises(MismatchError, match="f-vec.safetensors: base.identity"):
         merge_vectors([*vecs, foreign], base, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
 

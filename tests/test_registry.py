@@ -50,7 +50,7 @@ def test_refuses_vector_for_another_base(address: str, sites, make_base) -> None
     base, vector = sites
     other = make_base(arch="test_resnet", name="other.safetensors")
     reg = created(address, base)
-    with pytest.raises(MismatchError, match="registry for its own base"):
+    with pytest.raises(MismatchError, match="made from another base"):
         reg.push(vector(0, b=other))
     assert reg.entries() == []
 

@@ -233,6 +233,8 @@ def atomic_output(path: str | os.PathLike[str], force: bool = False) -> Iterator
     os.close(fd)
     try:
         yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         if p.exists() and not force:
             raise OutputExistsError(f"{p}: appeared while writing; pass --force to overwrite it")
         os.replace(tmp, p)

@@ -18,14 +18,6 @@ TORCH_TO_ST = {
     torch.bool: "BOOL",
 }
 CAST_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STATISTIC_SUFFIXES = ("running_mean", "running_var")
-
-
-def is_statistic(name: str) -> bool:
-    """BatchNorm running statistics: merged by averaging values, never as deltas."""
-    return name.endswith(STATISTIC_SUFFIXES)
-
-
 def all_finite(t: torch.Tensor) -> bool:
     """True when `t` holds no NaN/Inf. One reduction; the elementwise check only runs if the sum is not finite."""
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())

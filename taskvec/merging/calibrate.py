@@ -20,7 +20,7 @@ from torch import nn
 
 from taskvec.errors import TaskvecError
 from taskvec.io.files import Header
-from taskvec.io.tensors import is_statistic
+from taskvec.io.layout import is_statistic
 from taskvec.merging.stream import Accumulator
 from taskvec.models.spec import ModelSpec, create_module
 from taskvec.progress import Track, no_track

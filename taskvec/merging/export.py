@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from taskvec.errors import FileFormatError, MismatchError, PrivacyError, TaskvecError
+from taskvec.errors import FileFormatError, PrivacyError, TaskvecError
 from taskvec.io.files import (
     FLOAT_DTYPES,
     FORMAT,
@@ -24,12 +24,12 @@ from taskvec.io.files import (
     Header,
     check_output,
     file_digest,
-    key_difference,
     now,
     read_header,
     read_kind,
 )
-from taskvec.io.tensors import CAST_DTYPES, TORCH_TO_ST, all_finite, is_statistic, save_tensors, state_digest
+from taskvec.io.layout import check_against_base, is_statistic
+from taskvec.io.tensors import CAST_DTYPES, TORCH_TO_ST, all_finite, save_tensors, state_digest
 from taskvec.models.spec import resolve_model_path
 from taskvec.privacy.ledger import (
     gaussian_noise_multiplier,
@@ -53,34 +53,10 @@ class ExportReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_same_layout(base: Header, other: Header, what: str = "") -> None:
-    """Keys and shapes of `other` must equal the base's; the error names the file and the field."""
-    diff = key_difference(base.tensors, other.tensors)
-    if diff:
-        raise MismatchError(f"{other.path}: does not match base {base.path}{what}: {diff}")
-    for k, t in other.tensors.items():
-        if t.shape != base.tensors[k].shape:
-            raise MismatchError(
-                f"{other.path}: shape of {k} is {list(t.shape)}, base has {list(base.tensors[k].shape)}"
-            )
-
-
 def _check_finetuned(base: Header, ft: Header) -> None:
     if ft.kind == "vector":
         raise FileFormatError(f"{ft.path}: is a data vector; export takes a fine-tuned model or state_dict")
-    if ft.kind == "model":
-        parent = ft.meta.get("parent")
-        if parent is not None and parent != base.meta["identity"]:
-            raise MismatchError(
-                f"{ft.path}: was fine-tuned from base {parent[:12]}, "
-                f"not from {base.path} ({base.meta['identity'][:12]})"
-            )
-        for fld in ("arch", "task", "num_classes", "labels"):
-            if ft.meta["model"].get(fld) != base.meta["model"].get(fld):
-                raise MismatchError(
-                    f"{ft.path}: {fld} is {ft.meta['model'].get(fld)!r}, base has {base.meta['model'].get(fld)!r}"
-                )
-    check_same_layout(base, ft)
+    check_against_base(ft, base)
 
 
 def _resolve_noise(

@@ -17,8 +17,9 @@ import torch
 from safetensors import safe_open
 
 from taskvec.errors import FileFormatError, MismatchError
-from taskvec.io.files import FLOAT_DTYPES, Digest, Header, check_output, key_difference, read_kind
-from taskvec.io.tensors import TORCH_TO_ST, all_finite, is_statistic, tensor_bytes
+from taskvec.io.files import Digest, Header, check_output, read_kind
+from taskvec.io.layout import check_against_base, is_statistic
+from taskvec.io.tensors import TORCH_TO_ST, all_finite, tensor_bytes
 from taskvec.merging.methods import MergeMethod, dare_drop, dare_seed, get_method
 from taskvec.models.spec import ModelSpec, save_model
 from taskvec.privacy.ledger import check_budget
@@ -36,44 +37,16 @@ class MergeReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def delta_keys(base: Header) -> list[str]:
-    """Keys that a vector carries as deltas: the base's floating tensors that are not statistics."""
-    return sorted(k for k, t in base.tensors.items() if t.dtype in FLOAT_DTYPES and not is_statistic(k))
-
-
 def check_vectors(base: Header, paths: Sequence[str | os.PathLike[str]]) -> list[Header]:
     """Validate every vector against the base from headers alone; fail fast naming the file and field."""
     if not paths:
         raise FileFormatError("no vectors given")
-    expected = set(delta_keys(base))
-    stat_keys = {k for k in base.tensors if is_statistic(k)}
-    bmodel = base.meta["model"]
     headers: list[Header] = []
     seen: dict[str, Path] = {}
     for p in paths:
         h = read_kind(p, "vector")
         m = h.meta
-        if m["base"]["identity"] != base.meta["identity"]:
-            raise MismatchError(
-                f"{h.path}: base identity is {m['base']['identity'][:12]}, not {base.meta['identity'][:12]} "
-                f"({base.path}); it was exported against another base"
-            )
-        for fld in ("task", "labels"):
-            if m.get(fld) != bmodel.get(fld):
-                raise MismatchError(f"{h.path}: {fld} is {m.get(fld)!r}, base has {bmodel.get(fld)!r}")
-        stats = set(m.get("statistics", []))
-        diff = key_difference(expected, (k for k in h.tensors if k not in stats))
-        if diff:
-            raise MismatchError(f"{h.path}: keys differ from the base: {diff}")
-        if not stats <= stat_keys:
-            raise MismatchError(f"{h.path}: statistics keys the base does not have")
-        for k, t in h.tensors.items():
-            if t.shape != base.tensors[k].shape:
-                raise MismatchError(
-                    f"{h.path}: shape of {k} is {list(t.shape)}, base has {list(base.tensors[k].shape)}"
-                )
-            if t.dtype not in FLOAT_DTYPES:
-                raise MismatchError(f"{h.path}: tensor {k} has dtype {t.dtype}, vectors hold floating tensors")
+        check_against_base(h, base)
         if m["sha256"] in seen:
             raise MismatchError(
                 f"{h.path}: same vector as {seen[m['sha256']]} (sha256 {m['sha256'][:12]}); give it once"

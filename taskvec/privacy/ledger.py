@@ -212,12 +212,11 @@ def read_releases(record: Path, key: str) -> list[dict[str, Any]]:
 
 def record_release(record: Path, key: str, release: dict[str, Any]) -> None:
     """Append one export of run `key` to the record (rewritten atomically)."""
-    from taskvec.io.files import atomic_output
+    from taskvec.io.files import write_json
 
     runs = json.loads(record.read_text())["runs"] if record.exists() else {}
     runs.setdefault(key, []).append(release)
-    with atomic_output(record, force=True) as tmp:
-        tmp.write_text(json.dumps({"format": "taskvec-releases", "version": 1, "runs": runs}, indent=1))
+    write_json(record, {"format": "taskvec-releases", "version": 1, "runs": runs})
 
 
 def summarize_ledger(ledger: list[dict[str, Any]]) -> str:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
+
+from taskvec.io.files import atomic_output
 
 GROUP_ORDER = {"base": 0, "local": 1, "merged": 2, "calibrated": 3, "centralised": 4}
 SHOWN = ("auroc", "accuracy", "balanced_accuracy", "macro_f1", "dice", "jaccard", "pixel_accuracy")
@@ -123,7 +124,6 @@ def write_report(out: Path, summary: dict[str, Any]) -> tuple[Path, list[Path]]:
     plots = [_plot_methods(out, rows, metric, eps) for eps in [None, *epsilons]]
     if epsilons:
         plots.append(_plot_epsilon(out, rows, metric, epsilons))
-    tmp = out / "report.md.tmp"
-    tmp.write_text(_markdown(summary, plots))
-    os.replace(tmp, out / "report.md")
+    with atomic_output(out / "report.md", force=True) as tmp:
+        tmp.write_text(_markdown(summary, plots))
     return out / "report.md", plots

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from taskvec.io.files import atomic_output
+
 LABELS = ["normal", "lesion"]
 
 
@@ -39,8 +41,6 @@ def write_classification_npz(path: str | os.PathLike[str], n_train: int = 600, n
     arrays = {}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = _frames(n, size, rng)
-    p = Path(path)
-    tmp = p.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
-    os.replace(tmp, p)
-    return p
+    with atomic_output(path, force=True) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
+    return Path(path)

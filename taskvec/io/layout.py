@@ -1,0 +1,83 @@
+"""Does a file belong to a base? The one check that export (fine-tuned model against base), merge (vectors
+against base) and registry push (vector against the registry's base) share. Reads headers only, no torch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from taskvec.errors import MismatchError
+from taskvec.io.files import FLOAT_DTYPES, Header, TensorInfo, key_difference
+
+STATISTIC_SUFFIXES = ("running_mean", "running_var")
+MODEL_FIELDS = ("arch", "task", "num_classes", "labels")
+VECTOR_FIELDS = ("task", "labels")
+
+
+def is_statistic(name: str) -> bool:
+    """BatchNorm running statistics: merged by averaging values, never as deltas."""
+    return name.endswith(STATISTIC_SUFFIXES)
+
+
+def delta_keys(tensors: Mapping[str, TensorInfo]) -> list[str]:
+    """Keys that a vector carries as deltas: the base's floating tensors that are not statistics."""
+    return sorted(k for k, t in tensors.items() if t.dtype in FLOAT_DTYPES and not is_statistic(k))
+
+
+def check_against_base(h: Header, base: Header | Mapping[str, Any], where: str = "") -> None:
+    """`h` (a data vector, a fine-tuned model or a plain state_dict) must belong to `base`, else a
+    `MismatchError` naming the file and the field.
+
+    `base` is the base model's header, or the base record a registry keeps (`identity`, `arch`, `task`,
+    `num_classes`, `labels`; `where` names the registry), which has no tensors to compare layouts with.
+    Checked: the base identity `h` records (a vector's `base.identity`, a model's `parent` when it has one);
+    task and labels (and arch and num_classes for a model); then, given a header, keys and shapes, and that a
+    vector holds floating deltas for exactly the base's floating non-statistics tensors.
+    """
+    if isinstance(base, Header):
+        identity, model, name, tensors = base.meta["identity"], base.meta["model"], f"base {base.path}", base.tensors
+    else:
+        identity, model, name, tensors = base["identity"], base, f"the base of {where}", None
+    _check_identity(h, identity, model, name)
+    meta = h.meta.get("model", {}) if h.kind == "model" else h.meta
+    for fld in {"model": MODEL_FIELDS, "vector": VECTOR_FIELDS}.get(h.kind, ()):
+        if meta.get(fld) != model.get(fld):
+            raise MismatchError(f"{h.path}: {fld} is {meta.get(fld)!r}, {name} has {model.get(fld)!r}",
+                                path=h.path, field=fld, expected=model.get(fld), got=meta.get(fld))
+    if tensors is not None:
+        _check_layout(h, tensors, name)
+
+
+def _check_identity(h: Header, identity: str, model: Mapping[str, Any], name: str) -> None:
+    if h.kind == "vector":
+        fld, got = "base.identity", h.meta["base"]["identity"]
+    elif h.kind == "model" and h.meta.get("parent") is not None:
+        fld, got = "parent", h.meta["parent"]
+    else:
+        return
+    if got != identity:
+        raise MismatchError(
+            f"{h.path}: {fld} is {str(got)[:12]}, {name} is {identity[:12]} ({model.get('arch')}); "
+            "it was made from another base",
+            path=h.path, field=fld, expected=identity, got=got,
+        )
+
+
+def _check_layout(h: Header, tensors: Mapping[str, TensorInfo], name: str) -> None:
+    if h.kind == "vector":
+        stats = set(h.meta.get("statistics", []))
+        diff = key_difference(delta_keys(tensors), (k for k in h.tensors if k not in stats))
+        unknown = sorted(stats - {k for k in tensors if is_statistic(k)})
+        if not diff and unknown:
+            diff = f"statistics {', '.join(unknown[:5])} are not statistics of the base"
+    else:
+        diff = key_difference(tensors, h.tensors)
+    if diff:
+        raise MismatchError(f"{h.path}: keys differ from {name}: {diff}", path=h.path, field="keys")
+    for k, t in h.tensors.items():
+        if t.shape != tensors[k].shape:
+            raise MismatchError(f"{h.path}: shape of {k} is {list(t.shape)}, {name} has {list(tensors[k].shape)}",
+                                path=h.path, field=k, expected=list(tensors[k].shape), got=list(t.shape))
+        if h.kind == "vector" and t.dtype not in FLOAT_DTYPES:
+            raise MismatchError(f"{h.path}: tensor {k} has dtype {t.dtype}, vectors hold floating tensors",
+                                path=h.path, field=k, got=t.dtype)
