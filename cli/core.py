@@ -20,8 +20,13 @@ def init(
     pretrained: bool = typer.Option(False, "--pretrained", help="Load timm's pretrained weights (needs a network)."),
     weights: Path | None = typer.Option(None, help="Load a local timm checkpoint (.safetensors) instead."),
     dp_compatible: bool = typer.Option(
-        False, "--dp-compatible", help="Make it ready for finetune --dp (BatchNorm → GroupNorm, no in-place ops)."
+        False, "--dp-compatible", help="Make it ready for finetune --dp (per-example norms, no in-place ops)."
     ),
+    dp_norm: str | None = typer.Option(
+        None, "--dp-norm", help="--dp-compatible: frozen-batchnorm (default with weights: keeps the pretrained "
+                                "statistics) | groupnorm (default without)."
+    ),
+    decoder: str = typer.Option("unet", help="Segmentation decoder (segmentation-models-pytorch): unet | fpn."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
 ) -> None:
     """Create the shared base model file every site starts from; prints its identity."""
@@ -30,11 +35,14 @@ def init(
 
     check_output(out, force)
     names = [s.strip() for s in labels.split(",")] if labels else None
-    module, spec = build_base(arch, task, num_classes, in_chans, img_size, names, pretrained, weights, dp_compatible)
-    if dp_compatible:
+    module, spec = build_base(arch, task, num_classes, in_chans, img_size, names, pretrained, weights, dp_compatible,
+                              dp_norm, decoder)
+    if spec.dp_compatible is not None:
         from taskvec.models.dp_ready import DEPTHWISE_WARNING, depthwise_convolutions
 
-        console.print("DP-ready: BatchNorm → GroupNorm (affine weights kept), in-place ops made out-of-place")
+        how = ("frozen statistics (per-channel affine)" if spec.dp_compatible["norm"] == "frozen-batchnorm"
+               else "GroupNorm (affine weights kept)")
+        console.print(f"DP-ready: BatchNorm → {how}, in-place ops made out-of-place")
         if depthwise_convolutions(module):
             warn(f"{arch} {DEPTHWISE_WARNING.format(n=depthwise_convolutions(module))}")
     source = {"pretrained": pretrained, "weights": str(weights) if weights else None}

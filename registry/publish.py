@@ -1,6 +1,9 @@
-"""Publish a merged model as a timm-loadable Hub repo: `config.json` (timm's own writer) + `model.safetensors`.
+"""Publish a merged model as a timm- or smp-loadable Hub repo: `config.json` + `model.safetensors`.
 
-`timm.create_model('hf-hub:ORG/REPO', pretrained=True)` then loads it. The weights file is the merged
+Classification: `timm.create_model('hf-hub:ORG/REPO', pretrained=True)` loads it (timm's own config writer).
+Segmentation: `segmentation_models_pytorch.from_pretrained('ORG/REPO')` loads it (smp's config: the model
+class and its arguments). A DP-ready base with frozen BatchNorm statistics has the plain model's keys and
+function, so it publishes too; a GroupNorm conversion does not. The weights file is the merged
 model file itself, so its header keeps the provenance (base identity, merge method, every vector's
 sha256). A merge version (from `merge --incremental`) becomes a Hub tag `vN` on the commit.
 """
@@ -37,6 +40,17 @@ def parse_repo(address: str) -> str:
     return repo_id
 
 
+def smp_config(model_path: str | os.PathLike[str], out: Path) -> None:
+    """Write smp's `config.json` (model class and arguments) for the segmentation model in `model_path`."""
+    from taskvec.io.files import write_json
+    from taskvec.models.spec import ModelSpec, create_module
+
+    spec = ModelSpec.from_dict(read_kind(model_path, "model").meta["model"])
+    spec.dp_compatible = None
+    net: Any = create_module(spec)
+    write_json(out, {**net.config, "encoder_weights": None, "_model_class": type(net).__name__})
+
+
 def timm_config(model_path: str | os.PathLike[str], out: Path) -> None:
     """Write timm's `config.json` for the model in `model_path` (architecture, num_classes, model_args...)."""
     from timm.models._hub import save_config_for_hf
@@ -61,17 +75,17 @@ def publish_model(
     repo_id = parse_repo(repo)
     h = read_kind(model, "model")
     meta = h.meta
-    if meta["model"]["task"] != "classification" or meta["model"].get("dp_compatible"):
+    if (meta["model"].get("dp_compatible") or {}).get("norm", "frozen-batchnorm") != "frozen-batchnorm":
         raise TaskvecError(
-            f"{model}: only plain timm classification models load with timm.create_model; "
-            "share this model as a taskvec file instead"
+            f"{model}: its GroupNorm layers (DP-ready conversion) load with neither timm nor smp; "
+            "share this model as a taskvec file instead", path=model
         )
     version = meta.get("merge", {}).get("version")
     tag = tag if tag is not None else (f"v{version}" if version is not None else None)
     store = HubStore(repo_id, revision, endpoint, token, private)
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / CONFIG_FILE
-        timm_config(h.path, config)
+        (timm_config if meta["model"]["task"] == "classification" else smp_config)(h.path, config)
         files: dict[str, bytes | Path] = {
             CONFIG_FILE: config, WEIGHTS_FILE: h.path,
             "README.md": render_model_card(meta, repo_id, card or {}, tag).encode(),

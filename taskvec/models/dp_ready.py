@@ -3,11 +3,18 @@
 Per-example gradients (Opacus) need every layer to treat examples independently and no module output to
 be modified in place. timm models break both: BatchNorm (including timm's `BatchNormAct2d`, which
 Opacus's validator does not see) mixes examples, and ResNets use `ReLU(inplace=True)` and
-`x += shortcut`. `make_dp_compatible` replaces BatchNorm by GroupNorm (keeping the BatchNorm's affine
-weight and bias; running statistics have no GroupNorm counterpart), switches in-place activations off and
-swaps timm's residual blocks for subclasses that add the shortcut out of place. State-dict keys of
-everything else are unchanged. The conversion is recorded in the model spec, so `load_model` rebuilds the
-same module. ViT and ConvNeXt (LayerNorm) need no change.
+`x += shortcut`. `make_dp_compatible` switches in-place activations off, swaps timm's residual blocks for
+subclasses that add the shortcut out of place, and replaces every BatchNorm by one of:
+
+- `frozen-batchnorm` (the default for pretrained bases): the same BatchNorm with its pretrained running
+  statistics frozen, i.e. the per-channel affine map `weight·(x − mean)/√(var + eps) + bias`. It treats
+  examples independently, so per-example clipping is exact, and keeps what pretraining learned. Its keys
+  are the BatchNorm's, so a converted base has the same layout as the pretrained one.
+- `groupnorm`: GroupNorm with the BatchNorm's affine weight and bias (statistics are discarded); for bases
+  without pretrained statistics.
+
+The conversion is recorded in the model spec, so `load_model` rebuilds the same module. ViT and ConvNeXt
+(LayerNorm) need no change.
 """
 
 from __future__ import annotations
@@ -15,16 +22,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from opacus.grad_sample import register_grad_sampler
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
-from taskvec.errors import TaskvecError
+from taskvec.errors import ConfigError, TaskvecError
 
 MAX_GROUPS = 32
+NORMS = ("frozen-batchnorm", "groupnorm")
 DEPTHWISE_WARNING = (
-    "has {n} depthwise convolutions: per-example gradients of depthwise convolutions are slow in Opacus "
-    "(efficientnet_b0 measured about 50x slower under DP-SGD); prefer ViT or ConvNeXt-free ResNet/GroupNorm "
-    "backbones for DP (see benchmarks/dp_overhead.py)"
+    "has {n} depthwise convolutions: per-example gradients of their weights are slow in Opacus (full DP-SGD "
+    "fine-tuning of tf_efficientnet_lite0 measured about 50x slower than without DP); `finetune --train norm-bias` "
+    "or `--train lora:R` leave them frozen (see benchmarks/dp_overhead.py)"
 )
 
 
@@ -49,6 +58,55 @@ def _group_norm(bn: nn.modules.batchnorm._BatchNorm, max_groups: int) -> nn.Modu
             gn.weight.copy_(bn.weight)
             gn.bias.copy_(bn.bias)
     return gn.to(bn.weight.device if bn.affine else "cpu")
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with frozen running statistics (a per-channel affine map; per-example safe), followed by the
+    activation of timm's `BatchNormAct2d` when it replaces one (Identity otherwise). Trainable: `weight` and
+    `bias`, with the exact per-example gradients of `frozen_batchnorm_grad_sample`."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        c = bn.num_features
+        self.eps = bn.eps
+        self.weight = nn.Parameter(bn.weight.detach().clone() if bn.affine else torch.ones(c))
+        self.bias = nn.Parameter(bn.bias.detach().clone() if bn.affine else torch.zeros(c))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            ref = getattr(bn, name, None)
+            default = torch.zeros(c) if name == "running_mean" else torch.ones(c)
+            self.register_buffer(name, ref.detach().clone() if ref is not None else default)
+        if not isinstance(getattr(bn, "drop", nn.Identity()), nn.Identity):
+            raise TaskvecError("a BatchNorm with dropout inside cannot be frozen exactly; use dp_norm='groupnorm'")
+        self.act: nn.Module = getattr(bn, "act", None) or nn.Identity()
+
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.running_mean.view(1, -1, 1, 1)) * torch.rsqrt(self.running_var + self.eps).view(1, -1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.normalized(x) * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1))  # type: ignore[no-any-return]
+
+
+@register_grad_sampler(FrozenBatchNorm2d)
+def frozen_batchnorm_grad_sample(
+    layer: FrozenBatchNorm2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-example gradients of weight and bias: Σ over pixels of g·x̂ and of g, where g is the gradient before
+    the activation (recomputed from the saved input: Opacus hands over the gradient after it)."""
+    x_hat = layer.normalized(activations[0].detach())
+    g = backprops
+    if not isinstance(layer.act, nn.Identity):
+        with torch.enable_grad():
+            pre = (x_hat * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)).detach().requires_grad_()
+            (g,) = torch.autograd.grad(layer.act(pre), pre, backprops)
+    out = {}
+    if layer.weight.requires_grad:
+        out[layer.weight] = (g * x_hat).sum((2, 3))
+    if layer.bias.requires_grad:
+        out[layer.bias] = g.sum((2, 3))
+    return out
 
 
 def _block_tail(block: Any, x: torch.Tensor) -> torch.Tensor:
@@ -86,16 +144,21 @@ class DPBottleneck(Bottleneck):
 RESIDUAL_BLOCKS: dict[type, type] = {BasicBlock: DPBasicBlock, Bottleneck: DPBottleneck}
 
 
+def check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ConfigError(f"dp_norm must be one of {', '.join(NORMS)}, got {norm!r}", field="dp_norm", got=norm)
+
+
 def make_dp_compatible(module: nn.Module, norm: str = "groupnorm", max_groups: int = MAX_GROUPS) -> dict[str, int]:
     """Convert `module` in place for DP-SGD; return how many layers of each kind were changed."""
-    if norm != "groupnorm":
-        raise TaskvecError(f"unknown DP-ready normalisation {norm!r}; this taskvec knows 'groupnorm'")
+    check_norm(norm)
     counts = {"batchnorm": 0, "inplace": 0, "residual_blocks": 0}
     blocks = RESIDUAL_BLOCKS
     for parent in list(module.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.modules.batchnorm._BatchNorm):
-                setattr(parent, name, _group_norm(child, max_groups))
+                new = FrozenBatchNorm2d(child) if norm == "frozen-batchnorm" else _group_norm(child, max_groups)
+                setattr(parent, name, new)
                 counts["batchnorm"] += 1
     for m in module.modules():
         if type(m) in blocks:
@@ -126,13 +189,15 @@ def dp_problems(module: nn.Module) -> list[str]:
     return problems
 
 
-def depthwise_convolutions(module: nn.Module) -> int:
-    """Number of depthwise convolutions (groups = input channels > 1)."""
+def depthwise_convolutions(module: nn.Module, trainable: bool = False) -> int:
+    """Number of depthwise convolutions (groups = input channels > 1); with `trainable`, those being trained."""
     return sum(
-        isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in module.modules()
+        isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+        and (m.weight.requires_grad or not trainable) for m in module.modules()
     )
 
 
-def dp_spec(max_groups: int = MAX_GROUPS) -> dict[str, Any]:
+def dp_spec(norm: str = "groupnorm", max_groups: int = MAX_GROUPS) -> dict[str, Any]:
     """What a model spec records of the conversion (enough for `create_module` to redo it)."""
-    return {"norm": "groupnorm", "max_groups": max_groups}
+    check_norm(norm)
+    return {"norm": norm, "max_groups": max_groups}

@@ -1,44 +1,55 @@
-"""A small FPN-style decoder on a timm `features_only` encoder.
+"""Segmentation models from segmentation-models-pytorch (smp): a U-Net or FPN decoder over a timm encoder
+through smp's `tu-` universal encoders.
 
-Why our own and not segmentation-models-pytorch: it works on every timm encoder with `features_only`
-(ViT's single-stride features included), uses GroupNorm and no in-place ops (ready for DP-SGD), keeps
-state_dict keys stable for merging (`encoder.*` exactly timm's, `decoder.*` ours), and adds no dependency.
+The model spec records the decoder (`{"library": "smp", "arch": "unet", "kwargs": {...}}`) so `load_model`
+rebuilds the same module. State-dict keys are smp's: `encoder.model.*` (timm's `features_only` keys),
+`decoder.*`, `segmentation_head.*`. The U-Net decoder normalises with affine InstanceNorm by default: it
+treats examples independently, so the same architecture trains with and without DP-SGD, and it has no
+running statistics to merge. Files from taskvec's former hand-written FPN decoder are refused with a message
+saying how to rebuild them.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import Any
+
 from torch import nn
 
+from taskvec.errors import ConfigError, FileFormatError
 
-class SegmentationModel(nn.Module):
-    """timm encoder → 1×1 laterals to `channels` → upsample to the finest level and sum → conv → classes."""
+DECODERS = ("unet", "fpn")
+DEFAULT_KWARGS: dict[str, dict[str, Any]] = {
+    "unet": {"decoder_channels": [128, 64, 32, 16, 16], "decoder_use_norm": {"type": "instancenorm", "affine": True}},
+    "fpn": {},
+}
 
-    def __init__(self, encoder: nn.Module, num_classes: int, channels: int = 64, groups: int = 8) -> None:
-        super().__init__()
-        self.encoder = encoder
-        in_chs = encoder.feature_info.channels()  # type: ignore[union-attr, operator]
-        self.decoder = nn.ModuleDict(
-            {
-                "lateral": nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_chs),
-                "fuse": nn.Sequential(
-                    nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                    nn.GroupNorm(groups, channels),
-                    nn.ReLU(),
-                ),
-                "head": nn.Conv2d(channels, num_classes, 1),
-            }
+
+def decoder_spec(arch: str) -> dict[str, Any]:
+    """What a model spec records of a decoder (`arch` is `unet` or `fpn`)."""
+    if arch not in DECODERS:
+        raise ConfigError(f"decoder must be one of {', '.join(DECODERS)}, got {arch!r}", field="decoder", got=arch)
+    return {"library": "smp", "arch": arch, "kwargs": dict(DEFAULT_KWARGS[arch])}
+
+
+def build_segmentation(
+    encoder: str, decoder: dict[str, Any] | None, num_classes: int, in_chans: int, *, pretrained: bool = False,
+    weights: str | None = None, encoder_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """An smp model over the timm encoder `encoder`; `weights` is a local timm checkpoint for the encoder."""
+    import segmentation_models_pytorch as smp
+
+    if not decoder or decoder.get("library") != "smp":
+        raise FileFormatError(
+            "this segmentation model was made with taskvec's former hand-written FPN decoder, which this version "
+            "no longer builds, and its decoder weights have no counterpart in smp's: re-create the base with "
+            "`taskvec init --task segmentation --decoder unet ...` (the same --weights keep the pretrained "
+            "encoder) and fine-tune from it again"
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.encoder(x)
-        size = max((f.shape[-2:] for f in feats), key=lambda s: s[0] * s[1])
-        y = torch.stack(
-            [
-                F.interpolate(lat(f), size=size, mode="bilinear", align_corners=False)
-                for lat, f in zip(self.decoder["lateral"], feats)  # type: ignore[call-overload]
-            ]
-        ).sum(0)
-        y = self.decoder["head"](self.decoder["fuse"](y))
-        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    kwargs = dict(encoder_kwargs or {})
+    if weights is not None:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+    cls = {"unet": smp.Unet, "fpn": smp.FPN}[decoder["arch"]]
+    return cls(  # type: ignore[no-any-return]
+        encoder_name=f"tu-{encoder}", encoder_weights=True if (pretrained or weights) else None,
+        in_channels=in_chans, classes=num_classes, **decoder.get("kwargs", {}), **kwargs,
+    )

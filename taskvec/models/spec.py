@@ -2,7 +2,8 @@
 
 A model file is safetensors holding the full state_dict, plus metadata (`kind: model`) with the spec
 needed to rebuild the exact `nn.Module` and a content identity (sha256 over its tensors). Classification
-files are plain timm state_dicts, so timm and torch load them as they are.
+files are plain timm state_dicts, so timm and torch load them as they are; segmentation files are
+segmentation-models-pytorch state_dicts (`taskvec.models.segmentation`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from taskvec.errors import FileFormatError, TaskvecError
+from taskvec.errors import ConfigError, FileFormatError, TaskvecError
 from taskvec.io.files import FORMAT, FORMAT_VERSION, now, read_header, read_kind
 from taskvec.io.tensors import save_tensors, state_digest
 
@@ -33,7 +34,7 @@ class ModelSpec:
     img_size: int = 224
     labels: list[str] = field(default_factory=list)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    decoder: dict[str, Any] | None = None
+    decoder: dict[str, Any] | None = None  # segmentation: the smp decoder (taskvec.models.segmentation)
     dp_compatible: dict[str, Any] | None = None  # DP-ready conversion (taskvec.models.dp_ready), redone on load
 
     def to_dict(self) -> dict[str, Any]:
@@ -53,22 +54,17 @@ def _timm_create(arch: str, spec_kwargs: dict[str, Any], pretrained: bool, weigh
     return timm.create_model(arch, pretrained=pretrained or weights is not None, **kwargs)
 
 
-def _module_kwargs(spec: ModelSpec) -> dict[str, Any]:
-    kw: dict[str, Any] = {"in_chans": spec.in_chans, **spec.model_kwargs}
-    if spec.task == "classification":
-        kw["num_classes"] = spec.num_classes
-    else:
-        kw["features_only"] = True
-    return kw
-
-
 def create_module(spec: ModelSpec, pretrained: bool = False, weights: str | None = None) -> nn.Module:
     """Build the `nn.Module` a spec describes (random init unless `pretrained`/`weights`)."""
-    from taskvec.models.segmentation import SegmentationModel
-
-    net = _timm_create(spec.arch, _module_kwargs(spec), pretrained, weights)
+    net: nn.Module
     if spec.task == "segmentation":
-        net = SegmentationModel(net, spec.num_classes, **(spec.decoder or {}))
+        from taskvec.models.segmentation import build_segmentation
+
+        net = build_segmentation(spec.arch, spec.decoder, spec.num_classes, spec.in_chans, pretrained=pretrained,
+                                 weights=weights, encoder_kwargs=spec.model_kwargs)
+    else:
+        kwargs = {"in_chans": spec.in_chans, "num_classes": spec.num_classes, **spec.model_kwargs}
+        net = _timm_create(spec.arch, kwargs, pretrained, weights)
     if spec.dp_compatible is not None:
         from taskvec.models.dp_ready import make_dp_compatible
 
@@ -86,10 +82,14 @@ def build_base(
     pretrained: bool = False,
     weights: str | os.PathLike[str] | None = None,
     dp_compatible: bool = False,
+    dp_norm: str | None = None,
+    decoder: str = "unet",
 ) -> tuple[nn.Module, ModelSpec]:
-    """Create a base model and its spec. `weights` is a local timm checkpoint (safetensors).
+    """Create a base model and its spec. `weights` is a local timm checkpoint (safetensors); segmentation
+    models put an smp `decoder` (`unet` or `fpn`) over the timm encoder.
 
-    `dp_compatible` converts it for DP-SGD (see `taskvec.models.dp_ready`) and records that in the spec.
+    `dp_compatible` converts it for DP-SGD (see `taskvec.models.dp_ready`) and records that in the spec;
+    `dp_norm` defaults to `frozen-batchnorm` for pretrained bases (keeps their statistics), else `groupnorm`.
     """
     import timm
 
@@ -110,11 +110,16 @@ def build_base(
     size = img_size or (default_size.input_size[-1] if default_size is not None else 224)
     spec = ModelSpec(arch, task, num_classes, in_chans, int(size), labels, {})
     if task == "segmentation":
-        spec.decoder = {"channels": 64}
+        from taskvec.models.segmentation import decoder_spec
+
+        spec.decoder = decoder_spec(decoder)
     if dp_compatible:
         from taskvec.models.dp_ready import dp_spec
 
-        spec.dp_compatible = dp_spec()
+        spec.dp_compatible = dp_spec(dp_norm or ("frozen-batchnorm" if pretrained or weights else "groupnorm"))
+    elif dp_norm is not None:
+        raise ConfigError("dp_norm needs dp_compatible (it chooses how the DP-ready conversion normalises)",
+                          field="dp_norm", got=dp_norm)
     if img_size is not None:
         spec.model_kwargs["img_size"] = int(img_size)
         try:
@@ -158,7 +163,10 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     from safetensors.torch import load_file
 
     header = read_kind(path, "model")
-    module = create_module(ModelSpec.from_dict(header.meta["model"]))
+    try:
+        module = create_module(ModelSpec.from_dict(header.meta["model"]))
+    except FileFormatError as e:
+        raise FileFormatError(f"{path}: {e.message}", path=path) from None
     state = load_file(str(path))
     try:
         module.load_state_dict(state, strict=True)

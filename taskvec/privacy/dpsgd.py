@@ -329,8 +329,8 @@ def make_private(
 
     config.check()
     require_dp_ready(model)
-    if depthwise_convolutions(model):
-        warnings.warn(f"the model {DEPTHWISE_WARNING.format(n=depthwise_convolutions(model))}", stacklevel=2)
+    if depthwise_convolutions(model, trainable=True):
+        warnings.warn(f"the model {DEPTHWISE_WARNING.format(n=depthwise_convolutions(model, True))}", stacklevel=2)
     n_images = len(loader.dataset)  # type: ignore[arg-type]
     # Two secret generators: the sampler draws on the CPU, the noise on the parameters' device (a CPU
     # generator cannot draw CUDA noise). A test seed makes both reproducible, and public.
@@ -364,7 +364,10 @@ def make_private(
         if getattr(m, "fused_attn", False):
             setattr(m, "fused_attn", False)  # noqa: B010 - an attribute nn.Module does not declare
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus's hooks, images need no grad
-    hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")
+    # strict=False: Opacus refuses every trainable layer with buffers; require_dp_ready has already refused
+    # BatchNorm, and the only buffers left are frozen BatchNorm statistics of the (public) base
+    hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch",
+                            strict=False)
     kwargs = {"noise_multiplier": z, "max_grad_norm": config.max_grad_norm,
               "expected_batch_size": max(1, round(q * n_units)), "generator": noise_gen}
     safe = EmptyBatchSafe(model)
