@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from taskvec.cli.console import console, print_json, track, warn
+from taskvec.cli.exchange import KEYRING_HELP, TRUST_HELP, UNSIGNED_HELP
 
 
 def init(
@@ -113,13 +114,17 @@ def merge(
         None, "--max-epsilon", help="Refuse any vector whose best DP guarantee has ε above this (no DP: ε = ∞)."
     ),
     require_dp: bool = typer.Option(False, "--require-dp", help="Refuse any vector without a DP guarantee."),
+    keyring: Path | None = typer.Option(None, help="With --registry: " + KEYRING_HELP),
+    trust: list[str] | None = typer.Option(None, "--trust", help="With --registry: " + TRUST_HELP),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="With --registry: " + UNSIGNED_HELP),
 ) -> None:
     """Merge data vectors into synthetic weights: base + λ·combine(vectors), streaming one file at a time."""
-    from taskvec.cli.exchange import merge_incremental_cli, merge_inputs
+    from taskvec.cli.exchange import merge_incremental_cli, merge_inputs, trust_policy
 
     from taskvec.merging.stream import merge_vectors
 
-    vectors = merge_inputs(vectors, registry, contributor, since, incremental, state, out)
+    policy = trust_policy(keyring, trust, allow_unsigned)
+    vectors = merge_inputs(vectors, registry, contributor, since, incremental, state, out, policy)
     if max_epsilon is not None or require_dp:
         from taskvec.privacy.ledger import check_files_budget
 

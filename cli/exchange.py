@@ -13,6 +13,28 @@ from taskvec.cli.console import console, print_json, track
 
 REGISTRY_HELP = "Registry: a folder (./registry, file:///mnt/share/x) or a Hub model repo (hf://ORG/REPO)."
 REVISION_HELP = "Hub branch of the registry (default main)."
+KEYRING_HELP = ("Your keyring: lines `CONTRIBUTOR ssh-ed25519 AAAA...` (default $TASKVEC_KEYRING or "
+                "~/.config/taskvec/keyring); the registry's own list of keys is never trusted.")
+TRUST_HELP = "CONTRIBUTOR=KEY.pub: trust this public key for this contributor (repeatable)."
+UNSIGNED_HELP = "Also accept vectors of contributors no key of yours vouches for (their origin is unverified)."
+
+
+def trust_policy(keyring: Path | None, trust: list[str] | None, allow_unsigned: bool) -> Any:
+    """The merger's own trust, from its keyring and options (see `taskvec.registry.trust`)."""
+    from taskvec.registry.trust import TrustPolicy
+
+    return TrustPolicy.load(keyring, trust or [], allow_unsigned)
+
+
+def scratch_dir() -> Path:
+    """A private folder (0700) for verified copies of registry files, removed when the process ends."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="taskvec-fetch-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return Path(path)
 
 
 def _open(address: str, revision: str | None, private: bool = True) -> Any:
@@ -75,10 +97,14 @@ def pull(
     since: str | None = typer.Option(None, help="Only vectors pushed at or after this ISO date/time."),
     force: bool = typer.Option(False, "--force", help="Overwrite differing files in OUT."),
     revision: str | None = typer.Option(None, help=REVISION_HELP),
+    keyring: Path | None = typer.Option(None, help=KEYRING_HELP),
+    trust: list[str] | None = typer.Option(None, "--trust", help=TRUST_HELP),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=UNSIGNED_HELP),
 ) -> None:
-    """Copy vectors out of a registry, each checked (sha256, signature policy) before it lands in OUT."""
+    """Copy vectors out of a registry, each checked (sha256, your keys) before it lands in OUT (created if missing)."""
+    policy = trust_policy(keyring, trust, allow_unsigned)
     reg = _open(registry, revision)
-    done = reg.pull(reg.select(contributor, since), out, force=force, track=track)
+    done = reg.pull(reg.select(contributor, since), out, policy, force=force, track=track)
     for path, copied in done:
         console.print(f"{'pulled' if copied else 'up to date'} {path}")
     console.print(f"{sum(c for _, c in done)} new, {sum(not c for _, c in done)} already there")
@@ -119,13 +145,15 @@ def registry_init(
     revision: str | None = typer.Option(None, help=REVISION_HELP),
 ) -> None:
     """Make a folder or Hub repo a registry for one base."""
+    from taskvec.registry.signing import normalise_key
+
     reg = _open(address, revision, private=not public)
     pairs = []
     for item in trust or []:
         contributor, sep, key = item.partition("=")
         if not sep:
             raise typer.BadParameter(f"--trust takes CONTRIBUTOR=KEY.pub, got {item!r}")
-        pairs.append((contributor, _key_line(key)))
+        pairs.append((contributor, normalise_key(key)))
     info, created = reg.create(base, card={"license": license, "base_model": base_model})
     for contributor, key in pairs:
         reg.trust(contributor, key)
@@ -135,12 +163,6 @@ def registry_init(
         console.print(f"trusted keys for {', '.join(c for c, _ in pairs)}: unsigned vectors are now refused")
 
 
-def _key_line(key: str) -> str:
-    from taskvec.registry.signing import parse_public_key, public_line
-
-    return public_line(parse_public_key(key))
-
-
 @registry_app.command("trust")
 def registry_trust(
     address: str = typer.Argument(..., help=REGISTRY_HELP),
@@ -148,9 +170,11 @@ def registry_trust(
     key: str = typer.Option(..., help="Public key: a .pub file or an 'ssh-ed25519 AAAA...' line."),
     revision: str | None = typer.Option(None, help=REVISION_HELP),
 ) -> None:
-    """Trust a contributor's public key: from now on, unsigned or wrongly signed vectors are refused."""
+    """Ask pushers to sign: the registry refuses pushes not signed by a listed key (mergers trust their own keyring)."""
+    from taskvec.registry.signing import normalise_key
+
     reg = _open(address, revision)
-    reg.trust(contributor, _key_line(key))
+    reg.trust(contributor, normalise_key(key))
     console.print(f"{reg.address}: trusts this key for {contributor}; pushes and merges now require signatures")
 
 
@@ -160,8 +184,13 @@ def registry_reindex(
     revision: str | None = typer.Option(None, help=REVISION_HELP),
 ) -> None:
     """Rebuild the index (and card) from the vector and signature files."""
+    from taskvec.cli.console import warn
+
     reg = _open(address, revision)
-    console.print(f"{reg.address}: index lists {reg.reindex()} vectors")
+    count, skipped = reg.reindex()
+    for reason in skipped:
+        warn(f"left out {reason}")
+    console.print(f"{reg.address}: index lists {count} vectors")
 
 
 keys_app = typer.Typer(help="Ed25519 keys for signing vectors.", no_args_is_help=True)
@@ -180,6 +209,21 @@ def keys_generate(
     console.print(line, soft_wrap=True)
 
 
+@keys_app.command("trust")
+def keys_trust(
+    contributor: str = typer.Option(..., help="Contributor id the key signs for."),
+    key: str = typer.Option(..., help="Public key: a .pub file or an 'ssh-ed25519 AAAA...' line."),
+    keyring: Path | None = typer.Option(None, help="Keyring file (default $TASKVEC_KEYRING or "
+                                                   "~/.config/taskvec/keyring)."),
+) -> None:
+    """Trust a contributor's public key in YOUR keyring: merge and pull accept its signed vectors."""
+    from taskvec.registry.trust import add_to_keyring, default_keyring
+
+    path = keyring or default_keyring()
+    added = add_to_keyring(path, contributor, key)
+    console.print(f"{path}: {'now trusts' if added else 'already trusts'} this key for {contributor}")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(push)
     app.command("list")(list_vectors)
@@ -191,9 +235,10 @@ def register(app: typer.Typer) -> None:
 
 def merge_inputs(
     vectors: list[Path] | None, registry: str | None, contributor: list[str] | None, since: str | None,
-    incremental: bool, state: Path | None, out: Path | None,
+    incremental: bool, state: Path | None, out: Path | None, policy: Any = None,
 ) -> list[Path]:
-    """The vector files `taskvec merge` works on: the given files plus the registry's (fetched and checked)."""
+    """The vector files `taskvec merge` works on: the given files plus verified private copies of the
+    registry's (`policy`: the merger's `TrustPolicy`)."""
     from taskvec.errors import TaskvecError
 
     if incremental != (state is not None):
@@ -205,7 +250,7 @@ def merge_inputs(
     paths = list(vectors or [])
     if registry is not None:
         reg = _open(registry, None)
-        paths += reg.fetch_all(reg.select(contributor, since), track=track)
+        paths += reg.fetch_all(reg.select(contributor, since), scratch_dir(), policy, track=track)
     if not paths:
         raise TaskvecError("no vectors given: pass vector files or --registry R")
     return paths

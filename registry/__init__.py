@@ -10,7 +10,8 @@ from taskvec.registry.base import (
     Registry,
     RegistryError,
     RegistryInfo,
-    TrustError,
 )
+from taskvec.registry.trust import TrustError, TrustPolicy
 
-__all__ = ["Entry", "IntegrityError", "Registry", "RegistryError", "RegistryInfo", "TrustError", "open_registry"]
+__all__ = ["Entry", "IntegrityError", "Registry", "RegistryError", "RegistryInfo", "TrustError", "TrustPolicy",
+           "open_registry"]

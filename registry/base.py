@@ -20,16 +20,18 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from taskvec.registry.trust import TrustError, TrustPolicy, check_contributor
+
 from taskvec.errors import FileFormatError, MismatchError, TaskvecError
-from taskvec.io.files import Header, atomic_output, file_digest, now, read_kind
+from taskvec.io.files import Header, atomic_output, file_digest, now, open_regular, read_kind
 from taskvec.io.layout import check_against_base
+from taskvec.io.tensors_np import non_finite
 from taskvec.progress import Track, no_track
 
 REGISTRY_FILE = "registry.json"
@@ -38,15 +40,12 @@ CARD_FILE = "README.md"
 VECTOR_DIR = "vectors"
 REGISTRY_FORMAT = "taskvec-registry"
 REGISTRY_VERSION = 1
-_CONTRIBUTOR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_TEXT_BYTES = 64 * 1024 * 1024  # registry.json, index.json, signatures
 
 
 class RegistryError(TaskvecError):
     """A registry is missing, unreachable, refuses access, or was asked for something it cannot do."""
-
-
-class TrustError(TaskvecError):
-    """A vector is unsigned, wrongly signed, or signed by a key the registry does not trust."""
 
 
 class IntegrityError(FileFormatError):
@@ -54,12 +53,24 @@ class IntegrityError(FileFormatError):
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    """sha256 of a (regular) file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_small_text(path: str | os.PathLike[str], what: str) -> str:
+    """A registry text file (JSON, signature) of at most `MAX_TEXT_BYTES`, never through a symbolic link."""
+    with open_regular(path, follow_symlinks=False) as f:
+        raw = f.read(MAX_TEXT_BYTES + 1)
+    if len(raw) > MAX_TEXT_BYTES:
+        raise RegistryError(f"{what}: over {MAX_TEXT_BYTES} B; not a registry file", path=what)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RegistryError(f"{what}: not UTF-8 text; not a registry file", path=what) from None
 
 
 def parse_time(text: str) -> _dt.datetime:
@@ -71,6 +82,14 @@ def parse_time(text: str) -> _dt.datetime:
             f"cannot read time {text!r}; give an ISO date such as 2025-03-01 or 2025-03-01T12:00"
         ) from None
     return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+
+
+def _is_sha(x: Any) -> bool:
+    return isinstance(x, str) and _SHA256.fullmatch(x) is not None
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 @dataclass
@@ -102,13 +121,39 @@ class Entry:
             pushed=pushed, signature=signature,
         )
 
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> Entry:
+        """An index entry, every field checked: names from a registry are data, never paths or markup."""
+        try:
+            e = cls(**d)
+        except TypeError:
+            raise RegistryError(f"{where}: an entry has missing or unknown fields", path=where) from None
+        check_contributor(e.contributor)
+        problems = [
+            name for name, ok in (
+                ("sha256", _is_sha(e.sha256)), ("file_sha256", _is_sha(e.file_sha256)),
+                ("path", e.path == vector_path(e.contributor, e.sha256) if _is_sha(e.sha256) else False),
+                ("size", _is_count(e.size)), ("base", isinstance(e.base, str)),
+                ("samples", e.samples is None or _is_count(e.samples)),
+                ("dtype", isinstance(e.dtype, str)), ("privacy", isinstance(e.privacy, list)),
+                ("created", isinstance(e.created, str)), ("pushed", isinstance(e.pushed, str)),
+                ("signature", e.signature is None or (isinstance(e.signature, dict)
+                                                      and all(isinstance(v, str) for v in e.signature.values()))),
+            ) if not ok
+        ]
+        if problems:
+            raise RegistryError(f"{where}: an entry of {e.contributor} has an invalid {problems[0]}",
+                                path=where, field=problems[0])
+        return e
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 @dataclass
 class RegistryInfo:
-    """`registry.json`: the one base this registry holds vectors for, and the contributor keys it trusts."""
+    """`registry.json`: the one base this registry holds vectors for, and the keys it asks pushers to sign
+    with (a hint for pushers: a merger trusts its own keyring, see `taskvec.registry.trust`)."""
 
     base: dict[str, Any]
     created: str
@@ -123,11 +168,28 @@ class RegistryInfo:
     def from_json(cls, text: str, where: str) -> RegistryInfo:
         try:
             d = json.loads(text)
-            if d.get("format") != REGISTRY_FORMAT:
+            if not isinstance(d, dict) or d.get("format") != REGISTRY_FORMAT:
                 raise ValueError("not a taskvec registry")
-            if d.get("format_version", 0) > REGISTRY_VERSION:
-                raise RegistryError(f"{where}: registry format {d['format_version']} is newer; upgrade taskvec")
-            return cls(d["base"], d["created"], d.get("trusted_keys", {}), d.get("card", {}))
+            version = d.get("format_version", 0)
+            if not _is_count(version):
+                raise ValueError(f"format_version {version!r}")
+            if version > REGISTRY_VERSION:
+                raise RegistryError(f"{where}: registry format {version} is newer; upgrade taskvec")
+            info = cls(d["base"], d["created"], d.get("trusted_keys", {}), d.get("card", {}))
+            b = info.base
+            if not (isinstance(b, dict) and isinstance(b.get("identity"), str) and isinstance(b.get("arch"), str)
+                    and isinstance(b.get("task"), str) and isinstance(b.get("labels"), list)
+                    and all(isinstance(x, str) for x in b["labels"])):
+                raise ValueError("base")
+            keys = info.trusted_keys
+            if not (isinstance(keys, dict) and all(isinstance(v, list) and all(isinstance(k, str) for k in v)
+                                                   for v in keys.values())):
+                raise ValueError("trusted_keys")
+            for c in keys:
+                check_contributor(c)
+            if not isinstance(info.card, dict) or not isinstance(info.created, str):
+                raise ValueError("card")
+            return info
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise RegistryError(f"{where}/{REGISTRY_FILE}: unreadable ({e})") from None
 
@@ -150,11 +212,18 @@ def load_index(text: str | None, where: str) -> list[Entry]:
     if text is None:
         return []
     try:
-        return [Entry(**e) for e in json.loads(text)["vectors"]]
+        vectors = json.loads(text)["vectors"]
+        if not isinstance(vectors, list):
+            raise TypeError("vectors is not a list")
     except (ValueError, KeyError, TypeError) as e:
         raise RegistryError(
             f"{where}/{INDEX_FILE}: unreadable ({e}); rebuild it with `taskvec registry reindex`"
         ) from None
+    try:
+        return [Entry.from_dict(e, f"{where}/{INDEX_FILE}") for e in vectors]
+    except RegistryError as e:
+        raise RegistryError(f"{e.message}; rebuild it with `taskvec registry reindex`", path=e.path,
+                            field=e.field) from None
 
 
 class Reader(ABC):
@@ -190,9 +259,12 @@ class Store(ABC):
         """Every file under `prefix`, with the ISO time it was last written (folder) or committed (Hub)."""
 
     @abstractmethod
-    def local_copy(self, path: str, file_sha256: str | None) -> Path:
-        """A local file with the content of `path` (in place for a folder; for the Hub a download, cached
-        and checked when `file_sha256` is given)."""
+    def copy_to(self, path: str, dest: Path, expected_sha256: str | None) -> str:
+        """Copy the file at `path` to the new private file `dest`; return the sha256 of the bytes copied.
+
+        Callers check that sha256 and then read only `dest`, so what was verified is what is used
+        (`taskvec.io.files.private_copy`). A Hub store serves a cached download when its bytes still hash
+        to `expected_sha256`, and downloads again otherwise."""
 
     @abstractmethod
     def update(self, change: Change, message: str) -> bool:
@@ -302,24 +374,27 @@ class Registry:
         self.store.update(change, f"taskvec: trust a key of {contributor}")
 
     def push(self, vector: str | os.PathLike[str], key: Any = None) -> PushResult:
-        """Validate, optionally sign (Ed25519 private key), and add a vector; a second push of it is a no-op."""
+        """Validate, optionally sign (Ed25519 private key), and add a vector; a second push of it is a no-op.
+
+        The vector is checked as a merge checks it (structure, content sha256, finite values, base), so one
+        bad push cannot block later merges of the registry."""
         from taskvec.registry.card import render_card
         from taskvec.registry.signing import sign
 
         h = read_kind(vector, "vector")
-        if file_digest(h) != h.meta["sha256"]:
-            raise IntegrityError(f"{h.path}: content does not match its sha256; the file is corrupted")
-        contributor = check_contributor(h.meta["contributor"])
+        check_vector_meta(h)
+        check_tensors(h)
+        contributor = h.meta["contributor"]
         file_sha = sha256_file(h.path)
         signature = sign(key, file_sha) if key is not None else None
         info = self.info()
         check_against_base(h, info.base, f"registry {self.address}")
-        check_trust(info, contributor, signature, file_sha, str(h.path))
+        check_push_policy(info, contributor, signature, file_sha, str(h.path))
         result: list[PushResult] = []
 
         def change(r: Reader) -> dict[str, bytes | Path] | None:
             info = self.info(r)
-            check_trust(info, contributor, signature, file_sha, str(h.path))
+            check_push_policy(info, contributor, signature, file_sha, str(h.path))
             entries = load_index(r.read_text(INDEX_FILE), self.address)
             for e in entries:
                 if e.sha256 == h.meta["sha256"]:
@@ -338,61 +413,94 @@ class Registry:
         self.store.update(change, f"taskvec: add vector {h.meta['sha256'][:12]} from {contributor}")
         return result[0]
 
-    def fetch(self, entry: Entry, info: RegistryInfo | None = None) -> Path:
-        """A local copy of a vector, checked against the index (file sha256, content sha256) and the allowlist."""
-        info = info or self.info()
-        check_trust(info, entry.contributor, entry.signature, entry.file_sha256, f"{self.address}/{entry.path}")
-        path = self.store.local_copy(entry.path, entry.file_sha256)
-        verify_vector(path, entry, f"{self.address}/{entry.path}")
-        return path
+    def fetch(self, entry: Entry, dest: str | os.PathLike[str], policy: TrustPolicy) -> Path:
+        """Copy a vector to `dest` (a new file) and verify that copy: the merger's trust `policy`, the file
+        sha256 the index records, the content sha256 and contributor in its header. Read only `dest`."""
+        what = f"{self.address}/{entry.path}"
+        policy.check(entry.contributor, entry.signature, entry.file_sha256, what)
+        out = Path(dest)
+        actual = self.store.copy_to(entry.path, out, entry.file_sha256)
+        try:
+            if actual != entry.file_sha256:
+                raise IntegrityError(
+                    f"{what}: sha256 of the file is {actual[:12]}, the registry recorded {entry.file_sha256[:12]}; "
+                    "the file is corrupted or was replaced", path=what,
+                )
+            verify_vector(out, entry, what)
+        except TaskvecError:
+            out.unlink(missing_ok=True)
+            raise
+        return out
 
-    def fetch_all(self, entries: Sequence[Entry], track: Track[Entry] = no_track) -> list[Path]:
-        """Local, verified copies of `entries` (every one is checked before any is returned)."""
+    def fetch_all(self, entries: Sequence[Entry], into: str | os.PathLike[str], policy: TrustPolicy,
+                  track: Track[Entry] = no_track) -> list[Path]:
+        """Verified private copies of `entries` in the folder `into` (every one is checked before any is used)."""
         if not entries:
             raise RegistryError(f"{self.address}: no vectors to fetch (the registry or the selection is empty)")
-        info = self.info()
-        return [self.fetch(e, info) for e in track(entries, "fetching", len(entries))]
+        return [self.fetch(e, Path(into) / f"{e.contributor}-{e.sha256}.safetensors", policy)
+                for e in track(entries, "fetching", len(entries))]
 
-    def pull(self, entries: Sequence[Entry], out: str | os.PathLike[str], force: bool = False,
+    def pull(self, entries: Sequence[Entry], out: str | os.PathLike[str], policy: TrustPolicy, force: bool = False,
              track: Track[Entry] = no_track) -> list[tuple[Path, bool]]:
         """Copy verified vectors to `out/<contributor>-<sha256[:16]>.safetensors`; (path, copied) for each.
 
-        A file already there with the same bytes is kept (pulling again is a no-op)."""
+        `out` is created when missing. A file already there with the same bytes is kept (pulling again is a
+        no-op); a differing one is replaced only with `force`."""
         dest_dir = Path(out)
-        if not dest_dir.is_dir():
-            raise FileFormatError(f"{dest_dir}: no such directory for --out; create it first")
-        info = self.info()
+        if dest_dir.exists() and not dest_dir.is_dir():
+            raise FileFormatError(f"{dest_dir}: is not a directory", path=dest_dir, field="out")
+        dest_dir.mkdir(parents=True, exist_ok=True)
         done = []
         for e in track(entries, "pulling", len(entries)):
-            dest = dest_dir / f"{e.contributor}-{e.sha256[:16]}.safetensors"
-            if dest.is_file() and sha256_file(dest) == e.file_sha256:
+            dest = dest_dir / f"{e.contributor}-{e.sha256[:16]}.safetensors"  # both checked by Entry.from_dict
+            if dest.is_file() and not dest.is_symlink() and sha256_file(dest) == e.file_sha256:
                 done.append((dest, False))
                 continue
-            src = self.fetch(e, info)
             with atomic_output(dest, force) as tmp:
-                shutil.copyfile(src, tmp)
+                tmp.unlink()
+                self.fetch(e, tmp, policy)
             done.append((dest, True))
         return done
 
-    def reindex(self) -> int:
-        """Rebuild `index.json` (and the card) from the vector and signature files; return the count."""
+    def reindex(self) -> tuple[int, list[str]]:
+        """Rebuild `index.json` (and the card) from the vector and signature files, whatever the index
+        holds; return the number of vectors listed and the files left out (with why)."""
+        import tempfile
+
         from taskvec.registry.card import render_card
         from taskvec.registry.signing import load_signature
 
         reader = self.store.reader()
         self.info(reader)
-        pushed = {e.sha256: e.pushed for e in load_index(reader.read_text(INDEX_FILE), self.address)}
-        entries = []
+        try:  # only to keep push times; a corrupt index is what reindex repairs
+            pushed = {e.sha256: e.pushed for e in load_index(reader.read_text(INDEX_FILE), self.address)}
+        except RegistryError:
+            pushed = {}
+        entries, skipped = [], []
         files = self.store.list_files(VECTOR_DIR)
-        for path in sorted(p for p in files if p.endswith(".safetensors")):
-            local = self.store.local_copy(path, None)
-            h = read_kind(local, "vector")
-            if file_digest(h) != h.meta["sha256"] or path != vector_path(h.meta["contributor"], h.meta["sha256"]):
-                raise IntegrityError(f"{self.address}/{path}: content does not match its name; remove or re-push it")
-            sig_text = reader.read_text(signature_path(path))
-            sig = load_signature(sig_text, path) if sig_text is not None else None
-            when = pushed.get(h.meta["sha256"], files[path])
-            entries.append(Entry.from_header(h, sha256_file(local), when, sig))
+        with tempfile.TemporaryDirectory(prefix="taskvec-reindex-") as tmp:
+            for path in sorted(p for p in files if p.endswith(".safetensors")):
+                local = Path(tmp) / "vector.safetensors"
+                try:
+                    parts = path.split("/")
+                    if len(parts) != 3 or not _is_sha(parts[2].removesuffix(".safetensors")):
+                        raise RegistryError(f"{self.address}/{path}: not a vectors/CONTRIBUTOR/SHA256.safetensors name")
+                    check_contributor(parts[1])
+                    file_sha = self.store.copy_to(path, local, None)
+                    h = read_kind(local, "vector")
+                    check_vector_meta(h)
+                    if file_digest(h) != h.meta["sha256"] or path != vector_path(h.meta["contributor"],
+                                                                               h.meta["sha256"]):
+                        raise IntegrityError(f"{self.address}/{path}: content does not match its name")
+                    sig_text = reader.read_text(signature_path(path))
+                    sig = load_signature(sig_text, path) if sig_text is not None else None
+                except TaskvecError as e:
+                    skipped.append(e.message)
+                    continue
+                finally:
+                    local.unlink(missing_ok=True)
+                when = pushed.get(h.meta["sha256"], files[path])
+                entries.append(Entry.from_header(h, file_sha, when, sig))
         entries.sort(key=lambda e: (e.pushed, e.sha256))
 
         def change(r: Reader) -> dict[str, bytes | Path] | None:
@@ -402,22 +510,38 @@ class Registry:
             return {INDEX_FILE: dump_index(entries).encode(), CARD_FILE: card.encode()}
 
         self.store.update(change, "taskvec: rebuild index")
-        return len(entries)
+        return len(entries), skipped
 
 
-def check_contributor(name: str) -> str:
-    if not isinstance(name, str) or not _CONTRIBUTOR.match(name):
-        raise RegistryError(
-            f"contributor id {name!r} cannot name a registry folder; re-export with --contributor "
-            "using letters, digits, '.', '_' or '-' (at most 64)"
-        )
-    return name
+def check_vector_meta(h: Header) -> None:
+    """The metadata fields a registry and a merge rely on, with their types."""
+    m = h.meta
+    base = m.get("base")
+    ok = (_is_sha(m.get("sha256")) and isinstance(base, dict) and isinstance(base.get("identity"), str)
+          and (m.get("samples") is None or _is_count(m.get("samples")))
+          and isinstance(m.get("privacy", []), list) and isinstance(m.get("statistics", []), list))
+    if not ok:
+        raise FileFormatError(f"{h.path}: corrupt vector metadata (sha256, base, samples, privacy)", path=h.path)
+    check_contributor(m.get("contributor"))
 
 
-def check_trust(
+def check_tensors(h: Header) -> None:
+    """The content sha256 matches and every value is finite (one read of the file, numpy only)."""
+    from taskvec.io.files import Digest, iter_raw
+
+    dig = Digest()
+    for name, t, data in iter_raw(h):
+        dig.update(name, t.dtype, t.shape, data)
+        if non_finite(data, t.dtype):
+            raise FileFormatError(f"{h.path}: tensor {name} holds NaN or Inf", path=h.path, field=name)
+    if dig.hexdigest() != h.meta["sha256"]:
+        raise IntegrityError(f"{h.path}: content does not match its sha256; the file is corrupted", path=h.path)
+
+
+def check_push_policy(
     info: RegistryInfo, contributor: str, signature: dict[str, str] | None, file_sha: str, what: str
 ) -> None:
-    """A signature must verify; with an allowlist, it must also be by one of the contributor's trusted keys."""
+    """The registry's own signing policy, for pushers; a merger relies on its own keyring instead (`trust`)."""
     from taskvec.registry.signing import verify
 
     if signature is not None and not verify(signature, file_sha):
@@ -437,14 +561,15 @@ def check_trust(
 
 
 def verify_vector(path: Path, entry: Entry, what: str) -> None:
-    """The file must be the one the index recorded: same bytes, same content identity."""
-    actual = sha256_file(path)
-    if actual != entry.file_sha256:
-        raise IntegrityError(
-            f"{what}: sha256 of the file is {actual[:12]}, the registry recorded {entry.file_sha256[:12]}; "
-            "the file is corrupted"
-        )
+    """A fetched copy must be the vector the index names: its header's content sha256 and contributor agree
+    with the entry, and its tensors hash to that sha256."""
     h = read_kind(path, "vector")
+    check_vector_meta(h)
+    if h.meta["contributor"] != entry.contributor:
+        raise TrustError(
+            f"{what}: the file says it is from {h.meta['contributor']!r}, the index says {entry.contributor!r}; "
+            "the contributor in the file, the index and the signer must agree", path=what,
+        )
     if h.meta["sha256"] != entry.sha256 or file_digest(h) != entry.sha256:
-        raise IntegrityError(f"{what}: content does not match its sha256 {entry.sha256[:12]}; the file is corrupted")
-
+        raise IntegrityError(f"{what}: content does not match its sha256 {entry.sha256[:12]}; the file is corrupted",
+                             path=what)

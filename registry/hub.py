@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from taskvec.registry.base import Change, IntegrityError, Reader, RegistryError, Store, sha256_file
+from taskvec.registry.base import Change, IntegrityError, Reader, RegistryError, Store, read_small_text
+
+from taskvec.io.files import private_copy
 
 COMMIT_ATTEMPTS = 8
 RETRY_STATUS = {409, 412, 429, 500, 502, 503, 504}  # conflict (412: parent moved, 409: repo busy) or transient
@@ -101,9 +103,10 @@ class _CommitReader(Reader):
         from huggingface_hub.errors import RemoteEntryNotFoundError
 
         try:
-            return self.store.download(path, self.commit).read_text()
+            local = self.store.download(path, self.commit)
         except RemoteEntryNotFoundError:
             return None
+        return read_small_text(local, f"{self.store.address}/{path}")
 
 
 class HubStore(Store):
@@ -129,6 +132,8 @@ class HubStore(Store):
 
     def download(self, path: str, commit: str) -> Path:
         """`path` at `commit` into the download folder of the cache (huggingface_hub checks size and etag)."""
+        if path.startswith("/") or ".." in path.split("/"):
+            raise RegistryError(f"{self.address}/{path}: leaves the repository; refused", path=path)
         with self.errors():
             return Path(self.api.hf_hub_download(
                 self.repo_id, path, revision=commit, local_dir=self.cache / "downloads" / self.repo_id
@@ -165,28 +170,32 @@ class HubStore(Store):
                 for f in tree if isinstance(f, RepoFile)
             }
 
-    def local_copy(self, path: str, file_sha256: str | None) -> Path:
+    def copy_to(self, path: str, dest: Path, expected_sha256: str | None) -> str:
         from huggingface_hub.errors import RemoteEntryNotFoundError
 
-        cached = self.cache / "vectors" / f"{file_sha256}.safetensors"
-        if file_sha256 is not None and cached.is_file():
-            return cached
-        try:
-            local = self.download(path, self._commit or self.head())
+        cached = self.cache / "vectors" / f"{expected_sha256}.safetensors"
+        if expected_sha256 is not None and cached.is_file():
+            if private_copy(cached, dest) == expected_sha256:
+                return expected_sha256
+            dest.unlink()
+            cached.unlink()  # a damaged cache entry: download it again
+        try:  # vectors are never removed: the head holds every file an index ever named
+            local = self.download(path, self.head())
         except RemoteEntryNotFoundError:
             raise RegistryError(f"{self.address}/{path}: listed in the index but missing from the repo") from None
-        if file_sha256 is None:
-            return local
-        actual = sha256_file(local)
-        if actual != file_sha256:
+        actual = private_copy(local, dest)
+        if expected_sha256 is None:
+            return actual
+        if actual != expected_sha256:
             local.unlink()
+            dest.unlink()
             raise IntegrityError(
                 f"{self.address}/{path}: downloaded file has sha256 {actual[:12]}, the registry recorded "
-                f"{file_sha256[:12]}; the download was corrupted and was not kept; try again"
+                f"{expected_sha256[:12]}; the download was corrupted and was not kept; try again"
             )
         cached.parent.mkdir(parents=True, exist_ok=True)
         os.replace(local, cached)
-        return cached
+        return actual
 
     def update(self, change: Change, message: str) -> bool:
         import httpx2

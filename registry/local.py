@@ -1,7 +1,9 @@
 """A registry in a folder (local disk or a shared drive): a file lock around each change, atomic renames.
 
 Every file is written to a temporary name in its own folder and renamed into place, vectors before
-the index, so a reader never sees a half-written file and an index never names a missing vector.
+the index, so a reader never sees a half-written file and an index never names a missing vector. New
+files get the mode the umask gives, so colleagues on a shared drive can read them. Symbolic links inside
+the folder are never followed: what a registry holds is what is in its folder.
 """
 
 from __future__ import annotations
@@ -9,12 +11,21 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from filelock import FileLock, Timeout
-from taskvec.registry.base import CARD_FILE, INDEX_FILE, Change, Reader, RegistryError, Store
+from taskvec.registry.base import (
+    CARD_FILE,
+    INDEX_FILE,
+    Change,
+    Reader,
+    RegistryError,
+    Store,
+    read_small_text,
+)
 
-from taskvec.io.files import atomic_output
+from taskvec.io.files import atomic_output, private_copy
 
 LOCK_FILE = ".taskvec.lock"
 LOCK_TIMEOUT_S = 120.0
@@ -24,13 +35,27 @@ def _iso(timestamp: float) -> str:
     return _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _inside(root: Path, path: str, address: str) -> Path:
+    """`root/path`, refused when it leaves the folder (`..`, an absolute path, a symbolic link on the way)."""
+    p = root / path
+    try:
+        p.parent.resolve(strict=False).relative_to(root.resolve())
+    except ValueError:
+        raise RegistryError(f"{address}/{path}: leaves the registry folder; refused", path=path) from None
+    if ".." in Path(path).parts or Path(path).is_absolute():
+        raise RegistryError(f"{address}/{path}: leaves the registry folder; refused", path=path)
+    return p
+
+
 class _FolderReader(Reader):
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, address: str) -> None:
+        self.root, self.address = root, address
 
     def read_text(self, path: str) -> str | None:
-        p = self.root / path
-        return p.read_text() if p.is_file() else None
+        p = _inside(self.root, path, self.address)
+        if not os.path.lexists(p):
+            return None
+        return read_small_text(p, f"{self.address}/{path}")
 
 
 def _write_atomic(target: Path, content: bytes | Path) -> None:
@@ -50,7 +75,7 @@ class FolderStore(Store):
         self.address = address or str(root)
 
     def reader(self) -> Reader:
-        return _FolderReader(self.root)
+        return _FolderReader(self.root, self.address)
 
     def exists(self) -> bool:
         return self.root.is_dir()
@@ -61,30 +86,36 @@ class FolderStore(Store):
         self.root.mkdir(exist_ok=True)
 
     def list_files(self, prefix: str) -> dict[str, str]:
-        return {
-            p.relative_to(self.root).as_posix(): _iso(p.stat().st_mtime)
-            for p in sorted((self.root / prefix).rglob("*")) if p.is_file() and not p.name.startswith(".")
-        }
+        """Regular files under `prefix`, not following symbolic links (to files or folders) nor hidden names."""
+        found = {}
+        for folder, dirs, files in os.walk(_inside(self.root, prefix, self.address), followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                st = os.lstat(os.path.join(folder, name))
+                if not name.startswith(".") and stat.S_ISREG(st.st_mode):
+                    rel = Path(folder, name).relative_to(self.root).as_posix()
+                    found[rel] = _iso(st.st_mtime)
+        return found
 
-    def local_copy(self, path: str, file_sha256: str | None) -> Path:
-        p = self.root / path
-        if not p.is_file():
+    def copy_to(self, path: str, dest: Path, expected_sha256: str | None) -> str:
+        p = _inside(self.root, path, self.address)
+        if not os.path.lexists(p):
             raise RegistryError(
-                f"{self.address}/{path}: listed in the index but missing; run `taskvec registry reindex`"
+                f"{self.address}/{path}: listed in the index but missing; run `taskvec registry reindex`", path=path
             )
-        return p
+        return private_copy(p, dest, follow_symlinks=False)
 
     def update(self, change: Change, message: str) -> bool:
         if not self.root.is_dir():
             raise RegistryError(f"{self.address}: no such registry directory")
         try:
             with FileLock(str(self.root / LOCK_FILE), timeout=LOCK_TIMEOUT_S):
-                files = change(_FolderReader(self.root))
+                files = change(_FolderReader(self.root, self.address))
                 if not files:
                     return False
                 # the index (and card) last: it must never name a file that is not yet in place
                 for path in sorted(files, key=lambda p: p in (INDEX_FILE, CARD_FILE)):
-                    _write_atomic(self.root / path, files[path])
+                    _write_atomic(_inside(self.root, path, self.address), files[path])
         except Timeout:
             raise RegistryError(
                 f"{self.address}: locked by another process for over {LOCK_TIMEOUT_S:.0f} s; "
@@ -93,3 +124,4 @@ class FolderStore(Store):
         except PermissionError as e:
             raise RegistryError(f"{self.address}: cannot write ({e.strerror}: {e.filename})") from None
         return True
+

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from taskvec.errors import TaskvecError
-from taskvec.io.files import check_output
+from taskvec.io.files import check_output, open_regular
 
 ALGORITHM = "ed25519"
 _CONTEXT = b"taskvec-vector-signature-v1:"
@@ -60,7 +60,8 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
 def parse_public_key(text: str) -> Ed25519PublicKey:
     """An OpenSSH `ssh-ed25519 ...` line, given as the text or as the path of a `.pub` file."""
     if not text.startswith("ssh-") and Path(text).is_file():
-        text = Path(text).read_text()
+        with open_regular(text) as f:
+            text = f.read(4096).decode("utf-8", "replace")
     try:
         key = serialization.load_ssh_public_key(text.strip().encode())
     except (ValueError, TypeError, IndexError):
@@ -68,6 +69,11 @@ def parse_public_key(text: str) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise TaskvecError(f"{text[:40]!r}: is not an Ed25519 public key")
     return key
+
+
+def normalise_key(text: str) -> str:
+    """The one-line OpenSSH form of a public key given as text or as a `.pub` file (comments dropped)."""
+    return public_line(parse_public_key(text))
 
 
 def _message(file_sha256: str) -> bytes:

@@ -14,7 +14,9 @@ FOLDERS = {"taskvec": "taskvec", "registry": "taskvec.registry", "cli": "taskvec
 LAYERS = ["taskvec", "taskvec.io", "taskvec.models", "taskvec.privacy", "taskvec.training", "taskvec.merging",
           "taskvec.audits", "taskvec.simulation", "taskvec.registry", "taskvec.cli"]
 # Inside the registry: signing and the card under the core, backends over it, then addresses and publishing.
-REGISTRY_LAYERS = {"signing": 0, "card": 0, "base": 1, "local": 2, "hub": 2, "address": 3, "publish": 3, "__init__": 4}
+REGISTRY_LAYERS = {
+    "signing": 0, "card": 0, "trust": 1, "base": 2, "local": 3, "hub": 3, "address": 4, "publish": 4, "__init__": 5,
+}
 
 
 def modules() -> dict[str, Path]:

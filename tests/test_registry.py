@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from registry_fixtures import address, created, hub, sites  # noqa: F401 (fixtures)
 from safetensors.torch import load_file
-from taskvec.registry import IntegrityError, RegistryError, TrustError, open_registry
+from taskvec.registry import IntegrityError, RegistryError, TrustError, TrustPolicy, open_registry
 from taskvec.registry.base import parse_time, sha256_file
 from taskvec.registry.signing import generate_key, load_private_key, public_line
 
@@ -19,13 +19,14 @@ from taskvec.io.files import read_kind
 from taskvec.merging.stream import merge_vectors
 
 torch = pytest.importorskip("torch")
+OPEN = TrustPolicy(allow_unsigned=True)  # a merger that accepts vectors of unverified origin
 
 
 def _sha(path: Path) -> str:
     return read_kind(path, "vector").meta["sha256"]
 
 
-def test_push_list_fetch(address: str, sites) -> None:
+def test_push_list_fetch(address: str, sites, tmp_path: Path) -> None:
     base, vector = sites
     v0, v1 = vector(0, samples=120), vector(1, contributor="hospital-b")
     reg = created(address, base)
@@ -39,7 +40,7 @@ def test_push_list_fetch(address: str, sites) -> None:
     assert entries[1].path == f"vectors/hospital-b/{_sha(v1)}.safetensors"
     assert entries[0].file_sha256 == sha256_file(v0) and entries[0].size == v0.stat().st_size
     assert entries[0].base == read_kind(base, "model").meta["identity"]
-    fetched = reg.fetch_all(entries)
+    fetched = reg.fetch_all(entries, tmp_path, OPEN)
     assert [p.read_bytes() for p in fetched] == [v0.read_bytes(), v1.read_bytes()]
     again = open_registry(address).push(v0)  # a second push (from a fresh client) changes nothing
     assert not again.added and again.entry.sha256 == _sha(v0)
@@ -69,7 +70,7 @@ def test_missing_registry(address: str) -> None:
         open_registry(address).entries()
 
 
-def test_corrupted_file_is_refused(address: str, sites, hub_or_none) -> None:
+def test_corrupted_file_is_refused(address: str, sites, hub_or_none, tmp_path: Path) -> None:
     base, vector = sites
     reg = created(address, base)
     entry = reg.push(vector(0)).entry
@@ -80,11 +81,13 @@ def test_corrupted_file_is_refused(address: str, sites, hub_or_none) -> None:
         stored.write_bytes(bytes(data))
     else:  # the server corrupts what it sends
         hub_or_none.state.corrupt.add(entry.path)
+    dest = tmp_path / "fetched.safetensors"
     with pytest.raises(IntegrityError, match="corrupted"):
-        reg.fetch(entry)
+        reg.fetch(entry, dest, OPEN)
+    assert not dest.exists()
     if hub_or_none is not None:  # the bad copy was not kept: a clean download then succeeds
         hub_or_none.state.corrupt.clear()
-        assert reg.fetch(entry).read_bytes() == vector(0).read_bytes()
+        assert reg.fetch(entry, dest, OPEN).read_bytes() == vector(0).read_bytes()
 
 
 @pytest.fixture
@@ -106,9 +109,11 @@ def test_signatures_and_allowlist(address: str, sites, tmp_path: Path) -> None:
     with pytest.raises(TrustError, match="does not trust"):
         reg.push(vector(1, contributor="site-a"), load_private_key(b_key))
     assert reg.push(vector(1, contributor="site-a"), load_private_key(a_key)).added
-    with pytest.raises(TrustError, match="unsigned"):  # refused at merge time too
-        reg.fetch_all(reg.entries())
-    assert reg.fetch(signed).read_bytes() == vector(0, contributor="site-a").read_bytes()
+    merger = TrustPolicy({"site-a": frozenset([a_pub])})  # the merger's own keyring
+    with pytest.raises(TrustError, match="unsigned"):
+        reg.fetch_all(reg.entries(), tmp_path, merger)
+    dest = tmp_path / "signed.safetensors"
+    assert reg.fetch(signed, dest, merger).read_bytes() == vector(0, contributor="site-a").read_bytes()
     assert [e.sha256 for e in reg.entries()][0] == early.sha256
 
 
@@ -125,7 +130,7 @@ def test_forged_signature_is_refused(tmp_path: Path, sites) -> None:
     d["vectors"][0]["signature"]["signature"] = base64.b64encode(sig).decode()
     index.write_text(json.dumps(d))
     with pytest.raises(TrustError, match="does not verify"):
-        reg.fetch(reg.entries()[0])
+        reg.fetch(reg.entries()[0], tmp_path / "v.safetensors", TrustPolicy({"site0": frozenset([pub])}))
     assert entry.signature is not None and public_line(load_private_key(key).public_key()) == pub
 
 
@@ -149,7 +154,7 @@ def test_reindex_rebuilds_from_files(address: str, sites, tmp_path: Path) -> Non
     before = {e.sha256: e.to_dict() for e in reg.entries()}
     reg.store.update(lambda r: {"index.json": b'{"vectors": []}'}, "lose the index")
     assert reg.entries() == []
-    assert reg.reindex() == 2
+    assert reg.reindex() == (2, [])
     after = {e.sha256: e.to_dict() for e in reg.entries()}
     assert after.keys() == before.keys()
     for sha, e in after.items():  # the push time comes back from the file's write or commit time
@@ -169,7 +174,8 @@ def test_merge_from_registry_equals_merge_of_files(address: str, sites, tmp_path
         reg.push(v)
     out = tmp_path / "merged.safetensors"
     res = CliRunner().invoke(app, ["merge", "--registry", address, "--base", str(base), "--out", str(out),
-                                   "--method", "weighted", "--contributor", "site0", "--contributor", "site2"])
+                                   "--method", "weighted", "--contributor", "site0", "--contributor", "site2",
+                                   "--allow-unsigned"])
     assert res.exit_code == 0, res.output
     ref = tmp_path / "ref.safetensors"
     merge_vectors([vecs[0], vecs[2]], base, ref, method="weighted")

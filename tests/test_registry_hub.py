@@ -49,11 +49,16 @@ def test_two_sites_merge_publish_and_load_with_timm(hub, sites, tmp_path: Path) 
     assert listed["base"]["identity"] == read_kind(base, "model").meta["identity"]
 
     state = tmp_path / "state"
+    keyring = tmp_path / "merger.keyring"  # the merger's own trust, not the registry's list
+    for site in ("a", "b"):
+        pub = tmp_path / f"{site}.key.pub"
+        outputs.append(_cli("keys", "trust", "--contributor", f"site-{site}", "--key", str(pub),
+                            "--keyring", str(keyring)))
     outputs.append(_cli("merge", "--registry", REPO, "--base", str(base), "--method", "mean",
-                        "--incremental", "--state", str(state)))
+                        "--incremental", "--state", str(state), "--keyring", str(keyring)))
     outputs.append(_cli("push", str(va2), "--registry", REPO, "--key", str(tmp_path / "a.key")))  # weeks later
     outputs.append(_cli("merge", "--registry", REPO, "--base", str(base), "--method", "mean",
-                        "--incremental", "--state", str(state)))
+                        "--incremental", "--state", str(state), "--keyring", str(keyring)))
     v2 = state / "merged-v2.safetensors"
     history = json.loads((state / "history.json").read_text())["versions"]
     assert [h["mode"] for h in history] == ["recomputed", "incremental"] and len(history[1]["added"]) == 1
@@ -160,10 +165,13 @@ def test_cli_error_is_one_line_without_token(hub, sites) -> None:
     not (os.environ.get("TASKVEC_LIVE_HUB_REPO") and os.environ.get("HF_TOKEN")),
     reason="live Hub test: set TASKVEC_LIVE_HUB_REPO=ORG/REPO (a scratch repo) and HF_TOKEN",
 )
-def test_live_hub(sites) -> None:
+def test_live_hub(sites, tmp_path: Path) -> None:
+    from taskvec.registry import TrustPolicy
+
     base, vector = sites
     address = f"hf://{os.environ['TASKVEC_LIVE_HUB_REPO']}"
     reg = created(address, base)
     entry = reg.push(vector(0)).entry
     assert entry.sha256 in {e.sha256 for e in reg.entries()}
-    assert reg.fetch(entry).read_bytes() == vector(0).read_bytes()
+    dest = tmp_path / "fetched.safetensors"
+    assert reg.fetch(entry, dest, TrustPolicy(allow_unsigned=True)).read_bytes() == vector(0).read_bytes()

@@ -63,14 +63,14 @@ def test_pull_copies_verified_files_once(sites, tmp_path: Path) -> None:
     reg = created(address, base)
     for i in range(3):
         reg.push(vector(i))
-    out = tmp_path / "pulled"
-    out.mkdir()
+    out = tmp_path / "pulled" / "new"  # created by pull
     runner = CliRunner()
-    res = runner.invoke(app, ["pull", "--registry", address, "--out", str(out), "--contributor", "site1"])
+    res = runner.invoke(app, ["pull", "--registry", address, "--out", str(out), "--contributor", "site1",
+                              "--allow-unsigned"])
     assert res.exit_code == 0, res.output
     files = sorted(out.iterdir())
     assert len(files) == 1 and files[0].read_bytes() == vector(1).read_bytes()
-    res = runner.invoke(app, ["pull", "--registry", address, "--out", str(out)])
+    res = runner.invoke(app, ["pull", "--registry", address, "--out", str(out), "--allow-unsigned"])
     assert res.exit_code == 0 and "2 new, 1 already there" in res.output
     assert sorted(p.read_bytes() for p in out.iterdir()) == sorted(vector(i).read_bytes() for i in range(3))
 

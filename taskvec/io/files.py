@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
+import socket
+import stat
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from taskvec.errors import FileFormatError, OutputExistsError
 
@@ -30,7 +32,7 @@ DTYPE_SIZES = {
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar"}
-_MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 8 * 1024 * 1024  # a timm model's header is a few KB; this bounds the JSON parse's memory
 
 
 @dataclass(frozen=True)
@@ -56,15 +58,12 @@ class Header:
     tensors: dict[str, TensorInfo]
     data_start: int
     meta: dict[str, Any] = field(default_factory=dict)
+    size: int = 0  # the file's size in bytes when the header was read
 
     @property
     def kind(self) -> str:
         """`model`, `vector`, or `state_dict` for a plain safetensors file."""
         return str(self.meta.get("kind", "state_dict"))
-
-    @property
-    def size(self) -> int:
-        return self.path.stat().st_size
 
 
 def refuse_pickle(path: Path) -> None:
@@ -86,59 +85,129 @@ def _not_safetensors(path: Path, head: bytes, reason: str) -> FileFormatError:
     return FileFormatError(f"{path}: {reason}")
 
 
-def read_header(path: str | os.PathLike[str]) -> Header:
-    """Parse and validate a safetensors header; raise FileFormatError naming what is wrong."""
+@contextlib.contextmanager
+def open_regular(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -> Iterator[BinaryIO]:
+    """Open a regular file for reading, refusing FIFOs, devices, sockets and directories (which would block
+    or never end) and, with `follow_symlinks=False`, a symbolic link. Everything read from the returned file
+    comes from that one file, whatever happens to its path meanwhile."""
     p = Path(path)
-    if p.is_dir():
-        raise FileFormatError(f"{p}: is a directory, expected a .safetensors file")
-    if not p.exists():
-        raise FileFormatError(f"{p}: no such file")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | (0 if follow_symlinks else getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(p, flags)
+    except FileNotFoundError:
+        raise FileFormatError(f"{p}: no such file", path=p) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise FileFormatError(f"{p}: is a symbolic link, which is not followed here", path=p) from None
+        raise FileFormatError(f"{p}: cannot open ({e.strerror})", path=p) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, device or socket)"
+        raise FileFormatError(f"{p}: is {what}; give a .safetensors file", path=p)
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as f:
+        yield f
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def _is_int(x: Any, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _tensor_info(p: Path, name: str, info: Any) -> TensorInfo:
+    """One header entry, checked as strictly as the format: dtype, non-negative shape, offsets fitting it."""
+    ok = isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}
+    if ok:
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        ok = (isinstance(dtype, str) and dtype in DTYPE_SIZES and isinstance(shape, list)
+              and all(_is_int(s) for s in shape) and isinstance(offsets, list) and len(offsets) == 2
+              and all(_is_int(o) for o in offsets))
+    if not ok:
+        raise FileFormatError(f"{p}: corrupt entry for tensor {name!r}", path=p, field=name)
+    t = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+    if t.end - t.start != t.numel * DTYPE_SIZES[dtype]:
+        raise FileFormatError(
+            f"{p}: corrupt entry for tensor {name!r} (shape {shape} of {dtype} does not fit offsets {offsets})",
+            path=p, field=name,
+        )
+    return t
+
+
+def _check_layout(p: Path, tensors: dict[str, TensorInfo], data_len: int) -> None:
+    """Tensor data must tile the data section exactly: no overlaps, no holes, nothing beyond or after it."""
+    pos = 0
+    for name, t in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if t.start != pos:
+            what = "overlaps the tensor before it" if t.start < pos else "leaves a gap before it"
+            raise FileFormatError(f"{p}: corrupt header: tensor {name!r} {what}", path=p, field=name)
+        pos = t.end
+    if pos > data_len:
+        raise FileFormatError(f"{p}: truncated (tensor data needs {pos} B, file holds {data_len} B)", path=p)
+    if pos < data_len:
+        raise FileFormatError(f"{p}: {data_len - pos} bytes after the last tensor; not a clean safetensors file",
+                              path=p)
+
+
+def _taskvec_meta(p: Path, raw_meta: Any) -> dict[str, Any]:
+    if not isinstance(raw_meta, dict) or not all(isinstance(v, str) for v in raw_meta.values()):
+        raise FileFormatError(f"{p}: corrupt safetensors header (__metadata__ must map names to strings)", path=p)
+    if META_KEY not in raw_meta:
+        return {}
+    try:
+        meta = json.loads(raw_meta[META_KEY], object_pairs_hook=_no_duplicates)
+    except ValueError:
+        raise FileFormatError(f"{p}: corrupt taskvec metadata", path=p) from None
+    if not isinstance(meta, dict):
+        raise FileFormatError(f"{p}: corrupt taskvec metadata (not a JSON object)", path=p)
+    version: Any = meta.get("format_version")
+    if not _is_int(version, 1):
+        raise FileFormatError(f"{p}: taskvec format_version must be a whole number >= 1, got {version!r}",
+                              path=p, field="format_version")
+    if version > FORMAT_VERSION:
+        raise FileFormatError(
+            f"{p}: taskvec format version {version!r} is newer than this taskvec reads "
+            f"({FORMAT_VERSION}); upgrade taskvec", path=p, field="format_version",
+        )
+    return meta
+
+
+def read_header(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -> Header:
+    """Parse and validate a safetensors header; raise FileFormatError naming what is wrong.
+
+    As strict as the format: a regular file, a header of at most `MAX_HEADER_BYTES`, no duplicate names,
+    tensor data that tiles the data section exactly, and taskvec metadata with a valid `format_version`."""
+    p = Path(path)
     refuse_pickle(p)
-    size = p.stat().st_size
-    with open(p, "rb") as f:
+    with open_regular(p, follow_symlinks=follow_symlinks) as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) < 8:
             raise _not_safetensors(p, raw, "not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", raw)
-        if n > _MAX_HEADER or 8 + n > size:
+        if n > MAX_HEADER_BYTES and 8 + n <= size:
+            raise _not_safetensors(p, raw, f"header of {n} B is over the {MAX_HEADER_BYTES} B limit")
+        if 8 + n > size:
             raise _not_safetensors(p, raw, f"not a safetensors file or truncated (header length {n}, file {size} B)")
         body = f.read(n)
-        try:
-            header = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _not_safetensors(p, raw, f"corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise FileFormatError(f"{p}: corrupt safetensors header (not a JSON object)")
-    raw_meta = header.pop("__metadata__", None) or {}
-    data_len = size - 8 - n
-    tensors: dict[str, TensorInfo] = {}
-    end_max = 0
     try:
-        for name, info in header.items():
-            dtype, shape = info["dtype"], tuple(int(s) for s in info["shape"])
-            start, end = (int(x) for x in info["data_offsets"])
-            t = TensorInfo(dtype, shape, start, end)
-            if dtype not in DTYPE_SIZES or end - start != t.numel * DTYPE_SIZES[dtype] or start < 0:
-                raise FileFormatError(f"{p}: corrupt entry for tensor {name!r}")
-            tensors[name] = t
-            end_max = max(end_max, end)
-    except (KeyError, TypeError, ValueError):
-        raise FileFormatError(f"{p}: corrupt safetensors header") from None
-    if end_max > data_len:
-        raise FileFormatError(f"{p}: truncated (tensor data needs {end_max} B, file holds {data_len} B)")
-    meta: dict[str, Any] = {}
-    if META_KEY in raw_meta:
-        try:
-            meta = json.loads(raw_meta[META_KEY])
-        except json.JSONDecodeError:
-            raise FileFormatError(f"{p}: corrupt taskvec metadata") from None
-        version = meta.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise FileFormatError(
-                f"{p}: taskvec format version {version!r} is newer than this taskvec reads "
-                f"({FORMAT_VERSION}); upgrade taskvec"
-            )
-    return Header(p, tensors, 8 + n, meta)
+        header = json.loads(body, object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _not_safetensors(p, raw, f"corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise FileFormatError(f"{p}: corrupt safetensors header (not a JSON object)", path=p)
+    meta = _taskvec_meta(p, header.pop("__metadata__", {}))
+    tensors = {name: _tensor_info(p, name, info) for name, info in header.items()}
+    _check_layout(p, tensors, size - 8 - n)
+    return Header(p, tensors, 8 + n, meta, size)
 
 
 def read_kind(path: str | os.PathLike[str], kind: str) -> Header:
@@ -175,7 +244,7 @@ def digest(items: Iterable[tuple[str, str, Sequence[int], bytes | memoryview]]) 
 
 def iter_raw(header: Header, names: Iterable[str] | None = None) -> Iterator[tuple[str, TensorInfo, bytes]]:
     """Yield raw little-endian bytes of tensors, one at a time, in the given (default: sorted) order."""
-    with open(header.path, "rb") as f:
+    with open_regular(header.path) as f:
         for name in names if names is not None else sorted(header.tensors):
             t = header.tensors[name]
             f.seek(header.data_start + t.start)
@@ -225,19 +294,89 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def temp_beside(target: str | os.PathLike[str]) -> Path:
+    """A new empty file `.NAME.HOST-PID-RANDOM.tmp` beside `target`, with the mode the umask gives new files.
+
+    Temporary files of `target` left by a process of this host that no longer runs (killed mid-write) are
+    removed first, so an interrupted write never leaves debris for good."""
+    p = Path(target)
+    host = socket.gethostname().replace(".", "_").replace("-", "_") or "host"
+    prefix = f".{p.name}."
+    for old in p.parent.glob(f"{glob_escape(prefix)}*.tmp"):
+        owner = old.name[len(prefix):-len(".tmp")].split("-")
+        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not _alive(int(owner[1])):
+            with contextlib.suppress(OSError):
+                old.unlink()
+    while True:
+        tmp = p.parent / f"{prefix}{host}-{os.getpid()}-{os.urandom(4).hex()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~_umask())
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+
+
+def glob_escape(text: str) -> str:
+    """`text` with glob wildcards escaped, for a `Path.glob` pattern."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def private_copy(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, follow_symlinks: bool = False,
+                 max_bytes: int | None = None) -> str:
+    """Copy `src` to a new file `dest` (mode 0600) and return the sha256 of exactly the bytes copied.
+
+    The way to verify what you read and read what you verified: the hash and the copy come from one open
+    file, so a file swapped or rewritten at `src` after the check cannot reach the caller, who reads `dest`.
+    Refuses anything but a regular file (and a symbolic link unless `follow_symlinks`)."""
+    h = hashlib.sha256()
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    done = False
+    try:
+        with os.fdopen(fd, "wb") as out, open_regular(src, follow_symlinks=follow_symlinks) as f:
+            copied = 0
+            for block in iter(lambda: f.read(1 << 20), b""):
+                copied += len(block)
+                if max_bytes is not None and copied > max_bytes:
+                    raise FileFormatError(f"{src}: larger than the {max_bytes} B expected", path=src)
+                h.update(block)
+                out.write(block)
+        done = True
+    finally:
+        if not done:
+            with contextlib.suppress(OSError):
+                os.unlink(dest)
+    return h.hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
     p = check_output(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
+    tmp = temp_beside(p)
     try:
-        yield Path(tmp)
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         if p.exists() and not force:
             raise OutputExistsError(f"{p}: appeared while writing; pass --force to overwrite it")
         os.replace(tmp, p)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()

@@ -15,3 +15,16 @@ def as_float64(data: bytes | memoryview, dtype: str) -> np.ndarray:
     if dtype == "BOOL":
         return np.frombuffer(data, dtype=np.uint8).astype(np.float64)
     return np.frombuffer(data, dtype=_NP[dtype]).astype(np.float64)
+
+
+_EXPONENT = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
+             "F64": ("<u8", 0x7FF0000000000000)}
+
+
+def non_finite(data: bytes | memoryview, dtype: str) -> bool:
+    """True when raw floating tensor bytes hold a NaN or ±Inf (all exponent bits set), without a float copy."""
+    if dtype not in _EXPONENT:
+        return False
+    bits, mask = _EXPONENT[dtype]
+    a = np.frombuffer(data, dtype=bits)
+    return bool(np.any((a & a.dtype.type(mask)) == mask))
