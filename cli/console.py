@@ -16,7 +16,7 @@ console = Console(highlight=False)
 
 
 # Parameters whose flag is not `--` + the name with dashes.
-FLAGS = {"out_dir": "--out", "base": "--base", "force": "--force"}
+FLAGS = {"out_dir": "--out", "num_workers": "--workers", "epsilons": "--target-epsilon"}
 
 
 def flag(field: str) -> str:
@@ -25,19 +25,27 @@ def flag(field: str) -> str:
 
 
 def error_message(error: Exception) -> str:
-    """A library error in the CLI's words: a message that starts with a parameter name starts with its flag."""
+    """A library error in the CLI's words: the parameter a `ConfigError` starts with, and every parameter
+    in backticks (`` `delta` ``), become flags (`--delta`)."""
+    import re
+
     from taskvec.errors import ConfigError
 
     message = str(error)
     if isinstance(error, ConfigError) and error.field and message.startswith(error.field):
-        return flag(error.field) + message[len(error.field):]
-    return message
+        message = flag(error.field) + message[len(error.field):]
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flag(m.group(1)), message)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
     first = " ".join(message.split("\n"))
     print(f"error: {first}", file=sys.stderr)
     sys.exit(code)
+
+
+def usage(message: str) -> NoReturn:
+    """A bad option or option conflict: one line, the exit code click gives a malformed option."""
+    fail(message, USAGE)
 
 
 def warn(message: str) -> None:

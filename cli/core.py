@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from taskvec.cli.console import console, print_json, track, warn
+from taskvec.cli.console import console, print_json, track, usage, warn
 from taskvec.cli.exchange import KEYRING_HELP, TRUST_HELP, UNSIGNED_HELP
 
 
@@ -131,7 +131,7 @@ def merge(
         check_files_budget(vectors, max_epsilon, require_dp)  # before any merge, incremental ones included
     if state is not None:
         if calibrate is not None:
-            raise typer.BadParameter("--calibrate does not combine with --incremental; merge, then calibrate")
+            usage("--calibrate does not combine with --incremental; merge, then calibrate")
         merge_incremental_cli(vectors, base, state, out, method, scale, density, seed, force)
         return
     assert out is not None

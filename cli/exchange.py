@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from taskvec.cli.console import console, print_json, track
+from taskvec.cli.console import console, print_json, track, usage
 
 REGISTRY_HELP = "Registry: a folder (./registry, file:///mnt/share/x) or a Hub model repo (hf://ORG/REPO)."
 REVISION_HELP = "Hub branch of the registry (default main)."
@@ -152,7 +152,7 @@ def registry_init(
     for item in trust or []:
         contributor, sep, key = item.partition("=")
         if not sep:
-            raise typer.BadParameter(f"--trust takes CONTRIBUTOR=KEY.pub, got {item!r}")
+            usage(f"--trust takes CONTRIBUTOR=KEY.pub, got {item!r}")
         pairs.append((contributor, normalise_key(key)))
     info, created = reg.create(base, card={"license": license, "base_model": base_model})
     for contributor, key in pairs:
@@ -239,20 +239,18 @@ def merge_inputs(
 ) -> list[Path]:
     """The vector files `taskvec merge` works on: the given files plus verified private copies of the
     registry's (`policy`: the merger's `TrustPolicy`)."""
-    from taskvec.errors import TaskvecError
-
     if incremental != (state is not None):
-        raise TaskvecError("--incremental and --state DIR go together (the state keeps the running merge)")
+        usage("--incremental and --state DIR go together (the state keeps the running merge)")
     if out is None and not incremental:
-        raise TaskvecError("give --out FILE for the merged model")
+        usage("give --out FILE for the merged model")
     if registry is None and (contributor or since):
-        raise TaskvecError("--contributor and --since select vectors of a --registry")
+        usage("--contributor and --since select vectors of a --registry")
     paths = list(vectors or [])
     if registry is not None:
         reg = _open(registry, None)
         paths += reg.fetch_all(reg.select(contributor, since), scratch_dir(), policy, track=track)
     if not paths:
-        raise TaskvecError("no vectors given: pass vector files or --registry R")
+        usage("no vectors given: pass vector files or --registry R")
     return paths
 
 

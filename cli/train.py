@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from taskvec.cli.console import console, print_json, track, warn
+from taskvec.cli.console import console, print_json, track, usage, warn
 
 
 class _TrainProgress:
@@ -97,7 +97,7 @@ def finetune(
 
         private = DPConfig(max_grad_norm, delta, target_epsilon=target_epsilon, noise_multiplier=noise_multiplier)
     elif target_epsilon is not None or noise_multiplier is not None:
-        raise typer.BadParameter("--target-epsilon and --noise-multiplier set up DP-SGD: add --dp")
+        usage("--target-epsilon and --noise-multiplier set up DP-SGD: add --dp")
     config = FinetuneConfig(
         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, img_size=img_size,
         device=device, seed=seed, resume=resume, val_fraction=val_fraction, contributor=contributor,

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from taskvec.registry.base import Registry, RegistryError
 
+from taskvec.errors import ConfigError
+
 
 def open_registry(
     address: str, *, revision: str | None = None, endpoint: str | None = None, token: str | None = None,
@@ -26,7 +28,7 @@ def open_registry(
             raise RegistryError(f"{address}: a Hub registry is hf://ORG/REPO (a model repo)")
         return Registry(HubStore(repo_id, revision, endpoint, token, private, cache_dir))
     if revision is not None:
-        raise RegistryError("--revision applies to hf:// registries only")
+        raise ConfigError("revision applies to hf:// registries only", field="revision", got=revision)
     if address.startswith("file://"):
         path = address.removeprefix("file://")
         if not path.startswith("/"):

@@ -551,7 +551,7 @@ def check_push_policy(
     if signature is None:
         raise TrustError(
             f"{what}: is unsigned, and this registry only accepts vectors signed by a trusted key; "
-            "push with --key SITE.key"
+            "push with `key` (a site's private key)", field="key"
         )
     if signature["public_key"] not in info.trusted_keys.get(contributor, []):
         raise TrustError(

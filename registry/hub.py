@@ -71,7 +71,7 @@ def hub_errors(address: str, endpoint: str) -> Iterator[None]:
             "and log in with `hf auth login` or set HF_TOKEN"
         ) from None
     except RevisionNotFoundError:
-        raise RegistryError(f"{address}: revision not found; check --revision") from None
+        raise RegistryError(f"{address}: revision not found; check `revision`", field="revision") from None
     except HfHubHTTPError as e:
         status = e.response.status_code
         if status in (401, 403):

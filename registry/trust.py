@@ -37,7 +37,7 @@ def check_contributor(name: Any) -> str:
     letter or digit (so never `.`, `..`, a path or a control character)."""
     if not isinstance(name, str) or not _CONTRIBUTOR.fullmatch(name):
         raise TaskvecError(
-            f"contributor id {name!r} cannot name a registry folder; re-export with --contributor "
+            f"contributor id {name!r} cannot name a registry folder; re-export with `contributor` "
             "using letters, digits, '.', '_' or '-' (at most 64)", field="contributor", got=name,
         )
     return name

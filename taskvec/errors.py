@@ -1,9 +1,11 @@
 """Errors whose message tells the user what went wrong and what to do.
 
 The library speaks in parameters (`clip must be > 0`), never in command-line flags: a Python caller who
-passed `clip=-1` reads the name they used. Errors carry fields (`path`, `field`, `expected`, `got`) so a
-caller can act on them; the CLI prints `error: <message>` on one line, turns a `field` into its flag
-(`--clip`), and exits non-zero.
+passed `clip=-1` reads the name they used. A `ConfigError`'s message starts with its `field`; any other
+parameter a message names is written in backticks (`` `delta` ``). Errors carry fields (`path`, `field`,
+`expected`, `got`) so a caller can act on them; the CLI prints `error: <message>` on one line, turns the
+leading field and every backticked parameter into its flag (`--clip`, `--delta`), and exits 2 for a
+`ConfigError`, 1 for any other error.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def test_bad_input_gives_one_line_and_no_output(make_base, make_finetuned, tmp_p
     _assert_one_line_error(taskvec("merge", ft, "--base", base, "--out", "m.safetensors", cwd=tmp_path, ok=False),
                            "expected a taskvec vector")
     _assert_one_line_error(taskvec("init", "--arch", "no_such_net", "--num-classes", "2", "--out", "b.safetensors",
-                                   cwd=tmp_path, ok=False), "unknown timm architecture")
+                                   cwd=tmp_path, ok=False), "--arch 'no_such_net' is not a timm architecture")
     taskvec("export", ft, "--base", base, "--out", "v.safetensors", cwd=tmp_path)
     _assert_one_line_error(taskvec("export", ft, "--base", base, "--out", "v.safetensors", cwd=tmp_path, ok=False),
                            "--force")

@@ -163,7 +163,7 @@ def test_split_folders_and_missing_split(tmp_path: Path) -> None:
     assert not set(s.train.sources) & set(s.val.sources)
     assert len(s.get("all")) == 8
     single = load_data(tmp_path / "d" / "train", spec("segmentation"), val_fraction=0)
-    with pytest.raises(TaskvecError, match="no test split.*--split all"):
+    with pytest.raises(TaskvecError, match="no test split.*`split` to all"):
         single.get("test")
 
 

@@ -96,4 +96,4 @@ def test_finetune_dp_cli_reports_epsilon_and_refuses(make_base, tmp_path: Path) 
     resnet = make_base("test_resnet", num_classes=2, name="resnet.safetensors")
     msg = refused("finetune", "--base", resnet, "--data", data, "--out", tmp_path / "r3", "--dp",
                   "--target-epsilon", "3")
-    assert "taskvec init --dp-compatible" in msg and not (tmp_path / "r3").exists()
+    assert "`dp_compatible`" in msg and not (tmp_path / "r3").exists()

@@ -79,7 +79,7 @@ def test_patient_ids_make_the_patient_the_unit(tmp_path: Path, make_base: Callab
 def test_dp_refuses_a_base_that_is_not_dp_ready(tmp_path: Path, make_base: Callable[..., Path]) -> None:
     base = make_base("test_resnet", num_classes=2)
     data = image_folder(tmp_path / "data", n_per_class=4, size=32)
-    with warnings.catch_warnings(), pytest.raises(PrivacyError, match="taskvec init --dp-compatible"):
+    with warnings.catch_warnings(), pytest.raises(PrivacyError, match="`dp_compatible`"):
         finetune(base, data, tmp_path / "run", cfg(DPConfig(1.0, 1e-5, noise_multiplier=1.0)))
     assert not (tmp_path / "run").exists()  # refused before anything is written
     with pytest.raises(PrivacyError, match="without noise"):

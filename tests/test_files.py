@@ -100,7 +100,7 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path: Path) -> None:
 def test_atomic_output_refuses_existing_without_force(tmp_path: Path) -> None:
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"keep me")
-    with pytest.raises(OutputExistsError, match="--force"):
+    with pytest.raises(OutputExistsError, match="pass `force`"):
         with atomic_output(out):
             pass
     assert out.read_bytes() == b"keep me"

@@ -88,7 +88,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, make_ba
         finetune(base, data, tmp_path / "cut", cfg(), on_epoch=die_after_two)
     assert (tmp_path / "cut" / "checkpoint.safetensors").exists()
     assert not (tmp_path / "cut" / "model.safetensors").exists()
-    with pytest.raises(OutputExistsError, match="pass --resume"):
+    with pytest.raises(OutputExistsError, match="pass `resume`"):
         finetune(base, data, tmp_path / "cut", cfg())
     with pytest.raises(MismatchError, match="lr 0.002 \\(now 0.001\\)"):
         finetune(base, data, tmp_path / "cut", cfg(lr=1e-3, resume=True))
@@ -132,10 +132,10 @@ def test_kill_9_then_resume(tmp_path: Path, make_base: Callable[..., Path]) -> N
 def test_bad_input(tmp_path: Path, make_base: Callable[..., Path], make_finetuned: Callable[..., Path]) -> None:
     base = make_base("test_vit", num_classes=2, in_chans=1)
     data = npz_file(tmp_path / "d.npz", n=16)
-    with pytest.raises(TaskvecError, match="--epochs or --steps"):
+    with pytest.raises(TaskvecError, match="epochs and `steps` exclude each other"):
         finetune(base, data, tmp_path / "r", cfg(steps=3))
     fixed = make_base("vit_tiny_patch16_224", num_classes=2, in_chans=1, name="vit.safetensors")
-    with pytest.raises(TaskvecError, match="--img-size 48 does not fit vit_tiny_patch16_224"):
+    with pytest.raises(TaskvecError, match="img_size 48 does not fit vit_tiny_patch16_224"):
         finetune(fixed, data, tmp_path / "r", cfg(img_size=48))
     from taskvec.merging.export import export_vector
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from taskvec.errors import FileFormatError, MismatchError
+from taskvec.errors import ConfigError, FileFormatError, MismatchError
 from taskvec.io.files import read_kind
 from taskvec.merging.export import export_vector
 from taskvec.merging.methods import MERGE_METHODS, dare_seed
@@ -106,7 +106,7 @@ def test_duplicate_and_corrupted_vectors(three, tmp_path: Path) -> None:
 def test_weighted_without_samples_and_bad_density(make_base, make_finetuned, tmp_path: Path) -> None:
     base = make_base()
     v = export_vector(make_finetuned(base, 1), base, tmp_path / "v.safetensors").path
-    with pytest.raises(Exception, match="--samples"):
+    with pytest.raises(Exception, match="`samples`"):
         merge_vectors([v], base, tmp_path / "m.safetensors", method="weighted")
-    with pytest.raises(FileFormatError, match="--density"):
+    with pytest.raises(ConfigError, match="^density must be"):
         merge_vectors([v], base, tmp_path / "m.safetensors", method="ties", density=1.5)

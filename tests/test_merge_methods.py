@@ -22,7 +22,7 @@ def test_sum_mean_weighted() -> None:
 
 
 def test_weighted_needs_samples() -> None:
-    with pytest.raises(TaskvecError, match="--samples"):
+    with pytest.raises(TaskvecError, match="`samples`"):
         MERGE_METHODS["weighted"].combine([A, B], samples=[3, None])
 
 

@@ -117,5 +117,5 @@ def test_state_is_bound_to_its_recipe(setup, tmp_path: Path, make_base: Callable
 
     save_file(load_file(str(other)), str(ft))
     export_vector(ft, other, tmp_path / "o.safetensors", contributor="o")
-    with pytest.raises(MismatchError, match="new --state"):
+    with pytest.raises(MismatchError, match="new `state`"):
         merge_incremental([tmp_path / "o.safetensors"], other, state, method="mean")

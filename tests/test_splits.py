@@ -58,11 +58,11 @@ def test_by_group_keeps_groups_whole_and_balances() -> None:
 
 
 def test_bad_specs() -> None:
-    with pytest.raises(TaskvecError, match="only 2 groups"):
+    with pytest.raises(TaskvecError, match="sites must be at most the 2 groups"):
         split_by_group(["a", "b", "a"], 3)
     with pytest.raises(TaskvecError, match="class labels"):
         split_sites("dirichlet:0.5", 2, 0, n=10)
-    with pytest.raises(TaskvecError, match="unknown --split"):
+    with pytest.raises(TaskvecError, match="split must be iid"):
         split_sites("random", 2, 0, n=10)
     with pytest.raises(TaskvecError, match="cannot be split"):
         split_iid(2, 3, 0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from taskvec.errors import FileFormatError, MismatchError, OutputExistsError, PrivacyError
+from taskvec.errors import ConfigError, FileFormatError, MismatchError, OutputExistsError
 from taskvec.io.files import read_kind
 from taskvec.merging.export import export_vector
 from taskvec.privacy.ledger import gaussian_epsilon
@@ -85,16 +85,19 @@ def test_bf16_export_is_close_to_fp32(make_base, make_finetuned, tmp_path: Path)
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"noise_multiplier": 1.0, "delta": 1e-5}, "noise without clipping"),
-        ({"clip": 1.0, "epsilon": 1.0}, "--delta"),
-        ({"clip": 1.0, "epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.0}, "not both"),
-        ({"clip": -1.0}, "--clip"),
+        ({"noise_multiplier": 1.0, "delta": 1e-5}, "clip"),
+        ({"clip": 1.0, "epsilon": 1.0}, "delta"),
+        ({"clip": 1.0, "epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.0}, "noise_multiplier"),
+        ({"clip": -1.0}, "clip"),
+        ({"dtype": "fp8"}, "dtype"),
+        ({"samples": 0}, "samples"),
     ],
 )
-def test_privacy_arguments_are_checked(make_base, make_finetuned, tmp_path: Path, kwargs, match) -> None:
+def test_arguments_are_checked(make_base, make_finetuned, tmp_path: Path, kwargs, match) -> None:
     base = make_base()
-    with pytest.raises(PrivacyError, match=match):
+    with pytest.raises(ConfigError, match=f"^{match} ") as e:
         export_vector(make_finetuned(base, 1), base, tmp_path / "v.safetensors", **kwargs)
+    assert e.value.field == match and "--" not in str(e.value)
     assert not (tmp_path / "v.safetensors").exists()
 
 

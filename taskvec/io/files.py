@@ -275,7 +275,7 @@ def check_output(path: str | os.PathLike[str], force: bool) -> Path:
     """Fail early, before any work, when the output exists and `force` is not set."""
     p = Path(path)
     if p.exists() and not force:
-        raise OutputExistsError(f"{p}: exists; pass --force to overwrite it")
+        raise OutputExistsError(f"{p}: exists; pass `force` to overwrite it", path=p)
     if p.exists() and p.is_dir():
         raise OutputExistsError(f"{p}: is a directory")
     if not p.parent.exists():
@@ -375,7 +375,7 @@ def atomic_output(path: str | os.PathLike[str], force: bool = False) -> Iterator
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         if p.exists() and not force:
-            raise OutputExistsError(f"{p}: appeared while writing; pass --force to overwrite it")
+            raise OutputExistsError(f"{p}: appeared while writing; pass `force` to overwrite it", path=p)
         os.replace(tmp, p)
     finally:
         if tmp.exists():

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from taskvec.errors import FileFormatError, PrivacyError, TaskvecError
+from taskvec.errors import ConfigError, FileFormatError, PrivacyConfigError, PrivacyError, check_range
 from taskvec.io.files import (
     FLOAT_DTYPES,
     FORMAT,
@@ -62,21 +62,22 @@ def _check_finetuned(base: Header, ft: Header) -> None:
 def _resolve_noise(
     clip: float | None, noise_multiplier: float | None, epsilon: float | None, delta: float | None
 ) -> float | None:
-    if clip is not None and clip <= 0:
-        raise PrivacyError("--clip must be > 0")
+    if clip is not None:
+        check_range("clip", clip, low=0, error=PrivacyConfigError)
     if noise_multiplier is not None and epsilon is not None:
-        raise PrivacyError("give either --noise-multiplier or --epsilon/--delta, not both")
+        raise PrivacyConfigError("noise_multiplier and `epsilon` exclude each other: give one",
+                                 field="noise_multiplier")
     if (noise_multiplier is not None or epsilon is not None) and clip is None:
-        raise PrivacyError("noise without clipping gives no guarantee: pass --clip C (the sensitivity)")
+        raise PrivacyConfigError("clip is needed for noise to give a guarantee: it is the sensitivity", field="clip")
     if epsilon is not None:
         if delta is None:
-            raise PrivacyError("--epsilon needs --delta (for example --delta 1e-5)")
+            raise PrivacyConfigError("delta is needed with `epsilon` (for example 1e-5)", field="delta")
         return gaussian_noise_multiplier(epsilon, delta)
     if noise_multiplier is not None:
-        if noise_multiplier <= 0:
-            raise PrivacyError("--noise-multiplier must be > 0")
+        check_range("noise_multiplier", noise_multiplier, low=0, error=PrivacyConfigError)
         if delta is None:
-            raise PrivacyError("--noise-multiplier needs --delta to report ε (for example --delta 1e-5)")
+            raise PrivacyConfigError("delta is needed with `noise_multiplier` to report ε (for example 1e-5)",
+                                     field="delta")
     return noise_multiplier
 
 
@@ -107,7 +108,8 @@ def export_vector(
     """
     check_output(out, force)
     if dtype not in CAST_DTYPES:
-        raise TaskvecError(f"--dtype must be one of {', '.join(CAST_DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {', '.join(CAST_DTYPES)}, got {dtype!r}", field="dtype",
+                          expected=list(CAST_DTYPES), got=dtype)
     z = _resolve_noise(clip, noise_multiplier, epsilon, delta)
     bh = read_kind(base, "model")
     fh = read_header(resolve_model_path(finetuned))
@@ -115,7 +117,7 @@ def export_vector(
     training = fh.meta.get("training", {})
     samples = samples if samples is not None else training.get("samples")
     if samples is not None and samples < 1:
-        raise TaskvecError("--samples must be >= 1")
+        raise ConfigError(f"samples must be >= 1, got {samples}", field="samples", expected=">= 1", got=samples)
     warnings: list[str] = []
     record = releases_path(fh.path)
     run_key = str(fh.meta.get("run_id") or fh.meta.get("identity") or file_digest(fh))
@@ -167,7 +169,7 @@ def export_vector(
         if stats:
             warnings.append(
                 f"left out {len(stats)} BatchNorm statistics tensors: they would be released without noise; "
-                "the merge keeps the base's statistics (or re-estimates them with --calibrate)"
+                "the merge keeps the base's statistics (or re-estimates them by calibration)"
             )
             stats = {}
     elif clip is not None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from taskvec.errors import FileFormatError, MismatchError, TaskvecError
+from taskvec.errors import FileFormatError, MismatchError, check_range
 from taskvec.io.files import (
     FORMAT,
     FORMAT_VERSION,
@@ -82,15 +82,16 @@ def _load_history(state: Path, recipe: dict[str, Any]) -> list[dict[str, Any]]:
         d = json.loads(p.read_text())
         saved, versions = d["recipe"], d["versions"]
     except (ValueError, KeyError, TypeError) as e:
-        raise FileFormatError(f"{p}: unreadable ({e}); use a new --state directory") from None
+        raise FileFormatError(f"{p}: unreadable ({e}); use a new `state` directory", path=p) from None
     if saved["base"] != recipe["base"]:
         raise MismatchError(
             f"{state}: holds merges of base {saved['base'][:12]}, not {recipe['base'][:12]}; "
-            "use a new --state directory"
+            "use a new `state` directory", path=state, field="base", expected=recipe["base"], got=saved["base"]
         )
     if saved != recipe:
         diff = ", ".join(f"{k} {saved.get(k)!r}" for k in recipe if saved.get(k) != recipe[k])
-        raise TaskvecError(f"{state}: was built with {diff}; pass the same settings or use a new --state directory")
+        raise MismatchError(f"{state}: was built with {diff}; pass the same settings or use a new `state` directory",
+                            path=state)
     return list(versions)
 
 
@@ -102,7 +103,7 @@ def _load_accumulator(state: Path) -> tuple[Accumulator, list[dict[str, Any]]] |
 
     h = read_header(p)
     if h.kind != "merge-state":
-        raise FileFormatError(f"{p}: not a taskvec merge state; use a new --state directory")
+        raise FileFormatError(f"{p}: not a taskvec merge state; use a new `state` directory", path=p)
     tensors = load_file(str(p))
     stats = set(h.meta["statistics"])
     acc = Accumulator(
@@ -146,11 +147,11 @@ def merge_incremental(
         check_output(out, force)
     m = get_method(method)
     density = m.default_density if density is None else density
-    if m.default_density is not None and density is not None and not 0 < density <= 1:
-        raise FileFormatError(f"--density must be in (0, 1], got {density}")
+    if m.default_density is not None and density is not None:
+        check_range("density", density, low=0, high=1, high_open=False)
     state_dir = Path(state)
     if not state_dir.parent.is_dir():
-        raise FileFormatError(f"{state_dir.parent}: no such directory for --state")
+        raise FileFormatError(f"{state_dir.parent}: no such directory for `state`", path=state_dir.parent)
     state_dir.mkdir(exist_ok=True)
     bh = read_kind(base, "model")
     headers = check_vectors(bh, vectors)

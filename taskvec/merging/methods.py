@@ -93,7 +93,8 @@ class MergeMethod:
 
 def _sample_weights(samples: Sequence[float | None]) -> list[float]:
     if any(s is None for s in samples):
-        raise TaskvecError("method 'weighted' needs every vector's sample count; export with --samples N")
+        raise TaskvecError("method 'weighted' needs every vector's sample count; export with `samples`",
+                           field="samples")
     total = float(sum(samples))  # type: ignore[arg-type]
     return [float(s) / total for s in samples]  # type: ignore[arg-type]
 

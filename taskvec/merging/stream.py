@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from taskvec.errors import FileFormatError, MismatchError
+from taskvec.errors import FileFormatError, MismatchError, check_range
 from taskvec.io.files import Digest, Header, check_output, read_kind
 from taskvec.io.layout import check_against_base, is_statistic
 from taskvec.io.tensors import TORCH_TO_ST, all_finite, tensor_bytes
@@ -191,8 +191,8 @@ def merge_vectors(
     check_output(out, force)
     m = get_method(method)
     density = m.default_density if density is None else density
-    if m.default_density is not None and density is not None and not 0 < density <= 1:
-        raise FileFormatError(f"--density must be in (0, 1], got {density}")
+    if m.default_density is not None and density is not None:
+        check_range("density", density, low=0, high=1, high_open=False)
     bh = read_kind(base, "model")
     headers = check_vectors(bh, vectors)
     check_budget([(str(h.path), h.meta.get("privacy", [])) for h in headers], max_epsilon, require_dp)

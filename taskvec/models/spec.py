@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from taskvec.errors import ConfigError, FileFormatError, TaskvecError
+from taskvec.errors import ConfigError, FileFormatError
 from taskvec.io.files import FORMAT, FORMAT_VERSION, now, read_header, read_kind
 from taskvec.io.tensors import save_tensors, state_digest
 
@@ -94,16 +94,20 @@ def build_base(
     import timm
 
     if task not in TASKS:
-        raise TaskvecError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}", field="task", expected=list(TASKS),
+                          got=task)
     if not timm.is_model(arch):
-        raise TaskvecError(f"unknown timm architecture {arch!r}; see `timm.list_models()`")
+        raise ConfigError(f"arch {arch!r} is not a timm architecture; see timm.list_models()", field="arch", got=arch)
     if num_classes < 2 and task == "segmentation":
-        raise TaskvecError("segmentation needs --num-classes >= 2 (background + foreground)")
+        raise ConfigError(f"num_classes must be >= 2 for segmentation (background + foreground), got {num_classes}",
+                          field="num_classes", expected=">= 2", got=num_classes)
     if num_classes < 1:
-        raise TaskvecError("--num-classes must be >= 1")
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}", field="num_classes", expected=">= 1",
+                          got=num_classes)
     labels = list(labels) if labels else [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:
-        raise TaskvecError(f"--labels names {len(labels)} classes but --num-classes is {num_classes}")
+        raise ConfigError(f"labels names {len(labels)} classes but `num_classes` is {num_classes}", field="labels",
+                          expected=num_classes, got=len(labels))
     if weights is not None:
         read_header(weights)  # refuses pickle, corrupt or missing files with a clear message
     default_size = timm.get_pretrained_cfg(arch)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from taskvec.errors import PrivacyError, TaskvecError
+from taskvec.errors import PrivacyConfigError, PrivacyError, TaskvecError, check_range
 
 PRV = "opacus-prv (Gopi et al. 2021)"
 RDP = "opacus-rdp (fallback: PRV failed)"
@@ -53,18 +53,20 @@ class DPConfig:
     seed: int | None = None
 
     def check(self) -> None:
-        if not self.max_grad_norm > 0:
-            raise PrivacyError("--max-grad-norm must be > 0 (the clipping bound is the sensitivity)")
-        if not 0 < self.delta < 1:
-            raise PrivacyError(f"--delta must be in (0, 1), got {self.delta}")
+        check_range("max_grad_norm", self.max_grad_norm, low=0, error=PrivacyConfigError)
+        check_range("delta", self.delta, low=0, high=1, error=PrivacyConfigError)
         if self.target_epsilon is None and self.noise_multiplier is None:
-            raise PrivacyError("DP-SGD needs --target-epsilon E or --noise-multiplier Z")
-        if self.target_epsilon is not None and not self.target_epsilon > 0:
-            raise PrivacyError("--target-epsilon must be > 0")
+            raise PrivacyConfigError("target_epsilon or `noise_multiplier` is needed for DP-SGD",
+                                     field="target_epsilon")
+        if self.target_epsilon is not None:
+            check_range("target_epsilon", self.target_epsilon, low=0, error=PrivacyConfigError)
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            raise PrivacyError("--noise-multiplier must be > 0: without noise there is no DP")
+            raise PrivacyConfigError(f"noise_multiplier must be > 0, got {self.noise_multiplier}: without noise "
+                                     "there is no DP", field="noise_multiplier", got=self.noise_multiplier)
         if self.grad_sample_mode not in ("hooks", "functorch"):
-            raise PrivacyError(f"grad-sample mode must be hooks or functorch, got {self.grad_sample_mode!r}")
+            raise PrivacyConfigError(f"grad_sample_mode must be hooks or functorch, got {self.grad_sample_mode!r}",
+                                     field="grad_sample_mode", expected=["hooks", "functorch"],
+                                     got=self.grad_sample_mode)
 
 
 def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> tuple[float, str]:
@@ -197,8 +199,8 @@ def require_dp_ready(model: nn.Module) -> None:
     problems = dp_problems(model)
     if problems:
         raise PrivacyError(
-            f"the base is not DP-ready ({'; '.join(problems)}); build the shared base with "
-            "`taskvec init --dp-compatible ...` and fine-tune from that base"
+            f"the base is not DP-ready ({'; '.join(problems)}); build the shared base with `dp_compatible` "
+            "(taskvec init or build_base) and fine-tune from that base"
         )
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from taskvec.errors import PrivacyError
+from taskvec.errors import PrivacyConfigError, PrivacyError, check_range
 
 ANALYTIC_GAUSSIAN = "analytic-gaussian (Balle & Wang 2018)"
 MECHANISMS = ("dp-sgd", "gaussian-output")
@@ -50,8 +50,7 @@ def _bisect(f: Any, lo: float, hi: float, iters: int = 200) -> float:
 def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
     """Smallest ε such that the Gaussian mechanism with this noise multiplier is (ε, δ)-DP."""
     _check_delta(delta)
-    if noise_multiplier <= 0:
-        raise PrivacyError("noise multiplier must be > 0")
+    check_range("noise_multiplier", noise_multiplier, low=0, error=PrivacyConfigError)
     if analytic_gaussian_delta(0.0, noise_multiplier) <= delta:
         return 0.0
     hi = 1.0
@@ -65,8 +64,7 @@ def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
 def gaussian_noise_multiplier(epsilon: float, delta: float) -> float:
     """Smallest noise multiplier that makes one Gaussian release (ε, δ)-DP."""
     _check_delta(delta)
-    if epsilon <= 0:
-        raise PrivacyError("epsilon must be > 0")
+    check_range("epsilon", epsilon, low=0, error=PrivacyConfigError)
     hi = 1.0
     while analytic_gaussian_delta(epsilon, hi) > delta:
         hi *= 2
@@ -74,8 +72,7 @@ def gaussian_noise_multiplier(epsilon: float, delta: float) -> float:
 
 
 def _check_delta(delta: float) -> None:
-    if not 0 < delta < 1:
-        raise PrivacyError(f"delta must be in (0, 1), got {delta}")
+    check_range("delta", delta, low=0, high=1, error=PrivacyConfigError)
 
 
 def composed_noise_multiplier(noise_multipliers: Sequence[float]) -> float:
@@ -175,16 +172,17 @@ def strongest_guarantee(ledger: list[dict[str, Any]]) -> dict[str, Any] | None:
 def check_budget(ledgers: Sequence[tuple[str, Any]], max_epsilon: float | None, require_dp: bool) -> None:
     """Refuse inputs (name, ledger) whose ledger is malformed, or above the budget ε, or without DP when
     `require_dp` or a budget is given (no guarantee is ε = ∞)."""
-    if max_epsilon is not None and not max_epsilon > 0:
-        raise PrivacyError(f"--max-epsilon must be > 0, got {max_epsilon}")
+    if max_epsilon is not None:
+        check_range("max_epsilon", max_epsilon, low=0, error=PrivacyConfigError)
     for name, ledger in ledgers:
         best = strongest_guarantee(validate_ledger(ledger, name))
         if best is None and (require_dp or max_epsilon is not None):
             raise PrivacyError(f"{name}: carries no DP guarantee (ε = ∞); it is refused by "
-                               f"{'--require-dp' if require_dp else f'--max-epsilon {max_epsilon:g}'}")
+                               f"{'`require_dp`' if require_dp else f'`max_epsilon` {max_epsilon:g}'}", path=name)
         if best is not None and max_epsilon is not None and best["epsilon"] > max_epsilon:
             raise PrivacyError(f"{name}: its best guarantee is ε = {best['epsilon']:.4g} per {best['unit']} "
-                               f"({best['mechanism']}), above the budget --max-epsilon {max_epsilon:g}")
+                               f"({best['mechanism']}), above the budget `max_epsilon` {max_epsilon:g}", path=name,
+                               field="epsilon", expected=max_epsilon, got=best["epsilon"])
 
 
 def check_files_budget(paths: Sequence[str | os.PathLike[str]], max_epsilon: float | None, require_dp: bool) -> None:

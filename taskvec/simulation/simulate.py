@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from taskvec.errors import OutputExistsError, TaskvecError
+from taskvec.errors import ConfigError, OutputExistsError, TaskvecError, check_range
 from taskvec.io.files import write_json
 from taskvec.merging.export import export_vector
 from taskvec.merging.methods import MERGE_METHODS
@@ -72,11 +72,14 @@ class SimulationConfig:
     def check(self) -> None:
         for m in self.methods:
             if m not in MERGE_METHODS:
-                raise TaskvecError(f"unknown merge method {m!r}; choose from {', '.join(MERGE_METHODS)}")
-        if self.sites < 1 or self.workers < 1 or self.epochs < 1:
-            raise TaskvecError("--sites, --workers and --epochs must be >= 1")
-        if any(e <= 0 for e in self.epsilons):
-            raise TaskvecError("every target ε must be > 0")
+                raise ConfigError(f"methods must be among {', '.join(MERGE_METHODS)}, got {m!r}", field="methods",
+                                  expected=list(MERGE_METHODS), got=m)
+        for name in ("sites", "workers", "epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", field=name, expected=">= 1",
+                                  got=getattr(self, name))
+        for e in self.epsilons:
+            check_range("epsilons", e, low=0)
 
 
 @dataclass
@@ -93,7 +96,8 @@ def group_ids(ds: ImageDataset, column: str) -> list[str]:
     in file names, the two characters after `TCGA-`)."""
     if column in ("patient_id", "patient"):
         if ds.groups is None:
-            raise TaskvecError("--split by-group:patient_id needs a CSV with a patient_id column")
+            raise ConfigError("split by-group:patient_id needs a CSV with a patient_id column", field="split",
+                                  got=f"by-group:{column}")
         return list(ds.groups)
     if column == "tcga":
         out = []
@@ -103,7 +107,8 @@ def group_ids(ds: ImageDataset, column: str) -> list[str]:
                 raise TaskvecError(f"{s}: file name holds no TCGA-XX- tissue-source site")
             out.append(m.group(1))
         return out
-    raise TaskvecError(f"unknown group column {column!r}; use by-group:patient_id or by-group:tcga")
+    raise ConfigError(f"split must be by-group:patient_id or by-group:tcga to split by group, got by-group:{column}",
+                      field="split", got=f"by-group:{column}")
 
 
 def _prepare_data(
@@ -122,7 +127,7 @@ def _prepare_data(
     val = splits.val
     if val is None and cfg.calibrate:
         pool, val = split_by_group(pool, cfg.val_fraction, cfg.seed + 1)
-        notes.append(f"held out {len(val)} samples as the merger's validation share (for --calibrate)")
+        notes.append(f"held out {len(val)} samples as the merger's validation share (for calibration)")
     return pool, test, val, notes
 
 
@@ -170,10 +175,10 @@ def _check_out(out: Path, cfg: SimulationConfig) -> None:
     mine = json.dumps(asdict(cfg), sort_keys=True)
     if record.exists():
         if json.dumps(json.loads(record.read_text()), sort_keys=True) != mine:
-            raise OutputExistsError(f"{out}: holds a simulation with other settings; choose another --out")
+            raise OutputExistsError(f"{out}: holds a simulation with other settings; choose another `out`", path=out)
         return
     if out.exists() and any(out.iterdir()):
-        raise OutputExistsError(f"{out}: exists and is not a taskvec simulation; choose another --out")
+        raise OutputExistsError(f"{out}: exists and is not a taskvec simulation; choose another `out`", path=out)
     out.mkdir(parents=True, exist_ok=True)
     record.write_text(mine)
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from taskvec.errors import TaskvecError
+from taskvec.errors import ConfigError, TaskvecError, check_range
 
 
 def split_iid(n: int, sites: int, seed: int) -> list[np.ndarray]:
@@ -19,8 +19,7 @@ def split_dirichlet(labels: Sequence[int], sites: int, alpha: float, seed: int, 
     """Label skew: each class is shared among sites with proportions ~ Dirichlet(alpha); every site non-empty."""
     y = np.asarray(labels)
     _check(len(y), sites)
-    if alpha <= 0:
-        raise TaskvecError(f"dirichlet alpha must be > 0, got {alpha}")
+    check_range("alpha", alpha, low=0)
     rng = np.random.default_rng(seed)
     for _ in range(tries):
         parts: list[list[int]] = [[] for _ in range(sites)]
@@ -39,7 +38,8 @@ def split_by_group(groups: Sequence[str], sites: int) -> list[np.ndarray]:
     g = np.asarray([str(x) for x in groups])
     names, counts = np.unique(g, return_counts=True)
     if len(names) < sites:
-        raise TaskvecError(f"only {len(names)} groups ({', '.join(names)}) for {sites} sites; use fewer --sites")
+        raise ConfigError(f"sites must be at most the {len(names)} groups ({', '.join(names)}), got {sites}",
+                          field="sites", expected=f"<= {len(names)}", got=sites)
     load = [0] * sites
     members: list[list[str]] = [[] for _ in range(sites)]
     for name, count in sorted(zip(names, counts), key=lambda t: (-t[1], t[0])):
@@ -49,10 +49,10 @@ def split_by_group(groups: Sequence[str], sites: int) -> list[np.ndarray]:
     return [np.flatnonzero(np.isin(g, m)) for m in members]
 
 
-def split_sites(spec: str, sites: int, seed: int, labels: Sequence[int] | None = None,
+def split_sites(split: str, sites: int, seed: int, labels: Sequence[int] | None = None,
                 groups: Sequence[str] | None = None, n: int | None = None) -> list[np.ndarray]:
     """Parse `iid`, `dirichlet:ALPHA` or `by-group:COLUMN` and split accordingly."""
-    kind, _, arg = spec.partition(":")
+    kind, _, arg = split.partition(":")
     if kind == "iid":
         total = n if n is not None else len(labels if labels is not None else groups or [])
         return split_iid(total, sites, seed)
@@ -60,19 +60,21 @@ def split_sites(spec: str, sites: int, seed: int, labels: Sequence[int] | None =
         if labels is None:
             raise TaskvecError("dirichlet splits need class labels (classification data)")
         try:
-            alpha = float(arg)
+            alpha = check_range("alpha", float(arg), low=0)
         except ValueError:
-            raise TaskvecError(f"--split dirichlet:ALPHA needs a number, got {spec!r}") from None
+            raise ConfigError(f"split dirichlet:ALPHA needs a number > 0, got {split!r}", field="split",
+                              got=split) from None
         return split_dirichlet(labels, sites, alpha, seed)
     if kind == "by-group":
         if groups is None:
-            raise TaskvecError(f"--split {spec}: the data has no group column {arg!r}")
+            raise ConfigError(f"split {split}: the data has no group column {arg!r}", field="split", got=split)
         return split_by_group(groups, sites)
-    raise TaskvecError(f"unknown --split {spec!r}; use iid, dirichlet:ALPHA or by-group:COLUMN")
+    raise ConfigError(f"split must be iid, dirichlet:ALPHA or by-group:COLUMN, got {split!r}", field="split",
+                      got=split)
 
 
 def _check(n: int, sites: int) -> None:
     if sites < 1:
-        raise TaskvecError("--sites must be >= 1")
+        raise ConfigError(f"sites must be >= 1, got {sites}", field="sites", expected=">= 1", got=sites)
     if n < sites:
         raise TaskvecError(f"{n} samples cannot be split into {sites} sites")

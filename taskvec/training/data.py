@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from taskvec.errors import MismatchError, TaskvecError
+from taskvec.errors import ConfigError, MismatchError, TaskvecError, check_range
 from taskvec.models.spec import ModelSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
@@ -124,13 +124,14 @@ class DataSplits:
                 out = out.concat(d)
             return out
         if split not in SPLITS:
-            raise TaskvecError(f"unknown split {split!r}; choose train, val, test or all")
+            raise ConfigError(f"split must be one of train, val, test, all, got {split!r}", field="split",
+                              expected=[*SPLITS, "all"], got=split)
         ds = getattr(self, split)
         if ds is None:
             have = [s for s in SPLITS if getattr(self, s) is not None]
             hint = "" if self.own_splits else " (the data has no splits of its own)"
             raise TaskvecError(f"{self.source}: no {split} split{hint}; it has {', '.join(have)}; "
-                               "pass --split all to use every sample")
+                               "set `split` to all to use every sample", path=self.source, field="split")
         return ds
 
 
@@ -200,7 +201,7 @@ class _Reader:
         except ValueError:
             raise MismatchError(
                 f"{where}: class {label!r} is not one of the base's labels {labels}; rename it or use a base "
-                "made with matching --labels"
+                "made with matching `labels`", path=where, field="labels", expected=labels, got=label
             ) from None
         self.check_range(np.array([i]), where)
         return i
@@ -378,8 +379,7 @@ def _split_name(value: str, where: str) -> str:
 
 def split_by_group(ds: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
     """A seeded (train, val) split with about `fraction` of the samples in val, whole patients at a time."""
-    if not 0 < fraction < 1:
-        raise TaskvecError(f"--val-fraction must be in (0, 1), got {fraction}")
+    check_range("fraction", fraction, low=0, high=1)
     groups = ds.groups if ds.groups is not None else [str(i) for i in range(len(ds))]
     unique = sorted(set(groups))
     if len(unique) < 2:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from taskvec.errors import TaskvecError
+from taskvec.errors import ConfigError
 from taskvec.io.files import read_kind
 from taskvec.models.spec import ModelSpec, load_model, resolve_model_path
 from taskvec.progress import Track, no_track
@@ -22,9 +22,10 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TaskvecError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
+        raise ConfigError(f"device {device!r}: no CUDA GPU is visible to torch; use cpu or auto", field="device",
+                          got=device)
     if device != "cpu" and not device.startswith("cuda"):
-        raise TaskvecError(f"--device {device!r}: choose auto, cpu or cuda")
+        raise ConfigError(f"device must be auto, cpu or cuda, got {device!r}", field="device", got=device)
     return torch.device(device)
 
 

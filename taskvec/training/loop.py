@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from taskvec.errors import MismatchError, OutputExistsError, TaskvecError
+from taskvec.errors import ConfigError, MismatchError, OutputExistsError, TaskvecError, check_range
 from taskvec.io.files import FORMAT, FORMAT_VERSION, read_kind, write_json
 from taskvec.io.tensors import save_tensors, state_digest
 from taskvec.models.spec import ModelSpec, create_module, load_model, save_model
@@ -69,15 +69,13 @@ class FinetuneConfig:
 
     def check(self) -> None:
         if self.epochs is not None and self.steps is not None:
-            raise TaskvecError("give --epochs or --steps, not both")
+            raise ConfigError("epochs and `steps` exclude each other: give one", field="epochs")
         for name in ("epochs", "steps", "batch_size"):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise TaskvecError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-        if self.lr <= 0:
-            raise TaskvecError(f"--lr must be > 0, got {self.lr}")
-        if not 0 <= self.val_fraction < 1:
-            raise TaskvecError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+                raise ConfigError(f"{name} must be >= 1, got {v}", field=name, expected=">= 1", got=v)
+        check_range("lr", self.lr, low=0)
+        check_range("val_fraction", self.val_fraction, low=0, high=1, low_open=False)
         if self.dp is not None:
             self.dp.check()
 
@@ -229,7 +227,8 @@ def _open_run(out: Path, parent: str, config: FinetuneConfig, source: str) -> st
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not config.resume:
-        raise OutputExistsError(f"{out}: run folder exists; pass --resume to continue it, or choose another --out")
+        raise OutputExistsError(f"{out}: run folder exists; pass `resume` to continue it, or choose another `out_dir`",
+                                path=out)
     if config.resume and run_file.exists():
         run = json.loads(run_file.read_text())
         if run["parent"] != parent:
@@ -299,8 +298,8 @@ def _check_size(net: nn.Module, spec: ModelSpec, size: int, device: torch.device
         with torch.no_grad():
             net.eval()(torch.zeros(2, spec.in_chans, size, size, device=device))
     except Exception as e:  # noqa: BLE001 - any failure means this size does not fit the architecture
-        raise TaskvecError(f"--img-size {size} does not fit {spec.arch} (built for {spec.img_size}): "
-                           f"{str(e).splitlines()[0]}") from None
+        raise ConfigError(f"img_size {size} does not fit {spec.arch} (built for {spec.img_size}): "
+                          f"{str(e).splitlines()[0]}", field="img_size", expected=spec.img_size, got=size) from None
 
 
 def finetune(
@@ -325,7 +324,7 @@ def finetune(
     if config.resume and (out / MODEL_FILE).exists():
         return _finished(out)
     if (out / MODEL_FILE).exists():
-        raise OutputExistsError(f"{out}: holds a finished run ({MODEL_FILE}); choose another --out")
+        raise OutputExistsError(f"{out}: holds a finished run ({MODEL_FILE}); choose another `out_dir`", path=out)
     splits = as_splits(data, spec, img_size=config.img_size, val_fraction=config.val_fraction, seed=config.seed)
     if splits.train is None:
         raise TaskvecError(f"{splits.source}: no training split")
