@@ -42,7 +42,7 @@ def build_segmentation(
         raise FileFormatError(
             "this segmentation model was made with taskvec's former hand-written FPN decoder, which this version "
             "no longer builds, and its decoder weights have no counterpart in smp's: re-create the base with "
-            "`taskvec init --task segmentation --decoder unet ...` (the same --weights keep the pretrained "
+            "`taskvec init --task segmentation --decoder unet ...` (the same `weights` keep the pretrained "
             "encoder) and fine-tune from it again"
         )
     kwargs = dict(encoder_kwargs or {})
