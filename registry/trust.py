@@ -102,8 +102,8 @@ class TrustPolicy:
         if not self.allow_unsigned:
             raise TrustError(
                 f"{what}: no key you trust vouches for {contributor!r}; add its public key with "
-                f"--trust {contributor}=KEY.pub or to your keyring ({default_keyring()}), or pass "
-                "--allow-unsigned to accept vectors whose origin is not verified", path=what,
+                f"`trust` {contributor}=KEY.pub or to your keyring ({default_keyring()}), or pass "
+                "`allow_unsigned` to accept vectors whose origin is not verified", path=what,
             )
 
 
