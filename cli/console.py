@@ -16,7 +16,7 @@ console = Console(highlight=False)
 
 
 # Parameters whose flag is not `--` + the name with dashes.
-FLAGS = {"out_dir": "--out", "num_workers": "--workers", "epsilons": "--target-epsilon"}
+FLAGS = {"out_dir": "--out", "num_workers": "--workers", "epsilons": "--target-epsilons"}
 
 
 def flag(field: str) -> str:

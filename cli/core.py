@@ -101,7 +101,9 @@ def merge(
     registry: str | None = typer.Option(
         None, "--registry", "-r", help="Merge the vectors in this registry (folder or hf://ORG/REPO), each checked."
     ),
-    contributor: list[str] | None = typer.Option(None, help="With --registry: only these contributors."),
+    only_contributor: list[str] | None = typer.Option(
+        None, "--only-contributor", help="With --registry: only this contributor's vectors (repeatable)."
+    ),
     since: str | None = typer.Option(None, help="With --registry: only vectors pushed at or after this ISO time."),
     incremental: bool = typer.Option(
         False, "--incremental", help="Add only new vectors to the running merge in --state (non-linear: recompute)."
@@ -124,7 +126,7 @@ def merge(
     from taskvec.merging.stream import merge_vectors
 
     policy = trust_policy(keyring, trust, allow_unsigned)
-    vectors = merge_inputs(vectors, registry, contributor, since, incremental, state, out, policy)
+    vectors = merge_inputs(vectors, registry, only_contributor, since, incremental, state, out, policy)
     if max_epsilon is not None or require_dp:
         from taskvec.privacy.ledger import check_files_budget
 

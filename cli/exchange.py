@@ -16,6 +16,7 @@ REVISION_HELP = "Hub branch of the registry (default main)."
 KEYRING_HELP = ("Your keyring: lines `CONTRIBUTOR ssh-ed25519 AAAA...` (default $TASKVEC_KEYRING or "
                 "~/.config/taskvec/keyring); the registry's own list of keys is never trusted.")
 TRUST_HELP = "CONTRIBUTOR=KEY.pub: trust this public key for this contributor (repeatable)."
+ONLY_HELP = "Only this contributor's vectors (repeatable)."
 UNSIGNED_HELP = "Also accept vectors of contributors no key of yours vouches for (their origin is unverified)."
 
 
@@ -64,7 +65,7 @@ def push(
 
 def list_vectors(
     registry: str = typer.Option(..., "--registry", "-r", help=REGISTRY_HELP),
-    contributor: list[str] | None = typer.Option(None, help="Only these contributors (repeatable)."),
+    only_contributor: list[str] | None = typer.Option(None, "--only-contributor", help=ONLY_HELP),
     since: str | None = typer.Option(None, help="Only vectors pushed at or after this ISO date/time."),
     as_json: bool = typer.Option(False, "--json", help="Print the entries as JSON."),
     revision: str | None = typer.Option(None, help=REVISION_HELP),
@@ -74,7 +75,7 @@ def list_vectors(
 
     reg = _open(registry, revision)
     info = reg.info()
-    entries = reg.select(contributor, since)
+    entries = reg.select(only_contributor, since)
     if as_json:
         print_json({"registry": reg.address, "base": info.base, "trusted_keys": info.trusted_keys,
                     "vectors": [e.to_dict() | {"privacy_summary": summarize_ledger(e.privacy)} for e in entries]})
@@ -93,7 +94,7 @@ def list_vectors(
 def pull(
     registry: str = typer.Option(..., "--registry", "-r", help=REGISTRY_HELP),
     out: Path = typer.Option(Path("."), help="Directory to copy the vectors into."),
-    contributor: list[str] | None = typer.Option(None, help="Only these contributors (repeatable)."),
+    only_contributor: list[str] | None = typer.Option(None, "--only-contributor", help=ONLY_HELP),
     since: str | None = typer.Option(None, help="Only vectors pushed at or after this ISO date/time."),
     force: bool = typer.Option(False, "--force", help="Overwrite differing files in OUT."),
     revision: str | None = typer.Option(None, help=REVISION_HELP),
@@ -104,7 +105,7 @@ def pull(
     """Copy vectors out of a registry, each checked (sha256, your keys) before it lands in OUT (created if missing)."""
     policy = trust_policy(keyring, trust, allow_unsigned)
     reg = _open(registry, revision)
-    done = reg.pull(reg.select(contributor, since), out, policy, force=force, track=track)
+    done = reg.pull(reg.select(only_contributor, since), out, policy, force=force, track=track)
     for path, copied in done:
         console.print(f"{'pulled' if copied else 'up to date'} {path}")
     console.print(f"{sum(c for _, c in done)} new, {sum(not c for _, c in done)} already there")
@@ -234,7 +235,7 @@ def register(app: typer.Typer) -> None:
 
 
 def merge_inputs(
-    vectors: list[Path] | None, registry: str | None, contributor: list[str] | None, since: str | None,
+    vectors: list[Path] | None, registry: str | None, only_contributor: list[str] | None, since: str | None,
     incremental: bool, state: Path | None, out: Path | None, policy: Any = None,
 ) -> list[Path]:
     """The vector files `taskvec merge` works on: the given files plus verified private copies of the
@@ -243,12 +244,12 @@ def merge_inputs(
         usage("--incremental and --state DIR go together (the state keeps the running merge)")
     if out is None and not incremental:
         usage("give --out FILE for the merged model")
-    if registry is None and (contributor or since):
-        usage("--contributor and --since select vectors of a --registry")
+    if registry is None and (only_contributor or since):
+        usage("--only-contributor and --since select vectors of a --registry")
     paths = list(vectors or [])
     if registry is not None:
         reg = _open(registry, None)
-        paths += reg.fetch_all(reg.select(contributor, since), scratch_dir(), policy, track=track)
+        paths += reg.fetch_all(reg.select(only_contributor, since), scratch_dir(), policy, track=track)
     if not paths:
         usage("no vectors given: pass vector files or --registry R")
     return paths

@@ -43,13 +43,13 @@ def simulate(
     base_epochs: int = typer.Option(3, "--base-epochs", help="Epochs on the public share when there are no weights."),
     batch_size: int = typer.Option(32, "--batch-size"),
     lr: float = typer.Option(1e-3, help="Peak learning rate."),
-    methods: str = typer.Option("sum,mean,weighted,ties,dare", help="Merge methods to compare."),
+    methods: str | None = typer.Option(None, help="Comma-separated merge methods to compare (default: all)."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Also choose λ on a validation share."),
-    dp: bool = typer.Option(False, "--dp", help="Add DP-SGD runs of every site at each --target-epsilon."),
-    target_epsilon: str = typer.Option("1,3,8", "--target-epsilon", help="Comma-separated ε values for --dp."),
+    dp: bool = typer.Option(False, "--dp", help="Add DP-SGD runs of every site at each of --target-epsilons."),
+    target_epsilons: str = typer.Option("1,3,8", "--target-epsilons", help="Comma-separated ε values for --dp."),
     delta: float = typer.Option(1e-5, help="δ for --dp."),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Per-sample clipping norm for --dp."),
-    workers: int = typer.Option(1, help="Fine-tune sites in this many parallel processes."),
+    jobs: int = typer.Option(1, help="Fine-tune sites in this many parallel processes."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ) -> None:
@@ -61,10 +61,12 @@ def simulate(
         data=str(data), out=str(out), task=task, sites=sites, split=split, arch=arch, num_classes=num_classes,
         labels=[s.strip() for s in labels.split(",")] if labels else None, in_chans=in_chans, img_size=img_size,
         pretrained=pretrained, weights=str(weights) if weights else None, epochs=epochs, base_epochs=base_epochs,
-        batch_size=batch_size, lr=lr, methods=[m.strip() for m in methods.split(",")], calibrate=calibrate,
-        epsilons=_floats(target_epsilon) if dp else [], delta=delta, max_grad_norm=max_grad_norm, workers=workers,
+        batch_size=batch_size, lr=lr, calibrate=calibrate,
+        epsilons=_floats(target_epsilons) if dp else [], delta=delta, max_grad_norm=max_grad_norm, jobs=jobs,
         seed=seed, device=device,
     )
+    if methods:
+        cfg.methods = [m.strip() for m in methods.split(",")]
     _print_table(run(cfg, progress=lambda s: console.print(f"[dim]{s}[/]")))
 
 

@@ -134,12 +134,12 @@ def evaluate(
     from taskvec.training.evaluate import evaluate_model
 
     r = evaluate_model(model, data, split, device=device, batch_size=batch_size, track=track)
-    for w in r["warnings"]:
+    for w in r.warnings:
         warn(w)
     if as_json:
-        print_json(r)
+        print_json(r.to_dict())
         return
-    _print_metrics(r)
+    _print_metrics(r.to_dict())
 
 
 def _print_metrics(r: dict[str, Any]) -> None:

@@ -67,7 +67,7 @@ def test_calibration_picks_the_best_lambda_and_reestimates_bn(tmp_path: Path, tw
     assert torch.allclose(model.bn1.running_mean, feats.mean((0, 2, 3)), atol=1e-4)
     assert not torch.allclose(m["bn1.running_mean"], b["bn1.running_mean"])
     # the recorded score is what evaluate reports for the chosen model on the same data
-    assert evaluate_model(out, val, "all", device="cpu")["auroc"] == pytest.approx(best)
+    assert evaluate_model(out, val, "all", device="cpu").metrics["auroc"] == pytest.approx(best)
 
 
 def test_without_calibration_nothing_changes(tmp_path: Path, two_vectors: tuple) -> None:

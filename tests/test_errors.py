@@ -124,7 +124,7 @@ def test_bad_parameter_in_python_and_on_the_command_line(
 @pytest.mark.parametrize("argv", [
     ["merge", "{vec}", "--base", "{base}"],  # no --out
     ["merge", "{vec}", "--base", "{base}", "--out", "{out}", "--state", "{run}"],  # --state without --incremental
-    ["merge", "{vec}", "--base", "{base}", "--out", "{out}", "--contributor", "a"],  # a filter without --registry
+    ["merge", "{vec}", "--base", "{base}", "--out", "{out}", "--only-contributor", "a"],  # a filter, no --registry
     ["finetune", "--base", "{base}", "--data", "{run}", "--out", "{run}", "--target-epsilon", "3"],  # no --dp
     ["merge", "{vec}", "--base", "{base}", "--out", "{out}", "--dense"],  # typer's own usage error
 ])

@@ -36,17 +36,19 @@ def test_classification_matches_independent_forward(tmp_path: Path, make_base: C
     with torch.no_grad():
         probs = model(_inputs(z["test_images"], "test_vit")).softmax(1).numpy()
     y = z["test_labels"]
-    assert r["samples"] == len(y) and r["split"] == "test" and r["identity"]
-    assert r["accuracy"] == pytest.approx(float((probs.argmax(1) == y).mean()))
+    assert r.samples == len(y) and r.split == "test" and r.identity
+    assert r.metrics["accuracy"] == pytest.approx(float((probs.argmax(1) == y).mean()))
     # PIL's bilinear resize and torch's differ by rounding, so AUROC is compared within a tolerance of ties
-    assert r["auroc"] == pytest.approx(auroc(y, probs[:, 1]), abs=0.1)
+    assert r.metrics["auroc"] == pytest.approx(auroc(y, probs[:, 1]), abs=0.1)
+    assert r.to_dict() == {**{k: v for k, v in vars(r).items() if k != "metrics"}, **r.metrics}
 
 
 def test_segmentation_counts_every_pixel(tmp_path: Path, make_base: Callable[..., Path]) -> None:
     base = make_base("test_convnext", task="segmentation", num_classes=2)
     data = seg_folder(tmp_path / "s", n=3, size=32)
-    r = evaluate_model(base, data, "all", device="cpu", batch_size=2)
-    assert r["pixels"] == 3 * 32 * 32 and r["samples"] == 3
+    e = evaluate_model(base, data, "all", device="cpu", batch_size=2)
+    r = e.metrics
+    assert r["pixels"] == 3 * 32 * 32 and e.samples == 3
     fg = sum(int((np.asarray(Image.open(p)) > 0).sum()) for p in (data / "masks").iterdir())
     assert r["per_class"]["1"]["pixels"] == fg
     assert r["dice"] == r["per_class"]["1"]["dice"]

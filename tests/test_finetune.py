@@ -19,7 +19,7 @@ from synthetic_data import image_folder, npz_file, seg_folder
 
 from taskvec.errors import FileFormatError, MismatchError, OutputExistsError, TaskvecError
 from taskvec.io.files import read_header
-from taskvec.training.evaluate import evaluate_model
+from taskvec.training.evaluate import Evaluation, evaluate_model
 from taskvec.training.loop import EpochRecord, FinetuneConfig, finetune, lr_at
 
 
@@ -44,7 +44,7 @@ def test_classification_run_writes_model_for_export(tmp_path: Path, make_base: C
     assert [h["train_loss"] for h in metrics["history"]] == losses and metrics["identity"] == r.identity
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
     # the saved weights are what evaluation and export see
-    assert evaluate_model(tmp_path / "run", data, "val", device="cpu")["auroc"] == pytest.approx(
+    assert evaluate_model(tmp_path / "run", data, "val", device="cpu").metrics["auroc"] == pytest.approx(
         r.val_metrics["auroc"])
     from taskvec.merging.export import export_vector
 
@@ -166,7 +166,7 @@ def test_cli_finetune_and_evaluate(tmp_path: Path, make_base: Callable[..., Path
     assert out["split"] == "test" and out["samples"] == 16 and 0 <= out["auroc"] <= 1
 
 
-def _short_run(tmp_path: Path, base: Path, data: Path, **kw: object) -> tuple[dict, dict]:
+def _short_run(tmp_path: Path, base: Path, data: Path, **kw: object) -> tuple[Evaluation, Evaluation]:
     r = finetune(base, data, tmp_path / "run", cfg(**kw))
     before = evaluate_model(base, data, "test", device="cpu")
     after = evaluate_model(r.model_path, data, "test", device="cpu")
@@ -177,16 +177,16 @@ def test_breastmnist_finetune_beats_base(tmp_path: Path, make_base: Callable[...
     data = shared_data("breastmnist") / "breastmnist.npz"
     base = make_base("test_convnext", num_classes=2, in_chans=1, labels=["malignant", "benign"])
     before, after = _short_run(tmp_path, base, data, epochs=2, batch_size=32, lr=3e-3)
-    assert after["samples"] == 156
-    assert after["auroc"] > before["auroc"] + 0.05  # measured: 0.55 -> 0.67
+    assert after.samples == 156
+    assert after.metrics["auroc"] > before.metrics["auroc"] + 0.05  # measured: 0.55 -> 0.67
 
 
 def test_monuseg_finetune_beats_base(tmp_path: Path, make_base: Callable[..., Path]) -> None:
     data = shared_data("monuseg_256")
     base = make_base("test_efficientnet", task="segmentation", num_classes=2, img_size=64)
     before, after = _short_run(tmp_path, base, data, epochs=10, batch_size=2, lr=3e-3, val_fraction=0)
-    assert after["samples"] == 14
-    assert after["dice"] > before["dice"] + 0.05  # measured: 0.35 -> 0.46
+    assert after.samples == 14
+    assert after.metrics["dice"] > before.metrics["dice"] + 0.05  # measured: 0.35 -> 0.46
 
 
 def test_state_dict_keys_are_plain(tmp_path: Path, make_base: Callable[..., Path]) -> None:

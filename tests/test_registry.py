@@ -174,7 +174,7 @@ def test_merge_from_registry_equals_merge_of_files(address: str, sites, tmp_path
         reg.push(v)
     out = tmp_path / "merged.safetensors"
     res = CliRunner().invoke(app, ["merge", "--registry", address, "--base", str(base), "--out", str(out),
-                                   "--method", "weighted", "--contributor", "site0", "--contributor", "site2",
+                                   "--method", "weighted", "--only-contributor", "site0", "--only-contributor", "site2",
                                    "--allow-unsigned"])
     assert res.exit_code == 0, res.output
     ref = tmp_path / "ref.safetensors"

@@ -65,7 +65,7 @@ def test_pull_copies_verified_files_once(sites, tmp_path: Path) -> None:
         reg.push(vector(i))
     out = tmp_path / "pulled" / "new"  # created by pull
     runner = CliRunner()
-    res = runner.invoke(app, ["pull", "--registry", address, "--out", str(out), "--contributor", "site1",
+    res = runner.invoke(app, ["pull", "--registry", address, "--out", str(out), "--only-contributor", "site1",
                               "--allow-unsigned"])
     assert res.exit_code == 0, res.output
     files = sorted(out.iterdir())

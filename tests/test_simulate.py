@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import MISSING, replace
 from pathlib import Path
 
 import pytest
@@ -48,7 +48,7 @@ def test_rows_match_an_independent_evaluation(sim) -> None:
     test = load_data(cfg.data, model_spec(out / "base.safetensors"), val_fraction=0.0).test
     row = next(r for r in results["rows"] if r["name"] == "site1")
     again = evaluate_model(out / "sites" / "site1", DataSplits(None, None, test), "test")
-    assert again["auroc"] == pytest.approx(row["metrics"]["auroc"])
+    assert again.metrics["auroc"] == pytest.approx(row["metrics"]["auroc"])
     assert results["test_samples"] == len(test) == 60
 
 
@@ -79,3 +79,17 @@ def test_dp_runs_reach_their_budget_and_are_reported(tmp_path: Path) -> None:
         assert entry["mechanism"] == "dp-sgd" and entry["epsilon"] <= 2.0 * 1.0001
     assert (tmp_path / "r" / "utility_vs_epsilon.png").stat().st_size > 0
     assert "| site0-eps2 | local | 2 |" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_the_command_line_has_the_library_defaults() -> None:
+    """One default per setting: `taskvec simulate` and `SimulationConfig` agree (the CLI's ε list applies with --dp)."""
+    import inspect
+    from dataclasses import fields
+
+    from taskvec.cli.simulate import simulate as command
+
+    cli = {name: p.default.default for name, p in inspect.signature(command).parameters.items()}
+    lib = {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(SimulationConfig)}
+    shared = (set(cli) & set(lib)) - {"data", "out", "methods"}  # no --methods: every method
+    assert {"arch", "sites", "split", "epochs", "jobs", "img_size", "lr"} <= shared
+    assert {k: cli[k] for k in shared} == {k: lib[k] for k in shared}

@@ -30,7 +30,7 @@ from taskvec.merging.methods import MERGE_METHODS
 from taskvec.merging.stream import merge_vectors
 from taskvec.models.spec import build_base, save_model
 from taskvec.simulation.splits import split_sites
-from taskvec.training.data import DataSplits, ImageDataset, load_data, split_by_group
+from taskvec.training.data import DataSplits, ImageDataset, hold_out_by_patient, load_data
 from taskvec.training.evaluate import evaluate_model
 from taskvec.training.loop import FinetuneConfig, finetune
 from taskvec.training.metrics import primary_metric
@@ -46,7 +46,7 @@ class SimulationConfig:
     task: str = "classification"
     sites: int = 3
     split: str = "iid"
-    arch: str = "test_vit"
+    arch: str = "test_convnext"
     num_classes: int = 2
     labels: list[str] | None = None
     in_chans: int = 3
@@ -65,7 +65,7 @@ class SimulationConfig:
     epsilons: list[float] = field(default_factory=list)  # one DP-SGD variant of every site per ε
     delta: float = 1e-5
     max_grad_norm: float = 1.0
-    workers: int = 1
+    jobs: int = 1  # sites fine-tuned in parallel processes
     seed: int = 0
     device: str = "auto"
 
@@ -74,7 +74,7 @@ class SimulationConfig:
             if m not in MERGE_METHODS:
                 raise ConfigError(f"methods must be among {', '.join(MERGE_METHODS)}, got {m!r}", field="methods",
                                   expected=list(MERGE_METHODS), got=m)
-        for name in ("sites", "workers", "epochs"):
+        for name in ("sites", "jobs", "epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", field=name, expected=">= 1",
                                   got=getattr(self, name))
@@ -122,11 +122,11 @@ def _prepare_data(
         raise TaskvecError(f"{cfg.data}: no training split")
     test = splits.test
     if test is None:
-        pool, test = split_by_group(pool, cfg.test_fraction, cfg.seed)
+        pool, test = hold_out_by_patient(pool, cfg.test_fraction, cfg.seed)
         notes.append(f"the data has no test split: held out {len(test)} samples ({cfg.test_fraction:.0%}) as test")
     val = splits.val
     if val is None and cfg.calibrate:
-        pool, val = split_by_group(pool, cfg.val_fraction, cfg.seed + 1)
+        pool, val = hold_out_by_patient(pool, cfg.val_fraction, cfg.seed + 1)
         notes.append(f"held out {len(val)} samples as the merger's validation share (for calibration)")
     return pool, test, val, notes
 
@@ -146,24 +146,24 @@ def _finetune_job(args: tuple[str, ImageDataset, str, FinetuneConfig, int]) -> s
     return str(finetune(base, ds, out, config).model_path)
 
 
-def _train_all(jobs: list[tuple[str, ImageDataset, str, FinetuneConfig]], workers: int,
+def _train_all(jobs: list[tuple[str, ImageDataset, str, FinetuneConfig]], processes: int,
                progress: Progress) -> list[str]:
-    """Fine-tune every job (site or centralised), in parallel processes when workers > 1."""
-    if workers == 1:
+    """Fine-tune every job (site or centralised), in parallel when `processes` > 1."""
+    if processes == 1:
         out = []
         for base, ds, run, config in jobs:
             progress(f"fine-tuning {Path(run).name} on {len(ds)} samples")
             out.append(str(finetune(base, ds, run, config).model_path))
         return out
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    progress(f"fine-tuning {len(jobs)} runs in {workers} processes")
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    progress(f"fine-tuning {len(jobs)} runs in {processes} processes")
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
         return list(pool.map(_finetune_job, [(*j, threads) for j in jobs]))
 
 
 def _evaluate(name: str, group: str, path: Path | str, test: ImageDataset, epsilon: float | None,
               method: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    m = evaluate_model(path, DataSplits(None, None, test, source="test"), "test", device="cpu")
+    m = evaluate_model(path, DataSplits(None, None, test, source="test"), "test", device="cpu").metrics
     metric, value = primary_metric(m)
     keep = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "dice", "jaccard", "pixel_accuracy")
     return {"name": name, "group": group, "method": method, "epsilon": epsilon, "metric": metric,
@@ -204,7 +204,7 @@ def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> Simu
             save_model(module, spec, base, extra={"source": {"pretrained": cfg.pretrained, "weights": cfg.weights}})
         notes.append("base: pretrained weights" + (f" from {cfg.weights}" if cfg.weights else " (timm hub)"))
     else:
-        pool, public = split_by_group(pool, cfg.public_fraction, cfg.seed + 2)
+        pool, public = hold_out_by_patient(pool, cfg.public_fraction, cfg.seed + 2)
         init = out / "init.safetensors"
         if not init.exists():
             save_model(module, spec, init, extra={"source": {"pretrained": False, "weights": None}})
@@ -226,7 +226,7 @@ def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> Simu
         jobs = [(str(base), ds, str(out / f"sites{tag}" / f"site{i}"), replace(run_cfg, contributor=f"site{i}",
                  seed=cfg.seed + 10 + i)) for i, ds in enumerate(sites)]
         jobs.append((str(base), union, str(out / f"centralised{tag}"), replace(run_cfg, contributor="centralised")))
-        models = _train_all(jobs, cfg.workers, progress)
+        models = _train_all(jobs, cfg.jobs, progress)
         vec_dir = out / f"vectors{tag}"
         vec_dir.mkdir(exist_ok=True)
         vectors = []

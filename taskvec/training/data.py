@@ -377,7 +377,7 @@ def _split_name(value: str, where: str) -> str:
 # ------------------------------------------------------------------------------------------- splitting
 
 
-def split_by_group(ds: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
+def hold_out_by_patient(ds: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
     """A seeded (train, val) split with about `fraction` of the samples in val, whole patients at a time."""
     check_range("fraction", fraction, low=0, high=1)
     groups = ds.groups if ds.groups is not None else [str(i) for i in range(len(ds))]
@@ -424,7 +424,7 @@ def load_data(
     splits = found if isinstance(found, dict) else {"train": found}
     check_patients(splits, str(p))
     if "val" not in splits and "train" in splits and val_fraction > 0:
-        splits["train"], splits["val"] = split_by_group(splits["train"], val_fraction, seed)
+        splits["train"], splits["val"] = hold_out_by_patient(splits["train"], val_fraction, seed)
     if reader.skipped:
         reader.warnings.append(f"skipped {len(reader.skipped)} unreadable image file(s), e.g. {reader.skipped[0]}")
     return DataSplits(splits.get("train"), splits.get("val"), splits.get("test"), str(p), own,
@@ -438,7 +438,7 @@ def as_splits(data: str | os.PathLike[str] | DataSplits | ImageDataset, spec: Mo
         out = data
     elif isinstance(data, ImageDataset):
         if val_fraction > 0:
-            train, val = split_by_group(data, val_fraction, seed)
+            train, val = hold_out_by_patient(data, val_fraction, seed)
             out = DataSplits(train, val, None, "dataset")
         else:
             out = DataSplits(data, None, None, "dataset")

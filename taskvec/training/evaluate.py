@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -66,11 +67,33 @@ def evaluate_module(
     return segmentation_metrics(cm.reshape(k, k).cpu().numpy(), spec.labels)
 
 
+@dataclass
+class Evaluation:
+    """What `evaluate_model` measured: the model, the data and split, and the task's metrics (keys as
+    `classification_metrics` or `segmentation_metrics` return them)."""
+
+    model: str
+    identity: str
+    task: str
+    data: str
+    split: str
+    samples: int
+    img_size: int
+    skipped: int
+    warnings: list[str]
+    metrics: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """One flat record (`taskvec evaluate --json`): the fields above, then every metric."""
+        d = asdict(self)
+        return {**d, **d.pop("metrics")}
+
+
 def evaluate_model(
     model_path: str | os.PathLike[str], data: str | os.PathLike[str] | DataSplits | ImageDataset,
     split: str = "test", *, device: str = "auto", batch_size: int = 64, img_size: int | None = None,
     track: Track[Any] = no_track,
-) -> dict[str, Any]:
+) -> Evaluation:
     """Evaluate a model file (or run directory) on `split` (`train`, `val`, `test` or `all`) of `data`."""
     path = resolve_model_path(model_path)
     header = read_kind(path, "model")
@@ -80,8 +103,5 @@ def evaluate_model(
     dev = resolve_device(device)
     model = load_model(path, dev)
     metrics = evaluate_module(model, spec, ds, device=dev, batch_size=batch_size, track=track)
-    return {
-        "model": str(path), "identity": header.meta["identity"], "task": spec.task, "data": splits.source,
-        "split": split, "samples": len(ds), "img_size": ds.img_size, "skipped": len(splits.skipped),
-        "warnings": splits.warnings, **metrics,
-    }
+    return Evaluation(str(path), header.meta["identity"], spec.task, splits.source, split, len(ds), ds.img_size,
+                      len(splits.skipped), splits.warnings, metrics)
