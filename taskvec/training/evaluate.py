@@ -86,7 +86,8 @@ class Evaluation:
     def to_dict(self) -> dict[str, Any]:
         """One flat record (`taskvec evaluate --json`): the fields above, then every metric."""
         d = asdict(self)
-        return {**d, **d.pop("metrics")}
+        metrics = d.pop("metrics")
+        return {**d, **metrics}
 
 
 def evaluate_model(
