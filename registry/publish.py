@@ -40,7 +40,7 @@ def parse_repo(address: str) -> str:
     return repo_id
 
 
-def smp_config(model_path: str | os.PathLike[str], out: Path) -> None:
+def smp_config(model_path: str | os.PathLike[str], folder: Path) -> Path:
     """Write smp's `config.json` (model class and arguments) for the segmentation model in `model_path`."""
     from taskvec.io.files import write_json
     from taskvec.models.spec import ModelSpec, create_module
@@ -48,20 +48,23 @@ def smp_config(model_path: str | os.PathLike[str], out: Path) -> None:
     spec = ModelSpec.from_dict(read_kind(model_path, "model").meta["model"])
     spec.dp_compatible = None
     net: Any = create_module(spec)
-    write_json(out, {**net.config, "encoder_weights": None, "_model_class": type(net).__name__})
+    write_json(folder / CONFIG_FILE, {**net.config, "encoder_weights": None, "_model_class": type(net).__name__})
+    return folder / CONFIG_FILE
 
 
-def timm_config(model_path: str | os.PathLike[str], out: Path) -> None:
-    """Write timm's `config.json` for the model in `model_path` (architecture, num_classes, model_args...)."""
-    from timm.models._hub import save_config_for_hf
+def timm_config(model_path: str | os.PathLike[str], folder: Path) -> Path:
+    """Write timm's `config.json` (architecture, num_classes, model_args...) for the model in `model_path`
+    into `folder` with timm's `save_for_hf`; the weights it writes beside it are not uploaded (the merged
+    file is, header and all)."""
+    from timm.models import save_for_hf
 
     from taskvec.models.spec import load_model
 
     spec = read_kind(model_path, "model").meta["model"]
     size = (spec["in_chans"], spec["img_size"], spec["img_size"])
-    save_config_for_hf(
-        load_model(model_path), str(out), model_config={"label_names": spec["labels"]}, data_config={"input_size": size}
-    )
+    save_for_hf(load_model(model_path), str(folder), model_config={"label_names": spec["labels"]},
+                data_config={"input_size": size}, safe_serialization=True)
+    return folder / CONFIG_FILE
 
 
 def publish_model(
@@ -84,8 +87,7 @@ def publish_model(
     tag = tag if tag is not None else (f"v{version}" if version is not None else None)
     store = HubStore(repo_id, revision, endpoint, token, private)
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / CONFIG_FILE
-        (timm_config if meta["model"]["task"] == "classification" else smp_config)(h.path, config)
+        config = (timm_config if meta["model"]["task"] == "classification" else smp_config)(h.path, Path(tmp))
         files: dict[str, bytes | Path] = {
             CONFIG_FILE: config, WEIGHTS_FILE: h.path,
             "README.md": render_model_card(meta, repo_id, card or {}, tag).encode(),

@@ -157,7 +157,7 @@ def test_segmentation_publishes_an_smp_loadable_config(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     save_model(module, spec, repo / "model.safetensors")  # publish uploads the model file itself
-    smp_config(repo / "model.safetensors", repo / "config.json")
+    smp_config(repo / "model.safetensors", repo)
     loaded = smp.from_pretrained(str(repo))
     x = torch.rand(2, 3, 64, 64)
     assert torch.allclose(loaded.eval()(x), module.eval()(x), atol=1e-5)
