@@ -61,13 +61,18 @@ def export(
     noise_multiplier: float | None = typer.Option(
         None, "--noise-multiplier", help="Add N(0, (Z·clip)²) per coordinate: Gaussian mechanism, unit = site."
     ),
-    epsilon: float | None = typer.Option(None, help="Solve the noise multiplier for this ε (needs --delta)."),
+    epsilon: float | None = typer.Option(
+        None, help="Solve the noise multiplier so the run's exports compose to this site-level ε (needs --delta)."
+    ),
     delta: float | None = typer.Option(None, help="δ of the guarantee, e.g. 1e-5."),
     dtype: str = typer.Option("fp32", help="fp32 | bf16 (half size, ~2e-3 rel. error) | fp16 (underflows < 1e-5)."),
     contributor: str | None = typer.Option(None, help="Contributor id (site name) recorded in the vector."),
-    samples: int | None = typer.Option(None, help="Training sample count (used by --method weighted)."),
-    seed: int | None = typer.Option(None, help="Seed the noise (testing only: reproducible noise is not secret)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    samples: int | None = typer.Option(
+        None, help="Declare the training sample count public and record it (used by --method weighted)."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite OUT; allow an un-noised export of a run exported with noise before."
+    ),
 ) -> None:
     """Export a data vector: fine-tuned − base, optionally clipped and noised (export-time DP)."""
     from taskvec.merging.export import export_vector
@@ -75,12 +80,13 @@ def export(
 
     r = export_vector(
         finetuned, base, out, clip=clip, noise_multiplier=noise_multiplier, epsilon=epsilon, delta=delta,
-        dtype=dtype, contributor=contributor, samples=samples, seed=seed, force=force,
+        dtype=dtype, contributor=contributor, samples=samples, force=force,
     )
     for w in r.warnings:
         warn(w)
     console.print(f"wrote [bold]{r.path}[/]: {r.num_params:,} deltas, sha256 {r.sha256[:16]}")
-    console.print(f"delta L2 norm {r.pre_clip_norm:.4g} before clipping, {r.post_clip_norm:.4g} after")
+    private = " (not stored in the noised file)" if r.expected_noise_norm else ""
+    console.print(f"delta L2 norm {r.pre_clip_norm:.4g} before clipping, {r.post_clip_norm:.4g} after{private}")
     if r.expected_noise_norm:
         ratio = r.expected_noise_norm / max(r.post_clip_norm, 1e-30)
         console.print(f"expected noise norm Z·C·√d = {r.expected_noise_norm:.4g} ({ratio:.3g}× the signal)")
@@ -113,7 +119,11 @@ def merge(
         None, "--calibrate", help="Choose λ on this validation data (grid search; re-estimates BatchNorm)."
     ),
     max_epsilon: float | None = typer.Option(
-        None, "--max-epsilon", help="Refuse any vector whose best DP guarantee has ε above this (no DP: ε = ∞)."
+        None, "--max-epsilon", help="Refuse a contributor whose composed ε per --unit is above this (no DP: ε = ∞)."
+    ),
+    unit: str | None = typer.Option(None, help="What --max-epsilon protects: image | patient | site."),
+    relation: str = typer.Option(
+        "add-remove", help="Neighbouring relation of --max-epsilon: add-remove | replace-one."
     ),
     require_dp: bool = typer.Option(False, "--require-dp", help="Refuse any vector without a DP guarantee."),
     keyring: Path | None = typer.Option(None, help="With --registry: " + KEYRING_HELP),
@@ -124,17 +134,16 @@ def merge(
     from taskvec.cli.exchange import merge_incremental_cli, merge_inputs, trust_policy
 
     from taskvec.merging.stream import merge_vectors
+    from taskvec.privacy.ledger import PrivacyBudget
 
+    budget = PrivacyBudget(max_epsilon, unit, relation, require_dp)
+    budget.check()
     policy = trust_policy(keyring, trust, allow_unsigned)
     vectors = merge_inputs(vectors, registry, only_contributor, since, incremental, state, out, policy)
-    if max_epsilon is not None or require_dp:
-        from taskvec.privacy.ledger import check_files_budget
-
-        check_files_budget(vectors, max_epsilon, require_dp)  # before any merge, incremental ones included
     if state is not None:
         if calibrate is not None:
             usage("--calibrate does not combine with --incremental; merge, then calibrate")
-        merge_incremental_cli(vectors, base, state, out, method, scale, density, seed, force)
+        merge_incremental_cli(vectors, base, state, out, method, scale, density, seed, force, budget)
         return
     assert out is not None
     from taskvec.cli.train import calibrator, print_calibration
@@ -142,7 +151,7 @@ def merge(
     cal = calibrator(calibrate, scale)
     r = merge_vectors(
         vectors, base, out, method=method, scale=scale, density=density, seed=seed, force=force, track=track,
-        calibrate=cal, max_epsilon=max_epsilon, require_dp=require_dp,
+        calibrate=cal, budget=budget,
     )
     print_calibration(cal)
     for w in r.warnings:
@@ -196,7 +205,9 @@ def _print_summary(info: dict[str, Any]) -> None:
     elif info["kind"] == "vector":
         rows += [("sha256", m["sha256"]), ("base", f"{m['base']['identity']} ({m['base']['arch']})"),
                  ("contributor", str(m["contributor"])), ("samples", str(m.get("samples"))),
-                 ("dtype", m["dtype"]), ("norm before clip", f"{m['norm']['pre_clip']:.6g}")]
+                 ("dtype", m["dtype"])]
+        if "pre_clip" in m.get("norm", {}):
+            rows.append(("norm before clip", f"{m['norm']['pre_clip']:.6g}"))
     if info["kind"] != "state_dict":
         rows += [("created", m.get("created", "?")), ("privacy", summarize_ledger(info["privacy"]))]
     for k, v in rows:

@@ -257,7 +257,7 @@ def merge_inputs(
 
 def merge_incremental_cli(
     vectors: list[Path], base: Path, state: Path, out: Path | None, method: str, scale: float,
-    density: float | None, seed: int, force: bool,
+    density: float | None, seed: int, force: bool, budget: Any,
 ) -> None:
     """`taskvec merge --incremental`: the next version in STATE from the vectors it does not hold yet."""
     from taskvec.cli.console import warn
@@ -265,7 +265,7 @@ def merge_incremental_cli(
     from taskvec.merging.incremental import merge_incremental
 
     r = merge_incremental(vectors, base, state, method=method, scale=scale, density=density, seed=seed,
-                          out=out, force=force, track=track)
+                          out=out, force=force, track=track, budget=budget)
     for note in r.notes:
         console.print(note)
     if r.merge is None:

@@ -41,7 +41,7 @@ def test_init_export_merge_inspect(make_finetuned, tmp_path: Path) -> None:
     assert info["kind"] == "model" and info["integrity"] is True
     vecs = info["metadata"]["merge"]["vectors"]
     assert [v["contributor"] for v in vecs] == ["site0", "site1", "site2"]
-    assert [len(v["privacy"]) for v in vecs] == [0, 0, 1] and vecs[2]["privacy"][0]["unit"] == "site"
+    assert [len(v["privacy"]) for v in vecs] == [0, 0, 2] and vecs[2]["privacy"][0]["unit"] == "site"
     want = sum(p.numel() for p in load_file(str(tmp_path / "merged.safetensors")).values() if p.is_floating_point())
     assert info["parameters"] == want
     vinfo = json.loads(taskvec("inspect", "v2.safetensors", "--json", cwd=tmp_path).stdout)

@@ -61,20 +61,44 @@ def test_merge_budget_refusals(vectors: tuple[Path, list[Path]], tmp_path: Path)
     out = tmp_path / "m.safetensors"
     assert "v0.safetensors: carries no DP guarantee" in refused("merge", clear, tight, "--base", base, "--out", out,
                                                                 "--require-dp")
-    msg = refused("merge", loose, tight, "--base", base, "--out", out, "--max-epsilon", "2")
-    assert f"v1.safetensors: its best guarantee is ε = {gaussian_epsilon(1.0, 1e-5):.4g} per site" in msg
+    # the three exports are all of contributor 'anonymous': their runs compose
+    composed = gaussian_epsilon(1.0, 1e-5) + gaussian_epsilon(3.0, 1e-5)
+    msg = refused("merge", loose, tight, "--base", base, "--out", out, "--max-epsilon", "5", "--unit", "site")
+    assert f"contributor 'anonymous': ε = {composed:.4g} per site (add-remove)" in msg and "2 runs composed" in msg
+    msg = refused("merge", tight, "--base", base, "--out", out, "--max-epsilon", "2", "--unit", "patient")
+    assert f"ε = {gaussian_epsilon(1.5, 1e-5):.4g} per patient" in msg  # replace-one: sensitivity 2·clip
     assert not out.exists()
+    from taskvec.cli.console import error_message
+
+    from taskvec.errors import ConfigError
+
+    r = CliRunner().invoke(app, [str(a) for a in ("merge", tight, "--base", base, "--out", out, "--max-epsilon", "5")])
+    assert isinstance(r.exception, ConfigError)  # exit 2 from the console script
+    assert error_message(r.exception).startswith("--unit must name")  # a budget names its unit
     p = subprocess.run([sys.executable, "-m", "taskvec.cli.app", "merge", str(clear), "--base", str(base), "--out",
-                        str(out), "--max-epsilon", "10"], capture_output=True, text=True, timeout=300)
+                        str(out), "--max-epsilon", "10", "--unit", "image"], capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 1 and p.stderr.startswith("error: ") and "ε = ∞" in p.stderr
 
-    code, _, err = run("merge", loose, tight, "--base", base, "--out", out, "--max-epsilon", "5", "--require-dp")
+    code, _, err = run("merge", loose, tight, "--base", base, "--out", out, "--max-epsilon", "7", "--unit", "site",
+                       "--require-dp")
     assert code == 0, err
     code, js, _ = run("inspect", out, "--json")
     merged = json.loads(js)["metadata"]["merge"]
     assert [v["privacy"][0]["epsilon"] for v in merged["vectors"]] == pytest.approx(
         [gaussian_epsilon(1.0, 1e-5), gaussian_epsilon(3.0, 1e-5)])
-    assert merged["privacy_budget"] == {"max_epsilon": 5.0, "require_dp": True}
+    budget = merged["privacy_budget"]
+    assert (budget["max_epsilon"], budget["unit"], budget["relation"], budget["require_dp"]) == (
+        7.0, "site", "add-remove", True)
+    assert budget["contributors"]["anonymous"]["epsilon"] == pytest.approx(composed)
+
+
+def test_export_seed_is_gone(vectors: tuple[Path, list[Path]], make_finetuned, tmp_path: Path) -> None:
+    """Seeded noise is public noise: there is no way to seed export noise."""
+    base, _ = vectors
+    code, _, err = run("export", make_finetuned(base, 9), "--base", base, "--out", tmp_path / "s.safetensors",
+                       "--clip", "1", "--noise-multiplier", "1", "--delta", "1e-5", "--seed", "0")
+    assert code == 2 and "--seed" in err and not (tmp_path / "s.safetensors").exists()
 
 
 def test_finetune_dp_cli_reports_epsilon_and_refuses(make_base, tmp_path: Path) -> None:

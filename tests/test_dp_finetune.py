@@ -52,8 +52,14 @@ def test_dp_finetune_stops_at_target_and_ledger_travels(tmp_path: Path, make_bas
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["privacy"] == [entry]
     assert [h["privacy"][0]["epsilon"] for h in r.history][-1] == pytest.approx(entry["epsilon"])
 
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["val_metrics"] and metrics["samples"]["train"] > 0  # kept locally
+    for private in ("samples", "val_samples", "val_metrics"):  # computed on private data outside the guarantee
+        assert private not in model["training"]
+
     v = export_vector(tmp_path / "run", base, tmp_path / "v.safetensors")
     assert inspect_file(v.path)["privacy"] == [entry]
+    assert read_kind(v.path, "vector").meta["samples"] is None  # not declared public
 
 
 def test_patient_ids_make_the_patient_the_unit(tmp_path: Path, make_base: Callable[..., Path]) -> None:

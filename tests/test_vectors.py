@@ -53,14 +53,17 @@ def test_noise_statistics_and_ledger(make_base, make_finetuned, tmp_path: Path) 
     base = make_base("test_resnet")
     ft = make_finetuned(base, seed=3)
     clip, z = 1e-6, 0.7  # a delta clipped to ~0: the vector is the noise itself
-    r = export_vector(ft, base, tmp_path / "v.safetensors", clip=clip, noise_multiplier=z, delta=1e-5, seed=0)
+    r = export_vector(ft, base, tmp_path / "v.safetensors", clip=clip, noise_multiplier=z, delta=1e-5)
     v = torch.cat([t.flatten() for t in load_file(str(r.path)).values()])
     assert abs(float(v.std()) / (z * clip) - 1) < 0.01
     assert abs(float(v.mean())) < 0.01 * z * clip
     assert math.isclose(r.expected_noise_norm, z * clip * math.sqrt(v.numel()))
-    (entry,) = r.privacy
-    assert entry["mechanism"] == "gaussian-output" and entry["unit"] == "site" and entry["clip"] == clip
-    assert entry["epsilon"] == pytest.approx(gaussian_epsilon(z, 1e-5))
+    add_remove, replace_one = r.privacy
+    for entry in r.privacy:
+        assert entry["mechanism"] == "gaussian-output" and entry["unit"] == "site" and entry["clip"] == clip
+    assert add_remove["relation"] == "add-remove" and replace_one["relation"] == "replace-one"
+    assert add_remove["epsilon"] == pytest.approx(gaussian_epsilon(z, 1e-5))  # sensitivity C: site vs no data
+    assert replace_one["epsilon"] == pytest.approx(gaussian_epsilon(z / 2, 1e-5))  # 2C: any change of the data
     assert read_kind(r.path, "vector").meta["statistics"] == []  # un-noised BN stats are left out
 
 
@@ -89,6 +92,7 @@ def test_bf16_export_is_close_to_fp32(make_base, make_finetuned, tmp_path: Path)
         ({"clip": 1.0, "epsilon": 1.0}, "delta"),
         ({"clip": 1.0, "epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.0}, "noise_multiplier"),
         ({"clip": -1.0}, "clip"),
+        ({"clip": 1.0, "noise_multiplier": 1.0, "delta": 1.5}, "delta"),
         ({"dtype": "fp8"}, "dtype"),
         ({"samples": 0}, "samples"),
     ],

@@ -2,13 +2,16 @@
 
 Deltas are computed in fp32. Integer buffers never enter a vector. BatchNorm running statistics are stored
 as values (merged by averaging), not as deltas. Export-time noise is added in fp32 before any cast.
+
+A DP release (a vector whose ledger is not empty) carries nothing computed from the private data except its
+noised tensors (or the DP-SGD model they come from) and what the user declared public: no norms of the
+un-noised delta, no identity of the un-noised model, no sample count unless one is passed explicitly.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from taskvec.errors import ConfigError, FileFormatError, PrivacyConfigError, PrivacyError, check_range
+from taskvec.errors import FileFormatError, PrivacyConfigError, PrivacyError, check_range
 from taskvec.io.files import (
     FLOAT_DTYPES,
     FORMAT,
@@ -32,16 +35,20 @@ from taskvec.io.layout import check_against_base, is_statistic
 from taskvec.io.tensors import CAST_DTYPES, TORCH_TO_ST, all_finite, save_tensors, state_digest
 from taskvec.models.spec import resolve_model_path
 from taskvec.privacy.ledger import (
-    gaussian_noise_multiplier,
-    gaussian_output_entry,
+    gaussian_output_entries,
+    locked_releases,
     read_releases,
     record_release,
     releases_path,
+    remaining_noise_multiplier,
 )
 
 
 @dataclass
 class ExportReport:
+    """What an export did. The norms are of the un-noised delta: for the site's eyes only, never in the file
+    of a noised vector."""
+
     path: Path
     sha256: str
     num_params: int
@@ -53,32 +60,108 @@ class ExportReport:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class NoiseRequest:
+    """Export-time privacy options: clip to `clip`; noise by `noise_multiplier`, or by the one that brings
+    the run's exports to `epsilon` (site level, add-remove) at `delta`."""
+
+    clip: float | None = None
+    noise_multiplier: float | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+
+    @property
+    def noised(self) -> bool:
+        return self.noise_multiplier is not None or self.epsilon is not None
+
+    def check(self) -> None:
+        if self.clip is not None:
+            check_range("clip", self.clip, low=0, error=PrivacyConfigError)
+        if self.noise_multiplier is not None and self.epsilon is not None:
+            raise PrivacyConfigError("noise_multiplier and `epsilon` exclude each other: give one",
+                                     field="noise_multiplier")
+        if not self.noised:
+            return
+        if self.clip is None:
+            raise PrivacyConfigError("clip is needed with noise: without clipping noise gives no guarantee "
+                                     "(the clip is the sensitivity)", field="clip")
+        if self.delta is None:
+            raise PrivacyConfigError("delta is needed with noise, e.g. 1e-5", field="delta")
+        check_range("delta", self.delta, low=0, high=1, error=PrivacyConfigError)
+        if self.noise_multiplier is not None:
+            check_range("noise_multiplier", self.noise_multiplier, low=0, error=PrivacyConfigError)
+        if self.epsilon is not None:
+            check_range("epsilon", self.epsilon, low=0, error=PrivacyConfigError)
+
+    def solve(self, earlier: list[float]) -> float:
+        """The noise multiplier of this release, given the run's earlier noised releases."""
+        if self.noise_multiplier is not None:
+            return self.noise_multiplier
+        assert self.epsilon is not None and self.delta is not None
+        return remaining_noise_multiplier(self.epsilon, self.delta, earlier)
+
+
 def _check_finetuned(base: Header, ft: Header) -> None:
     if ft.kind == "vector":
         raise FileFormatError(f"{ft.path}: is a data vector; export takes a fine-tuned model or state_dict")
     check_against_base(ft, base)
 
 
-def _resolve_noise(
-    clip: float | None, noise_multiplier: float | None, epsilon: float | None, delta: float | None
-) -> float | None:
-    if clip is not None:
-        check_range("clip", clip, low=0, error=PrivacyConfigError)
-    if noise_multiplier is not None and epsilon is not None:
-        raise PrivacyConfigError("noise_multiplier and `epsilon` exclude each other: give one",
-                                 field="noise_multiplier")
-    if (noise_multiplier is not None or epsilon is not None) and clip is None:
-        raise PrivacyConfigError("clip is needed for noise to give a guarantee: it is the sensitivity", field="clip")
-    if epsilon is not None:
-        if delta is None:
-            raise PrivacyConfigError("delta is needed with `epsilon` (for example 1e-5)", field="delta")
-        return gaussian_noise_multiplier(epsilon, delta)
-    if noise_multiplier is not None:
-        check_range("noise_multiplier", noise_multiplier, low=0, error=PrivacyConfigError)
-        if delta is None:
-            raise PrivacyConfigError("delta is needed with `noise_multiplier` to report ε (for example 1e-5)",
-                                     field="delta")
-    return noise_multiplier
+def read_deltas(base: Header, ft: Header) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(fp32 deltas of the floating parameters, fp32 values of the BatchNorm statistics)."""
+    deltas: dict[str, torch.Tensor] = {}
+    stats: dict[str, torch.Tensor] = {}
+    with safe_open(str(base.path), "pt") as fb, safe_open(str(ft.path), "pt") as ff:
+        for k in sorted(base.tensors):
+            if base.tensors[k].dtype not in FLOAT_DTYPES:
+                continue
+            t = ff.get_tensor(k).to(torch.float32)
+            if not all_finite(t):
+                raise FileFormatError(f"{ft.path}: tensor {k} holds NaN or Inf; the fine-tuning diverged")
+            if is_statistic(k):
+                stats[k] = t
+            else:
+                deltas[k] = t - fb.get_tensor(k).to(torch.float32)
+    return deltas, stats
+
+
+def l2_norm(tensors: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.pow(2).sum()) for t in tensors.values()))
+
+
+def clip_(tensors: dict[str, torch.Tensor], clip: float | None) -> tuple[float, float]:
+    """Scale the tensors, as one vector, to L2 norm ≤ `clip` in place; return the norm before and after."""
+    pre = l2_norm(tensors)
+    if clip is None or pre <= clip:
+        return pre, pre
+    for t in tensors.values():
+        t.mul_(clip / pre)
+    return pre, clip
+
+
+def draw_noise(shape: torch.Size, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """N(0, σ²) per coordinate (fp32). The one place export noise comes from: audits replace it in tests."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32) * sigma
+
+
+def add_noise_(tensors: dict[str, torch.Tensor], sigma: float, generator: torch.Generator) -> None:
+    """The Gaussian mechanism's noise, added in place to every tensor."""
+    for t in tensors.values():
+        t.add_(draw_noise(t.shape, sigma, generator))
+
+
+def _check_history(earlier: list[dict[str, Any]], noised: bool, force: bool, where: Path, record: Path) -> None:
+    """Refuse an export that would make the run's earlier claims false."""
+    before = [r["noise_multiplier"] is not None for r in earlier]
+    if noised and not all(before):
+        raise PrivacyError(
+            f"{where}: this run was already exported without export-time noise (see {record}); a noised export "
+            "cannot give a site-level guarantee for data already released without it", path=where)
+    if not noised and any(before) and not force:
+        raise PrivacyError(
+            f"{where}: this run was exported with noise before (see {record}); sharing an un-noised vector of it "
+            "would make those vectors' guarantees false. Pass `force` to export it anyway", path=where,
+            field="force")
 
 
 def export_vector(
@@ -93,112 +176,108 @@ def export_vector(
     dtype: str = "fp32",
     contributor: str | None = None,
     samples: int | None = None,
-    seed: int | None = None,
     force: bool = False,
 ) -> ExportReport:
     """Write the data vector `finetuned − base` to `out` and return what was done.
 
-    With `clip` the whole delta is scaled to L2 norm ≤ clip. With a noise multiplier Z (or ε, δ) every
-    coordinate gets N(0, (Z·clip)²): one release of the Gaussian mechanism with sensitivity `clip` over
-    the site's whole contribution, accounted with the analytic Gaussian mechanism. Statistics
-    (BatchNorm running mean/var) carry no noise, so a noised export leaves them out.
+    With `clip` the whole delta is scaled to L2 norm ≤ clip. With a noise multiplier z (or `epsilon`, which
+    solves z for what the run's earlier exports left of it) every coordinate gets N(0, (z·clip)²) from a
+    secret generator: see `taskvec.privacy.ledger` for the guarantees recorded. Statistics (BatchNorm
+    running mean/var) carry no noise, so a noised export leaves them out. `samples` declares the sample
+    count public; a DP release carries none otherwise. `force` overwrites `out` and allows an un-noised
+    export of a run exported with noise before.
 
-    Every export is recorded in `privacy_releases.json` beside the fine-tuned model, keyed by its run id
-    (or content identity); the ε of a noised export is that of all noised exports of the run composed.
+    Every export is recorded, before the vector is written and under a lock, in `privacy_releases.json`
+    beside the fine-tuned model, keyed by its run id (or content identity).
     """
     check_output(out, force)
     if dtype not in CAST_DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(CAST_DTYPES)}, got {dtype!r}", field="dtype",
-                          expected=list(CAST_DTYPES), got=dtype)
-    z = _resolve_noise(clip, noise_multiplier, epsilon, delta)
+        raise PrivacyConfigError(f"dtype must be one of {', '.join(CAST_DTYPES)}, got {dtype!r}", field="dtype")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise PrivacyConfigError(f"samples must be an integer >= 1, got {samples!r}", field="samples")
+    request = NoiseRequest(clip, noise_multiplier, epsilon, delta)
+    request.check()
     bh = read_kind(base, "model")
     fh = read_header(resolve_model_path(finetuned))
     _check_finetuned(bh, fh)
-    training = fh.meta.get("training", {})
-    samples = samples if samples is not None else training.get("samples")
-    if samples is not None and samples < 1:
-        raise ConfigError(f"samples must be >= 1, got {samples}", field="samples", expected=">= 1", got=samples)
-    warnings: list[str] = []
+    deltas, stats = read_deltas(bh, fh)
+    pre, post = clip_(deltas, clip)
     record = releases_path(fh.path)
-    run_key = str(fh.meta.get("run_id") or fh.meta.get("identity") or file_digest(fh))
-    earlier = read_releases(record, run_key)
-    if z is not None and any(r["noise_multiplier"] is None for r in earlier):
-        raise PrivacyError(
-            f"{fh.path}: this run was already exported without export-time noise (see {record}); a new noised "
-            "export cannot give a site-level guarantee for data already released without it"
-        )
-    if z is None and any(r["noise_multiplier"] is not None for r in earlier):
-        warnings.append("this run was exported with noise before: once this un-noised vector is shared, the "
-                        "site-level guarantee of the earlier vectors no longer holds")
+    key = str(fh.meta.get("run_id") or fh.meta.get("identity") or file_digest(fh))
+    with locked_releases(record):
+        earlier = read_releases(record, key)
+        _check_history(earlier, request.noised, force, fh.path, record)
+        release = _release(bh, fh, deltas, stats, request, earlier, dtype, contributor, samples, (pre, post))
+        record_release(record, key, {"vector": release.meta["sha256"], "noise_multiplier": release.z, "clip": clip,
+                                     "delta": delta, "created": release.meta["created"]})
+    path = save_tensors(release.tensors, out, release.meta, force=force)
+    noise = release.meta.get("norm", {}).get("expected_noise", 0.0)
+    return ExportReport(path, release.meta["sha256"], sum(d.numel() for d in deltas.values()), pre, post, noise,
+                        release.meta["privacy"], len(release.meta["statistics"]), _warnings(release, clip, earlier))
 
-    deltas: dict[str, torch.Tensor] = {}
-    stats: dict[str, torch.Tensor] = {}
-    with safe_open(str(bh.path), "pt") as fb, safe_open(str(fh.path), "pt") as ff:
-        for k in sorted(bh.tensors):
-            if bh.tensors[k].dtype not in FLOAT_DTYPES:
-                continue
-            ft = ff.get_tensor(k).to(torch.float32)
-            if not all_finite(ft):
-                raise FileFormatError(f"{fh.path}: tensor {k} holds NaN or Inf; the fine-tuning diverged")
-            if is_statistic(k):
-                stats[k] = ft
-            else:
-                deltas[k] = ft - fb.get_tensor(k).to(torch.float32)
 
-    pre = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas.values()))
-    post = pre
-    if clip is not None and pre > clip:
-        factor = clip / pre
-        for d in deltas.values():
-            d.mul_(factor)
-        post = clip
-    num = sum(d.numel() for d in deltas.values())
+@dataclass
+class _Release:
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    z: float | None
+    left_out: int
+
+
+def _release(
+    bh: Header, fh: Header, deltas: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], request: NoiseRequest,
+    earlier: list[dict[str, Any]], dtype: str, contributor: str | None, samples: int | None,
+    norms: tuple[float, float],
+) -> _Release:
+    """Noise the (clipped) deltas as requested and build the vector's tensors and header."""
+    from taskvec.privacy.dpsgd import secret_generator
+
     privacy = list(fh.meta.get("privacy", []))
-    noise_norm = 0.0
-    if z is not None:
-        assert clip is not None and delta is not None
-        gen = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
-        sigma = z * clip
-        for d in deltas.values():
-            d.add_(torch.randn(d.shape, generator=gen, dtype=torch.float32) * sigma)
-        noise_norm = sigma * math.sqrt(num)
-        privacy.append(gaussian_output_entry(z, clip, delta, fh.meta.get("run_id"), earlier))
-        if earlier:
-            warnings.append(f"release {len(earlier) + 1} of this run: ε composes over all its noised exports "
-                            f"(now {privacy[-1]['epsilon']:.3g}; recorded in {record})")
-        if stats:
-            warnings.append(
-                f"left out {len(stats)} BatchNorm statistics tensors: they would be released without noise; "
-                "the merge keeps the base's statistics (or re-estimates them by calibration)"
-            )
-            stats = {}
-    elif clip is not None:
-        warnings.append("clipping without noise is not differential privacy; the vector is recorded as 'no DP'")
-
+    declared = ["samples"] if samples is not None else []
+    z, left_out = None, 0
+    if request.noised:
+        assert request.clip is not None and request.delta is not None
+        zs = [r["noise_multiplier"] for r in earlier]
+        z = request.solve(zs)
+        add_noise_(deltas, z * request.clip, secret_generator("cpu"))
+        privacy += gaussian_output_entries([*zs, z], request.clip, request.delta, fh.meta.get("run_id"), declared)
+        stats, left_out = {}, len(stats)
+    training = fh.meta.get("training", {})
     cast = CAST_DTYPES[dtype]
     tensors = {k: v.to(cast) for k, v in deltas.items()} | stats
-    sha = state_digest(tensors)
-    bmodel = bh.meta["model"]
     meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": "vector",
-        "base": {"identity": bh.meta["identity"], "arch": bmodel["arch"]},
-        "task": bmodel["task"],
-        "labels": bmodel["labels"],
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "vector",
+        "base": {"identity": bh.meta["identity"], "arch": bh.meta["model"]["arch"]},
+        "task": bh.meta["model"]["task"], "labels": bh.meta["model"]["labels"],
         "contributor": contributor or training.get("contributor") or "anonymous",
-        "samples": samples,
-        "created": now(),
-        "dtype": TORCH_TO_ST[cast],
-        "statistics": sorted(stats),
-        "source": {"identity": fh.meta.get("identity"), "run_id": fh.meta.get("run_id")},
-        "norm": {"pre_clip": pre, "post_clip": post, "expected_noise": noise_norm},
-        "clip": clip,
-        "noise_multiplier": z,
-        "privacy": privacy,
-        "sha256": sha,
+        "samples": samples if privacy or samples is not None else training.get("samples"),
+        "created": now(), "dtype": TORCH_TO_ST[cast], "statistics": sorted(stats),
+        "source": {"run_id": fh.meta.get("run_id")},
+        "clip": request.clip, "noise_multiplier": z, "privacy": privacy, "sha256": state_digest(tensors),
     }
-    path = save_tensors(tensors, out, meta, force=force)
-    record_release(record, run_key, {"vector": sha, "noise_multiplier": z, "clip": clip, "delta": delta,
-                                     "created": meta["created"]})
-    return ExportReport(path, sha, num, pre, post, noise_norm, privacy, len(stats), warnings)
+    if privacy:
+        meta["declared_public"] = declared
+    if z is None:  # without export noise, these are the released tensors' own (or a DP-SGD model's)
+        meta["source"]["identity"] = fh.meta.get("identity")
+        meta["norm"] = {"pre_clip": norms[0], "post_clip": norms[1]}
+    else:
+        assert request.clip is not None
+        meta["norm"] = {"expected_noise": z * request.clip * math.sqrt(sum(d.numel() for d in deltas.values()))}
+    return _Release(tensors, meta, z, left_out)
+
+
+def _warnings(release: _Release, clip: float | None, earlier: list[dict[str, Any]]) -> list[str]:
+    out = []
+    if release.z is None and any(r["noise_multiplier"] is not None for r in earlier):
+        out.append("this run was exported with noise before: once this un-noised vector is shared, the guarantees "
+                   "of the earlier vectors no longer hold")
+    if release.z is not None and earlier:
+        eps = release.meta["privacy"][-2]["epsilon"]
+        out.append(f"release {len(earlier) + 1} of this run: ε composes over all its noised exports (now {eps:.3g} "
+                   "per site, add-remove)")
+    if release.left_out:
+        out.append(f"left out {release.left_out} BatchNorm statistics tensors: they would be released without "
+                   "noise; the merge keeps the base's statistics (or re-estimates them by calibration)")
+    if release.z is None and clip is not None and not release.meta["privacy"]:
+        out.append("clipping without noise is not differential privacy; the vector is recorded as 'no DP'")
+    return out

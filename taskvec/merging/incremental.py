@@ -45,6 +45,7 @@ from taskvec.merging.stream import (
     check_vectors,
     save_merged,
 )
+from taskvec.privacy.ledger import PrivacyBudget, check_merge_budget
 from taskvec.progress import Track, no_track
 
 STATE_FILE = "accumulator.safetensors"
@@ -95,7 +96,7 @@ def _load_history(state: Path, recipe: dict[str, Any]) -> list[dict[str, Any]]:
     return list(versions)
 
 
-def _load_accumulator(state: Path) -> tuple[Accumulator, list[dict[str, Any]]] | None:
+def _load_accumulator(state: Path, recipe: dict[str, Any]) -> tuple[Accumulator, list[dict[str, Any]]] | None:
     p = state / STATE_FILE
     if not p.exists():
         return None
@@ -104,6 +105,10 @@ def _load_accumulator(state: Path) -> tuple[Accumulator, list[dict[str, Any]]] |
     h = read_header(p)
     if h.kind != "merge-state":
         raise FileFormatError(f"{p}: not a taskvec merge state; use a new `state` directory", path=p)
+    diff = ", ".join(f"{k} {h.meta.get(k)!r}" for k in recipe if h.meta.get(k) != recipe[k])
+    if diff:  # history.json may be gone: the state's own recipe decides
+        raise MismatchError(f"{p}: was built with {diff}; pass the same settings or use a new `state` directory",
+                            path=p)
     tensors = load_file(str(p))
     stats = set(h.meta["statistics"])
     acc = Accumulator(
@@ -137,11 +142,13 @@ def merge_incremental(
     out: str | os.PathLike[str] | None = None,
     force: bool = False,
     track: Track[Any] = no_track,
+    budget: PrivacyBudget = PrivacyBudget(),
 ) -> IncrementalReport:
     """Merge `vectors` into the next version in `state`, reading only the vectors the state does not hold yet.
 
     The version is `state/merged-vN.safetensors` (also copied to `out` when given); with nothing new and the
-    same scale, the latest version stands and nothing is written but `out`.
+    same scale, the latest version stands and nothing is written but `out`. `budget` is checked and
+    recorded as in a full merge.
     """
     if out is not None:
         check_output(out, force)
@@ -155,6 +162,7 @@ def merge_incremental(
     state_dir.mkdir(exist_ok=True)
     bh = read_kind(base, "model")
     headers = check_vectors(bh, vectors)
+    spent = check_merge_budget(headers, budget)
     recipe = {
         "base": bh.meta["identity"], "method": method,
         "density": density if m.default_density is not None else None, "seed": seed if m.drop else None,
@@ -162,7 +170,8 @@ def merge_incremental(
     with FileLock(str(state_dir / LOCK_FILE)):
         history = _load_history(state_dir, recipe)
         current = [h.meta["sha256"] for h in headers]
-        if history and set(history[-1]["vectors"]) == set(current) and history[-1]["scale"] == scale:
+        if (history and set(history[-1]["vectors"]) == set(current) and history[-1]["scale"] == scale
+                and history[-1].get("privacy_budget") == spent):
             latest = history[-1]
             path = state_dir / latest["file"]
             if out is not None:
@@ -176,12 +185,12 @@ def merge_incremental(
         path = state_dir / f"merged-v{version}.safetensors"
         report = save_merged(
             bh, acc, ordered, path, method=method, scale=scale, density=density, seed=seed,
-            extra={"version": version},
+            extra={"version": version, "privacy_budget": spent},
         )
         added = [s for s in (h.meta["sha256"] for h in ordered) if s not in held]
         history.append({
             "version": version, "file": path.name, "identity": report.identity, "scale": scale, "mode": mode,
-            "vectors": [h.meta["sha256"] for h in ordered], "added": added, "created": now(),
+            "vectors": [h.meta["sha256"] for h in ordered], "added": added, "privacy_budget": spent, "created": now(),
         })
         write_json(state_dir / HISTORY_FILE, {"recipe": recipe, "versions": history})
     if out is not None:
@@ -199,7 +208,7 @@ def _update(
             f"{m.name} is not linear: recomputed from all {len(headers)} vectors"
         ]
     by_sha = {h.meta["sha256"]: h for h in headers}
-    loaded = _load_accumulator(state)
+    loaded = _load_accumulator(state, recipe)
     notes: list[str] = []
     acc, old = Accumulator(), []
     if loaded is not None:

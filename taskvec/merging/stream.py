@@ -22,7 +22,7 @@ from taskvec.io.layout import check_against_base, is_statistic
 from taskvec.io.tensors import TORCH_TO_ST, all_finite, tensor_bytes
 from taskvec.merging.methods import MergeMethod, dare_drop, dare_seed, get_method
 from taskvec.models.spec import ModelSpec, save_model
-from taskvec.privacy.ledger import check_budget
+from taskvec.privacy.ledger import PrivacyBudget, check_merge_budget
 from taskvec.progress import Track, no_track
 
 
@@ -178,13 +178,12 @@ def merge_vectors(
     seed: int = 0,
     force: bool = False,
     track: Track[Any] = no_track,
-    max_epsilon: float | None = None,
-    require_dp: bool = False,
+    budget: PrivacyBudget = PrivacyBudget(),
     calibrate: Callable[[Header, Accumulator], tuple[float, dict[str, Any]]] | None = None,
 ) -> MergeReport:
     """Merge data vectors into `base + scale·combine(vectors)` and save it as a taskvec model file.
 
-    `max_epsilon` / `require_dp` refuse vectors above the ε budget / without DP before any tensor is read.
+    `budget` is checked (every ε recomputed, each contributor's vectors composed) before any tensor is read.
     `calibrate(base, acc) -> (scale, record)` chooses the scale instead (see `taskvec.merging.calibrate`); it may set
     statistics in `acc`, and its record is saved in the merge metadata.
     """
@@ -195,16 +194,16 @@ def merge_vectors(
         check_range("density", density, low=0, high=1, high_open=False)
     bh = read_kind(base, "model")
     headers = check_vectors(bh, vectors)
-    check_budget([(str(h.path), h.meta.get("privacy", [])) for h in headers], max_epsilon, require_dp)
+    spent = check_merge_budget(headers, budget)
     if m.linear:
         acc = accumulate_linear(m, headers, density, seed, track)
     else:
         acc = accumulate_tensorwise(m, headers, density, track)
-    budget: dict[str, Any] = {"privacy_budget": {"max_epsilon": max_epsilon, "require_dp": require_dp}}
+    extra: dict[str, Any] = {"privacy_budget": spent}
     if calibrate is not None:
-        scale, budget["calibration"] = calibrate(bh, acc)
+        scale, extra["calibration"] = calibrate(bh, acc)
     return save_merged(bh, acc, headers, out, method=method, scale=scale, density=density, seed=seed, force=force,
-                       extra=budget)
+                       extra=extra)
 
 
 def save_merged(

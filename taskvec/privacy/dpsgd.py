@@ -29,9 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from taskvec.errors import PrivacyConfigError, PrivacyError, TaskvecError, check_range
-
-PRV = "opacus-prv (Gopi et al. 2021)"
-RDP = "opacus-rdp (fallback: PRV failed)"
+from taskvec.privacy.ledger import PRV, RDP, accountant_epsilon, dp_sgd_entry
 
 # Opacus grad-sample mode, chosen by benchmarks/dp_overhead.py on this project's CPU (README table): Opacus's
 # per-layer samplers ("hooks") were fastest for ResNet-18/50, ConvNeXt-T and ViT-S, and within noise of
@@ -70,22 +68,17 @@ class DPConfig:
 
 
 def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> tuple[float, str]:
-    """ε after `steps` Poisson-subsampled Gaussian steps, and the accountant that computed it."""
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
+    """ε after `steps` Poisson-subsampled Gaussian steps, and the accountant that computed it (PRV; RDP
+    where PRV fails)."""
     if steps == 0:
         return 0.0, PRV
     try:
-        acc: Any = PRVAccountant()
-        acc.history = [(noise_multiplier, sample_rate, steps)]
-        eps = float(acc.get_epsilon(delta))
+        eps = accountant_epsilon(PRV, noise_multiplier, sample_rate, steps, delta)
         if math.isfinite(eps):
             return eps, PRV
     except (ValueError, RuntimeError, OverflowError, FloatingPointError):
         pass
-    acc = RDPAccountant()
-    acc.history = [(noise_multiplier, sample_rate, steps)]
-    return float(acc.get_epsilon(delta)), RDP
+    return accountant_epsilon(RDP, noise_multiplier, sample_rate, steps, delta), RDP
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
@@ -153,8 +146,6 @@ class PrivacyMeter:
 
     def ledger_entry(self, run_id: str | None) -> dict[str, Any]:
         """The `dp-sgd` ledger entry of the steps taken so far."""
-        from taskvec.privacy.ledger import dp_sgd_entry
-
         if self.steps == 0:
             raise PrivacyError("no DP-SGD step was taken; there is nothing to account")
         eps, accountant = self.epsilon()

@@ -1,7 +1,14 @@
 """Privacy maths and the privacy ledger.
 
-Every guarantee taskvec records is one ledger entry that names its mechanism, its unit of privacy and
-how ε was computed. Nothing without noise is ever recorded as DP.
+Every guarantee taskvec records is one ledger entry naming its mechanism, its unit of privacy (image,
+patient, site), its neighbouring relation (add-remove: one unit's data present or absent; replace-one: one
+unit's data changed) and how ε was computed. Nothing without noise is ever recorded as DP.
+
+Export-time noise (`gaussian-output`) releases clip(Δ) + N(0, (z·C)²) once per export, Δ the site's whole
+delta clipped to L2 norm C. Two entries describe it: against the site's data being absent (Δ = 0) the
+sensitivity is C; against *any* change of the site's data (a patient or an image added, removed or
+replaced included) it is 2C, since two clipped deltas lie in one ball of radius C. ε is the analytic
+Gaussian mechanism's (Balle & Wang 2018), the exports of one run composed exactly (Gaussian DP).
 """
 
 from __future__ import annotations
@@ -9,19 +16,27 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from taskvec.errors import PrivacyConfigError, PrivacyError, check_range
 
 ANALYTIC_GAUSSIAN = "analytic-gaussian (Balle & Wang 2018)"
+PRV = "opacus-prv (Gopi et al. 2021)"
+RDP = "opacus-rdp (fallback: PRV failed)"
 MECHANISMS = ("dp-sgd", "gaussian-output")
 UNITS = ("image", "patient", "site")
+RELATIONS = ("add-remove", "replace-one")
+SENSITIVITY = {"add-remove": 1.0, "replace-one": 2.0}  # export noise: × clip
 LEDGER_FIELDS = (
-    "mechanism", "unit", "epsilon", "delta", "accountant", "noise_multiplier", "sample_rate", "steps", "run_id"
+    "mechanism", "unit", "relation", "epsilon", "delta", "accountant", "noise_multiplier", "sample_rate", "steps",
+    "run_id",
 )
 RELEASES_FILE = "privacy_releases.json"
+EPSILON_TOLERANCE = 1e-3  # relative: a recomputed ε further from the recorded one is refused
 
 
 def _phi(x: float) -> float:
@@ -84,42 +99,53 @@ def composed_noise_multiplier(noise_multipliers: Sequence[float]) -> float:
     return 1.0 / math.sqrt(sum(z**-2 for z in noise_multipliers))
 
 
-def gaussian_output_entry(
-    noise_multiplier: float, clip: float, delta: float, run_id: str | None,
-    earlier: Sequence[dict[str, Any]] = (),
-) -> dict[str, Any]:
-    """Ledger entry for an export-time Gaussian release of a site's whole clipped contribution.
+def remaining_noise_multiplier(epsilon: float, delta: float, earlier: Sequence[float]) -> float:
+    """The noise multiplier of one more release that brings the composed site-level (add-remove) ε of
+    `earlier` releases and it to exactly `epsilon`; refused when the earlier ones already spent it."""
+    total = gaussian_noise_multiplier(epsilon, delta)
+    left = total**-2 - sum(z**-2 for z in earlier)
+    if left <= 1e-12 * total**-2:
+        spent = gaussian_epsilon(composed_noise_multiplier(earlier), delta)
+        raise PrivacyConfigError(
+            f"epsilon {epsilon:g} is already spent: the {len(earlier)} earlier noised exports of this run "
+            f"compose to ε = {spent:.4g} at δ = {delta:g}", field="epsilon", got=epsilon)
+    return left**-0.5
 
-    `earlier` are the noised releases of the same run before this one: ε is that of all of them composed,
-    `steps` counts them, and the entry lists the earlier ones.
-    """
-    zs = [r["noise_multiplier"] for r in earlier] + [noise_multiplier]
-    entry: dict[str, Any] = {
+
+def gaussian_output_entries(
+    noise_multipliers: Sequence[float], clip: float, delta: float, run_id: str | None,
+    declared_public: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """The two ledger entries of an export-time Gaussian release, the last of `noise_multipliers` (the
+    run's noised exports in order, all composed): site add-remove (sensitivity C) and site replace-one
+    (sensitivity 2C, which bounds every patient- and image-level change too)."""
+    zs = [float(z) for z in noise_multipliers]
+    return [{
         "mechanism": "gaussian-output",
         "unit": "site",
-        "epsilon": gaussian_epsilon(composed_noise_multiplier(zs), delta),
+        "relation": relation,
+        "epsilon": gaussian_epsilon(composed_noise_multiplier(zs) / SENSITIVITY[relation], delta),
         "delta": delta,
         "accountant": ANALYTIC_GAUSSIAN,
-        "noise_multiplier": noise_multiplier,
+        "noise_multiplier": zs[-1],
         "sample_rate": 1.0,
         "steps": len(zs),
+        "releases": zs,
         "clip": clip,
+        "sensitivity": SENSITIVITY[relation] * clip,
         "run_id": run_id,
-    }
-    if earlier:
-        entry["composition"] = f"{len(zs)} releases of this run, composed exactly as Gaussian (GDP)"
-        entry["earlier_releases"] = list(earlier)
-    return entry
+        "declared_public": list(declared_public),
+    } for relation in RELATIONS]
 
 
 def dp_sgd_entry(
     *, epsilon: float, delta: float, accountant: str, noise_multiplier: float, sample_rate: float, steps: int,
     max_grad_norm: float, unit: str, run_id: str | None,
 ) -> dict[str, Any]:
-    """Ledger entry for DP-SGD training (Poisson-subsampled Gaussian mechanism, `steps` times)."""
+    """Ledger entry for DP-SGD training (Poisson-subsampled Gaussian mechanism, `steps` times, add-remove)."""
     entry = {
-        "mechanism": "dp-sgd", "unit": unit, "epsilon": epsilon, "delta": delta, "accountant": accountant,
-        "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": steps,
+        "mechanism": "dp-sgd", "unit": unit, "relation": "add-remove", "epsilon": epsilon, "delta": delta,
+        "accountant": accountant, "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": steps,
         "max_grad_norm": max_grad_norm, "run_id": run_id,
     }
     validate_ledger([entry])
@@ -129,72 +155,222 @@ def dp_sgd_entry(
 def validate_ledger(ledger: Any, where: str = "ledger") -> list[dict[str, Any]]:
     """Check every entry against the schema; a guarantee without noise or clipping is refused."""
     if not isinstance(ledger, list):
-        raise PrivacyError(f"{where}: privacy ledger must be a list of mechanisms")
+        raise PrivacyError(f"{where}: privacy ledger must be a list of mechanisms", path=where, field="privacy")
     for i, e in enumerate(ledger):
         what = f"{where}: privacy entry {i}"
         if not isinstance(e, dict):
-            raise PrivacyError(f"{what} is not an object")
+            raise PrivacyError(f"{what} is not an object", path=where, field="privacy")
         missing = [f for f in LEDGER_FIELDS if f not in e]
         if missing:
-            raise PrivacyError(f"{what} lacks {', '.join(missing)}")
-        if e["mechanism"] not in MECHANISMS:
-            raise PrivacyError(f"{what}: unknown mechanism {e['mechanism']!r} (known: {', '.join(MECHANISMS)})")
-        if e["unit"] not in UNITS:
-            raise PrivacyError(f"{what}: unknown unit {e['unit']!r} (known: {', '.join(UNITS)})")
-        if not _positive(e["noise_multiplier"]):
-            raise PrivacyError(f"{what}: noise multiplier {e['noise_multiplier']!r}; without noise there is no DP")
-        if not _positive(e.get("max_grad_norm", e.get("clip"))):
-            raise PrivacyError(f"{what}: no clipping bound (max_grad_norm or clip); noise without it gives no DP")
-        if not (isinstance(e["epsilon"], (int, float)) and 0 <= e["epsilon"] < math.inf):
-            raise PrivacyError(f"{what}: epsilon must be a finite number >= 0, got {e['epsilon']!r}")
-        if not (isinstance(e["delta"], (int, float)) and 0 < e["delta"] < 1):
-            raise PrivacyError(f"{what}: delta must be in (0, 1), got {e['delta']!r}")
-        if not (isinstance(e["sample_rate"], (int, float)) and 0 < e["sample_rate"] <= 1):
-            raise PrivacyError(f"{what}: sample_rate must be in (0, 1], got {e['sample_rate']!r}")
-        if not (isinstance(e["steps"], int) and e["steps"] >= 1):
-            raise PrivacyError(f"{what}: steps must be an integer >= 1, got {e['steps']!r}")
+            raise PrivacyError(f"{what} lacks {', '.join(missing)}", path=where, field=missing[0])
+        for fld, known in (("mechanism", MECHANISMS), ("unit", UNITS), ("relation", RELATIONS)):
+            if e[fld] not in known:
+                raise PrivacyError(f"{what}: unknown {fld} {e[fld]!r} (known: {', '.join(known)})", path=where,
+                                   field=fld)
+        problem = _entry_problem(e)
+        if problem:
+            raise PrivacyError(f"{what}: {problem[1]}", path=where, field=problem[0])
     return ledger
 
 
+def _entry_problem(e: dict[str, Any]) -> tuple[str, str] | None:
+    if not _positive(e["noise_multiplier"]):
+        return "noise_multiplier", f"noise multiplier {e['noise_multiplier']!r}; without noise there is no DP"
+    if not _positive(e.get("max_grad_norm", e.get("clip"))):
+        return "clip", "no clipping bound (max_grad_norm or clip); noise without it gives no DP"
+    if not (_number(e["epsilon"]) and 0 <= e["epsilon"] < math.inf):
+        return "epsilon", f"epsilon must be a finite number >= 0, got {e['epsilon']!r}"
+    if not (_number(e["delta"]) and 0 < e["delta"] < 1):
+        return "delta", f"delta must be in (0, 1), got {e['delta']!r}"
+    if not (_number(e["sample_rate"]) and 0 < e["sample_rate"] <= 1):
+        return "sample_rate", f"sample_rate must be in (0, 1], got {e['sample_rate']!r}"
+    if not (isinstance(e["steps"], int) and e["steps"] >= 1):
+        return "steps", f"steps must be an integer >= 1, got {e['steps']!r}"
+    if e["mechanism"] == "gaussian-output":
+        zs = e.get("releases")
+        if not (isinstance(zs, list) and len(zs) == e["steps"] and all(map(_positive, zs))
+                and zs[-1] == e["noise_multiplier"]):
+            return "releases", "releases must list the noise multiplier of each of the run's `steps` releases"
+    return None
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _positive(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf
+    return _number(x) and 0 < x < math.inf
 
 
-def strongest_guarantee(ledger: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The entry with the smallest ε, or None without DP.
+def accountant_epsilon(accountant: str, noise_multiplier: float, sample_rate: float, steps: int,
+                       delta: float) -> float:
+    """ε after `steps` Poisson-subsampled Gaussian steps by the named accountant (`PRV` or `RDP`)."""
+    import warnings
 
-    Each entry holds on its own (export noise is post-processing of a DP-SGD model, and a site-level
-    guarantee implies the patient- and image-level ones), so the smallest ε bounds the vector.
-    """
-    return min(ledger, key=lambda e: e["epsilon"], default=None)
+    from opacus.accountants import PRVAccountant, RDPAccountant
 
-
-def check_budget(ledgers: Sequence[tuple[str, Any]], max_epsilon: float | None, require_dp: bool) -> None:
-    """Refuse inputs (name, ledger) whose ledger is malformed, or above the budget ε, or without DP when
-    `require_dp` or a budget is given (no guarantee is ε = ∞)."""
-    if max_epsilon is not None:
-        check_range("max_epsilon", max_epsilon, low=0, error=PrivacyConfigError)
-    for name, ledger in ledgers:
-        best = strongest_guarantee(validate_ledger(ledger, name))
-        if best is None and (require_dp or max_epsilon is not None):
-            raise PrivacyError(f"{name}: carries no DP guarantee (ε = ∞); it is refused by "
-                               f"{'`require_dp`' if require_dp else f'`max_epsilon` {max_epsilon:g}'}", path=name)
-        if best is not None and max_epsilon is not None and best["epsilon"] > max_epsilon:
-            raise PrivacyError(f"{name}: its best guarantee is ε = {best['epsilon']:.4g} per {best['unit']} "
-                               f"({best['mechanism']}), above the budget `max_epsilon` {max_epsilon:g}", path=name,
-                               field="epsilon", expected=max_epsilon, got=best["epsilon"])
+    if accountant not in (PRV, RDP):
+        raise PrivacyError(f"unknown DP-SGD accountant {accountant!r} (known: {PRV}; {RDP})", field="accountant")
+    acc: Any = PRVAccountant() if accountant == PRV else RDPAccountant()
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    with warnings.catch_warnings():  # PRV bounds its domain with RDP, which warns at large noise
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(acc.get_epsilon(delta))
 
 
-def check_files_budget(paths: Sequence[str | os.PathLike[str]], max_epsilon: float | None, require_dp: bool) -> None:
-    """`check_budget` over vector files, from their headers alone."""
-    from taskvec.io.files import read_kind
+def recompute_epsilon(entry: dict[str, Any]) -> float:
+    """ε of a (valid) entry from its parameters alone, by the accountant it names."""
+    if entry["mechanism"] == "gaussian-output":
+        z = composed_noise_multiplier(entry["releases"]) / SENSITIVITY[entry["relation"]]
+        return gaussian_epsilon(z, entry["delta"])
+    return accountant_epsilon(entry["accountant"], entry["noise_multiplier"], entry["sample_rate"], entry["steps"],
+                              entry["delta"])
 
-    check_budget([(str(p), read_kind(p, "vector").meta.get("privacy", [])) for p in paths], max_epsilon, require_dp)
+
+def verify_ledger(ledger: Any, where: str) -> list[dict[str, Any]]:
+    """`validate_ledger`, then every ε recomputed from its parameters: a mismatch is refused (nothing in a
+    header is trusted; its hash covers the tensors only)."""
+    for i, e in enumerate(validate_ledger(ledger, where)):
+        try:
+            eps = recompute_epsilon(e)
+        except PrivacyError as err:
+            raise PrivacyError(f"{where}: privacy entry {i}: {err}", path=where, field="epsilon") from None
+        if not math.isclose(eps, e["epsilon"], rel_tol=EPSILON_TOLERANCE, abs_tol=1e-9):
+            raise PrivacyError(
+                f"{where}: privacy entry {i} ({e['mechanism']}) claims epsilon {e['epsilon']:.6g}, but its "
+                f"parameters give {eps:.6g} ({e['accountant']}); the header was altered or is wrong",
+                path=where, field="epsilon", expected=eps, got=e["epsilon"])
+    return ledger  # type: ignore[no-any-return]
+
+
+def covers(entry: dict[str, Any], unit: str, relation: str) -> bool:
+    """Whether an entry bounds changes of one `unit` under `relation`: its own unit and relation, or a
+    site-level replace-one entry (any change of the site's data), which bounds every finer change. A
+    patient-level entry does not bound image-level add-remove (an added image changes a patient), nor an
+    image-level one a patient (that needs group privacy over the patient's images)."""
+    if entry["unit"] == "site" and entry["relation"] == "replace-one":
+        return True
+    return bool(entry["unit"] == unit and entry["relation"] == relation)
+
+
+def best_guarantee(ledger: Sequence[dict[str, Any]], unit: str, relation: str) -> dict[str, Any] | None:
+    """The entry with the smallest ε among those that cover (unit, relation); None if none does.
+
+    Entries hold together: export noise is added to the fine-tuned model, a post-processing of DP-SGD."""
+    return min((e for e in ledger if covers(e, unit, relation)), key=lambda e: e["epsilon"], default=None)
+
+
+# ------------------------------------------------------------------------------------------------ budgets
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """What a merge accepts: every contributor's composed ε for changes of one `unit` under `relation` at
+    most `max_epsilon`; `require_dp` refuses vectors without any guarantee."""
+
+    max_epsilon: float | None = None
+    unit: str | None = None
+    relation: str = "add-remove"
+    require_dp: bool = False
+
+    def check(self) -> None:
+        if self.max_epsilon is not None:
+            check_range("max_epsilon", self.max_epsilon, low=0, error=PrivacyConfigError)
+            if self.unit is None:
+                raise PrivacyConfigError(
+                    f"unit must name what `max_epsilon` {self.max_epsilon:g} protects: image, patient or site",
+                    field="unit")
+        if self.unit is not None and self.unit not in UNITS:
+            raise PrivacyConfigError(f"unit must be one of {', '.join(UNITS)}, got {self.unit!r}", field="unit",
+                                     got=self.unit)
+        if self.relation not in RELATIONS:
+            raise PrivacyConfigError(f"relation must be one of {', '.join(RELATIONS)}, got {self.relation!r}",
+                                     field="relation", got=self.relation)
+
+
+def _run_guarantee(ledgers: Sequence[list[dict[str, Any]]], unit: str, relation: str) -> dict[str, Any] | None:
+    """The entry bounding all of one run's vectors together: a DP-SGD entry every vector carries (they are
+    all post-processing of one private model), or the export entry composing the most releases (each
+    export's entry composes the run's earlier ones); None if neither covers them all."""
+    options = []
+    for e in ledgers[0]:
+        if e["mechanism"] == "dp-sgd" and covers(e, unit, relation) and all(e in led for led in ledgers):
+            options.append(e)
+    exports = [best_guarantee([e for e in led if e["mechanism"] == "gaussian-output"], unit, relation)
+               for led in ledgers]
+    if all(e is not None for e in exports):
+        options.append(max(exports, key=lambda e: e["steps"]))  # type: ignore[arg-type,return-value]
+    return min(options, key=lambda e: e["epsilon"], default=None)
+
+
+def _contributor_epsilon(ledgers: list[tuple[str | None, list[dict[str, Any]]]], unit: str,
+                         relation: str) -> tuple[float, float, int]:
+    """(ε, δ, runs) of one contributor's vectors: each run's joint guarantee, runs composed basically (ε and
+    δ add; runs may reuse the same data). Vectors without a run id count as runs of their own."""
+    runs: dict[Any, list[list[dict[str, Any]]]] = {}
+    for i, (run, led) in enumerate(ledgers):
+        runs.setdefault(run if run is not None else ("vector", i), []).append(led)
+    eps = delta = 0.0
+    for group in runs.values():
+        g = _run_guarantee(group, unit, relation)
+        if g is None:
+            return math.inf, 1.0, len(runs)
+        eps, delta = eps + g["epsilon"], delta + g["delta"]
+    return eps, delta, len(runs)
+
+
+def check_merge_budget(headers: Sequence[Any], budget: PrivacyBudget) -> dict[str, Any]:
+    """Verify every vector's ledger (ε recomputed from its parameters) and enforce `budget`, composing the
+    vectors of each contributor; return the record a merge saves. `headers` are vector `Header`s."""
+    budget.check()
+    vectors: dict[str, list[tuple[str | None, list[dict[str, Any]]]]] = {}
+    for h in headers:
+        ledger = verify_ledger(h.meta.get("privacy", []), str(h.path))
+        if not ledger and (budget.require_dp or budget.max_epsilon is not None):
+            why = "`require_dp`" if budget.require_dp else f"`max_epsilon` {budget.max_epsilon:g}"
+            raise PrivacyError(f"{h.path}: carries no DP guarantee (ε = ∞); it is refused by {why}",
+                               path=h.path, field="privacy")
+        run = (h.meta.get("source") or {}).get("run_id")
+        vectors.setdefault(str(h.meta.get("contributor")), []).append((run, ledger))
+    record: dict[str, Any] = {**asdict(budget), "contributors": {}}
+    if budget.unit is None:
+        return record
+    for who, ledgers in vectors.items():
+        eps, delta, runs = _contributor_epsilon(ledgers, budget.unit, budget.relation)
+        record["contributors"][who] = {"epsilon": eps, "delta": delta, "vectors": len(ledgers), "runs": runs}
+        if budget.max_epsilon is not None and eps > budget.max_epsilon:
+            raise PrivacyError(_over_budget(who, eps, delta, len(ledgers), runs, budget), field="max_epsilon",
+                               expected=budget.max_epsilon, got=eps)
+    record["composition"] = "per contributor: runs composed basically (ε and δ add); contributors in parallel"
+    return record
+
+
+def _over_budget(who: str, eps: float, delta: float, n: int, runs: int, budget: PrivacyBudget) -> str:
+    what = f"per {budget.unit} ({budget.relation})"
+    if math.isinf(eps):
+        return (f"contributor {who!r}: no guarantee {what} covers its vector(s) (an image-level ε does not bound "
+                f"a patient without group privacy; a site add-remove ε bounds no patient), so ε = ∞ > "
+                f"`max_epsilon` {budget.max_epsilon:g}")
+    composed = f", {n} vectors from {runs} runs composed" if n > 1 else ""
+    return (f"contributor {who!r}: ε = {eps:.4g} {what} at δ = {delta:.2g}{composed}, above `max_epsilon` "
+            f"{budget.max_epsilon:g}")
+
+
+# ------------------------------------------------------------------------------------------ release records
 
 
 def releases_path(model_file: str | os.PathLike[str]) -> Path:
     """Where exports of the models in a directory are recorded: `privacy_releases.json` beside them."""
     return Path(model_file).parent / RELEASES_FILE
+
+
+@contextmanager
+def locked_releases(record: Path) -> Iterator[None]:
+    """Hold the release record's lock: read, decide and record one export without a concurrent one."""
+    from filelock import FileLock
+
+    with FileLock(str(record) + ".lock"):
+        yield
 
 
 def read_releases(record: Path, key: str) -> list[dict[str, Any]]:
@@ -203,13 +379,14 @@ def read_releases(record: Path, key: str) -> list[dict[str, Any]]:
         return []
     try:
         runs = json.loads(record.read_text())["runs"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise PrivacyError(f"{record}: unreadable release record ({e}); it is needed to compose exports") from None
-    return list(runs.get(key, []))
+        return list(runs.get(key, []))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise PrivacyError(f"{record}: unreadable release record ({e}); it is needed to compose exports",
+                           path=record) from None
 
 
 def record_release(record: Path, key: str, release: dict[str, Any]) -> None:
-    """Append one export of run `key` to the record (rewritten atomically)."""
+    """Append one export of run `key` to the record (rewritten atomically; call under `locked_releases`)."""
     from taskvec.io.files import write_json
 
     runs = json.loads(record.read_text())["runs"] if record.exists() else {}
@@ -218,9 +395,10 @@ def record_release(record: Path, key: str, release: dict[str, Any]) -> None:
 
 
 def summarize_ledger(ledger: list[dict[str, Any]]) -> str:
-    """One line for humans: 'no DP' or each mechanism's (ε, δ) and unit."""
+    """One line for humans: 'no DP' or each mechanism's (ε, δ), unit and relation."""
     if not ledger:
         return "no DP"
     return "; ".join(
-        f"{e['mechanism']} ε={e['epsilon']:.3g} δ={e['delta']:.1e} per {e['unit']}" for e in ledger
+        f"{e['mechanism']} ε={e['epsilon']:.3g} δ={e['delta']:.1e} per {e['unit']} ({e.get('relation', '?')})"
+        for e in ledger
     )

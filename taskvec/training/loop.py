@@ -45,6 +45,7 @@ DEFAULT_EPOCHS = 10
 MODEL_FILE, CHECKPOINT_FILE = "model.safetensors", "checkpoint.safetensors"
 METRICS_FILE, RUN_FILE = "metrics.json", "run.json"
 RUNTIME_FIELDS = {"resume", "device", "num_workers"}  # may differ between a run and its resumption
+PRIVATE_TRAINING_FIELDS = ("samples", "val_samples", "val_metrics")  # left out of a DP-SGD model's header
 
 
 @dataclass
@@ -437,6 +438,8 @@ def finetune(
                                      "samples": {"train": len(train), "val": training["val_samples"]},
                                      "config": _config_dict(config), "primary_metric": {name: value},
                                      "privacy": privacy})
+    if privacy:  # counts and validation metrics come from private data outside the guarantee: metrics.json only
+        training = {k: v for k, v in training.items() if k not in PRIVATE_TRAINING_FIELDS}
     save_model(net, spec, out / MODEL_FILE,
                extra={"parent": parent, "run_id": run_id, "training": training, "privacy": privacy})
     ckpt.unlink(missing_ok=True)
