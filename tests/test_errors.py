@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from taskvec.errors import ConfigError, TaskvecError
+from taskvec.privacy.ledger import PrivacyBudget
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,10 +82,13 @@ CASES = [
     (_export, {"clip": 1.0, "epsilon": 1.0}, "delta",
      ["export", "{ft}", "--base", "{base}", "--out", "{out}", "--clip", "1", "--epsilon", "1"],
      "--delta is needed with --epsilon"),
+    (_merge, {"budget": PrivacyBudget(2.0)}, "unit",
+     ["merge", "{vec}", "--base", "{base}", "--out", "{out}", "--max-epsilon", "2"],
+     "--unit must name what --max-epsilon"),
     (_merge, {"method": "ties", "density": 2.0}, "density",
      ["merge", "{vec}", "--base", "{base}", "--out", "{out}", "--method", "ties", "--density", "2"],
      "--density must be"),
-    (_merge, {"max_epsilon": -1.0}, "max_epsilon",
+    (_merge, {"budget": PrivacyBudget(-1.0, "site")}, "max_epsilon",
      ["merge", "{vec}", "--base", "{base}", "--out", "{out}", "--max-epsilon", "-1"], "--max-epsilon must be"),
     (_finetune, {"epochs": 1, "steps": 2}, "epochs",
      ["finetune", "--base", "{base}", "--data", "{run}", "--out", "{run}", "--epochs", "1", "--steps", "2"],

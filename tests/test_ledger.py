@@ -216,7 +216,7 @@ def test_export_order_traps(make_base, make_finetuned, tmp_path: Path) -> None:
         export_vector(ft, base, tmp_path / "noised.safetensors", clip=1.0, noise_multiplier=1.0, delta=1e-5)
     ft2 = make_finetuned(base, 4)
     export_vector(ft2, base, tmp_path / "n.safetensors", clip=1.0, noise_multiplier=1.0, delta=1e-5)
-    with pytest.raises(PrivacyError, match="exported with noise before .* Pass force") as err:
+    with pytest.raises(PrivacyError, match="exported with noise before .* Pass `force`") as err:
         export_vector(ft2, base, tmp_path / "c.safetensors")
     assert err.value.field == "force" and not (tmp_path / "c.safetensors").exists()
     r = export_vector(ft2, base, tmp_path / "c.safetensors", force=True)

@@ -86,7 +86,8 @@ class NoiseRequest:
             raise PrivacyConfigError("clip is needed with noise: without clipping noise gives no guarantee "
                                      "(the clip is the sensitivity)", field="clip")
         if self.delta is None:
-            raise PrivacyConfigError("delta is needed with noise, e.g. 1e-5", field="delta")
+            given = "noise_multiplier" if self.noise_multiplier is not None else "epsilon"
+            raise PrivacyConfigError(f"delta is needed with `{given}` (for example 1e-5)", field="delta")
         check_range("delta", self.delta, low=0, high=1, error=PrivacyConfigError)
         if self.noise_multiplier is not None:
             check_range("noise_multiplier", self.noise_multiplier, low=0, error=PrivacyConfigError)
