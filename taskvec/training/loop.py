@@ -321,7 +321,6 @@ def finetune(
     out = Path(out_dir)
     header = read_kind(base, "model")
     spec = ModelSpec.from_dict(header.meta["model"])
-    parent = header.meta["identity"]
     if config.resume and (out / MODEL_FILE).exists():
         return _finished(out)
     if (out / MODEL_FILE).exists():
@@ -329,11 +328,37 @@ def finetune(
     splits = as_splits(data, spec, img_size=config.img_size, val_fraction=config.val_fraction, seed=config.seed)
     if splits.train is None:
         raise TaskvecError(f"{splits.source}: no training split")
-    train, val = splits.train, splits.val
     if config.dp is not None:  # refuse a base DP-SGD cannot train before the run folder exists
         require_dp_ready(create_module(spec))
-    run_id = _open_run(out, parent, config, splits.source)
+    run = _start(base, header.meta["identity"], spec, splits.train, out, config, splits.source)
+    history = _train(run, config, splits.val, track, on_epoch)
+    return _save_run(run, config, splits, history)
 
+
+@dataclass
+class _Run:
+    """A run in progress: its folder and identity, the network and what trains it, and the step schedule."""
+
+    out: Path
+    parent: str
+    run_id: str
+    spec: ModelSpec
+    device: torch.device
+    net: nn.Module
+    setup: TrainingSetup
+    loader_gen: torch.Generator
+    per_epoch: int
+    epochs: int
+    total: int
+    start_epoch: int
+    history: list[dict[str, Any]]
+
+
+def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: ImageDataset, out: Path,
+           config: FinetuneConfig, source: str) -> _Run:
+    """Open the run folder, load the base, build optimizer and loader (private ones under DP), and pick up
+    the last checkpoint if there is one."""
+    run_id = _open_run(out, parent, config, source)
     device = resolve_device(config.device)
     net = load_model(base, device)
     _check_size(net, spec, train.img_size, device)
@@ -344,52 +369,56 @@ def finetune(
     loader = make_loader(train, config.batch_size, device, shuffle=True, generator=loader_gen,
                          drop_last=len(train) > config.batch_size, num_workers=config.num_workers)
     setup = prepare_training(TrainingSetup(net, optimizer, loader), config, run_id)
-    model, optimizer, loader = setup.model, setup.optimizer, setup.loader
-
-    per_epoch = len(loader)
+    per_epoch = len(setup.loader)
     epochs = math.ceil(config.steps / per_epoch) if config.steps else (config.epochs or DEFAULT_EPOCHS)
-    total = config.steps or epochs * per_epoch
-    warmup = max(1, round(config.warmup * total))
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    ckpt = out / CHECKPOINT_FILE
-    if ckpt.exists():
-        meta = load_checkpoint(ckpt, net, optimizer)
-        start_epoch, history = meta["epoch"], meta["history"]
+    run = _Run(out, parent, run_id, spec, device, net, setup, loader_gen, per_epoch, epochs,
+               config.steps or epochs * per_epoch, 0, [])
+    if (out / CHECKPOINT_FILE).exists():
+        meta = load_checkpoint(out / CHECKPOINT_FILE, net, setup.optimizer)
+        run.start_epoch, run.history = meta["epoch"], meta["history"]
         setup.load_state(meta.get("setup", {}))
+    return run
 
-    norm = Normalizer(spec, device)
-    criterion = SegmentationLoss() if spec.task == "segmentation" else nn.CrossEntropyLoss()
-    mixed = mixed_precision(device, config.dp is not None)
+
+def _steps(run: _Run, seed: int, aug_gen: torch.Generator) -> Iterator[StepState]:
+    """Every remaining step with its batch; each epoch reseeds torch, the sampler and the augmentation."""
+    for epoch in range(run.start_epoch, run.epochs):
+        torch.manual_seed(epoch_seed(seed, epoch, 0))
+        run.loader_gen.manual_seed(epoch_seed(seed, epoch, 1))
+        aug_gen.manual_seed(epoch_seed(seed, epoch, 2))
+        n = min(run.per_epoch, run.total - epoch * run.per_epoch)
+        for i, batch in zip(range(n), run.setup.loader):
+            yield StepState(epoch, run.epochs, epoch * run.per_epoch + i, run.total, batch=batch)
+
+
+def _train(run: _Run, config: FinetuneConfig, val: ImageDataset | None, track: Track[Any],
+           on_epoch: Callable[[EpochRecord], None] | None) -> list[dict[str, Any]]:
+    """The loop: warm-up/cosine learning rate per step, augmentation, mixed precision on GPU; after every
+    epoch a record (loss, validation metrics, privacy ledger) and a checkpoint. Returns the history."""
+    setup, model, optimizer = run.setup, run.setup.model, run.setup.optimizer
+    seg = run.spec.task == "segmentation"
+    norm = Normalizer(run.spec, run.device)
+    criterion = SegmentationLoss() if seg else nn.CrossEntropyLoss()
+    mixed = mixed_precision(run.device, config.dp is not None)
     scaler = torch.amp.GradScaler("cuda", enabled=mixed == "fp16")
+    warmup = max(1, round(config.warmup * run.total))
     aug_gen = torch.Generator()
-    seg = spec.task == "segmentation"
-
-    def steps() -> Iterator[StepState]:
-        for epoch in range(start_epoch, epochs):
-            torch.manual_seed(epoch_seed(config.seed, epoch, 0))
-            loader_gen.manual_seed(epoch_seed(config.seed, epoch, 1))
-            aug_gen.manual_seed(epoch_seed(config.seed, epoch, 2))
-            n = min(per_epoch, total - epoch * per_epoch)
-            for i, batch in zip(range(n), loader):
-                yield StepState(epoch, epochs, epoch * per_epoch + i, total, batch=batch)
-
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=run.device)
     seen, t0, steps_in_epoch, lr = 0, time.perf_counter(), 0, config.lr
     model.train()
-    for st in track(steps(), "fine-tuning", total - start_epoch * per_epoch):
+    for st in track(_steps(run, config.seed, aug_gen), "fine-tuning", run.total - run.start_epoch * run.per_epoch):
         (x, y), st.batch = st.batch, None
         if setup.stop():
             break
-        lr = lr_at(st.step, total, config.lr, warmup)
+        lr = lr_at(st.step, run.total, config.lr, warmup)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         if config.augment:
             x, y_aug = augment(x, y if seg else None, aug_gen)
             y = y_aug if y_aug is not None else y
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device) if mixed else contextlib.nullcontext():
+        with autocast(run.device) if mixed else contextlib.nullcontext():
             loss = criterion(model(norm(x)).float(), y)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -398,7 +427,7 @@ def finetune(
         seen += x.shape[0]
         steps_in_epoch += 1
         stopping = setup.stop()
-        end_of_epoch = stopping or st.step + 1 == min(total, (st.epoch + 1) * per_epoch)
+        end_of_epoch = stopping or st.step + 1 == min(run.total, (st.epoch + 1) * run.per_epoch)
         if steps_in_epoch % 10 == 0 or end_of_epoch:
             st.loss = float(loss.detach())
             st.images_per_s = seen / (time.perf_counter() - t0)
@@ -406,21 +435,34 @@ def finetune(
             continue
         seconds = time.perf_counter() - t0
         record = EpochRecord(st.epoch + 1, st.step + 1, float(loss_sum) / steps_in_epoch, lr, seconds, seen / seconds)
-        record.privacy = setup.privacy()
-        if val is not None:
-            record.val = evaluate_module(net, spec, val, device=device, batch_size=config.batch_size,
-                                         num_workers=config.num_workers)
-            model.train()
-        history.append(asdict(record))
-        save_checkpoint(ckpt, net, optimizer, {"epoch": st.epoch + 1, "step": st.step + 1, "history": history,
-                                               "run_id": run_id, "parent": parent, "setup": setup.state()})
+        _end_epoch(run, config, val, record)
         if on_epoch is not None:
             on_epoch(record)
         if stopping:
             break
         loss_sum.zero_()
         seen, t0, steps_in_epoch = 0, time.perf_counter(), 0
+    return run.history
 
+
+def _end_epoch(run: _Run, config: FinetuneConfig, val: ImageDataset | None, record: EpochRecord) -> None:
+    """Complete the epoch's record (privacy ledger, validation metrics), add it to the history, checkpoint."""
+    record.privacy = run.setup.privacy()
+    if val is not None:
+        record.val = evaluate_module(run.net, run.spec, val, device=run.device, batch_size=config.batch_size,
+                                     num_workers=config.num_workers)
+        run.setup.model.train()
+    run.history.append(asdict(record))
+    save_checkpoint(run.out / CHECKPOINT_FILE, run.net, run.setup.optimizer,
+                    {"epoch": record.epoch, "step": record.steps, "history": run.history, "run_id": run.run_id,
+                     "parent": run.parent, "setup": run.setup.state()})
+
+
+def _save_run(run: _Run, config: FinetuneConfig, splits: DataSplits, history: list[dict[str, Any]]) -> FinetuneResult:
+    """Write `metrics.json` and the model file (parent, run id, training record, privacy ledger); drop the
+    checkpoint."""
+    train, val, out = splits.train, splits.val, run.out
+    assert train is not None
     val_metrics = history[-1]["val"] if history else {}
     epochs, total = (history[-1]["epoch"], history[-1]["steps"]) if history else (0, 0)
     training = {
@@ -428,19 +470,19 @@ def finetune(
         "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed, "img_size": train.img_size,
         "val_samples": len(val) if val is not None else 0, "val_metrics": val_metrics,
     }
-    privacy = setup.privacy()
-    identity = state_digest(net.state_dict())
-    result = FinetuneResult(out, out / MODEL_FILE, identity, run_id, len(train), epochs, total, history,
-                            val_metrics, start_epoch, len(splits.skipped), splits.warnings)
+    privacy = run.setup.privacy()
+    identity = state_digest(run.net.state_dict())
+    result = FinetuneResult(out, out / MODEL_FILE, identity, run.run_id, len(train), epochs, total, history,
+                            val_metrics, run.start_epoch, len(splits.skipped), splits.warnings)
     summary = {k: v for k, v in asdict(result).items() if k not in ("run_dir", "model_path")}
     name, value = primary_metric(val_metrics) if val_metrics else ("", None)
-    write_json(out / METRICS_FILE, {**summary, "parent": parent, "task": spec.task, "data": splits.source,
+    write_json(out / METRICS_FILE, {**summary, "parent": run.parent, "task": run.spec.task, "data": splits.source,
                                      "samples": {"train": len(train), "val": training["val_samples"]},
                                      "config": _config_dict(config), "primary_metric": {name: value},
                                      "privacy": privacy})
     if privacy:  # counts and validation metrics come from private data outside the guarantee: metrics.json only
         training = {k: v for k, v in training.items() if k not in PRIVATE_TRAINING_FIELDS}
-    save_model(net, spec, out / MODEL_FILE,
-               extra={"parent": parent, "run_id": run_id, "training": training, "privacy": privacy})
-    ckpt.unlink(missing_ok=True)
+    save_model(run.net, run.spec, out / MODEL_FILE,
+               extra={"parent": run.parent, "run_id": run.run_id, "training": training, "privacy": privacy})
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return result
