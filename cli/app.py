@@ -7,7 +7,7 @@ Commands live in small modules beside this one and import torch/timm only inside
 from __future__ import annotations
 
 import typer
-from taskvec.cli import core, exchange, privacy, simulate, train
+from taskvec.cli import core, exchange, merge, privacy, simulate, train
 from taskvec.cli.console import STATE, USAGE, error_message, fail
 
 from taskvec import __version__
@@ -42,6 +42,7 @@ def _root(
 
 
 core.register(app)
+merge.register(app)
 exchange.register(app)
 train.register(app)
 privacy.register(app)

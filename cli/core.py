@@ -1,4 +1,4 @@
-"""`taskvec init`, `export`, `merge` and `inspect`: the data-vector core."""
+"""`taskvec init`, `export` and `inspect`: the data-vector core (`merge` is in merge.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from taskvec.cli.console import console, print_json, track, usage, warn
-from taskvec.cli.exchange import KEYRING_HELP, TRUST_HELP, UNSIGNED_HELP
+from taskvec.cli.console import console, print_json, warn
 
 
 def init(
@@ -95,71 +94,6 @@ def export(
     console.print(f"privacy: {summarize_ledger(r.privacy)}")
 
 
-def merge(
-    vectors: list[Path] | None = typer.Argument(None, help="Vector files to merge (and/or --registry R)."),
-    base: Path = typer.Option(..., help="The base model file all vectors were exported against."),
-    out: Path | None = typer.Option(None, help="Merged model file to write (--incremental: a copy of the version)."),
-    method: str = typer.Option("sum", help="sum | mean | weighted (by samples) | ties | dare"),
-    scale: float = typer.Option(1.0, help="λ in base + λ·combine(vectors)."),
-    density: float | None = typer.Option(None, help="ties: fraction kept (0.2); dare: keep probability (0.5)."),
-    seed: int = typer.Option(0, help="Seed for dare's random drop."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
-    registry: str | None = typer.Option(
-        None, "--registry", "-r", help="Merge the vectors in this registry (folder or hf://ORG/REPO), each checked."
-    ),
-    only_contributor: list[str] | None = typer.Option(
-        None, "--only-contributor", help="With --registry: only this contributor's vectors (repeatable)."
-    ),
-    since: str | None = typer.Option(None, help="With --registry: only vectors pushed at or after this ISO time."),
-    incremental: bool = typer.Option(
-        False, "--incremental", help="Add only new vectors to the running merge in --state (non-linear: recompute)."
-    ),
-    state: Path | None = typer.Option(None, help="State directory of --incremental: versions merged-vN, history."),
-    calibrate: Path | None = typer.Option(
-        None, "--calibrate", help="Choose λ on this validation data (grid search; re-estimates BatchNorm)."
-    ),
-    max_epsilon: float | None = typer.Option(
-        None, "--max-epsilon", help="Refuse a contributor whose composed ε per --unit is above this (no DP: ε = ∞)."
-    ),
-    unit: str | None = typer.Option(None, help="What --max-epsilon protects: image | patient | site."),
-    relation: str = typer.Option(
-        "add-remove", help="Neighbouring relation of --max-epsilon: add-remove | replace-one."
-    ),
-    require_dp: bool = typer.Option(False, "--require-dp", help="Refuse any vector without a DP guarantee."),
-    keyring: Path | None = typer.Option(None, help="With --registry: " + KEYRING_HELP),
-    trust: list[str] | None = typer.Option(None, "--trust", help="With --registry: " + TRUST_HELP),
-    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="With --registry: " + UNSIGNED_HELP),
-) -> None:
-    """Merge data vectors into synthetic weights: base + λ·combine(vectors), streaming one file at a time."""
-    from taskvec.cli.exchange import merge_incremental_cli, merge_inputs, trust_policy
-
-    from taskvec.merging.stream import merge_vectors
-    from taskvec.privacy.ledger import PrivacyBudget
-
-    budget = PrivacyBudget(max_epsilon, unit, relation, require_dp)
-    budget.check()
-    policy = trust_policy(keyring, trust, allow_unsigned)
-    vectors = merge_inputs(vectors, registry, only_contributor, since, incremental, state, out, policy)
-    if state is not None:
-        if calibrate is not None:
-            usage("--calibrate does not combine with --incremental; merge, then calibrate")
-        merge_incremental_cli(vectors, base, state, out, method, scale, density, seed, force, budget)
-        return
-    assert out is not None
-    from taskvec.cli.train import calibrator, print_calibration
-
-    cal = calibrator(calibrate, scale)
-    r = merge_vectors(
-        vectors, base, out, method=method, scale=scale, density=density, seed=seed, force=force, track=track,
-        calibrate=cal, budget=budget,
-    )
-    print_calibration(cal)
-    for w in r.warnings:
-        warn(w)
-    console.print(f"wrote [bold]{r.path}[/]: {r.method} of {len(r.vectors)} vectors, λ={r.scale:g}")
-    console.print(f"model identity {r.identity}")
-
-
 def inspect(
     file: Path = typer.Argument(..., help="A model, vector or plain safetensors file."),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
@@ -216,5 +150,5 @@ def _print_summary(info: dict[str, Any]) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    for fn in (init, export, merge, inspect):
+    for fn in (init, export, inspect):
         app.command()(fn)

@@ -253,28 +253,3 @@ def merge_inputs(
     if not paths:
         usage("no vectors given: pass vector files or --registry R")
     return paths
-
-
-def merge_incremental_cli(
-    vectors: list[Path], base: Path, state: Path, out: Path | None, method: str, scale: float,
-    density: float | None, seed: int, force: bool, budget: Any,
-) -> None:
-    """`taskvec merge --incremental`: the next version in STATE from the vectors it does not hold yet."""
-    from taskvec.cli.console import warn
-
-    from taskvec.merging.incremental import merge_incremental
-
-    r = merge_incremental(vectors, base, state, method=method, scale=scale, density=density, seed=seed,
-                          out=out, force=force, track=track, budget=budget)
-    for note in r.notes:
-        console.print(note)
-    if r.merge is None:
-        console.print(f"up to date: {r.path} (version {r.version}) already holds these {len(vectors)} vectors")
-    else:
-        for w in r.merge.warnings:
-            warn(w)
-        console.print(f"wrote [bold]{r.path}[/] (version {r.version}, {r.mode}): {method} of "
-                      f"{len(r.merge.vectors)} vectors, {len(r.added)} new, λ={scale:g}")
-        console.print(f"model identity {r.merge.identity}")
-    if out is not None:
-        console.print(f"copied to {out}")

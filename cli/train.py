@@ -162,30 +162,6 @@ def _print_metrics(r: dict[str, Any]) -> None:
     console.print(t)
 
 
-def calibrator(data: Path | None, scale: float) -> Any:
-    """The `merge --calibrate` hook (None without the option)."""
-    if data is None:
-        return None
-    from taskvec.merging.calibrate import Calibrator
-
-    return Calibrator(data, prefer=scale, track=track)
-
-
-def print_calibration(cal: Any) -> None:
-    from rich.table import Table
-
-    if cal is None:
-        return
-    rec = cal.record
-    t = Table("λ", rec["metric"], title=f"calibration on {rec['data']} ({rec['samples']} images)")
-    for row in rec["grid"]:
-        mark = " ←" if row["scale"] == rec["chosen"] else ""
-        t.add_row(f"{row['scale']:g}", f"{_fmt(row['value'])}{mark}")
-    console.print(t)
-    bn = "BatchNorm statistics re-estimated on it; " if rec["batchnorm_reestimated"] else ""
-    console.print(f"chose λ={rec['chosen']:g} ({bn}scores are on the calibration data, so optimistic)")
-
-
 def register(app: typer.Typer) -> None:
     for fn in (finetune, evaluate):
         app.command()(fn)

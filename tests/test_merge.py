@@ -8,11 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from taskvec.errors import ConfigError, FileFormatError, MismatchError
+from taskvec.errors import ConfigError, FileFormatError, MismatchError, TaskvecError
 from taskvec.io.files import read_kind
+from taskvec.merging import stream
 from taskvec.merging.export import export_vector
-from taskvec.merging.methods import MERGE_METHODS, dare_seed
+from taskvec.merging.methods import MERGE_METHODS, combine, vector_seed
 from taskvec.merging.stream import merge_vectors
+
+PARAMS = {"ties": {"density": 0.3}, "dare": {"density": 0.6}, "dare_ties": {"density": 0.7},
+          "breadcrumbs": {"density": 0.6, "gamma": 0.1}, "trimmed_mean": {"trim": 0.34}}
 
 
 @pytest.fixture
@@ -26,11 +30,11 @@ def three(make_base, make_finetuned, tmp_path: Path):
     return base, vecs
 
 
-def _reference(base: Path, vecs: list[Path], method: str, scale: float, density, seed: int) -> dict:
+def _reference(base: Path, vecs: list[Path], method: str, scale: float, params: dict, seed: int) -> dict:
+    """Load every vector whole and combine each tensor with `methods.combine`."""
     b = load_file(str(base))
     vs = [load_file(str(v)) for v in vecs]
     metas = [read_kind(v, "vector").meta for v in vecs]
-    m = MERGE_METHODS[method]
     out = {}
     for k, t in b.items():
         if k.endswith(("running_mean", "running_var")):
@@ -38,23 +42,29 @@ def _reference(base: Path, vecs: list[Path], method: str, scale: float, density,
         elif not t.is_floating_point():
             out[k] = t
         else:
-            seeds = [dare_seed(seed, meta["sha256"], k) for meta in metas]
-            comb = m.combine([v[k] for v in vs], [meta["samples"] for meta in metas], density, seeds)
-            out[k] = t + scale * comb
+            seeds = [vector_seed(seed, meta["sha256"], k) for meta in metas]
+            comb = combine(method, [v[k].numpy() for v in vs], params, samples=[m["samples"] for m in metas],
+                           seeds=seeds)
+            out[k] = t + scale * torch.from_numpy(comb)
     return out
 
 
 @pytest.mark.parametrize("method", list(MERGE_METHODS))
-def test_streaming_merge_equals_reference(three, tmp_path: Path, method: str) -> None:
+def test_streaming_merge_equals_load_everything(three, tmp_path: Path, method: str, monkeypatch) -> None:
     base, vecs = three
-    density = {"ties": 0.3, "dare": 0.6}.get(method)
-    r = merge_vectors(vecs, base, tmp_path / "m.safetensors", method=method, scale=0.7, density=density, seed=3)
-    got, want = load_file(str(r.path)), _reference(base, vecs, method, 0.7, density, 3)
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 1000)  # consensus methods: many chunks per large tensor
+    params = PARAMS.get(method, {})
+    r = merge_vectors(vecs, base, tmp_path / "m.safetensors", method=method, params=params, scale=0.7, seed=3)
+    got, want = load_file(str(r.path)), _reference(base, vecs, method, 0.7, params, 3)
     assert got.keys() == want.keys()
     for k in want:
         assert torch.allclose(got[k], want[k], atol=1e-6), k
     meta = read_kind(r.path, "model").meta
-    assert meta["merge"]["method"] == method and meta["merge"]["scale"] == 0.7
+    rec = meta["merge"]
+    assert rec["method"] == method and rec["scale"] == 0.7 and rec["seed"] == 3
+    assert rec["params"] == MERGE_METHODS[method].resolve(params)
+    assert rec["privacy_budget"]["max_epsilon"] is None and rec["privacy_budget"]["require_dp"] is False
+    assert meta["identity"] == r.identity
     assert [v["sha256"] for v in meta["merge"]["vectors"]] == [read_kind(v, "vector").meta["sha256"] for v in vecs]
     assert meta["parent"] == read_kind(base, "model").meta["identity"]
 
@@ -103,10 +113,42 @@ def test_duplicate_and_corrupted_vectors(three, tmp_path: Path) -> None:
     assert not (tmp_path / "m.safetensors").exists()
 
 
-def test_weighted_without_samples_and_bad_density(make_base, make_finetuned, tmp_path: Path) -> None:
+def test_weighted_without_samples_and_bad_parameters(make_base, make_finetuned, tmp_path: Path) -> None:
     base = make_base()
     v = export_vector(make_finetuned(base, 1), base, tmp_path / "v.safetensors").path
-    with pytest.raises(Exception, match="`samples`"):
+    with pytest.raises(TaskvecError, match="v.safetensors: has no sample count"):
         merge_vectors([v], base, tmp_path / "m.safetensors", method="weighted")
-    with pytest.raises(ConfigError, match="^density must be"):
+    with pytest.raises(ConfigError, match=r"^density must be a finite number in \(0, 1\], got 1.5") as e:
         merge_vectors([v], base, tmp_path / "m.safetensors", method="ties", density=1.5)
+    assert e.value.field == "density"
+    with pytest.raises(ConfigError, match="^trim must") as e:
+        merge_vectors([v], base, tmp_path / "m.safetensors", method="trimmed_mean", params={"trim": 0.5})
+    with pytest.raises(ConfigError, match="^gamma must be at most 1 − density") as e:
+        merge_vectors([v], base, tmp_path / "m.safetensors", method="breadcrumbs", params={"gamma": 0.2})
+    with pytest.raises(ConfigError, match="^density is not a parameter of method 'mean'; it takes none"):
+        merge_vectors([v], base, tmp_path / "m.safetensors", method="mean", density=0.5)
+    with pytest.raises(ConfigError, match="^scale must be a finite number"):
+        merge_vectors([v], base, tmp_path / "m.safetensors", scale=float("nan"))
+    with pytest.raises(TaskvecError, match="model_stock' needs at least 2 vectors"):
+        merge_vectors([v], base, tmp_path / "m.safetensors", method="model_stock")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_nan_in_a_vector_is_refused_naming_it(three, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from taskvec.io.tensors import state_digest
+
+    base, vecs = three
+    h = read_kind(vecs[1], "vector")
+    state = load_file(str(vecs[1]))
+    key = sorted(k for k in state if k.endswith("weight"))[0]
+    state[key][0] = float("nan")
+    meta = dict(h.meta, sha256=state_digest(state))
+    import json
+
+    save_file(state, str(vecs[1]), metadata={"format": "pt", "taskvec": json.dumps(meta)})
+    for method in ("mean", "dare", "ties", "median"):
+        with pytest.raises(FileFormatError, match=f"v1.safetensors: tensor {key} holds NaN or Inf"):
+            merge_vectors(vecs, base, tmp_path / "m.safetensors", method=method)
+    assert not (tmp_path / "m.safetensors").exists()

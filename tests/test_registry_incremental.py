@@ -13,6 +13,7 @@ from taskvec.errors import MismatchError, TaskvecError
 from taskvec.io.files import read_kind
 from taskvec.merging.export import export_vector
 from taskvec.merging.incremental import merge_incremental
+from taskvec.merging.methods import MERGE_METHODS
 from taskvec.merging.stream import merge_vectors
 
 torch = pytest.importorskip("torch")
@@ -37,19 +38,29 @@ def _close(a: Path, b: Path) -> None:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("method", ["sum", "mean", "weighted", "dare"])
+STREAMING = [m for m, spec in MERGE_METHODS.items() if spec.recipe().streams]
+
+
+def test_streaming_methods_are_the_ones_without_consensus() -> None:
+    assert set(STREAMING) == {"sum", "mean", "weighted", "dare", "breadcrumbs", "model_stock"}
+
+
+@pytest.mark.parametrize("method", STREAMING)
 def test_incremental_equals_full_merge(setup, tmp_path: Path, method: str) -> None:
     base, vecs = setup
     state = tmp_path / "state"
-    r1 = merge_incremental(vecs[:2], base, state, method=method, scale=0.7)
+    r1 = merge_incremental(vecs[:2], base, state, method=method, scale=0.7, seed=5)
     assert (r1.version, r1.mode) == (1, "recomputed")
-    r2 = merge_incremental(vecs, base, state, method=method, scale=0.7)
+    r2 = merge_incremental(vecs, base, state, method=method, scale=0.7, seed=5)
     assert (r2.version, r2.mode) == (2, "incremental")
     assert r2.path == state / "merged-v2.safetensors"
     full = tmp_path / "full.safetensors"
-    merge_vectors(vecs, base, full, method=method, scale=0.7)
+    f = merge_vectors(vecs, base, full, method=method, scale=0.7, seed=5)
     _close(r2.path, full)
     meta = read_kind(r2.path, "model").meta
+    # the same plan is recorded whole, privacy budget included, in both cases
+    assert {k: v for k, v in meta["merge"].items() if k != "version"} == f.record | {"vectors": f.record["vectors"]}
+    assert meta["merge"]["privacy_budget"]["max_epsilon"] is None
     assert [v["sha256"] for v in meta["merge"]["vectors"]] == [read_kind(v, "vector").meta["sha256"] for v in vecs]
     assert meta["merge"]["version"] == 2
     history = json.loads((state / "history.json").read_text())["versions"]

@@ -226,8 +226,15 @@ class Digest:
         self._h = hashlib.sha256()
 
     def update(self, name: str, dtype: str, shape: Sequence[int], data: bytes | memoryview) -> None:
+        self.begin(name, dtype, shape, len(data))
+        self._h.update(data)
+
+    def begin(self, name: str, dtype: str, shape: Sequence[int], nbytes: int) -> None:
+        """Start a tensor whose `nbytes` of data follow in one or more `feed` calls."""
         self._h.update(json.dumps([name, dtype, list(shape)]).encode())
-        self._h.update(struct.pack("<Q", len(data)))
+        self._h.update(struct.pack("<Q", nbytes))
+
+    def feed(self, data: bytes | memoryview) -> None:
         self._h.update(data)
 
     def hexdigest(self) -> str:

@@ -1,12 +1,12 @@
 """Incremental (asynchronous) merging: a new vector updates the merged model without re-reading the old ones.
 
-A linear merge is `Σ cᵢ·fᵢ(τᵢ)`. For `sum` and `dare` the coefficients never change; for `mean` (1/n) and
-`weighted` (nᵢ/Σn) every old coefficient is scaled by the same factor when vectors arrive, so the running
-sum is rescaled once and the new vectors are added. Non-linear methods (`ties`) are recomputed.
+A method without consensus keeps raw running sums (Σ wᵢ·sᵢ(τᵢ), Σ wᵢ, Model Stock's Σ τᵢ/‖τᵢ‖, statistics
+sums) and normalises only when a version is written, so a new vector is one more term: the old vectors are
+never read again. Consensus methods (`ties`, `median`, ...) are recomputed from all vectors.
 
-A state directory holds one merge recipe (base, method, density, seed) and every version it produced::
+A state directory holds one recipe (base, method, parameters, seed) and every version it produced::
 
-    accumulator.safetensors   the running sum (fp32) and statistics sums, with the vectors it holds
+    accumulator.safetensors   the running sums (fp32), with the vectors they hold
     history.json              the recipe and every version: vector hashes, scale, model identity, time
     merged-v1.safetensors     the versions, each a taskvec model recording its vectors
 """
@@ -14,7 +14,6 @@ A state directory holds one merge recipe (base, method, density, seed) and every
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -22,35 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from filelock import FileLock
 
-from taskvec.errors import FileFormatError, MismatchError, check_range
-from taskvec.io.files import (
-    FORMAT,
-    FORMAT_VERSION,
-    Header,
-    atomic_output,
-    check_output,
-    now,
-    read_header,
-    read_kind,
-    write_json,
-)
-from taskvec.merging.methods import MergeMethod, get_method
-from taskvec.merging.stream import (
-    Accumulator,
-    MergeReport,
-    accumulate_linear,
-    accumulate_tensorwise,
-    check_vectors,
-    save_merged,
-)
-from taskvec.privacy.ledger import PrivacyBudget, check_merge_budget
+from taskvec.errors import ConfigError, FileFormatError, MismatchError
+from taskvec.io.files import FORMAT, FORMAT_VERSION, Header, atomic_output, check_output, now, read_header, write_json
+from taskvec.io.tensors_np import save_arrays
+from taskvec.merging.stream import Accumulator, MergePlan, MergeReport, accumulate, save_merged
 from taskvec.progress import Track, no_track
 
 STATE_FILE = "accumulator.safetensors"
 HISTORY_FILE = "history.json"
 LOCK_FILE = ".taskvec-state.lock"
+UNITS = "units/"  # prefix of Model Stock's Σ τᵢ/‖τᵢ‖ in the state file
 
 
 @dataclass
@@ -65,16 +48,6 @@ class IncrementalReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _rescale_factor(method: MergeMethod, old: Sequence[int | None], all_samples: Sequence[int | None]) -> float | None:
-    """The factor taking the old vectors' coefficients to their coefficients among all vectors, if one exists."""
-    assert method.coefficients is not None
-    before, after = method.coefficients(list(old)), method.coefficients(list(all_samples))[: len(old)]
-    if any(b == 0 for b in before):
-        return None
-    ratio = after[0] / before[0]
-    return ratio if all(math.isclose(a / b, ratio, rel_tol=1e-12) for a, b in zip(after, before)) else None
-
-
 def _load_history(state: Path, recipe: dict[str, Any]) -> list[dict[str, Any]]:
     p = state / HISTORY_FILE
     if not p.exists():
@@ -84,10 +57,10 @@ def _load_history(state: Path, recipe: dict[str, Any]) -> list[dict[str, Any]]:
         saved, versions = d["recipe"], d["versions"]
     except (ValueError, KeyError, TypeError) as e:
         raise FileFormatError(f"{p}: unreadable ({e}); use a new `state` directory", path=p) from None
-    if saved["base"] != recipe["base"]:
+    if saved.get("base") != recipe["base"]:
         raise MismatchError(
-            f"{state}: holds merges of base {saved['base'][:12]}, not {recipe['base'][:12]}; "
-            "use a new `state` directory", path=state, field="base", expected=recipe["base"], got=saved["base"]
+            f"{state}: holds merges of base {str(saved.get('base'))[:12]}, not {recipe['base'][:12]}; "
+            "use a new `state` directory", path=state, field="base", expected=recipe["base"], got=saved.get("base")
         )
     if saved != recipe:
         diff = ", ".join(f"{k} {saved.get(k)!r}" for k in recipe if saved.get(k) != recipe[k])
@@ -96,100 +69,85 @@ def _load_history(state: Path, recipe: dict[str, Any]) -> list[dict[str, Any]]:
     return list(versions)
 
 
-def _load_accumulator(state: Path, recipe: dict[str, Any]) -> tuple[Accumulator, list[dict[str, Any]]] | None:
+def _load_accumulator(state: Path, recipe: dict[str, Any]) -> tuple[Accumulator, list[str]] | None:
+    """The stored running sums and the hashes of the vectors they hold (None without a state file)."""
+    from safetensors.numpy import load_file
+
     p = state / STATE_FILE
     if not p.exists():
         return None
-    from safetensors.torch import load_file
-
-    h = read_header(p)
-    if h.kind != "merge-state":
-        raise FileFormatError(f"{p}: not a taskvec merge state; use a new `state` directory", path=p)
-    diff = ", ".join(f"{k} {h.meta.get(k)!r}" for k in recipe if h.meta.get(k) != recipe[k])
-    if diff:  # history.json may be gone: the state's own recipe decides
-        raise MismatchError(f"{p}: was built with {diff}; pass the same settings or use a new `state` directory",
-                            path=p)
-    tensors = load_file(str(p))
-    stats = set(h.meta["statistics"])
+    m = read_header(p).meta
+    if m.get("kind") != "merge-state" or m.get("recipe") != recipe:
+        raise FileFormatError(f"{p}: not a merge state of this recipe; use a new `state` directory", path=p)
+    tensors = {k: np.array(v, dtype=np.float32).reshape(-1) for k, v in load_file(str(p)).items()}
+    stats = set(m["stat_counts"])
     acc = Accumulator(
-        deltas={k: v for k, v in tensors.items() if k not in stats},
-        stats={k: v for k, v in tensors.items() if k in stats},
-        stat_counts=dict(h.meta["stat_counts"]),
+        sums={k: v for k, v in tensors.items() if k not in stats and not k.startswith(UNITS)},
+        units={k[len(UNITS):]: v for k, v in tensors.items() if k.startswith(UNITS)},
+        weight=float(m["weight"]), count=int(m["count"]),
+        stats={k: tensors[k] for k in stats}, stat_counts=dict(m["stat_counts"]),
     )
-    return acc, list(h.meta["vectors"])
+    return acc, list(m["vectors"])
 
 
 def _save_accumulator(state: Path, acc: Accumulator, recipe: dict[str, Any], headers: Sequence[Header]) -> None:
-    from taskvec.io.tensors import save_tensors
-
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "merge-state", **recipe,
-        "vectors": [{"sha256": h.meta["sha256"], "samples": h.meta.get("samples")} for h in headers],
-        "statistics": sorted(acc.stats), "stat_counts": acc.stat_counts, "created": now(),
-    }
-    save_tensors({**acc.deltas, **acc.stats}, state / STATE_FILE, meta, force=True)
+    arrays = {**acc.sums, **{UNITS + k: v for k, v in acc.units.items()}, **acc.stats}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "merge-state", "recipe": recipe,
+            "vectors": [h.meta["sha256"] for h in headers], "weight": acc.weight, "count": acc.count,
+            "stat_counts": acc.stat_counts, "created": now()}
+    save_arrays({k: ("F32", v.shape, v) for k, v in arrays.items()}, state / STATE_FILE, meta, force=True)
 
 
 def merge_incremental(
     vectors: Sequence[str | os.PathLike[str]],
     base: str | os.PathLike[str],
     state: str | os.PathLike[str],
+    plan: MergePlan | None = None,
     *,
-    method: str = "sum",
-    scale: float = 1.0,
-    density: float | None = None,
-    seed: int = 0,
     out: str | os.PathLike[str] | None = None,
     force: bool = False,
     track: Track[Any] = no_track,
-    budget: PrivacyBudget = PrivacyBudget(),
+    **options: Any,
 ) -> IncrementalReport:
     """Merge `vectors` into the next version in `state`, reading only the vectors the state does not hold yet.
 
-    The version is `state/merged-vN.safetensors` (also copied to `out` when given); with nothing new and the
-    same scale, the latest version stands and nothing is written but `out`. `budget` is checked and
-    recorded as in a full merge.
+    `plan` (else `MergePlan.create(vectors, base, **options)`) is checked and recorded as in a full merge,
+    privacy budget included. The version is `state/merged-vN.safetensors` (also copied to `out` when given);
+    with nothing new and the same λ, the latest version stands and nothing is written but `out`.
     """
     if out is not None:
         check_output(out, force)
-    m = get_method(method)
-    density = m.default_density if density is None else density
-    if m.default_density is not None and density is not None:
-        check_range("density", density, low=0, high=1, high_open=False)
+    plan = plan or MergePlan.create(vectors, base, **options)
+    if plan.exclude_outliers:
+        raise ConfigError("exclude_outliers needs every vector at once: merge in full, not incrementally",
+                          field="exclude_outliers")
     state_dir = Path(state)
     if not state_dir.parent.is_dir():
         raise FileFormatError(f"{state_dir.parent}: no such directory for `state`", path=state_dir.parent)
     state_dir.mkdir(exist_ok=True)
-    bh = read_kind(base, "model")
-    headers = check_vectors(bh, vectors)
-    spent = check_merge_budget(headers, budget)
-    recipe = {
-        "base": bh.meta["identity"], "method": method,
-        "density": density if m.default_density is not None else None, "seed": seed if m.drop else None,
-    }
+    bh, headers = plan.open()
+    recipe = {"base": bh.meta["identity"], "method": plan.method, "params": dict(plan.params), "seed": plan.seed}
     with FileLock(str(state_dir / LOCK_FILE)):
         history = _load_history(state_dir, recipe)
         current = [h.meta["sha256"] for h in headers]
-        if (history and set(history[-1]["vectors"]) == set(current) and history[-1]["scale"] == scale
+        spent = plan.check_inputs(headers)
+        if (history and set(history[-1]["vectors"]) == set(current) and history[-1]["scale"] == plan.scale
                 and history[-1].get("privacy_budget") == spent):
             latest = history[-1]
             path = state_dir / latest["file"]
             if out is not None:
                 _copy(path, out, force)
             return IncrementalReport(path, latest["version"], "up to date", [])
-        acc, ordered, mode, notes = _update(m, bh, headers, state_dir, recipe, density, seed, track)
+        acc, ordered, mode, notes = _update(plan, headers, state_dir, recipe, track)
         held = set(history[-1]["vectors"]) if history else set()
         version = (history[-1]["version"] if history else 0) + 1
         while (state_dir / f"merged-v{version}.safetensors").exists():
             version += 1
         path = state_dir / f"merged-v{version}.safetensors"
-        report = save_merged(
-            bh, acc, ordered, path, method=method, scale=scale, density=density, seed=seed,
-            extra={"version": version, "privacy_budget": spent},
-        )
+        report = save_merged(bh, acc.combined(plan.recipe), ordered, path, plan=plan, extra={"version": version})
         added = [s for s in (h.meta["sha256"] for h in ordered) if s not in held]
         history.append({
-            "version": version, "file": path.name, "identity": report.identity, "scale": scale, "mode": mode,
+            "version": version, "file": path.name, "identity": report.identity, "scale": plan.scale, "mode": mode,
             "vectors": [h.meta["sha256"] for h in ordered], "added": added, "privacy_budget": spent, "created": now(),
         })
         write_json(state_dir / HISTORY_FILE, {"recipe": recipe, "versions": history})
@@ -198,39 +156,26 @@ def merge_incremental(
     return IncrementalReport(path, version, mode, added, report, notes)
 
 
-def _update(
-    m: MergeMethod, bh: Header, headers: Sequence[Header], state: Path, recipe: dict[str, Any],
-    density: float | None, seed: int, track: Track[Any],
-) -> tuple[Accumulator, list[Header], str, list[str]]:
-    """The accumulator for `headers`: the stored one plus the new vectors, or recomputed; saved before use."""
-    if not m.linear:
-        return accumulate_tensorwise(m, headers, density, track), list(headers), "recomputed", [
-            f"{m.name} is not linear: recomputed from all {len(headers)} vectors"
+def _update(plan: MergePlan, headers: Sequence[Header], state: Path, recipe: dict[str, Any], track: Track[Any],
+            ) -> tuple[Accumulator, list[Header], str, list[str]]:
+    """The running sums for `headers`: the stored ones plus the new vectors, or recomputed; saved before use."""
+    if not plan.recipe.streams:
+        return accumulate(plan, headers, track), list(headers), "recomputed", [
+            f"{plan.method} needs every vector at once: recomputed from all {len(headers)} vectors"
         ]
     by_sha = {h.meta["sha256"]: h for h in headers}
     loaded = _load_accumulator(state, recipe)
     notes: list[str] = []
     acc, old = Accumulator(), []
     if loaded is not None:
-        gone = [v["sha256"] for v in loaded[1] if v["sha256"] not in by_sha]
+        gone = [s for s in loaded[1] if s not in by_sha]
         if gone:
             notes.append(f"{len(gone)} vectors of the state are not in this selection: recomputed from all")
         else:
-            acc, old = loaded[0], [by_sha[v["sha256"]] for v in loaded[1]]
+            acc, old = loaded[0], [by_sha[s] for s in loaded[1]]
     held = {h.meta["sha256"] for h in old}
     new = [h for h in headers if h.meta["sha256"] not in held]
-    if old:
-        samples = [h.meta.get("samples") for h in [*old, *new]]
-        factor = _rescale_factor(m, samples[: len(old)], samples)
-        if factor is None:
-            notes.append(f"{m.name}: the old coefficients cannot be rescaled: recomputed from all")
-            acc, old, new = Accumulator(), [], list(headers)
-        elif factor != 1.0:
-            for t in acc.deltas.values():
-                t.mul_(factor)
-    assert m.coefficients is not None
-    coefs = m.coefficients([h.meta.get("samples") for h in [*old, *new]])
-    accumulate_linear(m, new, density, seed, track, acc=acc, coefs=coefs[len(old):])
+    accumulate(plan, new, track, acc=acc)
     _save_accumulator(state, acc, recipe, [*old, *new])
     return acc, [*old, *new], "incremental" if old else "recomputed", notes
 

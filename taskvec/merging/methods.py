@@ -1,124 +1,352 @@
-"""Merge methods: small pure functions that combine the same tensor from several data vectors.
+"""Merge methods: one decorated function each, saying how several data vectors combine into one delta.
 
-Linear methods (`sum`, `mean`, `weighted`, `dare`) are `Σ cᵢ·fᵢ(τᵢ)`, so a merge can stream them one
-vector file at a time. Non-linear ones (`ties`) need every vector's copy of a tensor at once and run
-tensor by tensor. Every method is testable on small tensors through `MergeMethod.combine`.
+A method is mergekit's generalized task arithmetic, written as a `Recipe`:
+
+    weighting        a raw weight wᵢ per vector (1, or its sample count), optionally divided by Σw
+    sparsification   per vector and tensor: DARE drop, TIES magnitude trim, breadcrumbs (optional)
+    consensus        across vectors, coordinate by coordinate: TIES sign election, median (optional)
+
+Without consensus a method is `Σ wᵢ·sᵢ(τᵢ)` (÷ Σw), times a per-tensor factor for Model Stock, so a merge
+streams it one vector file at a time and an incremental merge only adds new vectors. With consensus it
+needs every vector's copy of a coordinate, so a merge goes tensor by tensor, in chunks.
+
+Add a method: one function here that returns a `Recipe`, decorated with `@merge_method`, whose parameters
+are `Param`s (default, range, help). Validation, the CLI's help and the merged file's record come from it.
+`combine` is the reference: whole tensors of every vector at once, which the streaming merge must equal.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
-import torch
+import numpy as np
 
-from taskvec.errors import TaskvecError
+from taskvec.errors import ConfigError, TaskvecError, check_range
 
-Tensor = torch.Tensor
+Array = np.ndarray
 
 
-def dare_seed(seed: int, vector_sha: str, key: str) -> int:
+# --- parameters ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter: its default, the interval it must lie in, and one line of help."""
+
+    default: float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = True
+    high_open: bool = True
+    help: str = ""
+    name: str = ""
+
+    def check(self, value: Any) -> float:
+        """`value` as a float in range, or a `ConfigError` naming the parameter."""
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{self.name} must be a number, got {value!r}", field=self.name, got=value) from None
+        return check_range(self.name, value, low=self.low, high=self.high, low_open=self.low_open,
+                           high_open=self.high_open)
+
+    def describe(self) -> str:
+        """`density in (0, 1], default 0.2: fraction of each tensor kept`."""
+        lo = "(-∞" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
+        hi = "∞)" if self.high is None else f"{self.high:g}{')' if self.high_open else ']'}"
+        return f"{self.name} in {lo}, {hi}, default {self.default:g}: {self.help}"
+
+
+def param(default: float, *, low: float | None = None, high: float | None = None, low_open: bool = True,
+          high_open: bool = True, help: str = "") -> Any:
+    """A `Param` as a method's keyword default (typed `Any`, as `dataclasses.field` is, so `x: float = param(..)`)."""
+    return Param(default, low, high, low_open, high_open, help)
+
+
+# --- sparsification (per vector and tensor) -----------------------------------------------------------
+
+def uniform(seed: int, start: int, n: int) -> Array:
+    """n uniforms in [0, 1) for coordinates start..start+n of a tensor: splitmix64 of (seed, index).
+
+    Counter-based, so any chunk of a tensor draws the same numbers as the whole tensor does."""
+    z = np.arange(start, start + n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z += np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def vector_seed(seed: int, vector_sha: str, key: str) -> int:
     """Deterministic per-(vector, tensor) seed, independent of the order vectors arrive in."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{vector_sha}:{key}".encode()).digest()[:8], "little") >> 1
+    return int.from_bytes(hashlib.sha256(f"{seed}:{vector_sha}:{key}".encode()).digest()[:8], "little")
 
 
-def dare_drop(t: Tensor, density: float, seed: int) -> Tensor:
-    """DARE (Yu et al. 2024): keep each coordinate with probability `density`, rescale kept ones by 1/density."""
-    gen = torch.Generator().manual_seed(seed)
-    keep = torch.rand(t.shape, generator=gen) < density
-    return t * keep / density
+def _kth_largest(mags: Array, k: int) -> float:
+    return float(np.partition(mags, mags.size - k)[mags.size - k])
 
 
-def trim_top(t: Tensor, density: float) -> Tensor:
-    """TIES trim: keep the `density` fraction of coordinates with the largest magnitude, zero the rest."""
-    k = max(1, int(round(density * t.numel())))
-    if k >= t.numel():
-        return t.clone()
-    flat = t.reshape(-1)
-    idx = flat.abs().topk(k).indices
-    out = torch.zeros_like(flat)
-    out[idx] = flat[idx]
-    return out.reshape(t.shape)
+@dataclass(frozen=True)
+class Sparsify:
+    """Per-vector sparsification of one tensor. `window` needs the whole tensor; `apply` works on any chunk.
+
+    dare:        keep each coordinate with probability `density`, rescale kept ones by 1/density (Yu et al. 2024)
+    magnitude:   keep the `density` fraction with the largest |x| (TIES trim, Yadav et al. 2023)
+    breadcrumbs: drop the `gamma` fraction with the largest |x|, then keep the next `density` fraction
+                 (Davari & Belilovsky 2024)
+    """
+
+    kind: Literal["dare", "magnitude", "breadcrumbs"]
+    density: float
+    gamma: float = 0.0
+
+    def window(self, x: Array) -> tuple[float, float]:
+        """The magnitudes kept, lo ≤ |x| < hi, from ranks in the whole tensor (DARE keeps every magnitude)."""
+        if self.kind == "dare":
+            return 0.0, math.inf
+        mags = np.abs(x.reshape(-1))
+        n = mags.size
+        top = min(int(round(self.gamma * n)), n - 1)
+        keep = min(max(1, int(round(self.density * n))), n - top)
+        hi = math.inf if top == 0 else _kth_largest(mags, top)
+        return _kth_largest(mags, top + keep), hi
+
+    def apply(self, x: Array, window: tuple[float, float], seed: int, start: int = 0) -> Array:
+        """Sparsify `x`, the coordinates start..start+x.size of a tensor (a new array; `x` is not changed)."""
+        if self.kind == "dare":
+            keep = uniform(seed, start, x.size).reshape(x.shape) < self.density
+            return np.where(keep, x / np.float32(self.density), np.float32(0))
+        mags = np.abs(x)
+        return np.where((mags >= window[0]) & (mags < window[1]), x, np.float32(0))
 
 
-def ties(tensors: Sequence[Tensor], density: float) -> Tensor:
-    """TIES-merging (Yadav et al. 2023): trim, elect the sign of the summed mass, mean of agreeing entries."""
-    trimmed = torch.stack([trim_top(t, density) for t in tensors])
-    sign = torch.sign(trimmed.sum(0))
-    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
-    total = (trimmed * agree).sum(0)
-    count = agree.sum(0).clamp(min=1)
-    return total / count
+# --- consensus (across vectors, coordinate by coordinate) ---------------------------------------------
+
+def sign_election(x: Array, w: Array) -> Array:
+    """TIES (Yadav et al. 2023): elect the sign of the summed mass Σwᵢxᵢ, then the weighted mean of the entries
+    that agree with it. An exact zero mass elects the majority sign of the non-zero entries (none on a tie)."""
+    wx = x * w[:, None]
+    sign = np.sign(wx.sum(0))
+    zero = sign == 0
+    if zero.any():
+        sign[zero] = np.sign(np.sign(x[:, zero]).sum(0))
+    agree = (np.sign(x) == sign) & (x != 0)
+    total = np.where(agree, wx, 0).sum(0)
+    weight = np.where(agree, w[:, None], 0).sum(0)
+    return np.divide(total, weight, out=np.zeros_like(total), where=weight > 0).astype(np.float32)
+
+
+def median(x: Array, w: Array) -> Array:
+    """Coordinate-wise median (unweighted): a minority of vectors cannot move it past the honest ones."""
+    return np.median(x, axis=0).astype(np.float32)
+
+
+def trimmed_mean(trim: float) -> Callable[[Array, Array], Array]:
+    """Coordinate-wise mean after dropping the ⌊trim·N⌋ largest and smallest values (unweighted)."""
+    def consensus(x: Array, w: Array) -> Array:
+        k = int(math.floor(trim * x.shape[0]))
+        s = np.sort(x, axis=0)
+        return s[k: x.shape[0] - k].mean(0, dtype=np.float64).astype(np.float32)
+    return consensus
+
+
+def stock_factor(unit_sum_sq: float, n: int) -> float:
+    """Model Stock's t = N·cosθ / (1 + (N−1)·cosθ) from ‖Σ τᵢ/‖τᵢ‖‖², since Σ_{i≠j} cos θᵢⱼ = ‖Σ uᵢ‖² − N.
+
+    cosθ is the mean pairwise cosine, clipped to [-1, 1]; at the singularity t = 0 (the base), as mergekit does."""
+    if n < 2:
+        return 1.0
+    cos = min(1.0, max(-1.0, (unit_sum_sq - n) / (n * (n - 1))))
+    denominator = 1 + (n - 1) * cos
+    return 0.0 if abs(denominator) < 1e-6 else n * cos / denominator
+
+
+# --- recipes and the registry -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a method combines: weighting × optional sparsification × optional consensus (see the module doc)."""
+
+    weights: Literal["ones", "samples"] = "ones"
+    normalize: bool = False
+    sparsify: Sparsify | None = None
+    consensus: Callable[[Array, Array], Array] | None = None
+    stock: bool = False  # Model Stock: scale each tensor of the mean by `stock_factor`
+    min_vectors: int = 1
+
+    @property
+    def streams(self) -> bool:
+        """True when the merge can read one vector file at a time (no consensus)."""
+        return self.consensus is None
 
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A named merge method. Linear ones define `coefficients`; the others define `tensorwise`."""
+    """A registered method: its name, first docstring line, reference, parameters and recipe builder."""
 
     name: str
-    help: str
-    coefficients: Callable[[Sequence[float | None]], list[float]] | None = None
-    drop: bool = False  # DARE: apply `dare_drop` to each vector before the linear combination
-    tensorwise: Callable[[Sequence[Tensor], float], Tensor] | None = None
-    default_density: float | None = None
+    summary: str
+    reference: str
+    params: tuple[Param, ...]
+    build: Callable[..., Recipe]
 
-    @property
-    def linear(self) -> bool:
-        return self.coefficients is not None
+    def resolve(self, given: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """Every parameter's value (given or default), each checked; unknown names are refused."""
+        given = dict(given or {})
+        names = [p.name for p in self.params]
+        for name in given:
+            if name not in names:
+                takes = f"it takes {', '.join(names)}" if names else "it takes none"
+                raise ConfigError(f"{name} is not a parameter of method {self.name!r}; {takes}", field=name,
+                                  expected=names, got=given[name])
+        return {p.name: p.check(given.get(p.name, p.default)) for p in self.params}
 
-    def combine(
-        self,
-        tensors: Sequence[Tensor],
-        samples: Sequence[float | None] | None = None,
-        density: float | None = None,
-        seeds: Sequence[int] | None = None,
-    ) -> Tensor:
-        """Combine one tensor from several vectors (the reference the streaming merge must equal)."""
-        density = self.default_density if density is None else density
-        if self.tensorwise is not None:
-            assert density is not None
-            return self.tensorwise([t.float() for t in tensors], density)
-        assert self.coefficients is not None
-        coefs = self.coefficients(samples if samples is not None else [None] * len(tensors))
-        out = torch.zeros_like(tensors[0], dtype=torch.float32)
-        for i, (c, t) in enumerate(zip(coefs, tensors)):
-            t = t.float()
-            if self.drop:
-                assert density is not None and seeds is not None
-                t = dare_drop(t, density, seeds[i])
-            out.add_(t, alpha=c)
-        return out
+    def recipe(self, params: Mapping[str, Any] | None = None) -> Recipe:
+        return self.build(**self.resolve(params))
+
+    def describe(self) -> str:
+        params = "; ".join(p.describe() for p in self.params)
+        return f"{self.name}: {self.summary}" + (f" [{params}]" if params else "")
 
 
-def _sample_weights(samples: Sequence[float | None]) -> list[float]:
-    if any(s is None for s in samples):
-        raise TaskvecError("method 'weighted' needs every vector's sample count; export with `samples`",
-                           field="samples")
-    total = float(sum(samples))  # type: ignore[arg-type]
-    return [float(s) / total for s in samples]  # type: ignore[arg-type]
+MERGE_METHODS: dict[str, MergeMethod] = {}
 
 
-MERGE_METHODS: dict[str, MergeMethod] = {
-    m.name: m
-    for m in [
-        MergeMethod("sum", "Σ τᵢ (task arithmetic, as in the data-vector paper)", lambda s: [1.0] * len(s)),
-        MergeMethod("mean", "Σ τᵢ / n", lambda s: [1.0 / len(s)] * len(s)),
-        MergeMethod(
-            "weighted", "Σ nᵢ τᵢ / Σ nᵢ by sample count (one-shot FedAvg)", _sample_weights
-        ),
-        MergeMethod(
-            "dare", "drop with probability 1−d, rescale by 1/d (seeded), then sum",
-            lambda s: [1.0] * len(s), drop=True, default_density=0.5,
-        ),
-        MergeMethod(
-            "ties", "trim to top-d magnitude, elect sign, disjoint mean", tensorwise=ties, default_density=0.2
-        ),
-    ]
-}
+def merge_method(name: str, reference: str) -> Callable[[Callable[..., Recipe]], Callable[..., Recipe]]:
+    """Register a method: its parameters are the function's keyword arguments, each defaulting to a `Param`."""
+    def register(fn: Callable[..., Recipe]) -> Callable[..., Recipe]:
+        params = []
+        for p in inspect.signature(fn).parameters.values():
+            if not isinstance(p.default, Param):
+                raise TypeError(f"{name}: parameter {p.name} needs a Param default")
+            params.append(replace(p.default, name=p.name))
+        summary = (fn.__doc__ or "").strip().splitlines()[0]
+        MERGE_METHODS[name] = MergeMethod(name, summary, reference, tuple(params), fn)
+        return fn
+    return register
 
 
 def get_method(name: str) -> MergeMethod:
     if name not in MERGE_METHODS:
-        raise TaskvecError(f"unknown merge method {name!r}; choose one of {', '.join(MERGE_METHODS)}")
+        raise ConfigError(f"method {name!r} is unknown; choose one of {', '.join(MERGE_METHODS)}", field="method",
+                          expected=list(MERGE_METHODS), got=name)
     return MERGE_METHODS[name]
+
+
+DENSITY_HELP = "fraction of each tensor kept"
+
+
+def _density(default: float, help: str = DENSITY_HELP) -> Any:
+    return param(default, low=0, high=1, high_open=False, help=help)
+
+
+@merge_method("sum", reference="Ilharco et al. 2023, Editing models with task arithmetic (ICLR)")
+def sum_() -> Recipe:
+    """Σ τᵢ: task arithmetic, as in the data-vector paper."""
+    return Recipe()
+
+
+@merge_method("mean", reference="Wortsman et al. 2022, Model soups (ICML)")
+def mean() -> Recipe:
+    """Σ τᵢ / N."""
+    return Recipe(normalize=True)
+
+
+@merge_method("weighted", reference="McMahan et al. 2017, Communication-efficient learning (FedAvg, AISTATS)")
+def weighted() -> Recipe:
+    """Σ nᵢτᵢ / Σ nᵢ by sample count: one-shot FedAvg."""
+    return Recipe(weights="samples", normalize=True)
+
+
+@merge_method("dare", reference="Yu et al. 2024, Language models are Super Mario (DARE, ICML)")
+def dare(density: float = _density(0.5, "probability of keeping each coordinate")) -> Recipe:
+    """Drop each coordinate with probability 1−density, rescale by 1/density (seeded), then sum."""
+    return Recipe(sparsify=Sparsify("dare", density))
+
+
+@merge_method("ties", reference="Yadav et al. 2023, TIES-Merging: resolving interference (NeurIPS)")
+def ties(density: float = _density(0.2)) -> Recipe:
+    """Trim each tensor to its top-density magnitudes, elect the sign of the summed mass, mean of agreeing entries."""
+    return Recipe(sparsify=Sparsify("magnitude", density), consensus=sign_election)
+
+
+@merge_method("dare_ties", reference="Yu et al. 2024 (DARE, ICML) with Yadav et al. 2023 (TIES, NeurIPS)")
+def dare_ties(density: float = _density(0.5, "probability of keeping each coordinate")) -> Recipe:
+    """DARE's random drop and rescale, then TIES's sign election and mean of agreeing entries."""
+    return Recipe(sparsify=Sparsify("dare", density), consensus=sign_election)
+
+
+@merge_method("breadcrumbs", reference="Davari & Belilovsky 2024, Model Breadcrumbs: scaling multi-task model "
+                                       "merging with sparse masks (ECCV)")
+def breadcrumbs(
+    density: float = _density(0.9),
+    gamma: float = param(0.01, low=0, high=1, low_open=False, help="fraction of largest magnitudes dropped first"),
+) -> Recipe:
+    """Mask each tensor's largest (gamma) and smallest magnitudes, keeping a density fraction, then sum."""
+    if density + gamma > 1:
+        raise ConfigError(f"gamma must be at most 1 − density ({1 - density:g}), got {gamma:g}", field="gamma",
+                          got=gamma)
+    return Recipe(sparsify=Sparsify("breadcrumbs", density, gamma))
+
+
+@merge_method("model_stock", reference="Jang et al. 2024, Model Stock: all we need is just a few fine-tuned "
+                                       "models (ECCV)")
+def model_stock() -> Recipe:
+    """Mean scaled per tensor by t = N·cosθ/(1+(N−1)·cosθ), cosθ the mean pairwise cosine (streams from sums)."""
+    return Recipe(normalize=True, stock=True, min_vectors=2)
+
+
+@merge_method("median", reference="Yin et al. 2018, Byzantine-robust distributed learning (ICML)")
+def median_() -> Recipe:
+    """Coordinate-wise median: robust to a minority of bad vectors."""
+    return Recipe(consensus=median)
+
+
+@merge_method("trimmed_mean", reference="Yin et al. 2018, Byzantine-robust distributed learning (ICML)")
+def trimmed_mean_(trim: float = param(0.2, low=0, high=0.5, low_open=False,
+                                      help="fraction of values dropped at each end, per coordinate")) -> Recipe:
+    """Coordinate-wise mean without the ⌊trim·N⌋ largest and smallest values: robust to a minority."""
+    return Recipe(consensus=trimmed_mean(trim))
+
+
+def vector_weights(recipe: Recipe, samples: Sequence[float | None], names: Sequence[str] | None = None) -> Array:
+    """Each vector's raw weight wᵢ (1, or its sample count)."""
+    if recipe.weights == "ones":
+        return np.ones(len(samples))
+    for i, s in enumerate(samples):
+        if s is None or not s > 0:
+            who = names[i] if names else f"vector {i}"
+            raise TaskvecError(f"{who}: has no sample count, which weighting by samples needs "
+                               "(export it with `samples`)", field="samples")
+    return np.asarray(samples, dtype=np.float64)
+
+
+def combine(
+    method: str, tensors: Sequence[Array], params: Mapping[str, Any] | None = None, *,
+    samples: Sequence[float | None] | None = None, seeds: Sequence[int] | None = None,
+) -> Array:
+    """The reference: combine one tensor from every vector at once (the streaming merge must equal it)."""
+    recipe = get_method(method).recipe(params)
+    x = np.stack([np.asarray(t, dtype=np.float32) for t in tensors])
+    w = vector_weights(recipe, samples if samples is not None else [None] * len(x))
+    if recipe.sparsify is not None:
+        sp = recipe.sparsify
+        seeds = seeds if seeds is not None else [0] * len(x)
+        x = np.stack([sp.apply(t, sp.window(t), s) for t, s in zip(x, seeds)])
+    if recipe.consensus is not None:
+        return recipe.consensus(x.reshape(len(x), -1), w).reshape(x.shape[1:])
+    out = np.tensordot(w, x.astype(np.float64), axes=1)
+    if recipe.normalize:
+        out /= w.sum()
+    if recipe.stock:
+        norms = [np.linalg.norm(t) for t in x]
+        units = sum(t.astype(np.float64) / n for t, n in zip(x, norms) if n > 0)
+        out *= stock_factor(float(np.sum(np.square(units))), len(x))
+    return out.astype(np.float32)

@@ -1,40 +1,41 @@
-"""Streaming merge: `base + λ·combine(vectors)`, holding one accumulator and one vector file at a time.
+"""The merge: `base + λ·combine(vectors)`, from a `MergePlan` to the merged model file, with numpy (no torch).
 
-Every vector is checked (format, base identity, task, labels, keys, shapes, dtypes) before any tensor is
-read, and every vector's sha256 is re-computed while it streams, so a corrupted file never lands in a model.
+Read top to bottom: a `MergePlan` is validated once (method parameters, λ, seed, privacy budget) and opens its
+inputs (every vector checked against the base from headers alone, the budget checked, before any tensor is
+read); `accumulate` reads the vectors, a method without consensus one file at a time into one running sum,
+the others tensor by tensor in chunks, so memory does not grow with the number of vectors; `save_merged`
+writes `base + λ·combined` with the plan and every input recorded. The arithmetic is in `methods.py`.
+
+Every byte used is read once from one open file into private memory, and that same memory is hashed on
+helper threads while the merge sums it (hashlib releases the GIL): a vector whose bytes do not match its
+sha256 fails the merge before anything is written. `diagnose` is one more streaming pass that flags vectors
+far from the coordinate-wise median (scaled, sign-flipped, noise).
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
+import numpy as np
 
-from taskvec.errors import FileFormatError, MismatchError, check_range
-from taskvec.io.files import Digest, Header, check_output, read_kind
+from taskvec.errors import ConfigError, FileFormatError, MismatchError, TaskvecError, check_range
+from taskvec.io.files import DTYPE_SIZES, FORMAT, FORMAT_VERSION, Digest, Header, check_output, now, read_kind
 from taskvec.io.layout import check_against_base, is_statistic
-from taskvec.io.tensors import TORCH_TO_ST, all_finite, tensor_bytes
-from taskvec.merging.methods import MergeMethod, dare_drop, dare_seed, get_method
-from taskvec.models.spec import ModelSpec, save_model
+from taskvec.io.tensors_np import as_float32, from_float32, save_arrays
+from taskvec.merging.methods import Array, Recipe, get_method, stock_factor, vector_seed, vector_weights
 from taskvec.privacy.ledger import PrivacyBudget, check_merge_budget
 from taskvec.progress import Track, no_track
 
-
-@dataclass
-class MergeReport:
-    path: Path
-    identity: str
-    method: str
-    scale: float
-    density: float | None
-    vectors: list[dict[str, Any]]
-    warnings: list[str] = field(default_factory=list)
+CHUNK_ELEMENTS = 1 << 22  # consensus methods hold at most this many values of all vectors at once (16 MB)
+HASH_LANES = 2  # threads hashing (each file's bytes in order on one lane)
+IN_FLIGHT_BYTES = 256 << 20  # read but not yet hashed
 
 
 def check_vectors(base: Header, paths: Sequence[str | os.PathLike[str]]) -> list[Header]:
@@ -56,177 +57,480 @@ def check_vectors(base: Header, paths: Sequence[str | os.PathLike[str]]) -> list
     return headers
 
 
-def _stream(header: Header, f: Any, keys: Iterable[str], dig: Digest) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, fp32 tensor) for `keys`, feeding the original bytes to the vector's digest."""
-    for k in keys:
-        t = f.get_tensor(k)
-        dig.update(k, TORCH_TO_ST[t.dtype], tuple(t.shape), tensor_bytes(t))
-        t = t.to(torch.float32)
-        if not all_finite(t):
-            raise FileFormatError(f"{header.path}: tensor {k} holds NaN or Inf")
-        yield k, t
+# --- the plan -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything a merge depends on, validated once; full, incremental and calibrated merges take one, and
+    the merged file records it whole (`record`). Build it with `MergePlan.create`."""
+
+    vectors: tuple[Path, ...]
+    base: Path
+    method: str = "sum"
+    params: Mapping[str, float] = field(default_factory=dict)
+    scale: float = 1.0
+    seed: int = 0
+    budget: PrivacyBudget = field(default_factory=PrivacyBudget)
+    exclude_outliers: bool = False
+
+    @classmethod
+    def create(
+        cls, vectors: Sequence[str | os.PathLike[str]], base: str | os.PathLike[str], *, method: str = "sum",
+        params: Mapping[str, Any] | None = None, density: float | None = None, scale: float = 1.0, seed: int = 0,
+        budget: PrivacyBudget | None = None, exclude_outliers: bool = False,
+    ) -> MergePlan:
+        """A checked plan: known method, parameters in range (`density` is shorthand for that parameter)."""
+        given = dict(params or {})
+        if density is not None:
+            given["density"] = density
+        resolved = get_method(method).resolve(given)
+        check_range("scale", scale)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}", field="seed", got=seed)
+        budget = budget or PrivacyBudget()
+        budget.check()
+        return cls(tuple(Path(v) for v in vectors), Path(base), method, resolved, float(scale), seed, budget,
+                   exclude_outliers)
+
+    @property
+    def recipe(self) -> Recipe:
+        return get_method(self.method).recipe(self.params)
+
+    def open(self) -> tuple[Header, list[Header]]:
+        """The base and vector headers, each vector checked against the base, the method and the privacy budget
+        (no tensor is read)."""
+        bh = read_kind(self.base, "model")
+        headers = check_vectors(bh, self.vectors)
+        self.check_inputs(headers)
+        return bh, headers
+
+    def check_inputs(self, headers: Sequence[Header]) -> dict[str, Any]:
+        """What the method needs of its inputs (enough vectors, sample counts for weighting by samples) and the
+        privacy budget (every ε recomputed, each contributor's vectors composed): the budget's record."""
+        recipe = self.recipe
+        if len(headers) < recipe.min_vectors:
+            raise TaskvecError(f"method {self.method!r} needs at least {recipe.min_vectors} vectors, "
+                               f"got {len(headers)}")
+        vector_weights(recipe, [h.meta.get("samples") for h in headers], [str(h.path) for h in headers])
+        return check_merge_budget(headers, self.budget)
+
+    def with_method(self, method: str, params: Mapping[str, Any] | None = None, scale: float | None = None
+                    ) -> MergePlan:
+        """The same plan with another method (its defaults unless `params`) and optionally another λ."""
+        return MergePlan(self.vectors, self.base, method, get_method(method).resolve(params),
+                         self.scale if scale is None else scale, self.seed, self.budget, self.exclude_outliers)
+
+    def record(self, headers: Sequence[Header]) -> dict[str, Any]:
+        """The plan as the merged file records it, with the budget each contributor spends in `headers`."""
+        return {
+            "method": self.method, "params": dict(self.params), "reference": get_method(self.method).reference,
+            "scale": self.scale, "seed": self.seed, "exclude_outliers": self.exclude_outliers,
+            "privacy_budget": check_merge_budget(headers, self.budget),
+        }
 
 
-def _verify(header: Header, dig: Digest) -> None:
-    if dig.hexdigest() != header.meta["sha256"]:
-        raise FileFormatError(f"{header.path}: content does not match its sha256; the file is corrupted")
+# --- reading: one open file per vector, the bytes used are the bytes hashed ---------------------------
 
+class Hasher:
+    """sha256 on helper threads, overlapping the reading and summing; at most IN_FLIGHT_BYTES wait for it."""
+
+    def __init__(self) -> None:
+        self.lanes = [ThreadPoolExecutor(1) for _ in range(HASH_LANES)]
+        self.pending: deque[tuple[Future[None], int]] = deque()
+        self.in_flight = 0
+
+    def submit(self, lane: int, fn: Callable[..., None], *args: Any, nbytes: int = 0) -> None:
+        while self.pending and self.in_flight + nbytes > IN_FLIGHT_BYTES:
+            fut, n = self.pending.popleft()
+            fut.result()
+            self.in_flight -= n
+        self.pending.append((self.lanes[lane % HASH_LANES].submit(fn, *args), nbytes))
+        self.in_flight += nbytes
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft()[0].result()
+        self.in_flight = 0
+
+    def close(self) -> None:
+        for lane in self.lanes:
+            lane.shutdown(wait=True)
+
+
+class VectorFile:
+    """One vector file, opened once. `read` copies bytes into private memory and queues the same memory for its
+    digest; tensors must be read whole, in sorted key order, for `verify` to pass."""
+
+    def __init__(self, header: Header, hasher: Hasher, lane: int) -> None:
+        self.header, self.hasher, self.lane = header, hasher, lane
+        self.file = open(header.path, "rb", buffering=0)  # noqa: SIM115 - closed by `close`
+        self.digest = Digest()
+
+    def read(self, key: str, start: int = 0, stop: int | None = None, verify: bool = True) -> Array:
+        """Elements start..stop of tensor `key`, flat, as read-only float32."""
+        t = self.header.tensors[key]
+        size = DTYPE_SIZES[t.dtype]
+        stop = t.numel if stop is None else stop
+        buf = bytearray((stop - start) * size)
+        self.file.seek(self.header.data_start + t.start + start * size)
+        if self.file.readinto(buf) != len(buf):
+            raise FileFormatError(f"{self.header.path}: truncated while reading {key}")
+        if verify:
+            if start == 0:
+                self.hasher.submit(self.lane, self.digest.begin, key, t.dtype, t.shape, t.end - t.start)
+            self.hasher.submit(self.lane, self.digest.feed, buf, nbytes=len(buf))
+        x = as_float32(buf, t.dtype)
+        x.flags.writeable = False  # it may be the memory being hashed
+        return x
+
+    def verify(self) -> None:
+        """After `Hasher.drain`: the bytes read are the bytes the vector's sha256 names."""
+        if self.digest.hexdigest() != self.header.meta["sha256"]:
+            raise FileFormatError(f"{self.header.path}: content does not match its sha256; the file is corrupted")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Reading:
+    """Open vector files and their hasher for the length of a `with` block; `verify` checks every file."""
+
+    def __init__(self, headers: Sequence[Header]) -> None:
+        self.hasher = Hasher()
+        self.files = [VectorFile(h, self.hasher, i) for i, h in enumerate(headers)]
+
+    def __enter__(self) -> Reading:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.hasher.close()
+        for f in self.files:
+            f.close()
+
+    def verify(self) -> None:
+        self.hasher.drain()
+        for f in self.files:
+            f.verify()
+
+    def chunks(self, key: str, numel: int) -> Iterator[tuple[int, int, Array]]:
+        """(start, stop, values of every file) over tensor `key` in chunks of at most CHUNK_ELEMENTS values."""
+        step = max(1, CHUNK_ELEMENTS // len(self.files))
+        for start in range(0, numel, step):
+            stop = min(numel, start + step)
+            x = np.stack([f.read(key, start, stop) for f in self.files])
+            if not np.isfinite(x).all():
+                bad = next(f for f, row in zip(self.files, x) if not np.isfinite(row).all())
+                raise FileFormatError(f"{bad.header.path}: tensor {key} holds NaN or Inf")
+            yield start, stop, x
+
+
+# --- accumulating -------------------------------------------------------------------------------------
 
 @dataclass
 class Accumulator:
-    """Σ cᵢ·fᵢ(τᵢ) over delta keys and per-key sums of statistics: the whole state of a linear merge."""
+    """A merge's running state: Σ wᵢ·sᵢ(τᵢ) per delta key (with consensus: the combined tensor), Σ τᵢ/‖τᵢ‖ per key
+    (Model Stock), Σ wᵢ, the vector count, and per-key sums of BatchNorm statistics. All arrays are flat."""
 
-    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    sums: dict[str, Array] = field(default_factory=dict)
+    units: dict[str, Array] = field(default_factory=dict)
+    weight: float = 0.0
+    count: int = 0
+    stats: dict[str, Array] = field(default_factory=dict)
     stat_counts: dict[str, int] = field(default_factory=dict)
 
-    def add_stat(self, k: str, t: torch.Tensor) -> None:
-        self.stats[k] = self.stats[k] + t if k in self.stats else t.clone()
+    def add_stat(self, k: str, x: Array) -> None:
+        self.stats[k] = self.stats[k] + x if k in self.stats else x.copy()
         self.stat_counts[k] = self.stat_counts.get(k, 0) + 1
 
+    def combined(self, recipe: Recipe) -> Combined:
+        """`combine(vectors)` per key, computed in place (the accumulator is used up)."""
+        for k, s in self.sums.items():
+            f = 1.0 / self.weight if recipe.normalize else 1.0
+            if recipe.stock:
+                f *= stock_factor(float(np.dot(self.units[k], self.units[k])), self.count)
+            if f != 1.0:
+                s *= np.float32(f)
+        stats = {k: (v / self.stat_counts[k]).astype(np.float32) for k, v in self.stats.items()}
+        return Combined(self.sums, stats)
 
-def accumulate_linear(
-    method: MergeMethod, headers: Sequence[Header], density: float | None, seed: int, track: Track[Any],
-    acc: Accumulator | None = None, coefs: Sequence[float] | None = None,
-) -> Accumulator:
-    """Add each vector into one accumulator, one file open at a time.
 
-    An incremental merge passes the running `acc` and the coefficients of the new vectors."""
-    assert method.coefficients is not None
-    if coefs is None:
-        coefs = method.coefficients([h.meta.get("samples") for h in headers])
+@dataclass
+class Combined:
+    """The combined deltas (flat float32 per key) and the statistics' values (the vectors' mean, or re-estimated)."""
+
+    deltas: dict[str, Array]
+    stats: dict[str, Array]
+
+
+def _add(sums: dict[str, Array], k: str, x: Array, w: float) -> None:
+    if k not in sums:
+        sums[k] = np.array(x, dtype=np.float32) if w == 1 else x * np.float32(w)
+    elif w == 1:
+        sums[k] += x
+    else:
+        sums[k] += x * np.float32(w)
+
+
+def accumulate(plan: MergePlan, headers: Sequence[Header], track: Track[Any] = no_track,
+               acc: Accumulator | None = None) -> Accumulator:
+    """Read the vectors into `acc` (a new one by default; an incremental merge passes its running state)."""
+    recipe = plan.recipe
+    weights = vector_weights(recipe, [h.meta.get("samples") for h in headers], [str(h.path) for h in headers])
     acc = Accumulator() if acc is None else acc
-    for h, c in track(zip(headers, coefs), "merging", len(headers)):
-        dig = Digest()
+    with Reading(headers) as reading:
+        if recipe.streams:
+            _stream(plan, recipe, reading, weights, acc, track)
+        else:
+            _by_tensor(plan, recipe, reading, weights, acc, track)
+        reading.verify()
+    if recipe.streams and not recipe.sparsify:  # NaN/Inf anywhere reaches the sums; name the file only then
+        for k, s in acc.sums.items():
+            if not np.isfinite(s).all():
+                raise _nonfinite(headers, k)
+    return acc
+
+
+def _stream(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, acc: Accumulator,
+            track: Track[Any]) -> None:
+    """Σ wᵢ·sᵢ(τᵢ), one vector file at a time."""
+    sp = recipe.sparsify
+    for f, w in track(zip(reading.files, weights), "merging", len(weights)):
+        h = f.header
         stats = set(h.meta.get("statistics", []))
-        with safe_open(str(h.path), "pt") as f:
-            for k, t in _stream(h, f, sorted(h.tensors), dig):
-                if k in stats:
-                    acc.add_stat(k, t)
-                    continue
-                if method.drop:
-                    assert density is not None
-                    t = dare_drop(t, density, dare_seed(seed, h.meta["sha256"], k))
-                if k in acc.deltas:
-                    acc.deltas[k].add_(t, alpha=c)
-                else:
-                    acc.deltas[k] = t.mul_(c)
-        _verify(h, dig)
-    return acc
+        for k in sorted(h.tensors):
+            x = f.read(k)
+            if k in stats:
+                acc.add_stat(k, x)
+                continue
+            if sp is not None:
+                if not np.isfinite(x).all():
+                    raise FileFormatError(f"{h.path}: tensor {k} holds NaN or Inf")
+                x = sp.apply(x, sp.window(x), vector_seed(plan.seed, h.meta["sha256"], k))
+            if recipe.stock:
+                norm = float(np.linalg.norm(x))
+                if norm > 0:
+                    _add(acc.units, k, x, 1 / norm)
+                elif k not in acc.units:
+                    acc.units[k] = np.zeros(x.size, np.float32)
+            _add(acc.sums, k, x, float(w))
+        acc.weight += float(w)
+        acc.count += 1
 
 
-def accumulate_tensorwise(
-    method: MergeMethod, headers: Sequence[Header], density: float | None, track: Track[Any]
-) -> Accumulator:
-    """Combine key by key with every vector open (memory-mapped); only one tensor per vector is read."""
-    assert method.tensorwise is not None and density is not None
-    acc = Accumulator()
-    keys = sorted(set().union(*(h.tensors for h in headers)))
-    digs = [Digest() for _ in headers]
-    with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(safe_open(str(h.path), "pt")) for h in headers]
-        for k in track(keys, "merging", len(keys)):
-            ts: list[torch.Tensor] = []
-            for h, f, d in zip(headers, files, digs):
-                if k in h.tensors:
-                    ts.extend(t for _, t in _stream(h, f, [k], d))
+def _by_tensor(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, acc: Accumulator,
+               track: Track[Any]) -> None:
+    """Consensus: tensor by tensor with every file open, in chunks of all vectors' values."""
+    assert recipe.consensus is not None
+    sp = recipe.sparsify
+    files = reading.files
+    keys = sorted(set().union(*(f.header.tensors for f in files)))
+    for k in track(keys, "merging", len(keys)):
+        if is_statistic(k):
+            for f in files:
+                if k in f.header.tensors:
+                    acc.add_stat(k, f.read(k))
+            continue
+        numel = files[0].header.tensors[k].numel
+        windows = [(0.0, math.inf)] * len(files)
+        if sp is not None and sp.kind != "dare":
+            windows = [sp.window(f.read(k, verify=False)) for f in files]
+        seeds = [vector_seed(plan.seed, f.header.meta["sha256"], k) for f in files]
+        out = np.empty(numel, np.float32)
+        for start, stop, x in reading.chunks(k, numel):
+            if sp is not None:
+                x = np.stack([sp.apply(row, win, s, start) for row, win, s in zip(x, windows, seeds)])
+            out[start:stop] = recipe.consensus(x, weights)
+        acc.sums[k] = out
+    acc.weight += float(weights.sum())
+    acc.count += len(files)
+
+
+def _nonfinite(headers: Sequence[Header], key: str) -> TaskvecError:
+    """The error for a sum that is not finite: the vector holding NaN/Inf in `key`, else an overflow."""
+    with Reading(headers) as reading:
+        for f in reading.files:
+            if not np.isfinite(f.read(key, verify=False)).all():
+                return FileFormatError(f"{f.header.path}: tensor {key} holds NaN or Inf")
+    return TaskvecError(f"the merged {key} overflows float32")
+
+
+# --- diagnostics: one streaming pass against the coordinate-wise median ----------------------------------
+
+@dataclass
+class Diagnosis:
+    """One vector against the others: L2 norm, cosine to the coordinate-wise median of all vectors, share of
+    coordinates whose sign agrees with the median's (where it is non-zero), and why it is flagged (or None)."""
+
+    file: str
+    contributor: str
+    sha256: str
+    norm: float
+    cosine: float
+    sign_agreement: float
+    flag: str | None = None
+
+
+SCALED = 10.0  # flagged: norm above this many times the median norm
+UNRELATED = 0.25  # flagged: cosine to the median below this fraction of the median cosine
+
+
+def diagnose(headers: Sequence[Header], track: Track[Any] = no_track) -> list[Diagnosis]:
+    """Per-vector diagnostics over the delta tensors, and a one-line reason for each outlier (from 3 vectors on).
+
+    Flags: a norm over 10× the median norm (a scaled vector), a negative cosine to the median direction (a
+    sign-flipped vector), a cosine under a quarter of the median cosine (noise, or another task's vector)."""
+    n = len(headers)
+    dot, sq, agree = np.zeros(n), np.zeros(n), np.zeros(n)
+    med_sq, nonzero = 0.0, 0
+    with Reading(headers) as reading:
+        keys = sorted(set().union(*(h.tensors for h in headers)))
+        for k in track(keys, "diagnosing", len(keys)):
             if is_statistic(k):
-                for t in ts:
-                    acc.add_stat(k, t)
-            else:
-                acc.deltas[k] = method.tensorwise(ts, density)
-    for h, d in zip(headers, digs):
-        _verify(h, d)
-    return acc
-
-
-def apply_to_base(base: Header, acc: Accumulator, scale: float) -> dict[str, torch.Tensor]:
-    """`base + λ·Σ` for deltas, averaged statistics, base values for everything else, in base dtypes."""
-    out: dict[str, torch.Tensor] = {}
-    with safe_open(str(base.path), "pt") as fb:
-        for k in sorted(base.tensors):
-            b = fb.get_tensor(k)
-            if k in acc.deltas:
-                out[k] = acc.deltas.pop(k).mul_(scale).add_(b.to(torch.float32)).to(b.dtype)
-            elif k in acc.stats:
-                out[k] = (acc.stats[k] / acc.stat_counts[k]).to(b.dtype)
-            else:
-                out[k] = b
+                for f in reading.files:
+                    if k in f.header.tensors:
+                        f.read(k)  # hashed, not diagnosed
+                continue
+            for _, _, x in reading.chunks(k, headers[0].tensors[k].numel):
+                x64 = x.astype(np.float64)
+                med = np.median(x64, axis=0)
+                dot += x64 @ med
+                sq += np.einsum("ij,ij->i", x64, x64)
+                med_sq += float(med @ med)
+                live = med != 0
+                nonzero += int(live.sum())
+                agree += (np.sign(x64[:, live]) == np.sign(med[live])).sum(1)
+        reading.verify()
+    norms = np.sqrt(sq)
+    cos = dot / np.maximum(norms * math.sqrt(med_sq), 1e-30)
+    out = [Diagnosis(str(h.path), str(h.meta.get("contributor")), h.meta["sha256"], float(norms[i]), float(cos[i]),
+                     float(agree[i] / max(nonzero, 1))) for i, h in enumerate(headers)]
+    if n >= 3:
+        med_norm, med_cos = float(np.median(norms)), float(np.median(cos))
+        for d in out:
+            if d.norm > SCALED * med_norm:
+                d.flag = f"norm {d.norm:.3g} is {d.norm / med_norm:.1f}× the median norm (a scaled vector?)"
+            elif d.cosine < 0:
+                d.flag = (f"points against the median direction (cosine {d.cosine:.2f}, signs agree on "
+                          f"{d.sign_agreement:.0%}): a sign-flipped vector?")
+            elif d.cosine < UNRELATED * med_cos:
+                d.flag = (f"cosine to the median direction {d.cosine:.3f}, under a quarter of the median cosine "
+                          f"{med_cos:.3f} (noise, or another task?)")
     return out
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+@dataclass
+class MergeReport:
+    """What a merge wrote: the file, its identity, λ, and the record it carries (plan, inputs, extras)."""
+
+    path: Path
+    identity: str
+    method: str
+    scale: float
+    record: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def vectors(self) -> list[dict[str, Any]]:
+        return list(self.record["vectors"])
 
 
 def vector_summary(h: Header) -> dict[str, Any]:
     """What a merged model records of each input vector."""
     m = h.meta
-    return {
-        "sha256": m["sha256"],
-        "contributor": m["contributor"],
-        "samples": m.get("samples"),
-        "privacy": m.get("privacy", []),
-        "file": h.path.name,
-    }
+    return {"sha256": m["sha256"], "contributor": m["contributor"], "samples": m.get("samples"),
+            "privacy": m.get("privacy", []), "file": h.path.name}
+
+
+def merged_arrays(bh: Header, comb: Combined, scale: float) -> Iterator[tuple[str, str, tuple[int, ...], Array]]:
+    """(key, dtype, shape, bytes as an array) of `base + λ·combined`, statistics' values, base values otherwise;
+    in base dtypes, key by key in sorted order (the deltas are used up)."""
+    with open(bh.path, "rb", buffering=0) as fb:
+        for k in sorted(bh.tensors):
+            t = bh.tensors[k]
+            fb.seek(bh.data_start + t.start)
+            raw = bytearray(t.end - t.start)
+            if fb.readinto(raw) != len(raw):
+                raise FileFormatError(f"{bh.path}: truncated while reading {k}")
+            if k in comb.deltas:
+                d = comb.deltas.pop(k)
+                d *= np.float32(scale)
+                d += as_float32(raw, t.dtype)
+                yield k, t.dtype, t.shape, from_float32(d, t.dtype)
+            elif k in comb.stats:
+                yield k, t.dtype, t.shape, from_float32(comb.stats[k], t.dtype)
+            else:
+                yield k, t.dtype, t.shape, np.frombuffer(raw, np.uint8)
+
+
+def save_merged(bh: Header, comb: Combined, headers: Sequence[Header], out: str | os.PathLike[str], *,
+                plan: MergePlan, scale: float | None = None, force: bool = False,
+                extra: dict[str, Any] | None = None) -> MergeReport:
+    """Write `base + scale·combined` (scale: the plan's λ unless calibrated) as a taskvec model file recording
+    the plan, every input vector and `extra`."""
+    from taskvec import __version__
+
+    scale = plan.scale if scale is None else scale
+    record = {**plan.record(headers), "scale": scale, "vectors": [vector_summary(h) for h in headers], **(extra or {})}
+    arrays: dict[str, tuple[str, tuple[int, ...], Array]] = {}
+    digest = Digest()
+    for k, dtype, shape, a in merged_arrays(bh, comb, scale):
+        arrays[k] = (dtype, shape, a)
+        digest.update(k, dtype, shape, np.ascontiguousarray(a).data.cast("B"))
+    identity = digest.hexdigest()
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "model", "identity": identity,
+            "model": bh.meta["model"], "created": now(), "taskvec_version": __version__,
+            "parent": bh.meta["identity"], "merge": record}
+    save_arrays(arrays, out, meta, force=force)
+    warnings = []
+    if any(not v["privacy"] for v in record["vectors"]):
+        warnings.append("some inputs carry no DP guarantee (see `taskvec inspect`)")
+    return MergeReport(Path(out), identity, plan.method, scale, record, warnings)
 
 
 def merge_vectors(
     vectors: Sequence[str | os.PathLike[str]],
     base: str | os.PathLike[str],
     out: str | os.PathLike[str],
+    plan: MergePlan | None = None,
     *,
-    method: str = "sum",
-    scale: float = 1.0,
-    density: float | None = None,
-    seed: int = 0,
     force: bool = False,
     track: Track[Any] = no_track,
-    budget: PrivacyBudget = PrivacyBudget(),
-    calibrate: Callable[[Header, Accumulator], tuple[float, dict[str, Any]]] | None = None,
+    diagnostics: bool = False,
+    calibrate: Any = None,
+    select: Any = None,
+    contributions: Any = None,
+    **options: Any,
 ) -> MergeReport:
-    """Merge data vectors into `base + scale·combine(vectors)` and save it as a taskvec model file.
+    """Merge data vectors into `base + λ·combine(vectors)` and save it as a taskvec model file.
 
-    `budget` is checked (every ε recomputed, each contributor's vectors composed) before any tensor is read.
-    `calibrate(base, acc) -> (scale, record)` chooses the scale instead (see `taskvec.merging.calibrate`); it may set
-    statistics in `acc`, and its record is saved in the merge metadata.
+    `plan` (else `MergePlan.create(vectors, base, **options)`: method, params, density, scale, seed, budget,
+    exclude_outliers) says how. `diagnostics` (implied by the plan's `exclude_outliers`) records
+    `diagnose`. The three hooks take a `taskvec.merging.calibrate.Calibrator` on the merger's validation data:
+    `select` chooses the method and λ, `calibrate` chooses λ, `contributions` records each vector's
+    leave-one-out value. Nothing is written when anything fails.
     """
     check_output(out, force)
-    m = get_method(method)
-    density = m.default_density if density is None else density
-    if m.default_density is not None and density is not None:
-        check_range("density", density, low=0, high=1, high_open=False)
-    bh = read_kind(base, "model")
-    headers = check_vectors(bh, vectors)
-    spent = check_merge_budget(headers, budget)
-    if m.linear:
-        acc = accumulate_linear(m, headers, density, seed, track)
+    plan = plan or MergePlan.create(vectors, base, **options)
+    bh, headers = plan.open()
+    extra: dict[str, Any] = {}
+    if diagnostics or plan.exclude_outliers:
+        found = diagnose(headers, track)
+        extra["diagnostics"] = [vars(d) for d in found]
+        if plan.exclude_outliers:
+            flagged = {d.sha256 for d in found if d.flag}
+            extra["excluded"] = [{"sha256": d.sha256, "contributor": d.contributor, "reason": d.flag}
+                                 for d in found if d.flag]
+            headers = [h for h in headers if h.meta["sha256"] not in flagged]
+            plan.check_inputs(headers)
+    scale = None
+    if select is not None:
+        plan, comb, scale, extra["selection"] = select.select(plan, bh, headers)
     else:
-        acc = accumulate_tensorwise(m, headers, density, track)
-    extra: dict[str, Any] = {"privacy_budget": spent}
-    if calibrate is not None:
-        scale, extra["calibration"] = calibrate(bh, acc)
-    return save_merged(bh, acc, headers, out, method=method, scale=scale, density=density, seed=seed, force=force,
-                       extra=extra)
-
-
-def save_merged(
-    bh: Header, acc: Accumulator, headers: Sequence[Header], out: str | os.PathLike[str], *, method: str,
-    scale: float, density: float | None, seed: int, force: bool = False, extra: dict[str, Any] | None = None,
-) -> MergeReport:
-    """Save `base + scale·acc` as a model file recording the merge and every input vector (`extra` adds to it)."""
-    m = get_method(method)
-    state = apply_to_base(bh, acc, scale)
-    summaries = [vector_summary(h) for h in headers]
-    record = {
-        "method": method,
-        "scale": scale,
-        "density": density if m.default_density is not None else None,
-        "seed": seed if m.drop else None,
-        "vectors": summaries,
-        **(extra or {}),
-    }
-    identity = save_model(
-        state, ModelSpec.from_dict(bh.meta["model"]), out,
-        extra={"parent": bh.meta["identity"], "merge": record}, force=force,
-    )
-    warnings = []
-    if any(not s["privacy"] for s in summaries):
-        warnings.append("some inputs carry no DP guarantee (see `taskvec inspect`)")
-    return MergeReport(Path(out), identity, method, scale, record["density"], summaries, warnings)
+        comb = accumulate(plan, headers, track).combined(plan.recipe)
+        if calibrate is not None:
+            scale, extra["calibration"] = calibrate(bh, comb)
+    if contributions is not None:
+        extra["contributions"] = contributions.contributions(plan, bh, headers, plan.scale if scale is None else scale)
+    return save_merged(bh, comb, headers, out, plan=plan, scale=scale, force=force, extra=extra)

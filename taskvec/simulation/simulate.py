@@ -60,7 +60,7 @@ class SimulationConfig:
     base_epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-3
-    methods: list[str] = field(default_factory=lambda: list(MERGE_METHODS))
+    methods: list[str] = field(default_factory=lambda: ["sum", "mean", "weighted", "ties", "dare"])
     calibrate: bool = True
     epsilons: list[float] = field(default_factory=list)  # one DP-SGD variant of every site per ε
     delta: float = 1e-5
