@@ -86,12 +86,13 @@ def merge(
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="With --registry: " + UNSIGNED_HELP),
 ) -> None:
     """Merge data vectors into synthetic weights: base + λ·combine(vectors), streaming where the method allows."""
-    from taskvec.cli.exchange import merge_inputs
+    from taskvec.cli.exchange import merge_inputs, trust_policy
 
     from taskvec.merging.stream import MergePlan, merge_vectors
     from taskvec.privacy.ledger import PrivacyBudget
 
-    paths = merge_inputs(vectors, registry, only_contributor, since, incremental, state, out)
+    policy = trust_policy(keyring, trust, allow_unsigned)
+    paths = merge_inputs(vectors, registry, only_contributor, since, incremental, state, out, policy)
     if calibrate is not None and select is not None:
         usage("--select already calibrates λ; give --select or --calibrate, not both")
     plan = MergePlan.create(
