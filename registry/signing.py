@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from taskvec.errors import TaskvecError
-from taskvec.io.files import check_output, open_regular
+from taskvec.io.files import atomic_output, check_output, open_regular
 
 ALGORITHM = "ed25519"
 _CONTEXT = b"taskvec-vector-signature-v1:"
@@ -41,7 +41,8 @@ def generate_key(out: str | os.PathLike[str], force: bool = False) -> tuple[Path
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     line = public_line(key.public_key())
-    pub_path.write_text(line + "\n")
+    with atomic_output(pub_path, force) as tmp:
+        tmp.write_text(line + "\n")
     return priv_path, pub_path, line
 
 

@@ -172,15 +172,14 @@ def _evaluate(name: str, group: str, path: Path | str, test: ImageDataset, epsil
 
 def _check_out(out: Path, cfg: SimulationConfig) -> None:
     record = out / "simulation.json"
-    mine = json.dumps(asdict(cfg), sort_keys=True)
     if record.exists():
-        if json.dumps(json.loads(record.read_text()), sort_keys=True) != mine:
+        if json.loads(record.read_text()) != json.loads(json.dumps(asdict(cfg))):
             raise OutputExistsError(f"{out}: holds a simulation with other settings; choose another `out`", path=out)
         return
     if out.exists() and any(out.iterdir()):
         raise OutputExistsError(f"{out}: exists and is not a taskvec simulation; choose another `out`", path=out)
     out.mkdir(parents=True, exist_ok=True)
-    record.write_text(mine)
+    write_json(record, asdict(cfg))
 
 
 def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> SimulationResult:
