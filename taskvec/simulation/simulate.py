@@ -28,7 +28,7 @@ from taskvec.io.files import write_json
 from taskvec.merging.export import export_vector
 from taskvec.merging.methods import MERGE_METHODS
 from taskvec.merging.stream import merge_vectors
-from taskvec.models.spec import build_base, save_model
+from taskvec.models.spec import ModelSpec, build_base, save_model
 from taskvec.simulation.splits import split_sites
 from taskvec.training.data import DataSplits, ImageDataset, hold_out_by_patient, load_data
 from taskvec.training.evaluate import evaluate_model
@@ -184,74 +184,89 @@ def _check_out(out: Path, cfg: SimulationConfig) -> None:
 
 def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> SimulationResult:
     """Run (or resume) a whole simulation into `cfg.out`; see the module docstring."""
-    from taskvec.merging.calibrate import Calibrator
-    from taskvec.privacy.dpsgd import DPConfig
     from taskvec.simulation.report import write_report
 
     cfg.check()
     out = Path(cfg.out)
     _check_out(out, cfg)
-    dp = bool(cfg.epsilons)
     module, spec = build_base(cfg.arch, cfg.task, cfg.num_classes, cfg.in_chans, cfg.img_size, cfg.labels,
-                              cfg.pretrained, cfg.weights, dp_compatible=dp)
+                              cfg.pretrained, cfg.weights, dp_compatible=bool(cfg.epsilons))
     pool, test, val, notes = _prepare_data(cfg, spec)
-    base = out / "base.safetensors"
     train_cfg = FinetuneConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, img_size=cfg.img_size,
                                device=cfg.device, seed=cfg.seed, resume=True, val_fraction=0.0)
-    if cfg.pretrained or cfg.weights:
-        if not base.exists():
-            save_model(module, spec, base, extra={"source": {"pretrained": cfg.pretrained, "weights": cfg.weights}})
-        notes.append("base: pretrained weights" + (f" from {cfg.weights}" if cfg.weights else " (timm hub)"))
-    else:
-        pool, public = hold_out_by_patient(pool, cfg.public_fraction, cfg.seed + 2)
-        init = out / "init.safetensors"
-        if not init.exists():
-            save_model(module, spec, init, extra={"source": {"pretrained": False, "weights": None}})
-        progress(f"training the base on a public share of {len(public)} samples")
-        run = finetune(init, public, out / "base-run", replace(train_cfg, epochs=cfg.base_epochs, contributor="public"))
-        if not base.exists():
-            os.link(run.model_path, base)
-        notes.append(f"base: no pretrained weights, so trained from scratch on a held-out public share of "
-                     f"{len(public)} samples ({cfg.public_fraction:.0%}) that no site holds")
+    base, pool = _make_base(cfg, out, module, spec, pool, train_cfg, notes, progress)
     site_idx = _site_indices(cfg, pool)
     sites = [pool.subset(idx.tolist()) for idx in site_idx]
     union = pool.subset([i for idx in site_idx for i in idx])
-
     rows = [_evaluate("base", "base", base, test, None)]
     for eps in [None, *cfg.epsilons]:
-        tag = "" if eps is None else f"-eps{eps:g}"
-        run_cfg = train_cfg if eps is None else replace(
-            train_cfg, dp=DPConfig(max_grad_norm=cfg.max_grad_norm, delta=cfg.delta, target_epsilon=eps))
-        jobs = [(str(base), ds, str(out / f"sites{tag}" / f"site{i}"), replace(run_cfg, contributor=f"site{i}",
-                 seed=cfg.seed + 10 + i)) for i, ds in enumerate(sites)]
-        jobs.append((str(base), union, str(out / f"centralised{tag}"), replace(run_cfg, contributor="centralised")))
-        models = _train_all(jobs, cfg.jobs, progress)
-        vec_dir = out / f"vectors{tag}"
-        vec_dir.mkdir(exist_ok=True)
-        vectors = []
-        for i, model in enumerate(models[:-1]):
-            v = vec_dir / f"site{i}.safetensors"
-            if not v.exists():  # re-exporting a DP run would spend its budget again
-                export_vector(model, base, v, contributor=f"site{i}")
-            vectors.append(v)
-            rows.append(_evaluate(f"site{i}{tag}", "local", model, test, eps, extra={"samples": len(sites[i])}))
-        rows.append(_evaluate(f"centralised{tag}", "centralised", models[-1], test, eps,
-                              extra={"samples": len(union)}))
-        merged_dir = out / f"merged{tag}"
-        merged_dir.mkdir(exist_ok=True)
-        for method in cfg.methods:
-            progress(f"merging {len(vectors)} vectors with {method}{tag}")
-            path = merged_dir / f"{method}.safetensors"
-            merge_vectors(vectors, base, path, method=method, seed=cfg.seed, force=True)
-            rows.append(_evaluate(f"{method}{tag}", "merged", path, test, eps, method))
-            if cfg.calibrate and val is not None:
-                cal = Calibrator(DataSplits(None, val, None, source="validation share"), device="cpu")
-                path = merged_dir / f"{method}-calibrated.safetensors"
-                merge_vectors(vectors, base, path, method=method, seed=cfg.seed, force=True, calibrate=cal)
-                rows.append(_evaluate(f"{method}+cal{tag}", "calibrated", path, test, eps, method,
-                                      extra={"scale": cal.record["chosen"]}))
+        rows += _variant(cfg, out, base, sites, union, test, val, train_cfg, eps, progress)
     summary = {"config": asdict(cfg), "notes": notes, "test_samples": len(test),
                "site_samples": [len(s) for s in sites], "metric": rows[0]["metric"], "rows": rows}
     write_json(out / "results.json", summary)
     report, plots = write_report(out, summary)
     return SimulationResult(out, rows, rows[0]["metric"], report, plots)
+
+
+def _make_base(cfg: SimulationConfig, out: Path, module: Any, spec: ModelSpec, pool: ImageDataset,
+               train_cfg: FinetuneConfig, notes: list[str], progress: Progress) -> tuple[Path, ImageDataset]:
+    """`out/base.safetensors`: the pretrained model, or one trained on a public share held out of `pool` (then
+    the rest of the pool is returned)."""
+    base = out / "base.safetensors"
+    if cfg.pretrained or cfg.weights:
+        if not base.exists():
+            save_model(module, spec, base, extra={"source": {"pretrained": cfg.pretrained, "weights": cfg.weights}})
+        notes.append("base: pretrained weights" + (f" from {cfg.weights}" if cfg.weights else " (timm hub)"))
+        return base, pool
+    pool, public = hold_out_by_patient(pool, cfg.public_fraction, cfg.seed + 2)
+    init = out / "init.safetensors"
+    if not init.exists():
+        save_model(module, spec, init, extra={"source": {"pretrained": False, "weights": None}})
+    progress(f"training the base on a public share of {len(public)} samples")
+    run = finetune(init, public, out / "base-run", replace(train_cfg, epochs=cfg.base_epochs, contributor="public"))
+    if not base.exists():
+        os.link(run.model_path, base)
+    notes.append(f"base: no pretrained weights, so trained from scratch on a held-out public share of "
+                 f"{len(public)} samples ({cfg.public_fraction:.0%}) that no site holds")
+    return base, pool
+
+
+def _variant(cfg: SimulationConfig, out: Path, base: Path, sites: list[ImageDataset], union: ImageDataset,
+             test: ImageDataset, val: ImageDataset | None, train_cfg: FinetuneConfig, eps: float | None,
+             progress: Progress) -> list[dict[str, Any]]:
+    """One variant (without DP, or DP-SGD at target ε `eps`): fine-tune every site and the centralised run,
+    export, merge with every method (and calibrated), and evaluate each; the rows of the results table."""
+    from taskvec.merging.calibrate import Calibrator
+    from taskvec.privacy.dpsgd import DPConfig
+
+    tag = "" if eps is None else f"-eps{eps:g}"
+    run_cfg = train_cfg if eps is None else replace(
+        train_cfg, dp=DPConfig(max_grad_norm=cfg.max_grad_norm, delta=cfg.delta, target_epsilon=eps))
+    jobs = [(str(base), ds, str(out / f"sites{tag}" / f"site{i}"), replace(run_cfg, contributor=f"site{i}",
+             seed=cfg.seed + 10 + i)) for i, ds in enumerate(sites)]
+    jobs.append((str(base), union, str(out / f"centralised{tag}"), replace(run_cfg, contributor="centralised")))
+    models = _train_all(jobs, cfg.jobs, progress)
+    vec_dir = out / f"vectors{tag}"
+    vec_dir.mkdir(exist_ok=True)
+    vectors, rows = [], []
+    for i, model in enumerate(models[:-1]):
+        v = vec_dir / f"site{i}.safetensors"
+        if not v.exists():  # re-exporting a DP run would spend its budget again
+            export_vector(model, base, v, contributor=f"site{i}")
+        vectors.append(v)
+        rows.append(_evaluate(f"site{i}{tag}", "local", model, test, eps, extra={"samples": len(sites[i])}))
+    rows.append(_evaluate(f"centralised{tag}", "centralised", models[-1], test, eps, extra={"samples": len(union)}))
+    merged_dir = out / f"merged{tag}"
+    merged_dir.mkdir(exist_ok=True)
+    for method in cfg.methods:
+        progress(f"merging {len(vectors)} vectors with {method}{tag}")
+        path = merged_dir / f"{method}.safetensors"
+        merge_vectors(vectors, base, path, method=method, seed=cfg.seed, force=True)
+        rows.append(_evaluate(f"{method}{tag}", "merged", path, test, eps, method))
+        if cfg.calibrate and val is not None:
+            cal = Calibrator(DataSplits(None, val, None, source="validation share"), device="cpu")
+            path = merged_dir / f"{method}-calibrated.safetensors"
+            merge_vectors(vectors, base, path, method=method, seed=cfg.seed, force=True, calibrate=cal)
+            rows.append(_evaluate(f"{method}+cal{tag}", "calibrated", path, test, eps, method,
+                                  extra={"scale": cal.record["chosen"]}))
+    return rows
