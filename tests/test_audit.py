@@ -99,3 +99,83 @@ def test_audit_cli_json(make_base, tmp_path: Path) -> None:
     out = json.loads(res.stdout)
     assert out["members"] == 20 and set(out["attacks"]) == {"loss"}
     assert 0 <= out["attacks"]["loss"]["auc"] <= 1
+
+
+def test_members_are_the_runs_training_split(make_base, tmp_path: Path) -> None:
+    """A data set without a split column: the run held some of it out for validation; those are no members."""
+    from taskvec.errors import ConfigError
+    from taskvec.io.files import read_kind, write_json
+    from taskvec.models.spec import load_model, model_spec, save_model
+    from taskvec.training.data import as_splits
+    from taskvec.training.loop import RUN_FILE
+
+    base = make_base("test_vit")
+    run = tmp_path / "run"
+    run.mkdir()
+    write_json(run / RUN_FILE, {"run_id": "r1", "parent": read_kind(base, "model").meta["identity"],
+                                "config": {"val_fraction": 0.25, "seed": 3, "img_size": None}, "data": "dataset"})
+    save_model(load_model(base), model_spec(base), run / "model.safetensors", extra={"run_id": "r1"})
+    data = _dataset(40, 5)
+    train = as_splits(data, model_spec(base), val_fraction=0.25, seed=3).train
+    assert train is not None and 0 < len(train) < 40
+    r = audit_model(run, data, _dataset(20, 6))
+    assert r["members"] == len(train)
+    with pytest.raises(ConfigError, match="^members_split 'val'"):
+        audit_model(run, data, _dataset(20, 6), members_split="val")
+    assert audit_model(base, data, _dataset(20, 6))["members"] == 40  # no run record: the data as given
+
+
+SHAPES = [(40, 250), (10_000,)]  # 20,000 coordinates in two tensors
+
+
+@pytest.mark.parametrize("z", [0.5, 1.0, 2.0])
+def test_canaries_bound_a_correct_mechanism_below_its_claim(z: float) -> None:
+    from taskvec.audits.canaries import audit_export_mechanism
+
+    a = audit_export_mechanism(SHAPES, clip=0.7, noise_multiplier=z, delta=1e-5, canaries=1000, seed=1)
+    assert a.dim == 20_000 and a.epsilon_lower_bound < a.claimed_epsilon
+    # the Gaussian mechanism is tight: the estimate is near the claim (its noise grows with z at δ = 1e-5)
+    assert a.epsilon_estimate == pytest.approx(a.claimed_epsilon, rel=0.4)
+
+
+def test_canaries_catch_a_mechanism_without_noise_or_clipping(monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskvec.audits.canaries import audit_export_mechanism
+    from taskvec.merging import export
+
+    with monkeypatch.context() as m:  # the test-only hook: no noise
+        m.setattr(export, "draw_noise", lambda shape, sigma, generator: torch.zeros(shape))
+        a = audit_export_mechanism(SHAPES, clip=1.0, noise_multiplier=1.0, delta=1e-5, canaries=500, seed=1)
+    assert a.epsilon_lower_bound > 5 * a.claimed_epsilon
+    with monkeypatch.context() as m:  # canaries are drawn at 3× the clip: an unclipped one is 3× as loud
+        m.setattr(export, "clip_", lambda tensors, clip: (0.0, 0.0))
+        a = audit_export_mechanism(SHAPES, clip=1.0, noise_multiplier=1.0, delta=1e-5, canaries=500, seed=1)
+    assert a.epsilon_lower_bound > a.claimed_epsilon
+
+
+@pytest.mark.parametrize("z", [0.5, 1.0, 3.0])
+def test_two_gaussians_of_equal_variance_are_the_gaussian_mechanism(z: float) -> None:
+    from taskvec.audits.canaries import epsilon_two_gaussians
+    from taskvec.privacy.ledger import gaussian_epsilon
+
+    assert epsilon_two_gaussians((0.0, 2.0), (2.0 / z, 2.0), 1e-5) == pytest.approx(gaussian_epsilon(z, 1e-5),
+                                                                                    rel=1e-3)
+
+
+def test_audit_canaries_cli(make_base, make_finetuned, tmp_path: Path) -> None:
+    from taskvec.cli.app import app
+    from typer.testing import CliRunner
+
+    from taskvec.errors import PrivacyError
+    from taskvec.merging.export import export_vector
+
+    base = make_base()
+    v = export_vector(make_finetuned(base, 1), base, tmp_path / "v.safetensors", clip=1.0, noise_multiplier=1.0,
+                      delta=1e-5).path
+    res = CliRunner().invoke(app, ["audit", str(v), "--canaries", "200", "--max-dim", "20000", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["claimed_epsilon"] == pytest.approx(4.377, rel=1e-3) and out["canaries"] == 200
+    assert out["epsilon_lower_bound"] < out["claimed_epsilon"]
+    clear = export_vector(make_finetuned(base, 2), base, tmp_path / "c.safetensors").path
+    res = CliRunner().invoke(app, ["audit", str(clear), "--canaries", "200", "--max-dim", "20000"])
+    assert isinstance(res.exception, PrivacyError) and "no export-time noise" in str(res.exception)

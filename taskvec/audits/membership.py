@@ -11,14 +11,16 @@ while wrongly accusing at most 1% of non-members, the number that matters for in
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from taskvec.errors import MismatchError, TaskvecError
+from taskvec.errors import ConfigError, MismatchError, TaskvecError
 from taskvec.training.metrics import auroc
 
 FPR = 0.01
@@ -59,6 +61,25 @@ def per_example_losses(model: nn.Module, spec: Any, ds: Any, *, device: str | to
     return torch.cat(out).numpy().astype(np.float64)
 
 
+def _members(model: Path, run_id: str | None, data: Any, split: str, spec: Any) -> Any:
+    """The images the model was trained on: with the run record beside the model, its training split rebuilt
+    with the run's own validation fraction and seed (a data set without split column had images held out
+    for validation, which are not members); else the `split` of the data as given."""
+    from taskvec.training.data import as_splits
+    from taskvec.training.loop import RUN_FILE
+
+    record = model.parent / RUN_FILE
+    run = json.loads(record.read_text()) if record.exists() else {}
+    if run.get("run_id") is None or run["run_id"] != run_id:
+        return as_splits(data, spec, val_fraction=0.0).get(split)
+    if split not in ("train", "all"):
+        raise ConfigError(f"members_split {split!r}: the model in {model.parent} was trained on its training "
+                          "split only (its run record says how it was split)", field="members_split", got=split)
+    cfg = run["config"]
+    splits = as_splits(data, spec, img_size=cfg.get("img_size"), val_fraction=cfg["val_fraction"], seed=cfg["seed"])
+    return splits.get("train")
+
+
 def audit_model(
     model_path: str | os.PathLike[str],
     members: Any,
@@ -80,7 +101,7 @@ def audit_model(
     header = read_kind(path, "model")
     spec = ModelSpec.from_dict(header.meta["model"])
     sets = {
-        "members": as_splits(members, spec, val_fraction=0.0).get(members_split),
+        "members": _members(path, header.meta.get("run_id"), members, members_split, spec),
         "non_members": as_splits(non_members, spec, val_fraction=0.0).get(non_members_split),
     }
     model = load_model(path, device)
