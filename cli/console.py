@@ -10,7 +10,7 @@ from typing import Any, NoReturn, TypeVar
 from rich.console import Console
 
 T = TypeVar("T")
-STATE = {"debug": False}
+STATE: dict[str, Any] = {"debug": False, "rank": 0}  # rank: of a torchrun launch; only rank 0 reports
 USAGE = 2  # exit code of every bad option or option conflict, as click gives for a malformed one
 console = Console(highlight=False)
 
@@ -39,7 +39,8 @@ def error_message(error: Exception) -> str:
 
 def fail(message: str, code: int = 1) -> NoReturn:
     first = " ".join(message.split("\n"))
-    print(f"error: {first}", file=sys.stderr)
+    rank = f"rank {STATE['rank']}: " if STATE["rank"] else ""  # the launcher may stop rank 0 before it prints
+    print(f"error: {rank}{first}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -49,7 +50,8 @@ def usage(message: str) -> NoReturn:
 
 
 def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    if not STATE["rank"]:
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def print_json(obj: Any) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from taskvec.cli.console import console, print_json, track, usage, warn
+from taskvec.cli.console import STATE, console, print_json, track, usage, warn
 
 
 class _TrainProgress:
@@ -87,7 +87,10 @@ def finetune(
     delta: float = typer.Option(1e-5, help="--dp: δ of the guarantee (keep it below 1 / number of patients)."),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="--dp: clip each unit's gradient to this norm."),
 ) -> None:
-    """Fine-tune the base on local data; the run folder is then ready for `taskvec export RUN_DIR`."""
+    """Fine-tune the base on local data; the run folder is then ready for `taskvec export RUN_DIR`.
+
+    Several GPUs: `torchrun --standalone --nproc_per_node=N $(which taskvec) finetune ...` (rank 0 reports)."""
+    from taskvec.training.distributed import launched_rank
     from taskvec.training.loop import FinetuneConfig
     from taskvec.training.loop import finetune as run
 
@@ -103,6 +106,8 @@ def finetune(
         device=device, seed=seed, resume=resume, val_fraction=val_fraction, contributor=contributor,
         augment=augment, num_workers=workers, dp=private,
     )
+    if launched_rank():  # rank 0 of a torchrun launch reports
+        console.quiet, STATE["rank"] = True, launched_rank()
     bar = _TrainProgress()
     r = run(base, data, out, config, track=bar.track, on_epoch=bar.on_epoch)
     for w in r.warnings:

@@ -198,18 +198,24 @@ def require_dp_ready(model: nn.Module) -> None:
 class PatientPoissonSampler(Sampler[list[int]]):
     """Batches of whole patients: each patient enters a batch independently with probability q.
 
+    With `shard=(rank, world)` the sampler of one of several processes: it draws from every world-th
+    patient only, yields the same number of (possibly empty) batches as every other rank, and the union of
+    the ranks' batches is a Poisson sample of all patients when each rank has a generator of its own.
+
     For every batch it yields, it queues the patient index of each image (0..k-1 within the batch), which the
     optimizer pops in the same order to sum gradients per patient. DataLoader keeps batches in sampler order.
     """
 
     def __init__(self, patient_ids: Sequence[Hashable], sample_rate: float,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, *, shard: tuple[int, int] = (0, 1),
+                 steps_per_epoch: int | None = None) -> None:
         groups: dict[Hashable, list[int]] = {}
         for i, pid in enumerate(patient_ids):
             groups.setdefault(pid, []).append(i)
-        self.patients = list(groups.values())
+        rank, world = shard
+        self.patients = list(groups.values())[rank::world]  # several processes: whole patients per rank
         self.sample_rate = sample_rate
-        self.steps_per_epoch = round(1 / sample_rate)
+        self.steps_per_epoch = steps_per_epoch or round(1 / sample_rate)
         self.generator = generator
         self.queue: deque[torch.Tensor] = deque()
 
@@ -248,10 +254,10 @@ class EmptyBatchSafe(nn.Module):
         return torch.zeros((0, *shape), device=x.device, requires_grad=True)
 
 
-def _optimizer_class() -> type:
-    from opacus.optimizers import DPOptimizer
+def _optimizer_class(distributed: bool = False) -> type:
+    from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
-    class TaskvecDPOptimizer(DPOptimizer):
+    class TaskvecDPOptimizer(DistributedDPOptimizer if distributed else DPOptimizer):  # type: ignore[misc]
         """DPOptimizer that takes noise-only steps on empty batches and, given `owners` (the patient index of
         each image of each batch, in order), clips the sum of each patient's per-image gradients."""
 
@@ -304,6 +310,7 @@ def make_private(
     epochs: int | None = None,
     steps: int | None = None,
     patient_ids: Sequence[Hashable] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, PrivacyMeter]:
     """Turn a non-private (model, optimizer, loader) into DP-SGD ones and a meter of the privacy spent.
 
@@ -312,6 +319,11 @@ def make_private(
     model must be DP-ready (`taskvec init --dp-compatible`) and on its training device. Sampling and noise draw
     from generators seeded from the OS (secret), unless `config.seed` is set for tests: reproducible noise is
     not secret.
+
+    `shard=(rank, world)`: one of `world` processes (torch.distributed initialised). `loader` is the same
+    global loader on every rank, so the sample rate and steps are those of one process; units are kept
+    whole per rank, each rank samples its own, and noise is added on rank 0 only (Opacus's
+    DistributedDPOptimizer). Ranks must seed `config.seed` differently (or leave it unset).
     """
     if (epochs is None) == (steps is None):
         raise TaskvecError("make_private needs the planned epochs or steps (one of them)")
@@ -334,9 +346,14 @@ def make_private(
             raise PrivacyError(f"{len(patient_ids)} patient ids for {n_images} images")
         n_units, unit = len(set(patient_ids)), "patient"
         per_batch = max(1.0, (loader.batch_size or 1) * n_units / n_images)  # whole patients, ~batch images
-        sampler = PatientPoissonSampler(patient_ids, 1 / max(1, round(n_units / per_batch)), sampler_gen)
+        sampler = PatientPoissonSampler(patient_ids, 1 / max(1, round(n_units / per_batch)), sampler_gen,
+                                        shard=shard)
         private_loader = _patient_loader(loader, sampler)
         q = sampler.sample_rate
+    elif shard[1] > 1:  # Opacus's distributed Poisson sampler drops a rank's empty batch: ranks fall out of step
+        n_units, unit, q = n_images, "image", 1 / len(loader)  # as DPDataLoader.from_data_loader
+        sampler = PatientPoissonSampler(range(n_images), q, sampler_gen, shard=shard, steps_per_epoch=int(1 / q))
+        private_loader = _patient_loader(loader, sampler)
     else:
         n_units, unit = n_images, "image"
         logging.getLogger("opacus.data_loader").setLevel(logging.ERROR)  # "ignoring drop_last": Poisson has none
@@ -362,10 +379,10 @@ def make_private(
     hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch",
                             strict=False)
     kwargs = {"noise_multiplier": z, "max_grad_norm": config.max_grad_norm,
-              "expected_batch_size": max(1, round(q * n_units)), "generator": noise_gen}
+              "expected_batch_size": max(1, round(q * n_units)) / shard[1], "generator": noise_gen}
     safe = EmptyBatchSafe(model)
     owners = sampler.queue if patient_ids is not None else None
-    dp_optimizer = _optimizer_class()(optimizer, model=safe, owners=owners, **kwargs)
+    dp_optimizer = _optimizer_class(shard[1] > 1)(optimizer, model=safe, owners=owners, **kwargs)
     meter = PrivacyMeter(config, unit, q, z, limit, mode, hooks=hooks)
     dp_optimizer.attach_step_hook(meter.on_step)
     return safe, dp_optimizer, private_loader, meter

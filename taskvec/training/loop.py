@@ -22,7 +22,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from taskvec.models.spec import ModelSpec, create_module, load_model, save_model
 from taskvec.privacy.dpsgd import DPConfig, make_private, require_dp_ready
 from taskvec.progress import Track, no_track
 from taskvec.training.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader
+from taskvec.training.distributed import Group, augment_bits, process_group, rank_seed, shard_loader, wrap_model
 from taskvec.training.evaluate import autocast, evaluate_module, resolve_device
 from taskvec.training.metrics import primary_metric
 
@@ -96,19 +97,25 @@ class TrainingSetup:
     stop: Callable[[], bool] = lambda: False
 
 
-def prepare_training(setup: TrainingSetup, config: FinetuneConfig, run_id: str) -> TrainingSetup:
+def prepare_training(setup: TrainingSetup, config: FinetuneConfig, run_id: str, group: Group = Group()
+                     ) -> TrainingSetup:
     """The DP seam: identity without DP; with `config.dp`, the private model, optimizer and loader from
     `taskvec.privacy.dpsgd` (patient unit when the training data has patient ids), whose ledger, checkpoint
-    state and stop condition come from the privacy meter."""
+    state and stop condition come from the privacy meter. Several processes (`group`): the model wrapped
+    for them and each rank's share of the loader (`taskvec.training.distributed`)."""
     if config.dp is None:
-        return setup
+        if group.world == 1:
+            return setup
+        return replace(setup, model=wrap_model(setup.model, group, private=False),
+                       loader=shard_loader(setup.loader, group))
     epochs = None if config.steps else (config.epochs or DEFAULT_EPOCHS)
     model, optimizer, loader, meter = make_private(
-        setup.model, setup.optimizer, setup.loader, config.dp, epochs=epochs, steps=config.steps,
-        patient_ids=getattr(setup.loader.dataset, "groups", None),
+        setup.model, setup.optimizer, setup.loader, replace(config.dp, seed=rank_seed(config.dp.seed, group)),
+        epochs=epochs, steps=config.steps, patient_ids=getattr(setup.loader.dataset, "groups", None),
+        shard=group.shard,
     )
     return TrainingSetup(
-        model, optimizer, loader,
+        wrap_model(model, group, private=True), optimizer, loader,
         privacy=lambda: [meter.ledger_entry(run_id)] if meter.steps else [],
         state=meter.state, load_state=meter.load_state, stop=lambda: meter.exhausted,
     )
@@ -189,11 +196,12 @@ class SegmentationLoss(nn.Module):
         return self.ce(logits, target) + (1 - dice).mean()
 
 
-def augment(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+def augment(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator,
+            group: Group = Group()) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply one of the 8 symmetries of the square per sample (random transpose, then random flips of each
     axis: together every rotation by 90° and every mirror), the same to a sample's mask."""
     b = x.shape[0]
-    bits = torch.randint(0, 2, (3, b), generator=gen).bool().to(x.device)
+    bits = augment_bits((3, b), gen, group).bool().to(x.device)
 
     def apply(t: torch.Tensor) -> torch.Tensor:
         shape = (b,) + (1,) * (t.dim() - 1)
@@ -314,7 +322,8 @@ def finetune(
     """Fine-tune `base` on `data` (a path, `DataSplits`, or one `ImageDataset` to split) into `out_dir`.
 
     Writes `out_dir/checkpoint.safetensors` after every epoch and, at the end, `model.safetensors` (a taskvec
-    model file with parent, run id, training record and privacy ledger) and `metrics.json`.
+    model file with parent, run id, training record and privacy ledger) and `metrics.json`. Under a launcher
+    (torchrun), every process calls this; rank 0 alone writes and reports (`taskvec.training.distributed`).
     """
     config = config or FinetuneConfig()
     config.check()
@@ -330,9 +339,12 @@ def finetune(
         raise TaskvecError(f"{splits.source}: no training split")
     if config.dp is not None:  # refuse a base DP-SGD cannot train before the run folder exists
         require_dp_ready(create_module(spec))
-    run = _start(base, header.meta["identity"], spec, splits.train, out, config, splits.source)
-    history = _train(run, config, splits.val, track, on_epoch)
-    return _save_run(run, config, splits, history)
+    with process_group(resolve_device(config.device)) as group:
+        if not group.main:  # rank 0 reports
+            track, on_epoch = no_track, None
+        run = _start(base, header.meta["identity"], spec, splits.train, out, config, splits.source, group)
+        history = _train(run, config, splits.val, track, on_epoch)
+        return _save_run(run, config, splits, history)
 
 
 @dataclass
@@ -352,14 +364,15 @@ class _Run:
     total: int
     start_epoch: int
     history: list[dict[str, Any]]
+    group: Group
 
 
 def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: ImageDataset, out: Path,
-           config: FinetuneConfig, source: str) -> _Run:
-    """Open the run folder, load the base, build optimizer and loader (private ones under DP), and pick up
-    the last checkpoint if there is one."""
-    run_id = _open_run(out, parent, config, source)
-    device = resolve_device(config.device)
+           config: FinetuneConfig, source: str, group: Group) -> _Run:
+    """Open the run folder (rank 0), load the base, build optimizer and loader (private ones under DP; this
+    rank's share of them), and pick up the last checkpoint if there is one."""
+    run_id = group.on_main(lambda: _open_run(out, parent, config, source))
+    device = group.device
     net = load_model(base, device)
     _check_size(net, spec, train.img_size, device)
     import timm.optim
@@ -368,11 +381,11 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
     loader_gen = torch.Generator()
     loader = make_loader(train, config.batch_size, device, shuffle=True, generator=loader_gen,
                          drop_last=len(train) > config.batch_size, num_workers=config.num_workers)
-    setup = prepare_training(TrainingSetup(net, optimizer, loader), config, run_id)
+    setup = prepare_training(TrainingSetup(net, optimizer, loader), config, run_id, group)
     per_epoch = len(setup.loader)
     epochs = math.ceil(config.steps / per_epoch) if config.steps else (config.epochs or DEFAULT_EPOCHS)
     run = _Run(out, parent, run_id, spec, device, net, setup, loader_gen, per_epoch, epochs,
-               config.steps or epochs * per_epoch, 0, [])
+               config.steps or epochs * per_epoch, 0, [], group)
     if (out / CHECKPOINT_FILE).exists():
         meta = load_checkpoint(out / CHECKPOINT_FILE, net, setup.optimizer)
         run.start_epoch, run.history = meta["epoch"], meta["history"]
@@ -415,7 +428,7 @@ def _train(run: _Run, config: FinetuneConfig, val: ImageDataset | None, track: T
             g["lr"] = lr
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         if config.augment:
-            x, y_aug = augment(x, y if seg else None, aug_gen)
+            x, y_aug = augment(x, y if seg else None, aug_gen, run.group)
             y = y_aug if y_aug is not None else y
         optimizer.zero_grad(set_to_none=True)
         with autocast(run.device) if mixed else contextlib.nullcontext():
@@ -423,18 +436,20 @@ def _train(run: _Run, config: FinetuneConfig, val: ImageDataset | None, track: T
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        loss_sum += loss.detach()
+        if x.shape[0]:  # an empty Poisson batch (DP-SGD) takes a noise-only step but has no loss
+            loss_sum += loss.detach() * x.shape[0]
         seen += x.shape[0]
         steps_in_epoch += 1
         stopping = setup.stop()
         end_of_epoch = stopping or st.step + 1 == min(run.total, (st.epoch + 1) * run.per_epoch)
         if steps_in_epoch % 10 == 0 or end_of_epoch:
             st.loss = float(loss.detach())
-            st.images_per_s = seen / (time.perf_counter() - t0)
+            st.images_per_s = seen * run.group.world / (time.perf_counter() - t0)
         if not end_of_epoch:
             continue
-        seconds = time.perf_counter() - t0
-        record = EpochRecord(st.epoch + 1, st.step + 1, float(loss_sum) / steps_in_epoch, lr, seconds, seen / seconds)
+        seconds, images = time.perf_counter() - t0, run.group.sum(seen)
+        record = EpochRecord(st.epoch + 1, st.step + 1, run.group.sum(float(loss_sum)) / max(1, images), lr, seconds,
+                             images / seconds)
         _end_epoch(run, config, val, record)
         if on_epoch is not None:
             on_epoch(record)
@@ -453,14 +468,15 @@ def _end_epoch(run: _Run, config: FinetuneConfig, val: ImageDataset | None, reco
                                      num_workers=config.num_workers)
         run.setup.model.train()
     run.history.append(asdict(record))
-    save_checkpoint(run.out / CHECKPOINT_FILE, run.net, run.setup.optimizer,
-                    {"epoch": record.epoch, "step": record.steps, "history": run.history, "run_id": run.run_id,
-                     "parent": run.parent, "setup": run.setup.state()})
+    if run.group.main:
+        save_checkpoint(run.out / CHECKPOINT_FILE, run.net, run.setup.optimizer,
+                        {"epoch": record.epoch, "step": record.steps, "history": run.history, "run_id": run.run_id,
+                         "parent": run.parent, "setup": run.setup.state()})
 
 
 def _save_run(run: _Run, config: FinetuneConfig, splits: DataSplits, history: list[dict[str, Any]]) -> FinetuneResult:
     """Write `metrics.json` and the model file (parent, run id, training record, privacy ledger); drop the
-    checkpoint."""
+    checkpoint. Rank 0 writes; every rank returns once it has."""
     train, val, out = splits.train, splits.val, run.out
     assert train is not None
     val_metrics = history[-1]["val"] if history else {}
@@ -474,15 +490,17 @@ def _save_run(run: _Run, config: FinetuneConfig, splits: DataSplits, history: li
     identity = state_digest(run.net.state_dict())
     result = FinetuneResult(out, out / MODEL_FILE, identity, run.run_id, len(train), epochs, total, history,
                             val_metrics, run.start_epoch, len(splits.skipped), splits.warnings)
-    summary = {k: v for k, v in asdict(result).items() if k not in ("run_dir", "model_path")}
-    name, value = primary_metric(val_metrics) if val_metrics else ("", None)
-    write_json(out / METRICS_FILE, {**summary, "parent": run.parent, "task": run.spec.task, "data": splits.source,
-                                     "samples": {"train": len(train), "val": training["val_samples"]},
-                                     "config": _config_dict(config), "primary_metric": {name: value},
-                                     "privacy": privacy})
-    if privacy:  # counts and validation metrics come from private data outside the guarantee: metrics.json only
-        training = {k: v for k, v in training.items() if k not in PRIVATE_TRAINING_FIELDS}
-    save_model(run.net, run.spec, out / MODEL_FILE,
-               extra={"parent": run.parent, "run_id": run.run_id, "training": training, "privacy": privacy})
-    (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+    if run.group.main:
+        summary = {k: v for k, v in asdict(result).items() if k not in ("run_dir", "model_path")}
+        name, value = primary_metric(val_metrics) if val_metrics else ("", None)
+        write_json(out / METRICS_FILE, {**summary, "parent": run.parent, "task": run.spec.task,
+                                         "data": splits.source, "config": _config_dict(config),
+                                         "samples": {"train": len(train), "val": training["val_samples"]},
+                                         "primary_metric": {name: value}, "privacy": privacy})
+        if privacy:  # counts and validation metrics come from private data outside the guarantee: metrics.json only
+            training = {k: v for k, v in training.items() if k not in PRIVATE_TRAINING_FIELDS}
+        save_model(run.net, run.spec, out / MODEL_FILE,
+                   extra={"parent": run.parent, "run_id": run.run_id, "training": training, "privacy": privacy})
+        (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+    run.group.barrier()
     return result
