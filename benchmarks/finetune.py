@@ -2,6 +2,7 @@
 
     python benchmarks/finetune.py --arch resnet18 --img-size 64 --batch-size 32 --images 640 --repeats 3
     python benchmarks/finetune.py --real-only --device cuda
+    python benchmarks/finetune.py --nproc 2 --arch resnet18 --img-size 64 --batch-size 32 --images 256 --repeats 3
 
 Throughput: the same model, batch size and in-memory images (random uint8, 2 classes). The bare loop is
 what a user would write: a TensorDataset of ready uint8 tensors, AdamW, cross-entropy, the same autocast;
@@ -10,13 +11,19 @@ Each repeat trains two epochs of each loop, alternating, and times the second ep
 gives medians and the ratio of medians. Real data: `taskvec finetune` on ../shared/data (BreastMNIST,
 MoNuSeg), median seconds of the training part of an epoch and of the whole epoch (with validation and the
 checkpoint).
+
+`--nproc N`: images/s of the second epoch of `taskvec finetune` as one process against N processes under
+torchrun (DDP; the same global batch). On CPU the one process gets N threads and each of the N gloo
+processes one (the same cores); on GPUs, 1 GPU against N.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,6 +127,44 @@ def real(args: argparse.Namespace, device: torch.device, work: Path) -> None:
               f"{statistics.median(walls):.2f} |")
 
 
+def processes(args: argparse.Namespace, device: torch.device, work: Path) -> None:
+    rng = np.random.default_rng(0)
+    s, n = args.img_size, args.nproc
+    data = work / "bench.npz"
+    np.savez(data, train_images=rng.integers(0, 256, (args.images, s, s, 3), dtype=np.uint8),
+             train_labels=(np.arange(args.images) % 2).astype(np.int64))
+    torch.manual_seed(0)
+    module, spec = build_base(args.arch, "classification", 2, 3, s)
+    base = work / "base.safetensors"
+    save_model(module, spec, base)
+    cpu = device.type == "cpu"
+
+    def rate(tag: str, launcher: list[str], threads: int) -> float:
+        out = work / tag
+        cmd = [*launcher, "-m", "taskvec.cli.app", "finetune", "--base", str(base), "--data", str(data), "--out",
+               str(out), "--epochs", "2", "--batch-size", str(args.batch_size), "--val-fraction", "0",
+               "--device", device.type]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if cpu else None
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        return float(json.loads((out / "metrics.json").read_text())["history"][-1]["images_per_s"])
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+    one, many = [], []
+    for i in range(args.repeats):
+        one.append(rate(f"one{i}", [sys.executable], n))
+        many.append(rate(f"many{i}", torchrun, 1))
+    m1, mn = statistics.median(one), statistics.median(many)
+    unit = f"{n} CPU threads" if cpu else "1 GPU"
+    print(f"\n{args.arch} @ {s}px, global batch {args.batch_size}, {args.images} images, {device.type}, "
+          f"median of {args.repeats} (second epoch each)")
+    print("| run | images/s (median) | all runs |")
+    print("|---|---|---|")
+    print(f"| 1 process ({unit}) | {m1:.1f} | {', '.join(f'{v:.1f}' for v in one)} |")
+    print(f"| {n} processes, torchrun ({'gloo, 1 thread each' if cpu else 'NCCL, 1 GPU each'}) | {mn:.1f} | "
+          f"{', '.join(f'{v:.1f}' for v in many)} |")
+    print(f"| ratio {n} processes / 1 | {mn / m1:.2f} | |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet18")
@@ -134,12 +179,16 @@ def main() -> None:
     p.add_argument("--real-cls-size", type=int, default=64)
     p.add_argument("--real-seg-arch", default="resnet18")
     p.add_argument("--real-epochs", type=int, default=4)
+    p.add_argument("--nproc", type=int, default=0, help="compare 1 process with N under torchrun (only that)")
     args = p.parse_args()
     device = resolve_device(args.device)
     print(f"torch {torch.__version__}, timm {timm.__version__}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU threads {torch.get_num_threads()}'}")
     print("command: python benchmarks/finetune.py " + " ".join(sys.argv[1:]))
     with tempfile.TemporaryDirectory() as tmp:
+        if args.nproc:
+            processes(args, device, Path(tmp))
+            return
         if not args.real_only:
             throughput(args, device, Path(tmp))
         if not args.skip_real:

@@ -259,7 +259,8 @@ def _optimizer_class(distributed: bool = False) -> type:
 
     class TaskvecDPOptimizer(DistributedDPOptimizer if distributed else DPOptimizer):  # type: ignore[misc]
         """DPOptimizer that takes noise-only steps on empty batches and, given `owners` (the patient index of
-        each image of each batch, in order), clips the sum of each patient's per-image gradients."""
+        each image of each batch, in order), clips the sum of each patient's per-image gradients. `distributed`:
+        Opacus's DistributedDPOptimizer, which adds the noise on rank 0 only and averages over the ranks."""
 
         def __init__(self, *args: Any, model: EmptyBatchSafe, owners: deque[torch.Tensor] | None = None,
                      **kwargs: Any) -> None:
