@@ -128,11 +128,16 @@ def test_dp_ledger_is_the_one_process_ledger(tmp_path: Path, site: tuple[Path, P
 
 def test_distributed_dp_step_is_the_one_process_step(tmp_path: Path) -> None:
     """Noise off, the same global batch: clipping per image or per patient on two ranks (patients whole per
-    rank), summed across ranks and divided by the global expected batch, gives the one-process update."""
+    rank), summed across ranks and divided by the global expected batch, gives the one-process update.
+    And rank 0's results and errors reach every rank."""
     sys.path.insert(0, str(TESTS))
-    from distributed_dp_step import one_step
+    from distributed_worker import one_step
 
-    torchrun(str(TESTS / "distributed_dp_step.py"), str(tmp_path))
+    torchrun(str(TESTS / "distributed_worker.py"), str(tmp_path))
+    for rank in (0, 1):
+        told = json.loads((tmp_path / f"world2-rank{rank}.json").read_text())
+        expected = "run folder exists" if rank == 0 else "rank 0 stopped: run folder exists"
+        assert told == {"value": "from rank 0", "error": expected}
     for unit in ("image", "patient"):
         alone = one_step(Group(), unit == "patient")
         for rank in (0, 1):

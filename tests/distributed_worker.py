@@ -1,12 +1,14 @@
-"""Run under torchrun (or alone) by tests/test_distributed.py: one DP-SGD step of a tiny linear model, noise
-switched off, on a fixed global batch of 8 units split among the ranks; writes the updated weight to
-`OUT/rank<r>-<unit>.pt` for the test to compare with the one-process step.
+"""Run under torchrun (or alone) by tests/test_distributed.py. Writes to OUT, for the test to check:
+`world<N>-rank<r>-<unit>.pt`, the weight after one DP-SGD step of a tiny linear model, noise switched off, on
+a fixed global batch split among the ranks (to compare with the one-process step), and
+`world<N>-rank<r>.json`, what `Group.on_main` gave each rank.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distributed_dp_step.py OUT
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distributed_worker.py OUT
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from taskvec.errors import TaskvecError
 from taskvec.privacy.dpsgd import DPConfig, make_private
 from taskvec.training.distributed import Group, process_group, wrap_model
 
@@ -44,11 +47,25 @@ def one_step(group: Group, patients: bool) -> torch.Tensor:
     return net[1].weight.detach().clone()
 
 
+def on_main(group: Group) -> dict[str, str]:
+    """A value and an error of rank 0 reach every rank (none waits forever)."""
+
+    def refuse() -> None:
+        raise TaskvecError("run folder exists")
+
+    try:
+        group.on_main(refuse)
+    except TaskvecError as e:
+        return {"value": group.on_main(lambda: f"from rank {group.rank}"), "error": str(e)}
+    return {}
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     with process_group(torch.device("cpu")) as group:
         for unit in ("image", "patient"):
             torch.save(one_step(group, unit == "patient"), out / f"world{group.world}-rank{group.rank}-{unit}.pt")
+        (out / f"world{group.world}-rank{group.rank}.json").write_text(json.dumps(on_main(group)))
 
 
 if __name__ == "__main__":
