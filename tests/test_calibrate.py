@@ -101,3 +101,23 @@ def test_calibration_data_must_match_labels(tmp_path: Path, two_vectors: tuple) 
     with pytest.raises(MismatchError, match="outside the base's classes"):
         merge_vectors(vecs, base, tmp_path / "x.safetensors", calibrate=Calibrator(other, device="cpu"))
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_calibration_never_uses_test_data() -> None:
+    """Data with its own test split: λ is chosen on the rest; data that is all test is refused."""
+    import numpy as np
+
+    from taskvec.errors import ConfigError
+    from taskvec.merging.calibrate import calibration_set
+    from taskvec.training.data import DataSplits, ImageDataset
+
+    def ds(n: int) -> ImageDataset:
+        images = np.zeros((n, 8, 8, 3), dtype=np.uint8)
+        return ImageDataset("classification", 2, 8, 3, list(range(n)), [0] * n, array=images)
+
+    train, val, test = ds(5), ds(3), ds(7)
+    assert calibration_set(DataSplits(train, val, test, "d")) is val
+    assert calibration_set(DataSplits(train, None, test, "d")) is train
+    assert len(calibration_set(DataSplits(train, None, None, "d"))) == 5
+    with pytest.raises(ConfigError, match="^calibrate: d holds only a test split"):
+        calibration_set(DataSplits(None, None, test, "d"))

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from taskvec.errors import TaskvecError
+from taskvec.errors import ConfigError, TaskvecError
 from taskvec.io.files import Header
 from taskvec.io.layout import is_statistic
 from taskvec.merging.methods import MERGE_METHODS
@@ -65,9 +65,23 @@ class _Context:
     bn: bool
 
 
+def calibration_set(splits: DataSplits) -> ImageDataset:
+    """The data choices are made on: the `val` split, else every sample outside a `test` split (choosing on
+    test data would make any later test score optimistic); data that is all test is refused."""
+    if splits.val is not None:
+        return splits.val
+    if splits.test is None:
+        return splits.get("all")
+    if splits.train is None:
+        raise ConfigError(f"calibrate: {splits.source} holds only a test split; choosing λ on it would leave no "
+                          "honest test score. Give validation data", field="calibrate", path=splits.source)
+    return splits.train
+
+
 @dataclass
 class Calibrator:
-    """Choices made on the merger's own validation data `data` (used whole, or its `val` split when it has one):
+    """Choices made on the merger's own validation data `data` (see `calibration_set`: its `val` split, else all
+    of it outside a `test` split):
 
     - called as a `merge_vectors(calibrate=...)` hook: grid-search λ; `record` holds the grid afterwards;
     - `select`: the method and λ with the best score (every applicable method at its defaults, each calibrated);
@@ -88,7 +102,7 @@ class Calibrator:
         if self._ctx is None or self._ctx.identity != base.meta["identity"]:
             spec = ModelSpec.from_dict(base.meta["model"])
             splits = as_splits(self.data, spec, val_fraction=0.0)
-            ds = splits.val if splits.val is not None else splits.get("all")
+            ds = calibration_set(splits)
             device = resolve_device(self.device)
             model = create_module(spec).to(device)
             self._ctx = _Context(base.meta["identity"], spec, splits.source, ds, device, model,
