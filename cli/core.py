@@ -103,29 +103,30 @@ def inspect(
 
     info = inspect_file(file)
     if as_json:
-        print_json(info)
+        print_json(info.to_dict())
         return
     _print_summary(info)
 
 
-def _print_summary(info: dict[str, Any]) -> None:
+def _print_summary(info: Any) -> None:
+    """The `FileInfo` of `taskvec inspect` as a table."""
     from rich.table import Table
 
     from taskvec.privacy.ledger import summarize_ledger
 
-    m = info["metadata"]
+    m = info.metadata
     t = Table(show_header=False, box=None)
     t.add_column(no_wrap=True)
     t.add_column(overflow="fold")
     rows: list[tuple[str, str]] = [
-        ("kind", info["kind"]),
-        ("size", f"{info['size_bytes'] / 1e6:.2f} MB"),
-        ("tensors", str(info["tensors"])),
-        ("parameters", f"{info['parameters']:,}"),
-        ("L2 norm", f"{info['l2_norm']:.6g}"),
-        ("integrity", {True: "ok", False: "MISMATCH", None: "no stored hash"}[info["integrity"]]),
+        ("kind", info.kind),
+        ("size", f"{info.size_bytes / 1e6:.2f} MB"),
+        ("tensors", str(info.tensors)),
+        ("parameters", f"{info.parameters:,}"),
+        ("L2 norm", f"{info.l2_norm:.6g}"),
+        ("integrity", {True: "ok", False: "MISMATCH", None: "no stored hash"}[info.integrity]),
     ]
-    if info["kind"] == "model":
+    if info.kind == "model":
         spec = m["model"]
         rows += [("identity", m["identity"]), ("model", f"{spec['arch']} {spec['task']} {spec['num_classes']} classes"),
                  ("labels", ", ".join(spec["labels"]))]
@@ -136,14 +137,14 @@ def _print_summary(info: dict[str, Any]) -> None:
             rows.append(("merge", f"{mg['method']} of {len(mg['vectors'])} vectors, λ={mg['scale']:g}"))
             rows += [(f"  {v['contributor']}", f"{v['sha256'][:12]} {summarize_ledger(v['privacy'])}")
                      for v in mg["vectors"]]
-    elif info["kind"] == "vector":
+    elif info.kind == "vector":
         rows += [("sha256", m["sha256"]), ("base", f"{m['base']['identity']} ({m['base']['arch']})"),
                  ("contributor", str(m["contributor"])), ("samples", str(m.get("samples"))),
                  ("dtype", m["dtype"])]
         if "pre_clip" in m.get("norm", {}):
             rows.append(("norm before clip", f"{m['norm']['pre_clip']:.6g}"))
-    if info["kind"] != "state_dict":
-        rows += [("created", m.get("created", "?")), ("privacy", summarize_ledger(info["privacy"]))]
+    if info.kind != "state_dict":
+        rows += [("created", m.get("created", "?")), ("privacy", summarize_ledger(info.privacy))]
     for k, v in rows:
         t.add_row(f"[bold]{k}[/]", v)
     console.print(t)

@@ -58,7 +58,7 @@ def test_dp_finetune_stops_at_target_and_ledger_travels(tmp_path: Path, make_bas
         assert private not in model["training"]
 
     v = export_vector(tmp_path / "run", base, tmp_path / "v.safetensors")
-    assert inspect_file(v.path)["privacy"] == [entry]
+    assert inspect_file(v.path).privacy == [entry]
     assert read_kind(v.path, "vector").meta["samples"] is None  # not declared public
 
 

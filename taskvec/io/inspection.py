@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -11,10 +12,30 @@ import numpy as np
 from taskvec.io.files import FLOAT_DTYPES, Digest, iter_raw, read_header
 from taskvec.io.tensors_np import as_float64
 
-__all__ = ["inspect_file"]
+__all__ = ["FileInfo", "inspect_file"]
 
 
-def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+@dataclass
+class FileInfo:
+    """What `inspect_file` found; `integrity` is None when the file stores no content hash."""
+
+    path: str
+    kind: str
+    size_bytes: int
+    tensors: int
+    parameters: int
+    l2_norm: float
+    content_sha256: str
+    integrity: bool | None
+    privacy: list[dict[str, Any]]
+    metadata: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record `taskvec inspect --json` prints."""
+        return asdict(self)
+
+
+def inspect_file(path: str | os.PathLike[str]) -> FileInfo:
     """Kind, metadata, tensor and parameter counts, size, L2 norm, integrity and privacy ledger of a file."""
     h = read_header(path)
     meta = h.meta
@@ -30,15 +51,5 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
                 sq += float(np.square(as_float64(data, t.dtype)).sum())
     content = dig.hexdigest()
     stored = meta.get("identity") if h.kind == "model" else meta.get("sha256")
-    return {
-        "path": str(h.path),
-        "kind": h.kind,
-        "size_bytes": h.size,
-        "tensors": len(h.tensors),
-        "parameters": params,
-        "l2_norm": math.sqrt(sq),
-        "content_sha256": content,
-        "integrity": None if stored is None else stored == content,
-        "privacy": meta.get("privacy", []),
-        "metadata": meta,
-    }
+    return FileInfo(str(h.path), h.kind, h.size, len(h.tensors), params, math.sqrt(sq), content,
+                    None if stored is None else stored == content, meta.get("privacy", []), meta)
