@@ -1,5 +1,5 @@
 """`taskvec audit`: a membership-inference attack on a model, to see what DP protects, or (`--canaries`) an
-empirical ε of the export mechanism itself."""
+empirical ε of the export mechanism itself; `taskvec audit-reconstruction`: can the images be rebuilt from it?"""
 
 from __future__ import annotations
 
@@ -70,5 +70,60 @@ def _canaries(vector: Path, canaries: int, max_dim: int, as_json: bool) -> None:
         console.print("[bold red]the lower bound exceeds the claim: the mechanism leaks more than it says[/]")
 
 
+RECONSTRUCTION = "Attacker's assumptions (default: what the file records)"
+
+
+def audit_reconstruction(
+    model: Path = typer.Argument(..., help="Vector, fine-tuned model or run directory to attack."),
+    base: Path = typer.Option(..., help="The base it was fine-tuned from."),
+    data: Path = typer.Option(..., help="The site's training images (any layout `finetune` reads): the "
+                              "reconstructions are scored against them."),
+    split: str = typer.Option("train", help="train | val | test | all"),
+    out: Path = typer.Option(..., help="Folder for reconstruction.json and reconstruction.png (they show patient "
+                             "images: keep them at the site)."),
+    samples: int | None = typer.Option(None, help="Training set size.", rich_help_panel=RECONSTRUCTION),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Local batch size.",
+                                          rich_help_panel=RECONSTRUCTION),
+    lr: float | None = typer.Option(None, help="Learning rate.", rich_help_panel=RECONSTRUCTION),
+    steps: int | None = typer.Option(None, help="Local steps.", rich_help_panel=RECONSTRUCTION),
+    img_size: int | None = typer.Option(None, "--img-size", help="Training image size (default: the base's).",
+                                        rich_help_panel=RECONSTRUCTION),
+    optimizer: str = typer.Option("adamw", help="adamw (taskvec's finetune) | sgd (constant lr)",
+                                  rich_help_panel=RECONSTRUCTION),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: "
+                                              "finetune's).", rich_help_panel=RECONSTRUCTION),
+    labels_known: bool = typer.Option(True, "--labels-known/--labels-unknown", help="Does the attacker know the "
+                                      "labels (masks)? Unknown: estimated with the images.",
+                                      rich_help_panel=RECONSTRUCTION),
+    iterations: int = typer.Option(1000, help="Optimisation steps of the attack."),
+    tv: float = typer.Option(1e-2, help="Weight of the total-variation prior."),
+    seed: int = typer.Option(0, help="Seed of the attack's random start."),
+    device: str = typer.Option("cpu", help="cpu | cuda | mps"),
+    force: bool = typer.Option(False, "--force", help="Overwrite an earlier audit's files in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Gradient inversion: rebuild training images from the update and score them against the real ones."""
+    from taskvec.cli.console import track
+
+    from taskvec.audits.reconstruction import AttackConfig, audit_reconstruction
+
+    given = {"samples": samples, "batch_size": batch_size, "lr": lr, "steps": steps, "img_size": img_size,
+             "optimizer": optimizer, "weight_decay": weight_decay, "labels_known": labels_known}
+    assume = {k: v for k, v in given.items() if v is not None}
+    r = audit_reconstruction(model, base, data, out, split=split, assume=assume, device=device, force=force,
+                             attack=AttackConfig(iterations=iterations, tv=tv, seed=seed), track=track)
+    if as_json:
+        print_json(r)
+        return
+    a = r["assumptions"]
+    console.print(f"assumed: {a['samples']} images, batch {a['batch_size']}, lr {a['lr']:g}, {a['steps']} steps, "
+                  f"{a['img_size']} px, {a['optimizer']}, labels {'known' if a['labels_known'] else 'unknown'}")
+    for name, s in [("reconstructions", r["summary"]), *r["baselines"].items()]:
+        console.print(f"{name.replace('_', ' '):>16}: PSNR median {s['psnr_median']:.1f} dB (max {s['psnr_max']:.1f}), "
+                      f"SSIM median {s['ssim_median']:.2f} (max {s['ssim_max']:.2f})")
+    console.print(f"{r['verdict']}\nwrote {out / r['grid']} and {out / 'reconstruction.json'}")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(audit)
+    app.command("audit-reconstruction")(audit_reconstruction)

@@ -180,7 +180,8 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
 class SegmentationLoss(nn.Module):
     """Cross-entropy plus soft Dice over the foreground classes, both per image then averaged over the batch
     (so the loss is a mean of per-example terms, as DP-SGD's per-example gradients need); no in-place ops.
-    Dice counters the dominance of background pixels that traps cross-entropy alone at "all background"."""
+    Dice counters the dominance of background pixels that traps cross-entropy alone at "all background".
+    `target` is a class-index mask (B×H×W) or per-pixel class probabilities (B×K×H×W, soft masks)."""
 
     def __init__(self, smooth: float = 1.0) -> None:
         super().__init__()
@@ -190,7 +191,10 @@ class SegmentationLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         k = logits.shape[1]
         probs = logits.softmax(1)[:, 1:]
-        onehot = nn.functional.one_hot(target, k).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
+        if target.is_floating_point():
+            onehot = target[:, 1:]
+        else:
+            onehot = nn.functional.one_hot(target, k).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
         inter = (probs * onehot).sum((2, 3))
         dice = (2 * inter + self.smooth) / (probs.sum((2, 3)) + onehot.sum((2, 3)) + self.smooth)
         return self.ce(logits, target) + (1 - dice).mean()
