@@ -14,7 +14,7 @@ configuration and the labels. Settings:
   with its default augmentation (random flips/rotations: the attacker cannot know which were drawn).
 
 Prints a markdown table (median over the reconstructions of each run, mean ± sd over seeds; a seed picks
-other images and another attack start) and copies each setting's grid to --out. Example:
+other images and another attack start) and writes each setting's grid (seed 0) and JSON summary to --out. Example:
   OMP_NUM_THREADS=1 python benchmarks/reconstruction.py --out benchmarks/results/reconstruction
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import tempfile
@@ -125,15 +126,14 @@ def main() -> None:
         images = load_data(args.data, spec, img_size=SIZE, val_fraction=0.0).get("train")
         for setting in args.settings.split(","):
             runs = [run(setting, base, images, int(s), Path(tmp), args) for s in args.seeds.split(",")]
-            rows.append({"setting": setting, "runs": runs})
+            rows.append(setting)
+            (args.out / f"{setting}.json").write_text(json.dumps(
+                [{k: v for k, v in r.items() if k != "reconstructions"} for r in runs], indent=2, default=str))
             print_row(setting, runs, header=len(rows) == 1)
-    (args.out / "reconstruction.json").write_text(json.dumps(
-        [{"setting": r["setting"], "runs": [{k: v for k, v in x.items() if k != "reconstructions"} for x in r["runs"]]}
-         for r in rows], indent=2, default=str))
 
 
 def _ms(values: list[float], fmt: str) -> str:
-    if len(values) == 1:
+    if len(values) == 1 or not all(math.isfinite(v) for v in values):
         return format(values[0], fmt)
     return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
@@ -141,18 +141,20 @@ def _ms(values: list[float], fmt: str) -> str:
 def print_row(setting: str, runs: list[dict[str, Any]], header: bool) -> None:
     if header:
         print("| setting | ε | images | PSNR dB (median) | SSIM (median) | recognisable | noise PSNR / SSIM | "
-              "mean image PSNR / SSIM | cos. dist. | attack s |")
+              "mean of others PSNR / SSIM | cos. dist. | attack s |")
         print("|---|---|---|---|---|---|---|---|---|---|")
     eps = runs[0]["epsilon"] or "∞"
     s = [r["summary"] for r in runs]
-    found = f"{sum(x['recognisable'] for x in s)}/{sum(x['count'] for x in s)}"
     b = [r["baselines"] for r in runs]
+    mean_of_others = "-" if "mean_of_others" not in b[0] else (
+        f"{_ms([x['mean_of_others']['psnr_median'] for x in b], '.1f')} / "
+        f"{_ms([x['mean_of_others']['ssim_median'] for x in b], '.2f')}")
+    found = f"{sum(x['recognisable'] for x in s)}/{sum(x['count'] for x in s)}"
     print(f"| {setting} | {eps} | {s[0]['count']} | {_ms([x['psnr_median'] for x in s], '.1f')} | "
           f"{_ms([x['ssim_median'] for x in s], '.2f')} | {found} | "
           f"{_ms([x['uniform_noise']['psnr_median'] for x in b], '.1f')} / "
           f"{_ms([x['uniform_noise']['ssim_median'] for x in b], '.2f')} | "
-          f"{_ms([x['mean_image']['psnr_median'] for x in b], '.1f')} / "
-          f"{_ms([x['mean_image']['ssim_median'] for x in b], '.2f')} | "
+          f"{mean_of_others} | "
           f"{_ms([r['final_cosine_distance'] for r in runs], '.3f')} | "
           f"{_ms([r['attack_seconds'] for r in runs], '.0f')} |", flush=True)
 

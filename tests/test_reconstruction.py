@@ -4,6 +4,7 @@ export noise at ε = 1 stops it, and the JSON records the attack's assumptions."
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,10 @@ from taskvec.training.data import ImageDataset
 
 SIZE = 32
 ITERATIONS = 120
-# Measured on this project's CPU (seeds 0-2 of the attack): 1 image after 1 SGD step is rebuilt at 19-23 dB where
-# uniform noise scores 6-7 dB against the same image; at ε = 1 the reconstruction stays within 3 dB of noise.
-MARGIN_DB = 8.0
+# Measured on this project's CPU for image seed 0, attack seed 0, 120 iterations: rebuilt at 17.6-17.8 dB where
+# uniform noise scores 8.75 dB against the same image; after export noise at ε = 1, 12.3-12.8 dB over 3 draws of the
+# noise (the TV prior alone makes a smooth image, which is closer to a smooth target than noise is).
+MARGIN_DB = 6.0
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +135,7 @@ def test_matching_finds_the_flipped_image_and_scores_like_torchmetrics() -> None
     assert m[0].ssim == pytest.approx(1.0) and 0 < m[1].ssim < 1
 
 
-def test_json_records_assumptions_and_cli(make_base, tmp_path: Path) -> None:
+def test_json_records_assumptions_and_cli(make_base, tmp_path: Path, monkeypatch, capsys) -> None:
     from taskvec.cli.app import app
     from typer.testing import CliRunner
 
@@ -153,10 +155,18 @@ def test_json_records_assumptions_and_cli(make_base, tmp_path: Path) -> None:
     with Image.open(tmp_path / "out" / GRID_FILE) as im:
         assert im.format == "PNG"
 
-    again = CliRunner().invoke(app, args)  # never overwrite without --force
-    assert again.exit_code == 1 and "--force" in again.output
-    missing = CliRunner().invoke(app, args[:7] + ["--out", str(tmp_path / "o2")])  # a vector-less record: no steps
-    assert missing.exit_code == 2 and "--batch-size" in missing.output and not (tmp_path / "o2").exists()
+    def main(argv: list[str]) -> tuple[int, str]:
+        """The console script's exit code and stderr."""
+        from taskvec.cli.app import main
+
+        monkeypatch.setattr(sys, "argv", ["taskvec", *argv])
+        with pytest.raises(SystemExit) as e:
+            main()
+        return int(e.value.code or 0), capsys.readouterr().err
+
+    assert main(args) == (1, f"error: {tmp_path / 'out' / JSON_FILE}: exists; pass --force to overwrite it\n")
+    code, err = main(args[:6] + ["--out", str(tmp_path / "o2")])  # a script's model records no training
+    assert code == 2 and err.startswith("error: --samples is not recorded") and not (tmp_path / "o2").exists()
 
 
 def test_assumptions_default_to_the_record_and_bad_input_is_refused(make_base, tmp_path: Path) -> None:
