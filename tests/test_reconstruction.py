@@ -195,7 +195,7 @@ def test_assumptions_default_to_the_record_and_bad_input_is_refused(make_base, t
         m = load_model(other)
         next(m.parameters()).add_(1.0)
         save_model(m, model_spec(other), tmp_path / "other2.safetensors")
-    with pytest.raises(MismatchError, match="was fine-tuned from base"):
+    with pytest.raises(MismatchError, match="parent is"):
         audit_reconstruction(run.run_dir, tmp_path / "other2.safetensors", ds, tmp_path / "e")
     assert not any((tmp_path / d).exists() for d in "bcde")
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from taskvec.errors import ConfigError, MismatchError, TaskvecError, check_range
+from taskvec.errors import ConfigError, TaskvecError, check_range
 from taskvec.progress import Track, no_track
 
 RECOGNISABLE_PSNR = 18.0
@@ -383,27 +383,19 @@ def load_update(target: str | os.PathLike[str],
     from safetensors.torch import load_file
 
     from taskvec.io.files import read_header, read_kind
-    from taskvec.io.tensors import is_statistic
-    from taskvec.merging.export import check_same_layout
+    from taskvec.io.layout import check_against_base, delta_keys, is_statistic
     from taskvec.models.spec import resolve_model_path
 
     bh = read_kind(base, "model")
     th = read_header(resolve_model_path(target))
-    if th.kind == "vector":
-        if th.meta["base"]["identity"] != bh.meta["identity"]:
-            raise MismatchError(f"{th.path}: is a vector of base {th.meta['base']['identity'][:12]}, not of {base}",
-                                path=th.path, field="base")
-        delta = {k: v.float() for k, v in load_file(str(th.path)).items() if not is_statistic(k)}
-    elif th.kind == "model":
-        parent = th.meta.get("parent")
-        if parent is not None and parent != bh.meta["identity"]:
-            raise MismatchError(f"{th.path}: was fine-tuned from base {parent[:12]}, not from {base}",
-                                path=th.path, field="base")
-        check_same_layout(bh, th)
-        ft, b = load_file(str(th.path)), load_file(str(bh.path))
-        delta = {k: ft[k].float() - b[k].float() for k in ft if ft[k].is_floating_point() and not is_statistic(k)}
-    else:
+    if th.kind not in ("vector", "model"):
         raise TaskvecError(f"{th.path}: is a {th.kind}; the audit takes a vector or a fine-tuned model", path=th.path)
+    check_against_base(th, bh)
+    if th.kind == "vector":
+        delta = {k: v.float() for k, v in load_file(str(th.path)).items() if not is_statistic(k)}
+    else:
+        ft, b = load_file(str(th.path)), load_file(str(bh.path))
+        delta = {k: ft[k].float() - b[k].float() for k in delta_keys(bh.tensors)}
     return th.meta, delta
 
 
