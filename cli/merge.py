@@ -179,10 +179,12 @@ def _print_record(rec: dict[str, Any]) -> None:
     if "contributions" in rec:
         c = rec["contributions"]
         t = Table("contributor", "sha256", f"{c['metric']} without", "value",
-                  title=f"leave-one-out on {escape(c['data'])}: {c['metric']} {_fmt(c['with_all'])} with all vectors")
+                  title=f"leave-one-out on {escape(c['data'])} ({c['samples']} images)")
         for s in c["sites"]:
             t.add_row(escape(str(s["contributor"])), s["sha256"][:12], _fmt(s["without"]), _fmt(s["value"]))
         console.print(t)
+        console.print(f"{c['metric']} {_fmt(c['with_all'])} with all vectors; value = that minus the score "
+                      "without the vector (on the merger's data, so optimistic)")
 
 
 def register(app: typer.Typer) -> None:
