@@ -64,8 +64,8 @@ class Group:
         if self.main:
             try:
                 box[0] = ("ok", fn())
-            except TaskvecError as e:
-                box[0] = ("error", str(e))
+            except Exception as e:  # every failure: the other ranks must not wait for rank 0
+                box[0] = ("error", str(e) if isinstance(e, TaskvecError) else f"{type(e).__name__}: {e}")
                 dist.broadcast_object_list(box, src=0)
                 raise
         dist.broadcast_object_list(box, src=0)
