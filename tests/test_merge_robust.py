@@ -217,3 +217,19 @@ def test_cli_contributions_prints_the_table(small_consortium, tmp_path: Path) ->
     assert f"auroc {rec['with_all']:.4f} with all vectors" in " ".join(r.output.split())
     for s in rec["sites"]:
         assert s["contributor"] in r.output and f"{s['value']:.4f}" in r.output
+
+
+def test_merge_imports_no_torch(consortium) -> None:
+    """The merge is numpy from reading to writing: no torch import cost on the merger's critical path."""
+    import subprocess
+
+    base, site = consortium
+    vecs = [str(site("honest", i)) for i in range(3)]
+    for method in ("mean", "ties"):
+        code = (
+            "import sys; from typer.testing import CliRunner; from taskvec.cli.app import app; "
+            f"r = CliRunner().invoke(app, ['merge', *{vecs!r}, '--base', {str(base)!r}, '--method', {method!r}, "
+            f"'--out', {str(base.parent / (method + '.safetensors'))!r}]); assert r.exit_code == 0, r.output; "
+            "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'heavy import'"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

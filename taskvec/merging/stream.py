@@ -35,7 +35,7 @@ from taskvec.progress import Track, no_track
 
 CHUNK_ELEMENTS = 1 << 22  # consensus methods hold at most this many values of all vectors at once (16 MB)
 HASH_LANES = 2  # threads hashing (each file's bytes in order on one lane)
-IN_FLIGHT_BYTES = 256 << 20  # read but not yet hashed
+IN_FLIGHT_BYTES = 256 << 20  # read but not yet hashed: at most this, and at most one vector's size
 
 
 def check_vectors(base: Header, paths: Sequence[str | os.PathLike[str]]) -> list[Header]:
@@ -134,13 +134,14 @@ class MergePlan:
 class Hasher:
     """sha256 on helper threads, overlapping the reading and summing; at most IN_FLIGHT_BYTES wait for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = IN_FLIGHT_BYTES) -> None:
+        self.max_bytes = max_bytes
         self.lanes = [ThreadPoolExecutor(1) for _ in range(HASH_LANES)]
         self.pending: deque[tuple[Future[None], int]] = deque()
         self.in_flight = 0
 
     def submit(self, lane: int, fn: Callable[..., None], *args: Any, nbytes: int = 0) -> None:
-        while self.pending and self.in_flight + nbytes > IN_FLIGHT_BYTES:
+        while self.pending and self.in_flight + nbytes > self.max_bytes:
             fut, n = self.pending.popleft()
             fut.result()
             self.in_flight -= n
@@ -196,7 +197,8 @@ class Reading:
     """Open vector files and their hasher for the length of a `with` block; `verify` checks every file."""
 
     def __init__(self, headers: Sequence[Header]) -> None:
-        self.hasher = Hasher()
+        largest = max((sum(t.end - t.start for t in h.tensors.values()) for h in headers), default=0)
+        self.hasher = Hasher(min(IN_FLIGHT_BYTES, largest))
         self.files = [VectorFile(h, self.hasher, i) for i, h in enumerate(headers)]
 
     def __enter__(self) -> Reading:
