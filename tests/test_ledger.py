@@ -381,3 +381,17 @@ def test_incremental_merge_checks_and_records_the_budget(make_base, make_finetun
     r = merge_incremental(vecs, base, state, budget=budget)
     assert r.version == 2 and r.mode == "incremental"
     assert set(read_kind(r.path, "model").meta["merge"]["privacy_budget"]["contributors"]) == {"s0", "s1", "s2"}
+
+
+def test_incremental_state_checks_its_own_recipe(make_base, make_finetuned, tmp_path: Path) -> None:
+    """With history.json gone, a state built under another recipe is refused, not reused silently."""
+    from taskvec.errors import TaskvecError
+    from taskvec.merging.incremental import merge_incremental
+
+    base = make_base()
+    vecs = [export_vector(make_finetuned(base, i), base, tmp_path / f"v{i}.safetensors").path for i in range(2)]
+    state = tmp_path / "state"
+    merge_incremental(vecs[:1], base, state, method="sum")
+    (state / "history.json").unlink()
+    with pytest.raises(TaskvecError, match="accumulator.safetensors: not a merge state of this recipe"):
+        merge_incremental(vecs, base, state, method="dare", seed=3)

@@ -32,7 +32,7 @@ from taskvec.models.spec import ModelSpec, build_base, save_model
 from taskvec.simulation.splits import split_sites
 from taskvec.training.data import DataSplits, ImageDataset, hold_out_by_patient, load_data
 from taskvec.training.evaluate import evaluate_model
-from taskvec.training.loop import FinetuneConfig, finetune
+from taskvec.training.loop import METRICS_FILE, FinetuneConfig, finetune
 from taskvec.training.metrics import primary_metric
 
 TCGA_SITE = re.compile(r"TCGA-([A-Z0-9]{2})-")
@@ -252,7 +252,10 @@ def _variant(cfg: SimulationConfig, out: Path, base: Path, sites: list[ImageData
     for i, model in enumerate(models[:-1]):
         v = vec_dir / f"site{i}.safetensors"
         if not v.exists():  # re-exporting a DP run would spend its budget again
-            export_vector(model, base, v, contributor=f"site{i}")
+            # a simulation declares each site's training count public: `weighted` needs it, and a DP
+            # release carries no undeclared count
+            trained = json.loads((Path(model).parent / METRICS_FILE).read_text())["samples"]["train"]
+            export_vector(model, base, v, contributor=f"site{i}", samples=trained)
         vectors.append(v)
         rows.append(_evaluate(f"site{i}{tag}", "local", model, test, eps, extra={"samples": len(sites[i])}))
     rows.append(_evaluate(f"centralised{tag}", "centralised", models[-1], test, eps, extra={"samples": len(union)}))
