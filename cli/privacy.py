@@ -63,9 +63,11 @@ def _canaries(vector: Path, canaries: int, max_dim: int, as_json: bool) -> None:
         return
     console.print(f"{vector}: export mechanism, clip {a.clip:g}, noise multiplier {a.noise_multiplier:g}, "
                   f"{a.canaries} canaries over {a.dim:,} coordinates, δ = {a.delta:g}")
-    console.print(f"claimed ε (one release, per site, add-remove): {a.claimed_epsilon:.3f}")
-    console.print(f"empirical ε estimate (Gaussian fit):          {a.epsilon_estimate:.3f}")
-    console.print(f"empirical ε lower bound ({a.confidence:.0%} confidence):   {a.epsilon_lower_bound:.3f}")
+    rows = [("claimed ε (one release, per site, add-remove)", a.claimed_epsilon),
+            ("empirical ε estimate (Gaussian fit)", a.epsilon_estimate),
+            (f"empirical ε lower bound ({a.confidence:.0%} confidence)", a.epsilon_lower_bound)]
+    for label, value in rows:
+        console.print(f"{label + ':':<48} {value:.3f}")
     if a.epsilon_lower_bound > a.claimed_epsilon:
         console.print("[bold red]the lower bound exceeds the claim: the mechanism leaks more than it says[/]")
 
