@@ -1,18 +1,41 @@
-"""Shared console output: rich for results and progress, one plain line on stderr for errors."""
+"""Shared console output: rich for results and progress, one plain line on stderr for errors.
+
+Text is text: values printed here come from files and registries other people wrote, so the console never
+interprets rich markup or emoji codes in them (`[/bold]x` prints as it is), and control characters
+(terminal escape sequences, carriage returns, bidirectional overrides) are shown escaped, never sent raw.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterable
 from typing import Any, NoReturn, TypeVar
 
 from rich.console import Console
+from rich.text import Text
 
 T = TypeVar("T")
 STATE: dict[str, Any] = {"debug": False, "rank": 0}  # rank: of a torchrun launch; only rank 0 reports
 USAGE = 2  # exit code of every bad option or option conflict, as click gives for a malformed one
-console = Console(highlight=False)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean(text: str) -> str:
+    """`text` with every control character (but newline and tab) written as an escape, e.g. `\\x1b`."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+class SafeConsole(Console):
+    """A rich console that renders every string literally (no markup, no emoji codes), control characters
+    escaped; styles come from `style=` arguments only."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(clean(text), **{**kwargs, "markup": False, "emoji": False})
+
+
+console = SafeConsole(highlight=False)
 
 
 # Parameters whose flag is not `--` + the name with dashes.
@@ -40,7 +63,7 @@ def error_message(error: Exception) -> str:
 def fail(message: str, code: int = 1) -> NoReturn:
     first = " ".join(message.split("\n"))
     rank = f"rank {STATE['rank']}: " if STATE["rank"] else ""  # the launcher may stop rank 0 before it prints
-    print(f"error: {rank}{first}", file=sys.stderr)
+    print(f"error: {rank}{clean(first)}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -51,7 +74,7 @@ def usage(message: str) -> NoReturn:
 
 def warn(message: str) -> None:
     if not STATE["rank"]:
-        print(f"warning: {message}", file=sys.stderr)
+        print(f"warning: {clean(' '.join(message.split(chr(10))))}", file=sys.stderr)
 
 
 def print_json(obj: Any) -> None:
@@ -62,4 +85,5 @@ def track(it: Iterable[T], description: str, total: int) -> Iterable[T]:
     """A rich progress bar (transient, stderr) over `it`."""
     from rich.progress import track as rich_track
 
-    return rich_track(it, description=description, total=total, transient=True, console=Console(stderr=True))
+    return rich_track(it, description=description, total=total, transient=True,
+                      console=SafeConsole(stderr=True))

@@ -48,7 +48,7 @@ def init(
     source = {"pretrained": pretrained, "weights": str(weights) if weights else None}
     identity = save_model(module, spec, out, extra={"source": source}, force=force)
     n = sum(p.numel() for p in module.parameters())
-    console.print(f"wrote [bold]{out}[/]: {spec.arch} {spec.task}, {n:,} parameters, labels {spec.labels}")
+    console.print(f"wrote {out}: {spec.arch} {spec.task}, {n:,} parameters, labels {spec.labels}")
     console.print(f"base identity {identity}")
 
 
@@ -83,7 +83,7 @@ def export(
     )
     for w in r.warnings:
         warn(w)
-    console.print(f"wrote [bold]{r.path}[/]: {r.num_params:,} deltas, sha256 {r.sha256[:16]}")
+    console.print(f"wrote {r.path}: {r.num_params:,} deltas, sha256 {r.sha256[:16]}")
     private = " (not stored in the noised file)" if r.expected_noise_norm else ""
     console.print(f"delta L2 norm {r.pre_clip_norm:.4g} before clipping, {r.post_clip_norm:.4g} after{private}")
     if r.expected_noise_norm:
@@ -116,7 +116,7 @@ def _print_summary(info: Any) -> None:
 
     m = info.metadata
     t = Table(show_header=False, box=None)
-    t.add_column(no_wrap=True)
+    t.add_column(no_wrap=True, style="bold")
     t.add_column(overflow="fold")
     rows: list[tuple[str, str]] = [
         ("kind", info.kind),
@@ -146,7 +146,7 @@ def _print_summary(info: Any) -> None:
     if info.kind != "state_dict":
         rows += [("created", m.get("created", "?")), ("privacy", summarize_ledger(info.privacy))]
     for k, v in rows:
-        t.add_row(f"[bold]{k}[/]", v)
+        t.add_row(k, v)
     console.print(t)
 
 

@@ -113,7 +113,7 @@ def merge(
     _print_record(r.record)
     for w in r.warnings:
         warn(w)
-    console.print(f"wrote [bold]{escape(str(r.path))}[/]: {r.method} of {len(r.vectors)} vectors, λ={r.scale:g}")
+    console.print(f"wrote {r.path}: {r.method} of {len(r.vectors)} vectors, λ={r.scale:g}")
     console.print(f"model identity {r.identity}")
 
 
@@ -137,11 +137,11 @@ def _incremental(plan: Any, state: Path, out: Path | None, force: bool) -> None:
     else:
         for w in r.merge.warnings:
             warn(w)
-        console.print(f"wrote [bold]{escape(str(r.path))}[/] (version {r.version}, {r.mode}): {plan.method} of "
+        console.print(f"wrote {r.path} (version {r.version}, {r.mode}): {plan.method} of "
                       f"{len(r.merge.vectors)} vectors, {len(r.added)} new, λ={plan.scale:g}")
         console.print(f"model identity {r.merge.identity}")
     if out is not None:
-        console.print(f"copied to {escape(str(out))}")
+        console.print(f"copied to {out}")
 
 
 def _print_record(rec: dict[str, Any]) -> None:
@@ -150,17 +150,17 @@ def _print_record(rec: dict[str, Any]) -> None:
         t = Table("contributor", "sha256", "norm", "cos to median", "sign agreement", "flag",
                   title="diagnostics against the coordinate-wise median")
         for d in rec["diagnostics"]:
-            t.add_row(escape(d["contributor"]), d["sha256"][:12], f"{d['norm']:.4g}", f"{d['cosine']:.3f}",
-                      f"{d['sign_agreement']:.0%}", escape(d["flag"] or ""))
+            t.add_row(d["contributor"], d["sha256"][:12], f"{d['norm']:.4g}", f"{d['cosine']:.3f}",
+                      f"{d['sign_agreement']:.0%}", d["flag"] or "")
         console.print(t)
         for d in rec.get("excluded", []):
             warn(f"excluded {d['contributor']} ({d['sha256'][:12]}): {d['reason']}")
     if "selection" in rec:
         s = rec["selection"]
-        t = Table("method", "best λ", s["metric"], title=f"selection on {escape(s['data'])} ({s['samples']} images)")
+        t = Table("method", "best λ", s["metric"], title=f"selection on {s['data']} ({s['samples']} images)")
         for row in s["candidates"]:
             if "skipped" in row:
-                t.add_row(row["method"], "-", escape(f"skipped: {row['skipped']}"))
+                t.add_row(row["method"], "-", f"skipped: {row['skipped']}")
             else:
                 mark = " ←" if row["method"] == s["chosen"]["method"] else ""
                 t.add_row(row["method"], f"{row['scale']:g}", f"{_fmt(row['value'])}{mark}")
@@ -169,7 +169,7 @@ def _print_record(rec: dict[str, Any]) -> None:
                       "data, so optimistic)")
     if "calibration" in rec:
         c = rec["calibration"]
-        t = Table("λ", c["metric"], title=f"calibration on {escape(c['data'])} ({c['samples']} images)")
+        t = Table("λ", c["metric"], title=f"calibration on {c['data']} ({c['samples']} images)")
         for row in c["grid"]:
             mark = " ←" if row["scale"] == c["chosen"] else ""
             t.add_row(f"{row['scale']:g}", f"{_fmt(row['value'])}{mark}")
@@ -179,9 +179,9 @@ def _print_record(rec: dict[str, Any]) -> None:
     if "contributions" in rec:
         c = rec["contributions"]
         t = Table("contributor", "sha256", f"{c['metric']} without", "value",
-                  title=f"leave-one-out on {escape(c['data'])} ({c['samples']} images)")
+                  title=f"leave-one-out on {c['data']} ({c['samples']} images)")
         for s in c["sites"]:
-            t.add_row(escape(str(s["contributor"])), s["sha256"][:12], _fmt(s["without"]), _fmt(s["value"]))
+            t.add_row(str(s["contributor"]), s["sha256"][:12], _fmt(s["without"]), _fmt(s["value"]))
         console.print(t)
         console.print(f"{c['metric']} {_fmt(c['with_all'])} with all vectors; value = that minus the score "
                       "without the vector (on the merger's data, so optimistic)")

@@ -19,7 +19,7 @@ def _print_table(result: Any) -> None:
     for row in body:
         t.add_row(*row)
     console.print(t)
-    console.print(f"report: [bold]{result.report}[/] (plots: {', '.join(p.name for p in result.plots)})")
+    console.print(f"report: {result.report} (plots: {', '.join(p.name for p in result.plots)})")
 
 
 def _floats(text: str | None) -> list[float]:
@@ -67,7 +67,7 @@ def simulate(
     )
     if methods:
         cfg.methods = [m.strip() for m in methods.split(",")]
-    _print_table(run(cfg, progress=lambda s: console.print(f"[dim]{s}[/]")))
+    _print_table(run(cfg, progress=lambda s: console.print(s, style="dim")))
 
 
 def demo(
@@ -80,13 +80,13 @@ def demo(
     from taskvec.simulation.synthetic import LABELS, write_classification_npz
 
     data = out.parent / f"{out.name}-data.npz"
-    console.print(f"[bold]taskvec demo[/]: SYNTHETIC data (grayscale frames, a blob that is '{LABELS[1]}' when dark "
+    console.print(f"taskvec demo: SYNTHETIC data (grayscale frames, a blob that is '{LABELS[1]}' when dark "
                   f"with a rough rim), {sites} simulated hospitals, written to {data}")
     if not data.exists():
         write_classification_npz(data)
     cfg = SimulationConfig(data=str(data), out=str(out), sites=sites, arch="test_convnext", labels=list(LABELS),
                            in_chans=1, img_size=32, epochs=3, base_epochs=3)
-    _print_table(run(cfg, progress=lambda s: console.print(f"[dim]{s}[/]")))
+    _print_table(run(cfg, progress=lambda s: console.print(s, style="dim")))
     console.print("Same on your own data: taskvec simulate --data PATH --out REPORT_DIR --sites K "
                   "[--split dirichlet:0.5] [--dp]  (see `taskvec simulate --help`)")
 

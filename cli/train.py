@@ -114,7 +114,7 @@ def finetune(
         warn(w)
     if r.resumed_from_epoch:
         console.print(f"resumed after epoch {r.resumed_from_epoch}")
-    console.print(f"wrote [bold]{r.model_path}[/]: {r.epochs} epochs, {r.steps} steps on {r.samples} images")
+    console.print(f"wrote {r.model_path}: {r.epochs} epochs, {r.steps} steps on {r.samples} images")
     if r.val_metrics:
         from taskvec.training.metrics import primary_metric
 
