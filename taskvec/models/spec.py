@@ -21,6 +21,12 @@ from taskvec.io.files import FORMAT, FORMAT_VERSION, now, read_header, read_kind
 from taskvec.io.tensors import save_tensors, state_digest
 
 TASKS = ("classification", "segmentation")
+# What a model file's header may ask of timm when a model is rebuilt from it: keyword arguments that shape
+# the architecture, never ones that load files (`checkpoint_path`, `pretrained_cfg_overlay`) or reach a network.
+MODEL_KWARGS = {"img_size": int, "drop_rate": float, "drop_path_rate": float}
+MAX_IMG_SIZE = 4096
+MAX_CLASSES = 100_000
+MAX_CHANNELS = 64
 
 
 @dataclass
@@ -42,7 +48,86 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        return cls(**d)
+        """A spec from a file's header, checked: a header is untrusted input that must not choose code to run,
+        files to load or hosts to contact (see `check_spec`)."""
+        if not isinstance(d, dict):
+            raise FileFormatError("corrupt model spec (not an object)", field="model")
+        try:
+            spec = cls(**d)
+        except TypeError:
+            unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+            raise FileFormatError(f"corrupt model spec (unknown or missing fields {unknown})", field="model") from None
+        check_spec(spec)
+        return spec
+
+
+def _bad(field: str, value: Any, why: str) -> FileFormatError:
+    return FileFormatError(f"model spec: {field} {value!r} {why}", field=field, got=value)
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """Refuse a spec that is not an architecture timm registers locally with bounded sizes and allowlisted
+    keyword arguments: no `hf-hub:`/`timm/` names (a network fetch), no `checkpoint_path` (timm would
+    `torch.load` it, a pickle), no image size that would make one input gigabytes."""
+    import re
+
+    if not isinstance(spec.arch, str) or not re.fullmatch(r"[a-z0-9_]+(\.[a-z0-9_]+)?", spec.arch):
+        raise _bad("arch", spec.arch, "is not a local timm architecture name (no hf-hub:, no paths)")
+    if spec.task not in TASKS:
+        raise _bad("task", spec.task, f"is not one of {', '.join(TASKS)}")
+    if not _int_in(spec.num_classes, 1, MAX_CLASSES):
+        raise _bad("num_classes", spec.num_classes, f"is not a whole number in 1..{MAX_CLASSES}")
+    if not _int_in(spec.in_chans, 1, MAX_CHANNELS):
+        raise _bad("in_chans", spec.in_chans, f"is not a whole number in 1..{MAX_CHANNELS}")
+    if not _int_in(spec.img_size, 1, MAX_IMG_SIZE):
+        raise _bad("img_size", spec.img_size, f"is not a whole number in 1..{MAX_IMG_SIZE}")
+    if not (isinstance(spec.labels, list) and len(spec.labels) == spec.num_classes
+            and all(isinstance(x, str) for x in spec.labels)):
+        raise _bad("labels", spec.labels, f"is not a list of {spec.num_classes} names")
+    if not isinstance(spec.model_kwargs, dict):
+        raise _bad("model_kwargs", spec.model_kwargs, "is not an object")
+    for k, v in spec.model_kwargs.items():
+        kind = MODEL_KWARGS.get(k)
+        ok = kind is not None and isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = ok and (_int_in(v, 1, MAX_IMG_SIZE) if kind is int else ok and 0 <= v < 1)
+        if not ok:
+            raise _bad(f"model_kwargs.{k}", v, f"is not allowed (allowed: {', '.join(MODEL_KWARGS)}, in range)")
+    _check_decoder(spec.decoder)
+    if spec.dp_compatible is not None:
+        from taskvec.models.dp_ready import NORMS
+
+        dp = spec.dp_compatible
+        if not (isinstance(dp, dict) and set(dp) <= {"norm", "max_groups"} and dp.get("norm", "groupnorm") in NORMS
+                and _int_in(dp.get("max_groups", 32), 1, 1024)):
+            raise _bad("dp_compatible", dp, "is not a DP-ready conversion taskvec makes")
+
+
+def _small(value: Any) -> bool:
+    """JSON made of strings, booleans and numbers up to `MAX_IMG_SIZE` (a layer width, never gigabytes)."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _small(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_small(v) for v in value)
+    return value is None or isinstance(value, (str, bool)) or (isinstance(value, (int, float))
+                                                                and abs(value) <= MAX_IMG_SIZE)
+
+
+def _check_decoder(decoder: Any) -> None:
+    """A segmentation decoder record: smp, a known architecture, and only the keyword arguments taskvec sets."""
+    if decoder is None:
+        return
+    from taskvec.models.segmentation import DECODERS, DEFAULT_KWARGS
+
+    if not isinstance(decoder, dict) or decoder.get("library") != "smp":
+        return  # a former decoder: `build_segmentation` refuses it with how to rebuild the base
+    arch, kwargs = decoder.get("arch"), decoder.get("kwargs", {})
+    if arch not in DECODERS or not isinstance(kwargs, dict) or not set(kwargs) <= set(DEFAULT_KWARGS[arch]) \
+            or set(decoder) - {"library", "arch", "kwargs"} or not _small(kwargs):
+        raise _bad("decoder", decoder, f"is not allowed (smp {', '.join(DECODERS)} with taskvec's own settings)")
 
 
 def _timm_create(arch: str, spec_kwargs: dict[str, Any], pretrained: bool, weights: str | None) -> nn.Module:
