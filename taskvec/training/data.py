@@ -138,19 +138,39 @@ class DataSplits:
 # --------------------------------------------------------------------------------------------- images
 
 
+# Bounded work for any input: one image decodes to at most a few hundred MB, and an npz may not expand past
+# these sizes (a 1 MB npz of zeros can claim gigabytes).
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_NPZ_ARRAY_BYTES = 8 << 30
+MAX_NPZ_RATIO = 100  # decompressed / compressed, for arrays over 64 MiB
+
+
 def _open(path: str | os.PathLike[str]) -> Image.Image:
+    """Open an image lazily (header only), refusing non-regular files and images over `MAX_IMAGE_PIXELS`."""
+    if not Path(path).is_file():
+        raise TaskvecError(f"{path}: not a regular file", path=path)
     try:
-        return Image.open(path)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+        img = Image.open(path)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise TaskvecError(f"{path}: cannot read image ({e})") from None
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        img.close()
+        raise TaskvecError(f"{path}: image of {w}x{h} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit; "
+                           "downsample it first", path=path)
+    return img
 
 
 def to_array(img: Image.Image, in_chans: int, size: int) -> np.ndarray:
     """An image as uint8 `size × size × in_chans` under the module's conversion policy."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        a = np.asarray(img, dtype=np.float64)
+        a = np.asarray(img)
         top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
-        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        f = a.astype(np.float32)  # one float32 copy, scaled in place (no float64 copies of a large image)
+        f *= 255.0 / top
+        f += 0.5
+        np.clip(f, 0, 255, out=f)
+        img = Image.fromarray(f.astype(np.uint8))
     img = img.convert("RGB" if in_chans == 3 else "L")
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
@@ -165,15 +185,48 @@ def to_array(img: Image.Image, in_chans: int, size: int) -> np.ndarray:
 def _readable(path: Path) -> bool:
     """Open and verify an image file (header and, for PNG, every chunk's CRC) without decoding it."""
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
             im.verify()
         return True
+    except TaskvecError as e:
+        if "limit" in e.message:
+            raise
+        return False
     except Exception:  # noqa: BLE001 - PIL raises many types for corrupt files
         return False
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    """Regular image files under `folder` (FIFOs and devices named like images are not files to read)."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+
+
+def _check_npz(path: Path) -> None:
+    """Refuse an npz whose arrays would expand past the limits, before any is decompressed."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                size = info.file_size
+                with zf.open(info) as f:
+                    fmt = np.lib.format
+                    read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(
+                        fmt.read_magic(f))
+                    if read is None:
+                        raise ValueError(f"{info.filename}: unsupported .npy version")
+                    shape, _, dtype = read(f)
+                claimed = int(np.prod(shape, dtype=np.float64) * dtype.itemsize)
+                bomb = size > 64 << 20 and size > MAX_NPZ_RATIO * max(info.compress_size, 1)
+                if claimed > size or size > MAX_NPZ_ARRAY_BYTES or bomb:
+                    raise TaskvecError(
+                        f"{path}: array {info.filename} expands to {max(size, claimed):,} B from "
+                        f"{info.compress_size:,} B (limit {MAX_NPZ_ARRAY_BYTES:,} B, ratio {MAX_NPZ_RATIO}); refused",
+                        path=path,
+                    )
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise TaskvecError(f"{path}: cannot read npz ({e})", path=path) from None
 
 
 # ------------------------------------------------------------------------------------------- layouts
@@ -250,8 +303,8 @@ class _Reader:
         has_split = "split" in cols and any(r["split"] for r in rows)
         paths = [(path.parent / r["path"]).resolve() for r in rows]
         for p, r in zip(paths, rows):
-            if not p.exists():
-                raise TaskvecError(f"{path}: row path {r['path']} does not exist ({p})")
+            if not p.is_file():
+                raise TaskvecError(f"{path}: row path {r['path']} is not an existing regular file ({p})")
         ok = self.keep_readable(paths)
         by_split: dict[str, tuple[list[Source], list[Any], list[str]]] = {}
         for line, (p, r, good) in enumerate(zip(paths, rows, ok), start=2):
@@ -267,6 +320,7 @@ class _Reader:
         return {s: self.nonempty(d, path) for s, d in out.items()}
 
     def npz_file(self, path: Path) -> dict[str, ImageDataset]:
+        _check_npz(path)
         try:
             z = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
@@ -318,7 +372,7 @@ class _Reader:
 
     def check_mask(self, image: Path, mask: Path) -> bool:
         """Validate one mask against its image; return True for 0/255 binary masks."""
-        with Image.open(image) as im, Image.open(mask) as m:
+        with _open(image) as im, _open(mask) as m:
             if im.size != m.size:
                 raise TaskvecError(f"{mask}: size {m.size} differs from its image's {im.size}")
             if m.mode not in ("L", "P", "1", "I", "I;16"):
