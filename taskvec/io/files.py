@@ -278,9 +278,16 @@ def dump_meta(meta: dict[str, Any]) -> dict[str, str]:
     return {"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)}
 
 
-def check_output(path: str | os.PathLike[str], force: bool) -> Path:
-    """Fail early, before any work, when the output exists and `force` is not set."""
+def check_output(path: str | os.PathLike[str], force: bool,
+                 inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Fail early, before any work, when the output exists and `force` is not set, or when it is one of the
+    command's `inputs` (even with `force`: replacing an input with the result loses the input)."""
     p = Path(path)
+    if p.exists():
+        for i in inputs:
+            if Path(i).exists() and os.path.samefile(p, i):
+                raise OutputExistsError(f"{p}: is an input of this command ({i}); write the result elsewhere",
+                                        path=p)
     if p.exists() and not force:
         raise OutputExistsError(f"{p}: exists; pass `force` to overwrite it", path=p)
     if p.exists() and p.is_dir():

@@ -191,7 +191,7 @@ def export_vector(
     Every export is recorded, before the vector is written and under a lock, in `privacy_releases.json`
     beside the fine-tuned model, keyed by its run id (or content identity).
     """
-    check_output(out, force)
+    check_output(out, force, inputs=[finetuned, base])
     if dtype not in CAST_DTYPES:
         raise PrivacyConfigError(f"dtype must be one of {', '.join(CAST_DTYPES)}, got {dtype!r}", field="dtype")
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):

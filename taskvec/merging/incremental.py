@@ -116,7 +116,7 @@ def merge_incremental(
     with nothing new and the same λ, the latest version stands and nothing is written but `out`.
     """
     if out is not None:
-        check_output(out, force)
+        check_output(out, force, inputs=[base, *vectors])
     plan = plan or MergePlan.create(vectors, base, **options)
     if plan.exclude_outliers:
         raise ConfigError("exclude_outliers needs every vector at once: merge in full, not incrementally",

@@ -513,7 +513,7 @@ def merge_vectors(
     `select` chooses the method and λ, `calibrate` chooses λ, `contributions` records each vector's
     leave-one-out value. Nothing is written when anything fails.
     """
-    check_output(out, force)
+    check_output(out, force, inputs=[base, *vectors])
     plan = plan or MergePlan.create(vectors, base, **options)
     bh, headers = plan.open()
     extra: dict[str, Any] = {}

@@ -184,7 +184,7 @@ def _entry_problem(e: dict[str, Any]) -> tuple[str, str] | None:
         return "delta", f"delta must be in (0, 1), got {e['delta']!r}"
     if not (_number(e["sample_rate"]) and 0 < e["sample_rate"] <= 1):
         return "sample_rate", f"sample_rate must be in (0, 1], got {e['sample_rate']!r}"
-    if not (isinstance(e["steps"], int) and e["steps"] >= 1):
+    if not (_number(e["steps"]) and isinstance(e["steps"], int) and e["steps"] >= 1):
         return "steps", f"steps must be an integer >= 1, got {e['steps']!r}"
     if e["mechanism"] == "gaussian-output":
         zs = e.get("releases")
