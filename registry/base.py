@@ -437,6 +437,8 @@ class Registry:
         """Verified private copies of `entries` in the folder `into` (every one is checked before any is used)."""
         if not entries:
             raise RegistryError(f"{self.address}: no vectors to fetch (the registry or the selection is empty)")
+        for e in entries:  # every trust decision before any download
+            policy.check(e.contributor, e.signature, e.file_sha256, f"{self.address}/{e.path}")
         return [self.fetch(e, Path(into) / f"{e.contributor}-{e.sha256}.safetensors", policy)
                 for e in track(entries, "fetching", len(entries))]
 
