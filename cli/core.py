@@ -105,7 +105,13 @@ def inspect(
     if as_json:
         print_json(info.to_dict())
         return
-    _print_summary(info)
+    try:
+        _print_summary(info)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # metadata written by someone else
+        from taskvec.errors import FileFormatError
+
+        raise FileFormatError(f"{file}: taskvec metadata is malformed ({type(e).__name__}: {e}); "
+                              "`taskvec inspect --json` shows it", path=file) from None
 
 
 def _print_summary(info: Any) -> None:

@@ -77,7 +77,8 @@ def list_vectors(
     info = reg.info()
     entries = reg.select(only_contributor, since)
     if as_json:
-        print_json({"registry": reg.address, "base": info.base, "trusted_keys": info.trusted_keys,
+        base = {k: v for k, v in info.base.items() if k != "tensors"}  # the layout is for push's checks
+        print_json({"registry": reg.address, "base": base, "trusted_keys": info.trusted_keys,
                     "vectors": [e.to_dict() | {"privacy_summary": summarize_ledger(e.privacy)} for e in entries]})
         return
     from rich.table import Table

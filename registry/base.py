@@ -29,7 +29,16 @@ from typing import Any
 from taskvec.registry.trust import TrustError, TrustPolicy, check_contributor
 
 from taskvec.errors import FileFormatError, MismatchError, TaskvecError
-from taskvec.io.files import Header, atomic_output, file_digest, now, open_regular, read_kind
+from taskvec.io.files import (
+    DTYPE_SIZES,
+    Header,
+    TensorInfo,
+    atomic_output,
+    file_digest,
+    now,
+    open_regular,
+    read_kind,
+)
 from taskvec.io.layout import check_against_base
 from taskvec.io.tensors_np import non_finite
 from taskvec.progress import Track, no_track
@@ -181,6 +190,11 @@ class RegistryInfo:
                     and isinstance(b.get("task"), str) and isinstance(b.get("labels"), list)
                     and all(isinstance(x, str) for x in b["labels"])):
                 raise ValueError("base")
+            layout = b.get("tensors", {})
+            if not (isinstance(layout, dict) and all(
+                    isinstance(v, list) and len(v) == 2 and v[0] in DTYPE_SIZES and isinstance(v[1], list)
+                    and all(_is_count(n) for n in v[1]) for v in layout.values())):
+                raise ValueError("base tensors")
             keys = info.trusted_keys
             if not (isinstance(keys, dict) and all(isinstance(v, list) and all(isinstance(k, str) for k in v)
                                                    for v in keys.values())):
@@ -192,6 +206,15 @@ class RegistryInfo:
             return info
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise RegistryError(f"{where}/{REGISTRY_FILE}: unreadable ({e})") from None
+
+
+def base_layout(info: RegistryInfo, address: str) -> Header | dict[str, Any]:
+    """What a pushed vector is checked against: the base's tensor layout when the registry records it (so
+    a vector push accepts is one merge can use), else the base record alone (registries made before)."""
+    if "tensors" not in info.base:
+        return info.base
+    tensors = {k: TensorInfo(d, tuple(shape), 0, 0) for k, (d, shape) in info.base["tensors"].items()}
+    return Header(Path(address), tensors, 0, {"identity": info.base["identity"], "model": info.base})
 
 
 def vector_path(contributor: str, sha: str) -> str:
@@ -329,6 +352,7 @@ class Registry:
         spec = bh.meta["model"]
         info = RegistryInfo(
             base={"identity": bh.meta["identity"], "arch": spec["arch"], "task": spec["task"],
+                  "tensors": {k: [t.dtype, list(t.shape)] for k, t in sorted(bh.tensors.items())},
                   "num_classes": spec["num_classes"], "labels": spec["labels"]},
             created=now(), card=card or {},
         )
@@ -388,7 +412,7 @@ class Registry:
         file_sha = sha256_file(h.path)
         signature = sign(key, file_sha) if key is not None else None
         info = self.info()
-        check_against_base(h, info.base, f"registry {self.address}")
+        check_against_base(h, base_layout(info, self.address), f"registry {self.address}")
         check_push_policy(info, contributor, signature, file_sha, str(h.path))
         result: list[PushResult] = []
 
@@ -516,27 +540,19 @@ class Registry:
 
 
 def check_vector_meta(h: Header) -> None:
-    """The metadata fields a registry and a merge rely on, with their types."""
-    m = h.meta
-    base = m.get("base")
-    ok = (_is_sha(m.get("sha256")) and isinstance(base, dict) and isinstance(base.get("identity"), str)
-          and (m.get("samples") is None or _is_count(m.get("samples")))
-          and isinstance(m.get("privacy", []), list) and isinstance(m.get("statistics", []), list))
-    if not ok:
-        raise FileFormatError(f"{h.path}: corrupt vector metadata (sha256, base, samples, privacy)", path=h.path)
-    check_contributor(m.get("contributor"))
+    """A registry also needs a contributor id that can name a folder (`read_kind` checked the other fields)."""
+    check_contributor(h.meta["contributor"])
 
 
 def check_tensors(h: Header) -> None:
-    """The content sha256 matches and every value is finite (one read of the file, numpy only)."""
-    from taskvec.io.files import Digest, iter_raw
+    """The content sha256 matches and every value is finite (one bounded read of the file, numpy only)."""
+    from taskvec.io.files import scan
 
-    dig = Digest()
-    for name, t, data in iter_raw(h):
-        dig.update(name, t.dtype, t.shape, data)
-        if non_finite(data, t.dtype):
+    def finite(name: str, t: TensorInfo, piece: bytes) -> None:
+        if non_finite(piece, t.dtype):
             raise FileFormatError(f"{h.path}: tensor {name} holds NaN or Inf", path=h.path, field=name)
-    if dig.hexdigest() != h.meta["sha256"]:
+
+    if scan(h, finite) != h.meta["sha256"]:
         raise IntegrityError(f"{h.path}: content does not match its sha256; the file is corrupted", path=h.path)
 
 

@@ -316,3 +316,23 @@ def test_markup_and_escapes_in_names_print_as_text(make_base, make_finetuned, tm
     export_vector(ft, base, tmp_path / "v[/x].safetensors", contributor="site0")
     r = cli("push", "v[/x].safetensors", "--registry", reg, cwd=tmp_path)
     assert r.code == 0 and "v[/x].safetensors" in r.stdout, r.stderr
+
+
+def test_malformed_taskvec_metadata_is_refused(make_base, make_finetuned, tmp_path: Path) -> None:
+    from taskvec.io.files import read_kind
+    from taskvec.merging.export import export_vector
+
+    base = make_base()
+    v = tmp_path / "v.safetensors"
+    export_vector(make_finetuned(base, 0), base, v)
+    meta = read_kind(v, "vector").meta
+    tensors = load_file(str(v))
+    for i, (field, value) in enumerate([("base", None), ("sha256", "../x"), ("samples", True), ("statistics", 3),
+                                        ("contributor", ["a"])]):
+        bad = tmp_path / f"bad{i}.safetensors"
+        save_file(tensors, str(bad), metadata={"format": "pt", "taskvec": json.dumps({**meta, field: value})})
+        with pytest.raises(FileFormatError, match=f"invalid {field}"):
+            read_kind(bad, "vector")
+    r = cli("merge", "bad0.safetensors", "--base", base, "--out", "m.safetensors", cwd=tmp_path)
+    assert_refused(r, "invalid base")
+    assert not (tmp_path / "m.safetensors").exists()

@@ -216,3 +216,25 @@ def test_hub_cache_is_verified_and_refetched(hub, sites, tmp_path: Path) -> None
     cached.write_bytes(bytes(data))  # a damaged cache no longer blocks every later merge
     assert reg.fetch(e, tmp_path / "b.safetensors", OPEN).read_bytes() == vector(0).read_bytes()
     assert cached.read_bytes() == vector(0).read_bytes()
+
+
+def test_push_checks_the_base_layout(sites, tmp_path: Path) -> None:
+    """A vector with the base's identity but other keys or shapes would block every merge: push refuses it."""
+    from safetensors.torch import load_file, save_file
+
+    from taskvec.errors import MismatchError
+
+    base, vector = sites
+    reg = created(str(tmp_path / "reg"), base)
+    src = vector(0)
+    tensors = load_file(str(src))
+    k = sorted(tensors)[0]
+    tensors[k] = tensors[k].reshape(-1)[:1].clone()  # a shape the base does not have
+    from taskvec.io.tensors import state_digest
+
+    meta = {**read_kind(src, "vector").meta, "sha256": state_digest(tensors)}
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={"format": "pt", "taskvec": json.dumps(meta)})
+    with pytest.raises(MismatchError, match=f"shape of {k}"):
+        reg.push(bad)
+    assert reg.entries() == []

@@ -15,7 +15,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -216,7 +216,37 @@ def read_kind(path: str | os.PathLike[str], kind: str) -> Header:
     if h.kind != kind:
         what = "a plain safetensors state_dict" if h.kind == "state_dict" else f"a taskvec {h.kind}"
         raise FileFormatError(f"{h.path}: expected a taskvec {kind} file, got {what}")
+    bad = _bad_fields(h.meta, kind)
+    if bad:
+        raise FileFormatError(f"{h.path}: taskvec {kind} metadata has a missing or invalid {bad}", path=h.path,
+                              field=bad)
     return h
+
+
+def _is_sha(x: Any) -> bool:
+    return isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x)
+
+
+def _bad_fields(m: dict[str, Any], kind: str) -> str | None:
+    """The first field, of those every reader of a model or vector relies on, that is missing or mistyped."""
+    def strings(x: Any) -> bool:
+        return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+    if kind == "model":
+        checks = {"identity": _is_sha(m.get("identity")), "model": isinstance(m.get("model"), dict)}
+    else:
+        base = m.get("base")
+        samples = m.get("samples")
+        checks = {
+            "sha256": _is_sha(m.get("sha256")),
+            "base": isinstance(base, dict) and _is_sha(base.get("identity")),
+            "contributor": isinstance(m.get("contributor"), str),
+            "samples": samples is None or (_is_int(samples) and samples >= 0),
+            "labels": "labels" not in m or strings(m["labels"]),
+            "statistics": strings(m.get("statistics", [])),
+            "privacy": isinstance(m.get("privacy", []), list),
+        }
+    return next((name for name, ok in checks.items() if not ok), None)
 
 
 class Digest:
@@ -249,18 +279,33 @@ def digest(items: Iterable[tuple[str, str, Sequence[int], bytes | memoryview]]) 
     return d.hexdigest()
 
 
-def iter_raw(header: Header, names: Iterable[str] | None = None) -> Iterator[tuple[str, TensorInfo, bytes]]:
-    """Yield raw little-endian bytes of tensors, one at a time, in the given (default: sorted) order."""
+SCAN_CHUNK = 1 << 24  # bytes; a multiple of every dtype size
+
+
+def scan(header: Header, visit: Callable[[str, TensorInfo, bytes], None] | None = None) -> str:
+    """Read every tensor once, in sorted order and pieces of at most `SCAN_CHUNK` bytes (whole elements),
+    calling `visit(name, info, piece)`; return the content identity. Memory stays bounded whatever the file."""
+    d = Digest()
     with open_regular(header.path) as f:
-        for name in names if names is not None else sorted(header.tensors):
+        for name in sorted(header.tensors):
             t = header.tensors[name]
+            d.begin(name, t.dtype, t.shape, t.end - t.start)
             f.seek(header.data_start + t.start)
-            yield name, t, f.read(t.end - t.start)
+            left = t.end - t.start
+            while left:
+                piece = f.read(min(left, SCAN_CHUNK))
+                if not piece:
+                    raise FileFormatError(f"{header.path}: truncated while reading {name}", path=header.path)
+                left -= len(piece)
+                d.feed(piece)
+                if visit is not None:
+                    visit(name, t, piece)
+    return d.hexdigest()
 
 
 def file_digest(header: Header) -> str:
     """Content identity of a file's tensors; equals `tensors.state_digest` of the same tensors."""
-    return digest((name, t.dtype, t.shape, data) for name, t, data in iter_raw(header))
+    return scan(header)
 
 
 def key_difference(expected: Iterable[str], got: Iterable[str]) -> str | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from taskvec.io.files import FLOAT_DTYPES, Digest, iter_raw, read_header
+from taskvec.io.files import FLOAT_DTYPES, TensorInfo, read_header, scan
 from taskvec.io.tensors_np import as_float64
 
 __all__ = ["FileInfo", "inspect_file"]
@@ -39,17 +39,17 @@ def inspect_file(path: str | os.PathLike[str]) -> FileInfo:
     """Kind, metadata, tensor and parameter counts, size, L2 norm, integrity and privacy ledger of a file."""
     h = read_header(path)
     meta = h.meta
-    stats = set(meta.get("statistics", []))
+    listed = meta.get("statistics", [])
+    stats = set(listed) if isinstance(listed, list) and all(isinstance(k, str) for k in listed) else set()
     sq = 0.0
-    params = 0
-    dig = Digest()
-    for name, t, data in iter_raw(h):
-        dig.update(name, t.dtype, t.shape, data)
-        if t.dtype in FLOAT_DTYPES:
-            params += t.numel
-            if name not in stats:
-                sq += float(np.square(as_float64(data, t.dtype)).sum())
-    content = dig.hexdigest()
+
+    def norm(name: str, t: TensorInfo, piece: bytes) -> None:
+        nonlocal sq
+        if t.dtype in FLOAT_DTYPES and name not in stats:
+            sq += float(np.square(as_float64(piece, t.dtype)).sum())
+
+    content = scan(h, norm)
+    params = sum(t.numel for t in h.tensors.values() if t.dtype in FLOAT_DTYPES)
     stored = meta.get("identity") if h.kind == "model" else meta.get("sha256")
     return FileInfo(str(h.path), h.kind, h.size, len(h.tensors), params, math.sqrt(sq), content,
                     None if stored is None else stored == content, meta.get("privacy", []), meta)
