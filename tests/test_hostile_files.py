@@ -336,3 +336,13 @@ def test_malformed_taskvec_metadata_is_refused(make_base, make_finetuned, tmp_pa
     r = cli("merge", "bad0.safetensors", "--base", base, "--out", "m.safetensors", cwd=tmp_path)
     assert_refused(r, "invalid base")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_non_finite_option_on_the_command_line(make_base, make_finetuned, tmp_path: Path) -> None:
+    from taskvec.merging.export import export_vector
+
+    base = make_base()
+    export_vector(make_finetuned(base, 0), base, tmp_path / "v.safetensors")
+    r = cli("merge", "v.safetensors", "--base", base, "--out", "m.safetensors", "--scale", "nan", cwd=tmp_path)
+    assert_refused(r, "--scale", code=2)
+    assert not (tmp_path / "m.safetensors").exists()

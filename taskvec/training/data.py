@@ -145,6 +145,10 @@ MAX_NPZ_ARRAY_BYTES = 8 << 30
 MAX_NPZ_RATIO = 100  # decompressed / compressed, for arrays over 64 MiB
 
 
+class ImageTooLargeError(TaskvecError):
+    """An image whose header declares more than `MAX_IMAGE_PIXELS` pixels (refused, never skipped)."""
+
+
 def _open(path: str | os.PathLike[str]) -> Image.Image:
     """Open an image lazily (header only), refusing non-regular files and images over `MAX_IMAGE_PIXELS`."""
     if not Path(path).is_file():
@@ -156,8 +160,8 @@ def _open(path: str | os.PathLike[str]) -> Image.Image:
     w, h = img.size
     if w * h > MAX_IMAGE_PIXELS:
         img.close()
-        raise TaskvecError(f"{path}: image of {w}x{h} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit; "
-                           "downsample it first", path=path)
+        raise ImageTooLargeError(f"{path}: image of {w}x{h} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit; "
+                                 "downsample it first", path=path)
     return img
 
 
@@ -188,10 +192,8 @@ def _readable(path: Path) -> bool:
         with _open(path) as im:
             im.verify()
         return True
-    except TaskvecError as e:
-        if "limit" in e.message:
-            raise
-        return False
+    except ImageTooLargeError:
+        raise
     except Exception:  # noqa: BLE001 - PIL raises many types for corrupt files
         return False
 
