@@ -162,7 +162,8 @@ def registry_init(
     state = "created" if created else "already a registry for this base:"
     console.print(f"{state} {reg.address} (base {info.base['identity'][:16]}, {info.base['arch']})")
     if pairs:
-        console.print(f"trusted keys for {', '.join(c for c, _ in pairs)}: unsigned vectors are now refused")
+        console.print(f"keys listed for {', '.join(c for c, _ in pairs)}: pushes must be signed by them "
+                      "(mergers trust their own keyring: `taskvec keys trust`)")
 
 
 @registry_app.command("trust")
@@ -177,7 +178,8 @@ def registry_trust(
 
     reg = _open(address, revision)
     reg.trust(contributor, normalise_key(key))
-    console.print(f"{reg.address}: trusts this key for {contributor}; pushes and merges now require signatures")
+    console.print(f"{reg.address}: lists this key for {contributor}; pushes must now be signed "
+                  "(mergers trust their own keyring: `taskvec keys trust`)")
 
 
 @registry_app.command("reindex")

@@ -20,11 +20,11 @@ class Run:
     peak_rss: int  # bytes, the child's own peak resident set (wait4)
 
 
-def cli(*args: str | Path, cwd: Path, env: dict[str, str] | None = None, stdin: int | None = None) -> Run:
+def cli(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> Run:
     """`taskvec ARGS` in a child process; its peak RSS comes from `os.wait4`, so it is this child's alone."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         p = subprocess.Popen([sys.executable, "-m", "taskvec.cli.app", *map(str, args)], cwd=cwd, stdout=out,
-                             stderr=err, stdin=subprocess.DEVNULL if stdin is None else stdin,
+                             stderr=err, stdin=subprocess.DEVNULL,
                              env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)

@@ -397,8 +397,7 @@ def glob_escape(text: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
-def private_copy(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, follow_symlinks: bool = False,
-                 max_bytes: int | None = None) -> str:
+def private_copy(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, follow_symlinks: bool = False) -> str:
     """Copy `src` to a new file `dest` (mode 0600) and return the sha256 of exactly the bytes copied.
 
     The way to verify what you read and read what you verified: the hash and the copy come from one open
@@ -409,11 +408,7 @@ def private_copy(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, f
     done = False
     try:
         with os.fdopen(fd, "wb") as out, open_regular(src, follow_symlinks=follow_symlinks) as f:
-            copied = 0
             for block in iter(lambda: f.read(1 << 20), b""):
-                copied += len(block)
-                if max_bytes is not None and copied > max_bytes:
-                    raise FileFormatError(f"{src}: larger than the {max_bytes} B expected", path=src)
                 h.update(block)
                 out.write(block)
         done = True
