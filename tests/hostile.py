@@ -1,4 +1,7 @@
-"""Running the CLI as an attacker's victim would: exit code, stderr, peak memory of the child process."""
+"""Running the CLI as an attacker's victim would: exit code, stderr, peak memory of the child process.
+
+The peak is the child's own `VmHWM` (read from /proc as it exits): `ru_maxrss` of a child starts at its
+parent's peak on Linux, so under a large pytest process it would measure pytest, not the command."""
 
 from __future__ import annotations
 
@@ -20,17 +23,25 @@ class Run:
     peak_rss: int  # bytes, the child's own peak resident set (wait4)
 
 
+_CHILD = (
+    "import atexit, runpy, sys\n"
+    "out = sys.argv[1]\n"
+    "def hwm():\n"
+    "    kb = next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+    "    open(out, 'w').write(kb)\n"
+    "atexit.register(hwm)\n"
+    "sys.argv = ['taskvec', *sys.argv[2:]]\n"
+    "runpy.run_module('taskvec.cli.app', run_name='__main__')\n"
+)
+
+
 def cli(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> Run:
-    """`taskvec ARGS` in a child process; its peak RSS comes from `os.wait4`, so it is this child's alone."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        p = subprocess.Popen([sys.executable, "-m", "taskvec.cli.app", *map(str, args)], cwd=cwd, stdout=out,
-                             stderr=err, stdin=subprocess.DEVNULL,
-                             env={**os.environ, **(env or {})})
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return Run(p.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss * 1024)
+    """`taskvec ARGS` in a child process, with its exit code, output and own peak resident memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        hwm = Path(tmp) / "hwm"
+        p = subprocess.run([sys.executable, "-c", _CHILD, str(hwm), *map(str, args)], cwd=cwd, capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, timeout=600)
+        return Run(p.returncode, p.stdout, p.stderr, int(hwm.read_text()) * 1024)
 
 
 def assert_refused(r: Run, *fragments: str, code: int | None = None) -> None:

@@ -249,8 +249,9 @@ def test_non_finite_options_are_refused_in_the_library(make_base, make_finetuned
         with pytest.raises(ConfigError, match="scale"):
             merge_vectors([v], base, tmp_path / "m.safetensors", scale=scale)
     assert not (tmp_path / "m.safetensors").exists()
-    entry = {"mechanism": "gaussian-output", "unit": "site", "epsilon": True, "delta": 1e-5, "accountant": "x",
-             "noise_multiplier": 1.0, "clip": 1.0, "sample_rate": 1.0, "steps": 1, "run_id": "r"}
+    entry = {"mechanism": "gaussian-output", "unit": "site", "relation": "add-remove", "epsilon": True,
+             "delta": 1e-5, "accountant": "x", "noise_multiplier": 1.0, "clip": 1.0, "sample_rate": 1.0, "steps": 1,
+             "run_id": "r"}
     with pytest.raises(PrivacyError, match="epsilon"):
         validate_ledger([entry])
     with pytest.raises(PrivacyError, match="steps"):

@@ -234,6 +234,8 @@ def _bad_fields(m: dict[str, Any], kind: str) -> str | None:
 
     if kind == "model":
         checks = {"identity": _is_sha(m.get("identity")), "model": isinstance(m.get("model"), dict)}
+    elif kind != "vector":
+        return None
     else:
         base = m.get("base")
         samples = m.get("samples")
