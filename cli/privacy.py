@@ -69,7 +69,7 @@ def _canaries(vector: Path, canaries: int, max_dim: int, as_json: bool) -> None:
     for label, value in rows:
         console.print(f"{label + ':':<48} {value:.3f}")
     if a.epsilon_lower_bound > a.claimed_epsilon:
-        console.print("[bold red]the lower bound exceeds the claim: the mechanism leaks more than it says[/]")
+        console.print("the lower bound exceeds the claim: the mechanism leaks more than it says", style="bold red")
 
 
 RECONSTRUCTION = "Attacker's assumptions (default: what the file records)"
