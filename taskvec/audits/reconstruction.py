@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from taskvec.errors import ConfigError, TaskvecError, check_range
+from taskvec.errors import ConfigError, OutputExistsError, TaskvecError, check_range
 from taskvec.progress import Track, no_track
 
 RECOGNISABLE_PSNR = 18.0
@@ -446,7 +446,7 @@ def audit_reconstruction(
         raise TaskvecError(f"{out}: exists and is not a directory", path=out)
     for name in (JSON_FILE, GRID_FILE):
         if (out / name).exists() and not force:
-            raise TaskvecError(f"{out / name}: exists; pass --force to overwrite it", path=out / name)
+            raise OutputExistsError(f"{out / name}: exists; pass `force` to overwrite it", path=out / name)
     spec = ModelSpec.from_dict(read_kind(base, "model").meta["model"])
     meta, delta = load_update(target, base)
     site = site_assumptions(meta, spec, dict(assume or {}))
