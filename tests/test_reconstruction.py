@@ -149,6 +149,7 @@ def test_json_records_assumptions_and_cli(make_base, tmp_path: Path, monkeypatch
     record = json.loads((tmp_path / "out" / JSON_FILE).read_text())
     assert record["assumptions"] == {"samples": 1, "batch_size": 1, "lr": 0.01, "steps": 1, "img_size": SIZE,
                                      "optimizer": "sgd", "weight_decay": 0.05, "labels_known": False}
+    assert record["data"] == str(tmp_path / "site.npz") and record["target"] == str(ft)
     assert record["attack"]["iterations"] == 3 and record["attack"]["tv"] == 0.05 and record["attack"]["seed"] == 4
     assert len(record["reconstructions"]) == 1 and record["reconstructions"][0]["label"] in (0, 1)
     assert record["verdict"] in " ".join(res.stdout.split())  # rich wraps lines

@@ -362,7 +362,7 @@ def save_grid(path: Path, images: torch.Tensor, matches: list[Match], ds: Any, t
             a = img.permute(1, 2, 0).numpy()
             ax.imshow(a[..., 0] if a.shape[2] == 1 else a, cmap="gray", vmin=0, vmax=1)
             ax.set_title(label, fontsize=7, color="red" if j == 0 and m.recognisable else "black")
-    fig.suptitle(title, fontsize=8)
+    fig.suptitle(title, fontsize=8, wrap=True)
     fig.tight_layout()
     from taskvec.io.files import atomic_output
 
@@ -451,7 +451,8 @@ def audit_reconstruction(
     meta, delta = load_update(target, base)
     site = site_assumptions(meta, spec, dict(assume or {}))
     attack.check(site)
-    ds = as_splits(data, spec, img_size=site.img_size, val_fraction=0.0).get(split)
+    splits = as_splits(data, spec, img_size=site.img_size, val_fraction=0.0)
+    ds = splits.get(split)
     labels = None
     if site.labels_known:
         if len(ds) != site.samples:
@@ -468,7 +469,7 @@ def audit_reconstruction(
              f"{site.optimizer}; left: reconstruction, right: best real match")
     save_grid(out / GRID_FILE, rec.images, matches, ds, title)
     record = {
-        "target": str(target), "kind": meta.get("kind"), "base": str(base), "data": str(getattr(data, "source", data)),
+        "target": str(target), "kind": meta.get("kind"), "base": str(base), "data": splits.source,
         "split": split, "task": spec.task, "privacy": meta.get("privacy", []), "created": now(),
         "assumptions": asdict(site),
         "attack": {"method": "gradient inversion by simulated local training (Geiping et al. 2020; "
