@@ -39,10 +39,11 @@ def simulate(
     img_size: int = typer.Option(32, "--img-size", help="Input size in pixels."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Start from timm's pretrained weights (network)."),
     weights: Path | None = typer.Option(None, help="Start from a local timm checkpoint (.safetensors)."),
-    epochs: int = typer.Option(3, help="Epochs per site (and for the centralised run)."),
+    train: str = typer.Option("all", help="What every site trains: all | head | norm-bias | last:K | lora:R."),
+    epochs: int | None = typer.Option(None, help="Epochs per run (default: finetune's, >= 200 optimiser steps)."),
     base_epochs: int = typer.Option(3, "--base-epochs", help="Epochs on the public share when there are no weights."),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    lr: float = typer.Option(1e-3, help="Peak learning rate."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Default: finetune's for each run's data."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default: the --train mode's)."),
     methods: str | None = typer.Option(None, help="Comma-separated merge methods to compare (default: all)."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Also choose λ on a validation share."),
     dp: bool = typer.Option(False, "--dp", help="Add DP-SGD runs of every site at each of --target-epsilons."),
@@ -51,23 +52,34 @@ def simulate(
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Per-sample clipping norm for --dp."),
     jobs: int = typer.Option(1, help="Fine-tune sites in this many parallel processes."),
     seed: int = typer.Option(0),
+    seeds: str | None = typer.Option(
+        None, help="Repeat for these seeds (e.g. 0,1,2; each in OUT/seed<S>) and report mean ± sd with error bars."
+    ),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ) -> None:
     """Split one data set into sites, fine-tune each alone, merge with every method, compare on one test split."""
-    from taskvec.simulation.simulate import SimulationConfig
+    from taskvec.simulation.simulate import SimulationConfig, simulate_seeds
     from taskvec.simulation.simulate import simulate as run
 
     cfg = SimulationConfig(
         data=str(data), out=str(out), task=task, sites=sites, split=split, arch=arch, num_classes=num_classes,
         labels=[s.strip() for s in labels.split(",")] if labels else None, in_chans=in_chans, img_size=img_size,
-        pretrained=pretrained, weights=str(weights) if weights else None, epochs=epochs, base_epochs=base_epochs,
-        batch_size=batch_size, lr=lr, calibrate=calibrate,
+        pretrained=pretrained, weights=str(weights) if weights else None, train=train, epochs=epochs,
+        base_epochs=base_epochs, batch_size=batch_size, lr=lr, calibrate=calibrate,
         epsilons=_floats(target_epsilons) if dp else [], delta=delta, max_grad_norm=max_grad_norm, jobs=jobs,
         seed=seed, device=device,
     )
     if methods:
         cfg.methods = [m.strip() for m in methods.split(",")]
-    _print_table(run(cfg, progress=lambda s: console.print(s, style="dim")))
+    say = lambda s: console.print(s, style="dim")  # noqa: E731
+    if seeds is None:
+        _print_table(run(cfg, progress=say))
+        return
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+    _print_table(simulate_seeds(cfg, seed_list, say))
 
 
 def demo(

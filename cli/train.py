@@ -62,10 +62,18 @@ def finetune(
     data: Path = typer.Option(..., help="ImageFolder tree, CSV (path,label[,patient_id,split]), MedMNIST .npz, "
                                         "or images/+masks/ folders (segmentation)."),
     out: Path = typer.Option(..., help="Run folder: checkpoints, model.safetensors and metrics.json."),
-    epochs: int | None = typer.Option(None, help="Epochs (default 10)."),
+    train: str = typer.Option("all", help="What to train: all | head | norm-bias (BitFit) | last:K (stages) | "
+                                          "lora:R (rank-R adapters). The vector holds only what was trained."),
+    epochs: int | None = typer.Option(None, help="Epochs (default: 10, and at least 200 optimiser steps)."),
     steps: int | None = typer.Option(None, help="Optimizer steps, instead of --epochs."),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Default: n/8 in [4, 32]; with --dp a large logical batch, n/2 in [8, 256]."
+    ),
+    lr: float | None = typer.Option(
+        None, help="Peak learning rate (AdamW, warm-up then cosine); default per --train: all 1e-4, last 3e-4, "
+                   "lora 1e-3, head and norm-bias 3e-3."
+    ),
+    ema: float | None = typer.Option(None, help="EMA decay of the weights (0: off; default 0.99 with --dp, else off)"),
     weight_decay: float = typer.Option(0.05, "--weight-decay"),
     img_size: int | None = typer.Option(None, "--img-size", help="Input size (default: the base's)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -86,6 +94,9 @@ def finetune(
     ),
     delta: float = typer.Option(1e-5, help="--dp: δ of the guarantee (keep it below 1 / number of patients)."),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="--dp: clip each unit's gradient to this norm."),
+    augmult: int = typer.Option(
+        2, help="--dp: augmentation multiplicity K (De et al. 2022): average K augmented copies before clipping."
+    ),
 ) -> None:
     """Fine-tune the base on local data; the run folder is then ready for `taskvec export RUN_DIR`.
 
@@ -98,12 +109,13 @@ def finetune(
     if dp:
         from taskvec.privacy.dpsgd import DPConfig
 
-        private = DPConfig(max_grad_norm, delta, target_epsilon=target_epsilon, noise_multiplier=noise_multiplier)
+        private = DPConfig(max_grad_norm, delta, target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
+                           augmult=augmult)
     elif target_epsilon is not None or noise_multiplier is not None:
         usage("--target-epsilon and --noise-multiplier set up DP-SGD: add --dp")
     config = FinetuneConfig(
-        epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, img_size=img_size,
-        device=device, seed=seed, resume=resume, val_fraction=val_fraction, contributor=contributor,
+        epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, train=train, ema=ema, weight_decay=weight_decay,
+        img_size=img_size, device=device, seed=seed, resume=resume, val_fraction=val_fraction, contributor=contributor,
         augment=augment, num_workers=workers, dp=private,
     )
     if launched_rank():  # rank 0 of a torchrun launch reports
@@ -130,7 +142,7 @@ def finetune(
 def evaluate(
     model: Path = typer.Argument(..., help="A model file or run folder (base, fine-tuned or merged)."),
     data: Path = typer.Option(..., help="Data in any layout `finetune` reads."),
-    split: str = typer.Option("test", help="train | val | test | all"),
+    split: str | None = typer.Option(None, help="train | val | test | all (default: test if there is one, else all)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     batch_size: int = typer.Option(64, "--batch-size"),
     as_json: bool = typer.Option(False, "--json", help="Print every metric as JSON."),

@@ -68,5 +68,6 @@ def test_errors_and_cli_json(tmp_path: Path, make_base: Callable[..., Path]) -> 
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert out["mean_over"].startswith("foreground") and out["pixels"] == 2 * 32 * 32
-    r = CliRunner().invoke(app, ["evaluate", str(base), "--data", str(data), "--device", "cpu"])
-    assert r.exit_code != 0
+    r = CliRunner().invoke(app, ["evaluate", str(base), "--data", str(data), "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output  # no test split: the default is every sample
+    assert json.loads(r.output)["split"] == "all" and json.loads(r.output)["samples"] == 2

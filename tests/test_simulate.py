@@ -93,3 +93,24 @@ def test_the_command_line_has_the_library_defaults() -> None:
     shared = (set(cli) & set(lib)) - {"data", "out", "methods"}  # no --methods: every method
     assert {"arch", "sites", "split", "epochs", "jobs", "img_size", "lr"} <= shared
     assert {k: cli[k] for k in shared} == {k: lib[k] for k in shared}
+
+
+def test_seeds_report_mean_and_sd_of_independent_runs(tmp_path: Path) -> None:
+    import statistics
+
+    from taskvec.simulation.simulate import simulate_seeds
+
+    data = write_classification_npz(tmp_path / "data.npz", n_train=80, n_val=20, n_test=30, size=32, seed=5)
+    cfg = SimulationConfig(data=str(data), out=str(tmp_path / "r"), sites=2, arch="test_vit", in_chans=1, img_size=32,
+                           epochs=1, base_epochs=1, methods=["sum"], calibrate=False, batch_size=16)
+    res = simulate_seeds(cfg, [0, 1])
+    per_seed = [json.loads((tmp_path / "r" / f"seed{s}" / "results.json").read_text())["rows"] for s in (0, 1)]
+    assert per_seed[0][1]["value"] != per_seed[1][1]["value"]  # the seed changes splits and training
+    for row in res.rows:
+        values = [next(r["value"] for r in rows if r["name"] == row["name"]) for rows in per_seed]
+        assert row["value"] == pytest.approx(statistics.mean(values))
+        assert row["value_sd"] == pytest.approx(statistics.stdev(values))
+        assert row["seeds"] == 2
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert " ± " in report and "seeds 0, 1" in report
+    assert (tmp_path / "r" / "metric_by_method.png").stat().st_size > 0

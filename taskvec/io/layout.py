@@ -3,13 +3,14 @@ against base) and registry push (vector against the registry's base) share. Read
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from taskvec.errors import MismatchError
 from taskvec.io.files import FLOAT_DTYPES, Header, TensorInfo, key_difference
 
 STATISTIC_SUFFIXES = ("running_mean", "running_var")
+FACTORS = ("@lora_A", "@lora_B")  # a factored delta of key K is stored as K@lora_A (r × n) and K@lora_B (m × r)
 MODEL_FIELDS = ("arch", "task", "num_classes", "labels")
 VECTOR_FIELDS = ("task", "labels")
 
@@ -22,6 +23,29 @@ def is_statistic(name: str) -> bool:
 def delta_keys(tensors: Mapping[str, TensorInfo]) -> list[str]:
     """Keys that a vector carries as deltas: the base's floating tensors that are not statistics."""
     return sorted(k for k, t in tensors.items() if t.dtype in FLOAT_DTYPES and not is_statistic(k))
+
+
+def factor_names(key: str) -> tuple[str, str]:
+    """The tensor names holding the low-rank factors (A, B) of `key`'s delta, `delta = (B @ A).reshape(shape)`."""
+    return key + FACTORS[0], key + FACTORS[1]
+
+
+def logical_key(name: str) -> str:
+    """The base key a vector tensor belongs to (itself, or the key whose factor it is)."""
+    return name[: -len(FACTORS[0])] if name.endswith(FACTORS) else name
+
+
+def vector_keys(h: Header) -> list[str]:
+    """The base keys a vector carries, in the order of its sorted tensor names (factored keys once)."""
+    return list(dict.fromkeys(logical_key(n) for n in sorted(h.tensors)))
+
+
+def factor_shapes(key: str, shape: Sequence[int], rank: int) -> dict[str, list[int]]:
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    a, b = factor_names(key)
+    return {a: [rank, n], b: [shape[0], rank]}
 
 
 def check_against_base(h: Header, base: Header | Mapping[str, Any], where: str = "") -> None:
@@ -64,9 +88,20 @@ def _check_identity(h: Header, identity: str, model: Mapping[str, Any], name: st
 
 
 def _check_layout(h: Header, tensors: Mapping[str, TensorInfo], name: str) -> None:
+    expected = {k: list(t.shape) for k, t in tensors.items()}
     if h.kind == "vector":
         stats = set(h.meta.get("statistics", []))
-        diff = key_difference(delta_keys(tensors), (k for k in h.tensors if k not in stats))
+        factors = h.meta.get("factors", {})
+        for k, f in factors.items():
+            if k in expected:
+                expected |= factor_shapes(k, expected[k], int(f["rank"]))
+        carried = {logical_key(n) for n in h.tensors if n not in stats}
+        factored = {logical_key(n) for n in h.tensors if n.endswith(FACTORS)}
+        base_deltas = delta_keys(tensors)
+        # a subset vector carries only what was trained (a key it lacks has a zero delta); others carry all
+        diff = key_difference(carried & set(base_deltas) if h.meta.get("subset") else base_deltas, carried)
+        if not diff and factored != set(factors):
+            diff = f"factors of {', '.join(sorted(factored ^ set(factors))[:5])} do not match its header"
         unknown = sorted(stats - {k for k in tensors if is_statistic(k)})
         if not diff and unknown:
             diff = f"statistics {', '.join(unknown[:5])} are not statistics of the base"
@@ -75,9 +110,9 @@ def _check_layout(h: Header, tensors: Mapping[str, TensorInfo], name: str) -> No
     if diff:
         raise MismatchError(f"{h.path}: keys differ from {name}: {diff}", path=h.path, field="keys")
     for k, t in h.tensors.items():
-        if t.shape != tensors[k].shape:
-            raise MismatchError(f"{h.path}: shape of {k} is {list(t.shape)}, {name} has {list(tensors[k].shape)}",
-                                path=h.path, field=k, expected=list(tensors[k].shape), got=list(t.shape))
+        if list(t.shape) != expected[k]:
+            raise MismatchError(f"{h.path}: shape of {k} is {list(t.shape)}, {name} has {expected[k]}",
+                                path=h.path, field=k, expected=expected[k], got=list(t.shape))
         if h.kind == "vector" and t.dtype not in FLOAT_DTYPES:
             raise MismatchError(f"{h.path}: tensor {k} has dtype {t.dtype}, vectors hold floating tensors",
                                 path=h.path, field=k, got=t.dtype)

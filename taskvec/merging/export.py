@@ -31,7 +31,7 @@ from taskvec.io.files import (
     read_header,
     read_kind,
 )
-from taskvec.io.layout import check_against_base, is_statistic
+from taskvec.io.layout import check_against_base, factor_names, is_statistic
 from taskvec.io.tensors import CAST_DTYPES, TORCH_TO_ST, all_finite, save_tensors, state_digest
 from taskvec.models.spec import resolve_model_path
 from taskvec.privacy.ledger import (
@@ -42,6 +42,7 @@ from taskvec.privacy.ledger import (
     releases_path,
     remaining_noise_multiplier,
 )
+from taskvec.training.modes import factorize
 
 
 @dataclass
@@ -108,22 +109,37 @@ def _check_finetuned(base: Header, ft: Header) -> None:
     check_against_base(ft, base)
 
 
-def read_deltas(base: Header, ft: Header) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(fp32 deltas of the floating parameters, fp32 values of the BatchNorm statistics)."""
+def read_deltas(
+    base: Header, ft: Header
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """(fp32 deltas, fp32 values of the BatchNorm statistics that changed, the vector's layout fields).
+
+    Only what the run trained (its `training.train` record, `taskvec.training.modes.mode_record`): a subset
+    of keys, and each LoRA-adapted weight's delta as its exact rank-R factors `KEY@lora_A`, `KEY@lora_B`."""
+    mode = ft.meta.get("training", {}).get("train") or {"mode": "all", "trained": [], "lora": {}}
+    keep = None if mode["mode"] == "all" else set(mode["trained"]) | set(mode["lora"])
+    ranks: dict[str, int] = mode["lora"]
+    factors: dict[str, dict[str, Any]] = {}
     deltas: dict[str, torch.Tensor] = {}
     stats: dict[str, torch.Tensor] = {}
     with safe_open(str(base.path), "pt") as fb, safe_open(str(ft.path), "pt") as ff:
         for k in sorted(base.tensors):
-            if base.tensors[k].dtype not in FLOAT_DTYPES:
+            skipped = keep is not None and k not in keep and not is_statistic(k)  # not trained: no delta
+            if base.tensors[k].dtype not in FLOAT_DTYPES or skipped:
                 continue
             t = ff.get_tensor(k).to(torch.float32)
             if not all_finite(t):
                 raise FileFormatError(f"{ft.path}: tensor {k} holds NaN or Inf; the fine-tuning diverged")
+            b = fb.get_tensor(k).to(torch.float32)
             if is_statistic(k):
-                stats[k] = t
+                if not torch.equal(t, b):  # frozen statistics are the base's: nothing to carry
+                    stats[k] = t
+            elif k in ranks:  # a merged LoRA adapter: its delta has rank <= R, stored as exact factors
+                deltas.update(zip(factor_names(k), factorize(t - b, ranks[k])))
+                factors[k] = {"rank": ranks[k], "shape": list(t.shape)}
             else:
-                deltas[k] = t - fb.get_tensor(k).to(torch.float32)
-    return deltas, stats
+                deltas[k] = t - b
+    return deltas, stats, {"train": mode["mode"], "subset": keep is not None, "factors": factors}
 
 
 def l2_norm(tensors: dict[str, torch.Tensor]) -> float:
@@ -201,14 +217,14 @@ def export_vector(
     bh = read_kind(base, "model")
     fh = read_header(resolve_model_path(finetuned))
     _check_finetuned(bh, fh)
-    deltas, stats = read_deltas(bh, fh)
+    deltas, stats, layout = read_deltas(bh, fh)
     pre, post = clip_(deltas, clip)
     record = releases_path(fh.path)
     key = str(fh.meta.get("run_id") or fh.meta.get("identity") or file_digest(fh))
     with locked_releases(record):
         earlier = read_releases(record, key)
         _check_history(earlier, request.noised, force, fh.path, record)
-        release = _release(bh, fh, deltas, stats, request, earlier, dtype, contributor, samples, (pre, post))
+        release = _release(bh, fh, deltas, stats, layout, request, earlier, dtype, contributor, samples, (pre, post))
         record_release(record, key, {"vector": release.meta["sha256"], "noise_multiplier": release.z, "clip": clip,
                                      "delta": delta, "created": release.meta["created"]})
     path = save_tensors(release.tensors, out, release.meta, force=force)
@@ -226,7 +242,8 @@ class _Release:
 
 
 def _release(
-    bh: Header, fh: Header, deltas: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], request: NoiseRequest,
+    bh: Header, fh: Header, deltas: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], layout: dict[str, Any],
+    request: NoiseRequest,
     earlier: list[dict[str, Any]], dtype: str, contributor: str | None, samples: int | None,
     norms: tuple[float, float],
 ) -> _Release:
@@ -252,7 +269,7 @@ def _release(
         "task": bh.meta["model"]["task"], "labels": bh.meta["model"]["labels"],
         "contributor": contributor or training.get("contributor") or "anonymous",
         "samples": samples if privacy or samples is not None else training.get("samples"),
-        "created": now(), "dtype": TORCH_TO_ST[cast], "statistics": sorted(stats),
+        "created": now(), "dtype": TORCH_TO_ST[cast], "statistics": sorted(stats), **layout,
         "source": {"run_id": fh.meta.get("run_id")},
         "clip": request.clip, "noise_multiplier": z, "privacy": privacy, "sha256": state_digest(tensors),
     }

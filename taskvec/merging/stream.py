@@ -27,7 +27,7 @@ import numpy as np
 
 from taskvec.errors import ConfigError, FileFormatError, MismatchError, TaskvecError, check_range
 from taskvec.io.files import DTYPE_SIZES, FORMAT, FORMAT_VERSION, Digest, Header, check_output, now, read_kind
-from taskvec.io.layout import check_against_base, is_statistic
+from taskvec.io.layout import check_against_base, factor_names, is_statistic, vector_keys
 from taskvec.io.tensors_np import as_float32, from_float32, save_arrays
 from taskvec.merging.methods import Array, Recipe, get_method, stock_factor, vector_seed, vector_weights
 from taskvec.privacy.ledger import PrivacyBudget, check_merge_budget
@@ -184,6 +184,15 @@ class VectorFile:
         x.flags.writeable = False  # it may be the memory being hashed
         return x
 
+    def read_delta(self, key: str) -> Array:
+        """The whole delta of base key `key`, flat: a tensor of the file, or the product of its low-rank factors
+        (a LoRA vector's `KEY@lora_A`, `KEY@lora_B`), expanded here one tensor at a time."""
+        factors = self.header.meta.get("factors", {})
+        if key not in factors:
+            return self.read(key)
+        a, b = (self.read(n).reshape(self.header.tensors[n].shape) for n in factor_names(key))
+        return (b @ a).ravel()
+
     def verify(self) -> None:
         """After `Hasher.drain`: the bytes read are the bytes the vector's sha256 names."""
         if self.digest.hexdigest() != self.header.meta["sha256"]:
@@ -299,8 +308,8 @@ def _stream(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, a
     for f, w in track(zip(reading.files, weights), "merging", len(weights)):
         h = f.header
         stats = set(h.meta.get("statistics", []))
-        for k in sorted(h.tensors):
-            x = f.read(k)
+        for k in vector_keys(h):  # a subset vector lacks keys (zero deltas); factored keys are expanded
+            x = f.read_delta(k)
             if k in stats:
                 acc.add_stat(k, x)
                 continue
@@ -325,12 +334,16 @@ def _by_tensor(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array
     assert recipe.consensus is not None
     sp = recipe.sparsify
     files = reading.files
-    keys = sorted(set().union(*(f.header.tensors for f in files)))
+    carried = [set(vector_keys(f.header)) for f in files]
+    keys = sorted(set().union(*carried))
     for k in track(keys, "merging", len(keys)):
         if is_statistic(k):
             for f in files:
                 if k in f.header.tensors:
                     acc.add_stat(k, f.read(k))
+            continue
+        if not all(k in f.header.tensors for f in files):  # factored or missing somewhere: whole tensors
+            acc.sums[k] = _whole(plan, recipe, files, carried, k, weights)
             continue
         numel = files[0].header.tensors[k].numel
         windows = [(0.0, math.inf)] * len(files)
@@ -345,6 +358,22 @@ def _by_tensor(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array
         acc.sums[k] = out
     acc.weight += float(weights.sum())
     acc.count += len(files)
+
+
+def _whole(plan: MergePlan, recipe: Recipe, files: Sequence[VectorFile], carried: Sequence[set[str]], key: str,
+           weights: Array) -> Array:
+    """Consensus over whole (expanded) deltas of `key`, a zero delta for a vector that does not carry it."""
+    assert recipe.consensus is not None
+    rows = {i: f.read_delta(key) for i, (f, ks) in enumerate(zip(files, carried)) if key in ks}
+    numel = next(iter(rows.values())).size
+    x = np.stack([rows.get(i, np.zeros(numel, np.float32)) for i in range(len(files))])
+    if not np.isfinite(x).all():
+        raise FileFormatError(f"a vector's tensor {key} holds NaN or Inf")
+    sp = recipe.sparsify
+    if sp is not None:
+        x = np.stack([sp.apply(row, sp.window(row), vector_seed(plan.seed, f.header.meta["sha256"], key))
+                      for row, f in zip(x, files)])
+    return recipe.consensus(x, weights)  # type: ignore[no-any-return]
 
 
 def _nonfinite(headers: Sequence[Header], key: str) -> TaskvecError:

@@ -41,7 +41,10 @@ DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 @dataclass
 class DPConfig:
     """DP-SGD settings: clip each unit's gradient to `max_grad_norm` and either reach `target_epsilon`
-    (noise calibrated for the planned epochs, training stops at the target) or use `noise_multiplier`."""
+    (noise calibrated for the planned epochs, training stops at the target) or use `noise_multiplier`.
+
+    `augmult` K (De et al. 2022): the training loop feeds K augmented copies of every image, and each unit's
+    gradient is the mean over its copies before clipping, so the sensitivity stays the clipping bound."""
 
     max_grad_norm: float
     delta: float
@@ -49,6 +52,7 @@ class DPConfig:
     noise_multiplier: float | None = None
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE  # or "functorch"
     seed: int | None = None
+    augmult: int = 1  # augmentation multiplicity K (`finetune --dp` defaults to 2): mean over K augmented copies
 
     def check(self) -> None:
         check_range("max_grad_norm", self.max_grad_norm, low=0, error=PrivacyConfigError)
@@ -61,6 +65,9 @@ class DPConfig:
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise PrivacyConfigError(f"noise_multiplier must be > 0, got {self.noise_multiplier}: without noise "
                                      "there is no DP", field="noise_multiplier", got=self.noise_multiplier)
+        if not (isinstance(self.augmult, int) and self.augmult >= 1):
+            raise PrivacyConfigError(f"augmult must be an integer >= 1, got {self.augmult!r}", field="augmult",
+                                     got=self.augmult)
         if self.grad_sample_mode not in ("hooks", "functorch"):
             raise PrivacyConfigError(f"grad_sample_mode must be hooks or functorch, got {self.grad_sample_mode!r}",
                                      field="grad_sample_mode", expected=["hooks", "functorch"],
@@ -263,22 +270,24 @@ def _optimizer_class(distributed: bool = False) -> type:
         Opacus's DistributedDPOptimizer, which adds the noise on rank 0 only and averages over the ranks."""
 
         def __init__(self, *args: Any, model: EmptyBatchSafe, owners: deque[torch.Tensor] | None = None,
-                     **kwargs: Any) -> None:
+                     augmult: int = 1, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.model, self.owners = model, owners
+            self.model, self.owners, self.augmult = model, owners, augmult
 
         def pre_step(self, closure: Any = None) -> bool | None:
             owner = self.owners.popleft() if self.owners is not None else None
+            k = self.augmult
             if self.model.empty:
                 for p in self.params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            elif owner is not None:
+            elif owner is not None or k > 1:  # rows = the K augmented copies of each image, image after image
                 for p in self.params:
                     gs = self._get_flat_grad_sample(p)
-                    if gs.shape[0] != len(owner):
-                        raise RuntimeError("per-patient clipping lost track of the batch (one step per batch)")
-                    p.grad_sample = torch.zeros((int(owner.max()) + 1, *gs.shape[1:]), dtype=gs.dtype,
-                                                device=gs.device).index_add_(0, owner.to(gs.device), gs)
+                    rows = (owner if owner is not None else torch.arange(gs.shape[0] // k)).repeat_interleave(k)
+                    if gs.shape[0] != len(rows):
+                        raise RuntimeError("per-unit clipping lost track of the batch (one step per batch)")
+                    p.grad_sample = torch.zeros((int(rows.max()) + 1, *gs.shape[1:]), dtype=gs.dtype,
+                                                device=gs.device).index_add_(0, rows.to(gs.device), gs) / k
             return super().pre_step(closure)  # type: ignore[no-any-return]
 
     return TaskvecDPOptimizer
@@ -383,7 +392,8 @@ def make_private(
               "expected_batch_size": max(1, round(q * n_units)) / shard[1], "generator": noise_gen}
     safe = EmptyBatchSafe(model)
     owners = sampler.queue if patient_ids is not None else None
-    dp_optimizer = _optimizer_class(shard[1] > 1)(optimizer, model=safe, owners=owners, **kwargs)
+    dp_optimizer = _optimizer_class(shard[1] > 1)(optimizer, model=safe, owners=owners, augmult=config.augmult,
+                                                  **kwargs)
     meter = PrivacyMeter(config, unit, q, z, limit, mode, hooks=hooks)
     dp_optimizer.attach_step_hook(meter.on_step)
     return safe, dp_optimizer, private_loader, meter

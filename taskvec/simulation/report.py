@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from taskvec.io.files import atomic_output
 
 GROUP_ORDER = {"base": 0, "local": 1, "merged": 2, "calibrated": 3, "centralised": 4}
@@ -15,12 +17,18 @@ def _fmt(v: Any) -> str:
     return "–" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _cell(r: dict[str, Any], c: str) -> str:
+    """A metric, as mean ± sd when the row aggregates seeds."""
+    sd = r.get("metrics_sd", {}).get(c)
+    return _fmt(r["metrics"].get(c)) + ("" if sd is None else f" ± {sd:.4f}")
+
+
 def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and cells shared by report.md and the terminal table."""
     cols = [c for c in SHOWN if any(c in r["metrics"] for r in rows)]
     header = ["model", "kind", "ε", *cols]
     body = [[r["name"], r["group"], "∞" if r["epsilon"] is None else f"{r['epsilon']:g}",
-             *[_fmt(r["metrics"].get(c)) for c in cols]]
+             *[_cell(r, c) for c in cols]]
             for r in sorted(rows, key=lambda r: (r["epsilon"] or 0, GROUP_ORDER[r["group"]]))]
     return header, body
 
@@ -32,7 +40,8 @@ def _markdown(summary: dict[str, Any], plots: list[Path]) -> str:
         "# taskvec simulation report", "",
         f"Data `{cfg['data']}`, task {cfg['task']}, {cfg['sites']} sites split `{cfg['split']}` "
         f"(samples per site: {', '.join(map(str, summary['site_samples']))}), architecture `{cfg['arch']}`, "
-        f"{cfg['epochs']} epochs per site, test split of {summary['test_samples']} samples never used for training.",
+        f"training `{cfg.get('train', 'all')}`, {cfg['epochs'] or 'default'} epochs per site, test split of "
+        f"{summary['test_samples']} samples never used for training.",
         "", *[f"- {n}" for n in summary["notes"]], "",
         f"Primary metric: **{summary['metric']}**. `local` = one site alone; `merged` = base + combine(vectors); "
         "`calibrated` = λ chosen on the merger's validation share; `centralised` = the union of all sites' data, "
@@ -57,7 +66,8 @@ def _plot_methods(out: Path, rows: list[dict[str, Any]], metric: str, eps: float
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(merged) + 2), 4))
     names = [r["name"] for r in merged]
     colors = ["tab:blue" if r["group"] == "merged" else "tab:cyan" for r in merged]
-    ax.bar(range(len(merged)), [r["value"] or 0 for r in merged], color=colors)
+    ax.bar(range(len(merged)), [r["value"] or 0 for r in merged], color=colors,
+           yerr=[r.get("value_sd") or 0 for r in merged], capsize=3)
     if local:
         ax.axhspan(min(local), max(local), color="tab:orange", alpha=0.2,
                    label=f"single sites (min–max of {len(local)})")
@@ -66,6 +76,8 @@ def _plot_methods(out: Path, rows: list[dict[str, Any]], metric: str, eps: float
         for r in sel + ([rows[0]] if group == "base" else []):
             if r["group"] == group and r["value"] is not None:
                 ax.axhline(r["value"], color=style, ls="--", label=group)
+                if r.get("value_sd"):
+                    ax.axhspan(r["value"] - r["value_sd"], r["value"] + r["value_sd"], color=style, alpha=0.1)
                 break
     ax.set_xticks(range(len(merged)), names, rotation=30, ha="right")
     ax.set_ylabel(metric)
@@ -87,23 +99,24 @@ def _plot_epsilon(out: Path, rows: list[dict[str, Any]], metric: str, epsilons: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    series: dict[str, list[tuple[float, float]]] = {}
+    series: dict[str, list[tuple[float, float, float]]] = {}
     for r in rows:
         if r["epsilon"] is None or r["value"] is None or r["group"] == "base":
             continue
         key = r["method"] if r["group"] == "merged" else r["group"]
         if r["group"] == "calibrated":
             key = f"{r['method']}+cal"
-        series.setdefault(key, []).append((r["epsilon"], r["value"]))
+        series.setdefault(key, []).append((r["epsilon"], r["value"], r.get("value_sd") or 0.0))
     for key, pts in sorted(series.items()):
-        if key == "local":  # mean over sites at each ε
+        if key == "local":  # mean over sites at each ε (error bars: the spread over sites)
             by: dict[float, list[float]] = {}
-            for e, v in pts:
+            for e, v, _ in pts:
                 by.setdefault(e, []).append(v)
-            pts = [(e, sum(v) / len(v)) for e, v in by.items()]
+            pts = [(e, sum(v) / len(v), float(np.std(v))) for e, v in by.items()]
             key = "single sites (mean)"
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label=key)
     ax.set_xscale("log")
     ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
     ax.set_xlabel("ε (DP-SGD, per site)")

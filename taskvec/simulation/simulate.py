@@ -34,6 +34,7 @@ from taskvec.training.data import DataSplits, ImageDataset, hold_out_by_patient,
 from taskvec.training.evaluate import evaluate_model
 from taskvec.training.loop import METRICS_FILE, FinetuneConfig, finetune
 from taskvec.training.metrics import primary_metric
+from taskvec.training.modes import parse_mode
 
 TCGA_SITE = re.compile(r"TCGA-([A-Z0-9]{2})-")
 Progress = Callable[[str], None]
@@ -56,10 +57,11 @@ class SimulationConfig:
     public_fraction: float = 0.2
     test_fraction: float = 0.2
     val_fraction: float = 0.1
-    epochs: int = 3
+    epochs: int | None = None  # None: the fine-tuning default schedule (taskvec.training.loop.plan_steps)
     base_epochs: int = 3
-    batch_size: int = 32
-    lr: float = 1e-3
+    batch_size: int | None = None  # None: the fine-tuning default for each run's data size
+    lr: float | None = None  # None: the default of the training mode
+    train: str = "all"  # what every site trains (taskvec.training.modes)
     methods: list[str] = field(default_factory=lambda: ["sum", "mean", "weighted", "ties", "dare"])
     calibrate: bool = True
     epsilons: list[float] = field(default_factory=list)  # one DP-SGD variant of every site per ε
@@ -75,11 +77,12 @@ class SimulationConfig:
                 raise ConfigError(f"methods must be among {', '.join(MERGE_METHODS)}, got {m!r}", field="methods",
                                   expected=list(MERGE_METHODS), got=m)
         for name in ("sites", "jobs", "epochs"):
-            if getattr(self, name) < 1:
+            if (getattr(self, name) or 1) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", field=name, expected=">= 1",
                                   got=getattr(self, name))
         for e in self.epsilons:
             check_range("epsilons", e, low=0)
+        parse_mode(self.train)
 
 
 @dataclass
@@ -189,11 +192,14 @@ def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> Simu
     cfg.check()
     out = Path(cfg.out)
     _check_out(out, cfg)
+    # one base for the runs with and without DP: DP-ready whenever DP runs, and always for pretrained weights
+    # (frozen BatchNorm statistics, so the comparison at every ε is against the same network)
+    pretrained = cfg.pretrained or cfg.weights is not None
     module, spec = build_base(cfg.arch, cfg.task, cfg.num_classes, cfg.in_chans, cfg.img_size, cfg.labels,
-                              cfg.pretrained, cfg.weights, dp_compatible=bool(cfg.epsilons))
+                              cfg.pretrained, cfg.weights, dp_compatible=bool(cfg.epsilons) or pretrained)
     pool, test, val, notes = _prepare_data(cfg, spec)
     train_cfg = FinetuneConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, img_size=cfg.img_size,
-                               device=cfg.device, seed=cfg.seed, resume=True, val_fraction=0.0)
+                               device=cfg.device, seed=cfg.seed, resume=True, val_fraction=0.0, train=cfg.train)
     base, pool = _make_base(cfg, out, module, spec, pool, train_cfg, notes, progress)
     site_idx = _site_indices(cfg, pool)
     sites = [pool.subset(idx.tolist()) for idx in site_idx]
@@ -223,7 +229,8 @@ def _make_base(cfg: SimulationConfig, out: Path, module: Any, spec: ModelSpec, p
     if not init.exists():
         save_model(module, spec, init, extra={"source": {"pretrained": False, "weights": None}})
     progress(f"training the base on a public share of {len(public)} samples")
-    run = finetune(init, public, out / "base-run", replace(train_cfg, epochs=cfg.base_epochs, contributor="public"))
+    run = finetune(init, public, out / "base-run",
+                   replace(train_cfg, epochs=cfg.base_epochs, contributor="public", train="all"))
     if not base.exists():
         os.link(run.model_path, base)
     notes.append(f"base: no pretrained weights, so trained from scratch on a held-out public share of "
@@ -273,3 +280,47 @@ def _variant(cfg: SimulationConfig, out: Path, base: Path, sites: list[ImageData
             rows.append(_evaluate(f"{method}+cal{tag}", "calibrated", path, test, eps, method,
                                   extra={"scale": cal.record["chosen"]}))
     return rows
+
+
+def simulate_seeds(cfg: SimulationConfig, seeds: list[int], progress: Progress = lambda s: None) -> SimulationResult:
+    """Run the simulation once per seed (splits, training and noise all follow the seed) into `out/seed<S>/`, then
+    report every model's mean ± sd over the seeds in `out/report.md`, with error bars in the plots."""
+    from taskvec.simulation.report import write_report
+
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise TaskvecError(f"seeds must be distinct and non-empty, got {seeds}")
+    out = Path(cfg.out)
+    results = []
+    for seed in seeds:
+        progress(f"seed {seed}")
+        results.append(simulate(replace(cfg, seed=seed, out=str(out / f"seed{seed}")), progress))
+    rows = aggregate_rows([r.rows for r in results])
+    first = json.loads((results[0].out / "results.json").read_text())
+    summary = {**first, "config": {**asdict(cfg), "seeds": seeds}, "rows": rows,
+               "notes": first["notes"] + [f"mean ± sd over seeds {', '.join(map(str, seeds))} (sample sd)"]}
+    write_json(out / "results.json", summary)
+    report, plots = write_report(out, summary)
+    return SimulationResult(out, rows, results[0].metric, report, plots)
+
+
+def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+    v = np.array([x for x in values if x is not None], dtype=float)
+    return (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0) if len(v) else (None, None)
+
+
+def aggregate_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rows of the same model over seeds → one row with means, sample standard deviations and the count."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for rows in runs:
+        for r in rows:
+            by_name.setdefault(r["name"], []).append(r)
+    out = []
+    for same in by_name.values():
+        row = {k: v for k, v in same[0].items() if k not in ("value", "metrics", "scale", "samples")}
+        row["value"], row["value_sd"] = _mean_sd([r["value"] for r in same])
+        keys = same[0]["metrics"]
+        row["metrics"] = {k: _mean_sd([r["metrics"].get(k) for r in same])[0] for k in keys}
+        row["metrics_sd"] = {k: _mean_sd([r["metrics"].get(k) for r in same])[1] for k in keys}
+        row["seeds"] = len(same)
+        out.append(row)
+    return out

@@ -92,14 +92,16 @@ class Evaluation:
 
 def evaluate_model(
     model_path: str | os.PathLike[str], data: str | os.PathLike[str] | DataSplits | ImageDataset,
-    split: str = "test", *, device: str = "auto", batch_size: int = 64, img_size: int | None = None,
+    split: str | None = None, *, device: str = "auto", batch_size: int = 64, img_size: int | None = None,
     track: Track[Any] = no_track,
 ) -> Evaluation:
-    """Evaluate a model file (or run directory) on `split` (`train`, `val`, `test` or `all`) of `data`."""
+    """Evaluate a model file (or run directory) on `split` (`train`, `val`, `test` or `all`) of `data`; by
+    default the data's test split when it has one, else all of it."""
     path = resolve_model_path(model_path)
     header = read_kind(path, "model")
     spec = ModelSpec.from_dict(header.meta["model"])
     splits = as_splits(data, spec, img_size=img_size, val_fraction=0.0)
+    split = split or ("test" if splits.test is not None else "all")
     ds = splits.get(split)
     dev = resolve_device(device)
     model = load_model(path, dev)

@@ -3,7 +3,10 @@
 Defaults: AdamW (timm's optimizer factory: no weight decay on biases and norms), linear warm-up then cosine
 decay per step, cross-entropy (segmentation: per-pixel cross-entropy plus soft Dice), augmentation by the 8
 flips/90° rotations of the square (the same for image and mask; no colour changes), mixed precision on GPU
-only.
+only. Small data: the schedule counts optimiser steps (10 epochs but at least MIN_STEPS), the batch stays
+well below the training-set size, the learning rate follows the training mode (`taskvec.training.modes`),
+and a run too short to learn is warned about. DP-SGD recipe: large logical batches, augmentation
+multiplicity, an exponential moving average of the weights (the saved model is the average).
 
 Determinism and resume: each epoch reseeds torch, the sampler and the augmentation from `(seed, epoch)`, and
 the learning rate is a function of the step, so a run resumed from its end-of-epoch checkpoint (written
@@ -41,8 +44,13 @@ from taskvec.training.data import DataSplits, ImageDataset, Normalizer, as_split
 from taskvec.training.distributed import Group, augment_bits, process_group, rank_seed, shard_loader, wrap_model
 from taskvec.training.evaluate import autocast, evaluate_module, resolve_device
 from taskvec.training.metrics import primary_metric
+from taskvec.training.modes import TrainMode, merge_adapters, mode_record, parse_mode
+from taskvec.training.modes import prepare as prepare_mode
 
 DEFAULT_EPOCHS = 10
+MIN_STEPS = 200  # the default schedule makes at least this many optimiser steps, however small the data
+MIN_DP_STEPS = 50  # with DP-SGD's large logical batches (about half the data per step), 25 epochs
+DP_EMA = 0.99  # DP-SGD recipe default: EMA decay of the weights
 MODEL_FILE, CHECKPOINT_FILE = "model.safetensors", "checkpoint.safetensors"
 METRICS_FILE, RUN_FILE = "metrics.json", "run.json"
 RUNTIME_FIELDS = {"resume", "device", "num_workers"}  # may differ between a run and its resumption
@@ -53,10 +61,12 @@ PRIVATE_TRAINING_FIELDS = ("samples", "val_samples", "val_metrics")  # left out 
 class FinetuneConfig:
     """Training settings; every field except `RUNTIME_FIELDS` must match when a run is resumed."""
 
-    epochs: int | None = None  # default DEFAULT_EPOCHS unless `steps` is given
+    epochs: int | None = None  # default: DEFAULT_EPOCHS, at least MIN_STEPS steps, unless `steps` is given
     steps: int | None = None
-    batch_size: int = 32
-    lr: float = 1e-4
+    batch_size: int | None = None  # default: `default_batch` of the training-set size
+    lr: float | None = None  # default: per training mode (taskvec.training.modes.DEFAULT_LR)
+    train: str = "all"  # all | head | norm-bias | last:K | lora:R (taskvec.training.modes)
+    ema: float | None = None  # EMA decay of the trained weights (0: off); default DP_EMA with DP, else off
     weight_decay: float = 0.05
     warmup: float = 0.05  # fraction of the steps
     img_size: int | None = None  # default: the base's
@@ -76,7 +86,11 @@ class FinetuneConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"{name} must be >= 1, got {v}", field=name, expected=">= 1", got=v)
-        check_range("lr", self.lr, low=0)
+        if self.lr is not None:
+            check_range("lr", self.lr, low=0)
+        if self.ema is not None:
+            check_range("ema", self.ema, low=0, high=1, low_open=False)
+        parse_mode(self.train)
         check_range("val_fraction", self.val_fraction, low=0, high=1, low_open=False)
         if self.dp is not None:
             self.dp.check()
@@ -97,8 +111,8 @@ class TrainingSetup:
     stop: Callable[[], bool] = lambda: False
 
 
-def prepare_training(setup: TrainingSetup, config: FinetuneConfig, run_id: str, group: Group = Group()
-                     ) -> TrainingSetup:
+def prepare_training(setup: TrainingSetup, config: FinetuneConfig, run_id: str, steps: int,
+                     group: Group = Group()) -> TrainingSetup:
     """The DP seam: identity without DP; with `config.dp`, the private model, optimizer and loader from
     `taskvec.privacy.dpsgd` (patient unit when the training data has patient ids), whose ledger, checkpoint
     state and stop condition come from the privacy meter. Several processes (`group`): the model wrapped
@@ -108,10 +122,9 @@ def prepare_training(setup: TrainingSetup, config: FinetuneConfig, run_id: str, 
             return setup
         return replace(setup, model=wrap_model(setup.model, group, private=False),
                        loader=shard_loader(setup.loader, group))
-    epochs = None if config.steps else (config.epochs or DEFAULT_EPOCHS)
     model, optimizer, loader, meter = make_private(
         setup.model, setup.optimizer, setup.loader, replace(config.dp, seed=rank_seed(config.dp.seed, group)),
-        epochs=epochs, steps=config.steps, patient_ids=getattr(setup.loader.dataset, "groups", None),
+        steps=steps, patient_ids=getattr(setup.loader.dataset, "groups", None),
         shard=group.shard,
     )
     return TrainingSetup(
@@ -163,6 +176,27 @@ class FinetuneResult:
 
 
 # ------------------------------------------------------------------------------------------ schedule
+
+
+def default_batch(n_train: int, dp: bool) -> int:
+    """A batch well below the training-set size: n/8 within [4, 32] without DP; DP-SGD takes large logical
+    batches (signal grows with the batch, the noise does not): n/2 within [8, 256]."""
+    return min(256, max(8, n_train // 2)) if dp else min(32, max(4, n_train // 8))
+
+
+def plan_steps(config: FinetuneConfig, per_epoch: int) -> tuple[int, list[str]]:
+    """Optimiser steps of the run (explicit `steps`, explicit `epochs`, or DEFAULT_EPOCHS but at least
+    MIN_STEPS, MIN_DP_STEPS with DP-SGD) and a warning when that is too few to learn."""
+    least = MIN_STEPS if config.dp is None else MIN_DP_STEPS
+    if config.steps:
+        total = config.steps
+    elif config.epochs:
+        total = config.epochs * per_epoch
+    else:
+        total = max(least, DEFAULT_EPOCHS * per_epoch)
+    warn = [] if total >= least else [
+        f"only {total} optimiser steps: runs this short rarely move a pretrained network; give steps >= {least}"]
+    return total, warn
 
 
 def epoch_seed(seed: int, epoch: int, salt: int) -> int:
@@ -269,9 +303,10 @@ def _finished(out: Path) -> FinetuneResult:
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def save_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
-    """Model and optimizer tensors plus JSON state, written atomically as safetensors."""
-    tensors = {f"model/{k}": v for k, v in net.state_dict().items()}
+def save_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor],
+                    meta: dict[str, Any]) -> None:
+    """Model, optimizer and EMA tensors plus JSON state, written atomically as safetensors."""
+    tensors = {f"model/{k}": v for k, v in net.state_dict().items()} | {f"ema/{k}": v for k, v in ema.items()}
     sd = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for pid, st in sd["state"].items():
@@ -285,11 +320,14 @@ def save_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer
     save_tensors(tensors, path, meta, force=True)
 
 
-def load_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model and optimizer in place; return the checkpoint's JSON state."""
+def load_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer,
+                    ema: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Restore model, optimizer and EMA in place; return the checkpoint's JSON state."""
     meta = read_kind(path, "checkpoint").meta
     tensors = load_file(str(path))
     net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
+    for k in ema:
+        ema[k].copy_(tensors[f"ema/{k}"])
     state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
         if k.startswith("optimizer/"):
@@ -369,6 +407,14 @@ class _Run:
     start_epoch: int
     history: list[dict[str, Any]]
     group: Group
+    mode: TrainMode
+    trained: list[str]  # base keys trained as full deltas
+    lora: dict[str, int]  # base keys adapted by LoRA, with their rank
+    lr: float  # peak learning rate
+    batch_size: int
+    ema: dict[str, torch.Tensor]  # running average of the trained parameters (empty: off)
+    decay: float
+    notes: list[str]
 
 
 def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: ImageDataset, out: Path,
@@ -381,17 +427,23 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
     _check_size(net, spec, train.img_size, device)
     import timm.optim
 
-    optimizer = timm.optim.create_optimizer_v2(net, "adamw", lr=config.lr, weight_decay=config.weight_decay)
+    mode = parse_mode(config.train)
+    net, trained, lora = prepare_mode(net, spec.task, mode)
+    lr = config.lr or mode.lr
+    batch_size = config.batch_size or default_batch(len(train), config.dp is not None)
+    optimizer = timm.optim.create_optimizer_v2(net, "adamw", lr=lr, weight_decay=config.weight_decay)
     loader_gen = torch.Generator()
-    loader = make_loader(train, config.batch_size, device, shuffle=True, generator=loader_gen,
-                         drop_last=len(train) > config.batch_size, num_workers=config.num_workers)
-    setup = prepare_training(TrainingSetup(net, optimizer, loader), config, run_id, group)
+    loader = make_loader(train, batch_size, device, shuffle=True, generator=loader_gen,
+                         drop_last=len(train) > batch_size, num_workers=config.num_workers)
+    total, notes = plan_steps(config, len(loader))
+    setup = prepare_training(TrainingSetup(net, optimizer, loader), config, run_id, total, group)
     per_epoch = len(setup.loader)
-    epochs = math.ceil(config.steps / per_epoch) if config.steps else (config.epochs or DEFAULT_EPOCHS)
-    run = _Run(out, parent, run_id, spec, device, net, setup, loader_gen, per_epoch, epochs,
-               config.steps or epochs * per_epoch, 0, [], group)
+    decay = config.ema if config.ema is not None else (DP_EMA if config.dp is not None else 0.0)
+    ema = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad} if decay else {}
+    run = _Run(out, parent, run_id, spec, device, net, setup, loader_gen, per_epoch, math.ceil(total / per_epoch),
+               total, 0, [], group, mode, trained, lora, lr, batch_size, ema, decay, notes)
     if (out / CHECKPOINT_FILE).exists():
-        meta = load_checkpoint(out / CHECKPOINT_FILE, net, setup.optimizer)
+        meta = load_checkpoint(out / CHECKPOINT_FILE, net, setup.optimizer, ema)
         run.start_epoch, run.history = meta["epoch"], meta["history"]
         setup.load_state(meta.get("setup", {}))
     return run
@@ -421,16 +473,19 @@ def _train(run: _Run, config: FinetuneConfig, val: ImageDataset | None, track: T
     warmup = max(1, round(config.warmup * run.total))
     aug_gen = torch.Generator()
     loss_sum = torch.zeros((), device=run.device)
-    seen, t0, steps_in_epoch, lr = 0, time.perf_counter(), 0, config.lr
+    augmult = config.dp.augmult if config.dp is not None else 1
+    seen, t0, steps_in_epoch, lr = 0, time.perf_counter(), 0, run.lr
     model.train()
     for st in track(_steps(run, config.seed, aug_gen), "fine-tuning", run.total - run.start_epoch * run.per_epoch):
         (x, y), st.batch = st.batch, None
         if setup.stop():
             break
-        lr = lr_at(st.step, run.total, config.lr, warmup)
+        lr = lr_at(st.step, run.total, run.lr, warmup)
         for g in optimizer.param_groups:
             g["lr"] = lr
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        if augmult > 1:  # K copies of each image, augmented independently; the DP optimizer averages them
+            x, y = x.repeat_interleave(augmult, 0), y.repeat_interleave(augmult, 0)
         if config.augment:
             x, y_aug = augment(x, y if seg else None, aug_gen, run.group)
             y = y_aug if y_aug is not None else y
@@ -440,6 +495,11 @@ def _train(run: _Run, config: FinetuneConfig, val: ImageDataset | None, track: T
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        with torch.no_grad():
+            decay = min(run.decay, (1 + st.step) / (10 + st.step))  # warm-up: short runs are not stuck at the start
+            for n, p in run.net.named_parameters():
+                if n in run.ema:
+                    run.ema[n].lerp_(p, 1 - decay)
         if x.shape[0]:  # an empty Poisson batch (DP-SGD) takes a noise-only step but has no loss
             loss_sum += loss.detach() * x.shape[0]
         seen += x.shape[0]
@@ -468,12 +528,12 @@ def _end_epoch(run: _Run, config: FinetuneConfig, val: ImageDataset | None, reco
     """Complete the epoch's record (privacy ledger, validation metrics), add it to the history, checkpoint."""
     record.privacy = run.setup.privacy()
     if val is not None:
-        record.val = evaluate_module(run.net, run.spec, val, device=run.device, batch_size=config.batch_size,
+        record.val = evaluate_module(run.net, run.spec, val, device=run.device, batch_size=run.batch_size,
                                      num_workers=config.num_workers)
         run.setup.model.train()
     run.history.append(asdict(record))
     if run.group.main:
-        save_checkpoint(run.out / CHECKPOINT_FILE, run.net, run.setup.optimizer,
+        save_checkpoint(run.out / CHECKPOINT_FILE, run.net, run.setup.optimizer, run.ema,
                         {"epoch": record.epoch, "step": record.steps, "history": run.history, "run_id": run.run_id,
                          "parent": run.parent, "setup": run.setup.state()})
 
@@ -484,16 +544,27 @@ def _save_run(run: _Run, config: FinetuneConfig, splits: DataSplits, history: li
     train, val, out = splits.train, splits.val, run.out
     assert train is not None
     val_metrics = history[-1]["val"] if history else {}
+    if run.ema:  # the averaged weights are the run's result (post-processing: no privacy cost)
+        with torch.no_grad():
+            for n, p in run.net.named_parameters():
+                if n in run.ema:
+                    p.copy_(run.ema[n])
+        if val is not None:
+            val_metrics = evaluate_module(run.net, run.spec, val, device=run.device, batch_size=run.batch_size,
+                                          num_workers=config.num_workers)
+    if run.lora:
+        run.net = merge_adapters(run.net)
     epochs, total = (history[-1]["epoch"], history[-1]["steps"]) if history else (0, 0)
     training = {
         "samples": len(train), "contributor": config.contributor, "epochs": epochs, "steps": total,
-        "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed, "img_size": train.img_size,
-        "val_samples": len(val) if val is not None else 0, "val_metrics": val_metrics,
+        "lr": run.lr, "batch_size": run.batch_size, "seed": config.seed, "img_size": train.img_size,
+        "val_samples": len(val) if val is not None else 0, "val_metrics": val_metrics, "ema": run.decay,
+        "train": mode_record(run.mode, run.trained, run.lora),
     }
     privacy = run.setup.privacy()
     identity = state_digest(run.net.state_dict())
     result = FinetuneResult(out, out / MODEL_FILE, identity, run.run_id, len(train), epochs, total, history,
-                            val_metrics, run.start_epoch, len(splits.skipped), splits.warnings)
+                            val_metrics, run.start_epoch, len(splits.skipped), splits.warnings + run.notes)
     if run.group.main:
         summary = {k: v for k, v in asdict(result).items() if k not in ("run_dir", "model_path")}
         name, value = primary_metric(val_metrics) if val_metrics else ("", None)
