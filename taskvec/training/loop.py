@@ -66,7 +66,7 @@ class FinetuneConfig:
     batch_size: int | None = None  # default: `default_batch` of the training-set size
     lr: float | None = None  # default: per training mode (taskvec.training.modes.DEFAULT_LR)
     train: str = "all"  # all | head | norm-bias | last:K | lora:R (taskvec.training.modes)
-    ema: float | None = None  # EMA decay of the trained weights (0: off); default DP_EMA with DP, else off
+    ema: float | None = None  # EMA decay (0: off; default DP_EMA with DP), warmed up as min(ema, (1+t)/(10+t))
     weight_decay: float = 0.05
     warmup: float = 0.05  # fraction of the steps
     img_size: int | None = None  # default: the base's
