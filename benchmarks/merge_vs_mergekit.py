@@ -100,7 +100,9 @@ def compare(workdir: Path, base: Path, fts: list[Path], vecs: list[Path], mergek
             if j == "mergekit":
                 shutil.rmtree(out_mk, ignore_errors=True)
             res[j].append(run(cmd))
-    diff = max_abs_difference(out_tv, out_mk)
+    # in a child, so that this process stays small for the runs after it (see `run`)
+    diff = float(subprocess.run([sys.executable, __file__, "--difference", str(out_tv), str(out_mk)],
+                                capture_output=True, text=True, check=True).stdout)
     size = sum(v.stat().st_size for v in vecs) / 1e9
     print(f"{n} vectors ({size:.2f} GB of vector files); medians of {repeats}; max |taskvec − mergekit| = {diff:.2e}")
     print()
@@ -145,7 +147,11 @@ def main() -> None:
     ap.add_argument("--mergekit", default=shutil.which("mergekit-pytorch"), help="the mergekit-pytorch executable")
     ap.add_argument("--workdir", default=None, help="keep the generated files here between runs")
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--difference", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.difference:
+        print(max_abs_difference(*args.difference))
+        return
     counts = [int(c) for c in args.counts.split(",") if c]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="taskvec-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -49,10 +49,14 @@ def _reference(base: Path, vecs: list[Path], method: str, scale: float, params: 
     return out
 
 
-@pytest.mark.parametrize("method", list(MERGE_METHODS))
-def test_streaming_merge_equals_load_everything(three, tmp_path: Path, method: str, monkeypatch) -> None:
+CASES = [(m, 1000) for m in MERGE_METHODS] + [(m, stream.CHUNK_ELEMENTS) for m, spec in MERGE_METHODS.items()
+                                               if not spec.recipe().streams]
+
+
+@pytest.mark.parametrize(("method", "chunk"), CASES)
+def test_streaming_merge_equals_load_everything(three, tmp_path: Path, method: str, chunk: int, monkeypatch) -> None:
     base, vecs = three
-    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 1000)  # consensus methods: many chunks per large tensor
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", chunk)  # consensus methods: many chunks per tensor, or one
     params = PARAMS.get(method, {})
     r = merge_vectors(vecs, base, tmp_path / "m.safetensors", method=method, params=params, scale=0.7, seed=3)
     got, want = load_file(str(r.path)), _reference(base, vecs, method, 0.7, params, 3)

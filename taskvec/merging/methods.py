@@ -132,6 +132,7 @@ class Sparsify:
 def sign_election(x: Array, w: Array) -> Array:
     """TIES (Yadav et al. 2023): elect the sign of the summed mass Σwᵢxᵢ, then the weighted mean of the entries
     that agree with it. An exact zero mass elects the majority sign of the non-zero entries (none on a tie)."""
+    w = w.astype(x.dtype)
     wx = x * w[:, None]
     sign = np.sign(wx.sum(0))
     zero = sign == 0

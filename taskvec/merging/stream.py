@@ -223,11 +223,15 @@ class Reading:
         for f in self.files:
             f.verify()
 
+    @property
+    def step(self) -> int:
+        """Values of one tensor per file in a chunk: CHUNK_ELEMENTS across all files."""
+        return max(1, CHUNK_ELEMENTS // len(self.files))
+
     def chunks(self, key: str, numel: int) -> Iterator[tuple[int, int, Array]]:
         """(start, stop, values of every file) over tensor `key` in chunks of at most CHUNK_ELEMENTS values."""
-        step = max(1, CHUNK_ELEMENTS // len(self.files))
-        for start in range(0, numel, step):
-            stop = min(numel, start + step)
+        for start in range(0, numel, self.step):
+            stop = min(numel, start + self.step)
             x = np.stack([f.read(key, start, stop) for f in self.files])
             if not np.isfinite(x).all():
                 bad = next(f for f, row in zip(self.files, x) if not np.isfinite(row).all())
@@ -346,12 +350,15 @@ def _by_tensor(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array
             acc.sums[k] = _whole(plan, recipe, files, carried, k, weights)
             continue
         numel = files[0].header.tensors[k].numel
+        ranked = sp is not None and sp.kind != "dare"  # magnitude windows need each vector's whole tensor
         windows = [(0.0, math.inf)] * len(files)
-        if sp is not None and sp.kind != "dare":
-            windows = [sp.window(f.read(k, verify=False)) for f in files]
+        if ranked and numel > reading.step:  # in chunks: one more (unhashed) read of each tensor for its window
+            windows = [sp.window(f.read(k, verify=False)) for f in files]  # type: ignore[union-attr]
         seeds = [vector_seed(plan.seed, f.header.meta["sha256"], k) for f in files]
         out = np.empty(numel, np.float32)
         for start, stop, x in reading.chunks(k, numel):
+            if ranked and numel <= reading.step:  # one chunk holds every vector's whole tensor
+                windows = [sp.window(row) for row in x]  # type: ignore[union-attr]
             if sp is not None:
                 x = np.stack([sp.apply(row, win, s, start) for row, win, s in zip(x, windows, seeds)])
             out[start:stop] = recipe.consensus(x, weights)
