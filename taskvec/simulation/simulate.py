@@ -76,8 +76,8 @@ class SimulationConfig:
             if m not in MERGE_METHODS:
                 raise ConfigError(f"methods must be among {', '.join(MERGE_METHODS)}, got {m!r}", field="methods",
                                   expected=list(MERGE_METHODS), got=m)
-        for name in ("sites", "jobs", "epochs"):
-            if (getattr(self, name) or 1) < 1:
+        for name in ("sites", "jobs", "epochs"):  # epochs may be None: the fine-tuning default
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", field=name, expected=">= 1",
                                   got=getattr(self, name))
         for e in self.epsilons:
