@@ -125,6 +125,8 @@ def process_group(device: torch.device) -> Iterator[Group]:
                                 device_id=device if device.type == "cuda" else None)
     try:
         yield Group(dist.get_rank(), dist.get_world_size(), device)
+        if joined:  # every rank done before any closes its connections (gloo aborts a rank whose peer left)
+            dist.barrier()
     finally:
         if joined:
             dist.destroy_process_group()
