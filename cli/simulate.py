@@ -44,7 +44,8 @@ def simulate(
     base_epochs: int = typer.Option(3, "--base-epochs", help="Epochs on the public share when there are no weights."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Default: finetune's for each run's data."),
     lr: float | None = typer.Option(None, help="Peak learning rate (default: the --train mode's)."),
-    methods: str | None = typer.Option(None, help="Comma-separated merge methods to compare (default: all)."),
+    methods: str | None = typer.Option(
+        None, help="Comma-separated merge methods to compare (default: sum, mean, weighted, ties, dare)."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Also choose λ on a validation share."),
     dp: bool = typer.Option(False, "--dp", help="Add DP-SGD runs of every site at each of --target-epsilons."),
     target_epsilons: str = typer.Option("1,3,8", "--target-epsilons", help="Comma-separated ε values for --dp."),
