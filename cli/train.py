@@ -97,6 +97,12 @@ def finetune(
     augmult: int = typer.Option(
         2, help="--dp: augmentation multiplicity K (De et al. 2022): average K augmented copies before clipping."
     ),
+    prox: float = typer.Option(
+        0.0, help="Pull the trained weights toward the base, FedProx's μ/2·||θ − θ_base||² (a proximal step after "
+                  "each update; 0: off). Keeps vectors from skewed sites mergeable; no privacy cost."),
+    head: str = typer.Option(
+        "train", help="Classifier under label skew: train | frozen (keep the base head, learn features) | balanced "
+                      "(class-weighted loss; not with --dp) | lp-ft (head alone for the first half, then all)."),
 ) -> None:
     """Fine-tune the base on local data; the run folder is then ready for `taskvec export RUN_DIR`.
 
@@ -116,7 +122,7 @@ def finetune(
     config = FinetuneConfig(
         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, train=train, ema=ema, weight_decay=weight_decay,
         img_size=img_size, device=device, seed=seed, resume=resume, val_fraction=val_fraction, contributor=contributor,
-        augment=augment, num_workers=workers, dp=private,
+        augment=augment, num_workers=workers, dp=private, prox=prox, head=head,
     )
     if launched_rank():  # rank 0 of a torchrun launch reports
         console.quiet, STATE["rank"] = True, launched_rank()

@@ -44,6 +44,19 @@ def make_base(tmp_path: Path) -> Callable[..., Path]:
 
 
 @pytest.fixture
+def dp_base(tmp_path: Path) -> Path:
+    """A tiny DP-ready (frozen BatchNorm) 2-class grayscale EfficientNet base at 28 px."""
+    from taskvec.models.spec import build_base, save_model
+
+    torch.manual_seed(0)
+    module, spec = build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=28, dp_compatible=True,
+                              dp_norm="frozen-batchnorm")
+    path = tmp_path / "base.safetensors"
+    save_model(module, spec, path)
+    return path
+
+
+@pytest.fixture
 def make_finetuned(tmp_path: Path) -> Callable[..., Path]:
     """A plain safetensors state_dict = base + N(0, scale²) on floating tensors (a site's own script)."""
     from safetensors.torch import load_file, save_file

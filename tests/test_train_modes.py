@@ -15,19 +15,9 @@ from taskvec.errors import ConfigError
 from taskvec.io.files import read_header
 from taskvec.merging.export import export_vector
 from taskvec.merging.stream import merge_vectors
-from taskvec.models.spec import build_base, save_model
+from taskvec.models.spec import build_base
 from taskvec.training.loop import MIN_DP_STEPS, MIN_STEPS, FinetuneConfig, default_batch, finetune, plan_steps
 from taskvec.training.modes import factorize, parse_mode, prepare, trainable_names
-
-
-@pytest.fixture
-def dp_base(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    module, spec = build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=28, dp_compatible=True,
-                              dp_norm="frozen-batchnorm")
-    path = tmp_path / "base.safetensors"
-    save_model(module, spec, path)
-    return path
 
 
 def test_parse_mode() -> None:

@@ -43,8 +43,16 @@ from taskvec.progress import Track, no_track
 from taskvec.training.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader
 from taskvec.training.distributed import Group, augment_bits, process_group, rank_seed, shard_loader, wrap_model
 from taskvec.training.evaluate import autocast, evaluate_module, resolve_device
+from taskvec.training.mergeable import (
+    LP_FRACTION,
+    SiteSteps,
+    WeightedCrossEntropy,
+    check_head,
+    class_weights,
+    prox_anchors,
+)
 from taskvec.training.metrics import primary_metric
-from taskvec.training.modes import TrainMode, merge_adapters, mode_record, parse_mode
+from taskvec.training.modes import TrainMode, head_prefixes, merge_adapters, mode_record, parse_mode
 from taskvec.training.modes import prepare as prepare_mode
 
 DEFAULT_EPOCHS = 10
@@ -78,6 +86,8 @@ class FinetuneConfig:
     augment: bool = True
     num_workers: int | None = None  # default: 8 on GPU, 0 on CPU
     dp: DPConfig | None = None  # train with DP-SGD
+    prox: float = 0.0  # μ of the proximal pull toward the base (taskvec.training.mergeable; 0: off)
+    head: str = "train"  # train | frozen | balanced | lp-ft (taskvec.training.mergeable)
 
     def check(self) -> None:
         if self.epochs is not None and self.steps is not None:
@@ -90,7 +100,12 @@ class FinetuneConfig:
             check_range("lr", self.lr, low=0)
         if self.ema is not None:
             check_range("ema", self.ema, low=0, high=1, low_open=False)
-        parse_mode(self.train)
+        mode = parse_mode(self.train)
+        check_range("prox", self.prox, low=0, low_open=False)
+        check_head(self.head, dp=self.dp is not None)
+        if mode.kind == "head" and self.head in ("frozen", "lp-ft"):
+            raise ConfigError(f"head {self.head} needs features to train, but `train` head trains the head alone",
+                              field="head", got=self.head)
         check_range("val_fraction", self.val_fraction, low=0, high=1, low_open=False)
         if self.dp is not None:
             self.dp.check()
@@ -379,6 +394,9 @@ def finetune(
     splits = as_splits(data, spec, img_size=config.img_size, val_fraction=config.val_fraction, seed=config.seed)
     if splits.train is None:
         raise TaskvecError(f"{splits.source}: no training split")
+    if config.head != "train" and spec.task != "classification":
+        raise ConfigError(f"head {config.head} is for classification; a {spec.task} base trains its head",
+                          field="head", got=config.head)
     if config.dp is not None:  # refuse a base DP-SGD cannot train before the run folder exists
         require_dp_ready(create_module(spec))
     with process_group(resolve_device(config.device)) as group:
@@ -415,6 +433,8 @@ class _Run:
     ema: dict[str, torch.Tensor]  # running average of the trained parameters (empty: off)
     decay: float
     notes: list[str]
+    criterion: nn.Module
+    site: SiteSteps  # the proximal step and the linear-probe phase (taskvec.training.mergeable)
 
 
 def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: ImageDataset, out: Path,
@@ -428,7 +448,7 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
     import timm.optim
 
     mode = parse_mode(config.train)
-    net, trained, lora = prepare_mode(net, spec.task, mode)
+    net, trained, lora = prepare_mode(net, spec.task, mode, keep_head=config.head == "frozen")
     lr = config.lr or mode.lr
     batch_size = config.batch_size or default_batch(len(train), config.dp is not None)
     optimizer = timm.optim.create_optimizer_v2(net, "adamw", lr=lr, weight_decay=config.weight_decay)
@@ -436,17 +456,31 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
     loader = make_loader(train, batch_size, device, shuffle=True, generator=loader_gen,
                          drop_last=len(train) > batch_size, num_workers=config.num_workers)
     total, notes = plan_steps(config, len(loader))
+    site = SiteSteps(net, prox=config.prox, anchors=prox_anchors(net) if config.prox else None,
+                     head=head_prefixes(net, spec.task),
+                     probe_steps=round(LP_FRACTION * total) if config.head == "lp-ft" else 0)
+    site.attach(optimizer)  # before DP-SGD wraps it: the hooks then run on the private update
     setup = prepare_training(TrainingSetup(net, optimizer, loader), config, run_id, total, group)
     per_epoch = len(setup.loader)
     decay = config.ema if config.ema is not None else (DP_EMA if config.dp is not None else 0.0)
     ema = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad} if decay else {}
     run = _Run(out, parent, run_id, spec, device, net, setup, loader_gen, per_epoch, math.ceil(total / per_epoch),
-               total, 0, [], group, mode, trained, lora, lr, batch_size, ema, decay, notes)
+               total, 0, [], group, mode, trained, lora, lr, batch_size, ema, decay, notes,
+               _criterion(spec, train, config.head).to(device), site)
     if (out / CHECKPOINT_FILE).exists():
         meta = load_checkpoint(out / CHECKPOINT_FILE, net, setup.optimizer, ema)
         run.start_epoch, run.history = meta["epoch"], meta["history"]
         setup.load_state(meta.get("setup", {}))
     return run
+
+
+def _criterion(spec: ModelSpec, train: ImageDataset, head: str) -> nn.Module:
+    """Per-pixel cross-entropy plus Dice, cross-entropy, or (head balanced) class-weighted cross-entropy."""
+    if spec.task == "segmentation":
+        return SegmentationLoss()
+    if head == "balanced":
+        return WeightedCrossEntropy(class_weights(train.targets, spec.num_classes))
+    return nn.CrossEntropyLoss()
 
 
 def _steps(run: _Run, seed: int, aug_gen: torch.Generator) -> Iterator[StepState]:
@@ -467,7 +501,7 @@ def _train(run: _Run, config: FinetuneConfig, val: ImageDataset | None, track: T
     setup, model, optimizer = run.setup, run.setup.model, run.setup.optimizer
     seg = run.spec.task == "segmentation"
     norm = Normalizer(run.spec, run.device)
-    criterion = SegmentationLoss() if seg else nn.CrossEntropyLoss()
+    criterion = run.criterion
     mixed = mixed_precision(run.device, config.dp is not None)
     scaler = torch.amp.GradScaler("cuda", enabled=mixed == "fp16")
     warmup = max(1, round(config.warmup * run.total))
@@ -483,6 +517,7 @@ def _train(run: _Run, config: FinetuneConfig, val: ImageDataset | None, track: T
         lr = lr_at(st.step, run.total, run.lr, warmup)
         for g in optimizer.param_groups:
             g["lr"] = lr
+        run.site.step = st.step
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         if augmult > 1:  # K copies of each image, augmented independently; the DP optimizer averages them
             x, y = x.repeat_interleave(augmult, 0), y.repeat_interleave(augmult, 0)
@@ -559,7 +594,7 @@ def _save_run(run: _Run, config: FinetuneConfig, splits: DataSplits, history: li
         "samples": len(train), "contributor": config.contributor, "epochs": epochs, "steps": total,
         "lr": run.lr, "batch_size": run.batch_size, "seed": config.seed, "img_size": train.img_size,
         "val_samples": len(val) if val is not None else 0, "val_metrics": val_metrics, "ema": run.decay,
-        "train": mode_record(run.mode, run.trained, run.lora),
+        "train": mode_record(run.mode, run.trained, run.lora), "prox": config.prox, "head": config.head,
     }
     privacy = run.setup.privacy()
     identity = state_digest(run.net.state_dict())

@@ -105,10 +105,13 @@ def lora_targets(net: nn.Module, task: str) -> list[str]:
         isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1))]
 
 
-def prepare(net: nn.Module, task: str, mode: TrainMode) -> tuple[nn.Module, list[str], dict[str, int]]:
-    """Freeze what `mode` does not train and add LoRA adapters for `lora`. Returns the module to train, the
-    base keys trained as full deltas, and the adapted base keys with their rank."""
+def prepare(net: nn.Module, task: str, mode: TrainMode,
+            keep_head: bool = False) -> tuple[nn.Module, list[str], dict[str, int]]:
+    """Freeze what `mode` does not train (and the head with `keep_head`) and add LoRA adapters for `lora`.
+    Returns the module to train, the base keys trained as full deltas, and the adapted base keys with their rank."""
     train = set(trainable_names(net, task, mode))
+    if keep_head:
+        train = {n for n in train if not n.startswith(head_prefixes(net, task))}
     for n, p in net.named_parameters():
         p.requires_grad_(n in train)
     if mode.kind != "lora":
