@@ -1,4 +1,5 @@
-"""`taskvec push`, `list`, `pull`, `publish`, `registry init|trust|reindex` and `keys generate`: vector exchange.
+"""`taskvec push`, `list`, `pull`, `publish-version`, `pull-version`, `publish`, `registry init|trust|reindex` and
+`keys generate|trust`: vector and version exchange.
 
 `push` and `list` never import torch or timm.
 """
@@ -18,6 +19,7 @@ KEYRING_HELP = ("Your keyring: lines `CONTRIBUTOR ssh-ed25519 AAAA...` (default 
 TRUST_HELP = "CONTRIBUTOR=KEY.pub: trust this public key for this contributor (repeatable)."
 ONLY_HELP = "Only this contributor's vectors (repeatable)."
 UNSIGNED_HELP = "Also accept vectors of contributors no key of yours vouches for (their origin is unverified)."
+SIGNER_HELP = "The name your keyring entries know the signer by (as `keys trust --contributor NAME`)."
 
 
 def trust_policy(keyring: Path | None, trust: list[str] | None, allow_unsigned: bool) -> Any:
@@ -71,23 +73,36 @@ def list_vectors(
     revision: str | None = typer.Option(None, help=REVISION_HELP),
 ) -> None:
     """List a registry's vectors: contributor, samples, DP ledger, sha256, signature, time."""
+    from dataclasses import asdict
+
     from taskvec.privacy.ledger import summarize_ledger
 
     reg = _open(registry, revision)
     info = reg.info()
     entries = reg.select(only_contributor, since)
+
+    def base_version(identity: str) -> int | None:
+        v = info.version_of(identity)
+        return None if v is None else v.version
+
     if as_json:
         base = {k: v for k, v in info.base.items() if k != "tensors"}  # the layout is for push's checks
         print_json({"registry": reg.address, "base": base, "trusted_keys": info.trusted_keys,
-                    "vectors": [e.to_dict() | {"privacy_summary": summarize_ledger(e.privacy)} for e in entries]})
+                    "versions": [asdict(v) for v in info.versions],
+                    "vectors": [e.to_dict() | {"privacy_summary": summarize_ledger(e.privacy),
+                                               "base_version": base_version(e.base)} for e in entries]})
         return
     from rich.table import Table
 
     console.print(f"{reg.address}: base {info.base['identity'][:16]} ({info.base['arch']}, {info.base['task']}), "
                   f"{len(entries)} vectors{', signed only' if info.trusted_keys else ''}")
-    t = Table("contributor", "sha256", "samples", "privacy", "signed", "pushed", "created")
+    signed = {v.version: f"signed by {v.signer}" if v.signature else "unsigned" for v in info.versions}
+    console.print("versions: " + ", ".join(f"{v.label} ({signed[v.version]})" for v in info.versions))
+    t = Table("contributor", "sha256", "base", "samples", "privacy", "signed", "pushed", "created")
     for e in entries:
-        t.add_row(e.contributor, e.sha256[:16], str(e.samples if e.samples is not None else "?"),
+        n = base_version(e.base)
+        t.add_row(e.contributor, e.sha256[:16], "?" if n is None else f"v{n}",
+                  str(e.samples if e.samples is not None else "?"),
                   summarize_ledger(e.privacy), "yes" if e.signature else "no", e.pushed, e.created)
     console.print(t)
 
@@ -110,6 +125,50 @@ def pull(
     for path, copied in done:
         console.print(f"{'pulled' if copied else 'up to date'} {path}")
     console.print(f"{sum(c for _, c in done)} new, {sum(not c for _, c in done)} already there")
+
+
+def publish_version(
+    model: Path = typer.Argument(..., help="A merge onto the newest version (`taskvec merge --registry R`)."),
+    registry: str = typer.Option(..., "--registry", "-r", help=REGISTRY_HELP),
+    key: Path | None = typer.Option(None, help="Sign with this Ed25519 private key (from `taskvec keys generate`)."),
+    signer: str = typer.Option("merger", help=SIGNER_HELP),
+    revision: str | None = typer.Option(None, help=REVISION_HELP),
+) -> None:
+    """Publish a merge onto the registry's newest version N as version N+1, for sites to fine-tune from."""
+    from taskvec.registry.signing import load_private_key
+
+    reg = _open(registry, revision)
+    v, added = reg.publish_version(model, load_private_key(key) if key is not None else None, signer)
+    what = "published" if added else "already published:"
+    signed = f", signed by {v.signer}" if v.signature else ", unsigned"
+    console.print(f"{what} {model} → {reg.address} as v{v.version} (identity {v.identity[:16]}{signed})")
+
+
+def _which_version(text: str) -> int | None:
+    if text == "latest":
+        return None
+    if not (text.isascii() and text.isdigit()):
+        usage(f"VERSION is a number N (0, 1, ...) or latest, got {text!r}")
+    return int(text)
+
+
+def pull_version(
+    version: str = typer.Argument("latest", help="Version number N, or latest."),
+    registry: str = typer.Option(..., "--registry", "-r", help=REGISTRY_HELP),
+    out: Path = typer.Option(..., help="Model file to write (fine-tune from it: `taskvec finetune --base OUT`)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it differs."),
+    revision: str | None = typer.Option(None, help=REVISION_HELP),
+    keyring: Path | None = typer.Option(None, help=KEYRING_HELP),
+    trust: list[str] | None = typer.Option(None, "--trust", help=TRUST_HELP),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Also accept a version no key of yours "
+                                                                        "vouches for (its origin is unverified)."),
+) -> None:
+    """Copy a published version (default the newest) to OUT, checked (sha256, identity, your keys) first."""
+    policy = trust_policy(keyring, trust, allow_unsigned)
+    reg = _open(registry, revision)
+    path, v, copied = reg.pull_version(_which_version(version), out, policy, force=force)
+    console.print(f"{'pulled' if copied else 'up to date'} {path}: {reg.address} v{v.version} "
+                  f"(identity {v.identity[:16]}, {f'signed by {v.signer}' if v.signature else 'unsigned'})")
 
 
 def publish(
@@ -144,21 +203,24 @@ def registry_init(
     license: str = typer.Option("other", help="License in the Hub card, e.g. apache-2.0, other."),
     base_model: str | None = typer.Option(None, "--base-model", help="Hub id of the base model, for the card."),
     public: bool = typer.Option(False, "--public", help="Create a Hub repo public (default private)."),
+    key: Path | None = typer.Option(None, help="Sign the base (version 0) with this Ed25519 private key."),
+    signer: str = typer.Option("merger", help=SIGNER_HELP),
     revision: str | None = typer.Option(None, help=REVISION_HELP),
 ) -> None:
-    """Make a folder or Hub repo a registry for one base."""
-    from taskvec.registry.signing import normalise_key
+    """Make a folder or Hub repo a registry for one base (stored as version 0, for sites to fine-tune from)."""
+    from taskvec.registry.signing import load_private_key, normalise_key
 
     reg = _open(address, revision, private=not public)
     pairs = []
     for item in trust or []:
-        contributor, sep, key = item.partition("=")
+        contributor, sep, public_key = item.partition("=")
         if not sep:
             usage(f"--trust takes CONTRIBUTOR=KEY.pub, got {item!r}")
-        pairs.append((contributor, normalise_key(key)))
-    info, created = reg.create(base, card={"license": license, "base_model": base_model})
-    for contributor, key in pairs:
-        reg.trust(contributor, key)
+        pairs.append((contributor, normalise_key(public_key)))
+    info, created = reg.create(base, card={"license": license, "base_model": base_model},
+                               key=load_private_key(key) if key is not None else None, signer=signer)
+    for contributor, public_key in pairs:
+        reg.trust(contributor, public_key)
     state = "created" if created else "already a registry for this base:"
     console.print(f"{state} {reg.address} (base {info.base['identity'][:16]}, {info.base['arch']})")
     if pairs:
@@ -232,27 +294,63 @@ def register(app: typer.Typer) -> None:
     app.command()(push)
     app.command("list")(list_vectors)
     app.command()(pull)
+    app.command("publish-version")(publish_version)
+    app.command("pull-version")(pull_version)
     app.command()(publish)
     app.add_typer(registry_app, name="registry")
     app.add_typer(keys_app, name="keys")
 
 
 def merge_inputs(
-    vectors: list[Path] | None, registry: str | None, only_contributor: list[str] | None, since: str | None,
-    incremental: bool, state: Path | None, out: Path | None, policy: Any = None,
-) -> list[Path]:
-    """The vector files `taskvec merge` works on: the given files plus verified private copies of the
-    registry's (`policy`: the merger's `TrustPolicy`)."""
+    vectors: list[Path] | None, registry: str | None, base: Path | None, only_contributor: list[str] | None,
+    since: str | None, incremental: bool, state: Path | None, out: Path | None, policy: Any = None,
+) -> tuple[list[Path], Path]:
+    """The vector files and base `taskvec merge` works on: the given files plus verified private copies of the
+    registry's (`policy`: the merger's `TrustPolicy`). With a registry and no `base`, the base is the
+    registry's newest version (verified), and only the vectors not yet merged into it are taken."""
     if incremental != (state is not None):
         usage("--incremental and --state DIR go together (the state keeps the running merge)")
     if out is None and not incremental:
         usage("give --out FILE for the merged model")
     if registry is None and (only_contributor or since):
         usage("--only-contributor and --since select vectors of a --registry")
+    if registry is None and base is None:
+        usage("give --base BASE (or --registry R to merge onto its newest version)")
     paths = list(vectors or [])
     if registry is not None:
         reg = _open(registry, None)
-        paths += reg.fetch_all(reg.select(only_contributor, since), scratch_dir(), policy, track=track)
+        entries = reg.select(only_contributor, since)
+        if base is None:
+            base = _newest_version(reg, policy)
+            entries = _not_merged(entries, base)
+            if not entries and not paths:
+                console.print(f"up to date: every selected vector of {reg.address} is already in {base.name}")
+                raise typer.Exit(0)
+        if entries:
+            paths += reg.fetch_all(entries, scratch_dir(), policy, track=track)
     if not paths:
         usage("no vectors given: pass vector files or --registry R")
-    return paths
+    assert base is not None
+    return paths, base
+
+
+def _newest_version(reg: Any, policy: Any) -> Path:
+    """A verified private copy of the registry's newest version, named vN.safetensors."""
+    v = reg.version()
+    path, _, _ = reg.pull_version(v.version, scratch_dir() / f"v{v.version}.safetensors", policy)
+    console.print(f"merging onto {reg.address} v{v.version} ({v.identity[:16]})")
+    return Path(path)
+
+
+def _not_merged(entries: list[Any], base: Path) -> list[Any]:
+    """The entries whose vectors are not yet in `base` (its own merge or its lineage)."""
+    from taskvec.registry.base import merged_vectors
+
+    from taskvec.io.files import read_kind
+
+    done = merged_vectors(read_kind(base, "model").meta)
+    skipped = [e for e in entries if e.sha256 in done]
+    if skipped:
+        console.print(f"{len(skipped)} vectors already merged (into "
+                      f"{', '.join(sorted({f'v{done[e.sha256]}' for e in skipped}))}) are left out")
+    return [e for e in entries if e.sha256 not in done]

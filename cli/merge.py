@@ -41,7 +41,10 @@ def parse_params(items: list[str] | None) -> dict[str, str]:
 
 def merge(
     vectors: list[Path] | None = typer.Argument(None, help="Vector files to merge (and/or --registry R)."),
-    base: Path = typer.Option(..., help="The base model file all vectors were exported against."),
+    base: Path | None = typer.Option(
+        None, help="The base model file the vectors were exported against (with --registry: default its newest "
+                   "version, taking only vectors not merged into it yet)."
+    ),
     out: Path | None = typer.Option(None, help="Merged model file to write (--incremental: a copy of the version)."),
     method: str = typer.Option("sum", help=f"One of {', '.join(MERGE_METHODS)} (listed below)."),
     param: list[str] | None = typer.Option(None, "--param", "-p", help="A method parameter NAME=VALUE (repeatable)."),
@@ -92,7 +95,7 @@ def merge(
     from taskvec.privacy.ledger import PrivacyBudget
 
     policy = trust_policy(keyring, trust, allow_unsigned)
-    paths = merge_inputs(vectors, registry, only_contributor, since, incremental, state, out, policy)
+    paths, base = merge_inputs(vectors, registry, base, only_contributor, since, incremental, state, out, policy)
     if calibrate is not None and select is not None:
         usage("--select already calibrates λ; give --select or --calibrate, not both")
     plan = MergePlan.create(

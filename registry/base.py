@@ -2,11 +2,16 @@
 
 Layout of a registry, the same in a folder and in a Hub repo::
 
-    registry.json                                   base identity (one registry = one base), trusted keys
+    registry.json                                   base identity (one registry = one base), trusted keys, versions
     index.json                                      one entry per vector; rebuildable from the files below
     README.md                                       model card listing the contributions
+    versions/v<N>.safetensors                       the published versions: v0 the base, vN+1 a merge onto vN
     vectors/<contributor>/<sha256>.safetensors      the vector, named by its content identity
     vectors/<contributor>/<sha256>.sig              its Ed25519 signature (optional)
+
+A vector may be fine-tuned from any published version; `registry.json` records each version's identity,
+file sha256, parent and signature, so a site can fetch the newest one verified, and a merger can publish
+the next one only on top of the newest.
 
 A `Store` knows how to read a file, list files, give a local copy of a file, and apply one change
 atomically (a lock and renames for a folder, a commit with `parent_commit` for the Hub). Everything
@@ -47,8 +52,10 @@ REGISTRY_FILE = "registry.json"
 INDEX_FILE = "index.json"
 CARD_FILE = "README.md"
 VECTOR_DIR = "vectors"
+VERSION_DIR = "versions"
 REGISTRY_FORMAT = "taskvec-registry"
-REGISTRY_VERSION = 1
+REGISTRY_VERSION = 2  # 2: `versions` (format 1 registries hold version 0 only and are read as such)
+DEFAULT_SIGNER = "merger"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_TEXT_BYTES = 64 * 1024 * 1024  # registry.json, index.json, signatures
 
@@ -159,15 +166,90 @@ class Entry:
         return asdict(self)
 
 
+def version_path(n: int) -> str:
+    return f"{VERSION_DIR}/v{n}.safetensors"
+
+
+@dataclass
+class Version:
+    """A model the registry published for sites to fine-tune from: version 0 is its base, version N+1 a merge
+    onto version N. `sha256` (of the file) and `path` are None only for the base of a registry made before
+    versions were stored (format 1), which holds no copy of it. `signer` is the name consumers' keyrings know
+    the publisher by; `signature` its Ed25519 signature of the file's sha256, or None."""
+
+    version: int
+    identity: str
+    sha256: str | None
+    path: str | None
+    parent: str | None
+    created: str
+    signer: str = DEFAULT_SIGNER
+    signature: dict[str, str] | None = None
+
+    @property
+    def label(self) -> str:
+        return f"v{self.version} {self.identity[:12]}"
+
+    @classmethod
+    def from_dict(cls, d: Any, previous: Version | None, base: str) -> Version:
+        """Version `previous.version + 1` (0 when None) of a registry for `base`, every field checked."""
+        n = 0 if previous is None else previous.version + 1
+        try:
+            v = cls(**d)
+        except TypeError:
+            raise ValueError(f"versions[{n}] has missing or unknown fields") from None
+        unstored = n == 0 and v.sha256 is None and v.path is None  # a format 1 registry's base
+        problems = [
+            name for name, ok in (
+                ("version", type(v.version) is int and v.version == n),
+                ("identity", v.identity == base if previous is None else _is_sha(v.identity)),
+                ("sha256", unstored or _is_sha(v.sha256)), ("path", unstored or v.path == version_path(n)),
+                ("parent", v.parent == (None if previous is None else previous.identity)),
+                ("created", isinstance(v.created, str)), ("signer", _is_name(v.signer)),
+                ("signature", v.signature is None or (isinstance(v.signature, dict) and all(
+                    isinstance(x, str) for x in v.signature.values()))),
+            ) if not ok
+        ]
+        if problems:
+            raise ValueError(f"versions[{n}].{problems[0]}")
+        return v
+
+
+def _is_name(x: Any) -> bool:
+    try:
+        check_contributor(x)
+    except TaskvecError:
+        return False
+    return True
+
+
+def describe_versions(versions: Sequence[Version]) -> str:
+    """`v0 <id12>, v1 <id12>, ...`: how errors name the versions a registry has."""
+    return ", ".join(v.label for v in versions)
+
+
 @dataclass
 class RegistryInfo:
-    """`registry.json`: the one base this registry holds vectors for, and the keys it asks pushers to sign
-    with (a hint for pushers: a merger trusts its own keyring, see `taskvec.registry.trust`)."""
+    """`registry.json`: the one base this registry holds vectors for, the versions published on it, and the
+    keys it asks pushers to sign with (a hint for pushers: a merger trusts its own keyring, see
+    `taskvec.registry.trust`)."""
 
     base: dict[str, Any]
     created: str
     trusted_keys: dict[str, list[str]] = field(default_factory=dict)
     card: dict[str, Any] = field(default_factory=dict)
+    versions: list[Version] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.versions:  # a format 1 registry: its base is version 0, of which it holds no copy
+            self.versions = [Version(0, self.base["identity"], None, None, None, self.created)]
+
+    @property
+    def newest(self) -> Version:
+        return self.versions[-1]
+
+    def version_of(self, identity: str) -> Version | None:
+        return next((v for v in self.versions if v.identity == identity), None)
 
     def to_json(self) -> str:
         d = {"format": REGISTRY_FORMAT, "format_version": REGISTRY_VERSION, **asdict(self)}
@@ -184,9 +266,8 @@ class RegistryInfo:
                 raise ValueError(f"format_version {version!r}")
             if version > REGISTRY_VERSION:
                 raise RegistryError(f"{where}: registry format {version} is newer; upgrade taskvec")
-            info = cls(d["base"], d["created"], d.get("trusted_keys", {}), d.get("card", {}))
-            b = info.base
-            if not (isinstance(b, dict) and isinstance(b.get("identity"), str) and isinstance(b.get("arch"), str)
+            b = d["base"]
+            if not (isinstance(b, dict) and _is_sha(b.get("identity")) and isinstance(b.get("arch"), str)
                     and isinstance(b.get("task"), str) and isinstance(b.get("labels"), list)
                     and all(isinstance(x, str) for x in b["labels"])):
                 raise ValueError("base")
@@ -195,6 +276,13 @@ class RegistryInfo:
                     isinstance(v, list) and len(v) == 2 and v[0] in DTYPE_SIZES and isinstance(v[1], list)
                     and all(_is_count(n) for n in v[1]) for v in layout.values())):
                 raise ValueError("base tensors")
+            raw = d.get("versions", [])
+            if not isinstance(raw, list) or (version < 2 and raw) or (version >= 2 and not raw):
+                raise ValueError("versions")
+            versions: list[Version] = []
+            for item in raw:
+                versions.append(Version.from_dict(item, versions[-1] if versions else None, b["identity"]))
+            info = cls(b, d["created"], d.get("trusted_keys", {}), d.get("card", {}), versions)
             keys = info.trusted_keys
             if not (isinstance(keys, dict) and all(isinstance(v, list) and all(isinstance(k, str) for k in v)
                                                    for v in keys.values())):
@@ -208,13 +296,71 @@ class RegistryInfo:
             raise RegistryError(f"{where}/{REGISTRY_FILE}: unreadable ({e})") from None
 
 
-def base_layout(info: RegistryInfo, address: str) -> Header | dict[str, Any]:
-    """What a pushed vector is checked against: the base's tensor layout when the registry records it (so
-    a vector push accepts is one merge can use), else the base record alone (registries made before)."""
+def base_layout(info: RegistryInfo, address: str, version: Version) -> Header | dict[str, Any]:
+    """What a file made from `version` is checked against: the base's tensor layout (every version has it)
+    when the registry records it, so a vector push accepts is one merge can use, else the base record alone
+    (registries made before); with `version`'s identity."""
     if "tensors" not in info.base:
-        return info.base
+        return {**info.base, "identity": version.identity}
     tensors = {k: TensorInfo(d, tuple(shape), 0, 0) for k, (d, shape) in info.base["tensors"].items()}
-    return Header(Path(address), tensors, 0, {"identity": info.base["identity"], "model": info.base})
+    return Header(Path(address), tensors, 0, {"identity": version.identity, "model": info.base})
+
+
+def version_of_vector(h: Header, info: RegistryInfo, address: str) -> Version:
+    """The published version a vector was fine-tuned from (its `base.identity`); a `MismatchError` naming the
+    versions the registry has otherwise, or when the vector's own `base.version`/`base.lineage` disagree."""
+    base = h.meta["base"]
+    v = info.version_of(base["identity"])
+    if v is None:
+        raise MismatchError(
+            f"{h.path}: base.identity is {base['identity'][:12]}, not a version of {address} "
+            f"(it has {describe_versions(info.versions)}); it was made from another base or an unpublished "
+            "merge: fine-tune from a published version (`taskvec pull-version`)",
+            path=h.path, field="base.identity", got=base["identity"],
+        )
+    lineage = [x.identity for x in info.versions[: v.version]]
+    for fld, actual in (("version", v.version), ("lineage", lineage)):
+        claimed = base.get(fld, actual)  # vectors exported before versions existed claim neither
+        if claimed != actual or isinstance(claimed, bool):
+            raise MismatchError(
+                f"{h.path}: base.{fld} is {claimed!r}, but its base is {v.label} of {address}, whose "
+                f"{fld} is {actual!r}", path=h.path, field=f"base.{fld}", expected=actual, got=claimed,
+            )
+    return v
+
+
+def check_next_version(h: Header, info: RegistryInfo, address: str) -> None:
+    """A model may become version N+1 only as a merge onto the newest version N: its `parent` is vN, its
+    `version` N+1, its `lineage` the registry's versions v0..vN, and its keys, shapes and dtypes the base's."""
+    newest, meta = info.newest, h.meta
+    parent = meta.get("parent")
+    if parent != newest.identity:
+        known = info.version_of(parent) if isinstance(parent, str) else None
+        what = f"{known.label}, not the newest" if known else "not a version of the registry"
+        raise MismatchError(
+            f"{h.path}: parent is {str(parent)[:12]} ({what}); {address} has {describe_versions(info.versions)}: "
+            f"merge onto v{newest.version} (`taskvec merge --registry {address}`) and publish that",
+            path=h.path, field="parent", expected=newest.identity, got=parent,
+        )
+    version = meta.get("version", 0)
+    if type(version) is not int or version != newest.version + 1:
+        raise MismatchError(
+            f"{h.path}: version is {version!r}, a merge onto v{newest.version} of {address} is "
+            f"version {newest.version + 1}", path=h.path, field="version", expected=newest.version + 1, got=version,
+        )
+    lineage = meta.get("lineage")
+    ids = ([x.get("identity") if isinstance(x, dict) else None for x in lineage] if isinstance(lineage, list)
+           else None)
+    if ids != [v.identity for v in info.versions]:
+        raise MismatchError(
+            f"{h.path}: lineage does not list {address}'s versions ({describe_versions(info.versions)})",
+            path=h.path, field="lineage",
+        )
+    check_against_base(h, base_layout(info, address, newest), f"registry {address}")
+    for k, (dtype, _) in info.base.get("tensors", {}).items():
+        if h.tensors[k].dtype != dtype:
+            raise MismatchError(f"{h.path}: tensor {k} has dtype {h.tensors[k].dtype}, the base has {dtype}",
+                                path=h.path, field=k, expected=dtype, got=h.tensors[k].dtype)
 
 
 def vector_path(contributor: str, sha: str) -> str:
@@ -344,17 +490,24 @@ class Registry:
             entries = [e for e in entries if parse_time(e.pushed) >= t]
         return entries
 
-    def create(self, base: str | os.PathLike[str], card: dict[str, Any] | None = None) -> tuple[RegistryInfo, bool]:
-        """Make this store a registry for `base` (a model file); (info, False) when it already is one."""
+    def create(self, base: str | os.PathLike[str], card: dict[str, Any] | None = None, key: Any = None,
+               signer: str = DEFAULT_SIGNER) -> tuple[RegistryInfo, bool]:
+        """Make this store a registry for `base` (a model file), stored as version 0 (signed with `key`, an
+        Ed25519 private key, as `signer`); (info, False) when it already is one."""
         from taskvec.registry.card import render_card
 
         bh = read_kind(base, "model")
+        check_contributor(signer)
+        check_tensors(bh)
         spec = bh.meta["model"]
+        file_sha = sha256_file(bh.path)
+        created = now()
+        v0 = Version(0, bh.meta["identity"], file_sha, version_path(0), None, created, signer, _sign(key, file_sha))
         info = RegistryInfo(
             base={"identity": bh.meta["identity"], "arch": spec["arch"], "task": spec["task"],
                   "tensors": {k: [t.dtype, list(t.shape)] for k, t in sorted(bh.tensors.items())},
                   "num_classes": spec["num_classes"], "labels": spec["labels"]},
-            created=now(), card=card or {},
+            created=created, card=card or {}, versions=[v0],
         )
         self.store.create()
         existing: list[RegistryInfo] = []
@@ -364,8 +517,8 @@ class Registry:
             if text is not None:
                 existing.append(RegistryInfo.from_json(text, self.address))
                 return None
-            return {REGISTRY_FILE: info.to_json().encode(), INDEX_FILE: dump_index([]).encode(),
-                    CARD_FILE: render_card(info, [], self.address).encode()}
+            return {version_path(0): bh.path, REGISTRY_FILE: info.to_json().encode(),
+                    INDEX_FILE: dump_index([]).encode(), CARD_FILE: render_card(info, [], self.address).encode()}
 
         self.store.update(change, "taskvec: create registry")
         if existing:
@@ -403,16 +556,16 @@ class Registry:
         The vector is checked as a merge checks it (structure, content sha256, finite values, base), so one
         bad push cannot block later merges of the registry."""
         from taskvec.registry.card import render_card
-        from taskvec.registry.signing import sign
 
         h = read_kind(vector, "vector")
         check_vector_meta(h)
         check_tensors(h)
         contributor = h.meta["contributor"]
         file_sha = sha256_file(h.path)
-        signature = sign(key, file_sha) if key is not None else None
+        signature = _sign(key, file_sha)
         info = self.info()
-        check_against_base(h, base_layout(info, self.address), f"registry {self.address}")
+        version = version_of_vector(h, info, self.address)
+        check_against_base(h, base_layout(info, self.address, version), f"registry {self.address}")
         check_push_policy(info, contributor, signature, file_sha, str(h.path))
         result: list[PushResult] = []
 
@@ -442,19 +595,22 @@ class Registry:
         sha256 the index records, the content sha256 and contributor in its header. Read only `dest`."""
         what = f"{self.address}/{entry.path}"
         policy.check(entry.contributor, entry.signature, entry.file_sha256, what)
-        out = Path(dest)
-        actual = self.store.copy_to(entry.path, out, entry.file_sha256)
+        return self._copy_verified(entry.path, entry.file_sha256, Path(dest), lambda p: verify_vector(p, entry, what))
+
+    def _copy_verified(self, path: str, file_sha256: str, dest: Path, verify: Callable[[Path], None]) -> Path:
+        """Copy `path` to the new file `dest`, check the copy's sha256 and `verify(dest)`; nothing is left on error."""
+        actual = self.store.copy_to(path, dest, file_sha256)
         try:
-            if actual != entry.file_sha256:
+            if actual != file_sha256:
                 raise IntegrityError(
-                    f"{what}: sha256 of the file is {actual[:12]}, the registry recorded {entry.file_sha256[:12]}; "
-                    "the file is corrupted or was replaced", path=what,
+                    f"{self.address}/{path}: sha256 of the file is {actual[:12]}, the registry recorded "
+                    f"{file_sha256[:12]}; the file is corrupted or was replaced", path=f"{self.address}/{path}",
                 )
-            verify_vector(out, entry, what)
+            verify(dest)
         except TaskvecError:
-            out.unlink(missing_ok=True)
+            dest.unlink(missing_ok=True)
             raise
-        return out
+        return dest
 
     def fetch_all(self, entries: Sequence[Entry], into: str | os.PathLike[str], policy: TrustPolicy,
                   track: Track[Entry] = no_track) -> list[Path]:
@@ -487,6 +643,73 @@ class Registry:
                 self.fetch(e, tmp, policy)
             done.append((dest, True))
         return done
+
+    def publish_version(self, model: str | os.PathLike[str], key: Any = None,
+                        signer: str = DEFAULT_SIGNER) -> tuple[Version, bool]:
+        """Publish a merged model as the next version, optionally signed (Ed25519 private key) as `signer`;
+        (version, added). Only a merge onto the newest version is accepted (`check_next_version`), with
+        finite values that match its identity, and signed when the registry lists keys for `signer`. The
+        file and the record land in one atomic change; publishing a published model again is a no-op."""
+        from taskvec.registry.card import render_card
+
+        h = read_kind(model, "model")
+        check_contributor(signer)
+        check_tensors(h)
+        file_sha = sha256_file(h.path)
+        signature = _sign(key, file_sha)
+        result: list[tuple[Version, bool]] = []
+
+        def change(r: Reader) -> dict[str, bytes | Path] | None:
+            info = self.info(r)
+            same = info.version_of(h.meta["identity"])
+            if same is not None:
+                result[:] = [(same, False)]
+                return None
+            check_next_version(h, info, self.address)
+            check_push_policy(info, signer, signature, file_sha, str(h.path))
+            n = info.newest.version + 1
+            path = version_path(n)
+            v = Version(n, h.meta["identity"], file_sha, path, info.newest.identity, now(), signer, signature)
+            info.versions.append(v)
+            result[:] = [(v, True)]
+            entries = load_index(r.read_text(INDEX_FILE), self.address)
+            return {path: h.path, REGISTRY_FILE: info.to_json().encode(),
+                    CARD_FILE: render_card(info, entries, self.address).encode()}
+
+        self.store.update(change, f"taskvec: publish version {h.meta.get('version')} ({h.meta['identity'][:12]})")
+        return result[0]
+
+    def version(self, which: int | None = None, info: RegistryInfo | None = None) -> Version:
+        """Published version `which` (None: the newest)."""
+        info = info or self.info()
+        if which is None:
+            return info.newest
+        if not 0 <= which < len(info.versions):
+            raise RegistryError(f"{self.address}: no version {which}; it has {describe_versions(info.versions)}",
+                                field="version")
+        return info.versions[which]
+
+    def pull_version(self, which: int | None, out: str | os.PathLike[str], policy: TrustPolicy,
+                     force: bool = False) -> tuple[Path, Version, bool]:
+        """Copy published version `which` (None: the newest) to the file `out`, verified: your trust `policy`
+        for its signer, the file sha256 the registry recorded, and its header (identity, content, version,
+        parent); (path, version, copied). A file already at `out` with the same bytes is kept."""
+        info = self.info()
+        v = self.version(which, info)
+        if v.sha256 is None or v.path is None:
+            raise RegistryError(
+                f"{self.address}: this registry was made before it stored versions and holds no copy of its base "
+                f"(v0 {v.identity[:12]}); get the base from the registry's maintainer", field="version",
+            )
+        what = f"{self.address}/{v.path}"
+        policy.check(v.signer, v.signature, v.sha256, what)
+        dest = Path(out)
+        if dest.is_file() and not dest.is_symlink() and sha256_file(dest) == v.sha256:
+            return dest, v, False
+        with atomic_output(dest, force) as tmp:
+            tmp.unlink()
+            self._copy_verified(v.path, v.sha256, tmp, lambda p: verify_version(p, v, what))
+        return dest, v, True
 
     def reindex(self) -> tuple[int, list[str]]:
         """Rebuild `index.json` (and the card) from the vector and signature files, whatever the index
@@ -544,16 +767,24 @@ def check_vector_meta(h: Header) -> None:
     check_contributor(h.meta["contributor"])
 
 
+def _sign(key: Any, file_sha256: str) -> dict[str, str] | None:
+    from taskvec.registry.signing import sign
+
+    return sign(key, file_sha256) if key is not None else None
+
+
 def check_tensors(h: Header) -> None:
-    """The content sha256 matches and every value is finite (one bounded read of the file, numpy only)."""
+    """The content identity (a vector's sha256, a model's identity) matches and every value is finite (one
+    bounded read of the file, numpy only)."""
     from taskvec.io.files import scan
 
     def finite(name: str, t: TensorInfo, piece: bytes) -> None:
         if non_finite(piece, t.dtype):
             raise FileFormatError(f"{h.path}: tensor {name} holds NaN or Inf", path=h.path, field=name)
 
-    if scan(h, finite) != h.meta["sha256"]:
-        raise IntegrityError(f"{h.path}: content does not match its sha256; the file is corrupted", path=h.path)
+    field = "sha256" if h.kind == "vector" else "identity"
+    if scan(h, finite) != h.meta[field]:
+        raise IntegrityError(f"{h.path}: content does not match its {field}; the file is corrupted", path=h.path)
 
 
 def check_push_policy(
@@ -591,3 +822,37 @@ def verify_vector(path: Path, entry: Entry, what: str) -> None:
     if h.meta["sha256"] != entry.sha256 or file_digest(h) != entry.sha256:
         raise IntegrityError(f"{what}: content does not match its sha256 {entry.sha256[:12]}; the file is corrupted",
                              path=what)
+
+
+def verify_version(path: Path, v: Version, what: str) -> None:
+    """A fetched copy must be the version the registry names: its identity (in the header and of its tensors),
+    its version number and its parent."""
+    h = read_kind(path, "model")
+    meta = h.meta
+    claims: list[tuple[str, Any, Any]] = [("identity", meta["identity"], v.identity)]
+    if v.version:  # the base (v0) may be any model
+        claims += [("version", meta.get("version", 0), v.version), ("parent", meta.get("parent"), v.parent)]
+    for fld, got, want in claims:
+        if got != want or isinstance(got, bool):
+            raise IntegrityError(f"{what}: its {fld} is {str(got)[:12]!r}, the registry records {str(want)[:12]!r}",
+                                 path=what, field=fld)
+    if file_digest(h) != v.identity:
+        raise IntegrityError(f"{what}: content does not match its identity {v.identity[:12]}; the file is corrupted",
+                             path=what)
+
+
+def merged_vectors(meta: dict[str, Any]) -> dict[str, int]:
+    """sha256 → version of every vector already merged into a model: its own merge's inputs (its version) and
+    each lineage entry's `vectors` (what went into that ancestor). Malformed entries are skipped here; the
+    merge checks the lineage."""
+    def listed(x: Any, key: str) -> list[Any]:
+        value = x.get(key) if isinstance(x, dict) else None
+        return value if isinstance(value, list) else []
+
+    own = {"version": meta.get("version", 0), "vectors": listed(meta.get("merge"), "vectors")}
+    done: dict[str, int] = {}
+    for step in [*listed(meta, "lineage"), own]:
+        for v in listed(step, "vectors"):
+            if isinstance(v, dict) and _is_sha(v.get("sha256")):
+                done.setdefault(v["sha256"], step.get("version"))
+    return done

@@ -1,9 +1,9 @@
 """A registry in a folder (local disk or a shared drive): a file lock around each change, atomic renames.
 
-Every file is written to a temporary name in its own folder and renamed into place, vectors before
-the index, so a reader never sees a half-written file and an index never names a missing vector. New
-files get the mode the umask gives, so colleagues on a shared drive can read them. Symbolic links inside
-the folder are never followed: what a registry holds is what is in its folder.
+Every file is written to a temporary name in its own folder and renamed into place, vectors and versions
+before the records (`index.json`, `registry.json`), so a reader never sees a half-written file and a record
+never names a missing file. New files get the mode the umask gives, so colleagues on a shared drive can
+read them. Symbolic links inside the folder are never followed: what a registry holds is what is in its folder.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from filelock import FileLock, Timeout
 from taskvec.registry.base import (
     CARD_FILE,
     INDEX_FILE,
+    REGISTRY_FILE,
     Change,
     Reader,
     RegistryError,
@@ -113,8 +114,8 @@ class FolderStore(Store):
                 files = change(_FolderReader(self.root, self.address))
                 if not files:
                     return False
-                # the index (and card) last: it must never name a file that is not yet in place
-                for path in sorted(files, key=lambda p: p in (INDEX_FILE, CARD_FILE)):
+                # the records (and card) last: they must never name a file that is not yet in place
+                for path in sorted(files, key=lambda p: p in (REGISTRY_FILE, INDEX_FILE, CARD_FILE)):
                     _write_atomic(_inside(self.root, path, self.address), files[path])
         except Timeout:
             raise RegistryError(
