@@ -217,24 +217,28 @@ def test_registry_made_before_versions(sites, tmp_path: Path) -> None:
 def test_merge_registry_onto_the_newest_version(address: str, sites, tmp_path: Path) -> None:
     """The merger's round: merge onto vN what is new, publish vN+1; a site pulls it and contributes against it."""
     base, vector = sites
-    created(address, base)
+    key, keyring = tmp_path / "merger.key", tmp_path / "keyring"
+    _cli("keys", "generate", "--out", key)
+    _cli("keys", "trust", "--contributor", "merger", "--key", f"{key}.pub", "--keyring", keyring)
+    _cli("registry", "init", address, "--base", base, "--key", key)
     for i in (0, 1):
         _cli("push", vector(i), "--registry", address)
     out1 = tmp_path / "merged-1.safetensors"
-    text = _cli("merge", "--registry", address, "--out", out1, "--method", "mean", "--allow-unsigned")
+    trust = ("--keyring", keyring, "--allow-unsigned")  # the versions are verified; the sites' vectors unsigned
+    text = _cli("merge", "--registry", address, "--out", out1, "--method", "mean", *trust)
     assert "merging onto" in text and " v0 " in text
     ref = merge_vectors([vector(0), vector(1)], base, tmp_path / "ref1.safetensors", method="mean")
     assert _id(out1) == ref.identity and read_kind(out1, "model").meta["parent"] == _id(base)
     _rewrite(out1, out1, version=1, lineage=[{"version": 0, "identity": _id(base)}])  # until `merge` writes them
-    assert "as v1" in _cli("publish-version", out1, "--registry", address)
+    assert "as v1 (identity" in _cli("publish-version", out1, "--registry", address, "--key", key)
 
-    start = tmp_path / "start.safetensors"  # a site starts from the newest version
-    assert "v1" in _cli("pull-version", "latest", "--registry", address, "--out", start, "--allow-unsigned")
+    start = tmp_path / "start.safetensors"  # a site starts from the newest version, signed by the merger
+    assert "v1 (identity" in _cli("pull-version", "latest", "--registry", address, "--out", start, "--keyring", keyring)
     assert start.read_bytes() == out1.read_bytes()
     late = vector(2, b=start)
     _cli("push", late, "--registry", address)
     out2 = tmp_path / "merged-2.safetensors"
-    text = _cli("merge", "--registry", address, "--out", out2, "--method", "mean", "--allow-unsigned")
+    text = _cli("merge", "--registry", address, "--out", out2, "--method", "mean", *trust)
     assert "2 vectors already merged (into v1) are left out" in text
     meta = read_kind(out2, "model").meta
     assert meta["parent"] == _id(out1)
@@ -248,8 +252,8 @@ def test_merge_registry_onto_the_newest_version(address: str, sites, tmp_path: P
     _rewrite(out2, out2, version=2, lineage=[{"version": 0, "identity": _id(base)},
                                              {"version": 1, "identity": _id(out1),
                                               "vectors": read_kind(out1, "model").meta["merge"]["vectors"]}])
-    _cli("publish-version", out2, "--registry", address)
-    text = _cli("merge", "--registry", address, "--out", tmp_path / "m3.safetensors", "--allow-unsigned")
+    _cli("publish-version", out2, "--registry", address, "--key", key)
+    text = _cli("merge", "--registry", address, "--out", tmp_path / "m3.safetensors", *trust)
     assert "up to date" in text and not (tmp_path / "m3.safetensors").exists()
 
 
