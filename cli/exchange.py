@@ -336,9 +336,15 @@ def merge_inputs(
 
 def _newest_version(reg: Any, policy: Any) -> Path:
     """A verified private copy of the registry's newest version, named vN.safetensors."""
+    from taskvec.cli.console import warn
+
     v = reg.version()
     path, _, _ = reg.pull_version(v.version, scratch_dir() / f"v{v.version}.safetensors", policy)
-    console.print(f"merging onto {reg.address} v{v.version} ({v.identity[:16]})")
+    console.print(f"merging onto {reg.address} v{v.version} ({v.identity[:16]}, "
+                  f"{f'signed by {v.signer}' if v.signature else 'unsigned'})")
+    if v.signature is None and v.version:
+        warn(f"v{v.version} is unsigned (it names {v.signer!r}): anyone who can write the registry could have "
+             "published it; sign versions with publish-version --key and keep the merger's key in your keyring")
     return Path(path)
 
 
