@@ -40,6 +40,8 @@ def simulate(
     pretrained: bool = typer.Option(False, "--pretrained", help="Start from timm's pretrained weights (network)."),
     weights: Path | None = typer.Option(None, help="Start from a local timm checkpoint (.safetensors)."),
     train: str = typer.Option("all", help="What every site trains: all | head | norm-bias | last:K | lora:R."),
+    prox: float = typer.Option(0.0, help="Every run: proximal pull toward the base (as `taskvec finetune --prox`)."),
+    head: str = typer.Option("train", help="Every run: train | frozen | balanced | lp-ft (as `taskvec finetune`)."),
     epochs: int | None = typer.Option(None, help="Epochs per run (default: finetune's, >= 200 optimiser steps)."),
     base_epochs: int = typer.Option(3, "--base-epochs", help="Epochs on the public share when there are no weights."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Default: finetune's for each run's data."),
@@ -66,7 +68,7 @@ def simulate(
         data=str(data), out=str(out), task=task, sites=sites, split=split, arch=arch, num_classes=num_classes,
         labels=[s.strip() for s in labels.split(",")] if labels else None, in_chans=in_chans, img_size=img_size,
         pretrained=pretrained, weights=str(weights) if weights else None, train=train, epochs=epochs,
-        base_epochs=base_epochs, batch_size=batch_size, lr=lr, calibrate=calibrate,
+        prox=prox, head=head, base_epochs=base_epochs, batch_size=batch_size, lr=lr, calibrate=calibrate,
         epsilons=_floats(target_epsilons) if dp else [], delta=delta, max_grad_norm=max_grad_norm, jobs=jobs,
         seed=seed, device=device,
     )

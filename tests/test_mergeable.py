@@ -199,3 +199,27 @@ def test_cli_refuses_bad_options(args: list[str], printed: str, tmp_path: Path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith(printed), err
     assert not (tmp_path / "run").exists()
+
+
+def test_simulation_trains_every_run_with_the_options(tmp_path: Path) -> None:
+    from taskvec.simulation.simulate import SimulationConfig, simulate
+    from taskvec.simulation.synthetic import write_classification_npz
+
+    data = write_classification_npz(tmp_path / "data.npz", n_train=80, n_val=20, n_test=30, size=32, seed=3)
+    kw = {"data": str(data), "sites": 2, "arch": "test_vit", "in_chans": 1, "img_size": 32, "epochs": 1,
+          "base_epochs": 1, "methods": ["mean"], "batch_size": 16, "calibrate": False}
+    with pytest.raises(PrivacyConfigError, match="^head balanced"):
+        simulate(SimulationConfig(out=str(tmp_path / "dp"), head="balanced", epsilons=[8.0], **kw))  # type: ignore[arg-type]
+    assert not (tmp_path / "dp").exists()
+    out = tmp_path / "sim"
+    simulate(SimulationConfig(out=str(out), head="frozen", prox=5.0, **kw))  # type: ignore[arg-type]
+    base = load_file(str(out / "base.safetensors"))
+    head = [k for k in base if k.startswith("head.")]
+    assert head
+    for run in (out / "sites" / "site0", out / "sites" / "site1", out / "centralised"):
+        meta = read_header(run / "model.safetensors").meta
+        assert (meta["training"]["prox"], meta["training"]["head"]) == (5.0, "frozen")
+        model = load_file(str(run / "model.safetensors"))
+        assert all(torch.equal(model[k], base[k]) for k in head)
+    base_run = read_header(out / "base-run" / "model.safetensors").meta["training"]  # the public base: plain
+    assert (base_run["prox"], base_run["head"]) == (0.0, "train")

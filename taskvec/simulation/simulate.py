@@ -33,8 +33,8 @@ from taskvec.simulation.splits import split_sites
 from taskvec.training.data import DataSplits, ImageDataset, hold_out_by_patient, load_data
 from taskvec.training.evaluate import evaluate_model
 from taskvec.training.loop import METRICS_FILE, FinetuneConfig, finetune
+from taskvec.training.mergeable import check_head
 from taskvec.training.metrics import primary_metric
-from taskvec.training.modes import parse_mode
 
 TCGA_SITE = re.compile(r"TCGA-([A-Z0-9]{2})-")
 Progress = Callable[[str], None]
@@ -62,6 +62,8 @@ class SimulationConfig:
     batch_size: int | None = None  # None: the fine-tuning default for each run's data size
     lr: float | None = None  # None: the default of the training mode
     train: str = "all"  # what every site trains (taskvec.training.modes)
+    prox: float = 0.0  # proximal pull toward the base of every run (taskvec.training.mergeable)
+    head: str = "train"  # head strategy of every run: train | frozen | balanced | lp-ft
     methods: list[str] = field(default_factory=lambda: ["sum", "mean", "weighted", "ties", "dare"])
     calibrate: bool = True
     epsilons: list[float] = field(default_factory=list)  # one DP-SGD variant of every site per ε
@@ -82,7 +84,8 @@ class SimulationConfig:
                                   got=getattr(self, name))
         for e in self.epsilons:
             check_range("epsilons", e, low=0)
-        parse_mode(self.train)
+        FinetuneConfig(train=self.train, prox=self.prox, head=self.head).check()  # refused before any file
+        check_head(self.head, dp=bool(self.epsilons))
 
 
 @dataclass
@@ -199,7 +202,8 @@ def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> Simu
                               cfg.pretrained, cfg.weights, dp_compatible=bool(cfg.epsilons) or pretrained)
     pool, test, val, notes = _prepare_data(cfg, spec)
     train_cfg = FinetuneConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, img_size=cfg.img_size,
-                               device=cfg.device, seed=cfg.seed, resume=True, val_fraction=0.0, train=cfg.train)
+                               device=cfg.device, seed=cfg.seed, resume=True, val_fraction=0.0, train=cfg.train,
+                               prox=cfg.prox, head=cfg.head)
     base, pool = _make_base(cfg, out, module, spec, pool, train_cfg, notes, progress)
     site_idx = _site_indices(cfg, pool)
     sites = [pool.subset(idx.tolist()) for idx in site_idx]
@@ -230,7 +234,8 @@ def _make_base(cfg: SimulationConfig, out: Path, module: Any, spec: ModelSpec, p
         save_model(module, spec, init, extra={"source": {"pretrained": False, "weights": None}})
     progress(f"training the base on a public share of {len(public)} samples")
     run = finetune(init, public, out / "base-run",
-                   replace(train_cfg, epochs=cfg.base_epochs, contributor="public", train="all"))
+                   replace(train_cfg, epochs=cfg.base_epochs, contributor="public", train="all", prox=0.0,
+                           head="train"))
     if not base.exists():
         os.link(run.model_path, base)
     notes.append(f"base: no pretrained weights, so trained from scratch on a held-out public share of "
