@@ -118,9 +118,13 @@ def _print_summary(info: Any) -> None:
     """The `FileInfo` of `taskvec inspect` as a table."""
     from rich.table import Table
 
+    from taskvec.io.lineage import model_problem, vector_problem
     from taskvec.privacy.ledger import summarize_ledger
 
     m = info.metadata
+    problem = {"model": model_problem, "vector": vector_problem}.get(info.kind, lambda _: None)(m)
+    if problem:
+        raise ValueError(f"{problem[0]} {problem[1]}")
     t = Table(show_header=False, box=None)
     t.add_column(no_wrap=True, style="bold")
     t.add_column(overflow="fold")
@@ -138,13 +142,18 @@ def _print_summary(info: Any) -> None:
                  ("labels", ", ".join(spec["labels"]))]
         if "parent" in m:
             rows.append(("parent base", m["parent"]))
+        rows.append(("version", str(m.get("version", 0))))
+        rows += [(f"  v{e['version']}", f"{e['identity']}  " + (f"{len(e['vectors'])} vectors" if e["version"]
+                                                                    else "root")) for e in m.get("lineage", [])]
         if "merge" in m:
             mg = m["merge"]
-            rows.append(("merge", f"{mg['method']} of {len(mg['vectors'])} vectors, λ={mg['scale']:g}"))
-            rows += [(f"  {v['contributor']}", f"{v['sha256'][:12]} {summarize_ledger(v['privacy'])}")
+            stale = f", staleness a={mg['staleness']:g}" if "staleness" in mg else ""
+            rows.append(("merge", f"{mg['method']} of {len(mg['vectors'])} vectors, λ={mg['scale']:g}{stale}"))
+            rows += [(f"  {v['contributor']}", f"{v['sha256'][:12]} {_from_version(v)}{summarize_ledger(v['privacy'])}")
                      for v in mg["vectors"]]
     elif info.kind == "vector":
-        rows += [("sha256", m["sha256"]), ("base", f"{m['base']['identity']} ({m['base']['arch']})"),
+        rows += [("sha256", m["sha256"]),
+                 ("base", f"{m['base']['identity']} ({m['base']['arch']}), version {m['base'].get('version', 0)}"),
                  ("contributor", str(m["contributor"])), ("samples", str(m.get("samples"))),
                  ("dtype", m["dtype"])]
         if "pre_clip" in m.get("norm", {}):
@@ -154,6 +163,13 @@ def _print_summary(info: Any) -> None:
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
+
+
+def _from_version(v: dict[str, Any]) -> str:
+    """`from v1 (d=1, s=0.707) ` for a merged vector that records its base version."""
+    if "base_version" not in v:
+        return ""
+    return f"from v{v['base_version']} (d={v['staleness']}, s={v['staleness_weight']:.3g}) "
 
 
 def register(app: typer.Typer) -> None:

@@ -17,6 +17,7 @@ from taskvec.cli.console import FLAGS, console, track, usage, warn
 from taskvec.cli.exchange import KEYRING_HELP, ONLY_HELP, TRUST_HELP, UNSIGNED_HELP
 
 from taskvec.errors import ConfigError
+from taskvec.io.lineage import DEFAULT_STALENESS
 from taskvec.merging.methods import MERGE_METHODS
 
 METHODS_HELP = "Methods (--method NAME, parameters with --param NAME=VALUE):\n\n" + "\n\n".join(
@@ -42,8 +43,9 @@ def parse_params(items: list[str] | None) -> dict[str, str]:
 def merge(
     vectors: list[Path] | None = typer.Argument(None, help="Vector files to merge (and/or --registry R)."),
     base: Path | None = typer.Option(
-        None, help="The base model file the vectors were exported against (with --registry: default its newest "
-                   "version, taking only vectors not merged into it yet)."
+        None, help="The model to merge onto: the base, or a merged version (vectors against it or any version in "
+                   "its lineage are accepted). With --registry: default its newest version, taking only vectors not "
+                   "merged into it yet."
     ),
     out: Path | None = typer.Option(None, help="Merged model file to write (--incremental: a copy of the version)."),
     method: str = typer.Option("sum", help=f"One of {', '.join(MERGE_METHODS)} (listed below)."),
@@ -51,6 +53,10 @@ def merge(
     density: float | None = typer.Option(None, help="Shorthand for --param density=D (dare, ties, breadcrumbs)."),
     scale: float = typer.Option(1.0, help="λ in base + λ·combine(vectors)."),
     seed: int = typer.Option(0, help="Seed of random drops (dare, dare_ties), per vector and tensor."),
+    staleness: float = typer.Option(
+        DEFAULT_STALENESS, help="Exponent a of the staleness weight s = (1+d)^(-a) of a vector fine-tuned from a "
+        "version d versions older than BASE (FedBuff, Nguyen et al. 2022; FedAsync, Xie et al. 2019); 0: no discount."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     registry: str | None = typer.Option(
         None, "--registry", "-r", help="Merge the vectors in this registry (folder or hf://ORG/REPO), each checked."
@@ -101,7 +107,7 @@ def merge(
     plan = MergePlan.create(
         paths, base, method=method, params=parse_params(param),
         density=density, scale=scale, seed=seed, budget=PrivacyBudget(max_epsilon, unit, relation, require_dp),
-        exclude_outliers=exclude_outliers,
+        exclude_outliers=exclude_outliers, staleness=staleness,
     )
     if state is not None:
         if calibrate or select or contributions or diagnose or exclude_outliers:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from taskvec.errors import FileFormatError, OutputExistsError
+from taskvec.io.lineage import is_sha, model_problem, vector_problem
 
 FORMAT = "taskvec"
 FORMAT_VERSION = 1
@@ -220,11 +221,12 @@ def read_kind(path: str | os.PathLike[str], kind: str) -> Header:
     if bad:
         raise FileFormatError(f"{h.path}: taskvec {kind} metadata has a missing or invalid {bad}", path=h.path,
                               field=bad)
+    position = {"model": model_problem, "vector": vector_problem}.get(kind)
+    problem = position(h.meta) if position else None
+    if problem:
+        raise FileFormatError(f"{h.path}: taskvec {kind} metadata: {problem[0]} {problem[1]}", path=h.path,
+                              field=problem[0])
     return h
-
-
-def _is_sha(x: Any) -> bool:
-    return isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x)
 
 
 def _bad_fields(m: dict[str, Any], kind: str) -> str | None:
@@ -233,15 +235,15 @@ def _bad_fields(m: dict[str, Any], kind: str) -> str | None:
         return isinstance(x, list) and all(isinstance(v, str) for v in x)
 
     if kind == "model":
-        checks = {"identity": _is_sha(m.get("identity")), "model": isinstance(m.get("model"), dict)}
+        checks = {"identity": is_sha(m.get("identity")), "model": isinstance(m.get("model"), dict)}
     elif kind != "vector":
         return None
     else:
         base = m.get("base")
         samples = m.get("samples")
         checks = {
-            "sha256": _is_sha(m.get("sha256")),
-            "base": isinstance(base, dict) and _is_sha(base.get("identity")),
+            "sha256": is_sha(m.get("sha256")),
+            "base": isinstance(base, dict) and is_sha(base.get("identity")),
             "contributor": isinstance(m.get("contributor"), str),
             "samples": samples is None or (_is_int(samples) and samples >= 0),
             "labels": "labels" not in m or strings(m["labels"]),

@@ -8,6 +8,7 @@ from typing import Any
 
 from taskvec.errors import MismatchError
 from taskvec.io.files import FLOAT_DTYPES, Header, TensorInfo, key_difference
+from taskvec.io.lineage import describe_versions
 
 STATISTIC_SUFFIXES = ("running_mean", "running_var")
 FACTORS = ("@lora_A", "@lora_B")  # a factored delta of key K is stored as K@lora_A (r × n) and K@lora_B (m × r)
@@ -48,13 +49,15 @@ def factor_shapes(key: str, shape: Sequence[int], rank: int) -> dict[str, list[i
     return {a: [rank, n], b: [shape[0], rank]}
 
 
-def check_against_base(h: Header, base: Header | Mapping[str, Any], where: str = "") -> None:
+def check_against_base(h: Header, base: Header | Mapping[str, Any], where: str = "",
+                       versions: Sequence[str] = ()) -> None:
     """`h` (a data vector, a fine-tuned model or a plain state_dict) must belong to `base`, else a
     `MismatchError` naming the file and the field.
 
     `base` is the base model's header, or the base record a registry keeps (`identity`, `arch`, `task`,
     `num_classes`, `labels`; `where` names the registry), which has no tensors to compare layouts with.
-    Checked: the base identity `h` records (a vector's `base.identity`, a model's `parent` when it has one);
+    Checked: the base identity `h` records (a vector's `base.identity`, which may also be any of `versions`, the
+    identities of the versions v0..vN of a merged base, named in the error; a model's `parent` when it has one);
     task and labels (and arch and num_classes for a model); then, given a header, keys and shapes, and that a
     vector holds floating deltas for exactly the base's floating non-statistics tensors.
     """
@@ -62,7 +65,7 @@ def check_against_base(h: Header, base: Header | Mapping[str, Any], where: str =
         identity, model, name, tensors = base.meta["identity"], base.meta["model"], f"base {base.path}", base.tensors
     else:
         identity, model, name, tensors = base["identity"], base, f"the base of {where}", None
-    _check_identity(h, identity, model, name)
+    _check_identity(h, identity, model, name, versions)
     meta = h.meta.get("model", {}) if h.kind == "model" else h.meta
     for fld in {"model": MODEL_FIELDS, "vector": VECTOR_FIELDS}.get(h.kind, ()):
         if meta.get(fld) != model.get(fld):
@@ -72,16 +75,19 @@ def check_against_base(h: Header, base: Header | Mapping[str, Any], where: str =
         _check_layout(h, tensors, name)
 
 
-def _check_identity(h: Header, identity: str, model: Mapping[str, Any], name: str) -> None:
+def _check_identity(h: Header, identity: str, model: Mapping[str, Any], name: str, versions: Sequence[str]) -> None:
     if h.kind == "vector":
         fld, got = "base.identity", h.meta["base"]["identity"]
+        if got in versions:
+            return
     elif h.kind == "model" and h.meta.get("parent") is not None:
         fld, got = "parent", h.meta["parent"]
     else:
         return
     if got != identity:
+        known = f", versions {describe_versions(versions)}" if versions else ""
         raise MismatchError(
-            f"{h.path}: {fld} is {str(got)[:12]}, {name} is {identity[:12]} ({model.get('arch')}); "
+            f"{h.path}: {fld} is {str(got)[:12]}, {name} is {identity[:12]} ({model.get('arch')}){known}; "
             "it was made from another base",
             path=h.path, field=fld, expected=identity, got=got,
         )

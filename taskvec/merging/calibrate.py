@@ -162,11 +162,11 @@ class Calibrator:
         for name in MERGE_METHODS:
             candidate = plan if name == plan.method else plan.with_method(name)
             try:
-                candidate.check_inputs(headers)
+                candidate.check_inputs(base, headers)
             except TaskvecError as e:
                 rows.append({"method": name, "skipped": str(e)})
                 continue
-            comb = accumulate(candidate, headers).combined(candidate.recipe)
+            comb = accumulate(candidate, base, headers).combined(candidate.recipe)
             scale, rec = self(base, comb, prefer=plan.scale)
             value = next(r["value"] for r in rec["grid"] if r["scale"] == scale)
             rows.append({"method": name, "params": dict(candidate.params), "scale": scale, "value": value})
@@ -184,15 +184,15 @@ class Calibrator:
                       ) -> dict[str, Any]:
         """Leave-one-out: the score of the merge of all vectors, and of the merge without each one (N+1 merges)."""
         def merged_score(subset: Sequence[Header]) -> float | None:
-            comb = accumulate(plan, subset).combined(plan.recipe)
+            comb = accumulate(plan, base, subset).combined(plan.recipe)
             return self.score(base, comb, scale)["value"]
 
-        full = self.score(base, accumulate(plan, headers).combined(plan.recipe), scale)
+        full = self.score(base, accumulate(plan, base, headers).combined(plan.recipe), scale)
         sites = []
         for h in self.track(headers, "leave-one-out", len(headers)):
             rest = [o for o in headers if o is not h]
             try:
-                plan.check_inputs(rest)
+                plan.check_inputs(base, rest)
                 without = merged_score(rest) if rest else None
             except TaskvecError:
                 without = None

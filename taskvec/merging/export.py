@@ -32,6 +32,7 @@ from taskvec.io.files import (
     read_kind,
 )
 from taskvec.io.layout import check_against_base, factor_names, is_statistic
+from taskvec.io.lineage import model_version, versions
 from taskvec.io.tensors import CAST_DTYPES, TORCH_TO_ST, all_finite, save_tensors, state_digest
 from taskvec.models.spec import resolve_model_path
 from taskvec.privacy.ledger import (
@@ -265,7 +266,8 @@ def _release(
     tensors = {k: v.to(cast) for k, v in deltas.items()} | stats
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "vector",
-        "base": {"identity": bh.meta["identity"], "arch": bh.meta["model"]["arch"]},
+        "base": {"identity": bh.meta["identity"], "arch": bh.meta["model"]["arch"],
+                 "version": model_version(bh.meta), "lineage": versions(bh.meta)[:-1]},
         "task": bh.meta["model"]["task"], "labels": bh.meta["model"]["labels"],
         "contributor": contributor or training.get("contributor") or "anonymous",
         "samples": samples if privacy or samples is not None else training.get("samples"),

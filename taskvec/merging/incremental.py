@@ -2,9 +2,11 @@
 
 A method without consensus keeps raw running sums (Σ wᵢ·sᵢ(τᵢ), Σ wᵢ, Model Stock's Σ τᵢ/‖τᵢ‖, statistics
 sums) and normalises only when a version is written, so a new vector is one more term: the old vectors are
-never read again. Consensus methods (`ties`, `median`, ...) are recomputed from all vectors.
+never read again. Consensus methods (`ties`, `median`, ...) are recomputed from all vectors. Every version is
+written by `save_merged` onto the recipe's base, so it carries the same `version`, `lineage` and staleness
+weights as a full merge of its vectors (a vector's weight depends only on its base version and the recipe's).
 
-A state directory holds one recipe (base, method, parameters, seed) and every version it produced::
+A state directory holds one recipe (base, method, parameters, seed, staleness) and every version it produced::
 
     accumulator.safetensors   the running sums (fp32), with the vectors they hold
     history.json              the recipe and every version: vector hashes, scale, model identity, time
@@ -126,11 +128,12 @@ def merge_incremental(
         raise FileFormatError(f"{state_dir.parent}: no such directory for `state`", path=state_dir.parent)
     state_dir.mkdir(exist_ok=True)
     bh, headers = plan.open()
-    recipe = {"base": bh.meta["identity"], "method": plan.method, "params": dict(plan.params), "seed": plan.seed}
+    recipe = {"base": bh.meta["identity"], "method": plan.method, "params": dict(plan.params), "seed": plan.seed,
+              "staleness": plan.staleness}
     with FileLock(str(state_dir / LOCK_FILE)):
         history = _load_history(state_dir, recipe)
         current = [h.meta["sha256"] for h in headers]
-        spent = plan.check_inputs(headers)
+        spent = plan.check_inputs(bh, headers)
         if (history and set(history[-1]["vectors"]) == set(current) and history[-1]["scale"] == plan.scale
                 and history[-1].get("privacy_budget") == spent):
             latest = history[-1]
@@ -138,7 +141,7 @@ def merge_incremental(
             if out is not None:
                 _copy(path, out, force)
             return IncrementalReport(path, latest["version"], "up to date", [])
-        acc, ordered, mode, notes = _update(plan, headers, state_dir, recipe, track)
+        acc, ordered, mode, notes = _update(plan, bh, headers, state_dir, recipe, track)
         held = set(history[-1]["vectors"]) if history else set()
         version = (history[-1]["version"] if history else 0) + 1
         while (state_dir / f"merged-v{version}.safetensors").exists():
@@ -156,11 +159,11 @@ def merge_incremental(
     return IncrementalReport(path, version, mode, added, report, notes)
 
 
-def _update(plan: MergePlan, headers: Sequence[Header], state: Path, recipe: dict[str, Any], track: Track[Any],
-            ) -> tuple[Accumulator, list[Header], str, list[str]]:
+def _update(plan: MergePlan, base: Header, headers: Sequence[Header], state: Path, recipe: dict[str, Any],
+            track: Track[Any]) -> tuple[Accumulator, list[Header], str, list[str]]:
     """The running sums for `headers`: the stored ones plus the new vectors, or recomputed; saved before use."""
     if not plan.recipe.streams:
-        return accumulate(plan, headers, track), list(headers), "recomputed", [
+        return accumulate(plan, base, headers, track), list(headers), "recomputed", [
             f"{plan.method} needs every vector at once: recomputed from all {len(headers)} vectors"
         ]
     by_sha = {h.meta["sha256"]: h for h in headers}
@@ -175,7 +178,7 @@ def _update(plan: MergePlan, headers: Sequence[Header], state: Path, recipe: dic
             acc, old = loaded[0], [by_sha[s] for s in loaded[1]]
     held = {h.meta["sha256"] for h in old}
     new = [h for h in headers if h.meta["sha256"] not in held]
-    accumulate(plan, new, track, acc=acc)
+    accumulate(plan, base, new, track, acc=acc)
     _save_accumulator(state, acc, recipe, [*old, *new])
     return acc, [*old, *new], "incremental" if old else "recomputed", notes
 

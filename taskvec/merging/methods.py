@@ -332,8 +332,10 @@ def vector_weights(recipe: Recipe, samples: Sequence[float | None], names: Seque
 def combine(
     method: str, tensors: Sequence[Array], params: Mapping[str, Any] | None = None, *,
     samples: Sequence[float | None] | None = None, seeds: Sequence[int] | None = None,
+    scales: Sequence[float] | None = None,
 ) -> Array:
-    """The reference: combine one tensor from every vector at once (the streaming merge must equal it)."""
+    """The reference: combine one tensor from every vector at once (the streaming merge must equal it);
+    `scales` are staleness weights, each vector scaled by its own before it is combined."""
     recipe = get_method(method).recipe(params)
     x = np.stack([np.asarray(t, dtype=np.float32) for t in tensors])
     w = vector_weights(recipe, samples if samples is not None else [None] * len(x))
@@ -341,6 +343,8 @@ def combine(
         sp = recipe.sparsify
         seeds = seeds if seeds is not None else [0] * len(x)
         x = np.stack([sp.apply(t, sp.window(t), s) for t, s in zip(x, seeds)])
+    if scales is not None:
+        x = x * np.asarray(scales, dtype=np.float32).reshape(-1, *[1] * (x.ndim - 1))
     if recipe.consensus is not None:
         return recipe.consensus(x.reshape(len(x), -1), w).reshape(x.shape[1:])
     out = np.tensordot(w, x.astype(np.float64), axes=1)

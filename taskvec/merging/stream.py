@@ -19,7 +19,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,18 @@ import numpy as np
 from taskvec.errors import ConfigError, FileFormatError, MismatchError, TaskvecError, check_range
 from taskvec.io.files import DTYPE_SIZES, FORMAT, FORMAT_VERSION, Digest, Header, check_output, now, read_kind
 from taskvec.io.layout import check_against_base, factor_names, is_statistic, vector_keys
+from taskvec.io.lineage import (
+    DEFAULT_STALENESS,
+    STALENESS_RULE,
+    child_lineage,
+    describe_versions,
+    merged_summaries,
+    merged_vectors,
+    model_version,
+    staleness_weight,
+    vector_base,
+    versions,
+)
 from taskvec.io.tensors_np import as_float32, from_float32, save_arrays
 from taskvec.merging.methods import Array, Recipe, get_method, stock_factor, vector_seed, vector_weights
 from taskvec.privacy.ledger import PrivacyBudget, check_merge_budget
@@ -39,15 +51,26 @@ IN_FLIGHT_BYTES = 256 << 20  # read but not yet hashed: at most this, and at mos
 
 
 def check_vectors(base: Header, paths: Sequence[str | os.PathLike[str]]) -> list[Header]:
-    """Validate every vector against the base from headers alone; fail fast naming the file and field."""
+    """Validate every vector against the base from headers alone; fail fast naming the file and field.
+
+    A vector may be against the base (version N) or any version in its lineage, recording that version's
+    position; a vector already merged into one of them is refused."""
     if not paths:
         raise FileFormatError("no vectors given")
+    ids = versions(base.meta)
+    merged = merged_vectors(base.meta)
     headers: list[Header] = []
     seen: dict[str, Path] = {}
     for p in paths:
         h = read_kind(p, "vector")
         m = h.meta
-        check_against_base(h, base)
+        check_against_base(h, base, versions=ids)
+        _check_position(h, base, ids)
+        if m["sha256"] in merged:
+            k = merged[m["sha256"]]
+            raise MismatchError(
+                f"{h.path}: already merged into v{k} ({ids[k][:12]}), on which base {base.path} (v{len(ids) - 1}) "
+                f"builds (sha256 {m['sha256'][:12]}); give only vectors not merged yet", path=h.path, field="sha256")
         if m["sha256"] in seen:
             raise MismatchError(
                 f"{h.path}: same vector as {seen[m['sha256']]} (sha256 {m['sha256'][:12]}); give it once"
@@ -55,6 +78,29 @@ def check_vectors(base: Header, paths: Sequence[str | os.PathLike[str]]) -> list
         seen[m["sha256"]] = h.path
         headers.append(h)
     return headers
+
+
+def _check_position(h: Header, base: Header, ids: Sequence[str]) -> None:
+    """The version and lineage a vector records for its base must be where that base sits in `base`'s lineage."""
+    k = ids.index(h.meta["base"]["identity"])
+    version, lineage = vector_base(h.meta)
+    if (version, lineage) != (k, list(ids[:k])):
+        fld = "base.version" if version != k else "base.lineage"
+        raise MismatchError(
+            f"{h.path}: records its base as v{version} with lineage {describe_versions(lineage) or '(none)'}, but "
+            f"base {base.path} has {ids[k][:12]} as v{k} after {describe_versions(ids[:k]) or 'nothing'}",
+            path=h.path, field=fld, expected=k, got=version)
+
+
+def earlier_releases(base: Header) -> list[tuple[str, dict[str, Any]]]:
+    """(where, summary) of every vector already merged into `base` or its lineage, for the privacy budget."""
+    return [(f"{base.path} (v{k} input {v['sha256'][:12]})", v) for k, v in merged_summaries(base.meta)]
+
+
+def base_versions(base: Header, headers: Sequence[Header]) -> list[int]:
+    """The version of `base`'s lineage each (checked) vector was fine-tuned from."""
+    ids = versions(base.meta)
+    return [ids.index(h.meta["base"]["identity"]) for h in headers]
 
 
 # --- the plan -----------------------------------------------------------------------------------------
@@ -72,25 +118,30 @@ class MergePlan:
     seed: int = 0
     budget: PrivacyBudget = field(default_factory=PrivacyBudget)
     exclude_outliers: bool = False
+    staleness: float = DEFAULT_STALENESS
 
     @classmethod
     def create(
         cls, vectors: Sequence[str | os.PathLike[str]], base: str | os.PathLike[str], *, method: str = "sum",
         params: Mapping[str, Any] | None = None, density: float | None = None, scale: float = 1.0, seed: int = 0,
-        budget: PrivacyBudget | None = None, exclude_outliers: bool = False,
+        budget: PrivacyBudget | None = None, exclude_outliers: bool = False, staleness: float = DEFAULT_STALENESS,
     ) -> MergePlan:
-        """A checked plan: known method, parameters in range (`density` is shorthand for that parameter)."""
+        """A checked plan: known method, parameters in range (`density` is shorthand for that parameter).
+
+        `staleness` is the exponent a of the weight s = (1 + d)^(−a) of a vector fine-tuned from a version d
+        versions older than the base (FedBuff, Nguyen et al. 2022; FedAsync, Xie et al. 2019); 0: no discount."""
         given = dict(params or {})
         if density is not None:
             given["density"] = density
         resolved = get_method(method).resolve(given)
         check_range("scale", scale)
+        check_range("staleness", staleness, low=0, low_open=False)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {seed!r}", field="seed", got=seed)
         budget = budget or PrivacyBudget()
         budget.check()
         return cls(tuple(Path(v) for v in vectors), Path(base), method, resolved, float(scale), seed, budget,
-                   exclude_outliers)
+                   exclude_outliers, float(staleness))
 
     @property
     def recipe(self) -> Recipe:
@@ -101,31 +152,41 @@ class MergePlan:
         (no tensor is read)."""
         bh = read_kind(self.base, "model")
         headers = check_vectors(bh, self.vectors)
-        self.check_inputs(headers)
+        self.check_inputs(bh, headers)
         return bh, headers
 
-    def check_inputs(self, headers: Sequence[Header]) -> dict[str, Any]:
+    def check_inputs(self, base: Header, headers: Sequence[Header]) -> dict[str, Any]:
         """What the method needs of its inputs (enough vectors, sample counts for weighting by samples) and the
-        privacy budget (every ε recomputed, each contributor's vectors composed): the budget's record."""
+        privacy budget (every ε recomputed, each contributor's new vectors composed with its releases already
+        in `base`'s lineage): the budget's record."""
         recipe = self.recipe
         if len(headers) < recipe.min_vectors:
             raise TaskvecError(f"method {self.method!r} needs at least {recipe.min_vectors} vectors, "
                                f"got {len(headers)}")
         vector_weights(recipe, [h.meta.get("samples") for h in headers], [str(h.path) for h in headers])
-        return check_merge_budget(headers, self.budget)
+        return check_merge_budget(headers, self.budget, earlier_releases(base))
 
     def with_method(self, method: str, params: Mapping[str, Any] | None = None, scale: float | None = None
                     ) -> MergePlan:
         """The same plan with another method (its defaults unless `params`) and optionally another λ."""
-        return MergePlan(self.vectors, self.base, method, get_method(method).resolve(params),
-                         self.scale if scale is None else scale, self.seed, self.budget, self.exclude_outliers)
+        return replace(self, method=method, params=get_method(method).resolve(params),
+                       scale=self.scale if scale is None else scale)
 
-    def record(self, headers: Sequence[Header]) -> dict[str, Any]:
+    def weights(self, base: Header, headers: Sequence[Header]) -> tuple[Array, Array]:
+        """Each vector's raw weight wᵢ (1 or its samples) and staleness weight sᵢ = (1 + dᵢ)^(−a), dᵢ = N − Kᵢ
+        for a vector fine-tuned from version Kᵢ of the base's lineage, the base being version N."""
+        w = vector_weights(self.recipe, [h.meta.get("samples") for h in headers], [str(h.path) for h in headers])
+        n = model_version(base.meta)
+        s = np.array([staleness_weight(n - k, self.staleness) for k in base_versions(base, headers)])
+        return w, s
+
+    def record(self, base: Header, headers: Sequence[Header]) -> dict[str, Any]:
         """The plan as the merged file records it, with the budget each contributor spends in `headers`."""
         return {
             "method": self.method, "params": dict(self.params), "reference": get_method(self.method).reference,
             "scale": self.scale, "seed": self.seed, "exclude_outliers": self.exclude_outliers,
-            "privacy_budget": check_merge_budget(headers, self.budget),
+            "staleness": self.staleness, "staleness_rule": STALENESS_RULE,
+            "privacy_budget": check_merge_budget(headers, self.budget, earlier_releases(base)),
         }
 
 
@@ -286,17 +347,18 @@ def _add(sums: dict[str, Array], k: str, x: Array, w: float) -> None:
         sums[k] += x * np.float32(w)
 
 
-def accumulate(plan: MergePlan, headers: Sequence[Header], track: Track[Any] = no_track,
+def accumulate(plan: MergePlan, base: Header, headers: Sequence[Header], track: Track[Any] = no_track,
                acc: Accumulator | None = None) -> Accumulator:
-    """Read the vectors into `acc` (a new one by default; an incremental merge passes its running state)."""
+    """Read the vectors into `acc` (a new one by default; an incremental merge passes its running state), each
+    delta times its staleness weight sᵢ (see `MergePlan.weights`)."""
     recipe = plan.recipe
-    weights = vector_weights(recipe, [h.meta.get("samples") for h in headers], [str(h.path) for h in headers])
+    weights, scales = plan.weights(base, headers)
     acc = Accumulator() if acc is None else acc
     with Reading(headers) as reading:
         if recipe.streams:
-            _stream(plan, recipe, reading, weights, acc, track)
+            _stream(plan, recipe, reading, weights, scales, acc, track)
         else:
-            _by_tensor(plan, recipe, reading, weights, acc, track)
+            _by_tensor(plan, recipe, reading, weights, scales, acc, track)
         reading.verify()
     if recipe.streams and not recipe.sparsify:  # NaN/Inf anywhere reaches the sums; name the file only then
         for k, s in acc.sums.items():
@@ -305,11 +367,11 @@ def accumulate(plan: MergePlan, headers: Sequence[Header], track: Track[Any] = n
     return acc
 
 
-def _stream(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, acc: Accumulator,
+def _stream(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, scales: Array, acc: Accumulator,
             track: Track[Any]) -> None:
-    """Σ wᵢ·sᵢ(τᵢ), one vector file at a time."""
+    """Σ wᵢ·sᵢ·sparsify(τᵢ) (sᵢ the staleness weight), one vector file at a time."""
     sp = recipe.sparsify
-    for f, w in track(zip(reading.files, weights), "merging", len(weights)):
+    for f, w, s in track(zip(reading.files, weights, scales), "merging", len(weights)):
         h = f.header
         stats = set(h.meta.get("statistics", []))
         for k in vector_keys(h):  # a subset vector lacks keys (zero deltas); factored keys are expanded
@@ -327,14 +389,15 @@ def _stream(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, a
                     _add(acc.units, k, x, 1 / norm)
                 elif k not in acc.units:
                     acc.units[k] = np.zeros(x.size, np.float32)
-            _add(acc.sums, k, x, float(w))
+            _add(acc.sums, k, x, float(w * s))  # sparsifying commutes with a positive scale
         acc.weight += float(w)
         acc.count += 1
 
 
-def _by_tensor(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, acc: Accumulator,
+def _by_tensor(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, scales: Array, acc: Accumulator,
                track: Track[Any]) -> None:
-    """Consensus: tensor by tensor with every file open, in chunks of all vectors' values."""
+    """Consensus: tensor by tensor with every file open, in chunks of all vectors' values (each scaled by its
+    staleness weight after sparsifying, with which scaling commutes)."""
     assert recipe.consensus is not None
     sp = recipe.sparsify
     files = reading.files
@@ -347,7 +410,7 @@ def _by_tensor(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array
                     acc.add_stat(k, f.read(k))
             continue
         if not all(k in f.header.tensors for f in files):  # factored or missing somewhere: whole tensors
-            acc.sums[k] = _whole(plan, recipe, files, carried, k, weights)
+            acc.sums[k] = _whole(plan, recipe, files, carried, k, weights, scales)
             continue
         numel = files[0].header.tensors[k].numel
         ranked = sp is not None and sp.kind != "dare"  # magnitude windows need each vector's whole tensor
@@ -361,14 +424,19 @@ def _by_tensor(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array
                 windows = [sp.window(row) for row in x]  # type: ignore[union-attr]
             if sp is not None:
                 x = np.stack([sp.apply(row, win, s, start) for row, win, s in zip(x, windows, seeds)])
-            out[start:stop] = recipe.consensus(x, weights)
+            out[start:stop] = recipe.consensus(_scaled(x, scales), weights)
         acc.sums[k] = out
     acc.weight += float(weights.sum())
     acc.count += len(files)
 
 
+def _scaled(x: Array, scales: Array) -> Array:
+    """Rows of `x` times their staleness weights (`x` itself when none discounts)."""
+    return x if (scales == 1).all() else x * scales.astype(np.float32)[:, None]
+
+
 def _whole(plan: MergePlan, recipe: Recipe, files: Sequence[VectorFile], carried: Sequence[set[str]], key: str,
-           weights: Array) -> Array:
+           weights: Array, scales: Array) -> Array:
     """Consensus over whole (expanded) deltas of `key`, a zero delta for a vector that does not carry it."""
     assert recipe.consensus is not None
     rows = {i: f.read_delta(key) for i, (f, ks) in enumerate(zip(files, carried)) if key in ks}
@@ -380,7 +448,7 @@ def _whole(plan: MergePlan, recipe: Recipe, files: Sequence[VectorFile], carried
     if sp is not None:
         x = np.stack([sp.apply(row, sp.window(row), vector_seed(plan.seed, f.header.meta["sha256"], key))
                       for row, f in zip(x, files)])
-    return recipe.consensus(x, weights)  # type: ignore[no-any-return]
+    return recipe.consensus(_scaled(x, scales), weights)  # type: ignore[no-any-return]
 
 
 def _nonfinite(headers: Sequence[Header], key: str) -> TaskvecError:
@@ -474,11 +542,15 @@ class MergeReport:
         return list(self.record["vectors"])
 
 
-def vector_summary(h: Header) -> dict[str, Any]:
-    """What a merged model records of each input vector."""
-    m = h.meta
-    return {"sha256": m["sha256"], "contributor": m["contributor"], "samples": m.get("samples"),
-            "privacy": m.get("privacy", []), "file": h.path.name}
+def vector_summaries(plan: MergePlan, base: Header, headers: Sequence[Header]) -> list[dict[str, Any]]:
+    """What a merged model records of each input vector: identity, contributor, samples, privacy ledger, file,
+    run, and the version it was fine-tuned from with its staleness d and weight s = (1 + d)^(−a)."""
+    n = model_version(base.meta)
+    _, scales = plan.weights(base, headers)
+    return [{"sha256": h.meta["sha256"], "contributor": h.meta["contributor"], "samples": h.meta.get("samples"),
+             "privacy": h.meta.get("privacy", []), "file": h.path.name,
+             "run_id": (h.meta.get("source") or {}).get("run_id"), "base_version": k, "staleness": n - k,
+             "staleness_weight": float(s)} for h, k, s in zip(headers, base_versions(base, headers), scales)]
 
 
 def merged_arrays(bh: Header, comb: Combined, scale: float) -> Iterator[tuple[str, str, tuple[int, ...], Array]]:
@@ -510,7 +582,8 @@ def save_merged(bh: Header, comb: Combined, headers: Sequence[Header], out: str 
     from taskvec import __version__
 
     scale = plan.scale if scale is None else scale
-    record = {**plan.record(headers), "scale": scale, "vectors": [vector_summary(h) for h in headers], **(extra or {})}
+    record = {**plan.record(bh, headers), "scale": scale, "vectors": vector_summaries(plan, bh, headers),
+              **(extra or {})}
     arrays: dict[str, tuple[str, tuple[int, ...], Array]] = {}
     digest = Digest()
     for k, dtype, shape, a in merged_arrays(bh, comb, scale):
@@ -519,7 +592,8 @@ def save_merged(bh: Header, comb: Combined, headers: Sequence[Header], out: str 
     identity = digest.hexdigest()
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "model", "identity": identity,
             "model": bh.meta["model"], "created": now(), "taskvec_version": __version__,
-            "parent": bh.meta["identity"], "merge": record}
+            "parent": bh.meta["identity"], "version": model_version(bh.meta) + 1, "lineage": child_lineage(bh.meta),
+            "merge": record}
     save_arrays(arrays, out, meta, force=force)
     warnings = []
     if any(not v["privacy"] for v in record["vectors"]):
@@ -561,12 +635,12 @@ def merge_vectors(
             extra["excluded"] = [{"sha256": d.sha256, "contributor": d.contributor, "reason": d.flag}
                                  for d in found if d.flag]
             headers = [h for h in headers if h.meta["sha256"] not in flagged]
-            plan.check_inputs(headers)
+            plan.check_inputs(bh, headers)
     scale = None
     if select is not None:
         plan, comb, scale, extra["selection"] = select.select(plan, bh, headers)
     else:
-        comb = accumulate(plan, headers, track).combined(plan.recipe)
+        comb = accumulate(plan, bh, headers, track).combined(plan.recipe)
         if calibrate is not None:
             scale, extra["calibration"] = calibrate(bh, comb)
     if contributions is not None:

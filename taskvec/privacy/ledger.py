@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -319,9 +319,12 @@ def _contributor_epsilon(ledgers: list[tuple[str | None, list[dict[str, Any]]]],
     return eps, delta, len(runs)
 
 
-def check_merge_budget(headers: Sequence[Any], budget: PrivacyBudget) -> dict[str, Any]:
-    """Verify every vector's ledger (ε recomputed from its parameters) and enforce `budget`, composing the
-    vectors of each contributor; return the record a merge saves. `headers` are vector `Header`s."""
+def check_merge_budget(headers: Sequence[Any], budget: PrivacyBudget,
+                       earlier: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> dict[str, Any]:
+    """Verify every vector's ledger (ε recomputed from its parameters) and enforce `budget`, composing per
+    contributor its vectors and its `earlier` releases, (where, summary) of the vectors already merged into
+    the base's lineage (the merged model is a function of all of them); return the record a merge saves.
+    `headers` are vector `Header`s. Contributors without a vector here are not checked again."""
     budget.check()
     vectors: dict[str, list[tuple[str | None, list[dict[str, Any]]]]] = {}
     for h in headers:
@@ -335,23 +338,35 @@ def check_merge_budget(headers: Sequence[Any], budget: PrivacyBudget) -> dict[st
     record: dict[str, Any] = {**asdict(budget), "contributors": {}}
     if budget.unit is None:
         return record
+    before: dict[str, int] = {}
+    for where, v in earlier:
+        who = str(v["contributor"])
+        if who in vectors:
+            ledger = verify_ledger(v.get("privacy", []), where)
+            run = v.get("run_id") or next((e["run_id"] for e in ledger if e["run_id"]), None)
+            vectors[who].append((run, ledger))
+            before[who] = before.get(who, 0) + 1
     for who, ledgers in vectors.items():
         eps, delta, runs = _contributor_epsilon(ledgers, budget.unit, budget.relation)
-        record["contributors"][who] = {"epsilon": eps, "delta": delta, "vectors": len(ledgers), "runs": runs}
+        record["contributors"][who] = {"epsilon": eps, "delta": delta, "vectors": len(ledgers),
+                                       "earlier": before.get(who, 0), "runs": runs}
         if budget.max_epsilon is not None and eps > budget.max_epsilon:
-            raise PrivacyError(_over_budget(who, eps, delta, len(ledgers), runs, budget), field="max_epsilon",
-                               expected=budget.max_epsilon, got=eps)
-    record["composition"] = "per contributor: runs composed basically (ε and δ add); contributors in parallel"
+            raise PrivacyError(_over_budget(who, eps, delta, len(ledgers), runs, budget, before.get(who, 0)),
+                               field="max_epsilon", expected=budget.max_epsilon, got=eps)
+    record["composition"] = ("per contributor, its new vectors and its releases already in the base's lineage: "
+                             "runs composed basically (ε and δ add); contributors in parallel")
     return record
 
 
-def _over_budget(who: str, eps: float, delta: float, n: int, runs: int, budget: PrivacyBudget) -> str:
+def _over_budget(who: str, eps: float, delta: float, n: int, runs: int, budget: PrivacyBudget,
+                 earlier: int = 0) -> str:
     what = f"per {budget.unit} ({budget.relation})"
     if math.isinf(eps):
         return (f"contributor {who!r}: no guarantee {what} covers its vector(s) (an image-level ε does not bound "
-                f"a patient without group privacy; a site add-remove ε bounds no patient), so ε = ∞ > "
-                f"`max_epsilon` {budget.max_epsilon:g}")
-    composed = f", {n} vectors from {runs} runs composed" if n > 1 else ""
+                f"a patient without group privacy; a site add-remove ε bounds no patient; a release without DP "
+                f"is ε = ∞), so ε = ∞ > `max_epsilon` {budget.max_epsilon:g}")
+    lineage = f" ({earlier} already in the base's lineage)" if earlier else ""
+    composed = f", {n} vectors{lineage} from {runs} runs composed" if n > 1 else ""
     return (f"contributor {who!r}: ε = {eps:.4g} {what} at δ = {delta:.2g}{composed}, above `max_epsilon` "
             f"{budget.max_epsilon:g}")
 

@@ -1,0 +1,244 @@
+"""Versions and lineage (ASYNC_SCHEMA.md): vectors against older versions merged onto the newest with staleness
+weights, refusals naming versions, lineage across successive merges, incremental merges, `inspect`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from typer.testing import CliRunner
+
+from taskvec.cli.app import app
+from taskvec.cli.console import error_message
+from taskvec.errors import ConfigError, FileFormatError, MismatchError
+from taskvec.io.files import dump_meta, read_header, read_kind
+from taskvec.merging.export import export_vector
+from taskvec.merging.incremental import merge_incremental
+from taskvec.merging.methods import MERGE_METHODS, combine, vector_seed
+from taskvec.merging.stream import merge_vectors
+
+PARAMS = {"ties": {"density": 0.3}, "dare": {"density": 0.6}, "dare_ties": {"density": 0.7},
+          "breadcrumbs": {"density": 0.6, "gamma": 0.1}, "trimmed_mean": {"trim": 0.34}}
+
+
+def identity(p: Path) -> str:
+    return str(read_kind(p, "model").meta["identity"])
+
+
+def sha(p: Path) -> str:
+    return str(read_kind(p, "vector").meta["sha256"])
+
+
+class Rounds:
+    """A consortium over three merges: v1 = v0 + (a, b); v2 = v1 + (c from v1); fine-tunes waiting for v3."""
+
+    def __init__(self, tmp: Path, make_base: Callable[..., Path], make_finetuned: Callable[..., Path]) -> None:
+        self.tmp, self.ft = tmp, make_finetuned
+        self.v0 = make_base("test_vit")
+        self.fts: dict[str, Path] = {}
+        self.a, self.b = self.vector("a", self.v0, 1), self.vector("b", self.v0, 2)
+        self.v1 = merge_vectors([self.a, self.b], self.v0, tmp / "v1.safetensors").path
+        self.c = self.vector("c", self.v1, 3)
+        self.v2 = merge_vectors([self.c], self.v1, tmp / "v2.safetensors", scale=0.5).path
+
+    def vector(self, name: str, base: Path, seed: int, samples: int | None = None) -> Path:
+        self.fts[name] = self.ft(base, seed, name=f"ft-{name}.safetensors")
+        return export_vector(self.fts[name], base, self.tmp / f"{name}.safetensors", contributor=f"site-{name}",
+                             samples=samples or 10 * seed).path
+
+
+@pytest.fixture
+def rounds(tmp_path: Path, make_base: Callable[..., Path], make_finetuned: Callable[..., Path]) -> Rounds:
+    return Rounds(tmp_path, make_base, make_finetuned)
+
+
+def stale(d: int, a: float) -> float:
+    return float((1.0 + d) ** -a)
+
+
+@pytest.mark.parametrize(("method", "a"), [("sum", 0.5), ("weighted", 0.5), ("sum", 1.0), ("mean", 0.0)])
+def test_vectors_against_older_versions_are_applied_to_the_newest(rounds: Rounds, method: str, a: float) -> None:
+    """v3 = v2 + λ·Σ wᵢ sᵢ (ftᵢ − vKᵢ) (÷ Σ wᵢ when normalised), sᵢ = (1 + 2 − Kᵢ)^(−a), from the files with numpy."""
+    r = rounds
+    new = {"d": (r.vector("d", r.v0, 4, samples=30), 0), "e": (r.vector("e", r.v1, 5, samples=70), 1),
+           "f": (r.vector("f", r.v2, 6, samples=20), 2)}
+    out = merge_vectors([v for v, _ in new.values()], r.v2, r.tmp / "v3.safetensors", method=method, scale=0.8,
+                        staleness=a).path
+    got, v2 = load_file(str(out)), load_file(str(r.v2))
+    bases = {0: load_file(str(r.v0)), 1: load_file(str(r.v1)), 2: v2}
+    samples = {"d": 30, "e": 70, "f": 20}
+    w = {n: (samples[n] if method == "weighted" else 1.0) * stale(2 - k, a) for n, (_, k) in new.items()}
+    norm = {"sum": 1.0, "mean": 3.0, "weighted": 120.0}[method]
+    for key, t in v2.items():
+        fts = {n: load_file(str(r.fts[n]))[key].astype(np.float64) for n in new}
+        tau = sum(w[n] * (fts[n] - bases[k][key]) for n, (_, k) in new.items())
+        np.testing.assert_allclose(got[key], t + 0.8 * tau / norm, rtol=1e-5, atol=1e-6, err_msg=key)
+    rec = read_kind(out, "model").meta["merge"]
+    assert rec["staleness"] == a
+    assert [(v["base_version"], v["staleness"]) for v in rec["vectors"]] == [(0, 2), (1, 1), (2, 0)]
+    assert [v["staleness_weight"] for v in rec["vectors"]] == pytest.approx([stale(2, a), stale(1, a), 1.0])
+
+
+@pytest.mark.parametrize("method", list(MERGE_METHODS))
+def test_every_method_combines_the_stale_vectors_scaled(rounds: Rounds, method: str) -> None:
+    """Streaming (or by tensor, in chunks) with staleness equals `combine` on whole tensors with `scales`."""
+    r = rounds
+    vecs = [r.vector("d", r.v0, 4), r.vector("e", r.v1, 5), r.vector("f", r.v2, 6)]
+    params = PARAMS.get(method, {})
+    out = merge_vectors(vecs, r.v2, r.tmp / "v3.safetensors", method=method, params=params, scale=0.7, seed=2,
+                        staleness=0.7).path
+    got, v2 = load_file(str(out)), load_file(str(r.v2))
+    vs = [load_file(str(v)) for v in vecs]
+    metas = [read_kind(v, "vector").meta for v in vecs]
+    for key, t in v2.items():
+        seeds = [vector_seed(2, m["sha256"], key) for m in metas]
+        comb = combine(method, [v[key] for v in vs], params, samples=[m["samples"] for m in metas], seeds=seeds,
+                       scales=[stale(2, 0.7), stale(1, 0.7), 1.0])
+        np.testing.assert_allclose(got[key], t + 0.7 * comb, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_staleness_zero_is_the_plain_merge(rounds: Rounds) -> None:
+    r = rounds
+    d = r.vector("d", r.v0, 4)
+    plain = merge_vectors([d], r.v2, r.tmp / "p.safetensors", staleness=0).path
+    got, v2, v0, ft = (load_file(str(p)) for p in (plain, r.v2, r.v0, r.fts["d"]))
+    for key in v2:
+        np.testing.assert_allclose(got[key], v2[key] + (ft[key] - v0[key]), rtol=1e-5, atol=1e-6)
+    assert read_kind(plain, "model").meta["merge"]["vectors"][0]["staleness_weight"] == 1.0
+
+
+def test_lineage_across_three_merges_and_inspect(rounds: Rounds) -> None:
+    r = rounds
+    e = r.vector("e", r.v2, 5)
+    v3 = merge_vectors([e], r.v2, r.tmp / "v3.safetensors").path
+    metas = [read_kind(p, "model").meta for p in (r.v0, r.v1, r.v2, v3)]
+    ids = [m["identity"] for m in metas]
+    assert [m.get("version", 0) for m in metas] == [0, 1, 2, 3]
+    assert [m.get("parent") for m in metas[1:]] == ids[:3]
+    assert metas[3]["lineage"] == [
+        {"version": 0, "identity": ids[0]},
+        {"version": 1, "identity": ids[1], "vectors": metas[1]["merge"]["vectors"]},
+        {"version": 2, "identity": ids[2], "vectors": metas[2]["merge"]["vectors"]},
+    ]
+    assert [v["sha256"] for v in metas[3]["lineage"][1]["vectors"]] == [sha(r.a), sha(r.b)]
+    assert metas[2]["merge"]["vectors"][0]["base_version"] == 1
+    vec = read_kind(e, "vector").meta["base"]
+    assert (vec["identity"], vec["version"], vec["lineage"]) == (ids[2], 2, ids[:2])
+    out = CliRunner().invoke(app, ["inspect", str(v3)])
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    assert "version 3" in text
+    for k, n in ((1, "2 vectors"), (2, "1 vectors")):
+        assert f"v{k} {ids[k]} {n}" in text
+    assert f"v0 {ids[0]} root" in text
+    assert f"from v2 (d=0, s=1)" in text
+    out = CliRunner().invoke(app, ["inspect", str(e)])
+    assert f"{ids[2]}(test_vit),version2" in "".join(out.output.split())  # the table may fold the identity
+
+
+def test_unknown_base_is_refused_naming_the_versions(rounds: Rounds) -> None:
+    r = rounds
+    sibling = merge_vectors([r.a], r.v0, r.tmp / "sibling.safetensors").path  # another v1, not in v2's lineage
+    x = r.vector("x", sibling, 7)
+    with pytest.raises(MismatchError) as err:
+        merge_vectors([x], r.v2, r.tmp / "v3.safetensors")
+    msg = str(err.value)
+    assert "x.safetensors" in msg and f"base.identity is {identity(sibling)[:12]}" in msg
+    ids = [identity(p) for p in (r.v0, r.v1, r.v2)]
+    assert f"versions v0 {ids[0][:12]}, v1 {ids[1][:12]}, v2 {ids[2][:12]}" in msg
+    assert not (r.tmp / "v3.safetensors").exists()
+
+
+def test_already_merged_vectors_are_refused_naming_the_version(rounds: Rounds) -> None:
+    r = rounds
+    for v, into, base in ((r.a, r.v1, r.v1), (r.a, r.v1, r.v2), (r.c, r.v2, r.v2)):
+        k = read_kind(into, "model").meta["version"]
+        with pytest.raises(MismatchError, match=rf"{v.name}: already merged into v{k} \({identity(into)[:12]}\)"):
+            merge_vectors([v], base, r.tmp / "again.safetensors")
+
+
+def _rewrite(path: Path, out: Path, change: Callable[[dict], None]) -> Path:
+    """A copy of `path` whose taskvec metadata `change` edits (tensors unchanged)."""
+    meta = read_header(path).meta
+    change(meta)
+    save_file(load_file(str(path)), str(out), metadata=dump_meta(meta))
+    return out
+
+
+@pytest.mark.parametrize(("field", "change"), [
+    ("version", lambda m: m.update(version=-1)),
+    ("lineage", lambda m: m["lineage"].pop()),
+    ("lineage", lambda m: m["lineage"][1].update(version=2)),
+    ("lineage", lambda m: m["lineage"][0].update(identity="zz")),
+    ("lineage", lambda m: m["lineage"][1].update(vectors=[{"sha256": "no"}])),
+    ("lineage", lambda m: m["lineage"][0].update(vectors=[])),
+    ("parent", lambda m: m.update(parent=m["lineage"][0]["identity"])),
+    ("merge.vectors", lambda m: m["merge"].update(vectors=[1])),
+])
+def test_malformed_lineage_is_a_file_format_error(rounds: Rounds, field: str, change: Callable[[dict], None]) -> None:
+    e = rounds.vector("e", rounds.v2, 5)
+    bad = _rewrite(rounds.v2, rounds.tmp / "bad.safetensors", change)
+    # v2 has two lineage entries: v0 and v1
+    with pytest.raises(FileFormatError, match=f"bad.safetensors: taskvec model metadata: {field} ") as err:
+        read_kind(bad, "model")
+    assert err.value.field == field
+    with pytest.raises(FileFormatError):
+        merge_vectors([e], bad, rounds.tmp / "m.safetensors")
+    out = CliRunner().invoke(app, ["inspect", str(bad)])
+    assert isinstance(out.exception, FileFormatError) and f"{field} " in str(out.exception)
+
+
+def test_a_vector_must_record_where_its_base_sits(rounds: Rounds) -> None:
+    r = rounds
+    e = r.vector("e", r.v1, 5)
+    ids = [identity(p) for p in (r.v0, r.v1)]
+    wrong = _rewrite(e, r.tmp / "wrong.safetensors", lambda m: m["base"].update(version=0, lineage=[]))
+    with pytest.raises(MismatchError, match="wrong.safetensors: records its base as v0") as err:
+        merge_vectors([wrong], r.v2, r.tmp / "m.safetensors")
+    assert err.value.field == "base.version"
+    forged = _rewrite(e, r.tmp / "forged.safetensors", lambda m: m["base"].update(lineage=[ids[1]]))
+    with pytest.raises(MismatchError) as err:
+        merge_vectors([forged], r.v2, r.tmp / "m.safetensors")
+    assert err.value.field == "base.lineage"
+    bad = _rewrite(e, r.tmp / "bad.safetensors", lambda m: m["base"].update(lineage=[ids[0], ids[1]]))
+    with pytest.raises(FileFormatError, match="base.lineage must list"):
+        read_kind(bad, "vector")
+
+
+@pytest.mark.parametrize("method", ["weighted", "ties"])
+def test_incremental_merges_carry_versions_as_a_full_merge(rounds: Rounds, method: str) -> None:
+    r = rounds
+    vecs = [r.vector("d", r.v0, 4), r.vector("e", r.v1, 5), r.vector("f", r.v2, 6)]
+    state = r.tmp / "state"
+    merge_incremental(vecs[:1], r.v2, state, method=method, staleness=0.8)
+    inc = merge_incremental(vecs, r.v2, state, method=method, staleness=0.8)
+    full = merge_vectors(vecs, r.v2, r.tmp / "full.safetensors", method=method, staleness=0.8)
+    a, b = load_file(str(inc.path)), load_file(str(full.path))
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    mi, mf = read_kind(inc.path, "model").meta, read_kind(full.path, "model").meta
+    assert (mi["version"], mi["parent"], mi["lineage"]) == (3, identity(r.v2), mf["lineage"])
+    assert mi["merge"]["vectors"] == mf["merge"]["vectors"]
+    with pytest.raises(MismatchError, match="staleness 0.8"):  # a state keeps its staleness exponent
+        merge_incremental(vecs, r.v2, state, method=method, staleness=0.5)
+
+
+def test_cli_staleness_option(rounds: Rounds) -> None:
+    r = rounds
+    d = r.vector("d", r.v0, 4)
+    runner = CliRunner()
+    help_text = " ".join(runner.invoke(app, ["merge", "--help"]).output.split())
+    assert "FedBuff" in help_text and "FedAsync" in help_text
+    bad = runner.invoke(app, ["merge", str(d), "--base", str(r.v2), "--out", str(r.tmp / "m.safetensors"),
+                              "--staleness", "-1"])
+    assert isinstance(bad.exception, ConfigError) and error_message(bad.exception).startswith("--staleness must be")
+    ok = runner.invoke(app, ["merge", str(d), "--base", str(r.v2), "--out", str(r.tmp / "m.safetensors"),
+                             "--staleness", "1"])
+    assert ok.exit_code == 0, ok.output
+    v = read_kind(r.tmp / "m.safetensors", "model").meta["merge"]["vectors"][0]
+    assert (v["base_version"], v["staleness"], v["staleness_weight"]) == (0, 2, pytest.approx(1 / 3))
+    assert json.loads(json.dumps(v))  # plain JSON
