@@ -61,9 +61,9 @@ def test_merge_budget_refusals(vectors: tuple[Path, list[Path]], tmp_path: Path)
     out = tmp_path / "m.safetensors"
     assert "v0.safetensors: carries no DP guarantee" in refused("merge", clear, tight, "--base", base, "--out", out,
                                                                 "--require-dp")
-    # the three exports are all of contributor 'anonymous': their runs compose
-    composed = gaussian_epsilon(1.0, 1e-5) + gaussian_epsilon(3.0, 1e-5)
-    msg = refused("merge", loose, tight, "--base", base, "--out", out, "--max-epsilon", "5", "--unit", "site")
+    # the three exports are all of contributor 'anonymous': their runs compose (two Gaussian releases: μ-GDP)
+    composed = gaussian_epsilon((1.0 + 3.0**-2) ** -0.5, 1e-5)
+    msg = refused("merge", loose, tight, "--base", base, "--out", out, "--max-epsilon", "4.5", "--unit", "site")
     assert f"contributor 'anonymous': ε = {composed:.4g} per site (add-remove)" in msg and "2 runs composed" in msg
     msg = refused("merge", tight, "--base", base, "--out", out, "--max-epsilon", "2", "--unit", "patient")
     assert f"ε = {gaussian_epsilon(1.5, 1e-5):.4g} per patient" in msg  # replace-one: sensitivity 2·clip

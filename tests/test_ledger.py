@@ -154,11 +154,15 @@ def test_budget_composes_the_vectors_of_one_contributor() -> None:
     b = gaussian_output_entries([2.0], 1.0, 1e-5, "r2")
     one_run = [_Header("x1", "a", "r1", a1), _Header("x2", "a", "r1", a2)]
     rec = check_merge_budget(one_run, PrivacyBudget(5.0, "site"))
-    assert rec["contributors"]["a"] == {"epsilon": a2[0]["epsilon"], "delta": 1e-5, "vectors": 2, "runs": 1}
+    assert rec["contributors"]["a"] == {"epsilon": a2[0]["epsilon"], "delta": 1e-5, "vectors": 2, "runs": 1,
+                                        "earlier": 0, "composition": "single run"}
     two_runs = [_Header("x1", "a", "r1", a1), _Header("y", "a", "r2", b)]
     rec = check_merge_budget(two_runs, PrivacyBudget(5.0, "site"))
-    assert rec["contributors"]["a"]["epsilon"] == pytest.approx(2 * a1[0]["epsilon"])  # basic composition
-    assert rec["contributors"]["a"]["delta"] == pytest.approx(2e-5)
+    # two Gaussian releases of the site's data compose exactly (μ-GDP), tighter than adding ε and δ
+    tight = pld_epsilon(dpa.ComposedDpEvent([dpa.GaussianDpEvent(2.0)] * 2), 1e-5)
+    assert rec["contributors"]["a"]["epsilon"] == pytest.approx(tight, rel=0.02)
+    assert tight < 2 * a1[0]["epsilon"]
+    assert rec["contributors"]["a"]["delta"] == pytest.approx(1e-5)
     with pytest.raises(PrivacyError, match=r"contributor 'a': ε = .* 2 vectors from 2 runs composed, above"):
         check_merge_budget(two_runs, PrivacyBudget(1.2 * a1[0]["epsilon"], "site"))
     apart = [_Header("x1", "a", "r1", a1), _Header("y", "b", "r2", b)]  # other contributors: parallel

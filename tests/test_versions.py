@@ -6,20 +6,34 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import dp_accounting as dpa
 import numpy as np
 import pytest
+from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from safetensors.numpy import load_file, save_file
-from typer.testing import CliRunner
-
 from taskvec.cli.app import app
 from taskvec.cli.console import error_message
-from taskvec.errors import ConfigError, FileFormatError, MismatchError
+from typer.testing import CliRunner
+
+from taskvec.errors import ConfigError, FileFormatError, MismatchError, PrivacyError
 from taskvec.io.files import dump_meta, read_header, read_kind
 from taskvec.merging.export import export_vector
 from taskvec.merging.incremental import merge_incremental
 from taskvec.merging.methods import MERGE_METHODS, combine, vector_seed
 from taskvec.merging.stream import merge_vectors
+from taskvec.privacy.ledger import (
+    BASIC_COMPOSITION,
+    GDP_COMPOSITION,
+    PRV,
+    PrivacyBudget,
+    accountant_epsilon,
+    check_merge_budget,
+    dp_sgd_entry,
+    gaussian_output_entries,
+)
 
 PARAMS = {"ties": {"density": 0.3}, "dare": {"density": 0.6}, "dare_ties": {"density": 0.7},
           "breadcrumbs": {"density": 0.6, "gamma": 0.1}, "trimmed_mean": {"trim": 0.34}}
@@ -135,7 +149,7 @@ def test_lineage_across_three_merges_and_inspect(rounds: Rounds) -> None:
     for k, n in ((1, "2 vectors"), (2, "1 vectors")):
         assert f"v{k} {ids[k]} {n}" in text
     assert f"v0 {ids[0]} root" in text
-    assert f"from v2 (d=0, s=1)" in text
+    assert "from v2 (d=0, s=1)" in text
     out = CliRunner().invoke(app, ["inspect", str(e)])
     assert f"{ids[2]}(test_vit),version2" in "".join(out.output.split())  # the table may fold the identity
 
@@ -242,3 +256,71 @@ def test_cli_staleness_option(rounds: Rounds) -> None:
     v = read_kind(r.tmp / "m.safetensors", "model").meta["merge"]["vectors"][0]
     assert (v["base_version"], v["staleness"], v["staleness_weight"]) == (0, 2, pytest.approx(1 / 3))
     assert json.loads(json.dumps(v))  # plain JSON
+
+
+# --- privacy across rounds ------------------------------------------------------------------------------
+
+def pld_epsilon(events: list[Any], delta: float) -> float:
+    acc = PLDAccountant(value_discretization_interval=1e-4)
+    acc.compose(dpa.ComposedDpEvent(events))
+    return float(acc.get_epsilon(delta))
+
+
+def test_budget_composes_a_sites_releases_across_rounds(rounds: Rounds) -> None:
+    """Export noise z = 2 in round 1 (merged into v3) and round 2 (from v3): ε composes over both (μ-GDP, against
+    dp-accounting's PLD); a budget one round fits and two rounds exceed refuses round 2."""
+    r = rounds
+    noise = {"clip": 1.0, "noise_multiplier": 2.0, "delta": 1e-5}
+
+    def release(name: str, base: Path, seed: int) -> Path:
+        ft = r.ft(base, seed, name=f"ft-{name}.safetensors")
+        return export_vector(ft, base, r.tmp / f"{name}.safetensors", contributor="site-s", **noise).path
+
+    one = pld_epsilon([dpa.GaussianDpEvent(2.0)], 1e-5)
+    two = pld_epsilon([dpa.GaussianDpEvent(2.0)] * 2, 1e-5)
+    budget = PrivacyBudget(max_epsilon=(one + two) / 2, unit="site")
+    v3 = merge_vectors([release("s1", r.v2, 8)], r.v2, r.tmp / "v3.safetensors", budget=budget).path
+    first = read_kind(v3, "model").meta["merge"]["privacy_budget"]["contributors"]["site-s"]
+    assert first["epsilon"] == pytest.approx(one, rel=0.02) and first["earlier"] == 0
+    s2 = release("s2", v3, 9)
+    with pytest.raises(PrivacyError, match=r"contributor 'site-s': ε = .* 2 vectors \(1 already in the base's "
+                                           r"lineage\) from 2 runs composed, above `max_epsilon`"):
+        merge_vectors([s2], v3, r.tmp / "v4.safetensors", budget=budget)
+    loose = PrivacyBudget(max_epsilon=2 * two, unit="site")
+    v4 = merge_vectors([s2], v3, r.tmp / "v4.safetensors", budget=loose).path
+    both = read_kind(v4, "model").meta["merge"]["privacy_budget"]["contributors"]["site-s"]
+    assert both["epsilon"] == pytest.approx(two, rel=0.02) and both["delta"] == 1e-5
+    assert (both["vectors"], both["earlier"], both["runs"], both["composition"]) == (2, 1, 2, GDP_COMPOSITION)
+    assert two < 2 * one  # tighter than adding
+
+
+def _dp_sgd(z: float, q: float, steps: int, run: str) -> dict[str, Any]:
+    eps = accountant_epsilon(PRV, z, q, steps, 1e-5)
+    return dp_sgd_entry(epsilon=eps, delta=1e-5, accountant=PRV, noise_multiplier=z, sample_rate=q, steps=steps,
+                        max_grad_norm=1.0, unit="image", run_id=run)
+
+
+def _vector(ledger: list[dict[str, Any]], run: str) -> SimpleNamespace:
+    return SimpleNamespace(path=Path(f"{run}.safetensors"), meta={"contributor": "h", "privacy": ledger,
+                                                                   "source": {"run_id": run}})
+
+
+def test_dp_sgd_rounds_compose_over_all_steps() -> None:
+    """A site's DP-SGD runs of two rounds (one already in the lineage) compose in one PRV accountant over all
+    their steps, as dp-accounting's PLD composes the same events; mixed mechanisms add."""
+    r1, r2 = _dp_sgd(1.1, 0.05, 120, "r1"), _dp_sgd(0.9, 0.02, 300, "r2")
+    earlier = [("v1 input", {"contributor": "h", "privacy": [r1], "run_id": "r1", "sha256": "0" * 64})]
+    rec = check_merge_budget([_vector([r2], "r2")], PrivacyBudget(unit="image"), earlier)["contributors"]["h"]
+    want = pld_epsilon([dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.05, dpa.GaussianDpEvent(1.1)), 120),
+                        dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.02, dpa.GaussianDpEvent(0.9)), 300)],
+                       1e-5)
+    assert rec["epsilon"] == pytest.approx(want, rel=0.02)
+    assert rec["epsilon"] < r1["epsilon"] + r2["epsilon"]
+    assert (rec["runs"], rec["earlier"], rec["delta"], rec["composition"]) == (2, 1, 1e-5, PRV)
+    with pytest.raises(PrivacyError, match="1 already in the base's lineage"):
+        check_merge_budget([_vector([r2], "r2")], PrivacyBudget(max_epsilon=r2["epsilon"] * 1.01, unit="image"),
+                           earlier)
+    site = gaussian_output_entries([3.0], 1.0, 1e-5, "r3")  # site replace-one covers an image
+    mixed = check_merge_budget([_vector(site, "r3")], PrivacyBudget(unit="image"), earlier)["contributors"]["h"]
+    assert mixed["epsilon"] == pytest.approx(r1["epsilon"] + site[1]["epsilon"])
+    assert (mixed["delta"], mixed["composition"]) == (2e-5, BASIC_COMPOSITION)

@@ -16,7 +16,6 @@ number of images (tiles) they contributed.
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import warnings
 from collections import deque
@@ -29,7 +28,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from taskvec.errors import PrivacyConfigError, PrivacyError, TaskvecError, check_range
-from taskvec.privacy.ledger import PRV, RDP, accountant_epsilon, dp_sgd_entry
+from taskvec.privacy.ledger import (  # RDP and accountant_epsilon: re-exported for callers of this module
+    PRV,
+    RDP,  # noqa: F401
+    accountant_epsilon,  # noqa: F401
+    dp_sgd_entry,
+    dp_sgd_epsilon,
+)
 
 # Opacus grad-sample mode, chosen by benchmarks/dp_overhead.py on this project's CPU (README table): Opacus's
 # per-layer samplers ("hooks") were fastest for ResNet-18/50, ConvNeXt-T and ViT-S, and within noise of
@@ -79,13 +84,7 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
     where PRV fails)."""
     if steps == 0:
         return 0.0, PRV
-    try:
-        eps = accountant_epsilon(PRV, noise_multiplier, sample_rate, steps, delta)
-        if math.isfinite(eps):
-            return eps, PRV
-    except (ValueError, RuntimeError, OverflowError, FloatingPointError):
-        pass
-    return accountant_epsilon(RDP, noise_multiplier, sample_rate, steps, delta), RDP
+    return dp_sgd_epsilon([(noise_multiplier, sample_rate, steps)], delta)
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:

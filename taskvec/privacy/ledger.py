@@ -36,6 +36,8 @@ LEDGER_FIELDS = (
     "run_id",
 )
 RELEASES_FILE = "privacy_releases.json"
+GDP_COMPOSITION = "gaussian-dp (Dong, Roth & Su 2019)"
+BASIC_COMPOSITION = "basic (ε and δ add)"
 EPSILON_TOLERANCE = 1e-3  # relative: a recomputed ε further from the recorded one is refused
 
 
@@ -205,6 +207,12 @@ def _positive(x: Any) -> bool:
 def accountant_epsilon(accountant: str, noise_multiplier: float, sample_rate: float, steps: int,
                        delta: float) -> float:
     """ε after `steps` Poisson-subsampled Gaussian steps by the named accountant (`PRV` or `RDP`)."""
+    return history_epsilon(accountant, [(noise_multiplier, sample_rate, steps)], delta)
+
+
+def history_epsilon(accountant: str, history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """ε of DP-SGD runs composed, each (noise multiplier, sample rate, steps), by the named accountant over all
+    their steps (Opacus's accountants take such a history)."""
     import warnings
 
     from opacus.accountants import PRVAccountant, RDPAccountant
@@ -212,10 +220,22 @@ def accountant_epsilon(accountant: str, noise_multiplier: float, sample_rate: fl
     if accountant not in (PRV, RDP):
         raise PrivacyError(f"unknown DP-SGD accountant {accountant!r} (known: {PRV}; {RDP})", field="accountant")
     acc: Any = PRVAccountant() if accountant == PRV else RDPAccountant()
-    acc.history = [(noise_multiplier, sample_rate, steps)]
+    acc.history = [(float(z), float(q), int(t)) for z, q, t in history]
     with warnings.catch_warnings():  # PRV bounds its domain with RDP, which warns at large noise
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(acc.get_epsilon(delta))
+
+
+def dp_sgd_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> tuple[float, str]:
+    """ε of DP-SGD runs composed over all their steps and the accountant that computed it: PRV, RDP where PRV
+    fails (it can, far out in its domain)."""
+    try:
+        eps = history_epsilon(PRV, history, delta)
+        if math.isfinite(eps):
+            return eps, PRV
+    except (ValueError, RuntimeError, OverflowError, FloatingPointError):
+        pass
+    return history_epsilon(RDP, history, delta), RDP
 
 
 def recompute_epsilon(entry: dict[str, Any]) -> float:
@@ -288,35 +308,68 @@ class PrivacyBudget:
                                      field="relation", got=self.relation)
 
 
+def _run_dp_sgd(ledgers: Sequence[list[dict[str, Any]]], unit: str, relation: str) -> dict[str, Any] | None:
+    """A DP-SGD entry covering (unit, relation) that every vector of one run carries (they are all
+    post-processing of one private model), the smallest ε of them; None if there is none."""
+    return min((e for e in ledgers[0] if e["mechanism"] == "dp-sgd" and covers(e, unit, relation)
+                and all(e in led for led in ledgers)), key=lambda e: e["epsilon"], default=None)
+
+
+def _run_export(ledgers: Sequence[list[dict[str, Any]]], unit: str, relation: str) -> dict[str, Any] | None:
+    """The export entry composing the most releases of one run (each export's entry composes the run's earlier
+    ones), when every vector of the run has one covering (unit, relation); else None."""
+    found = [best_guarantee([e for e in led if e["mechanism"] == "gaussian-output"], unit, relation)
+             for led in ledgers]
+    exports = [e for e in found if e is not None]
+    return max(exports, key=lambda e: e["steps"]) if len(exports) == len(found) else None
+
+
 def _run_guarantee(ledgers: Sequence[list[dict[str, Any]]], unit: str, relation: str) -> dict[str, Any] | None:
-    """The entry bounding all of one run's vectors together: a DP-SGD entry every vector carries (they are
-    all post-processing of one private model), or the export entry composing the most releases (each
-    export's entry composes the run's earlier ones); None if neither covers them all."""
-    options = []
-    for e in ledgers[0]:
-        if e["mechanism"] == "dp-sgd" and covers(e, unit, relation) and all(e in led for led in ledgers):
-            options.append(e)
-    exports = [best_guarantee([e for e in led if e["mechanism"] == "gaussian-output"], unit, relation)
-               for led in ledgers]
-    if all(e is not None for e in exports):
-        options.append(max(exports, key=lambda e: e["steps"]))  # type: ignore[arg-type,return-value]
+    """The entry bounding all of one run's vectors together (DP-SGD or export noise, the smaller ε)."""
+    options = [e for e in (_run_dp_sgd(ledgers, unit, relation), _run_export(ledgers, unit, relation)) if e]
     return min(options, key=lambda e: e["epsilon"], default=None)
 
 
+def _tight(runs: Sequence[list[list[dict[str, Any]]]], unit: str, relation: str) -> tuple[float, float, str] | None:
+    """(ε, δ, accountant) of several runs of one contributor composed tightly, when every run is the same kind
+    of Gaussian mechanism: export noise (μ-GDP composes exactly: μ² = Σ (sensitivity/σ)², Dong, Roth & Su 2019)
+    or DP-SGD (one PRV accountant over all the runs' steps). δ is the largest of theirs. None otherwise."""
+    exports = [e for e in (_run_export(g, unit, relation) for g in runs) if e is not None]
+    if len(exports) == len(runs):
+        mu = math.sqrt(sum((SENSITIVITY[e["relation"]] / composed_noise_multiplier(e["releases"])) ** 2
+                           for e in exports))
+        delta = max(e["delta"] for e in exports)
+        return gaussian_epsilon(1 / mu, delta), delta, GDP_COMPOSITION
+    sgd = [e for e in (_run_dp_sgd(g, unit, relation) for g in runs) if e is not None]
+    if len(sgd) == len(runs):
+        delta = max(e["delta"] for e in sgd)
+        eps, accountant = dp_sgd_epsilon([(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in sgd], delta)
+        return eps, delta, accountant
+    return None
+
+
 def _contributor_epsilon(ledgers: list[tuple[str | None, list[dict[str, Any]]]], unit: str,
-                         relation: str) -> tuple[float, float, int]:
-    """(ε, δ, runs) of one contributor's vectors: each run's joint guarantee, runs composed basically (ε and
-    δ add; runs may reuse the same data). Vectors without a run id count as runs of their own."""
-    runs: dict[Any, list[list[dict[str, Any]]]] = {}
+                         relation: str) -> tuple[float, float, int, str]:
+    """(ε, δ, runs, how) of one contributor's vectors. Each run's joint guarantee; runs (which may reuse the
+    same data) composed tightly when they are all export noise or all DP-SGD (`_tight`), else basically (ε
+    and δ add); the tight bound is used when its ε is no larger (its δ, the largest of the runs', is never
+    larger than their sum). Vectors without a run id count as runs of their own."""
+    grouped: dict[Any, list[list[dict[str, Any]]]] = {}
     for i, (run, led) in enumerate(ledgers):
-        runs.setdefault(run if run is not None else ("vector", i), []).append(led)
+        grouped.setdefault(run if run is not None else ("vector", i), []).append(led)
+    runs = list(grouped.values())
     eps = delta = 0.0
-    for group in runs.values():
+    for group in runs:
         g = _run_guarantee(group, unit, relation)
         if g is None:
-            return math.inf, 1.0, len(runs)
+            return math.inf, 1.0, len(runs), "none"
         eps, delta = eps + g["epsilon"], delta + g["delta"]
-    return eps, delta, len(runs)
+    if len(runs) == 1:
+        return eps, delta, 1, "single run"
+    tight = _tight(runs, unit, relation)
+    if tight is not None and tight[0] <= eps:
+        return tight[0], tight[1], len(runs), tight[2]
+    return eps, delta, len(runs), BASIC_COMPOSITION
 
 
 def check_merge_budget(headers: Sequence[Any], budget: PrivacyBudget,
@@ -347,14 +400,15 @@ def check_merge_budget(headers: Sequence[Any], budget: PrivacyBudget,
             vectors[who].append((run, ledger))
             before[who] = before.get(who, 0) + 1
     for who, ledgers in vectors.items():
-        eps, delta, runs = _contributor_epsilon(ledgers, budget.unit, budget.relation)
+        eps, delta, runs, how = _contributor_epsilon(ledgers, budget.unit, budget.relation)
         record["contributors"][who] = {"epsilon": eps, "delta": delta, "vectors": len(ledgers),
-                                       "earlier": before.get(who, 0), "runs": runs}
+                                       "earlier": before.get(who, 0), "runs": runs, "composition": how}
         if budget.max_epsilon is not None and eps > budget.max_epsilon:
             raise PrivacyError(_over_budget(who, eps, delta, len(ledgers), runs, budget, before.get(who, 0)),
                                field="max_epsilon", expected=budget.max_epsilon, got=eps)
     record["composition"] = ("per contributor, its new vectors and its releases already in the base's lineage: "
-                             "runs composed basically (ε and δ add); contributors in parallel")
+                             f"runs composed by {GDP_COMPOSITION} when all are export noise, by one accountant over "
+                             f"all steps when all are DP-SGD, else basically (ε and δ add); contributors in parallel")
     return record
 
 
