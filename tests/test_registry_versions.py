@@ -17,7 +17,7 @@ from taskvec.registry.base import sha256_file
 from taskvec.registry.signing import generate_key, load_private_key
 from typer.testing import CliRunner
 
-from taskvec.errors import MismatchError
+from taskvec.errors import FileFormatError, MismatchError
 from taskvec.io.files import dump_meta, read_header, read_kind
 from taskvec.io.tensors import state_digest
 from taskvec.merging.stream import merge_vectors
@@ -39,16 +39,13 @@ def _rewrite(path: Path, out: Path, tensors: dict | None = None, **fields) -> Pa
     return out
 
 
-def _merge_onto(parent: Path, vectors: list[Path], out: Path, lineage: list[dict]) -> Path:
-    """A merge onto `parent` marked as the next version: what `taskvec merge` writes (version, lineage)."""
-    merge_vectors(vectors, parent, out, method="mean")
-    version = read_kind(parent, "model").meta.get("version", 0)
-    return _rewrite(out, out, version=version + 1, lineage=lineage)
+def _merge_onto(parent: Path, vectors: list[Path], out: Path) -> Path:
+    """A merge onto `parent`: the next version (`merge` writes version, parent and lineage)."""
+    return merge_vectors(vectors, parent, out, method="mean").path
 
 
 def _v1(base: Path, vector, tmp_path: Path) -> Path:
-    return _merge_onto(base, [vector(0), vector(1)], tmp_path / "m1.safetensors",
-                       [{"version": 0, "identity": _id(base)}])
+    return _merge_onto(base, [vector(0), vector(1)], tmp_path / "m1.safetensors")
 
 
 def _cli(*args: str | Path, flat: bool = True) -> str:
@@ -75,14 +72,19 @@ def test_publish_version_accepts_only_the_next_merge(address: str, sites, tmp_pa
     base, vector = sites
     reg = created(address, base)
     m1 = _v1(base, vector, tmp_path)
-    root = [{"version": 0, "identity": _id(base)}]
-    for bad, match in (
-        (_rewrite(m1, tmp_path / "v2.safetensors", version=2), "version is 2, a merge onto v0 .* is version 1"),
-        (_rewrite(m1, tmp_path / "nov.safetensors", version=None), "version is None"),
-        (_rewrite(m1, tmp_path / "lin.safetensors", lineage=[]), "lineage does not list"),
-        (_rewrite(m1, tmp_path / "par.safetensors", parent="ab" * 32), f"parent is abababababab .*v0 {_id(base)[:12]}"),
+    assert read_kind(m1, "model").meta["lineage"] == [{"version": 0, "identity": _id(base)}]
+    other_root = [{"version": 0, "identity": "ab" * 32}]
+    for bad, error, match in (
+        # a file whose own version, lineage and parent disagree is malformed, named by field when read
+        (_rewrite(m1, tmp_path / "v2.safetensors", version=2), FileFormatError, "lineage must list the 2 ancestors"),
+        (_rewrite(m1, tmp_path / "nov.safetensors", version=None), FileFormatError, "version must be"),
+        (_rewrite(m1, tmp_path / "lin.safetensors", lineage=[]), FileFormatError, "lineage must list"),
+        (_rewrite(m1, tmp_path / "par.safetensors", parent="ab" * 32), FileFormatError, "parent must be"),
+        # a well-formed merge onto something else is not the registry's next version
+        (_rewrite(m1, tmp_path / "oth.safetensors", parent="ab" * 32, lineage=other_root), MismatchError,
+         f"parent is abababababab .*v0 {_id(base)[:12]}"),
     ):
-        with pytest.raises(MismatchError, match=match):
+        with pytest.raises(error, match=match):
             reg.publish_version(bad)
     tensors = load_file(str(m1))
     k = next(k for k, t in sorted(tensors.items()) if t.is_floating_point())
@@ -98,7 +100,7 @@ def test_publish_version_accepts_only_the_next_merge(address: str, sites, tmp_pa
     assert v1.sha256 == sha256_file(m1) and v1.path == "versions/v1.safetensors"
     assert open_registry(address).info().versions[1] == v1
     assert reg.publish_version(m1) == (v1, False)  # publishing again changes nothing
-    other = _merge_onto(base, [vector(2)], tmp_path / "other.safetensors", root)  # a second merge onto v0
+    other = _merge_onto(base, [vector(2)], tmp_path / "other.safetensors")  # a second merge onto v0
     with pytest.raises(MismatchError, match=f"v0 {_id(base)[:12]}, not the newest.*v1 {_id(m1)[:12]}"):
         reg.publish_version(other)
     out, got, _ = reg.pull_version(1, tmp_path / "pulled-v1.safetensors", OPEN)
@@ -138,13 +140,13 @@ def test_push_against_published_versions(address: str, sites, tmp_path: Path) ->
         reg.push(unpublished)
     reg.publish_version(m1)
     assert reg.push(vector(0)).added and reg.push(unpublished).added  # against v0 and against v1
-    m2 = _merge_onto(m1, [unpublished], tmp_path / "m2.safetensors",
-                     [{"version": 0, "identity": _id(base)}, {"version": 1, "identity": _id(m1)}])
+    m2 = _merge_onto(m1, [unpublished], tmp_path / "m2.safetensors")
     stranger = vector(6, b=m2)  # fine-tuned from a merge that was never published
     with pytest.raises(MismatchError, match=f"it has v0 {_id(base)[:12]}, v1 {_id(m1)[:12]}"):
         reg.push(stranger)
     liar = _rewrite(vector(7, b=m1), tmp_path / "liar.safetensors",
-                    base={**read_kind(vector(7, b=m1), "vector").meta["base"], "version": 3})
+                    base={**read_kind(vector(7, b=m1), "vector").meta["base"], "version": 3,
+                          "lineage": [_id(base), "ab" * 32, "cd" * 32]})
     with pytest.raises(MismatchError, match="base.version is 3, but its base is v1"):
         reg.push(liar)
     listed = json.loads(_cli("list", "--registry", address, "--json"))
@@ -229,7 +231,7 @@ def test_merge_registry_onto_the_newest_version(address: str, sites, tmp_path: P
     assert "merging onto" in text and " v0 " in text
     ref = merge_vectors([vector(0), vector(1)], base, tmp_path / "ref1.safetensors", method="mean")
     assert _id(out1) == ref.identity and read_kind(out1, "model").meta["parent"] == _id(base)
-    _rewrite(out1, out1, version=1, lineage=[{"version": 0, "identity": _id(base)}])  # until `merge` writes them
+    assert read_kind(out1, "model").meta["version"] == 1
     assert "as v1 (identity" in _cli("publish-version", out1, "--registry", address, "--key", key)
 
     start = tmp_path / "start.safetensors"  # a site starts from the newest version, signed by the merger
@@ -249,9 +251,9 @@ def test_merge_registry_onto_the_newest_version(address: str, sites, tmp_path: P
     for k in want:  # ...exactly as merging it onto v1 does
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
 
-    _rewrite(out2, out2, version=2, lineage=[{"version": 0, "identity": _id(base)},
-                                             {"version": 1, "identity": _id(out1),
-                                              "vectors": read_kind(out1, "model").meta["merge"]["vectors"]}])
+    assert read_kind(out2, "model").meta["lineage"] == [
+        {"version": 0, "identity": _id(base)},
+        {"version": 1, "identity": _id(out1), "vectors": read_kind(out1, "model").meta["merge"]["vectors"]}]
     _cli("publish-version", out2, "--registry", address, "--key", key)
     text = _cli("merge", "--registry", address, "--out", tmp_path / "m3.safetensors", *trust)
     assert "up to date" in text and not (tmp_path / "m3.safetensors").exists()
@@ -268,7 +270,7 @@ def test_cli_refusals_are_one_line(sites, tmp_path: Path) -> None:
     assert_refused(cli("push", stranger, "--registry", reg_dir, cwd=tmp_path),
                    f"it has v0 {_id(base)[:12]})", code=1)
     wrong = _rewrite(m1, tmp_path / "wrong.safetensors", version=5)
-    assert_refused(cli("publish-version", wrong, "--registry", reg_dir, cwd=tmp_path), "version is 5", code=1)
+    assert_refused(cli("publish-version", wrong, "--registry", reg_dir, cwd=tmp_path), "lineage must list", code=1)
     assert_refused(cli("pull-version", "one", "--registry", reg_dir, "--out", "x.safetensors", cwd=tmp_path),
                    "VERSION is a number N", code=2)
     assert_refused(cli("pull-version", "7", "--registry", reg_dir, "--out", "x.safetensors", "--allow-unsigned",
