@@ -350,9 +350,8 @@ def _newest_version(reg: Any, policy: Any) -> Path:
 
 def _not_merged(entries: list[Any], base: Path) -> list[Any]:
     """The entries whose vectors are not yet in `base` (its own merge or its lineage)."""
-    from taskvec.registry.base import merged_vectors
-
     from taskvec.io.files import read_kind
+    from taskvec.io.lineage import merged_vectors
 
     done = merged_vectors(read_kind(base, "model").meta)
     skipped = [e for e in entries if e.sha256 in done]

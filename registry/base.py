@@ -45,6 +45,7 @@ from taskvec.io.files import (
     read_kind,
 )
 from taskvec.io.layout import check_against_base
+from taskvec.io.lineage import describe_versions as describe_identities
 from taskvec.io.tensors_np import non_finite
 from taskvec.progress import Track, no_track
 
@@ -225,7 +226,7 @@ def _is_name(x: Any) -> bool:
 
 def describe_versions(versions: Sequence[Version]) -> str:
     """`v0 <id12>, v1 <id12>, ...`: how errors name the versions a registry has."""
-    return ", ".join(v.label for v in versions)
+    return describe_identities([v.identity for v in versions])
 
 
 @dataclass
@@ -348,10 +349,7 @@ def check_next_version(h: Header, info: RegistryInfo, address: str) -> None:
             f"{h.path}: version is {version!r}, a merge onto v{newest.version} of {address} is "
             f"version {newest.version + 1}", path=h.path, field="version", expected=newest.version + 1, got=version,
         )
-    lineage = meta.get("lineage")
-    ids = ([x.get("identity") if isinstance(x, dict) else None for x in lineage] if isinstance(lineage, list)
-           else None)
-    if ids != [v.identity for v in info.versions]:
+    if [e["identity"] for e in meta.get("lineage", [])] != [v.identity for v in info.versions]:  # read_kind checked it
         raise MismatchError(
             f"{h.path}: lineage does not list {address}'s versions ({describe_versions(info.versions)})",
             path=h.path, field="lineage",
@@ -839,20 +837,3 @@ def verify_version(path: Path, v: Version, what: str) -> None:
     if file_digest(h) != v.identity:
         raise IntegrityError(f"{what}: content does not match its identity {v.identity[:12]}; the file is corrupted",
                              path=what)
-
-
-def merged_vectors(meta: dict[str, Any]) -> dict[str, int]:
-    """sha256 → version of every vector already merged into a model: its own merge's inputs (its version) and
-    each lineage entry's `vectors` (what went into that ancestor). Malformed entries are skipped here; the
-    merge checks the lineage."""
-    def listed(x: Any, key: str) -> list[Any]:
-        value = x.get(key) if isinstance(x, dict) else None
-        return value if isinstance(value, list) else []
-
-    own = {"version": meta.get("version", 0), "vectors": listed(meta.get("merge"), "vectors")}
-    done: dict[str, int] = {}
-    for step in [*listed(meta, "lineage"), own]:
-        for v in listed(step, "vectors"):
-            if isinstance(v, dict) and _is_sha(v.get("sha256")):
-                done.setdefault(v["sha256"], step.get("version"))
-    return done

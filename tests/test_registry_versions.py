@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from registry_fixtures import address, created, hub, sites  # noqa: F401 (fixtures)
+from registry_fixtures import address, created, hub, no_backoff, sites  # noqa: F401 (fixtures)
 from safetensors.torch import load_file, save_file
 from taskvec.cli.app import app
 from taskvec.registry import IntegrityError, RegistryError, TrustError, TrustPolicy, open_registry
@@ -30,9 +30,9 @@ def _id(path: Path) -> str:
     return read_kind(path, "model").meta["identity"]
 
 
-def _rewrite(path: Path, out: Path, tensors: dict | None = None, **fields) -> Path:
-    """`path` with metadata `fields` changed (and `tensors` replaced, identity recomputed)."""
-    meta = {**read_header(path).meta, **fields}
+def _rewrite(path: Path, out: Path, tensors: dict | None = None, drop: tuple[str, ...] = (), **fields) -> Path:
+    """`path` with metadata `fields` changed, `drop` removed (and `tensors` replaced, identity recomputed)."""
+    meta = {k: v for k, v in {**read_header(path).meta, **fields}.items() if k not in drop}
     if tensors is not None:
         meta["identity"] = state_digest(tensors)
     save_file(tensors if tensors is not None else load_file(str(path)), str(out), metadata=dump_meta(meta))
@@ -40,7 +40,7 @@ def _rewrite(path: Path, out: Path, tensors: dict | None = None, **fields) -> Pa
 
 
 def _merge_onto(parent: Path, vectors: list[Path], out: Path) -> Path:
-    """A merge onto `parent`: the next version (`merge` writes version, parent and lineage)."""
+    """A merge onto `parent`: the next version, with its lineage."""
     return merge_vectors(vectors, parent, out, method="mean").path
 
 
@@ -72,17 +72,20 @@ def test_publish_version_accepts_only_the_next_merge(address: str, sites, tmp_pa
     base, vector = sites
     reg = created(address, base)
     m1 = _v1(base, vector, tmp_path)
-    assert read_kind(m1, "model").meta["lineage"] == [{"version": 0, "identity": _id(base)}]
-    other_root = [{"version": 0, "identity": "ab" * 32}]
+    v0_id = _id(base)
+    assert read_kind(m1, "model").meta["lineage"] == [{"version": 0, "identity": v0_id}]
+    forged = [{"version": 0, "identity": "ab" * 32}, {"version": 1, "identity": v0_id, "vectors": []}]
     for bad, error, match in (
         # a file whose own version, lineage and parent disagree is malformed, named by field when read
         (_rewrite(m1, tmp_path / "v2.safetensors", version=2), FileFormatError, "lineage must list the 2 ancestors"),
-        (_rewrite(m1, tmp_path / "nov.safetensors", version=None), FileFormatError, "version must be"),
-        (_rewrite(m1, tmp_path / "lin.safetensors", lineage=[]), FileFormatError, "lineage must list"),
         (_rewrite(m1, tmp_path / "par.safetensors", parent="ab" * 32), FileFormatError, "parent must be"),
-        # a well-formed merge onto something else is not the registry's next version
-        (_rewrite(m1, tmp_path / "oth.safetensors", parent="ab" * 32, lineage=other_root), MismatchError,
-         f"parent is abababababab .*v0 {_id(base)[:12]}"),
+        # a well-formed file that is not the registry's next version
+        (_rewrite(m1, tmp_path / "fv2.safetensors", version=2, lineage=forged), MismatchError,
+         "version is 2, a merge onto v0 .* is version 1"),
+        (_rewrite(m1, tmp_path / "old.safetensors", drop=("version", "lineage")), MismatchError,
+         "version is 0"),  # a merge by an older taskvec
+        (_merge_onto(m1, [vector(5, b=m1)], tmp_path / "m2.safetensors"), MismatchError,
+         f"parent is {_id(m1)[:12]} \\(not a version of the registry\\); .* has v0 {v0_id[:12]}"),
     ):
         with pytest.raises(error, match=match):
             reg.publish_version(bad)
@@ -103,6 +106,11 @@ def test_publish_version_accepts_only_the_next_merge(address: str, sites, tmp_pa
     other = _merge_onto(base, [vector(2)], tmp_path / "other.safetensors")  # a second merge onto v0
     with pytest.raises(MismatchError, match=f"v0 {_id(base)[:12]}, not the newest.*v1 {_id(m1)[:12]}"):
         reg.publish_version(other)
+    m2 = tmp_path / "m2.safetensors"  # onto v1, but claiming another root
+    lineage = read_kind(m2, "model").meta["lineage"]
+    with pytest.raises(MismatchError, match="lineage does not list"):
+        reg.publish_version(_rewrite(m2, tmp_path / "m2-forged.safetensors",
+                                     lineage=[{"version": 0, "identity": "ab" * 32}, lineage[1]]))
     out, got, _ = reg.pull_version(1, tmp_path / "pulled-v1.safetensors", OPEN)
     assert got == v1 and out.read_bytes() == m1.read_bytes()
 
@@ -144,10 +152,10 @@ def test_push_against_published_versions(address: str, sites, tmp_path: Path) ->
     stranger = vector(6, b=m2)  # fine-tuned from a merge that was never published
     with pytest.raises(MismatchError, match=f"it has v0 {_id(base)[:12]}, v1 {_id(m1)[:12]}"):
         reg.push(stranger)
-    liar = _rewrite(vector(7, b=m1), tmp_path / "liar.safetensors",
-                    base={**read_kind(vector(7, b=m1), "vector").meta["base"], "version": 3,
-                          "lineage": [_id(base), "ab" * 32, "cd" * 32]})
-    with pytest.raises(MismatchError, match="base.version is 3, but its base is v1"):
+    claims = read_kind(vector(7, b=m1), "vector").meta["base"]
+    assert (claims["version"], claims["lineage"]) == (1, [_id(base)])  # what export records
+    liar = _rewrite(vector(7, b=m1), tmp_path / "liar.safetensors", base={**claims, "version": 0, "lineage": []})
+    with pytest.raises(MismatchError, match="base.version is 0, but its base is v1"):
         reg.push(liar)
     listed = json.loads(_cli("list", "--registry", address, "--json"))
     assert [v["base_version"] for v in listed["vectors"]] == [0, 1]
@@ -231,29 +239,30 @@ def test_merge_registry_onto_the_newest_version(address: str, sites, tmp_path: P
     assert "merging onto" in text and " v0 " in text
     ref = merge_vectors([vector(0), vector(1)], base, tmp_path / "ref1.safetensors", method="mean")
     assert _id(out1) == ref.identity and read_kind(out1, "model").meta["parent"] == _id(base)
-    assert read_kind(out1, "model").meta["version"] == 1
     assert "as v1 (identity" in _cli("publish-version", out1, "--registry", address, "--key", key)
 
     start = tmp_path / "start.safetensors"  # a site starts from the newest version, signed by the merger
     assert "v1 (identity" in _cli("pull-version", "latest", "--registry", address, "--out", start, "--keyring", keyring)
     assert start.read_bytes() == out1.read_bytes()
-    late = vector(2, b=start)
-    _cli("push", late, "--registry", address)
+    late, stale = vector(2, b=start), vector(3)  # from v1, and a site that still fine-tunes from v0
+    _cli("push", late, stale, "--registry", address)
     out2 = tmp_path / "merged-2.safetensors"
     text = _cli("merge", "--registry", address, "--out", out2, "--method", "mean", *trust)
-    assert "2 vectors already merged (into v1) are left out" in text
+    assert "merging onto" in text and " v1 " in text and "2 vectors already merged (into v1) are left out" in text
     meta = read_kind(out2, "model").meta
-    assert meta["parent"] == _id(out1)
-    assert [v["sha256"] for v in meta["merge"]["vectors"]] == [read_kind(late, "vector").meta["sha256"]]
-    want, got, v1 = load_file(str(merge_vectors([late], out1, tmp_path / "ref2.safetensors", method="mean").path)), \
-        load_file(str(out2)), load_file(str(out1))
-    assert any(not torch.equal(got[k], v1[k]) for k in got)  # the new vector moved v1...
-    for k in want:  # ...exactly as merging it onto v1 does
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    assert (meta["version"], meta["parent"]) == (2, _id(out1))
+    assert meta["lineage"] == [{"version": 0, "identity": _id(base)}, {
+        "version": 1, "identity": _id(out1), "vectors": read_kind(out1, "model").meta["merge"]["vectors"]}]
+    assert [v["sha256"] for v in meta["merge"]["vectors"]] == [read_kind(p, "vector").meta["sha256"]
+                                                               for p in (late, stale)]
+    got, v1 = load_file(str(out2)), load_file(str(out1))
+    tau_late, tau_stale = load_file(str(late)), load_file(str(stale))
+    s = 2 ** -0.5  # the stale vector is one version behind: (1 + 1)^(-0.5)
+    for k in tau_late:  # v2 = v1 + mean(1·τ_late, s·τ_stale), computed here from the files
+        want = v1[k] + (tau_late[k] + s * tau_stale[k]) / 2
+        torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(got[k], v1[k]) for k in tau_late)
 
-    assert read_kind(out2, "model").meta["lineage"] == [
-        {"version": 0, "identity": _id(base)},
-        {"version": 1, "identity": _id(out1), "vectors": read_kind(out1, "model").meta["merge"]["vectors"]}]
     _cli("publish-version", out2, "--registry", address, "--key", key)
     text = _cli("merge", "--registry", address, "--out", tmp_path / "m3.safetensors", *trust)
     assert "up to date" in text and not (tmp_path / "m3.safetensors").exists()
@@ -269,11 +278,34 @@ def test_cli_refusals_are_one_line(sites, tmp_path: Path) -> None:
     stranger = vector(3, b=m1)
     assert_refused(cli("push", stranger, "--registry", reg_dir, cwd=tmp_path),
                    f"it has v0 {_id(base)[:12]})", code=1)
-    wrong = _rewrite(m1, tmp_path / "wrong.safetensors", version=5)
-    assert_refused(cli("publish-version", wrong, "--registry", reg_dir, cwd=tmp_path), "lineage must list", code=1)
+    wrong = _rewrite(m1, tmp_path / "wrong.safetensors", drop=("version", "lineage"))
+    assert_refused(cli("publish-version", wrong, "--registry", reg_dir, cwd=tmp_path), "version is 0", code=1)
     assert_refused(cli("pull-version", "one", "--registry", reg_dir, "--out", "x.safetensors", cwd=tmp_path),
                    "VERSION is a number N", code=2)
     assert_refused(cli("pull-version", "7", "--registry", reg_dir, "--out", "x.safetensors", "--allow-unsigned",
                        cwd=tmp_path), "no version 7; it has v0", code=1)
     assert_refused(cli("merge", vector(0), "--out", "m.safetensors", cwd=tmp_path), "give --base BASE", code=2)
     assert not (tmp_path / "x.safetensors").exists() and reg.info().versions[-1].version == 0
+
+
+def test_racing_mergers_on_the_hub(hub, sites, no_backoff, tmp_path: Path) -> None:
+    """Two mergers publish v1 at once: the commit computed on the old head is refused (412), recomputed on the
+    new head, and then refused as a merge onto v0, which is no longer the newest; nothing half-published."""
+    base, vector = sites
+    address = "hf://consortium/race"
+    reg, other = created(address, base), open_registry(address)
+    mine, theirs = (_merge_onto(base, vs, tmp_path / f"{n}.safetensors")
+                    for n, vs in (("mine", [vector(0)]), ("theirs", [vector(1)])))
+    real, parents = reg.store.api.create_commit, []
+
+    def racing_commit(*args, **kwargs):
+        parents.append(kwargs["parent_commit"])
+        if len(parents) == 1:
+            other.publish_version(theirs)  # the other merger commits between our read and our commit
+        return real(*args, **kwargs)
+
+    reg.store.api.create_commit = racing_commit
+    with pytest.raises(MismatchError, match=f"v0 {_id(base)[:12]}, not the newest.*v1 {_id(theirs)[:12]}"):
+        reg.publish_version(mine)
+    assert len(parents) == 1  # the second attempt stopped before committing
+    assert [v.identity for v in open_registry(address).info().versions] == [_id(base), _id(theirs)]
