@@ -3,8 +3,10 @@ and without DP-SGD, and μ → ∞ at the base), and the head strategies (frozen
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -223,3 +225,17 @@ def test_simulation_trains_every_run_with_the_options(tmp_path: Path) -> None:
         assert all(torch.equal(model[k], base[k]) for k in head)
     base_run = read_header(out / "base-run" / "model.safetensors").meta["training"]  # the public base: plain
     assert (base_run["prox"], base_run["head"]) == (0.0, "train")
+
+
+def test_a_run_started_before_these_options_resumes_with_their_defaults(tmp_path: Path) -> None:
+    from taskvec.errors import MismatchError
+    from taskvec.training.loop import RUN_FILE, _open_run
+
+    cfg = FinetuneConfig(steps=2, device="cpu")
+    run_id = _open_run(tmp_path / "run", "parent", cfg, "data")
+    record = json.loads((tmp_path / "run" / RUN_FILE).read_text())
+    del record["config"]["prox"], record["config"]["head"]  # as written before the options existed
+    (tmp_path / "run" / RUN_FILE).write_text(json.dumps(record))
+    assert _open_run(tmp_path / "run", "parent", replace(cfg, resume=True), "data") == run_id
+    with pytest.raises(MismatchError, match=r"started with prox 0.0 \(now 1.0\)"):
+        _open_run(tmp_path / "run", "parent", replace(cfg, resume=True, prox=1.0), "data")

@@ -295,7 +295,8 @@ def _open_run(out: Path, parent: str, config: FinetuneConfig, source: str) -> st
         run = json.loads(run_file.read_text())
         if run["parent"] != parent:
             raise MismatchError(f"{out}: was started from base {run['parent'][:12]}, not {parent[:12]}")
-        diff = {k: (run["config"].get(k), v) for k, v in _config_dict(config).items() if run["config"].get(k) != v}
+        started = _config_dict(FinetuneConfig()) | run["config"]  # a field newer than the run: its default
+        diff = {k: (started.get(k), v) for k, v in _config_dict(config).items() if started.get(k) != v}
         if diff:
             said = ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in diff.items())
             raise MismatchError(f"{out}: the run was started with {said}; repeat its options to resume it")
