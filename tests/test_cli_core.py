@@ -93,6 +93,7 @@ def test_init_from_local_timm_weights(tmp_path: Path) -> None:
     backbone = [k for k in ref.state_dict() if not k.startswith("head.fc")]
     assert all(torch.equal(got[k], ref.state_dict()[k]) for k in backbone)
     assert got["head.fc.weight"].shape[0] == 4
+    assert not got["head.fc.weight"].any() and not got["head.fc.bias"].any()  # a pretrained base's new head: zero
 
 
 def test_segmentation_base_round_trips(tmp_path: Path) -> None:

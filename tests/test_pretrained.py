@@ -119,6 +119,18 @@ def test_old_segmentation_file_is_refused_with_how_to_rebuild(tmp_path: Path) ->
     assert str(path) in str(e.value)
 
 
+def test_seeded_base_is_reproducible_and_leaves_the_global_random_state() -> None:
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    a = build_base("test_efficientnet", "segmentation", 2, 3, 32, seed=1)[0].state_dict()
+    assert torch.equal(torch.rand(3), expected)  # the seed did not leak into (or draw from) the global state
+    b = build_base("test_efficientnet", "segmentation", 2, 3, 32, seed=1)[0].state_dict()
+    c = build_base("test_efficientnet", "segmentation", 2, 3, 32, seed=2)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
 @pytest.mark.parametrize(("task", "in_chans"), [("classification", 1), ("classification", 3),
                                                 ("segmentation", 1), ("segmentation", 3)])
 def test_init_with_shared_lite0_weights(tmp_path: Path, task: str, in_chans: int) -> None:

@@ -121,6 +121,33 @@ def test_dp_lora_and_norm_bias_finetune_with_augmult_and_ema(tmp_path: Path, dp_
         assert meta["privacy"][0]["steps"] == 2 and meta["training"]["ema"] == 0.99
 
 
+def test_physical_batches_make_the_same_dp_steps(tmp_path: Path, dp_base: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """BatchMemoryManager: logical batches of 16 in physical batches of at most 5 images (each clipped, summed,
+    noised once per logical batch) give the same model and the same number of DP-SGD steps as whole batches."""
+    from taskvec.privacy import dpsgd
+    from taskvec.privacy.dpsgd import DPConfig
+
+    sizes: list[int] = []
+    forward = dpsgd.EmptyBatchSafe.forward
+    monkeypatch.setattr(dpsgd.EmptyBatchSafe, "forward", lambda self, x: sizes.append(len(x)) or forward(self, x))
+    data = npz_file(tmp_path / "d.npz", n=48)
+    states = []
+    for physical in (64, 5):
+        sizes.clear()
+        dp = DPConfig(1.0, 1e-5, noise_multiplier=1.0, seed=0, augmult=2, max_physical_batch=physical)
+        cfg = FinetuneConfig(steps=4, batch_size=16, device="cpu", seed=0, train="norm-bias", dp=dp, augment=False,
+                             val_fraction=0.0)
+        r = finetune(dp_base, data, tmp_path / f"p{physical}", cfg)
+        assert read_header(r.model_path).meta["privacy"][0]["steps"] == 4 and r.steps == 4
+        states.append(load_file(str(r.model_path)))
+        assert max(sizes) <= 2 * physical and (physical > 16 or len(sizes) > 4)  # 2: augmentation multiplicity
+    moved = max(float((states[0][k] - load_file(str(dp_base))[k]).abs().max()) for k in states[0])
+    assert moved > 1e-3
+    for k in states[0]:
+        torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-4, atol=1e-5)
+
+
 def test_small_data_defaults() -> None:
     from taskvec.privacy.dpsgd import DPConfig
 

@@ -8,6 +8,7 @@ segmentation-models-pytorch state_dicts (`taskvec.models.segmentation`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -169,9 +170,16 @@ def build_base(
     dp_compatible: bool = False,
     dp_norm: str | None = None,
     decoder: str = "unet",
+    seed: int | None = None,
 ) -> tuple[nn.Module, ModelSpec]:
     """Create a base model and its spec. `weights` is a local timm checkpoint (safetensors); segmentation
-    models put an smp `decoder` (`unet` or `fpn`) over the timm encoder.
+    models put an smp `decoder` (`unet` or `fpn`) over the timm encoder. `seed` makes what is initialised at
+    random (the head and decoder of a pretrained network; everything without weights) reproducible, without
+    touching the global random state.
+
+    The classifier of a pretrained classification base starts at zero (De et al. 2022; Kolesnikov et al. 2020):
+    it predicts every class alike until the sites train it, and DP-SGD's first steps do not spend the clipping
+    budget undoing a random head.
 
     `dp_compatible` converts it for DP-SGD (see `taskvec.models.dp_ready`) and records that in the spec;
     `dp_norm` defaults to `frozen-batchnorm` for pretrained bases (keeps their statistics), else `groupnorm`.
@@ -209,15 +217,22 @@ def build_base(
     elif dp_norm is not None:
         raise ConfigError("dp_norm needs dp_compatible (it chooses how the DP-ready conversion normalises)",
                           field="dp_norm", got=dp_norm)
-    if img_size is not None:
-        spec.model_kwargs["img_size"] = int(img_size)
-        try:
+    with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)
+        if img_size is not None:
+            spec.model_kwargs["img_size"] = int(img_size)
+            try:
+                module = create_module(spec, pretrained, str(weights) if weights else None)
+            except TypeError:  # the architecture takes no img_size (CNNs work at any size)
+                spec.model_kwargs.pop("img_size")
+                module = create_module(spec, pretrained, str(weights) if weights else None)
+        else:
             module = create_module(spec, pretrained, str(weights) if weights else None)
-        except TypeError:  # the architecture takes no img_size (CNNs work at any size)
-            spec.model_kwargs.pop("img_size")
-            module = create_module(spec, pretrained, str(weights) if weights else None)
-    else:
-        module = create_module(spec, pretrained, str(weights) if weights else None)
+    if (pretrained or weights is not None) and task == "classification":
+        with torch.no_grad():  # a neutral new head: no random class preference for DP noise to fight
+            for p in module.get_classifier().parameters():  # type: ignore[operator]
+                p.zero_()
     return module, spec
 
 

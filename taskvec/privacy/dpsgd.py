@@ -5,6 +5,9 @@ and PRV accounting (RDP as a named fallback).
 `PrivacyMeter` that counts steps, reports ε and says when the target ε is reached. Opacus's hooks are
 attached to the given module itself (not wrapped around it), so its state_dict keys are unchanged; the
 returned model is a thin wrapper for the training loop only (empty Poisson batches), save the original.
+With the image unit in one process, the returned loader yields physical batches of at most
+`max_physical_batch` images (Opacus's BatchMemoryManager): the optimizer only clips and accumulates until the
+last physical batch of a logical batch, then adds the noise and steps (`is_accumulating` tells the loop).
 
 Unit of privacy. Without patient ids each image is sampled independently with probability q and clipped on
 its own (unit `image`). With patient ids each *patient* is sampled with probability q, all of that patient's
@@ -58,6 +61,7 @@ class DPConfig:
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE  # or "functorch"
     seed: int | None = None
     augmult: int = 1  # augmentation multiplicity K (`finetune --dp` defaults to 2): mean over K augmented copies
+    max_physical_batch: int = 64  # images per forward/backward pass; a larger logical batch is accumulated
 
     def check(self) -> None:
         check_range("max_grad_norm", self.max_grad_norm, low=0, error=PrivacyConfigError)
@@ -70,9 +74,10 @@ class DPConfig:
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise PrivacyConfigError(f"noise_multiplier must be > 0, got {self.noise_multiplier}: without noise "
                                      "there is no DP", field="noise_multiplier", got=self.noise_multiplier)
-        if not (isinstance(self.augmult, int) and self.augmult >= 1):
-            raise PrivacyConfigError(f"augmult must be an integer >= 1, got {self.augmult!r}", field="augmult",
-                                     got=self.augmult)
+        for name in ("augmult", "max_physical_batch"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise PrivacyConfigError(f"{name} must be an integer >= 1, got {value!r}", field=name, got=value)
         if self.grad_sample_mode not in ("hooks", "functorch"):
             raise PrivacyConfigError(f"grad_sample_mode must be hooks or functorch, got {self.grad_sample_mode!r}",
                                      field="grad_sample_mode", expected=["hooks", "functorch"],
@@ -137,6 +142,7 @@ class PrivacyMeter:
     noise_multiplier: float
     step_limit: int | None
     grad_sample_mode: str
+    steps_per_epoch: int = 0  # logical batches (optimiser steps) per epoch of the private loader
     steps: int = 0
     hooks: Any = field(default=None, repr=False)  # Opacus's per-sample-gradient hooks on the model
 
@@ -199,6 +205,12 @@ def require_dp_ready(model: nn.Module) -> None:
             f"the base is not DP-ready ({'; '.join(problems)}); build the shared base with `dp_compatible` "
             "(taskvec init or build_base) and fine-tune from that base"
         )
+
+
+def is_accumulating(optimizer: torch.optim.Optimizer) -> bool:
+    """True when the optimizer's last `step` only accumulated the clipped gradients of a physical batch, the
+    logical batch (one DP-SGD step) not yet complete."""
+    return bool(getattr(optimizer, "_is_last_step_skipped", False))
 
 
 class PatientPoissonSampler(Sampler[list[int]]):
@@ -393,7 +405,13 @@ def make_private(
     owners = sampler.queue if patient_ids is not None else None
     dp_optimizer = _optimizer_class(shard[1] > 1)(optimizer, model=safe, owners=owners, augmult=config.augmult,
                                                   **kwargs)
-    meter = PrivacyMeter(config, unit, q, z, limit, mode, hooks=hooks)
+    meter = PrivacyMeter(config, unit, q, z, limit, mode, steps_per_epoch, hooks=hooks)
     dp_optimizer.attach_step_hook(meter.on_step)
+    if patient_ids is None and shard[1] == 1:  # Opacus's BatchMemoryManager: physical batches of a logical one
+        from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+        manager = BatchMemoryManager(data_loader=private_loader, max_physical_batch_size=config.max_physical_batch,
+                                     optimizer=dp_optimizer)
+        private_loader = manager.__enter__()  # a wrapped loader; the manager's exit does nothing
     return safe, dp_optimizer, private_loader, meter
 

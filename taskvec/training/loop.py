@@ -38,7 +38,7 @@ from taskvec.errors import ConfigError, MismatchError, OutputExistsError, Taskve
 from taskvec.io.files import FORMAT, FORMAT_VERSION, read_kind, write_json
 from taskvec.io.tensors import save_tensors, state_digest
 from taskvec.models.spec import ModelSpec, create_module, load_model, save_model
-from taskvec.privacy.dpsgd import DPConfig, make_private, require_dp_ready
+from taskvec.privacy.dpsgd import DPConfig, is_accumulating, make_private, require_dp_ready
 from taskvec.progress import Track, no_track
 from taskvec.training.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader
 from taskvec.training.distributed import Group, augment_bits, process_group, rank_seed, shard_loader, wrap_model
@@ -124,6 +124,7 @@ class TrainingSetup:
     state: Callable[[], dict[str, Any]] = dict
     load_state: Callable[[dict[str, Any]], None] = lambda s: None
     stop: Callable[[], bool] = lambda: False
+    per_epoch: int | None = None  # optimiser steps per epoch when the loader yields physical batches of larger ones
 
 
 def prepare_training(setup: TrainingSetup, config: FinetuneConfig, run_id: str, steps: int,
@@ -146,6 +147,7 @@ def prepare_training(setup: TrainingSetup, config: FinetuneConfig, run_id: str, 
         wrap_model(model, group, private=True), optimizer, loader,
         privacy=lambda: [meter.ledger_entry(run_id)] if meter.steps else [],
         state=meter.state, load_state=meter.load_state, stop=lambda: meter.exhausted,
+        per_epoch=meter.steps_per_epoch,
     )
 
 
@@ -462,7 +464,7 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
                      probe_steps=round(LP_FRACTION * total) if config.head == "lp-ft" else 0)
     site.attach(optimizer)  # before DP-SGD wraps it: the hooks then run on the private update
     setup = prepare_training(TrainingSetup(net, optimizer, loader), config, run_id, total, group)
-    per_epoch = len(setup.loader)
+    per_epoch = setup.per_epoch or len(setup.loader)
     decay = config.ema if config.ema is not None else (DP_EMA if config.dp is not None else 0.0)
     ema = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad} if decay else {}
     run = _Run(out, parent, run_id, spec, device, net, setup, loader_gen, per_epoch, math.ceil(total / per_epoch),
@@ -485,14 +487,20 @@ def _criterion(spec: ModelSpec, train: ImageDataset, head: str) -> nn.Module:
 
 
 def _steps(run: _Run, seed: int, aug_gen: torch.Generator) -> Iterator[StepState]:
-    """Every remaining step with its batch; each epoch reseeds torch, the sampler and the augmentation."""
+    """Every remaining step with its batch; each epoch reseeds torch, the sampler and the augmentation. Under
+    DP-SGD a step may come in several physical batches (the same step number, yielded until the optimizer
+    has stepped)."""
     for epoch in range(run.start_epoch, run.epochs):
         torch.manual_seed(epoch_seed(seed, epoch, 0))
         run.loader_gen.manual_seed(epoch_seed(seed, epoch, 1))
         aug_gen.manual_seed(epoch_seed(seed, epoch, 2))
-        n = min(run.per_epoch, run.total - epoch * run.per_epoch)
-        for i, batch in zip(range(n), run.setup.loader):
+        n, i = min(run.per_epoch, run.total - epoch * run.per_epoch), 0
+        for batch in run.setup.loader:
             yield StepState(epoch, run.epochs, epoch * run.per_epoch + i, run.total, batch=batch)
+            if not is_accumulating(run.setup.optimizer):
+                i += 1
+                if i == n:
+                    break
 
 
 def _train(run: _Run, config: FinetuneConfig, val: ImageDataset | None, track: Track[Any],
@@ -531,14 +539,16 @@ def _train(run: _Run, config: FinetuneConfig, val: ImageDataset | None, track: T
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if x.shape[0]:  # an empty Poisson batch (DP-SGD) takes a noise-only step but has no loss
+            loss_sum += loss.detach() * x.shape[0]
+        seen += x.shape[0]
+        if is_accumulating(optimizer):  # a physical batch of a larger logical one: no step yet
+            continue
         with torch.no_grad():
             decay = min(run.decay, (1 + st.step) / (10 + st.step))  # warm-up: short runs are not stuck at the start
             for n, p in run.net.named_parameters():
                 if n in run.ema:
                     run.ema[n].lerp_(p, 1 - decay)
-        if x.shape[0]:  # an empty Poisson batch (DP-SGD) takes a noise-only step but has no loss
-            loss_sum += loss.detach() * x.shape[0]
-        seen += x.shape[0]
         steps_in_epoch += 1
         stopping = setup.stop()
         end_of_epoch = stopping or st.step + 1 == min(run.total, (st.epoch + 1) * run.per_epoch)
