@@ -171,15 +171,16 @@ def build_base(
     dp_norm: str | None = None,
     decoder: str = "unet",
     seed: int | None = None,
+    zero_head: bool | None = None,
 ) -> tuple[nn.Module, ModelSpec]:
     """Create a base model and its spec. `weights` is a local timm checkpoint (safetensors); segmentation
     models put an smp `decoder` (`unet` or `fpn`) over the timm encoder. `seed` makes what is initialised at
     random (the head and decoder of a pretrained network; everything without weights) reproducible, without
     touching the global random state.
 
-    The classifier of a pretrained classification base starts at zero (De et al. 2022; Kolesnikov et al. 2020):
-    it predicts every class alike until the sites train it, and DP-SGD's first steps do not spend the clipping
-    budget undoing a random head.
+    `zero_head` (default: with pretrained weights; classification only) starts the classifier at zero (De et al. 2022;
+    Kolesnikov et al. 2020): it predicts every class alike until the sites train it, with no random class
+    preference to undo. A head that stays frozen (FedBABU) must be random: pass `zero_head=False`.
 
     `dp_compatible` converts it for DP-SGD (see `taskvec.models.dp_ready`) and records that in the spec;
     `dp_norm` defaults to `frozen-batchnorm` for pretrained bases (keeps their statistics), else `groupnorm`.
@@ -229,8 +230,10 @@ def build_base(
                 module = create_module(spec, pretrained, str(weights) if weights else None)
         else:
             module = create_module(spec, pretrained, str(weights) if weights else None)
-    if (pretrained or weights is not None) and task == "classification":
-        with torch.no_grad():  # a neutral new head: no random class preference for DP noise to fight
+    if zero_head is None:
+        zero_head = pretrained or weights is not None
+    if zero_head and task == "classification":
+        with torch.no_grad():
             for p in module.get_classifier().parameters():  # type: ignore[operator]
                 p.zero_()
     return module, spec

@@ -200,7 +200,7 @@ def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> Simu
     pretrained = cfg.pretrained or cfg.weights is not None
     module, spec = build_base(cfg.arch, cfg.task, cfg.num_classes, cfg.in_chans, cfg.img_size, cfg.labels,
                               cfg.pretrained, cfg.weights, dp_compatible=bool(cfg.epsilons) or pretrained,
-                              seed=cfg.seed)
+                              seed=cfg.seed, zero_head=False if cfg.head == "frozen" else None)
     pool, test, val, notes = _prepare_data(cfg, spec)
     train_cfg = FinetuneConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, img_size=cfg.img_size,
                                device=cfg.device, seed=cfg.seed, resume=True, val_fraction=0.0, train=cfg.train,
