@@ -188,7 +188,7 @@ def test_noise_is_drawn_on_the_parameters_device_and_sampling_apart(monkeypatch:
     _, opt, loader, _ = make_private(model, opt, DataLoader(TensorDataset(x, y), batch_size=6),
                                      DPConfig(1.0, 1e-5, noise_multiplier=1.0), epochs=1)
     assert made == ["cpu", "cuda:1"]
-    assert opt.generator is not loader.batch_sampler.generator
+    assert opt.generator is not loader.batch_sampler.sampler.generator  # BatchMemoryManager wraps the sampler
 
 
 def test_dp_sgd_never_uses_fp16_loss_scaling(monkeypatch: pytest.MonkeyPatch) -> None:
