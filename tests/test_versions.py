@@ -324,3 +324,37 @@ def test_dp_sgd_rounds_compose_over_all_steps() -> None:
     mixed = check_merge_budget([_vector(site, "r3")], PrivacyBudget(unit="image"), earlier)["contributors"]["h"]
     assert mixed["epsilon"] == pytest.approx(r1["epsilon"] + site[1]["epsilon"])
     assert (mixed["delta"], mixed["composition"]) == (2e-5, BASIC_COMPOSITION)
+
+
+def test_calibrate_select_and_contributions_on_a_merged_version(tmp_path: Path, make_base: Callable[..., Path],
+                                                                make_finetuned: Callable[..., Path]) -> None:
+    """The validation-data hooks merge onto a version as a plain merge does: the chosen λ (and method) give the
+    same tensors, version and lineage as merging with them directly."""
+    from synthetic_data import image_folder
+
+    from taskvec.merging.calibrate import Calibrator
+
+    v0 = make_base("test_vit", num_classes=2)
+    val = image_folder(tmp_path / "val", n_per_class=6, seed=9)
+
+    def vector(base: Path, seed: int) -> Path:
+        ft = make_finetuned(base, seed, scale=0.05)
+        return export_vector(ft, base, tmp_path / f"x{seed}.safetensors", contributor=f"s{seed}", samples=seed).path
+
+    v1 = merge_vectors([vector(v0, 1)], v0, tmp_path / "v1.safetensors").path
+    stale, fresh = vector(v0, 2), vector(v1, 3)
+    cal = merge_vectors([stale, fresh], v1, tmp_path / "cal.safetensors", method="mean",
+                        calibrate=Calibrator(val, grid=(0.0, 0.5, 1.0), device="cpu"),
+                        contributions=Calibrator(val, device="cpu"))
+    sel = merge_vectors([stale, fresh], v1, tmp_path / "sel.safetensors",
+                        select=Calibrator(val, grid=(1.0,), device="cpu"))
+    chosen = read_kind(sel.path, "model").meta["merge"]["selection"]["chosen"]
+    for i, (got, method, scale) in enumerate(((cal, "mean", cal.scale), (sel, chosen["method"], chosen["scale"]))):
+        plain = merge_vectors([stale, fresh], v1, tmp_path / f"plain{i}.safetensors", method=method, scale=scale)
+        a, b = load_file(str(got.path)), load_file(str(plain.path))
+        for k in b:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
+        mg, mp = read_kind(got.path, "model").meta, read_kind(plain.path, "model").meta
+        assert (mg["version"], mg["lineage"], mg["merge"]["vectors"]) == (2, mp["lineage"], mp["merge"]["vectors"])
+    assert [v["staleness_weight"] for v in cal.vectors] == pytest.approx([2**-0.5, 1.0])
+    assert len(cal.record["contributions"]["sites"]) == 2
