@@ -6,6 +6,10 @@ read); `accumulate` reads the vectors, a method without consensus one file at a 
 the others tensor by tensor in chunks, so memory does not grow with the number of vectors; `save_merged`
 writes `base + λ·combined` with the plan and every input recorded. The arithmetic is in `methods.py`.
 
+The base may be a merged version N (`taskvec.io.lineage`): a vector against any version K of its lineage is
+accepted, scaled by its staleness weight (1 + N − K)^(−a) before it is combined, and the merged file is
+version N+1 with the lineage extended by the base.
+
 Every byte used is read once from one open file into private memory, and that same memory is hashed on
 helper threads while the merge sums it (hashlib releases the GIL): a vector whose bytes do not match its
 sha256 fails the merge before anything is written. `diagnose` is one more streaming pass that flags vectors
