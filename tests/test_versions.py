@@ -260,8 +260,8 @@ def test_cli_staleness_option(rounds: Rounds) -> None:
 
 # --- privacy across rounds ------------------------------------------------------------------------------
 
-def pld_epsilon(events: list[Any], delta: float) -> float:
-    acc = PLDAccountant(value_discretization_interval=1e-4)
+def pld_epsilon(events: list[Any], delta: float, relation: Any = dpa.NeighboringRelation.ADD_OR_REMOVE_ONE) -> float:
+    acc = PLDAccountant(neighboring_relation=relation, value_discretization_interval=1e-4)
     acc.compose(dpa.ComposedDpEvent(events))
     return float(acc.get_epsilon(delta))
 
@@ -320,6 +320,12 @@ def test_dp_sgd_rounds_compose_over_all_steps() -> None:
     with pytest.raises(PrivacyError, match="1 already in the base's lineage"):
         check_merge_budget([_vector([r2], "r2")], PrivacyBudget(max_epsilon=r2["epsilon"] * 1.01, unit="image"),
                            earlier)
+    # runs that are DP-SGD models also exported with noise: the smaller of the two tight compositions
+    noised = [("v1 input", {**earlier[0][1], "privacy": [r1, *gaussian_output_entries([40.0], 1.0, 1e-5, "r1")]})]
+    both = check_merge_budget([_vector([r2, *gaussian_output_entries([40.0], 1.0, 1e-5, "r2")], "r2")],
+                              PrivacyBudget(unit="image"), noised)["contributors"]["h"]
+    want = pld_epsilon([dpa.GaussianDpEvent(40.0)] * 2, 1e-5, dpa.NeighboringRelation.REPLACE_ONE)
+    assert both["epsilon"] == pytest.approx(want, rel=0.02) and both["composition"] == GDP_COMPOSITION
     site = gaussian_output_entries([3.0], 1.0, 1e-5, "r3")  # site replace-one covers an image
     mixed = check_merge_budget([_vector(site, "r3")], PrivacyBudget(unit="image"), earlier)["contributors"]["h"]
     assert mixed["epsilon"] == pytest.approx(r1["epsilon"] + site[1]["epsilon"])

@@ -333,19 +333,21 @@ def _run_guarantee(ledgers: Sequence[list[dict[str, Any]]], unit: str, relation:
 def _tight(runs: Sequence[list[list[dict[str, Any]]]], unit: str, relation: str) -> tuple[float, float, str] | None:
     """(ε, δ, accountant) of several runs of one contributor composed tightly, when every run is the same kind
     of Gaussian mechanism: export noise (μ-GDP composes exactly: μ² = Σ (sensitivity/σ)², Dong, Roth & Su 2019)
-    or DP-SGD (one PRV accountant over all the runs' steps). δ is the largest of theirs. None otherwise."""
+    or DP-SGD (one PRV accountant over all the runs' steps); the smaller ε where both apply. δ is the largest
+    of theirs. None when neither applies."""
+    options = []
     exports = [e for e in (_run_export(g, unit, relation) for g in runs) if e is not None]
     if len(exports) == len(runs):
         mu = math.sqrt(sum((SENSITIVITY[e["relation"]] / composed_noise_multiplier(e["releases"])) ** 2
                            for e in exports))
         delta = max(e["delta"] for e in exports)
-        return gaussian_epsilon(1 / mu, delta), delta, GDP_COMPOSITION
+        options.append((gaussian_epsilon(1 / mu, delta), delta, GDP_COMPOSITION))
     sgd = [e for e in (_run_dp_sgd(g, unit, relation) for g in runs) if e is not None]
     if len(sgd) == len(runs):
         delta = max(e["delta"] for e in sgd)
         eps, accountant = dp_sgd_epsilon([(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in sgd], delta)
-        return eps, delta, accountant
-    return None
+        options.append((eps, delta, accountant))
+    return min(options, default=None)
 
 
 def _contributor_epsilon(ledgers: list[tuple[str | None, list[dict[str, Any]]]], unit: str,
