@@ -100,7 +100,7 @@ def demo(
     if not data.exists():
         write_classification_npz(data)
     cfg = SimulationConfig(data=str(data), out=str(out), sites=sites, arch="test_convnext", labels=list(LABELS),
-                           in_chans=1, img_size=32, epochs=3, base_epochs=3, lr=1e-3, batch_size=32)
+                           in_chans=1, img_size=32, base_epochs=3, lr=1e-3)
     _print_table(run(cfg, progress=lambda s: console.print(s, style="dim")))
     console.print("Same on your own data: taskvec simulate --data PATH --out REPORT_DIR --sites K "
                   "[--split dirichlet:0.5] [--dp]  (see `taskvec simulate --help`)")

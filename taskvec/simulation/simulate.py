@@ -5,13 +5,14 @@ One data set is cut into an untouched test split, a merger's validation share, a
 through `taskvec.training.loop.finetune` (the code path of `taskvec finetune`), exports a vector, and the vectors are
 merged with every method (and calibrated on the validation share). Everything is evaluated on the same test
 split: the base, every site alone, every merge, and centralised training on the union of the sites' data
-with the same number of epochs (the same number of gradient passes over the same images). Runs resume:
-finished site trainings are reused.
+with the same number of passes over the same images: the same epochs, or with the default schedule, as many
+example gradients as all sites' runs together. Runs resume: finished site trainings are reused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from taskvec.models.spec import ModelSpec, build_base, save_model
 from taskvec.simulation.splits import split_sites
 from taskvec.training.data import DataSplits, ImageDataset, hold_out_by_patient, load_data
 from taskvec.training.evaluate import evaluate_model
-from taskvec.training.loop import METRICS_FILE, FinetuneConfig, finetune
+from taskvec.training.loop import METRICS_FILE, FinetuneConfig, finetune, schedule
 from taskvec.training.mergeable import check_head
 from taskvec.training.metrics import primary_metric
 
@@ -244,6 +245,15 @@ def _make_base(cfg: SimulationConfig, out: Path, module: Any, spec: ModelSpec, p
     return base, pool
 
 
+def central_steps(site_sizes: list[int], config: FinetuneConfig) -> int | None:
+    """Steps of the centralised run under the default schedule: as many example gradients as all sites' runs
+    together (None: `config` sets epochs or steps, which the centralised run keeps)."""
+    if config.epochs is not None or config.steps is not None:
+        return config.steps
+    plans = [schedule(n, config) for n in site_sizes]
+    return math.ceil(sum(b * n for b, n in plans) / schedule(sum(site_sizes), config)[0])
+
+
 def _variant(cfg: SimulationConfig, out: Path, base: Path, sites: list[ImageDataset], union: ImageDataset,
              test: ImageDataset, val: ImageDataset | None, train_cfg: FinetuneConfig, eps: float | None,
              progress: Progress) -> list[dict[str, Any]]:
@@ -257,7 +267,8 @@ def _variant(cfg: SimulationConfig, out: Path, base: Path, sites: list[ImageData
         train_cfg, dp=DPConfig(max_grad_norm=cfg.max_grad_norm, delta=cfg.delta, target_epsilon=eps))
     jobs = [(str(base), ds, str(out / f"sites{tag}" / f"site{i}"), replace(run_cfg, contributor=f"site{i}",
              seed=cfg.seed + 10 + i)) for i, ds in enumerate(sites)]
-    jobs.append((str(base), union, str(out / f"centralised{tag}"), replace(run_cfg, contributor="centralised")))
+    central = replace(run_cfg, contributor="centralised", steps=central_steps([len(s) for s in sites], run_cfg))
+    jobs.append((str(base), union, str(out / f"centralised{tag}"), central))
     models = _train_all(jobs, cfg.jobs, progress)
     vec_dir = out / f"vectors{tag}"
     vec_dir.mkdir(exist_ok=True)

@@ -216,6 +216,13 @@ def plan_steps(config: FinetuneConfig, per_epoch: int) -> tuple[int, list[str]]:
     return total, warn
 
 
+def schedule(n_train: int, config: FinetuneConfig) -> tuple[int, int]:
+    """(batch size, optimiser steps) of a run of `config` on `n_train` training images (the batch drops a
+    ragged last batch when the data holds more than one)."""
+    batch = config.batch_size or default_batch(n_train, config.dp is not None)
+    return batch, plan_steps(config, n_train // batch if n_train > batch else 1)[0]
+
+
 def epoch_seed(seed: int, epoch: int, salt: int) -> int:
     """Independent, reproducible seeds per (run seed, epoch, purpose)."""
     return int(np.random.SeedSequence([seed, epoch, salt]).generate_state(1, dtype=np.uint64)[0] >> 1)
