@@ -364,3 +364,16 @@ def test_calibrate_select_and_contributions_on_a_merged_version(tmp_path: Path, 
         assert (mg["version"], mg["lineage"], mg["merge"]["vectors"]) == (2, mp["lineage"], mp["merge"]["vectors"])
     assert [v["staleness_weight"] for v in cal.vectors] == pytest.approx([2**-0.5, 1.0])
     assert len(cal.record["contributions"]["sites"]) == 2
+
+
+def test_a_merge_that_changed_nothing_may_have_its_parents_identity() -> None:
+    """λ = 0 (calibration found the vectors no help) gives the parent's content; a grandparent's is refused."""
+    from taskvec.io.lineage import model_problem
+
+    a, b = "a" * 64, "b" * 64
+    one = {"identity": a, "version": 1, "parent": a, "lineage": [{"identity": a, "version": 0}],
+           "merge": {"vectors": []}}
+    assert model_problem(one) is None
+    chain = [{"identity": a, "version": 0}, {"identity": b, "version": 1, "vectors": []}]
+    two = {**one, "version": 2, "parent": b, "lineage": chain}
+    assert model_problem(two) == ("lineage", "names one identity twice")

@@ -59,8 +59,8 @@ def model_problem(m: Mapping[str, Any]) -> tuple[str, str] | None:
         bad = _summaries_problem(e.get("vectors")) if i else None
         if bad:
             return "lineage", f"entry {i} (v{i}): vectors {bad}"
-    ids = [e["identity"] for e in lineage]
-    if len(set(ids)) != n or m.get("identity") in ids:
+    ids = [e["identity"] for e in lineage]  # a merge that changed nothing (λ = 0) has its parent's content
+    if len(set(ids)) != n or m.get("identity") in ids[:-1]:
         return "lineage", "names one identity twice"
     if n and m.get("parent") != ids[-1]:
         return "parent", f"must be the last lineage identity (v{n - 1} {ids[-1][:12]}), got {str(m.get('parent'))[:12]}"
