@@ -129,9 +129,13 @@ SHAPES = [(40, 250), (10_000,)]  # 20,000 coordinates in two tensors
 
 
 @pytest.mark.parametrize("z", [0.5, 1.0, 2.0])
-def test_canaries_bound_a_correct_mechanism_below_its_claim(z: float) -> None:
+def test_canaries_bound_a_correct_mechanism_below_its_claim(z: float, monkeypatch: pytest.MonkeyPatch) -> None:
     from taskvec.audits.canaries import audit_export_mechanism
+    from taskvec.privacy import dpsgd
 
+    # the release's noise comes from a secret generator; seed it (far from the canaries' seeds) so the test is
+    # deterministic: unseeded, the estimate at z = 2 left the ±40% band in about 1 run in 13
+    monkeypatch.setattr(dpsgd, "secret_generator", lambda device: torch.Generator(device).manual_seed(2**40))
     a = audit_export_mechanism(SHAPES, clip=0.7, noise_multiplier=z, delta=1e-5, canaries=1000, seed=1)
     assert a.dim == 20_000 and a.epsilon_lower_bound < a.claimed_epsilon
     # the Gaussian mechanism is tight: the estimate is near the claim (its noise grows with z at δ = 1e-5)
