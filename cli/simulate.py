@@ -22,8 +22,11 @@ def _print_table(result: Any) -> None:
     console.print(f"report: {result.report} (plots: {', '.join(p.name for p in result.plots)})")
 
 
-def _floats(text: str | None) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()] if text else []
+def _floats(text: str | None, option: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()] if text else []
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes comma-separated numbers, got {text!r}") from None
 
 
 def simulate(
@@ -59,8 +62,16 @@ def simulate(
         None, help="Repeat for these seeds (e.g. 0,1,2; each in OUT/seed<S>) and report mean ± sd with error bars."
     ),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    rounds: int | None = typer.Option(
+        None, help="Then asynchronous rounds: each site arrives up to R times, re-basing on the newest version."),
+    speeds: str | None = typer.Option(
+        None, help="Relative time per fine-tune of each site, e.g. 1,1.5,3 (default: uniform 1 to 4 per seed)."),
+    buffer: int | None = typer.Option(None, help="Merge after every K arrivals (FedBuff; default: the sites)."),
+    staleness: float = typer.Option(0.5, help="a in the weight (1 + staleness)^-a of a vector (0: no discount)."),
+    round_method: str = typer.Option("mean", "--round-method", help="How the rounds combine a buffer."),
 ) -> None:
-    """Split one data set into sites, fine-tune each alone, merge with every method, compare on one test split."""
+    """Split one data set into sites, fine-tune each alone, merge with every method, compare on one test split;
+    with --rounds, then let the sites go on asynchronously from the newest merged version."""
     from taskvec.simulation.simulate import SimulationConfig, simulate_seeds
     from taskvec.simulation.simulate import simulate as run
 
@@ -69,8 +80,9 @@ def simulate(
         labels=[s.strip() for s in labels.split(",")] if labels else None, in_chans=in_chans, img_size=img_size,
         pretrained=pretrained, weights=str(weights) if weights else None, train=train, epochs=epochs,
         prox=prox, head=head, base_epochs=base_epochs, batch_size=batch_size, lr=lr, calibrate=calibrate,
-        epsilons=_floats(target_epsilons) if dp else [], delta=delta, max_grad_norm=max_grad_norm, jobs=jobs,
-        seed=seed, device=device,
+        epsilons=_floats(target_epsilons, "--target-epsilons") if dp else [], delta=delta,
+        max_grad_norm=max_grad_norm, jobs=jobs, seed=seed, device=device, rounds=rounds,
+        speeds=_floats(speeds, "--speeds") or None, buffer=buffer, staleness=staleness, round_method=round_method,
     )
     if methods:
         cfg.methods = [m.strip() for m in methods.split(",")]

@@ -9,7 +9,7 @@ import numpy as np
 
 from taskvec.io.files import atomic_output
 
-GROUP_ORDER = {"base": 0, "local": 1, "merged": 2, "calibrated": 3, "centralised": 4}
+GROUP_ORDER = {"base": 0, "local": 1, "merged": 2, "calibrated": 3, "async": 4, "centralised": 5}
 SHOWN = ("auroc", "accuracy", "balanced_accuracy", "macro_f1", "dice", "jaccard", "pixel_accuracy")
 
 
@@ -49,9 +49,37 @@ def _markdown(summary: dict[str, Any], plots: list[Path]) -> str:
         f"{cfg['delta']:g}) for every site and for the centralised run.", "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
         *["| " + " | ".join(r) + " |" for r in body], "",
+        *_rounds_markdown(summary),
         *[f"![{p.stem}]({p.name})" for p in plots], "",
     ]
     return "\n".join(lines)
+
+
+def _rounds_markdown(summary: dict[str, Any]) -> list[str]:
+    """How the asynchronous rounds ran, and each site's ε composed over its rounds."""
+    cfg, schedule = summary["config"], summary.get("schedule")
+    if schedule is None:
+        return []
+    order = " ".join(f"site{a['site']}→v{a['base_version']}" for a in schedule["arrivals"])
+    speeds = ("given" if cfg["speeds"] is not None else "drawn uniformly from 1 to 4 with each seed"
+              + ("; those of the first seed" if "seeds" in cfg else ""))
+    lines = [
+        f"`async-vN@A` = version N of asynchronous rounds, published after A arrivals: each site arrives up to "
+        f"{schedule['rounds']} times, re-basing each fine-tune on the newest version published when it starts; "
+        f"the merger combines every {schedule['buffer']} arrivals with `{cfg['round_method']}` onto the newest "
+        f"version, each vector weighted by (1 + staleness) ^ -{cfg['staleness']:g} (FedBuff). Relative time per "
+        f"fine-tune ({speeds}): {', '.join(f'site{i} {s:g}' for i, s in enumerate(schedule['speeds']))}; "
+        f"arrivals (site→version it trained from): {order}.", "",
+    ]
+    composed = [r for r in summary["rows"] if r.get("composed_epsilon") and r.get("final")]
+    if composed:
+        sites = list(composed[0]["composed_epsilon"])
+        lines += ["Each site's ε (DP-SGD, per image, add-remove) composed over all its arrivals, from the last "
+                  "version's merge record:", "", "| target ε per arrival | " + " | ".join(sites) + " |",
+                  "|" + "---|" * (1 + len(sites))]
+        lines += [f"| {r['epsilon']:g} | " + " | ".join(f"{e:.3g}" for e in r["composed_epsilon"].values()) + " |"
+                  for r in composed] + [""]
+    return lines
 
 
 def _plot_methods(out: Path, rows: list[dict[str, Any]], metric: str, eps: float | None) -> Path:
@@ -101,7 +129,8 @@ def _plot_epsilon(out: Path, rows: list[dict[str, Any]], metric: str, epsilons: 
     fig, ax = plt.subplots(figsize=(6, 4))
     series: dict[str, list[tuple[float, float, float]]] = {}
     for r in rows:
-        if r["epsilon"] is None or r["value"] is None or r["group"] == "base":
+        if r["epsilon"] is None or r["value"] is None or r["group"] == "base" or (
+                r["group"] == "async" and not r["final"]):
             continue
         key = r["method"] if r["group"] == "merged" else r["group"]
         if r["group"] == "calibrated":
@@ -130,11 +159,49 @@ def _plot_epsilon(out: Path, rows: list[dict[str, Any]], metric: str, epsilons: 
     return path
 
 
+def _plot_arrivals(out: Path, rows: list[dict[str, Any]], metric: str, eps: float | None) -> Path:
+    """Utility of the newest version against the number of arrivals, beside one-shot merging with the same
+    method, the best single site and centralised training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in rows if r["epsilon"] == eps]
+    versions = sorted((r for r in sel if r["group"] == "async"), key=lambda r: r["arrivals"])
+    points = [(0, rows[0]), *((r["arrivals"], r) for r in versions)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar([a for a, _ in points], [r["value"] for _, r in points],
+                yerr=[r.get("value_sd") or 0 for _, r in points], marker="o", capsize=3, color="tab:blue",
+                label=f"asynchronous ({versions[0]['method']}), v0 = base")
+    local = [r for r in sel if r["group"] == "local"]
+    lines = [("one-shot " + versions[0]["method"], "tab:purple",
+              [r for r in sel if r["group"] == "merged" and r["method"] == versions[0]["method"]]),
+             ("best single site", "tab:orange", [max(local, key=lambda r: r["value"])] if local else []),
+             ("centralised", "tab:green", [r for r in sel if r["group"] == "centralised"])]
+    for label, color, found in lines:
+        for r in found:
+            ax.axhline(r["value"], color=color, ls="--", label=f"{label} ({r['name']})")
+            if r.get("value_sd"):
+                ax.axhspan(r["value"] - r["value_sd"], r["value"] + r["value_sd"], color=color, alpha=0.1)
+    ax.set_xlabel("arrivals (site fine-tunes received by the merger)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"Asynchronous rounds ({'no DP' if eps is None else f'DP-SGD ε = {eps:g} per arrival'})")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = out / ("utility_vs_arrivals.png" if eps is None else f"utility_vs_arrivals_eps{eps:g}.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(out: Path, summary: dict[str, Any]) -> tuple[Path, list[Path]]:
     """Write the plots and `report.md` into `out`; return their paths."""
     rows, metric = summary["rows"], summary["metric"]
     epsilons = summary["config"]["epsilons"]
     plots = [_plot_methods(out, rows, metric, eps) for eps in [None, *epsilons]]
+    if "schedule" in summary:
+        plots += [_plot_arrivals(out, rows, metric, eps) for eps in [None, *epsilons]]
     if epsilons:
         plots.append(_plot_epsilon(out, rows, metric, epsilons))
     with atomic_output(out / "report.md", force=True) as tmp:

@@ -6,7 +6,10 @@ through `taskvec.training.loop.finetune` (the code path of `taskvec finetune`), 
 merged with every method (and calibrated on the validation share). Everything is evaluated on the same test
 split: the base, every site alone, every merge, and centralised training on the union of the sites' data
 with the same number of passes over the same images: the same epochs, or with the default schedule, as many
-example gradients as all sites' runs together. Runs resume: finished site trainings are reused.
+example gradients as all sites' runs together. With `rounds`, the sites then keep going asynchronously
+(`taskvec.simulation.schedule`, `taskvec.simulation.rounds`): each re-bases on the newest merged version, and
+every version published is evaluated too. Runs resume: finished site trainings, vectors and versions are
+reused.
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ import numpy as np
 
 from taskvec.errors import ConfigError, OutputExistsError, TaskvecError, check_range
 from taskvec.io.files import write_json
-from taskvec.merging.export import export_vector
 from taskvec.merging.methods import MERGE_METHODS
 from taskvec.merging.stream import merge_vectors
 from taskvec.models.spec import ModelSpec, build_base, save_model
+from taskvec.privacy.ledger import PrivacyBudget
+from taskvec.simulation.rounds import RoundsSetup, export_site_vector, run_rounds
+from taskvec.simulation.schedule import Schedule, default_speeds, plan_schedule
 from taskvec.simulation.splits import split_sites
 from taskvec.training.data import DataSplits, ImageDataset, hold_out_by_patient, load_data
 from taskvec.training.evaluate import evaluate_model
-from taskvec.training.loop import METRICS_FILE, FinetuneConfig, finetune, schedule
+from taskvec.training.loop import FinetuneConfig, finetune, schedule
 from taskvec.training.mergeable import check_head
 from taskvec.training.metrics import primary_metric
 
@@ -73,13 +78,18 @@ class SimulationConfig:
     jobs: int = 1  # sites fine-tuned in parallel processes
     seed: int = 0
     device: str = "auto"
+    rounds: int | None = None  # asynchronous: each site arrives up to this many times (None: one-shot only)
+    speeds: list[float] | None = None  # relative time per fine-tune of each site (None: schedule.default_speeds)
+    buffer: int | None = None  # merge after this many arrivals (None: the number of sites)
+    staleness: float = 0.5  # a in the staleness weight (1 + d) ** -a
+    round_method: str = "mean"  # how a buffer is combined (FedBuff averages it)
 
     def check(self) -> None:
-        for m in self.methods:
+        for name, m in [*(("methods", m) for m in self.methods), ("round_method", self.round_method)]:
             if m not in MERGE_METHODS:
-                raise ConfigError(f"methods must be among {', '.join(MERGE_METHODS)}, got {m!r}", field="methods",
+                raise ConfigError(f"{name} must be among {', '.join(MERGE_METHODS)}, got {m!r}", field=name,
                                   expected=list(MERGE_METHODS), got=m)
-        for name in ("sites", "jobs", "epochs"):  # epochs may be None: the fine-tuning default
+        for name in ("sites", "jobs", "epochs", "rounds", "buffer"):  # None: the default
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", field=name, expected=">= 1",
                                   got=getattr(self, name))
@@ -87,6 +97,18 @@ class SimulationConfig:
             check_range("epsilons", e, low=0)
         FinetuneConfig(train=self.train, prox=self.prox, head=self.head).check()  # refused before any file
         check_head(self.head, dp=bool(self.epsilons))
+        check_range("staleness", self.staleness, low=0, low_open=False)
+        if self.speeds is not None and len(self.speeds) != self.sites:
+            raise ConfigError(f"speeds must give one relative time per site ({self.sites}), got {len(self.speeds)}",
+                              field="speeds", expected=self.sites, got=self.speeds)
+        self.schedule()  # speeds > 0
+
+    def schedule(self) -> Schedule | None:
+        """The asynchronous timeline (None without `rounds`)."""
+        if self.rounds is None:
+            return None
+        speeds = self.speeds if self.speeds is not None else default_speeds(self.sites, self.seed)
+        return plan_schedule(speeds, self.rounds, self.buffer or self.sites)
 
 
 @dataclass
@@ -179,8 +201,9 @@ def _evaluate(name: str, group: str, path: Path | str, test: ImageDataset, epsil
 
 def _check_out(out: Path, cfg: SimulationConfig) -> None:
     record = out / "simulation.json"
-    if record.exists():
-        if json.loads(record.read_text()) != json.loads(json.dumps(asdict(cfg))):
+    if record.exists():  # a setting the record predates has its default
+        defaults = asdict(SimulationConfig(data=cfg.data, out=cfg.out))
+        if {**defaults, **json.loads(record.read_text())} != json.loads(json.dumps(asdict(cfg))):
             raise OutputExistsError(f"{out}: holds a simulation with other settings; choose another `out`", path=out)
         return
     if out.exists() and any(out.iterdir()):
@@ -215,6 +238,9 @@ def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> Simu
         rows += _variant(cfg, out, base, sites, union, test, val, train_cfg, eps, progress)
     summary = {"config": asdict(cfg), "notes": notes, "test_samples": len(test),
                "site_samples": [len(s) for s in sites], "metric": rows[0]["metric"], "rows": rows}
+    timeline = cfg.schedule()
+    if timeline is not None:
+        summary["schedule"] = asdict(timeline)
     write_json(out / "results.json", summary)
     report, plots = write_report(out, summary)
     return SimulationResult(out, rows, rows[0]["metric"], report, plots)
@@ -263,6 +289,7 @@ def _variant(cfg: SimulationConfig, out: Path, base: Path, sites: list[ImageData
     from taskvec.privacy.dpsgd import DPConfig
 
     tag = "" if eps is None else f"-eps{eps:g}"
+    timeline = cfg.schedule()
     run_cfg = train_cfg if eps is None else replace(
         train_cfg, dp=DPConfig(max_grad_norm=cfg.max_grad_norm, delta=cfg.delta, target_epsilon=eps))
     jobs = [(str(base), ds, str(out / f"sites{tag}" / f"site{i}"), replace(run_cfg, contributor=f"site{i}",
@@ -274,18 +301,13 @@ def _variant(cfg: SimulationConfig, out: Path, base: Path, sites: list[ImageData
     vec_dir.mkdir(exist_ok=True)
     vectors, rows = [], []
     for i, model in enumerate(models[:-1]):
-        v = vec_dir / f"site{i}.safetensors"
-        if not v.exists():  # re-exporting a DP run would spend its budget again
-            # a simulation declares each site's training count public: `weighted` needs it, and a DP
-            # release carries no undeclared count
-            trained = json.loads((Path(model).parent / METRICS_FILE).read_text())["samples"]["train"]
-            export_vector(model, base, v, contributor=f"site{i}", samples=trained)
-        vectors.append(v)
+        vectors.append(export_site_vector(model, base, vec_dir / f"site{i}.safetensors", i))
         rows.append(_evaluate(f"site{i}{tag}", "local", model, test, eps, extra={"samples": len(sites[i])}))
     rows.append(_evaluate(f"centralised{tag}", "centralised", models[-1], test, eps, extra={"samples": len(union)}))
     merged_dir = out / f"merged{tag}"
     merged_dir.mkdir(exist_ok=True)
-    for method in cfg.methods:
+    methods = cfg.methods if timeline is None else list(dict.fromkeys([*cfg.methods, cfg.round_method]))
+    for method in methods:  # one-shot merging (with the rounds' method beside the rounds)
         progress(f"merging {len(vectors)} vectors with {method}{tag}")
         path = merged_dir / f"{method}.safetensors"
         merge_vectors(vectors, base, path, method=method, seed=cfg.seed, force=True)
@@ -296,6 +318,12 @@ def _variant(cfg: SimulationConfig, out: Path, base: Path, sites: list[ImageData
             merge_vectors(vectors, base, path, method=method, seed=cfg.seed, force=True, calibrate=cal)
             rows.append(_evaluate(f"{method}+cal{tag}", "calibrated", path, test, eps, method,
                                   extra={"scale": cal.record["chosen"]}))
+    if timeline is not None:
+        setup = RoundsSetup(cfg.round_method, cfg.staleness, cfg.seed,
+                            None if eps is None else PrivacyBudget(unit="image"))
+        evaluate = lambda name, path, extra: _evaluate(  # noqa: E731
+            f"{name}{tag}", "async", path, test, eps, cfg.round_method, extra)
+        rows += run_rounds(timeline, setup, out / f"rounds{tag}", base, sites, run_cfg, vectors, evaluate, progress)
     return rows
 
 
@@ -333,7 +361,11 @@ def aggregate_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             by_name.setdefault(r["name"], []).append(r)
     out = []
     for same in by_name.values():
-        row = {k: v for k, v in same[0].items() if k not in ("value", "metrics", "scale", "samples")}
+        per_seed = ("value", "metrics", "scale", "samples", "time", "merged", "composed_epsilon")
+        row = {k: v for k, v in same[0].items() if k not in per_seed}
+        if "composed_epsilon" in same[0]:  # the guarantee that holds in every seed's run
+            row["composed_epsilon"] = {who: max(r["composed_epsilon"][who] for r in same)
+                                       for who in same[0]["composed_epsilon"]}
         row["value"], row["value_sd"] = _mean_sd([r["value"] for r in same])
         keys = same[0]["metrics"]
         row["metrics"] = {k: _mean_sd([r["metrics"].get(k) for r in same])[0] for k in keys}

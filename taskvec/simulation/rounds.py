@@ -1,0 +1,96 @@
+"""Asynchronous rounds: play a `Schedule` with real training, re-basing and staleness-weighted merges.
+
+Each arrival is a real fine-tune of the site's data from the model file of the version it started from,
+exported against that version; each publication merges its buffer onto the newest version with the
+staleness weight `(1 + d) ** -staleness` (d = newest version − the vector's base version) and is evaluated
+on the test split. A site's first arrival starts from the base, so it is the one-shot run of that site
+(`first`), reused. Every step is a file that is reused when it exists, so a killed simulation resumes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from taskvec.io.files import read_header
+from taskvec.merging.export import export_vector
+from taskvec.merging.stream import merge_vectors
+from taskvec.privacy.ledger import PrivacyBudget
+from taskvec.simulation.schedule import Arrival, Schedule
+from taskvec.training.data import ImageDataset
+from taskvec.training.loop import METRICS_FILE, FinetuneConfig, finetune
+
+Evaluate = Callable[[str, Path, dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class RoundsSetup:
+    """What every arrival shares: merge `method` and `staleness` exponent, `seed`, and the privacy `budget`
+    under which merges report each contributor's composed ε (None: no DP, nothing to compose)."""
+
+    method: str
+    staleness: float
+    seed: int
+    budget: PrivacyBudget | None
+
+
+def export_site_vector(model: Path | str, base: Path, out: Path, site: int) -> Path:
+    """`out`: the vector of `model` against `base` (exported once: re-exporting a DP run would spend its budget
+    again). A simulation declares each site's training count public: `weighted` needs it."""
+    if not out.exists():
+        trained = json.loads((Path(model).parent / METRICS_FILE).read_text())["samples"]["train"]
+        export_vector(model, base, out, contributor=f"site{site}", samples=trained)
+    return out
+
+
+def run_rounds(schedule: Schedule, setup: RoundsSetup, root: Path, base: Path, sites: list[ImageDataset],
+               run_cfg: FinetuneConfig, first: list[Path], evaluate: Evaluate,
+               progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Play `schedule` into `root` (`site<i>-r<k>/` runs, `site<i>-r<k>.safetensors` vectors, `v<N>.safetensors`
+    versions); return one row per published version. `first[i]` is site i's vector from its one-shot run."""
+    root.mkdir(exist_ok=True)
+    versions = [base]
+    vectors: list[Path] = []
+    rows = []
+    for event in schedule.events():
+        if isinstance(event, Arrival):
+            vectors.append(first[event.site] if event.round == 0 else
+                           _arrival(event, root, versions[event.base_version], sites, run_cfg, progress))
+            continue
+        path = root / f"v{event.version}.safetensors"
+        merged = [vectors[i] for i in event.arrivals]
+        if not path.exists():
+            progress(f"merging {len(merged)} arrivals into version {event.version}")
+            merge_vectors(merged, versions[-1], path, method=setup.method, seed=setup.seed,
+                          budget=setup.budget or PrivacyBudget())
+        versions.append(path)
+        rows.append(_version_row(schedule, event.version, path, evaluate, setup.budget is not None))
+    return rows
+
+
+def _arrival(a: Arrival, root: Path, base: Path, sites: list[ImageDataset], run_cfg: FinetuneConfig,
+             progress: Callable[[str], None]) -> Path:
+    name = f"site{a.site}-r{a.round + 1}"
+    progress(f"t = {a.start:g}: site{a.site} fine-tunes from version {a.base_version} (arrival {a.round + 1})")
+    run = finetune(base, sites[a.site], root / name,
+                   replace(run_cfg, contributor=f"site{a.site}", seed=run_cfg.seed + 10 + a.site + 100 * a.round))
+    return export_site_vector(run.model_path, base, root / f"{name}.safetensors", a.site)
+
+
+def _version_row(schedule: Schedule, version: int, path: Path, evaluate: Evaluate, dp: bool) -> dict[str, Any]:
+    """The test-set row of `version`, with the arrivals it holds and, under DP, each site's composed ε."""
+    pub = schedule.versions[version - 1]
+    arrivals = pub.arrivals[-1] + 1
+    merged = [schedule.arrivals[i] for i in pub.arrivals]
+    extra: dict[str, Any] = {
+        "version": version, "arrivals": arrivals, "time": pub.time, "final": version == len(schedule.versions),
+        "merged": [{"site": a.site, "round": a.round + 1, "base_version": a.base_version,
+                    "staleness": version - 1 - a.base_version} for a in merged],
+    }
+    if dp:
+        record = read_header(path).meta["merge"]["privacy_budget"]
+        extra["composed_epsilon"] = {who: c["epsilon"] for who, c in record["contributors"].items()}
+    return evaluate(f"async-v{version}@{arrivals}", path, extra)
