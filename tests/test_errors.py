@@ -97,6 +97,8 @@ CASES = [
      ["finetune", "--base", "{base}", "--data", "{run}", "--out", "{run}", "--lr", "-1"], "--lr must be"),
     (_simulate, {"sites": 0}, "sites", ["simulate", "--data", "{base}", "--out", "{run}", "--sites", "0"],
      "--sites must be >= 1"),
+    (_simulate, {"rounds": 2, "speeds": [1.0]}, "speeds",
+     ["simulate", "--data", "{base}", "--out", "{run}", "--rounds", "2", "--speeds", "1"], "--speeds must give"),
     (_init, {"num_classes": 0}, "num_classes",
      ["init", "--arch", "test_vit", "--num-classes", "0", "--out", "{out}"], "--num-classes must be >= 1"),
     (_init, {"num_classes": 2, "labels": ["a"]}, "labels",

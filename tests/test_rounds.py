@@ -11,11 +11,11 @@ import pytest
 
 from taskvec.errors import ConfigError
 from taskvec.io.files import read_header
-from taskvec.simulation.schedule import SPEED_RANGE, Arrival, Schedule, default_speeds, plan_schedule
+from taskvec.simulation.schedule import SPEED_RANGE, Schedule, default_speeds, plan_schedule
 from taskvec.simulation.simulate import SimulationConfig, simulate
 from taskvec.simulation.synthetic import write_classification_npz
 
-SPEEDS = [1.0, 1.0, 1.0]
+SPEEDS = [1.0, 1.5, 3.0]
 
 
 def test_schedule_of_three_sites_worked_by_hand() -> None:
@@ -111,14 +111,22 @@ def test_each_arrival_fine_tunes_from_its_version_and_exports_against_it(rounds_
         vec = (out / "vectors" / f"site{a.site}.safetensors" if a.round == 0 else
                out / "rounds" / f"site{a.site}-r{a.round + 1}.safetensors")
         vectors.append(read_header(vec).meta)
-        assert vectors[-1]["base"]["identity"] == identity[a.base_version] and vectors[-1]["contributor"] == f"site{a.site}"
+        assert vectors[-1]["base"]["identity"] == identity[a.base_version]
+        assert vectors[-1]["contributor"] == f"site{a.site}"
         if a.round:
             model = read_header(out / "rounds" / f"site{a.site}-r{a.round + 1}" / "model.safetensors").meta
             assert model["parent"] == identity[a.base_version], a
+    seen_stale: list[int] = []
     for p in schedule.versions:
         merged = read_header(version_files[p.version]).meta
-        assert merged["parent"] == identity[p.version - 1]
+        assert merged["parent"] == identity[p.version - 1] and merged["merge"]["method"] == cfg.round_method
         assert [v["sha256"] for v in merged["merge"]["vectors"]] == [vectors[i]["sha256"] for i in p.arrivals]
+        stale = [p.version - 1 - schedule.arrivals[i].base_version for i in p.arrivals]
+        assert [v["staleness"] for v in merged["merge"]["vectors"]] == stale
+        assert [v["staleness_weight"] for v in merged["merge"]["vectors"]] == pytest.approx(
+            [(1 + d) ** -cfg.staleness for d in stale])
+        seen_stale += stale
+    assert max(seen_stale) == 1  # site1's second arrival trained on v0 and was merged onto v1
 
 
 def test_rounds_resume_from_their_files(rounds_sim) -> None:
@@ -150,3 +158,27 @@ def test_a_simulation_recorded_before_rounds_existed_resumes(tmp_path: Path) -> 
     before = model.stat().st_mtime_ns
     simulate(cfg)
     assert model.stat().st_mtime_ns == before
+
+
+def test_dp_rounds_report_each_sites_epsilon_composed_over_its_arrivals(tmp_path: Path) -> None:
+    """site0 arrives twice before version 1, site1 twice into version 2: site0's ε must come from the lineage."""
+    from taskvec.privacy.ledger import PrivacyBudget, check_merge_budget
+
+    data = write_classification_npz(tmp_path / "data.npz", n_train=60, n_val=20, n_test=30, size=32, seed=4)
+    cfg = SimulationConfig(data=str(data), out=str(tmp_path / "r"), sites=2, arch="test_vit", in_chans=1, img_size=32,
+                           epochs=1, base_epochs=1, methods=["mean"], calibrate=False, epsilons=[2.0], rounds=2,
+                           speeds=[1.0, 2.0], buffer=2)
+    res = simulate(cfg)
+    final = next(r for r in res.rows if r["group"] == "async" and r["final"] and r["epsilon"] == 2.0)
+    rounds = tmp_path / "r" / "rounds-eps2"
+    files = {0: [tmp_path / "r" / "vectors-eps2" / "site0.safetensors", rounds / "site0-r2.safetensors"],
+             1: [tmp_path / "r" / "vectors-eps2" / "site1.safetensors", rounds / "site1-r2.safetensors"]}
+    for site, paths in files.items():
+        headers = [read_header(p) for p in paths]
+        runs = [next(e["epsilon"] for e in h.meta["privacy"] if e["mechanism"] == "dp-sgd") for h in headers]
+        composed = final["composed_epsilon"][f"site{site}"]
+        assert max(runs) < composed <= sum(runs) * 1.0001  # both runs count, no worse than adding them
+        direct = check_merge_budget(headers, PrivacyBudget(unit="image"))["contributors"][f"site{site}"]
+        assert composed == pytest.approx(direct["epsilon"])  # the lineage found every release
+    assert "site0" not in read_header(rounds / "v2.safetensors").meta["merge"]["privacy_budget"]["contributors"]
+    assert "| 2 | " in (tmp_path / "r" / "report.md").read_text().split("composed over all its arrivals")[1]

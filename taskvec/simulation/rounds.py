@@ -55,6 +55,7 @@ def run_rounds(schedule: Schedule, setup: RoundsSetup, root: Path, base: Path, s
     versions = [base]
     vectors: list[Path] = []
     rows = []
+    composed: dict[str, float] = {}  # each site's ε from the newest version holding one of its vectors
     for event in schedule.events():
         if isinstance(event, Arrival):
             vectors.append(first[event.site] if event.round == 0 else
@@ -65,32 +66,34 @@ def run_rounds(schedule: Schedule, setup: RoundsSetup, root: Path, base: Path, s
         if not path.exists():
             progress(f"merging {len(merged)} arrivals into version {event.version}")
             merge_vectors(merged, versions[-1], path, method=setup.method, seed=setup.seed,
-                          budget=setup.budget or PrivacyBudget())
+                          staleness=setup.staleness, budget=setup.budget or PrivacyBudget())
         versions.append(path)
-        rows.append(_version_row(schedule, event.version, path, evaluate, setup.budget is not None))
+        extra = _version_record(schedule, event.version)
+        if setup.budget is not None:  # a merge composes its contributors' releases over the whole lineage
+            record = read_header(path).meta["merge"]["privacy_budget"]
+            composed.update({who: c["epsilon"] for who, c in record["contributors"].items()})
+            extra["composed_epsilon"] = dict(sorted(composed.items()))
+        rows.append(evaluate(f"async-v{event.version}@{extra['arrivals']}", path, extra))
     return rows
 
 
 def _arrival(a: Arrival, root: Path, base: Path, sites: list[ImageDataset], run_cfg: FinetuneConfig,
              progress: Callable[[str], None]) -> Path:
     name = f"site{a.site}-r{a.round + 1}"
-    progress(f"t = {a.start:g}: site{a.site} fine-tunes from version {a.base_version} (arrival {a.round + 1})")
+    progress(f"site{a.site}, arrival {a.round + 1}: fine-tunes from version {a.base_version} "
+             f"(t = {a.start:g} to {a.end:g})")
     run = finetune(base, sites[a.site], root / name,
                    replace(run_cfg, contributor=f"site{a.site}", seed=run_cfg.seed + 10 + a.site + 100 * a.round))
     return export_site_vector(run.model_path, base, root / f"{name}.safetensors", a.site)
 
 
-def _version_row(schedule: Schedule, version: int, path: Path, evaluate: Evaluate, dp: bool) -> dict[str, Any]:
-    """The test-set row of `version`, with the arrivals it holds and, under DP, each site's composed ε."""
+def _version_record(schedule: Schedule, version: int) -> dict[str, Any]:
+    """Where `version` stands in the schedule, for its row: arrivals so far, time, and what it merged."""
     pub = schedule.versions[version - 1]
     arrivals = pub.arrivals[-1] + 1
     merged = [schedule.arrivals[i] for i in pub.arrivals]
-    extra: dict[str, Any] = {
+    return {
         "version": version, "arrivals": arrivals, "time": pub.time, "final": version == len(schedule.versions),
         "merged": [{"site": a.site, "round": a.round + 1, "base_version": a.base_version,
                     "staleness": version - 1 - a.base_version} for a in merged],
     }
-    if dp:
-        record = read_header(path).meta["merge"]["privacy_budget"]
-        extra["composed_epsilon"] = {who: c["epsilon"] for who, c in record["contributors"].items()}
-    return evaluate(f"async-v{version}@{arrivals}", path, extra)

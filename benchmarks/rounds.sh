@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The README's evidence for asynchronous rounds (`taskvec simulate --rounds`) on ../shared/data BreastMNIST:
+# 3 label-skewed sites (Dirichlet 0.5), the pretrained tf_efficientnet_lite0, up to 3 arrivals per site, seeds 0-2.
+# Usage, from the repository root: bash benchmarks/rounds.sh [OUT_DIR]   (about 6 minutes per seed on 2 busy CPU
+# cores; resumable: every seed is its own command, and a rerun reuses every finished fine-tune, vector and version)
+set -euo pipefail
+shared=${TASKVEC_SHARED:-../shared}
+out=${1:-evidence-rounds}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+args=(--data "$shared/data/breastmnist/breastmnist.npz" --sites 3 --split dirichlet:0.5 --arch tf_efficientnet_lite0
+      --weights "$shared/weights/tf_efficientnet_lite0.in1k.safetensors" --in-chans 1 --img-size 32
+      --labels malignant,normal_benign --train all --lr 1e-4 --epochs 6 --batch-size 16 --methods mean,ties
+      --rounds 3 --device cpu)
+for seed in 0 1 2; do
+  taskvec simulate "${args[@]}" --out "$out/breastmnist/seed$seed" --seed "$seed"
+done
+taskvec simulate "${args[@]}" --out "$out/breastmnist" --seeds 0,1,2  # finds every seed done: the mean ± sd report
+python "$(dirname "$0")/rounds_summary.py" "$out/breastmnist"
