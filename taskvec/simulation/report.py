@@ -175,13 +175,14 @@ def _plot_arrivals(out: Path, rows: list[dict[str, Any]], metric: str, eps: floa
                 yerr=[r.get("value_sd") or 0 for _, r in points], marker="o", capsize=3, color="tab:blue",
                 label=f"asynchronous ({versions[0]['method']}), v0 = base")
     local = [r for r in sel if r["group"] == "local"]
+    best = [max(local, key=lambda r: r["value"])] if local else []
     lines = [("one-shot " + versions[0]["method"], "tab:purple",
               [r for r in sel if r["group"] == "merged" and r["method"] == versions[0]["method"]]),
-             ("best single site", "tab:orange", [max(local, key=lambda r: r["value"])] if local else []),
+             (f"best single site ({best[0]['name'] if best else ''})", "tab:orange", best),
              ("centralised", "tab:green", [r for r in sel if r["group"] == "centralised"])]
     for label, color, found in lines:
         for r in found:
-            ax.axhline(r["value"], color=color, ls="--", label=f"{label} ({r['name']})")
+            ax.axhline(r["value"], color=color, ls="--", label=label)
             if r.get("value_sd"):
                 ax.axhspan(r["value"] - r["value_sd"], r["value"] + r["value_sd"], color=color, alpha=0.1)
     ax.set_xlabel("arrivals (site fine-tunes received by the merger)")
