@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's evidence for asynchronous rounds (`taskvec simulate --rounds`) on ../shared/data BreastMNIST:
 # 3 label-skewed sites (Dirichlet 0.5), the pretrained tf_efficientnet_lite0, up to 3 arrivals per site, seeds 0-2.
-# Usage, from the repository root: bash benchmarks/rounds.sh [OUT_DIR]   (about 6 minutes per seed on 2 busy CPU
-# cores; resumable: every seed is its own command, and a rerun reuses every finished fine-tune, vector and version)
+# Usage, from the repository root: bash benchmarks/rounds.sh [OUT_DIR]   (13 minutes per seed on 2 CPU cores
+# shared at load 6 to 12; resumable: each seed is its own command, and a rerun reuses every finished fine-tune,
+# vector and version)
 set -euo pipefail
 shared=${TASKVEC_SHARED:-../shared}
 out=${1:-evidence-rounds}
