@@ -367,7 +367,7 @@ def test_calibrate_select_and_contributions_on_a_merged_version(tmp_path: Path, 
 
 
 def test_a_merge_that_changed_nothing_may_have_its_parents_identity() -> None:
-    """λ = 0 (calibration found the vectors no help) gives the parent's content; a grandparent's is refused."""
+    """λ = 0 (calibration found the vectors no help) gives the parent's content; twice, a grandparent's."""
     from taskvec.io.lineage import model_problem
 
     a, b = "a" * 64, "b" * 64
@@ -376,4 +376,19 @@ def test_a_merge_that_changed_nothing_may_have_its_parents_identity() -> None:
     assert model_problem(one) is None
     chain = [{"identity": a, "version": 0}, {"identity": b, "version": 1, "vectors": []}]
     two = {**one, "version": 2, "parent": b, "lineage": chain}
-    assert model_problem(two) == ("lineage", "names one identity twice")
+    assert model_problem(two) is None
+    assert model_problem({**two, "lineage": [chain[0], {**chain[1], "identity": a}], "parent": a}) is None
+
+
+def test_a_merge_at_lambda_zero_repeats_its_parents_identity(rounds: Rounds) -> None:
+    """λ = 0 (a calibration may choose it) writes the parent's tensors: the same identity twice in a lineage is
+    valid, and a vector is placed by the version it records."""
+    r = rounds
+    same = merge_vectors([r.vector("d", r.v2, 4)], r.v2, r.tmp / "v3.safetensors", scale=0.0).path
+    meta = read_kind(same, "model").meta
+    assert meta["identity"] == identity(r.v2) and meta["version"] == 3
+    from_v3, from_v2 = r.vector("e", same, 5), r.vector("f", r.v2, 6)
+    assert read_kind(from_v3, "vector").meta["base"]["version"] == 3
+    v4 = merge_vectors([from_v3, from_v2], same, r.tmp / "v4.safetensors").path
+    rec = read_kind(v4, "model").meta["merge"]["vectors"]
+    assert [(v["base_version"], v["staleness"]) for v in rec] == [(3, 0), (2, 1)]

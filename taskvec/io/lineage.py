@@ -59,9 +59,7 @@ def model_problem(m: Mapping[str, Any]) -> tuple[str, str] | None:
         bad = _summaries_problem(e.get("vectors")) if i else None
         if bad:
             return "lineage", f"entry {i} (v{i}): vectors {bad}"
-    ids = [e["identity"] for e in lineage]  # a merge that changed nothing (λ = 0) has its parent's content
-    if len(set(ids)) != n or m.get("identity") in ids[:-1]:
-        return "lineage", "names one identity twice"
+    ids = [e["identity"] for e in lineage]  # may repeat: a merge at λ = 0 has its parent's tensors
     if n and m.get("parent") != ids[-1]:
         return "parent", f"must be the last lineage identity (v{n - 1} {ids[-1][:12]}), got {str(m.get('parent'))[:12]}"
     if n and merge is None:

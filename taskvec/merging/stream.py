@@ -85,15 +85,18 @@ def check_vectors(base: Header, paths: Sequence[str | os.PathLike[str]]) -> list
 
 
 def _check_position(h: Header, base: Header, ids: Sequence[str]) -> None:
-    """The version and lineage a vector records for its base must be where that base sits in `base`'s lineage."""
-    k = ids.index(h.meta["base"]["identity"])
+    """The version and lineage a vector records for its base must be where that base sits in `base`'s lineage
+    (recorded, not looked up: a merge at λ = 0 has its parent's identity, so an identity may sit twice)."""
+    identity = h.meta["base"]["identity"]
     version, lineage = vector_base(h.meta)
-    if (version, lineage) != (k, list(ids[:k])):
-        fld = "base.version" if version != k else "base.lineage"
-        raise MismatchError(
-            f"{h.path}: records its base as v{version} with lineage {describe_versions(lineage) or '(none)'}, but "
-            f"base {base.path} has {ids[k][:12]} as v{k} after {describe_versions(ids[:k]) or 'nothing'}",
-            path=h.path, field=fld, expected=k, got=version)
+    if version < len(ids) and ids[version] == identity and lineage == list(ids[:version]):
+        return
+    k = ids.index(identity)
+    fld = "base.version" if version != k else "base.lineage"
+    raise MismatchError(
+        f"{h.path}: records its base as v{version} with lineage {describe_versions(lineage) or '(none)'}, but "
+        f"base {base.path} has {identity[:12]} as v{k} after {describe_versions(ids[:k]) or 'nothing'}",
+        path=h.path, field=fld, expected=k, got=version)
 
 
 def earlier_releases(base: Header) -> list[tuple[str, dict[str, Any]]]:
@@ -101,10 +104,9 @@ def earlier_releases(base: Header) -> list[tuple[str, dict[str, Any]]]:
     return [(f"{base.path} (v{k} input {v['sha256'][:12]})", v) for k, v in merged_summaries(base.meta)]
 
 
-def base_versions(base: Header, headers: Sequence[Header]) -> list[int]:
-    """The version of `base`'s lineage each (checked) vector was fine-tuned from."""
-    ids = versions(base.meta)
-    return [ids.index(h.meta["base"]["identity"]) for h in headers]
+def base_versions(headers: Sequence[Header]) -> list[int]:
+    """The version of the base's lineage each vector (checked by `check_vectors`) was fine-tuned from."""
+    return [vector_base(h.meta)[0] for h in headers]
 
 
 # --- the plan -----------------------------------------------------------------------------------------
@@ -181,7 +183,7 @@ class MergePlan:
         for a vector fine-tuned from version Kᵢ of the base's lineage, the base being version N."""
         w = vector_weights(self.recipe, [h.meta.get("samples") for h in headers], [str(h.path) for h in headers])
         n = model_version(base.meta)
-        s = np.array([staleness_weight(n - k, self.staleness) for k in base_versions(base, headers)])
+        s = np.array([staleness_weight(n - k, self.staleness) for k in base_versions(headers)])
         return w, s
 
     def record(self, base: Header, headers: Sequence[Header]) -> dict[str, Any]:
@@ -554,7 +556,7 @@ def vector_summaries(plan: MergePlan, base: Header, headers: Sequence[Header]) -
     return [{"sha256": h.meta["sha256"], "contributor": h.meta["contributor"], "samples": h.meta.get("samples"),
              "privacy": h.meta.get("privacy", []), "file": h.path.name,
              "run_id": (h.meta.get("source") or {}).get("run_id"), "base_version": k, "staleness": n - k,
-             "staleness_weight": float(s)} for h, k, s in zip(headers, base_versions(base, headers), scales)]
+             "staleness_weight": float(s)} for h, k, s in zip(headers, base_versions(headers), scales)]
 
 
 def merged_arrays(bh: Header, comb: Combined, scale: float) -> Iterator[tuple[str, str, tuple[int, ...], Array]]:
