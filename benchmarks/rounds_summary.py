@@ -2,7 +2,7 @@
 over the seeds, and per seed whether the last asynchronous version reaches 0.98x centralised and beats the best
 single site of that seed.
 
-Usage: python benchmarks/rounds_summary.py OUT/breastmnist [--readme README.md]
+Usage: python benchmarks/rounds_summary.py OUT/breastmnist [OUT/monuseg ...] [--readme README.md]
 With --readme, the block between the `rounds-evidence` markers in that file is replaced by the output.
 """
 
@@ -19,9 +19,10 @@ END = "<!-- /rounds-evidence -->"
 TARGET = 0.98
 
 
-def _ms(values: list[float], digits: int = 3) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+def _ms(values: list[float]) -> str:
+    """Mean ± sample sd (the value alone for one seed)."""
+    mean = f"{statistics.mean(values):.3f}"
+    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.3f}"
 
 
 def _seed_models(rows: list[dict]) -> dict[str, dict]:
@@ -44,13 +45,14 @@ def summary(folder: Path) -> str:
     results = [json.loads(p.read_text()) for p in seeds]
     runs = [_seed_models(r["rows"]) for r in results]
     metric, cfg = results[0]["metric"], results[0]["config"]
-    lines = [f"{metric} (and balanced accuracy) on the test split ({results[0]['test_samples']} images), mean ± sd "
-             f"over seeds {', '.join(str(r['config']['seed']) for r in results)}:", "",
-             f"| model | {metric} | balanced accuracy |", "|---|---|---|"]
+    other = "balanced_accuracy" if "balanced_accuracy" in runs[0]["base"]["metrics"] else "jaccard"
+    over = (f"mean ± sd over seeds {', '.join(str(r['config']['seed']) for r in results)}" if len(results) > 1
+            else f"one seed ({cfg['seed']})")
+    lines = [f"**{folder.name}**: {metric} (and {other}) on the test split ({results[0]['test_samples']} "
+             f"images), {over}:", "", f"| model | {metric} | {other} |", "|---|---|---|"]
     for name in runs[0]:
         got = [run[name] for run in runs]
-        lines.append(f"| {name} | {_ms([g['value'] for g in got])} | "
-                     f"{_ms([g['metrics']['balanced_accuracy'] for g in got])} |")
+        lines.append(f"| {name} | {_ms([g['value'] for g in got])} | {_ms([g['metrics'][other] for g in got])} |")
     final = [run[[n for n in run if n.startswith("async")][-1]]["value"] for run in runs]
     ratio = [f / run["centralised"]["value"] for f, run in zip(final, runs, strict=True)]
     gain = [f - run["best single site"]["value"] for f, run in zip(final, runs, strict=True)]
@@ -76,9 +78,13 @@ def write_readme(readme: Path, text: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 4) or (len(sys.argv) == 4 and sys.argv[2] != "--readme"):
+    if len(sys.argv) < 2 or sys.argv[-1] == "--readme":
         sys.exit(__doc__)
-    out = summary(Path(sys.argv[1]))
+    args, readme = sys.argv[1:], None
+    if "--readme" in args:
+        i = args.index("--readme")
+        args, readme = args[:i] + args[i + 2:], Path(args[i + 1])
+    out = "\n\n".join(summary(Path(a)) for a in args)
     print(out)
-    if len(sys.argv) == 4:
-        write_readme(Path(sys.argv[3]), out)
+    if readme is not None:
+        write_readme(readme, out)
