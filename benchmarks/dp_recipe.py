@@ -72,7 +72,9 @@ def run(seed: int, recipes: list[str], args: argparse.Namespace, work: Path) -> 
     out: dict[str, float] = {}
     for text in recipes:
         name, fields, dp_fields, eps = parse_recipe(text)
-        dp = None if eps is None else DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=eps, **dp_fields)
+        dp_fields = {"max_grad_norm": 1.0, "delta": 1e-5, **dp_fields}
+        dp = None if eps is None else DPConfig(**dp_fields,
+                                               target_epsilon=None if "noise_multiplier" in dp_fields else eps)
         cfg = replace(FinetuneConfig(train=args.train, seed=seed + 10, val_fraction=0.0, device="cpu", dp=dp),
                       **fields)
         t0 = time.perf_counter()
