@@ -55,13 +55,7 @@ def run(seed: int, recipes: list[str], args: argparse.Namespace, work: Path) -> 
 
     module, spec = build_base(args.arch, num_classes=2, in_chans=1, img_size=args.img_size,
                               labels=["malignant", "normal_benign"], weights=args.weights, dp_compatible=True,
-                              seed=seed)
-    if args.head == "zero":
-        import torch
-
-        with torch.no_grad():
-            for t in module.get_classifier().parameters():
-                t.zero_()
+                              seed=seed, zero_head=args.head == "zero")
     base = work / f"base{seed}.safetensors"
     save_model(module, spec, base)
     splits = load_data(args.data, spec, img_size=args.img_size, val_fraction=0.0, seed=seed)
@@ -93,7 +87,7 @@ def main() -> None:
     p.add_argument("--arch", default="tf_efficientnet_lite0")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--train", default="norm-bias")
-    p.add_argument("--head", choices=["random", "zero"], default="random")
+    p.add_argument("--head", choices=["random", "zero"], default="zero", help="the base's new head (default: zero)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--recipes", nargs="+", default=["no-dp:eps=none", "dp:eps=8"])
     args = p.parse_args()

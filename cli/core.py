@@ -27,6 +27,10 @@ def init(
                                 "statistics) | groupnorm (default without)."
     ),
     decoder: str = typer.Option("unet", help="Segmentation decoder (segmentation-models-pytorch): unet | fpn."),
+    random_head: bool = typer.Option(
+        False, "--random-head", help="A random new classifier even with pretrained weights (default there: zero); "
+                                     "needed for finetune --head frozen."),
+    seed: int | None = typer.Option(None, help="Seed of what is initialised at random (head, decoder)."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
 ) -> None:
     """Create the shared base model file every site starts from; prints its identity."""
@@ -36,7 +40,7 @@ def init(
     check_output(out, force)
     names = [s.strip() for s in labels.split(",")] if labels else None
     module, spec = build_base(arch, task, num_classes, in_chans, img_size, names, pretrained, weights, dp_compatible,
-                              dp_norm, decoder)
+                              dp_norm, decoder, seed=seed, zero_head=False if random_head else None)
     if spec.dp_compatible is not None:
         from taskvec.models.dp_ready import DEPTHWISE_WARNING, depthwise_convolutions
 

@@ -15,7 +15,7 @@ from taskvec.errors import ConfigError
 from taskvec.io.files import read_header
 from taskvec.merging.export import export_vector
 from taskvec.merging.stream import merge_vectors
-from taskvec.models.spec import build_base
+from taskvec.models.spec import build_base, save_model
 from taskvec.training.loop import MIN_DP_STEPS, MIN_STEPS, FinetuneConfig, default_batch, finetune, plan_steps
 from taskvec.training.modes import factorize, parse_mode, prepare, trainable_names
 
@@ -146,6 +146,17 @@ def test_physical_batches_make_the_same_dp_steps(tmp_path: Path, dp_base: Path,
     assert moved > 1e-3
     for k in states[0]:
         torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_head_refuses_a_zero_head_before_any_file(tmp_path: Path) -> None:
+    """A pretrained base's new head starts at zero; kept frozen it would never let the features learn."""
+    base = tmp_path / "base.safetensors"
+    save_model(*build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=28, zero_head=True), base)
+    assert not any(v.any() for k, v in load_file(str(base)).items() if k.startswith("classifier."))
+    with pytest.raises(ConfigError, match="^head frozen would keep the base's all-zero classifier") as e:
+        finetune(base, npz_file(tmp_path / "d.npz", n=16), tmp_path / "run",
+                 FinetuneConfig(steps=1, device="cpu", head="frozen"))
+    assert e.value.field == "head" and not (tmp_path / "run").exists()
 
 
 def test_small_data_defaults() -> None:

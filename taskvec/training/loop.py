@@ -409,12 +409,27 @@ def finetune(
                           field="head", got=config.head)
     if config.dp is not None:  # refuse a base DP-SGD cannot train before the run folder exists
         require_dp_ready(create_module(spec))
+    if config.head == "frozen" and spec.task == "classification":
+        _check_frozen_head(base, spec)
     with process_group(resolve_device(config.device)) as group:
         if not group.main:  # rank 0 reports
             track, on_epoch = no_track, None
         run = _start(base, header.meta["identity"], spec, splits.train, out, config, splits.source, group)
         history = _train(run, config, splits.val, track, on_epoch)
         return _save_run(run, config, splits, history)
+
+
+def _check_frozen_head(base: str | os.PathLike[str], spec: ModelSpec) -> None:
+    """A head kept frozen must tell the classes apart: refuse a base whose classifier is all zero."""
+    from safetensors import safe_open
+
+    from taskvec.training.modes import head_prefixes
+
+    prefixes = head_prefixes(create_module(spec), spec.task)
+    with safe_open(str(base), "pt") as f:
+        if not any(f.get_tensor(k).any() for k in f.keys() if k.startswith(prefixes)):
+            raise ConfigError("head frozen would keep the base's all-zero classifier (a pretrained base's default) "
+                              "and learn nothing: build the base with zero_head=False", field="head", got="frozen")
 
 
 @dataclass
