@@ -407,8 +407,6 @@ def finetune(
     if config.head != "train" and spec.task != "classification":
         raise ConfigError(f"head {config.head} is for classification; a {spec.task} base trains its head",
                           field="head", got=config.head)
-    if config.head == "frozen":
-        _require_live_head(base, spec)
     if config.dp is not None:  # refuse a base DP-SGD cannot train before the run folder exists
         require_dp_ready(create_module(spec))
     if config.head == "frozen" and spec.task == "classification":
@@ -499,20 +497,6 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
         run.start_epoch, run.history = meta["epoch"], meta["history"]
         setup.load_state(meta.get("setup", {}))
     return run
-
-
-def _require_live_head(base: str | os.PathLike[str], spec: ModelSpec) -> None:
-    """Refuse `head` frozen on a base whose classifier is all zero (a zero-head base): its logits would stay
-    constant and the features would get no gradient."""
-    from safetensors import safe_open
-
-    net = create_module(spec)
-    names = [n for n, _ in net.named_parameters() if n.startswith(head_prefixes(net, spec.task))]
-    with safe_open(str(base), "pt") as f:
-        if all(not f.get_tensor(n).any() for n in names):
-            raise ConfigError(f"head frozen keeps the base's classifier, which is all zero in {base}: nothing could "
-                              "learn; build the base with a random head (build_base zero_head=False)",
-                              field="head", got="frozen")
 
 
 def _criterion(spec: ModelSpec, train: ImageDataset, head: str) -> nn.Module:
