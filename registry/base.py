@@ -24,7 +24,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,7 @@ from taskvec.io.files import (
 )
 from taskvec.io.layout import check_against_base
 from taskvec.io.lineage import describe_versions as describe_identities
+from taskvec.io.lineage import is_sha
 from taskvec.io.tensors_np import non_finite
 from taskvec.progress import Track, no_track
 
@@ -57,7 +57,6 @@ VERSION_DIR = "versions"
 REGISTRY_FORMAT = "taskvec-registry"
 REGISTRY_VERSION = 2  # 2: `versions` (format 1 registries hold version 0 only and are read as such)
 DEFAULT_SIGNER = "merger"
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_TEXT_BYTES = 64 * 1024 * 1024  # registry.json, index.json, signatures
 
 
@@ -99,10 +98,6 @@ def parse_time(text: str) -> _dt.datetime:
             f"cannot read time {text!r}; give an ISO date such as 2025-03-01 or 2025-03-01T12:00"
         ) from None
     return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
-
-
-def _is_sha(x: Any) -> bool:
-    return isinstance(x, str) and _SHA256.fullmatch(x) is not None
 
 
 def _is_count(x: Any) -> bool:
@@ -148,8 +143,8 @@ class Entry:
         check_contributor(e.contributor)
         problems = [
             name for name, ok in (
-                ("sha256", _is_sha(e.sha256)), ("file_sha256", _is_sha(e.file_sha256)),
-                ("path", e.path == vector_path(e.contributor, e.sha256) if _is_sha(e.sha256) else False),
+                ("sha256", is_sha(e.sha256)), ("file_sha256", is_sha(e.file_sha256)),
+                ("path", e.path == vector_path(e.contributor, e.sha256) if is_sha(e.sha256) else False),
                 ("size", _is_count(e.size)), ("base", isinstance(e.base, str)),
                 ("samples", e.samples is None or _is_count(e.samples)),
                 ("dtype", isinstance(e.dtype, str)), ("privacy", isinstance(e.privacy, list)),
@@ -203,8 +198,8 @@ class Version:
         problems = [
             name for name, ok in (
                 ("version", type(v.version) is int and v.version == n),
-                ("identity", v.identity == base if previous is None else _is_sha(v.identity)),
-                ("sha256", unstored or _is_sha(v.sha256)), ("path", unstored or v.path == version_path(n)),
+                ("identity", v.identity == base if previous is None else is_sha(v.identity)),
+                ("sha256", unstored or is_sha(v.sha256)), ("path", unstored or v.path == version_path(n)),
                 ("parent", v.parent == (None if previous is None else previous.identity)),
                 ("created", isinstance(v.created, str)), ("signer", _is_name(v.signer)),
                 ("signature", v.signature is None or (isinstance(v.signature, dict) and all(
@@ -268,7 +263,7 @@ class RegistryInfo:
             if version > REGISTRY_VERSION:
                 raise RegistryError(f"{where}: registry format {version} is newer; upgrade taskvec")
             b = d["base"]
-            if not (isinstance(b, dict) and _is_sha(b.get("identity")) and isinstance(b.get("arch"), str)
+            if not (isinstance(b, dict) and is_sha(b.get("identity")) and isinstance(b.get("arch"), str)
                     and isinstance(b.get("task"), str) and isinstance(b.get("labels"), list)
                     and all(isinstance(x, str) for x in b["labels"])):
                 raise ValueError("base")
@@ -730,7 +725,7 @@ class Registry:
                 local = Path(tmp) / "vector.safetensors"
                 try:
                     parts = path.split("/")
-                    if len(parts) != 3 or not _is_sha(parts[2].removesuffix(".safetensors")):
+                    if len(parts) != 3 or not is_sha(parts[2].removesuffix(".safetensors")):
                         raise RegistryError(f"{self.address}/{path}: not a vectors/CONTRIBUTOR/SHA256.safetensors name")
                     check_contributor(parts[1])
                     file_sha = self.store.copy_to(path, local, None)
