@@ -14,7 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from taskvec.errors import PrivacyConfigError, PrivacyError
+from taskvec.privacy import ledger
 from taskvec.privacy.dpsgd import PRV, RDP, DPConfig, calibrate_noise, epsilon_spent, make_private, max_steps
+from taskvec.privacy.ledger import RDP_LARGE, dp_sgd_entry, history_epsilon, prv_grid_points, verify_ledger
 
 
 def reference_epsilon(z: float, q: float, steps: int, delta: float, kind: str = "pld") -> float:
@@ -53,6 +55,62 @@ def test_calibration_and_step_limit() -> None:
     limit = max_steps(z, q, 1e-5, target)
     assert limit >= steps
     assert epsilon_spent(z, q, limit, 1e-5)[0] <= target < epsilon_spent(z, q, limit + 1, 1e-5)[0]
+
+
+@pytest.fixture
+def prv_within_limit(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every run of Opacus's PRV accountant, checked before it allocates: its grid within `MAX_PRV_POINTS`."""
+    from opacus.accountants import PRVAccountant
+
+    grids: list[float] = []
+    run = PRVAccountant.get_epsilon
+
+    def checked(self: Any, delta: float, **kw: Any) -> float:
+        grids.append(prv_grid_points(self.history, delta))
+        assert grids[-1] <= ledger.MAX_PRV_POINTS, f"PRV run on {grids[-1]:.3g} grid points"
+        return run(self, delta, **kw)
+
+    monkeypatch.setattr(PRVAccountant, "get_epsilon", checked)
+    return grids
+
+
+@pytest.mark.parametrize("history", [[(1.0, 0.1, 100)], [(0.05, 0.5, 50)], [(1.0, 0.1, 100), (2.0, 0.2, 30)]])
+def test_prv_grid_is_opacus_own(history: list[tuple[float, float, int]]) -> None:
+    from opacus.accountants import PRVAccountant
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+    prvs = [PoissonSubsampledGaussianPRV(q, z) for z, q, _ in history]
+    domain = PRVAccountant()._get_domain(prvs, [t for _, _, t in history], eps_error=0.01, delta_error=1e-8)
+    assert prv_grid_points(history, 1e-5) == pytest.approx(domain.size, abs=3)
+
+
+def test_tiny_noise_is_accounted_by_rdp_in_bounded_memory(prv_within_limit: list[float]) -> None:
+    """z = 0.05 at rate 0.5 over 50 steps: PRV would discretise on 49M points (19 GB); RDP's ε is recorded."""
+    eps, accountant = epsilon_spent(0.05, 0.5, 50, 1e-5)
+    assert accountant == RDP_LARGE and prv_within_limit == []
+    assert eps == history_epsilon(RDP, [(0.05, 0.5, 50)], 1e-5)
+    assert eps == pytest.approx(reference_epsilon(0.05, 0.5, 50, 1e-5, "rdp"), rel=0.02)
+    assert max_steps(0.05, 0.5, 1e-5, eps) == 50
+
+
+def test_header_naming_prv_beyond_its_grid_is_refused(prv_within_limit: list[float]) -> None:
+    entry = dict(epsilon=1e4, delta=1e-5, noise_multiplier=0.05, sample_rate=0.5, steps=50, max_grad_norm=1.0,
+                 unit="image", run_id="r")
+    with pytest.raises(PrivacyError, match="privacy entry 0: the PRV accountant would need 4.95e[+]07 grid points"):
+        verify_ledger([dp_sgd_entry(accountant=PRV, **entry)], "v")  # type: ignore[arg-type]
+    entry["epsilon"] = history_epsilon(RDP, [(0.05, 0.5, 50)], 1e-5)
+    verify_ledger([dp_sgd_entry(accountant=RDP_LARGE, **entry)], "v")  # type: ignore[arg-type]
+
+
+def test_calibration_runs_prv_only_within_its_grid(prv_within_limit: list[float],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A target far out (ε = 2000 in 50 steps at rate 0.5) calibrates on RDP, PRV run only on small grids (a
+    limit lowered to keep the test fast)."""
+    monkeypatch.setattr(ledger, "MAX_PRV_POINTS", 200_000)
+    z = calibrate_noise(2000.0, 1e-5, 0.5, 50)
+    eps, accountant = epsilon_spent(z, 0.5, 50, 1e-5)
+    assert accountant == RDP_LARGE and 0.99 * 2000 <= eps <= 2000 and prv_within_limit
+    assert reference_epsilon(z, 0.5, 50, 1e-5, "rdp") == pytest.approx(eps, rel=0.02)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """DP-SGD fine-tuning with Opacus: Poisson sampling, per-example (or per-patient) clipping, Gaussian noise,
-and PRV accounting (RDP as a named fallback).
+and PRV accounting (RDP, named, where PRV fails or would need too much memory).
 
 `make_private(model, optimizer, loader, config, epochs=...)` returns the private versions of the three and a
 `PrivacyMeter` that counts steps, reports ε and says when the target ε is reached. Opacus's hooks are
@@ -19,6 +19,7 @@ number of images (tiles) they contributed.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import warnings
 from collections import deque
@@ -86,7 +87,7 @@ class DPConfig:
 
 def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> tuple[float, str]:
     """ε after `steps` Poisson-subsampled Gaussian steps, and the accountant that computed it (PRV; RDP
-    where PRV fails)."""
+    where PRV fails or would need too much memory: `dp_sgd_epsilon`)."""
     if steps == 0:
         return 0.0, PRV
     return dp_sgd_epsilon([(noise_multiplier, sample_rate, steps)], delta)
@@ -94,23 +95,28 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """Smallest noise multiplier (ε within 1% below the target) whose ε after `steps` steps is at most the
-    target: Opacus's own search (`get_noise_multiplier`), with the PRV accountant, RDP if PRV fails."""
-    from opacus.accountants.utils import get_noise_multiplier
+    target: Opacus's search (`get_noise_multiplier`: double, then bisect), on `epsilon_spent`, whose every
+    call is bounded in memory (Opacus's own would run PRV at any noise it tries)."""
 
-    for accountant in ("prv", "rdp"):
-        try:
-            with warnings.catch_warnings():  # PRV bounds its domain with RDP, which warns at large noise
-                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-                return float(get_noise_multiplier(
-                    target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-                    accountant=accountant, epsilon_tolerance=0.01 * target_epsilon,
-                ))
-        except (RuntimeError, OverflowError, FloatingPointError):
-            continue
-        except ValueError as e:
-            if "budget is too low" in str(e):
-                break
-    raise PrivacyError(f"ε = {target_epsilon} is out of reach in {steps} steps at rate {sample_rate:.3g}")
+    def epsilon(z: float) -> float:
+        return epsilon_spent(z, sample_rate, steps, delta)[0]
+
+    low, high, eps_high = 0.0, 10.0, math.inf
+    while eps_high > target_epsilon:
+        high *= 2
+        if high > 1e6:
+            raise PrivacyError(f"ε = {target_epsilon} is out of reach in {steps} steps at rate {sample_rate:.3g}")
+        eps_high = epsilon(high)
+    for _ in range(60):  # ε jumps where PRV gives way to RDP: the tolerance may never be met there
+        if target_epsilon - eps_high <= 0.01 * target_epsilon:
+            break
+        mid = (low + high) / 2
+        eps = epsilon(mid)
+        if eps <= target_epsilon:
+            high, eps_high = mid, eps
+        else:
+            low = mid
+    return high
 
 
 def max_steps(noise_multiplier: float, sample_rate: float, delta: float, target_epsilon: float) -> int:

@@ -27,6 +27,11 @@ from taskvec.errors import PrivacyConfigError, PrivacyError, check_range
 ANALYTIC_GAUSSIAN = "analytic-gaussian (Balle & Wang 2018)"
 PRV = "opacus-prv (Gopi et al. 2021)"
 RDP = "opacus-rdp (fallback: PRV failed)"
+RDP_LARGE = "opacus-rdp (PRV's grid over its limit)"
+DP_SGD_ACCOUNTANTS = (PRV, RDP, RDP_LARGE)
+# PRV discretises the privacy loss on a grid growing with ε and √steps, ~170 bytes a point at its peak: 2M points
+# is ~350 MB and a few seconds. A noise multiplier of 0.05 at rate 0.5 over 50 steps would need 49M points (19 GB).
+MAX_PRV_POINTS = 2_000_000
 MECHANISMS = ("dp-sgd", "gaussian-output")
 UNITS = ("image", "patient", "site")
 RELATIONS = ("add-remove", "replace-one")
@@ -206,33 +211,63 @@ def _positive(x: Any) -> bool:
 
 def accountant_epsilon(accountant: str, noise_multiplier: float, sample_rate: float, steps: int,
                        delta: float) -> float:
-    """ε after `steps` Poisson-subsampled Gaussian steps by the named accountant (`PRV` or `RDP`)."""
+    """ε after `steps` Poisson-subsampled Gaussian steps by the named accountant (`DP_SGD_ACCOUNTANTS`)."""
     return history_epsilon(accountant, [(noise_multiplier, sample_rate, steps)], delta)
 
 
 def history_epsilon(accountant: str, history: Sequence[tuple[float, float, int]], delta: float) -> float:
     """ε of DP-SGD runs composed, each (noise multiplier, sample rate, steps), by the named accountant over all
-    their steps (Opacus's accountants take such a history)."""
-    import warnings
-
+    their steps (Opacus's accountants take such a history). PRV is refused where its grid would pass
+    `MAX_PRV_POINTS` (a header naming PRV is hostile input too)."""
     from opacus.accountants import PRVAccountant, RDPAccountant
 
-    if accountant not in (PRV, RDP):
-        raise PrivacyError(f"unknown DP-SGD accountant {accountant!r} (known: {PRV}; {RDP})", field="accountant")
+    if accountant not in DP_SGD_ACCOUNTANTS:
+        raise PrivacyError(f"unknown DP-SGD accountant {accountant!r} (known: {'; '.join(DP_SGD_ACCOUNTANTS)})",
+                           field="accountant")
+    points = prv_grid_points(history, delta) if accountant == PRV else 0.0
+    if points > MAX_PRV_POINTS:
+        raise PrivacyError(f"the PRV accountant would need {points:.3g} grid points for this history, over its "
+                           f"limit of {MAX_PRV_POINTS:.3g} (memory); such ε is RDP's", field="accountant")
     acc: Any = PRVAccountant() if accountant == PRV else RDPAccountant()
     acc.history = [(float(z), float(q), int(t)) for z, q, t in history]
-    with warnings.catch_warnings():  # PRV bounds its domain with RDP, which warns at large noise
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    with _quiet_rdp():
         return float(acc.get_epsilon(delta))
+
+
+@contextmanager
+def _quiet_rdp() -> Iterator[None]:
+    """Silence RDP's warning at large noise (PRV bounds its domain with RDP)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
+
+
+def prv_grid_points(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """Points of the grid Opacus's PRV accountant discretises `history` on at its defaults (ε error 0.01, δ error
+    δ/1000), as `PRVAccountant._get_domain` sizes it: the safe domain [-L, L] (from RDP) at mesh
+    0.01 / √(T·ln(12/δ error)/2), T the total steps. PRV's memory and time grow with it."""
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
+    eps_error, delta_error = 0.01, delta / 1000
+    steps = [int(t) for _, _, t in history]
+    with _quiet_rdp():
+        half = compute_safe_domain_size([PoissonSubsampledGaussianPRV(float(q), float(z)) for z, q, _ in history],
+                                        steps, eps_error=eps_error, delta_error=delta_error)
+    return 2 * half * math.sqrt(sum(steps) * math.log(12 / delta_error) / 2) / eps_error
 
 
 def dp_sgd_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> tuple[float, str]:
     """ε of DP-SGD runs composed over all their steps and the accountant that computed it: PRV, RDP where PRV
-    fails (it can, far out in its domain)."""
+    fails (it can, far out in its domain) or its grid would pass `MAX_PRV_POINTS` (RDP only bounds ε from above,
+    and such ε is large or the run very long), so every call is bounded in memory and time."""
     try:
         eps = history_epsilon(PRV, history, delta)
         if math.isfinite(eps):
             return eps, PRV
+    except PrivacyError:  # the grid over its limit
+        return history_epsilon(RDP_LARGE, history, delta), RDP_LARGE
     except (ValueError, RuntimeError, OverflowError, FloatingPointError):
         pass
     return history_epsilon(RDP, history, delta), RDP
