@@ -3,6 +3,7 @@ expand them, per-example gradients of LoRA adapters under Opacus, and the small-
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,15 @@ from taskvec.io.files import read_header
 from taskvec.merging.export import export_vector
 from taskvec.merging.stream import merge_vectors
 from taskvec.models.spec import build_base, save_model
-from taskvec.training.loop import MIN_DP_STEPS, MIN_STEPS, FinetuneConfig, default_batch, finetune, plan_steps
+from taskvec.training.loop import (
+    MIN_DP_STEPS,
+    MIN_STEPS,
+    FinetuneConfig,
+    StepState,
+    default_batch,
+    finetune,
+    plan_steps,
+)
 from taskvec.training.modes import factorize, parse_mode, prepare, trainable_names
 
 
@@ -146,6 +155,31 @@ def test_physical_batches_make_the_same_dp_steps(tmp_path: Path, dp_base: Path,
     assert moved > 1e-3
     for k in states[0]:
         torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-4, atol=1e-5)
+
+
+def test_progress_advances_once_per_dp_step(tmp_path: Path, dp_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logical batches of 16 in physical batches of at most 5: the progress bar, whose total is in optimizer
+    steps, advances once per step, not per physical batch."""
+    from taskvec.privacy import dpsgd
+    from taskvec.privacy.dpsgd import DPConfig
+
+    forwards = []
+    forward = dpsgd.EmptyBatchSafe.forward
+    monkeypatch.setattr(dpsgd.EmptyBatchSafe, "forward", lambda self, x: forwards.append(len(x)) or forward(self, x))
+    totals, advanced = [], []
+
+    def track(it: Iterable[StepState], description: str, total: int) -> Iterator[StepState]:
+        totals.append(total)
+        for st in it:
+            yield st
+            advanced.append(st.step)
+
+    dp = DPConfig(1.0, 1e-5, noise_multiplier=1.0, seed=0, max_physical_batch=5)
+    cfg = FinetuneConfig(steps=4, batch_size=16, device="cpu", seed=0, train="norm-bias", dp=dp, augment=False,
+                         val_fraction=0.0)
+    r = finetune(dp_base, npz_file(tmp_path / "d.npz", n=48), tmp_path / "run", cfg, track=track)
+    assert r.steps == 4 and read_header(r.model_path).meta["privacy"][0]["steps"] == 4
+    assert totals == [4] and advanced == [0, 1, 2, 3] and len(forwards) > 4
 
 
 def test_frozen_head_refuses_a_zero_head_before_any_file(tmp_path: Path) -> None:

@@ -153,15 +153,15 @@ def prepare_training(setup: TrainingSetup, config: FinetuneConfig, run_id: str, 
 
 @dataclass
 class StepState:
-    """Yielded to `track` once per step; the loop fills `loss` and `images_per_s` after the step ran."""
+    """Yielded to `track` once per optimizer step; the loop fills `loss` and `images_per_s` after the step ran."""
 
     epoch: int
     epochs: int
     step: int
     total_steps: int
+    batches: Iterator[Any] = field(repr=False)  # the step's batches (under DP-SGD, several physical ones)
     loss: float | None = None
     images_per_s: float | None = None
-    batch: Any = field(default=None, repr=False)
 
 
 @dataclass
@@ -509,20 +509,23 @@ def _criterion(spec: ModelSpec, train: ImageDataset, head: str) -> nn.Module:
 
 
 def _steps(run: _Run, seed: int, aug_gen: torch.Generator) -> Iterator[StepState]:
-    """Every remaining step with its batch; each epoch reseeds torch, the sampler and the augmentation. Under
-    DP-SGD a step may come in several physical batches (the same step number, yielded until the optimizer
-    has stepped)."""
+    """Every remaining step with its batches; each epoch reseeds torch, the sampler and the augmentation."""
     for epoch in range(run.start_epoch, run.epochs):
         torch.manual_seed(epoch_seed(seed, epoch, 0))
         run.loader_gen.manual_seed(epoch_seed(seed, epoch, 1))
         aug_gen.manual_seed(epoch_seed(seed, epoch, 2))
-        n, i = min(run.per_epoch, run.total - epoch * run.per_epoch), 0
-        for batch in run.setup.loader:
-            yield StepState(epoch, run.epochs, epoch * run.per_epoch + i, run.total, batch=batch)
-            if not is_accumulating(run.setup.optimizer):
-                i += 1
-                if i == n:
-                    break
+        batches = iter(run.setup.loader)
+        for i in range(min(run.per_epoch, run.total - epoch * run.per_epoch)):
+            yield StepState(epoch, run.epochs, epoch * run.per_epoch + i, run.total,
+                            _physical(batches, run.setup.optimizer))
+
+
+def _physical(batches: Iterator[Any], optimizer: torch.optim.Optimizer) -> Iterator[Any]:
+    """The batches of one step: one, or under DP-SGD those of one logical batch, until the optimizer steps."""
+    for batch in batches:
+        yield batch
+        if not is_accumulating(optimizer):
+            return
 
 
 def _train(run: _Run, config: FinetuneConfig, val: ImageDataset | None, track: Track[Any],
@@ -542,30 +545,28 @@ def _train(run: _Run, config: FinetuneConfig, val: ImageDataset | None, track: T
     seen, t0, steps_in_epoch, lr = 0, time.perf_counter(), 0, run.lr
     model.train()
     for st in track(_steps(run, config.seed, aug_gen), "fine-tuning", run.total - run.start_epoch * run.per_epoch):
-        (x, y), st.batch = st.batch, None
         if setup.stop():
             break
         lr = lr_at(st.step, run.total, run.lr, warmup)
         for g in optimizer.param_groups:
             g["lr"] = lr
         run.site.step = st.step
-        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-        if augmult > 1:  # K copies of each image, augmented independently; the DP optimizer averages them
-            x, y = x.repeat_interleave(augmult, 0), y.repeat_interleave(augmult, 0)
-        if config.augment:
-            x, y_aug = augment(x, y if seg else None, aug_gen, run.group)
-            y = y_aug if y_aug is not None else y
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(run.device) if mixed else contextlib.nullcontext():
-            loss = criterion(model(norm(x)).float(), y)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if x.shape[0]:  # an empty Poisson batch (DP-SGD) takes a noise-only step but has no loss
-            loss_sum += loss.detach() * x.shape[0]
-        seen += x.shape[0]
-        if is_accumulating(optimizer):  # a physical batch of a larger logical one: no step yet
-            continue
+        for x, y in st.batches:  # under DP-SGD the optimizer accumulates until the logical batch's last one
+            x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+            if augmult > 1:  # K copies of each image, augmented independently; the DP optimizer averages them
+                x, y = x.repeat_interleave(augmult, 0), y.repeat_interleave(augmult, 0)
+            if config.augment:
+                x, y_aug = augment(x, y if seg else None, aug_gen, run.group)
+                y = y_aug if y_aug is not None else y
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(run.device) if mixed else contextlib.nullcontext():
+                loss = criterion(model(norm(x)).float(), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if x.shape[0]:  # an empty Poisson batch (DP-SGD) takes a noise-only step but has no loss
+                loss_sum += loss.detach() * x.shape[0]
+            seen += x.shape[0]
         with torch.no_grad():
             decay = min(run.decay, (1 + st.step) / (10 + st.step))  # warm-up: short runs are not stuck at the start
             for n, p in run.net.named_parameters():
