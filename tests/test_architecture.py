@@ -10,9 +10,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"taskvec": "taskvec", "registry": "taskvec.registry", "cli": "taskvec.cli"}
 
-# Lower layers never import higher ones. Modules directly under taskvec/ sit at the bottom.
+# Lower layers never import higher ones. Modules directly under taskvec/ sit at the bottom, except
+# taskvec/__main__.py (`python -m taskvec`), which only runs the CLI: it sits on top.
 LAYERS = ["taskvec", "taskvec.io", "taskvec.models", "taskvec.privacy", "taskvec.training", "taskvec.merging",
-          "taskvec.audits", "taskvec.simulation", "taskvec.registry", "taskvec.cli"]
+          "taskvec.audits", "taskvec.simulation", "taskvec.registry", "taskvec.cli", "taskvec.__main__"]
 # Inside the registry: signing and the card under the core, backends over it, then addresses and publishing.
 REGISTRY_LAYERS = {
     "signing": 0, "card": 0, "trust": 1, "base": 2, "local": 3, "hub": 3, "address": 4, "publish": 4, "__init__": 5,

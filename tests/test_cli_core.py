@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,21 @@ def test_commands_without_models_do_not_import_torch(make_base, tmp_path: Path) 
         "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'heavy import'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_python_m_taskvec_is_the_console_script(tmp_path: Path) -> None:
+    """`python -m taskvec` runs the CLI's entry point: the same help, importing no torch or timm (`-X
+    importtime` lists every module imported), and one error line with exit 1 on bad input."""
+
+    def run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-X", "importtime", "-m", module, *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "120"})
+
+    main, app = run("taskvec", "--help"), run("taskvec.cli.app", "--help")
+    assert main.returncode == 0 and main.stdout.split() == app.stdout.replace("taskvec.cli.app", "taskvec").split()
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in main.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "typer" in imported and not imported & {"torch", "timm"}
+    bad = run("taskvec", "inspect", "missing.safetensors")
+    errors = [line for line in bad.stderr.splitlines() if not line.startswith("import time:")]
+    assert bad.returncode == 1 and len(errors) == 1 and errors[0].startswith("error: ") and "missing" in errors[0]
