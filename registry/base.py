@@ -58,6 +58,7 @@ REGISTRY_FORMAT = "taskvec-registry"
 REGISTRY_VERSION = 2  # 2: `versions` (format 1 registries hold version 0 only and are read as such)
 DEFAULT_SIGNER = "merger"
 MAX_TEXT_BYTES = 64 * 1024 * 1024  # registry.json, index.json, signatures
+MAX_TENSOR_FILE_BYTES = 32 * 1024**3  # vectors and versions: a 7B-parameter float32 model is 28 GB
 
 
 class RegistryError(TaskvecError):

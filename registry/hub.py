@@ -17,7 +17,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from taskvec.registry.base import Change, IntegrityError, Reader, RegistryError, Store, read_small_text
+from taskvec.registry.base import (
+    MAX_TENSOR_FILE_BYTES,
+    MAX_TEXT_BYTES,
+    Change,
+    IntegrityError,
+    Reader,
+    RegistryError,
+    Store,
+    read_small_text,
+)
 
 from taskvec.io.files import private_copy
 
@@ -49,22 +58,17 @@ def make_api(endpoint: str | None, token: str | None) -> Any:
 
 @contextlib.contextmanager
 def hub_errors(address: str, endpoint: str) -> Iterator[None]:
-    """Turn huggingface_hub and transport errors into one-line RegistryErrors (never echoing the token).
-
-    A missing file (`RemoteEntryNotFoundError`) passes through for the caller to handle."""
+    """Turn huggingface_hub and transport errors into one-line RegistryErrors (never echoing the token)."""
     import httpx2
     from huggingface_hub.errors import (
         HfHubHTTPError,
         LocalEntryNotFoundError,
-        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
     try:
         yield
-    except RemoteEntryNotFoundError:
-        raise
     except RepositoryNotFoundError:
         raise RegistryError(
             f"{address}: repository not found on {endpoint}, or your token may not access it; check the name "
@@ -95,18 +99,36 @@ def hub_errors(address: str, endpoint: str) -> Iterator[None]:
         ) from None
 
 
+def size_guard(declared: int, what: str) -> type:
+    """A progress bar class for `hf_hub_download` that stops a download past the `declared` size.
+
+    huggingface_hub compares the size only once the whole body is on disk (`http_get`), but it hands each
+    chunk to the bar's `update` before writing it, so a server that sends more than it declared is cut off
+    here and huggingface_hub deletes the partial file."""
+    from huggingface_hub.utils import tqdm
+
+    class SizeGuard(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.received = kwargs.get("initial", 0)  # counted here: a disabled bar does not count
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.received += n or 0
+            if self.received > declared:
+                raise RegistryError(f"{what}: the Hub sent more than the {declared} B it declared; "
+                                    "download stopped and nothing was kept", path=what)
+            return super().update(n)
+
+    return SizeGuard
+
+
 class _CommitReader(Reader):
     def __init__(self, store: HubStore, commit: str) -> None:
         self.store, self.commit = store, commit
 
     def read_text(self, path: str) -> str | None:
-        from huggingface_hub.errors import RemoteEntryNotFoundError
-
-        try:
-            local = self.store.download(path, self.commit)
-        except RemoteEntryNotFoundError:
-            return None
-        return read_small_text(local, f"{self.store.address}/{path}")
+        local = self.store.download(path, self.commit, MAX_TEXT_BYTES)
+        return None if local is None else read_small_text(local, f"{self.store.address}/{path}")
 
 
 class HubStore(Store):
@@ -130,14 +152,36 @@ class HubStore(Store):
         with self.errors():
             return str(self.api.repo_info(self.repo_id, revision=self.revision).sha)
 
-    def download(self, path: str, commit: str) -> Path:
-        """`path` at `commit` into the download folder of the cache (huggingface_hub checks size and etag)."""
+    def download(self, path: str, commit: str, limit: int) -> Path | None:
+        """`path` at `commit` into the download folder of the cache; None when the commit has no such file.
+
+        The size the Hub declares is checked against `limit` before anything is downloaded, and the
+        download is stopped if the server sends more than it declared (`size_guard`)."""
+        from huggingface_hub.hf_api import RepoFile
+
+        what = f"{self.address}/{path}"
         if path.startswith("/") or ".." in path.split("/"):
-            raise RegistryError(f"{self.address}/{path}: leaves the repository; refused", path=path)
+            raise RegistryError(f"{what}: leaves the repository; refused", path=path)
         with self.errors():
-            return Path(self.api.hf_hub_download(
-                self.repo_id, path, revision=commit, local_dir=self.cache / "downloads" / self.repo_id
-            ))
+            info = self.api.get_paths_info(self.repo_id, [path], revision=commit)
+            file = next((f for f in info if isinstance(f, RepoFile) and f.path == path), None)
+            if file is None:
+                return None
+            if type(file.size) is not int or file.size < 0:
+                raise RegistryError(f"{what}: the Hub declares no valid size for it; refused", path=what)
+            if file.size > limit:
+                raise RegistryError(f"{what}: {file.size} B on the Hub, over the {limit} B limit for this "
+                                    "file; refused before download", path=what, expected=limit, got=file.size)
+            try:
+                return Path(self.api.hf_hub_download(
+                    self.repo_id, path, revision=commit, local_dir=self.cache / "downloads" / self.repo_id,
+                    tqdm_class=size_guard(file.size, what),
+                ))
+            except OSError as e:  # huggingface_hub's check once the body is in: fewer bytes than declared
+                if not str(e).startswith("Consistency check failed"):
+                    raise
+                raise RegistryError(f"{what}: the Hub sent fewer bytes than the {file.size} B it declared; "
+                                    "nothing was kept; try again", path=what) from None
 
     def reader(self) -> Reader:
         self._commit = self.head()
@@ -171,18 +215,15 @@ class HubStore(Store):
             }
 
     def copy_to(self, path: str, dest: Path, expected_sha256: str | None) -> str:
-        from huggingface_hub.errors import RemoteEntryNotFoundError
-
         cached = self.cache / "vectors" / f"{expected_sha256}.safetensors"
         if expected_sha256 is not None and cached.is_file():
             if private_copy(cached, dest) == expected_sha256:
                 return expected_sha256
             dest.unlink()
             cached.unlink()  # a damaged cache entry: download it again
-        try:  # vectors are never removed: the head holds every file an index ever named
-            local = self.download(path, self.head())
-        except RemoteEntryNotFoundError:
-            raise RegistryError(f"{self.address}/{path}: listed in the index but missing from the repo") from None
+        local = self.download(path, self.head(), MAX_TENSOR_FILE_BYTES)  # the head holds every file ever indexed
+        if local is None:
+            raise RegistryError(f"{self.address}/{path}: listed in the index but missing from the repo")
         actual = private_copy(local, dest)
         if expected_sha256 is None:
             return actual

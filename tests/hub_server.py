@@ -2,10 +2,11 @@
 
 It implements the part of the Hub API that `huggingface_hub` 2.4 uses to create a model repo, commit to
 it (preupload, LFS batch + PUT + verify, NDJSON commit with `parentCommit`), read it (model info, tree,
-refs, resolve with `X-Repo-Commit`/`ETag`/ranges) and tag it, with errors in `X-Error-Code`. Everything
-uploaded is stored, checked (an LFS object must hash to its oid) and served back from the commit it
-belongs to; every commit gets its own sha. Faults can be injected: failed or dropped requests and
-corrupted downloads. Point the client at `server.endpoint` with `HF_HUB_DISABLE_XET=1`.
+paths-info, refs, resolve with `X-Repo-Commit`/`ETag`/ranges) and tag it, with errors in `X-Error-Code`.
+Everything uploaded is stored, checked (an LFS object must hash to its oid) and served back from the commit
+it belongs to; every commit gets its own sha. Faults can be injected: failed or dropped requests, corrupted
+downloads, and downloads longer or shorter than the size declared. Point the client at `server.endpoint` with
+`HF_HUB_DISABLE_XET=1`.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class HubState:
         self.tokens = tokens
         self.faults: list[Fault] = []
         self.corrupt: set[str] = set()
+        self.length_lie: dict[str, int] = {}  # path: bytes a GET sends beyond (negative: short of) the declared size
         self.log: list[tuple[str, str, str | None]] = []  # method, path, Authorization header
         self._counter = itertools.count()
 
@@ -132,6 +134,22 @@ def _last_commit(repo: Repo, commit: Commit, path: str) -> Commit:
             break
         commit = parent
     return commit
+
+
+def _file_entry(repo: Repo, commit: Commit, path: str, expand: bool) -> dict[str, Any]:
+    """A file as the tree and paths-info APIs describe it."""
+    b = commit.files[path]
+    e: dict[str, Any] = {"type": "file", "oid": b.oid, "size": b.size, "path": path}
+    if expand:
+        last = _last_commit(repo, commit, path)
+        e["lastCommit"] = {"id": last.sha, "title": last.message, "date": last.date}
+    if b.lfs_oid is not None:
+        e["lfs"] = {"oid": b.lfs_oid, "size": b.size, "pointerSize": len(lfs_pointer(b.lfs_oid, b.size))}
+    return e
+
+
+def _is_true(value: str | None) -> bool:
+    return (value or "").lower() in ("true", "1")
 
 
 def _now() -> str:
@@ -353,12 +371,12 @@ class Handler(BaseHTTPRequestHandler):
         r = self._repo(repo)
         c = self._commit(r, rev)
         prefix = (path or "").strip("/")
-        recursive = query.get("recursive", "false").lower() in ("true", "1")
+        recursive = _is_true(query.get("recursive"))
         under = {p: b for p, b in c.files.items() if not prefix or p.startswith(prefix + "/")}
         if prefix and not under:
             raise HubError(404, f"{prefix} does not exist at {rev}", "EntryNotFound")
         entries: dict[str, dict[str, Any]] = {}
-        for p, b in sorted(under.items()):
+        for p in sorted(under):
             rest = p[len(prefix) + 1:] if prefix else p
             parts = rest.split("/")
             for i in range(1, len(parts)):
@@ -367,14 +385,15 @@ class Handler(BaseHTTPRequestHandler):
                     entries.setdefault(d, {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(),
                                            "size": 0, "path": d})
             if recursive or len(parts) == 1:
-                e: dict[str, Any] = {"type": "file", "oid": b.oid, "size": b.size, "path": p}
-                if query.get("expand", "false").lower() in ("true", "1"):
-                    last = _last_commit(r, c, p)
-                    e["lastCommit"] = {"id": last.sha, "title": last.message, "date": last.date}
-                if b.lfs_oid is not None:
-                    e["lfs"] = {"oid": b.lfs_oid, "size": b.size, "pointerSize": len(lfs_pointer(b.lfs_oid, b.size))}
-                entries[p] = e
+                entries[p] = _file_entry(r, c, p, _is_true(query.get("expand")))
         self._json(list(entries.values()))
+
+    def paths_info(self, query: dict[str, str], repo: str, rev: str) -> None:
+        r = self._repo(repo)
+        c = self._commit(r, rev)
+        form = parse_qs(self._body().decode())
+        expand = _is_true(form.get("expand", ["false"])[-1])
+        self._json([_file_entry(r, c, p, expand) for p in form.get("paths", []) if p in c.files])
 
     def refs(self, query: dict[str, str], repo: str) -> None:
         r = self._repo(repo)
@@ -402,6 +421,8 @@ class Handler(BaseHTTPRequestHandler):
         data = blob.content if blob.content is not None else self.server.state.lfs[blob.lfs_oid or ""]
         if path in self.server.state.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
+        lie = self.server.state.length_lie.get(path, 0) if self.command == "GET" else 0
+        data = data + b" " * lie if lie >= 0 else data[:lie]
         headers = {"X-Repo-Commit": c.sha, "ETag": f'"{blob.etag}"', "Accept-Ranges": "bytes"}
         rng = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         if rng:
@@ -420,6 +441,7 @@ ROUTES = [
     ("POST", rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)", Handler.preupload),
     ("POST", rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)", Handler.commit),
     ("GET", rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?", Handler.tree),
+    ("POST", rf"/api/models/{_REPO}/paths-info/(?P<rev>[^/]+)", Handler.paths_info),
     ("GET", rf"/api/models/{_REPO}/refs", Handler.refs),
     ("POST", rf"/api/models/{_REPO}/tag/(?P<rev>[^/]+)", Handler.tag),
     ("POST", rf"/{_REPO}\.git/info/lfs/objects/batch", Handler.lfs_batch),

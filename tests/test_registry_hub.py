@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hub_server import Blob
 from registry_fixtures import TOKEN, created, hub, no_backoff, sites  # noqa: F401 (fixtures)
 from safetensors.torch import load_file
 from taskvec.cli.app import app
-from taskvec.registry import RegistryError, open_registry
+from taskvec.registry import Registry, RegistryError, TrustPolicy, open_registry
+from taskvec.registry.base import MAX_TENSOR_FILE_BYTES, MAX_TEXT_BYTES
+from taskvec.registry.hub import HubStore
 from typer.testing import CliRunner
 
 from taskvec.io.files import read_kind
@@ -159,6 +162,68 @@ def test_cli_error_is_one_line_without_token(hub, sites) -> None:
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: hf://consortium/chest-xray: ") and proc.stderr.count("\n") == 1
     assert "hf_secretWrongToken" not in proc.stderr + proc.stdout
+
+
+def _replace_file(hub, repo_id: str, path: str, blob: Blob) -> None:
+    """A hostile writer commits `blob` as `path`."""
+    repo = hub.state.repos[repo_id]
+    head = repo.commits[repo.branches["main"]]
+    repo.branches["main"] = hub.state.new_commit(repo, head.sha, "hostile", {**head.files, path: blob}).sha
+
+
+def _fresh(cache: Path) -> Registry:
+    return Registry(HubStore("consortium/chest-xray", cache_dir=cache))
+
+
+def _downloads(hub, path: str) -> int:
+    return sum(method == "GET" and p.endswith(f"/resolve/{path}") for method, p, _ in hub.state.log)
+
+
+def test_oversized_files_are_refused_before_download(hub, sites, tmp_path: Path) -> None:
+    base, vector = sites
+    reg = created(REPO, base)
+    entry = reg.push(vector(0)).entry
+    assert _fresh(tmp_path / "ok").info().base == reg.info().base  # a normal registry.json is read
+    assert (tmp_path / "ok" / "downloads" / "consortium" / "chest-xray" / "registry.json").is_file()
+
+    _replace_file(hub, "consortium/chest-xray", entry.path, Blob(MAX_TENSOR_FILE_BYTES + 1, content=b"x"))
+    before = _downloads(hub, entry.path)
+    with pytest.raises(RegistryError) as e:
+        _fresh(tmp_path / "c1").fetch(entry, tmp_path / "v.safetensors", TrustPolicy(allow_unsigned=True))
+    assert str(e.value) == (f"{REPO}/{entry.path}: {MAX_TENSOR_FILE_BYTES + 1} B on the Hub, over the "
+                            f"{MAX_TENSOR_FILE_BYTES} B limit for this file; refused before download")
+    assert _downloads(hub, entry.path) == before and not (tmp_path / "v.safetensors").exists()
+
+    _replace_file(hub, "consortium/chest-xray", "registry.json", Blob(MAX_TEXT_BYTES + 1, b" " * (MAX_TEXT_BYTES + 1)))
+    before = _downloads(hub, "registry.json")
+    with pytest.raises(RegistryError, match=f"registry.json: {MAX_TEXT_BYTES + 1} B on the Hub, over the "
+                                            f"{MAX_TEXT_BYTES} B limit"):
+        _fresh(tmp_path / "c2").info()
+    assert _downloads(hub, "registry.json") == before and not (tmp_path / "c2").exists()
+
+
+@pytest.mark.parametrize(("lying", "extra", "said"), [
+    ("registry.json", 4 << 20, "sent more than the {} B it declared; download stopped and nothing was kept"),
+    ("vector", 4 << 20, "sent more than the {} B it declared; download stopped and nothing was kept"),
+    ("registry.json", -100, "sent fewer bytes than the {} B it declared; nothing was kept; try again"),
+])
+def test_server_lying_about_the_size_is_refused(hub, sites, tmp_path: Path, lying: str, extra: int,
+                                               said: str) -> None:
+    base, vector = sites
+    reg = created(REPO, base)
+    entry = reg.push(vector(0)).entry
+    path = entry.path if lying == "vector" else "registry.json"
+    declared = hub.state.repos["consortium/chest-xray"].commits[_head(hub, "consortium/chest-xray")].files[path].size
+    hub.state.length_lie[path] = extra
+    fresh = _fresh(tmp_path / "cache")
+    with pytest.raises(RegistryError) as e:
+        if lying == "vector":
+            fresh.fetch(entry, tmp_path / "v.safetensors", TrustPolicy(allow_unsigned=True))
+        else:
+            fresh.info()
+    assert str(e.value) == f"{REPO}/{path}: the Hub " + said.format(declared)
+    kept = [f.relative_to(tmp_path / "cache") for f in (tmp_path / "cache").rglob("*") if f.is_file()]
+    assert kept and all(f.parts[3] == ".cache" and not f.name.endswith(".incomplete") for f in kept), kept
 
 
 @pytest.mark.skipif(
