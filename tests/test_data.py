@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,24 @@ def test_csv_own_splits_labels_and_errors(tmp_path: Path) -> None:
     (tmp_path / "cols.csv").write_text(f"file,label\n{rel[0]},0\n")
     with pytest.raises(TaskvecError, match="needs columns path and label"):
         load_data(tmp_path / "cols.csv", spec())
+
+
+@pytest.mark.parametrize(("tail", "line", "said"), [
+    (b"x" * (csv.field_size_limit() + 1) + b",0\n", 3,
+     f"malformed CSV (field larger than field limit ({csv.field_size_limit()}))"),
+    (b"x\0y.png,0\n", 3, "NUL byte; not a text CSV"),
+    (b"caf\xe9.png,0\n", 3, "not UTF-8 text (byte 0xe9); save the CSV as UTF-8"),
+    (b"\nimgs/0/0.png\n", 4, "1 fields, the header has 2"),
+])
+def test_malformed_csv_is_one_error_naming_the_line(tmp_path: Path, tail: bytes, line: int, said: str) -> None:
+    image_folder(tmp_path / "imgs", n_per_class=1)
+    good = b"\xef\xbb\xbfpath,label\nimgs/1/0.png,1\n"  # a UTF-8 BOM, as Excel writes
+    (tmp_path / "good.csv").write_bytes(good)
+    assert load_data(tmp_path / "good.csv", spec(), val_fraction=0).train.targets == [1]
+    (tmp_path / "bad.csv").write_bytes(good + tail)
+    with pytest.raises(TaskvecError, match="^" + re.escape(f"{tmp_path / 'bad.csv'}:{line}: {said}")) as e:
+        load_data(tmp_path / "bad.csv", spec(), val_fraction=0)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("label_shape", ["(N,)", "(N,1)"])

@@ -1,7 +1,7 @@
 """Datasets a hospital has, read into one form: uint8 images at the base's channels and size, plus targets.
 
 Layouts (detected from `path`):
-- classification: an ImageFolder tree (`root/<class>/*.png`), a CSV `path,label[,patient_id,split]`
+- classification: an ImageFolder tree (`root/<class>/*.png`), a UTF-8 CSV `path,label[,patient_id,split]`
   (paths relative to the CSV; labels are class names or indices), or a MedMNIST-style `.npz`
   (`train_images`, `train_labels`, `val_*`, `test_*`; labels `(N,)` or `(N,1)`);
 - segmentation: `root/images/` + `root/masks/` with matching file stems; masks binary (0/255) or class
@@ -21,7 +21,9 @@ skipped and counted (`DataSplits.skipped`); every other problem is a `TaskvecErr
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -295,8 +297,7 @@ class _Reader:
         return self.nonempty(self.dataset(sources, targets), root)
 
     def csv_file(self, path: Path) -> dict[str, ImageDataset]:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        lines, rows = _csv_rows(path)
         if not rows:
             raise TaskvecError(f"{path}: CSV has no rows; expected a header `path,label[,patient_id,split]`")
         cols = set(rows[0])
@@ -304,12 +305,12 @@ class _Reader:
             raise TaskvecError(f"{path}: CSV needs columns path and label (has {', '.join(sorted(cols))})")
         has_split = "split" in cols and any(r["split"] for r in rows)
         paths = [(path.parent / r["path"]).resolve() for r in rows]
-        for p, r in zip(paths, rows):
+        for line, p, r in zip(lines, paths, rows):
             if not p.is_file():
-                raise TaskvecError(f"{path}: row path {r['path']} is not an existing regular file ({p})")
+                raise TaskvecError(f"{path}:{line}: row path {r['path']} is not an existing regular file ({p})")
         ok = self.keep_readable(paths)
         by_split: dict[str, tuple[list[Source], list[Any], list[str]]] = {}
-        for line, (p, r, good) in enumerate(zip(paths, rows, ok), start=2):
+        for line, p, r, good in zip(lines, paths, rows, ok):
             if not good:
                 continue
             split = _split_name(r["split"], f"{path}:{line}") if has_split else "train"
@@ -421,6 +422,39 @@ class _Reader:
         if (path / "images").is_dir() and (path / "masks").is_dir():
             raise TaskvecError(f"{path}: holds images/ and masks/ (segmentation data) but the base is a classifier")
         return self.image_folder(path)
+
+
+def _csv_rows(path: Path) -> tuple[list[int], list[dict[str, str]]]:
+    """The rows of a UTF-8 CSV (a leading BOM is allowed) as dicts by header name, with the line each ends
+    on; a malformed file (bad encoding, NUL bytes, a field over `csv.field_size_limit()`, a row whose
+    field count differs from the header's) is a TaskvecError naming the line."""
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise TaskvecError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the CSV as UTF-8",
+                           path=path) from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise TaskvecError(f"{path}:{line}: NUL byte; not a text CSV (a UTF-16 export? save it as UTF-8)",
+                           path=path)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    lines: list[int] = []
+    rows: list[dict[str, str]] = []
+    try:
+        header = next(reader, [])
+        for fields in reader:
+            if not fields:  # a blank line
+                continue
+            if len(fields) != len(header):
+                raise TaskvecError(f"{path}:{reader.line_num}: {len(fields)} fields, the header has {len(header)}",
+                                   path=path)
+            lines.append(reader.line_num)
+            rows.append(dict(zip(header, fields)))
+    except csv.Error as e:
+        raise TaskvecError(f"{path}:{reader.line_num}: malformed CSV ({e})", path=path) from None
+    return lines, rows
 
 
 def _split_name(value: str, where: str) -> str:
