@@ -18,6 +18,7 @@ from filelock import FileLock, Timeout
 from taskvec.registry.base import (
     CARD_FILE,
     INDEX_FILE,
+    MAX_TENSOR_FILE_BYTES,
     REGISTRY_FILE,
     Change,
     Reader,
@@ -104,7 +105,7 @@ class FolderStore(Store):
             raise RegistryError(
                 f"{self.address}/{path}: listed in the index but missing; run `taskvec registry reindex`", path=path
             )
-        return private_copy(p, dest, follow_symlinks=False)
+        return private_copy(p, dest, follow_symlinks=False, max_bytes=MAX_TENSOR_FILE_BYTES)
 
     def update(self, change: Change, message: str) -> bool:
         if not self.root.is_dir():

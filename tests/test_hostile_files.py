@@ -88,6 +88,12 @@ def test_private_copy_hashes_exactly_what_it_copies(tmp_path: Path) -> None:
     assert digest == hashlib.sha256((tmp_path / "dst").read_bytes()).hexdigest() == hashlib.sha256(
         src.read_bytes()).hexdigest()
     assert stat.S_IMODE((tmp_path / "dst").stat().st_mode) == 0o600
+    assert private_copy(src, tmp_path / "exact", max_bytes=3 << 20) == digest
+    status = Path("/proc/self/status")  # a regular file whose size (0) understates what it holds
+    for big, limit in ((src, (3 << 20) - 1), *([(status, 10)] if status.is_file() else [])):
+        with pytest.raises(FileFormatError, match=f"^{big}: over the {limit} B limit; refused$"):
+            private_copy(big, tmp_path / "capped", max_bytes=limit)
+        assert not (tmp_path / "capped").exists()
 
 
 def test_cli_bounded_and_one_line(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 from hostile import assert_refused, cli
 from registry_fixtures import created, hub, sites  # noqa: F401 (fixtures)
 from taskvec.registry import IntegrityError, RegistryError, TrustError, TrustPolicy
+from taskvec.registry.base import MAX_TENSOR_FILE_BYTES
 from taskvec.registry.signing import generate_key, load_private_key
 
 from taskvec.errors import TaskvecError
@@ -216,6 +217,16 @@ def test_hub_cache_is_verified_and_refetched(hub, sites, tmp_path: Path) -> None
     cached.write_bytes(bytes(data))  # a damaged cache no longer blocks every later merge
     assert reg.fetch(e, tmp_path / "b.safetensors", OPEN).read_bytes() == vector(0).read_bytes()
     assert cached.read_bytes() == vector(0).read_bytes()
+
+
+def test_folder_vector_over_the_cap_is_refused_before_copying(sites, tmp_path: Path) -> None:
+    base, vector = sites
+    reg = created(str(tmp_path / "reg"), base)
+    entry = reg.push(vector(0)).entry
+    os.truncate(tmp_path / "reg" / entry.path, MAX_TENSOR_FILE_BYTES + 1)  # sparse: nothing is written
+    with pytest.raises(TaskvecError, match=f"over the {MAX_TENSOR_FILE_BYTES} B limit; refused"):
+        reg.fetch(entry, tmp_path / "v.safetensors", OPEN)
+    assert not (tmp_path / "v.safetensors").exists()
 
 
 def test_push_checks_the_base_layout(sites, tmp_path: Path) -> None:

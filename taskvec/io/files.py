@@ -401,18 +401,24 @@ def glob_escape(text: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
-def private_copy(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, follow_symlinks: bool = False) -> str:
+def private_copy(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, follow_symlinks: bool = False,
+                 max_bytes: int | None = None) -> str:
     """Copy `src` to a new file `dest` (mode 0600) and return the sha256 of exactly the bytes copied.
 
     The way to verify what you read and read what you verified: the hash and the copy come from one open
     file, so a file swapped or rewritten at `src` after the check cannot reach the caller, who reads `dest`.
-    Refuses anything but a regular file (and a symbolic link unless `follow_symlinks`)."""
+    Refuses anything but a regular file (and a symbolic link unless `follow_symlinks`), and a file of over
+    `max_bytes`, by its size before copying and by the bytes read while copying (it may grow meanwhile)."""
     h = hashlib.sha256()
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     done = False
     try:
         with os.fdopen(fd, "wb") as out, open_regular(src, follow_symlinks=follow_symlinks) as f:
+            size, copied = os.fstat(f.fileno()).st_size, 0
             for block in iter(lambda: f.read(1 << 20), b""):
+                copied += len(block)
+                if max_bytes is not None and max(size, copied) > max_bytes:
+                    raise FileFormatError(f"{src}: over the {max_bytes} B limit; refused", path=src)
                 h.update(block)
                 out.write(block)
         done = True
