@@ -35,6 +35,11 @@ IMAGES, EPOCHS, BATCH, LR = 32, 12, 8, 2e-3  # 12 short epochs: time to kill a r
 WEIGHT_TOL = 0.02
 
 
+# A rank of a finished run can abort in gloo's teardown on a loaded machine (seen twice in full suites at load
+# ~5 on 2 cores; the same test passed alone and on rerun): where a rerun is harmless, a test retries it once.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def torchrun(*args: str, nproc: int = 2, check: bool = True, **popen: object) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -133,7 +138,10 @@ def test_distributed_dp_step_is_the_one_process_step(tmp_path: Path) -> None:
     sys.path.insert(0, str(TESTS))
     from distributed_worker import one_step
 
-    torchrun(str(TESTS / "distributed_worker.py"), str(tmp_path))
+    r = torchrun(str(TESTS / "distributed_worker.py"), str(tmp_path), check=False)
+    if r.returncode and GLOO_TEARDOWN_ABORT in r.stderr:  # the worker rewrites every file: safe to run again
+        r = torchrun(str(TESTS / "distributed_worker.py"), str(tmp_path), check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for rank in (0, 1):
         told = json.loads((tmp_path / f"world2-rank{rank}.json").read_text())
         expected = "run folder exists" if rank == 0 else "rank 0 stopped: run folder exists"
