@@ -188,9 +188,11 @@ class Version:
         return f"v{self.version} {self.identity[:12]}"
 
     @classmethod
-    def from_dict(cls, d: Any, previous: Version | None, base: str) -> Version:
-        """Version `previous.version + 1` (0 when None) of a registry for `base`, every field checked."""
-        n = 0 if previous is None else previous.version + 1
+    def from_dict(cls, d: Any, earlier: Sequence[Version], base: str) -> Version:
+        """The version after `earlier` of a registry for `base`, every field checked; its identity is none of
+        theirs (one identity is one version, so a vector's base is never ambiguous)."""
+        previous = earlier[-1] if earlier else None
+        n = len(earlier)
         try:
             v = cls(**d)
         except TypeError:
@@ -209,6 +211,9 @@ class Version:
         ]
         if problems:
             raise ValueError(f"versions[{n}].{problems[0]}")
+        same = next((e for e in earlier if e.identity == v.identity), None)
+        if same is not None:
+            raise ValueError(f"versions[{n}].identity is that of v{same.version}; two versions cannot share one")
         return v
 
 
@@ -246,6 +251,7 @@ class RegistryInfo:
         return self.versions[-1]
 
     def version_of(self, identity: str) -> Version | None:
+        """The version with `identity`, if any (unique: `from_json` and `publish_version` refuse a repeat)."""
         return next((v for v in self.versions if v.identity == identity), None)
 
     def to_json(self) -> str:
@@ -278,7 +284,7 @@ class RegistryInfo:
                 raise ValueError("versions")
             versions: list[Version] = []
             for item in raw:
-                versions.append(Version.from_dict(item, versions[-1] if versions else None, b["identity"]))
+                versions.append(Version.from_dict(item, versions, b["identity"]))
             info = cls(b, d["created"], d.get("trusted_keys", {}), d.get("card", {}), versions)
             keys = info.trusted_keys
             if not (isinstance(keys, dict) and all(isinstance(v, list) and all(isinstance(k, str) for k in v)
@@ -643,7 +649,8 @@ class Registry:
         """Publish a merged model as the next version, optionally signed (Ed25519 private key) as `signer`;
         (version, added). Only a merge onto the newest version is accepted (`check_next_version`), with
         finite values that match its identity, and signed when the registry lists keys for `signer`. The
-        file and the record land in one atomic change; publishing a published model again is a no-op."""
+        file and the record land in one atomic change; publishing a published file again is a no-op, another
+        file with a published version's identity is refused (a version's identity is unique)."""
         from taskvec.registry.card import render_card
 
         h = read_kind(model, "model")
@@ -656,9 +663,15 @@ class Registry:
         def change(r: Reader) -> dict[str, bytes | Path] | None:
             info = self.info(r)
             same = info.version_of(h.meta["identity"])
-            if same is not None:
+            if same is not None and same.sha256 == file_sha:
                 result[:] = [(same, False)]
                 return None
+            if same is not None:
+                raise RegistryError(
+                    f"{h.path}: its identity is that of {same.label} of {self.address}, whose tensors it holds (a "
+                    "merge at λ = 0, or of vectors that change nothing); nothing new to publish",
+                    path=h.path, field="identity",
+                )
             check_next_version(h, info, self.address)
             check_push_policy(info, signer, signature, file_sha, str(h.path))
             n = info.newest.version + 1

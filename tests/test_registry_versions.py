@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from taskvec.errors import FileFormatError, MismatchError
 from taskvec.io.files import dump_meta, read_header, read_kind
 from taskvec.io.tensors import state_digest
+from taskvec.merging.export import export_vector
 from taskvec.merging.stream import merge_vectors
 
 torch = pytest.importorskip("torch")
@@ -115,6 +116,32 @@ def test_publish_version_accepts_only_the_next_merge(address: str, sites, tmp_pa
     assert got == v1 and out.read_bytes() == m1.read_bytes()
 
 
+def test_a_merge_that_changes_nothing_is_not_a_new_version(address: str, sites, tmp_path: Path) -> None:
+    """A merge at λ = 0, or of a vector that changes nothing, is the next version by its header (version, parent,
+    lineage; so its file differs) with its parent's tensors, so its parent's identity: publishing it is refused,
+    naming the version it duplicates, and nothing is written."""
+    base, vector = sites
+    reg = created(address, base)
+    m1 = _v1(base, vector, tmp_path)
+    reg.publish_version(m1)
+    idle = export_vector(base, base, tmp_path / "idle.safetensors", contributor="idle", samples=10).path
+    assert all(not t.any() for t in load_file(str(idle)).values())  # fine-tuned == v0: a zero vector
+    for parent, n, merged in (
+        (m1, 1, merge_vectors([vector(5, b=m1)], m1, tmp_path / "zero-scale.safetensors", scale=0.0).path),
+        (m1, 1, _merge_onto(m1, [idle], tmp_path / "zero-vector.safetensors")),
+        (base, 0, merge_vectors([vector(5)], base, tmp_path / "zero-onto-v0.safetensors", scale=0.0).path),
+    ):
+        meta = read_kind(merged, "model").meta
+        assert (meta["version"], meta["parent"], meta["identity"]) == (n + 1, _id(parent), _id(parent))
+        assert sha256_file(merged) != sha256_file(parent)
+        before = reg.store.reader().read_text("registry.json"), reg.store.list_files("versions")
+        with pytest.raises(RegistryError, match=rf"identity is that of v{n} {_id(parent)[:12]} .*; nothing new to"):
+            reg.publish_version(merged)
+        assert (reg.store.reader().read_text("registry.json"), reg.store.list_files("versions")) == before
+    assert [v.identity for v in reg.info().versions] == [_id(base), _id(m1)]
+    assert reg.publish_version(m1)[1] is False  # the published file itself: still a no-op
+
+
 def test_signed_versions_and_the_consumers_keyring(address: str, sites, tmp_path: Path) -> None:
     base, vector = sites
     key, _, pub = generate_key(tmp_path / "merger.key")
@@ -205,6 +232,19 @@ def test_registry_json_versions_are_checked(sites, tmp_path: Path) -> None:
             reg.info()
 
 
+def test_registry_json_with_two_versions_of_one_identity_is_refused(address: str, sites, tmp_path: Path) -> None:
+    """A registry.json (hostile or hand-edited) whose versions repeat an identity is malformed: the version a vector
+    was fine-tuned from would be ambiguous."""
+    base, vector = sites
+    reg = created(address, base)
+    reg.publish_version(_v1(base, vector, tmp_path))
+    d = json.loads(reg.store.reader().read_text("registry.json") or "")
+    d["versions"][1]["identity"] = d["versions"][0]["identity"]  # every other field of v1 still checks out
+    reg.store.update(lambda r: {"registry.json": json.dumps(d).encode()}, "a hostile edit")
+    with pytest.raises(RegistryError, match=r"unreadable \(versions\[1\]\.identity is that of v0;"):
+        open_registry(address).info()
+
+
 def test_registry_made_before_versions(sites, tmp_path: Path) -> None:
     """A format 1 registry (no versions) is read as version 0 only; it can publish v1 but not serve v0."""
     base, vector = sites
@@ -280,6 +320,9 @@ def test_cli_refusals_are_one_line(sites, tmp_path: Path) -> None:
                    f"it has v0 {_id(base)[:12]})", code=1)
     wrong = _rewrite(m1, tmp_path / "wrong.safetensors", drop=("version", "lineage"))
     assert_refused(cli("publish-version", wrong, "--registry", reg_dir, cwd=tmp_path), "version is 0", code=1)
+    idle = merge_vectors([vector(0)], base, tmp_path / "idle.safetensors", scale=0.0).path
+    assert_refused(cli("publish-version", idle, "--registry", reg_dir, cwd=tmp_path),
+                   f"its identity is that of v0 {_id(base)[:12]} of {reg_dir}", "nothing new to publish", code=1)
     assert_refused(cli("pull-version", "one", "--registry", reg_dir, "--out", "x.safetensors", cwd=tmp_path),
                    "VERSION is a number N", code=2)
     assert_refused(cli("pull-version", "7", "--registry", reg_dir, "--out", "x.safetensors", "--allow-unsigned",
