@@ -155,8 +155,8 @@ class HubStore(Store):
     def download(self, path: str, commit: str, limit: int) -> Path | None:
         """`path` at `commit` into the download folder of the cache; None when the commit has no such file.
 
-        The size the Hub declares is checked against `limit` before anything is downloaded, and the
-        download is stopped if the server sends more than it declared (`size_guard`)."""
+        The size the Hub declares is checked against `limit` before anything is downloaded, and a download
+        longer (`size_guard`) or shorter than declared is refused and not kept."""
         from huggingface_hub.hf_api import RepoFile
 
         what = f"{self.address}/{path}"
