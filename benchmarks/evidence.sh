@@ -1,15 +1,37 @@
 #!/usr/bin/env bash
-# The README's evidence on real data (../shared/data): simulations with and without DP-SGD.
-# Usage: bash benchmarks/evidence.sh [OUT_DIR]   (about an hour on 2 CPU cores; resumable: rerun to continue)
+# The README's evidence grid on real data (../shared/data) with the shared pretrained tf_efficientnet_lite0:
+# BreastMNIST (3 iid or Dirichlet-0.5 sites) and MoNuSeg (3 TCGA source sites), per training mode, without DP and
+# with DP-SGD at one target ε (δ = 1e-5, per-image clipping at 1.0), seeds 0-2, mean ± sd.
+# Usage, from the repository root: bash benchmarks/evidence.sh [OUT_DIR] [NAME ...]   (default: every experiment)
+#   JOBS=N runs N (experiment, seed) simulations at once (default 1). The README's tables: JOBS=15 on one H100 with 16
+#   CPU cores, about 5 minutes for the first 15 and 7 for the other 12; on 2 CPU cores one BreastMNIST seed takes
+#   about 40 minutes. Resumable: every simulation reuses its finished runs.
 set -euo pipefail
-data=${TASKVEC_SHARED_DATA:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data}
-out=${1:-evidence}
-mkdir -p "$out"
-# BreastMNIST: 28x28 breast ultrasound, benign+normal vs malignant; 3 sites, iid; DP-SGD at ε = 1, 3, 8 (δ = 1e-5)
-taskvec simulate --data "$data/breastmnist/breastmnist.npz" --out "$out/breastmnist" --sites 3 --split iid \
-  --arch test_convnext --in-chans 1 --img-size 32 --num-classes 2 --epochs 5 --base-epochs 5 --lr 1e-3 \
-  --dp --target-epsilons 1,3,8 --delta 1e-5
-# MoNuSeg: H&E nuclei segmentation, sites = TCGA tissue-source sites
-taskvec simulate --data "$data/monuseg_256" --task segmentation --out "$out/monuseg" --sites 3 --split by-group:tcga \
-  --arch test_convnext --in-chans 3 --img-size 128 --num-classes 2 --epochs 10 --base-epochs 10 --lr 1e-3 \
-  --batch-size 4 --dp --target-epsilons 8 --delta 1e-5
+shared=${TASKVEC_SHARED:-../shared}
+out=${1:-evidence}; shift || true
+weights="$shared/weights/tf_efficientnet_lite0.in1k.safetensors"
+bm="--data $shared/data/breastmnist/breastmnist.npz --sites 3 --arch tf_efficientnet_lite0 --weights $weights
+    --in-chans 1 --img-size 32 --labels malignant,normal_benign --methods mean,ties --no-calibrate --dp"
+mo="--data $shared/data/monuseg_256 --task segmentation --sites 3 --split by-group:tcga --arch tf_efficientnet_lite0
+    --weights $weights --in-chans 3 --img-size 64 --num-classes 2 --methods mean,ties --no-calibrate --dp"
+declare -A grid=(
+  [bm-nb-e1]="$bm --split iid --train norm-bias --target-epsilons 1"
+  [bm-nb-e3]="$bm --split iid --train norm-bias --target-epsilons 3"
+  [bm-nb-e8]="$bm --split iid --train norm-bias --target-epsilons 8"
+  [bm-lora8-e8]="$bm --split iid --train lora:8 --target-epsilons 8"
+  [bm-all-e8]="$bm --split iid --train all --target-epsilons 8"
+  [bm-dir-nb-e8]="$bm --split dirichlet:0.5 --train norm-bias --target-epsilons 8"
+  [mo-nb-e8]="$mo --train norm-bias --target-epsilons 8"
+  [mo-lora8-e8]="$mo --train lora:8 --target-epsilons 8"
+  [mo-all-e8]="$mo --train all --target-epsilons 8"
+)
+names=("$@"); [ ${#names[@]} -gt 0 ] || names=("${!grid[@]}")
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+for name in "${names[@]}"; do
+  for seed in 0 1 2; do echo ${grid[$name]} --out "$out/$name/seed$seed" --seed "$seed"; done
+done | xargs -P "${JOBS:-1}" -L 1 taskvec simulate > "$out.log" 2>&1
+for name in "${names[@]}"; do  # every seed finished: the report over seeds (mean ± sd, error bars) reuses them
+  taskvec simulate ${grid[$name]} --out "$out/$name" --seeds 0,1,2 >> "$out.log" 2>&1
+  echo "== $name"
+  python "$(dirname "$0")/evidence_summary.py" "$out/$name" | tail -4
+done
