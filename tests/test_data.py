@@ -187,6 +187,20 @@ def test_split_folders_and_missing_split(tmp_path: Path) -> None:
         single.get("test")
 
 
+def test_unlabelled_segmentation_split_is_left_out(tmp_path: Path) -> None:
+    seg_folder(tmp_path / "d" / "train", n=6, size=32)
+    unlabelled = seg_folder(tmp_path / "d" / "test", n=2, size=32, seed=1)
+    for m in (unlabelled / "masks").iterdir():
+        m.unlink()
+    (unlabelled / "masks").rmdir()  # test/images only, as the ISBI 2012 challenge ships it
+    s = load_data(tmp_path / "d", spec("segmentation"), val_fraction=0)
+    assert len(s.train) == 6 and s.test is None
+    assert any("test: images without masks (an unlabelled split); left out" in w for w in s.warnings)
+    (tmp_path / "d" / "train" / "masks").rename(tmp_path / "masks-elsewhere")
+    with pytest.raises(TaskvecError, match="train: segmentation data needs"):  # training images need masks
+        load_data(tmp_path / "d", spec("segmentation"))
+
+
 def test_subset_keeps_groups(tmp_path: Path) -> None:
     p = npz_file(tmp_path / "d.npz", n=8)
     ds = load_data(p, spec(chans=1)).train

@@ -410,6 +410,11 @@ class _Reader:
             raise TaskvecError(f"{path}: no such file or folder")
         split_dirs = {SPLIT_ALIASES[p.name.lower()]: p for p in path.iterdir()
                       if p.is_dir() and p.name.lower() in SPLIT_ALIASES}
+        if seg:  # a challenge's test images without masks cannot be scored: left out, not fatal
+            for name, p in list(split_dirs.items()):
+                if name != "train" and (p / "images").is_dir() and not (p / "masks").exists():
+                    self.warnings.append(f"{p}: images without masks (an unlabelled split); left out")
+                    del split_dirs[name]
         if split_dirs:
             return {s: self.layout(p) for s, p in split_dirs.items()}
         return self.layout(path)
