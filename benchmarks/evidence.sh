@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's evidence grid on real data (../shared/data) with the shared pretrained tf_efficientnet_lite0:
-# BreastMNIST (3 iid or Dirichlet-0.5 sites) and MoNuSeg (3 TCGA source sites), per training mode, without DP and
+# BreastMNIST (3 iid or Dirichlet-0.5 sites), MoNuSeg (3 TCGA source sites) and ISBI 2012 EM (3 iid sites; its
+# unlabelled test folder is left out, so a test share of the training tiles is held out), per training mode, without DP and
 # with DP-SGD at one target ε (δ = 1e-5, per-image clipping at 1.0), seeds 0-2, mean ± sd.
 # Usage, from the repository root: bash benchmarks/evidence.sh [OUT_DIR] [NAME ...]   (default: every experiment)
 #   JOBS=N runs N (experiment, seed) simulations at once (default 1). The README's tables: JOBS=15 on one H100 with 16
@@ -14,6 +15,8 @@ bm="--data $shared/data/breastmnist/breastmnist.npz --sites 3 --arch tf_efficien
     --in-chans 1 --img-size 32 --labels malignant,normal_benign --methods mean,ties --no-calibrate --dp"
 mo="--data $shared/data/monuseg_256 --task segmentation --sites 3 --split by-group:tcga --arch tf_efficientnet_lite0
     --weights $weights --in-chans 3 --img-size 64 --num-classes 2 --methods mean,ties --no-calibrate --dp"
+isbi="--data $shared/data/isbi2012_em --task segmentation --sites 3 --split iid --arch tf_efficientnet_lite0
+    --weights $weights --in-chans 1 --img-size 64 --num-classes 2 --methods mean,ties --no-calibrate --dp"
 declare -A grid=(
   [bm-nb-e1]="$bm --split iid --train norm-bias --target-epsilons 1"
   [bm-nb-e3]="$bm --split iid --train norm-bias --target-epsilons 3"
@@ -24,6 +27,7 @@ declare -A grid=(
   [mo-nb-e8]="$mo --train norm-bias --target-epsilons 8"
   [mo-lora8-e8]="$mo --train lora:8 --target-epsilons 8"
   [mo-all-e8]="$mo --train all --target-epsilons 8"
+  [isbi-nb-e8]="$isbi --train norm-bias --target-epsilons 8"
 )
 names=("$@"); [ ${#names[@]} -gt 0 ] || names=("${!grid[@]}")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
