@@ -62,8 +62,11 @@ def finetune(
     data: Path = typer.Option(..., help="ImageFolder tree, CSV (path,label[,patient_id,split]), MedMNIST .npz, "
                                         "or images/+masks/ folders (segmentation)."),
     out: Path = typer.Option(..., help="Run folder: checkpoints, model.safetensors and metrics.json."),
-    train: str = typer.Option("all", help="What to train: all | head | norm-bias (BitFit) | last:K (stages) | "
-                                          "lora:R (rank-R adapters). The vector holds only what was trained."),
+    train: str = typer.Option(
+        "all", help="What to train: all | head | norm-bias (BitFit) | last:K (stages) | lora:R (rank-R adapters) | "
+                    "class-means (the head in closed form from the class means of the base's features: one pass, "
+                    "no gradient step; with --dp one Gaussian release, far less noise than DP-SGD on small data). "
+                    "The vector holds only what was trained."),
     epochs: int | None = typer.Option(None, help="Epochs (default: 10, and at least 200 optimiser steps)."),
     steps: int | None = typer.Option(None, help="Optimizer steps, instead of --epochs."),
     batch_size: int | None = typer.Option(

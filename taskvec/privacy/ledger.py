@@ -9,6 +9,10 @@ delta clipped to L2 norm C. Two entries describe it: against the site's data bei
 sensitivity is C; against *any* change of the site's data (a patient or an image added, removed or
 replaced included) it is 2C, since two clipped deltas lie in one ball of radius C. ε is the analytic
 Gaussian mechanism's (Balle & Wang 2018), the exports of one run composed exactly (Gaussian DP).
+
+A `gaussian-sum` (the class-means head, `taskvec.training.class_means`) releases once the sum of per-unit
+vectors of L2 norm at most `max_grad_norm` plus N(0, (z·max_grad_norm)²) per coordinate: one DP-SGD step at
+sampling rate 1, accounted by the same accountants and composed with DP-SGD runs over their steps.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ DP_SGD_ACCOUNTANTS = (PRV, RDP, RDP_LARGE)
 # PRV discretises the privacy loss on a grid growing with ε and √steps, ~170 bytes a point at its peak: 2M points
 # is ~350 MB and a few seconds. A noise multiplier of 0.05 at rate 0.5 over 50 steps would need 49M points (19 GB).
 MAX_PRV_POINTS = 2_000_000
-MECHANISMS = ("dp-sgd", "gaussian-output")
+MECHANISMS = ("dp-sgd", "gaussian-sum", "gaussian-output")
+SUBSAMPLED_GAUSSIAN = ("dp-sgd", "gaussian-sum")  # accounted by Opacus's accountants, (z, rate, steps) each
 UNITS = ("image", "patient", "site")
 RELATIONS = ("add-remove", "replace-one")
 SENSITIVITY = {"add-remove": 1.0, "replace-one": 2.0}  # export noise: × clip
@@ -147,11 +152,12 @@ def gaussian_output_entries(
 
 def dp_sgd_entry(
     *, epsilon: float, delta: float, accountant: str, noise_multiplier: float, sample_rate: float, steps: int,
-    max_grad_norm: float, unit: str, run_id: str | None,
+    max_grad_norm: float, unit: str, run_id: str | None, mechanism: str = "dp-sgd",
 ) -> dict[str, Any]:
-    """Ledger entry for DP-SGD training (Poisson-subsampled Gaussian mechanism, `steps` times, add-remove)."""
+    """Ledger entry for DP-SGD training (Poisson-subsampled Gaussian mechanism, `steps` times, add-remove) or,
+    as `gaussian-sum`, one noisy sum of the units' bounded vectors (rate 1, one step)."""
     entry = {
-        "mechanism": "dp-sgd", "unit": unit, "relation": "add-remove", "epsilon": epsilon, "delta": delta,
+        "mechanism": mechanism, "unit": unit, "relation": "add-remove", "epsilon": epsilon, "delta": delta,
         "accountant": accountant, "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": steps,
         "max_grad_norm": max_grad_norm, "run_id": run_id,
     }
@@ -236,10 +242,13 @@ def history_epsilon(accountant: str, history: Sequence[tuple[float, float, int]]
 
 @contextmanager
 def _quiet_rdp() -> Iterator[None]:
-    """Silence RDP's warning at large noise (PRV bounds its domain with RDP)."""
+    """Silence RDP's warning at large noise (PRV bounds its domain with RDP) and numpy's at sampling rate 1
+    (PRV's log(1 - q) is -inf there, which its formula handles)."""
     import warnings
 
-    with warnings.catch_warnings():
+    import numpy as np
+
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         yield
 
@@ -344,9 +353,9 @@ class PrivacyBudget:
 
 
 def _run_dp_sgd(ledgers: Sequence[list[dict[str, Any]]], unit: str, relation: str) -> dict[str, Any] | None:
-    """A DP-SGD entry covering (unit, relation) that every vector of one run carries (they are all
-    post-processing of one private model), the smallest ε of them; None if there is none."""
-    return min((e for e in ledgers[0] if e["mechanism"] == "dp-sgd" and covers(e, unit, relation)
+    """A DP-SGD (or `gaussian-sum`) entry covering (unit, relation) that every vector of one run carries (they
+    are all post-processing of one private model), the smallest ε of them; None if there is none."""
+    return min((e for e in ledgers[0] if e["mechanism"] in SUBSAMPLED_GAUSSIAN and covers(e, unit, relation)
                 and all(e in led for led in ledgers)), key=lambda e: e["epsilon"], default=None)
 
 

@@ -273,8 +273,8 @@ def _make_base(cfg: SimulationConfig, out: Path, module: Any, spec: ModelSpec, p
 
 def central_steps(site_sizes: list[int], config: FinetuneConfig) -> int | None:
     """Steps of the centralised run under the default schedule: as many example gradients as all sites' runs
-    together (None: `config` sets epochs or steps, which the centralised run keeps)."""
-    if config.epochs is not None or config.steps is not None:
+    together (None: `config` sets epochs or steps, which the centralised run keeps, or trains class-means)."""
+    if config.epochs is not None or config.steps is not None or config.train == "class-means":
         return config.steps
     plans = [schedule(n, config) for n in site_sizes]
     return math.ceil(sum(b * n for b, n in plans) / schedule(sum(site_sizes), config)[0])

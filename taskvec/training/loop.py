@@ -40,6 +40,7 @@ from taskvec.io.tensors import save_tensors, state_digest
 from taskvec.models.spec import ModelSpec, create_module, load_model, save_model
 from taskvec.privacy.dpsgd import DPConfig, is_accumulating, make_private, require_dp_ready
 from taskvec.progress import Track, no_track
+from taskvec.training.class_means import class_means_head
 from taskvec.training.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader
 from taskvec.training.distributed import Group, augment_bits, process_group, rank_seed, shard_loader, wrap_model
 from taskvec.training.evaluate import autocast, evaluate_module, resolve_device
@@ -106,9 +107,22 @@ class FinetuneConfig:
         if mode.kind == "head" and self.head in ("frozen", "lp-ft"):
             raise ConfigError(f"head {self.head} needs features to train, but `train` head trains the head alone",
                               field="head", got=self.head)
+        if mode.kind == "class-means":
+            _check_class_means(self)
         check_range("val_fraction", self.val_fraction, low=0, high=1, low_open=False)
         if self.dp is not None:
             self.dp.check()
+
+
+def _check_class_means(config: FinetuneConfig) -> None:
+    """class-means takes no gradient step: refuse settings of one."""
+    given = [name for name, default in (("epochs", None), ("steps", None), ("lr", None), ("prox", 0.0))
+             if getattr(config, name) != default]
+    if config.head != "train":
+        given.append("head")
+    if given:
+        raise ConfigError(f"{given[0]} does not apply to `train` class-means (one pass over the data, no gradient "
+                          "step): leave it out", field=given[0], got=getattr(config, given[0]))
 
 
 @dataclass
@@ -168,7 +182,7 @@ class StepState:
 class EpochRecord:
     epoch: int
     steps: int
-    train_loss: float
+    train_loss: float | None  # None: no gradient step (class-means)
     lr: float
     seconds: float
     images_per_s: float
@@ -407,7 +421,11 @@ def finetune(
     if config.head != "train" and spec.task != "classification":
         raise ConfigError(f"head {config.head} is for classification; a {spec.task} base trains its head",
                           field="head", got=config.head)
-    if config.dp is not None:  # refuse a base DP-SGD cannot train before the run folder exists
+    means = parse_mode(config.train).kind == "class-means"
+    if means and spec.task != "classification":
+        raise ConfigError(f"train class-means is for classification, not {spec.task}", field="train",
+                          got=config.train)
+    if config.dp is not None and not means:  # refuse a base DP-SGD cannot train before the run folder exists
         require_dp_ready(create_module(spec))
     if config.head == "frozen" and spec.task == "classification":
         _check_frozen_head(base, spec)
@@ -415,7 +433,10 @@ def finetune(
         if not group.main:  # rank 0 reports
             track, on_epoch = no_track, None
         run = _start(base, header.meta["identity"], spec, splits.train, out, config, splits.source, group)
-        history = _train(run, config, splits.val, track, on_epoch)
+        if run.mode.kind == "class-means":
+            history = _fit_class_means(run, config, splits.train, splits.val, track)
+        else:
+            history = _train(run, config, splits.val, track, on_epoch)
         return _save_run(run, config, splits, history)
 
 
@@ -480,14 +501,17 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
     loader_gen = torch.Generator()
     loader = make_loader(train, batch_size, device, shuffle=True, generator=loader_gen,
                          drop_last=len(train) > batch_size, num_workers=config.num_workers)
-    total, notes = plan_steps(config, len(loader))
+    means = mode.kind == "class-means"  # one pass, no step: nothing to schedule or to make private
+    total, notes = (0, []) if means else plan_steps(config, len(loader))
     site = SiteSteps(net, prox=config.prox, anchors=prox_anchors(net) if config.prox else None,
                      head=head_prefixes(net, spec.task),
                      probe_steps=round(LP_FRACTION * total) if config.head == "lp-ft" else 0)
     site.attach(optimizer)  # before DP-SGD wraps it: the hooks then run on the private update
-    setup = prepare_training(TrainingSetup(net, optimizer, loader), config, run_id, total, group)
+    setup = TrainingSetup(net, optimizer, loader)
+    if not means:
+        setup = prepare_training(setup, config, run_id, total, group)
     per_epoch = setup.per_epoch or len(setup.loader)
-    decay = config.ema if config.ema is not None else (DP_EMA if config.dp is not None else 0.0)
+    decay = 0.0 if means else config.ema if config.ema is not None else (DP_EMA if config.dp is not None else 0.0)
     ema = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad} if decay else {}
     run = _Run(out, parent, run_id, spec, device, net, setup, loader_gen, per_epoch, math.ceil(total / per_epoch),
                total, 0, [], group, mode, trained, lora, lr, batch_size, ema, decay, notes,
@@ -590,6 +614,29 @@ def _train(run: _Run, config: FinetuneConfig, val: ImageDataset | None, track: T
             break
         loss_sum.zero_()
         seen, t0, steps_in_epoch = 0, time.perf_counter(), 0
+    return run.history
+
+
+def _fit_class_means(run: _Run, config: FinetuneConfig, train: ImageDataset, val: ImageDataset | None,
+                     track: Track[Any]) -> list[dict[str, Any]]:
+    """Set the head to the class-means head (`taskvec.training.class_means`) and record it as the run's one
+    epoch. A resumed run keeps the head and ledger of its checkpoint: a second noisy release would cost ε again."""
+    if run.group.world > 1:
+        raise ConfigError("train class-means runs in one process (one pass over the data)", field="train")
+    if not run.history:
+        t0 = time.perf_counter()
+        weight, bias, entry = class_means_head(run.net, run.spec, train, device=run.device, batch_size=run.batch_size,
+                                               dp=config.dp, run_id=run.run_id, track=track)
+        head: Any = run.net.get_classifier()  # type: ignore[operator]
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(bias)
+        ledger = [entry] if entry is not None else []
+        run.setup = replace(run.setup, privacy=lambda: ledger)
+        seconds = time.perf_counter() - t0
+        _end_epoch(run, config, val, EpochRecord(1, 0, None, 0.0, seconds, len(train) / seconds))
+    done = run.history[-1]["privacy"]
+    run.setup = replace(run.setup, privacy=lambda: done)
     return run.history
 
 

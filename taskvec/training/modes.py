@@ -1,4 +1,5 @@
-"""What a site trains: `all`, `head`, `norm-bias`, `last:K` or `lora:R`, and what its vector then carries.
+"""What a site trains: `all`, `head`, `norm-bias`, `last:K`, `lora:R` or `class-means`, and what its vector
+then carries.
 
 - `all`: every parameter.
 - `head`: the classifier (segmentation: the decoder and segmentation head), everything else frozen.
@@ -9,6 +10,8 @@
   the backbone, plus the head. After training the adapters are merged into the weights, so the model file has
   the base's layout; the vector stores each adapted weight's delta as rank-R factors (exact: the delta of a
   merged adapter has rank ≤ R), which the merge expands tensor by tensor.
+- `class-means`: the classifier alone, set in closed form from the class means of the base's features with no
+  gradient step (`taskvec.training.class_means`; classification only).
 
 Frozen parameters get no gradient, so DP-SGD computes per-example gradients only for what is trained: the
 modes other than `all` avoid the slow per-example gradients of depthwise convolutions.
@@ -24,16 +27,16 @@ from torch import nn
 
 from taskvec.errors import ConfigError
 
-MODES = ("all", "head", "norm-bias", "last:K", "lora:R")
+MODES = ("all", "head", "norm-bias", "last:K", "lora:R", "class-means")
 # Peak learning rates (AdamW): fewer trained parameters take larger steps (BitFit and LoRA papers use 1e-3
-# and above, full fine-tuning 1e-4 and below); DP-SGD uses the same values.
-DEFAULT_LR = {"all": 1e-4, "last": 3e-4, "head": 3e-3, "norm-bias": 3e-3, "lora": 1e-3}
+# and above, full fine-tuning 1e-4 and below); DP-SGD uses the same values. class-means takes no gradient step.
+DEFAULT_LR = {"all": 1e-4, "last": 3e-4, "head": 3e-3, "norm-bias": 3e-3, "lora": 1e-3, "class-means": 0.0}
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 @dataclass(frozen=True)
 class TrainMode:
-    kind: str  # all | head | norm-bias | last | lora
+    kind: str  # all | head | norm-bias | last | lora | class-means
     k: int = 0  # stages for `last`, rank for `lora`
 
     def __str__(self) -> str:
@@ -45,9 +48,9 @@ class TrainMode:
 
 
 def parse_mode(text: str) -> TrainMode:
-    """`all`, `head`, `norm-bias`, `last:K` or `lora:R` (K, R ≥ 1)."""
+    """`all`, `head`, `norm-bias`, `last:K`, `lora:R` (K, R ≥ 1) or `class-means`."""
     kind, _, arg = text.strip().partition(":")
-    if kind in ("all", "head", "norm-bias") and not arg:
+    if kind in ("all", "head", "norm-bias", "class-means") and not arg:
         return TrainMode(kind)
     if kind in ("last", "lora") and arg.isdigit() and int(arg) >= 1:
         return TrainMode(kind, int(arg))
@@ -84,7 +87,7 @@ def trainable_names(net: nn.Module, task: str, mode: TrainMode) -> list[str]:
     head = head_prefixes(net, task)
     if mode.kind == "all":
         return names
-    if mode.kind in ("head", "lora"):
+    if mode.kind in ("head", "lora", "class-means"):
         return [n for n in names if n.startswith(head)]
     if mode.kind == "norm-bias":
         modules = dict(net.named_modules())

@@ -1,0 +1,137 @@
+"""`finetune --train class-means`: the head against an independent nearest-class-mean computation, its DP release
+(a `gaussian-sum` entry checked against dp-accounting, noise present, patient units, composed with DP-SGD in a
+budget), a vector of the head alone, and the settings it refuses."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import dp_accounting as dpa
+import pytest
+import torch
+from safetensors.torch import load_file
+from synthetic_data import npz_file
+from test_ledger import _dp_sgd, _Header, pld_epsilon
+
+from taskvec.errors import ConfigError
+from taskvec.io.files import read_kind
+from taskvec.merging.export import export_vector
+from taskvec.models.spec import ModelSpec, build_base, load_model, save_model
+from taskvec.privacy.dpsgd import DPConfig
+from taskvec.privacy.ledger import PrivacyBudget, check_merge_budget, dp_sgd_epsilon, verify_ledger
+from taskvec.training.data import Normalizer, load_data
+from taskvec.training.loop import FinetuneConfig, finetune
+
+HEAD = ("classifier.weight", "classifier.bias")
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, Path]:
+    net, spec = build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=32, seed=0)
+    base = tmp_path / "base.safetensors"
+    save_model(net, spec, base)
+    return base, npz_file(tmp_path / "d.npz", n=48)
+
+
+def _run(base: Path, data: Path, out: Path, dp: DPConfig | None = None, **kw: Any) -> dict[str, torch.Tensor]:
+    cfg = FinetuneConfig(train="class-means", val_fraction=0.0, device="cpu", dp=dp, **kw)
+    return load_file(str(finetune(base, data, out, cfg).model_path))
+
+
+def _reference_head(base: Path, data: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest class mean on unit-length pooled features, computed image by image."""
+    spec = ModelSpec.from_dict(read_kind(base, "model").meta["model"])
+    net: Any = load_model(base, "cpu").eval()
+    train = load_data(data, spec, val_fraction=0.0).train
+    assert train is not None
+    norm = Normalizer(spec, torch.device("cpu"))
+    feats, labels = [], []
+    with torch.no_grad():
+        for i in range(len(train)):
+            x, y = train[i]
+            feats.append(net.forward_head(net.forward_features(norm(x[None])), pre_logits=True)[0].double())
+            labels.append(int(y))
+    f = torch.stack(feats)
+    unit = f / f.norm(dim=1, keepdim=True)
+    means = torch.stack([unit[[j for j, c in enumerate(labels) if c == k]].mean(0) for k in range(2)])
+    nu = math.exp(f.norm(dim=1).log().mean().item())
+    return (means / nu).float(), (-0.5 * means.pow(2).sum(1)).float()
+
+
+def test_head_is_the_nearest_class_mean_and_the_vector_holds_it_alone(setup: tuple[Path, Path],
+                                                                      tmp_path: Path) -> None:
+    base, data = setup
+    tensors = _run(base, data, tmp_path / "run")
+    weight, bias = _reference_head(base, data)
+    torch.testing.assert_close(tensors["classifier.weight"], weight, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(tensors["classifier.bias"], bias, rtol=1e-4, atol=1e-7)
+    before = load_file(str(base))
+    assert all(torch.equal(v, before[k]) for k, v in tensors.items() if k not in HEAD)
+    header = read_kind(tmp_path / "run" / "model.safetensors", "model").meta
+    assert header["privacy"] == [] and header["training"]["train"]["trained"] == sorted(HEAD)
+    vec = export_vector(tmp_path / "run" / "model.safetensors", base, tmp_path / "v.safetensors")
+    assert set(load_file(str(vec.path))) == set(HEAD)
+
+
+def test_dp_release_is_one_gaussian_sum(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    base, data = setup
+    clear = _run(base, data, tmp_path / "clear")
+    dp = DPConfig(max_grad_norm=1.0, delta=1e-5, noise_multiplier=1.0, seed=3)
+    noisy = _run(base, data, tmp_path / "a", dp)
+    again = _run(base, data, tmp_path / "b", dp)
+    assert torch.equal(noisy["classifier.weight"], again["classifier.weight"])  # seeded noise: reproducible
+    assert not torch.allclose(noisy["classifier.weight"], clear["classifier.weight"], rtol=0.05)
+    (entry,) = read_kind(tmp_path / "a" / "model.safetensors", "model").meta["privacy"]
+    assert (entry["mechanism"], entry["unit"], entry["relation"]) == ("gaussian-sum", "image", "add-remove")
+    assert (entry["sample_rate"], entry["steps"], entry["noise_multiplier"]) == (1.0, 1, 1.0)
+    assert entry["epsilon"] == pytest.approx(pld_epsilon(dpa.GaussianDpEvent(1.0), 1e-5), rel=0.02)
+    verify_ledger([entry], "model")
+    target = DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=8.0)
+    (calibrated,) = read_kind(finetune(base, data, tmp_path / "t", FinetuneConfig(
+        train="class-means", val_fraction=0.0, device="cpu", dp=target)).model_path, "model").meta["privacy"]
+    assert 7.9 <= calibrated["epsilon"] <= 8.0
+
+
+def test_patients_are_the_unit_when_the_data_names_them(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    base, data = setup
+    spec = ModelSpec.from_dict(read_kind(base, "model").meta["model"])
+    splits = load_data(data, spec, val_fraction=0.0)
+    assert splits.train is not None
+    splits.train.groups = [f"p{i // 4}" for i in range(len(splits.train))]
+    dp = DPConfig(max_grad_norm=1.0, delta=1e-5, noise_multiplier=2.0, seed=0)
+    res = finetune(base, splits, tmp_path / "run", FinetuneConfig(train="class-means", device="cpu", dp=dp))
+    assert read_kind(res.model_path, "model").meta["privacy"][0]["unit"] == "patient"
+
+
+def test_gaussian_sum_composes_with_dp_sgd_in_a_budget() -> None:
+    eps, accountant = dp_sgd_epsilon([(1.0, 1.0, 1)], 1e-5)
+    means = _dp_sgd("image", accountant, z=1.0, q=1.0, steps=1) | {"mechanism": "gaussian-sum", "run_id": "r1"}
+    sgd = _dp_sgd("image", accountant) | {"run_id": "r2"}
+    assert means["epsilon"] == pytest.approx(eps)
+    rec = check_merge_budget([_Header("m", "a", "r1", [means]), _Header("s", "a", "r2", [sgd])],
+                             PrivacyBudget(50.0, "image"))["contributors"]["a"]
+    event = dpa.ComposedDpEvent([dpa.GaussianDpEvent(1.0), dpa.SelfComposedDpEvent(
+        dpa.PoissonSampledDpEvent(0.05, dpa.GaussianDpEvent(1.1)), 120)])
+    assert rec["runs"] == 2 and rec["epsilon"] == pytest.approx(pld_epsilon(event, 1e-5), rel=0.03)
+    assert rec["epsilon"] < means["epsilon"] + sgd["epsilon"]
+
+
+@pytest.mark.parametrize("field, value", [("steps", 5), ("epochs", 2), ("lr", 1e-3), ("prox", 0.1),
+                                          ("head", "balanced")])
+def test_settings_of_gradient_steps_are_refused(field: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=f"^{field} does not apply to `train` class-means") as err:
+        FinetuneConfig(train="class-means", **{field: value}).check()
+    assert err.value.field == field
+
+
+def test_segmentation_is_refused_before_the_run_folder(tmp_path: Path) -> None:
+    from synthetic_data import seg_folder
+
+    net, spec = build_base("test_efficientnet", task="segmentation", num_classes=2, img_size=32, seed=0)
+    save_model(net, spec, tmp_path / "seg.safetensors")
+    with pytest.raises(ConfigError, match="class-means is for classification"):
+        finetune(tmp_path / "seg.safetensors", seg_folder(tmp_path / "data"), tmp_path / "run",
+                 FinetuneConfig(train="class-means", device="cpu"))
+    assert not (tmp_path / "run").exists()
