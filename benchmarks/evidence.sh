@@ -2,7 +2,8 @@
 # The README's evidence grid on real data (../shared/data) with the shared pretrained tf_efficientnet_lite0:
 # BreastMNIST (3 iid or Dirichlet-0.5 sites), MoNuSeg (3 TCGA source sites) and ISBI 2012 EM (3 iid sites; its
 # unlabelled test folder is left out, so a test share of the training tiles is held out), per training mode, without DP and
-# with DP-SGD at one target ε (δ = 1e-5, per-image clipping at 1.0), seeds 0-2, mean ± sd.
+# with DP-SGD at one target ε (δ = 1e-5, per-image clipping at 1.0; class-means: its one Gaussian release at ε 1, 3
+# and 8), seeds 0-2, mean ± sd. BreastMNIST at 32 px and at 64 px (bm64-*).
 # Usage, from the repository root: bash benchmarks/evidence.sh [OUT_DIR] [NAME ...]   (default: every experiment)
 #   JOBS=N runs N (experiment, seed) simulations at once (default 1). The README's tables: JOBS=15 on one H100 with 16
 #   CPU cores, about 5 minutes for the first 15 and 7 for the other 12; on 2 CPU cores one BreastMNIST seed takes
@@ -11,8 +12,10 @@ set -euo pipefail
 shared=${TASKVEC_SHARED:-../shared}
 out=${1:-evidence}; shift || true
 weights="$shared/weights/tf_efficientnet_lite0.in1k.safetensors"
-bm="--data $shared/data/breastmnist/breastmnist.npz --sites 3 --arch tf_efficientnet_lite0 --weights $weights
-    --in-chans 1 --img-size 32 --labels malignant,normal_benign --methods mean,ties --no-calibrate --dp"
+breast="--data $shared/data/breastmnist/breastmnist.npz --sites 3 --arch tf_efficientnet_lite0 --weights $weights
+    --in-chans 1 --labels malignant,normal_benign --methods mean,ties --no-calibrate --dp"
+bm="$breast --img-size 32"
+bm64="$breast --img-size 64"
 mo="--data $shared/data/monuseg_256 --task segmentation --sites 3 --split by-group:tcga --arch tf_efficientnet_lite0
     --weights $weights --in-chans 3 --img-size 64 --num-classes 2 --methods mean,ties --no-calibrate --dp"
 isbi="--data $shared/data/isbi2012_em --task segmentation --sites 3 --split iid --arch tf_efficientnet_lite0
@@ -28,6 +31,10 @@ declare -A grid=(
   [mo-lora8-e8]="$mo --train lora:8 --target-epsilons 8"
   [mo-all-e8]="$mo --train all --target-epsilons 8"
   [isbi-nb-e8]="$isbi --train norm-bias --target-epsilons 8"
+  [bm64-cm]="$bm64 --split iid --train class-means --target-epsilons 1,3,8"
+  [bm64-dir-cm]="$bm64 --split dirichlet:0.5 --train class-means --target-epsilons 1,3,8"
+  [bm64-head-e8]="$bm64 --split iid --train head --target-epsilons 8"
+  [bm64-nb-e8]="$bm64 --split iid --train norm-bias --target-epsilons 8"
 )
 names=("$@"); [ ${#names[@]} -gt 0 ] || names=("${!grid[@]}")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -37,5 +44,5 @@ done | xargs -P "${JOBS:-1}" -L 1 taskvec simulate > "$out.log" 2>&1
 for name in "${names[@]}"; do  # every seed finished: the report over seeds (mean ± sd, error bars) reuses them
   taskvec simulate ${grid[$name]} --out "$out/$name" --seeds 0,1,2 >> "$out.log" 2>&1
   echo "== $name"
-  python "$(dirname "$0")/evidence_summary.py" "$out/$name" | tail -4
+  python "$(dirname "$0")/evidence_summary.py" "$out/$name" | grep '^|'
 done

@@ -83,7 +83,10 @@ def test_dp_release_is_one_gaussian_sum(setup: tuple[Path, Path], tmp_path: Path
     again = _run(base, data, tmp_path / "b", dp)
     assert torch.equal(noisy["classifier.weight"], again["classifier.weight"])  # seeded noise: reproducible
     assert not torch.allclose(noisy["classifier.weight"], clear["classifier.weight"], rtol=0.05)
-    (entry,) = read_kind(tmp_path / "a" / "model.safetensors", "model").meta["privacy"]
+    header = read_kind(tmp_path / "a" / "model.safetensors", "model").meta
+    (entry,) = header["privacy"]
+    # nothing from the private data outside the release: no counts, no metrics, a batch not derived from n
+    assert "samples" not in header["training"] and header["training"]["batch_size"] == 64
     assert (entry["mechanism"], entry["unit"], entry["relation"]) == ("gaussian-sum", "image", "add-remove")
     assert (entry["sample_rate"], entry["steps"], entry["noise_multiplier"]) == (1.0, 1, 1.0)
     assert entry["epsilon"] == pytest.approx(pld_epsilon(dpa.GaussianDpEvent(1.0), 1e-5), rel=0.02)

@@ -496,12 +496,13 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
     mode = parse_mode(config.train)
     net, trained, lora = prepare_mode(net, spec.task, mode, keep_head=config.head == "frozen")
     lr = config.lr or mode.lr
-    batch_size = config.batch_size or default_batch(len(train), config.dp is not None)
+    means = mode.kind == "class-means"  # one pass, no step: nothing to schedule or to make private
+    # class-means: the batch only paces its one pass, and one derived from the data's size would reveal it
+    batch_size = config.batch_size or (64 if means else default_batch(len(train), config.dp is not None))
     optimizer = timm.optim.create_optimizer_v2(net, "adamw", lr=lr, weight_decay=config.weight_decay)
     loader_gen = torch.Generator()
     loader = make_loader(train, batch_size, device, shuffle=True, generator=loader_gen,
                          drop_last=len(train) > batch_size, num_workers=config.num_workers)
-    means = mode.kind == "class-means"  # one pass, no step: nothing to schedule or to make private
     total, notes = (0, []) if means else plan_steps(config, len(loader))
     site = SiteSteps(net, prox=config.prox, anchors=prox_anchors(net) if config.prox else None,
                      head=head_prefixes(net, spec.task),
