@@ -30,10 +30,15 @@ class _TrainProgress:
         )
 
     def track(self, it: Iterable[Any], description: str, total: int) -> Iterator[Any]:
+        from taskvec.training.loop import StepState
+
         with self.progress:
             task = self.progress.add_task(description, total=total, loss="-", ips="-")
             for st in it:
                 yield st
+                if not isinstance(st, StepState):  # another pass (class-means): a plain bar
+                    self.progress.update(task, advance=1)
+                    continue
                 fields: dict[str, Any] = {}
                 if st.loss is not None:
                     fields = {"loss": f"{st.loss:.4f}", "ips": f"{st.images_per_s:.1f}"}
@@ -42,7 +47,8 @@ class _TrainProgress:
     def on_epoch(self, r: Any) -> None:
         from taskvec.training.metrics import primary_metric
 
-        line = f"epoch {r.epoch}: train loss {r.train_loss:.4f}, {r.images_per_s:.1f} img/s, {r.seconds:.1f} s"
+        loss = "class means" if r.train_loss is None else f"train loss {r.train_loss:.4f}"
+        line = f"epoch {r.epoch}: {loss}, {r.images_per_s:.1f} img/s, {r.seconds:.1f} s"
         if r.val:
             name, value = primary_metric(r.val)
             line += f", val {name} {_fmt(value)}"

@@ -138,3 +138,19 @@ def test_segmentation_is_refused_before_the_run_folder(tmp_path: Path) -> None:
         finetune(tmp_path / "seg.safetensors", seg_folder(tmp_path / "data"), tmp_path / "run",
                  FinetuneConfig(train="class-means", device="cpu"))
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_reports_the_release_and_refuses_step_options(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    from taskvec.cli.app import app
+    from typer.testing import CliRunner
+
+    base, data = setup
+    r = CliRunner().invoke(app, ["finetune", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "run"),
+                                 "--train", "class-means", "--device", "cpu", "--dp", "--target-epsilon", "4"])
+    assert r.exit_code == 0, r.output
+    (entry,) = read_kind(tmp_path / "run" / "model.safetensors", "model").meta["privacy"]
+    assert f"gaussian-sum ε {entry['epsilon']:.3g}" in r.stdout and "class means" in r.stdout
+    r = CliRunner().invoke(app, ["finetune", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "r2"),
+                                 "--train", "class-means", "--epochs", "3"])
+    assert isinstance(r.exception, ConfigError) and r.exception.field == "epochs"  # the console script: exit 2
+    assert not (tmp_path / "r2").exists()

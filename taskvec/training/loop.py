@@ -434,7 +434,7 @@ def finetune(
             track, on_epoch = no_track, None
         run = _start(base, header.meta["identity"], spec, splits.train, out, config, splits.source, group)
         if run.mode.kind == "class-means":
-            history = _fit_class_means(run, config, splits.train, splits.val, track)
+            history = _fit_class_means(run, config, splits.train, splits.val, track, on_epoch)
         else:
             history = _train(run, config, splits.val, track, on_epoch)
         return _save_run(run, config, splits, history)
@@ -619,7 +619,7 @@ def _train(run: _Run, config: FinetuneConfig, val: ImageDataset | None, track: T
 
 
 def _fit_class_means(run: _Run, config: FinetuneConfig, train: ImageDataset, val: ImageDataset | None,
-                     track: Track[Any]) -> list[dict[str, Any]]:
+                     track: Track[Any], on_epoch: Callable[[EpochRecord], None] | None) -> list[dict[str, Any]]:
     """Set the head to the class-means head (`taskvec.training.class_means`) and record it as the run's one
     epoch. A resumed run keeps the head and ledger of its checkpoint: a second noisy release would cost ε again."""
     if run.group.world > 1:
@@ -635,7 +635,10 @@ def _fit_class_means(run: _Run, config: FinetuneConfig, train: ImageDataset, val
         ledger = [entry] if entry is not None else []
         run.setup = replace(run.setup, privacy=lambda: ledger)
         seconds = time.perf_counter() - t0
-        _end_epoch(run, config, val, EpochRecord(1, 0, None, 0.0, seconds, len(train) / seconds))
+        record = EpochRecord(1, 0, None, 0.0, seconds, len(train) / seconds)
+        _end_epoch(run, config, val, record)
+        if on_epoch is not None:
+            on_epoch(record)
     done = run.history[-1]["privacy"]
     run.setup = replace(run.setup, privacy=lambda: done)
     return run.history
