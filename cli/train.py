@@ -76,7 +76,8 @@ def finetune(
     epochs: int | None = typer.Option(None, help="Epochs (default: 10, and at least 200 optimiser steps)."),
     steps: int | None = typer.Option(None, help="Optimizer steps, instead of --epochs."),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Default: n/8 in [4, 32]; with --dp a large logical batch, n/2 in [8, 256]."
+        None, "--batch-size", help="Default: n/8 in [4, 32]; with --dp a large logical batch, n/2 in [8, 256]; "
+                                   "class-means: 64 (its pass only)."
     ),
     lr: float | None = typer.Option(
         None, help="Peak learning rate (AdamW, warm-up then cosine); default per --train: all 1e-4, last 3e-4, "
@@ -94,7 +95,8 @@ def finetune(
     contributor: str | None = typer.Option(None, help="Contributor id (site name) recorded in the model."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random flips and 90° rotations."),
     workers: int | None = typer.Option(None, help="Data loader processes (default: 8 on GPU, 0 on CPU)."),
-    dp: bool = typer.Option(False, "--dp", help="DP-SGD (Opacus); unit: patient given patient ids, else image."),
+    dp: bool = typer.Option(False, "--dp", help="DP-SGD (Opacus; class-means: its one Gaussian release); unit: "
+                                                "patient given patient ids, else image."),
     target_epsilon: float | None = typer.Option(
         None, "--target-epsilon", help="--dp: noise calibrated to reach this ε in the planned epochs; stops at it."
     ),

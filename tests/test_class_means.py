@@ -15,12 +15,13 @@ from safetensors.torch import load_file
 from synthetic_data import npz_file
 from test_ledger import _dp_sgd, _Header, pld_epsilon
 
-from taskvec.errors import ConfigError
+from taskvec.errors import ConfigError, PrivacyConfigError
 from taskvec.io.files import read_kind
 from taskvec.merging.export import export_vector
 from taskvec.models.spec import ModelSpec, build_base, load_model, save_model
 from taskvec.privacy.dpsgd import DPConfig
 from taskvec.privacy.ledger import PrivacyBudget, check_merge_budget, dp_sgd_epsilon, verify_ledger
+from taskvec.training.class_means import unit_vectors, unit_weights
 from taskvec.training.data import Normalizer, load_data
 from taskvec.training.loop import FinetuneConfig, finetune
 
@@ -154,3 +155,73 @@ def test_cli_reports_the_release_and_refuses_step_options(setup: tuple[Path, Pat
                                  "--train", "class-means", "--epochs", "3"])
     assert isinstance(r.exception, ConfigError) and r.exception.field == "epochs"  # the console script: exit 2
     assert not (tmp_path / "r2").exists()
+
+
+def _released(feats: torch.Tensor, labels: list[int], groups: list[str] | None, keep: list[bool], k: int = 3,
+              clip: float = 0.7) -> torch.Tensor:
+    """The sums a release adds noise to (per class: unit features and counts; then the log norms), over the
+    images kept, weighted per patient as `class_means_head` weighs them."""
+    w = unit_weights([g for g, on in zip(groups, keep) if on] if groups else None, sum(keep))
+    rows = unit_vectors(feats[torch.tensor(keep)], clip) * w[:, None]
+    table = torch.zeros(k, feats.shape[1] + 1, dtype=torch.float64)
+    table.index_add_(0, torch.tensor([c for c, on in zip(labels, keep) if on]), rows[:, :-1])
+    return torch.cat([table.flatten(), rows[:, -1].sum()[None]])
+
+
+@pytest.mark.parametrize("unit", ["image", "patient"])
+def test_one_unit_moves_the_released_sums_by_at_most_the_clip(unit: str) -> None:
+    """The sensitivity the ledger's ε assumes: removing one image (or one patient, whose images span classes and
+    feature norms from 1e-6 to 1e6) changes the released sums by at most `clip` in L2 norm."""
+    gen = torch.Generator().manual_seed(0)
+    n = 24
+    scales = torch.logspace(-6, 6, n, dtype=torch.float64)[:, None]
+    feats = torch.rand(n, 16, generator=gen, dtype=torch.float64) * scales
+    labels = [i % 3 for i in range(n)]
+    groups = [f"p{i // 5}" for i in range(n)] if unit == "patient" else None
+    full = _released(feats, labels, groups, [True] * n)
+    units = sorted(set(groups)) if groups else list(range(n))
+    for u in units:
+        keep = [(g != u) if groups else (i != u) for i, g in enumerate(groups or range(n))]
+        assert torch.linalg.norm(full - _released(feats, labels, groups, keep)) <= 0.7 * (1 + 1e-9)
+    at_bound = torch.full((1, 16), math.exp(10) / 4, dtype=torch.float64)  # norm e^10: the log-norm clamp
+    assert torch.linalg.norm(unit_vectors(at_bound, 0.7)) == pytest.approx(0.7)  # the whole budget, no more
+
+
+def test_a_multiplier_over_the_target_is_refused_before_the_run(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    base, data = setup
+    dp = DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=1.0, noise_multiplier=0.3)
+    with pytest.raises(PrivacyConfigError, match="above target_epsilon 1"):
+        finetune(base, data, tmp_path / "run", FinetuneConfig(train="class-means", device="cpu", dp=dp))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_class_without_images_takes_no_side(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    base, data = setup
+    spec = ModelSpec.from_dict(read_kind(base, "model").meta["model"])
+    train = load_data(data, spec, val_fraction=0.0).train
+    assert train is not None
+    ones = train.subset([i for i, y in enumerate(train.targets) if y == 1])
+    tensors = load_file(str(finetune(base, ones, tmp_path / "run", FinetuneConfig(
+        train="class-means", val_fraction=0.0, device="cpu")).model_path))
+    w, b = tensors["classifier.weight"], tensors["classifier.bias"]
+    assert torch.equal(w[0], w[1]) and torch.equal(b[0], b[1]) and w.abs().sum() > 0
+
+
+def test_an_interrupted_run_resumes_with_its_head_and_one_release(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """Killed after its checkpoint: the resumed run keeps the checkpoint's head and ledger (a second noisy
+    release would cost ε again)."""
+    base, data = setup
+    dp = DPConfig(max_grad_norm=1.0, delta=1e-5, noise_multiplier=1.0)  # secret noise: a redraw would differ
+
+    def crash(record: Any) -> None:
+        raise KeyboardInterrupt
+
+    cfg = FinetuneConfig(train="class-means", val_fraction=0.0, device="cpu", dp=dp)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(base, data, tmp_path / "run", cfg, on_epoch=crash)
+    checkpoint = load_file(str(tmp_path / "run" / "checkpoint.safetensors"))
+    res = finetune(base, data, tmp_path / "run", FinetuneConfig(**{**cfg.__dict__, "resume": True}))
+    assert res.resumed_from_epoch == 1
+    final = load_file(str(res.model_path))
+    assert torch.equal(final["classifier.weight"], checkpoint["model/classifier.weight"])
+    assert len(read_kind(res.model_path, "model").meta["privacy"]) == 1

@@ -40,7 +40,7 @@ from taskvec.io.tensors import save_tensors, state_digest
 from taskvec.models.spec import ModelSpec, create_module, load_model, save_model
 from taskvec.privacy.dpsgd import DPConfig, is_accumulating, make_private, require_dp_ready
 from taskvec.progress import Track, no_track
-from taskvec.training.class_means import class_means_head
+from taskvec.training.class_means import class_means_head, release_noise
 from taskvec.training.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader
 from taskvec.training.distributed import Group, augment_bits, process_group, rank_seed, shard_loader, wrap_model
 from taskvec.training.evaluate import autocast, evaluate_module, resolve_device
@@ -107,22 +107,24 @@ class FinetuneConfig:
         if mode.kind == "head" and self.head in ("frozen", "lp-ft"):
             raise ConfigError(f"head {self.head} needs features to train, but `train` head trains the head alone",
                               field="head", got=self.head)
-        if mode.kind == "class-means":
-            _check_class_means(self)
         check_range("val_fraction", self.val_fraction, low=0, high=1, low_open=False)
         if self.dp is not None:
             self.dp.check()
+        if mode.kind == "class-means":
+            _check_class_means(self)
 
 
 def _check_class_means(config: FinetuneConfig) -> None:
     """class-means takes no gradient step: refuse settings of one."""
-    given = [name for name, default in (("epochs", None), ("steps", None), ("lr", None), ("prox", 0.0))
+    given = [name for name, default in (("epochs", None), ("steps", None), ("lr", None), ("ema", None), ("prox", 0.0))
              if getattr(config, name) != default]
     if config.head != "train":
         given.append("head")
     if given:
         raise ConfigError(f"{given[0]} does not apply to `train` class-means (one pass over the data, no gradient "
                           "step): leave it out", field=given[0], got=getattr(config, given[0]))
+    if config.dp is not None and config.dp.noise_multiplier and config.dp.target_epsilon:
+        release_noise(config.dp)  # refuses a multiplier over the target
 
 
 @dataclass
@@ -430,6 +432,8 @@ def finetune(
     if config.head == "frozen" and spec.task == "classification":
         _check_frozen_head(base, spec)
     with process_group(resolve_device(config.device)) as group:
+        if means and group.world > 1:
+            raise ConfigError("train class-means runs in one process (one pass over the data)", field="train")
         if not group.main:  # rank 0 reports
             track, on_epoch = no_track, None
         run = _start(base, header.meta["identity"], spec, splits.train, out, config, splits.source, group)
@@ -622,8 +626,6 @@ def _fit_class_means(run: _Run, config: FinetuneConfig, train: ImageDataset, val
                      track: Track[Any], on_epoch: Callable[[EpochRecord], None] | None) -> list[dict[str, Any]]:
     """Set the head to the class-means head (`taskvec.training.class_means`) and record it as the run's one
     epoch. A resumed run keeps the head and ledger of its checkpoint: a second noisy release would cost ε again."""
-    if run.group.world > 1:
-        raise ConfigError("train class-means runs in one process (one pass over the data)", field="train")
     if not run.history:
         t0 = time.perf_counter()
         weight, bias, entry = class_means_head(run.net, run.spec, train, device=run.device, batch_size=run.batch_size,
