@@ -437,7 +437,7 @@ def finetune(
         if not group.main:  # rank 0 reports
             track, on_epoch = no_track, None
         run = _start(base, header.meta["identity"], spec, splits.train, out, config, splits.source, group)
-        if run.mode.kind == "class-means":
+        if means:
             history = _fit_class_means(run, config, splits.train, splits.val, track, on_epoch)
         else:
             history = _train(run, config, splits.val, track, on_epoch)
@@ -626,23 +626,24 @@ def _fit_class_means(run: _Run, config: FinetuneConfig, train: ImageDataset, val
                      track: Track[Any], on_epoch: Callable[[EpochRecord], None] | None) -> list[dict[str, Any]]:
     """Set the head to the class-means head (`taskvec.training.class_means`) and record it as the run's one
     epoch. A resumed run keeps the head and ledger of its checkpoint: a second noisy release would cost ε again."""
-    if not run.history:
-        t0 = time.perf_counter()
-        weight, bias, entry = class_means_head(run.net, run.spec, train, device=run.device, batch_size=run.batch_size,
-                                               dp=config.dp, run_id=run.run_id, track=track)
-        head: Any = run.net.get_classifier()  # type: ignore[operator]
-        with torch.no_grad():
-            head.weight.copy_(weight)
-            head.bias.copy_(bias)
-        ledger = [entry] if entry is not None else []
+    if run.history:  # resumed after the pass
+        ledger = run.history[-1]["privacy"]
         run.setup = replace(run.setup, privacy=lambda: ledger)
-        seconds = time.perf_counter() - t0
-        record = EpochRecord(1, 0, None, 0.0, seconds, len(train) / seconds)
-        _end_epoch(run, config, val, record)
-        if on_epoch is not None:
-            on_epoch(record)
-    done = run.history[-1]["privacy"]
-    run.setup = replace(run.setup, privacy=lambda: done)
+        return run.history
+    t0 = time.perf_counter()
+    weight, bias, entry = class_means_head(run.net, run.spec, train, device=run.device, batch_size=run.batch_size,
+                                           dp=config.dp, run_id=run.run_id, track=track)
+    head: Any = run.net.get_classifier()  # type: ignore[operator]
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    ledger = [entry] if entry is not None else []
+    run.setup = replace(run.setup, privacy=lambda: ledger)
+    seconds = time.perf_counter() - t0
+    record = EpochRecord(1, 0, None, 0.0, seconds, len(train) / seconds)
+    _end_epoch(run, config, val, record)
+    if on_epoch is not None:
+        on_epoch(record)
     return run.history
 
 
