@@ -23,6 +23,7 @@ from taskvec.privacy.ledger import (
     dp_sgd_entry,
     gaussian_epsilon,
     gaussian_output_entries,
+    name_model,
     validate_ledger,
     verify_ledger,
 )
@@ -167,7 +168,7 @@ def test_budget_composes_the_vectors_of_one_contributor() -> None:
         check_merge_budget(two_runs, PrivacyBudget(1.2 * a1[0]["epsilon"], "site"))
     apart = [_Header("x1", "a", "r1", a1), _Header("y", "b", "r2", b)]  # other contributors: parallel
     check_merge_budget(apart, PrivacyBudget(1.2 * a1[0]["epsilon"], "site"))
-    dp = _dp_sgd("patient", "opacus-prv (Gopi et al. 2021)")
+    (dp,) = name_model([_dp_sgd("patient", "opacus-prv (Gopi et al. 2021)")], "ab" * 32)
     both = [_Header("m1", "c", "r3", [dp]), _Header("m2", "c", "r3", [dp, *b])]  # one DP-SGD model, twice
     assert check_merge_budget(both, PrivacyBudget(50.0, "patient"))["contributors"]["c"]["epsilon"] == dp["epsilon"]
 

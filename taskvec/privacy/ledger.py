@@ -12,7 +12,18 @@ Gaussian mechanism's (Balle & Wang 2018), the exports of one run composed exactl
 
 A `gaussian-sum` (the class-means head, `taskvec.training.class_means`) releases once the sum of per-unit
 vectors of L2 norm at most `max_grad_norm` plus N(0, (z·max_grad_norm)²) per coordinate: one DP-SGD step at
-sampling rate 1, accounted by the same accountants and composed with DP-SGD runs over their steps.
+sampling rate 1, accounted by the same accountants and composed with DP-SGD runs over their steps. Both are
+add-remove at the image or patient unit (any other label is refused: no honest run records it); each names the
+model it released (`model`, its content identity, a DP output itself) and whether its noise came from a given
+seed (`seeded`: reproducible, so not secret; a merge refuses it unless allowed, for tests).
+
+A merge counts every distinct noised release and every distinct training of a contributor unless the files
+themselves prove one includes another (`check_merge_budget`), so copying a model file and exporting or
+training again elsewhere never makes two releases count as one.
+
+The site is trusted to describe its own mechanism: every ε is recomputed from the entry's parameters, but a
+ledger edited with its ε recomputed (a noise multiplier raised, a unit changed) passes. Signatures authenticate
+who sent a file, not what it says.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from taskvec.errors import PrivacyConfigError, PrivacyError, check_range
+from taskvec.io.lineage import is_sha
 
 ANALYTIC_GAUSSIAN = "analytic-gaussian (Balle & Wang 2018)"
 PRV = "opacus-prv (Gopi et al. 2021)"
@@ -39,6 +51,7 @@ MAX_PRV_POINTS = 2_000_000
 MECHANISMS = ("dp-sgd", "gaussian-sum", "gaussian-output")
 SUBSAMPLED_GAUSSIAN = ("dp-sgd", "gaussian-sum")  # accounted by Opacus's accountants, (z, rate, steps) each
 UNITS = ("image", "patient", "site")
+TRAINING_UNITS = ("image", "patient")  # a subsampled-Gaussian entry's unit: what one clipped contribution is
 RELATIONS = ("add-remove", "replace-one")
 SENSITIVITY = {"add-remove": 1.0, "replace-one": 2.0}  # export noise: × clip
 LEDGER_FIELDS = (
@@ -152,21 +165,31 @@ def gaussian_output_entries(
 
 def dp_sgd_entry(
     *, epsilon: float, delta: float, accountant: str, noise_multiplier: float, sample_rate: float, steps: int,
-    max_grad_norm: float, unit: str, run_id: str | None, mechanism: str = "dp-sgd",
+    max_grad_norm: float, unit: str, run_id: str | None, mechanism: str = "dp-sgd", seeded: bool = False,
 ) -> dict[str, Any]:
     """Ledger entry for DP-SGD training (Poisson-subsampled Gaussian mechanism, `steps` times, add-remove) or,
-    as `gaussian-sum`, one noisy sum of the units' bounded vectors (rate 1, one step)."""
+    as `gaussian-sum`, one noisy sum of the units' bounded vectors (rate 1, one step). `seeded`: the noise came
+    from a given seed (tests), so it is not secret."""
     entry = {
         "mechanism": mechanism, "unit": unit, "relation": "add-remove", "epsilon": epsilon, "delta": delta,
         "accountant": accountant, "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": steps,
-        "max_grad_norm": max_grad_norm, "run_id": run_id,
+        "max_grad_norm": max_grad_norm, "run_id": run_id, "seeded": seeded,
     }
     validate_ledger([entry])
     return entry
 
 
+def name_model(ledger: list[dict[str, Any]], identity: str) -> list[dict[str, Any]]:
+    """The ledger with its training entries (`dp-sgd`, `gaussian-sum`) naming the model they released by its
+    content identity, so that two trainings (from copies of one run folder, say) are never counted as one."""
+    return validate_ledger([{**e, "model": identity} if e.get("mechanism") in SUBSAMPLED_GAUSSIAN else e
+                            for e in ledger])
+
+
 def validate_ledger(ledger: Any, where: str = "ledger") -> list[dict[str, Any]]:
-    """Check every entry against the schema; a guarantee without noise or clipping is refused."""
+    """Check every entry against the schema; a guarantee without noise or clipping, or one no honest run
+    records (a training entry not add-remove per image or patient), is refused. Entries from before `model`
+    and `seeded` read as their own training and not seeded."""
     if not isinstance(ledger, list):
         raise PrivacyError(f"{where}: privacy ledger must be a list of mechanisms", path=where, field="privacy")
     for i, e in enumerate(ledger):
@@ -187,6 +210,15 @@ def validate_ledger(ledger: Any, where: str = "ledger") -> list[dict[str, Any]]:
 
 
 def _entry_problem(e: dict[str, Any]) -> tuple[str, str] | None:
+    if e["mechanism"] in SUBSAMPLED_GAUSSIAN and (e["relation"] != "add-remove" or e["unit"] not in TRAINING_UNITS):
+        fld = "relation" if e["relation"] != "add-remove" else "unit"
+        return fld, (f"a {e['mechanism']} entry must be add-remove per image or patient, got {e['relation']} per "
+                     f"{e['unit']}, which no training records (the ledger was edited); export the vector again "
+                     "from the model file its training wrote")
+    if "model" in e and not is_sha(e["model"]):
+        return "model", f"model must be the released model's identity (64 hex digits), got {e['model']!r}"
+    if not isinstance(e.get("seeded", False), bool):
+        return "seeded", f"seeded must be true or false, got {e['seeded']!r}"
     if not _positive(e["noise_multiplier"]):
         return "noise_multiplier", f"noise multiplier {e['noise_multiplier']!r}; without noise there is no DP"
     if not _positive(e.get("max_grad_norm", e.get("clip"))):
@@ -293,7 +325,8 @@ def recompute_epsilon(entry: dict[str, Any]) -> float:
 
 def verify_ledger(ledger: Any, where: str) -> list[dict[str, Any]]:
     """`validate_ledger`, then every ε recomputed from its parameters: a mismatch is refused (nothing in a
-    header is trusted; its hash covers the tensors only)."""
+    header is trusted; its hash covers the tensors only). This checks that a ledger is consistent, not that it
+    is true: an edited one with its ε recomputed passes (the site describes its own mechanism)."""
     for i, e in enumerate(validate_ledger(ledger, where)):
         try:
             eps = recompute_epsilon(e)
@@ -330,12 +363,14 @@ def best_guarantee(ledger: Sequence[dict[str, Any]], unit: str, relation: str) -
 @dataclass(frozen=True)
 class PrivacyBudget:
     """What a merge accepts: every contributor's composed ε for changes of one `unit` under `relation` at
-    most `max_epsilon`; `require_dp` refuses vectors without any guarantee."""
+    most `max_epsilon`; `require_dp` refuses vectors without any guarantee. A vector whose noise came from a
+    given seed (`seeded`) is refused unless `allow_seeded_noise` (tests only: such noise is not secret)."""
 
     max_epsilon: float | None = None
     unit: str | None = None
     relation: str = "add-remove"
     require_dp: bool = False
+    allow_seeded_noise: bool = False
 
     def check(self) -> None:
         if self.max_epsilon is not None:
@@ -352,88 +387,130 @@ class PrivacyBudget:
                                      field="relation", got=self.relation)
 
 
-def _run_dp_sgd(ledgers: Sequence[list[dict[str, Any]]], unit: str, relation: str) -> dict[str, Any] | None:
-    """A DP-SGD (or `gaussian-sum`) entry covering (unit, relation) that every vector of one run carries (they
-    are all post-processing of one private model), the smallest ε of them; None if there is none."""
-    return min((e for e in ledgers[0] if e["mechanism"] in SUBSAMPLED_GAUSSIAN and covers(e, unit, relation)
-                and all(e in led for led in ledgers)), key=lambda e: e["epsilon"], default=None)
+@dataclass(frozen=True)
+class _Given:
+    """One vector the budget composes: its sha256 (None when unknown: a release of its own), run id, ledger."""
+
+    sha256: str | None
+    run: str | None
+    ledger: list[dict[str, Any]]
 
 
-def _run_export(ledgers: Sequence[list[dict[str, Any]]], unit: str, relation: str) -> dict[str, Any] | None:
-    """The export entry composing the most releases of one run (each export's entry composes the run's earlier
-    ones), when every vector of the run has one covering (unit, relation); else None."""
-    found = [best_guarantee([e for e in led if e["mechanism"] == "gaussian-output"], unit, relation)
-             for led in ledgers]
-    exports = [e for e in found if e is not None]
-    return max(exports, key=lambda e: e["steps"]) if len(exports) == len(found) else None
+SINGLE = "single run"
+_Bound = tuple[float, float, str, int]  # (ε, δ, how, runs composed)
 
 
-def _run_guarantee(ledgers: Sequence[list[dict[str, Any]]], unit: str, relation: str) -> dict[str, Any] | None:
-    """The entry bounding all of one run's vectors together (DP-SGD or export noise, the smaller ε)."""
-    options = [e for e in (_run_dp_sgd(ledgers, unit, relation), _run_export(ledgers, unit, relation)) if e]
-    return min(options, key=lambda e: e["epsilon"], default=None)
+def _best(ledger: list[dict[str, Any]], mechanisms: Sequence[str], unit: str, relation: str) -> dict[str, Any] | None:
+    return best_guarantee([e for e in ledger if e["mechanism"] in mechanisms], unit, relation)
 
 
-def _tight(runs: Sequence[list[list[dict[str, Any]]]], unit: str, relation: str) -> tuple[float, float, str] | None:
-    """(ε, δ, accountant) of several runs of one contributor composed tightly, when every run is the same kind
-    of Gaussian mechanism: export noise (μ-GDP composes exactly: μ² = Σ (sensitivity/σ)², Dong, Roth & Su 2019)
-    or DP-SGD (one PRV accountant over all the runs' steps); the smaller ε where both apply. δ is the largest
-    of theirs. None when neither applies."""
-    options = []
-    exports = [e for e in (_run_export(g, unit, relation) for g in runs) if e is not None]
-    if len(exports) == len(runs):
-        mu = math.sqrt(sum((SENSITIVITY[e["relation"]] / composed_noise_multiplier(e["releases"])) ** 2
-                           for e in exports))
-        delta = max(e["delta"] for e in exports)
-        options.append((gaussian_epsilon(1 / mu, delta), delta, GDP_COMPOSITION))
-    sgd = [e for e in (_run_dp_sgd(g, unit, relation) for g in runs) if e is not None]
-    if len(sgd) == len(runs):
-        delta = max(e["delta"] for e in sgd)
-        eps, accountant = dp_sgd_epsilon([(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in sgd], delta)
-        options.append((eps, delta, accountant))
-    return min(options, default=None)
+def _trainings(vectors: Sequence[_Given], unit: str, relation: str) -> list[dict[str, Any]] | None:
+    """The distinct trainings (`dp-sgd`, `gaussian-sum`) the vectors are post-processing of, one covering entry
+    each; None when a vector has none. Identical entries naming their model are one training; an entry without
+    `model` (older files) is a training of its own per vector (never under-counts)."""
+    found: dict[Any, dict[str, Any]] = {}
+    for i, v in enumerate(vectors):
+        e = _best(v.ledger, SUBSAMPLED_GAUSSIAN, unit, relation)
+        if e is None:
+            return None
+        found.setdefault(json.dumps(e, sort_keys=True) if "model" in e else i, e)
+    return list(found.values())
 
 
-def _contributor_epsilon(ledgers: list[tuple[str | None, list[dict[str, Any]]]], unit: str,
-                         relation: str) -> tuple[float, float, int, str]:
-    """(ε, δ, runs, how) of one contributor's vectors. Each run's joint guarantee; runs (which may reuse the
-    same data) composed tightly when they are all export noise or all DP-SGD (`_tight`), else basically (ε
-    and δ add); the tight bound is used when its ε is no larger (its δ, the largest of the runs', is never
-    larger than their sum). Vectors without a run id count as runs of their own."""
-    grouped: dict[Any, list[list[dict[str, Any]]]] = {}
-    for i, (run, led) in enumerate(ledgers):
-        grouped.setdefault(run if run is not None else ("vector", i), []).append(led)
-    runs = list(grouped.values())
-    eps = delta = 0.0
-    for group in runs:
-        g = _run_guarantee(group, unit, relation)
-        if g is None:
-            return math.inf, 1.0, len(runs), "none"
-        eps, delta = eps + g["epsilon"], delta + g["delta"]
+def _dp_sgd_bound(vectors: Sequence[_Given], unit: str, relation: str) -> _Bound | None:
+    """Every training composed by one accountant over all their steps (Opacus's PRV, RDP as its fallback)."""
+    runs = _trainings(vectors, unit, relation)
+    if runs is None:
+        return None
     if len(runs) == 1:
-        return eps, delta, 1, "single run"
-    tight = _tight(runs, unit, relation)
-    if tight is not None and tight[0] <= eps:
-        return tight[0], tight[1], len(runs), tight[2]
-    return eps, delta, len(runs), BASIC_COMPOSITION
+        return runs[0]["epsilon"], runs[0]["delta"], SINGLE, 1
+    delta = max(e["delta"] for e in runs)
+    eps, accountant = dp_sgd_epsilon([(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in runs], delta)
+    return eps, delta, accountant, len(runs)
+
+
+def _export_histories(vectors: Sequence[_Given], unit: str, relation: str) -> list[dict[str, Any]] | None:
+    """Export entries whose release lists together hold every noised release of the vectors; None when a
+    vector has none covering (unit, relation). Per run (a vector without a run id is a run of its own) the
+    longest list stands for all only when the files prove they are one history: every list a prefix of it and
+    no two distinct vectors (by sha256) with lists of one length, so they are distinct releases of it and no
+    more than it lists. Otherwise (a model file copied and exported in two places, two trainings of one run
+    folder) each distinct vector's whole list counts."""
+    runs: dict[Any, dict[Any, dict[str, Any]]] = {}
+    for i, v in enumerate(vectors):
+        e = _best(v.ledger, ("gaussian-output",), unit, relation)
+        if e is None:
+            return None
+        runs.setdefault(v.run if v.run is not None else ("vector", i), {}).setdefault(v.sha256 or i, e)
+    found = []
+    for run in runs.values():
+        entries = list(run.values())
+        longest = max(entries, key=lambda e: (e["steps"], e["epsilon"]))
+        lengths = [len(e["releases"]) for e in entries]
+        one = all(e["releases"] == longest["releases"][:n] for e, n in zip(entries, lengths))
+        found += [longest] if one and len(set(lengths)) == len(lengths) else entries
+    return found
+
+
+def _export_bound(vectors: Sequence[_Given], unit: str, relation: str) -> _Bound | None:
+    """Every noised release composed exactly: μ-GDP, μ² = Σ (sensitivity/σ)² (Dong, Roth & Su 2019)."""
+    found = _export_histories(vectors, unit, relation)
+    if found is None:
+        return None
+    if len(found) == 1:
+        return found[0]["epsilon"], found[0]["delta"], SINGLE, 1
+    mu = math.sqrt(sum((SENSITIVITY[e["relation"]] / composed_noise_multiplier(e["releases"])) ** 2 for e in found))
+    delta = max(e["delta"] for e in found)
+    return gaussian_epsilon(1 / mu, delta), delta, GDP_COMPOSITION, len(found)
+
+
+def _contributor_epsilon(vectors: Sequence[_Given], unit: str, relation: str) -> _Bound:
+    """(ε, δ, how, runs) of one contributor's vectors: the smallest of every training composed (all vectors
+    DP-SGD), every export release composed (all noised), and each run's own bound added (basic composition,
+    ε and δ add), tight first on a tie (its δ, the largest of the runs', is never above their sum). Runs may
+    reuse the same data; runs: the trainings or export histories composed."""
+    groups: dict[Any, list[_Given]] = {}
+    for i, v in enumerate(vectors):
+        groups.setdefault(v.run if v.run is not None else ("vector", i), []).append(v)
+    options = [b for b in (_dp_sgd_bound(vectors, unit, relation), _export_bound(vectors, unit, relation)) if b]
+    each = [min((b for b in (_dp_sgd_bound(g, unit, relation), _export_bound(g, unit, relation)) if b),
+                key=lambda b: b[0], default=None) for g in groups.values()] if len(groups) > 1 else []
+    if each and all(each):
+        found = [b for b in each if b]
+        options.append((sum(b[0] for b in found), sum(b[1] for b in found), BASIC_COMPOSITION,
+                        sum(b[3] for b in found)))
+    return min(options, key=lambda b: b[0], default=(math.inf, 1.0, "none", len(groups)))
+
+
+def _check_seeded(ledger: list[dict[str, Any]], where: str, budget: PrivacyBudget) -> None:
+    for i, e in enumerate(ledger):
+        if e.get("seeded") and not budget.allow_seeded_noise:
+            raise PrivacyError(
+                f"{where}: privacy entry {i} ({e['mechanism']}) drew its noise from a given seed, so it is not secret "
+                "and its ε does not hold; retrain without `DPConfig.seed` (PrivacyBudget(allow_seeded_noise=True) "
+                "is for tests)", path=where, field="seeded")
 
 
 def check_merge_budget(headers: Sequence[Any], budget: PrivacyBudget,
                        earlier: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> dict[str, Any]:
-    """Verify every vector's ledger (ε recomputed from its parameters) and enforce `budget`, composing per
-    contributor its vectors and its `earlier` releases, (where, summary) of the vectors already merged into
-    the base's lineage (the merged model is a function of all of them); return the record a merge saves.
-    `headers` are vector `Header`s. Contributors without a vector here are not checked again."""
+    """Verify every vector's ledger (ε recomputed from its parameters; seeded noise refused unless the budget
+    allows it) and enforce `budget`, composing per contributor its vectors and its `earlier` releases, (where,
+    summary) of the vectors already merged into the base's lineage (the merged model is a function of all of
+    them); return the record a merge saves. `headers` are vector `Header`s. Every distinct noised release and
+    every distinct training is counted unless the files prove one includes another (`_export_histories`,
+    `_trainings`), however the model files were copied. Contributors without a vector here are not checked
+    again. The ledgers are the sites' own descriptions of their mechanisms, trusted as such."""
     budget.check()
-    vectors: dict[str, list[tuple[str | None, list[dict[str, Any]]]]] = {}
+    vectors: dict[str, list[_Given]] = {}
     for h in headers:
         ledger = verify_ledger(h.meta.get("privacy", []), str(h.path))
         if not ledger and (budget.require_dp or budget.max_epsilon is not None):
             why = "`require_dp`" if budget.require_dp else f"`max_epsilon` {budget.max_epsilon:g}"
             raise PrivacyError(f"{h.path}: carries no DP guarantee (ε = ∞); it is refused by {why}",
                                path=h.path, field="privacy")
+        _check_seeded(ledger, str(h.path), budget)
         run = (h.meta.get("source") or {}).get("run_id")
-        vectors.setdefault(str(h.meta.get("contributor")), []).append((run, ledger))
+        vectors.setdefault(str(h.meta.get("contributor")), []).append(_Given(h.meta.get("sha256"), run, ledger))
     record: dict[str, Any] = {**asdict(budget), "contributors": {}}
     if budget.unit is None:
         return record
@@ -442,19 +519,22 @@ def check_merge_budget(headers: Sequence[Any], budget: PrivacyBudget,
         who = str(v["contributor"])
         if who in vectors:
             ledger = verify_ledger(v.get("privacy", []), where)
+            _check_seeded(ledger, where, budget)
             run = v.get("run_id") or next((e["run_id"] for e in ledger if e["run_id"]), None)
-            vectors[who].append((run, ledger))
+            vectors[who].append(_Given(v.get("sha256"), run, ledger))
             before[who] = before.get(who, 0) + 1
-    for who, ledgers in vectors.items():
-        eps, delta, runs, how = _contributor_epsilon(ledgers, budget.unit, budget.relation)
-        record["contributors"][who] = {"epsilon": eps, "delta": delta, "vectors": len(ledgers),
+    for who, given in vectors.items():
+        eps, delta, how, runs = _contributor_epsilon(given, budget.unit, budget.relation)
+        record["contributors"][who] = {"epsilon": eps, "delta": delta, "vectors": len(given),
                                        "earlier": before.get(who, 0), "runs": runs, "composition": how}
         if budget.max_epsilon is not None and eps > budget.max_epsilon:
-            raise PrivacyError(_over_budget(who, eps, delta, len(ledgers), runs, budget, before.get(who, 0)),
+            raise PrivacyError(_over_budget(who, eps, delta, len(given), runs, budget, before.get(who, 0)),
                                field="max_epsilon", expected=budget.max_epsilon, got=eps)
-    record["composition"] = ("per contributor, its new vectors and its releases already in the base's lineage: "
-                             f"runs composed by {GDP_COMPOSITION} when all are export noise, by one accountant over "
-                             f"all steps when all are DP-SGD, else basically (ε and δ add); contributors in parallel")
+    record["composition"] = ("per contributor, its new vectors and its releases already in the base's lineage, "
+                             "every distinct training and noised release counted unless the files prove one includes "
+                             f"another: composed by {GDP_COMPOSITION} when all are export noise, by one accountant "
+                             "over all steps when all are DP-SGD, else basically (ε and δ add); contributors in "
+                             "parallel")
     return record
 
 
