@@ -65,9 +65,10 @@ def _canaries(vector: Path, canaries: int, max_dim: int, as_json: bool) -> None:
                   f"{a.canaries} canaries over {a.dim:,} coordinates, δ = {a.delta:g}")
     rows = [("claimed ε (one release, per site, add-remove)", a.claimed_epsilon),
             ("empirical ε estimate (Gaussian fit)", a.epsilon_estimate),
-            (f"empirical ε lower bound ({a.confidence:.0%} confidence)", a.epsilon_lower_bound)]
+            (f"empirical ε lower bound (~{a.confidence:.0%} confidence)", a.epsilon_lower_bound)]
     for label, value in rows:
         console.print(f"{label + ':':<48} {value:.3f}")
+    console.print("(the confidence is approximate: the canaries share one noise draw)")
     if a.epsilon_lower_bound > a.claimed_epsilon:
         console.print("the lower bound exceeds the claim: the mechanism leaks more than it says", style="bold red")
 

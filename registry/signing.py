@@ -1,7 +1,8 @@
 """Ed25519 signatures of vector files (with `cryptography`).
 
 A contributor signs the sha256 of the whole vector file (tensors and metadata), so a signature
-vouches for exactly those bytes. Private keys are PKCS#8 PEM files (mode 0600); public keys are
+vouches for exactly those bytes: it authenticates who sent a file, not what it says (a privacy ledger is
+the site's own description of its mechanism). Private keys are PKCS#8 PEM files (mode 0600); public keys are
 one OpenSSH line (`ssh-ed25519 AAAA...`), easy to paste into an allowlist.
 """
 

@@ -9,8 +9,10 @@ follow the null N(0, 1/d) (a random direction in d dimensions); with it the cosi
 numbers come out, at the file's δ:
 
 - the paper's estimate: ε between the null N(0, 1/d) and a Gaussian fitted to the observed cosines;
-- a lower bound holding with confidence 1 − α: the best threshold test on the cosines, its false-positive
-  rate exact under the null (as in the paper), its false-negative rate bounded for all thresholds at once.
+- a lower bound at nominal confidence 1 − α (default 95%): the best threshold test on the cosines, its
+  false-positive rate exact under the null (as in the paper), its false-negative rate bounded for all
+  thresholds at once. The confidence is approximate: the bound treats the cosines as independent, but the
+  canaries share one noise draw.
 
 A correct mechanism gives an estimate near the claimed ε and a lower bound below it; a broken one (no
 noise) gives a large lower bound. Canaries span the first tensors of the vector up to `max_dim`
@@ -99,10 +101,10 @@ def epsilon_two_gaussians(p: tuple[float, float], q: tuple[float, float], delta:
 
 
 def epsilon_lower_bound(cosines: np.ndarray, dim: int, delta: float, alpha: float = 0.05) -> float:
-    """ε lower bound with confidence 1 − α: the best threshold test at the observed cosines, its FPR exact
-    under the null N(0, 1/d), its FNR bounded above for all thresholds at once by the one-sided DKW band
-    (Massart 1990). (Per-threshold intervals, maximized over the thresholds, overshot a correct mechanism's
-    ε in our runs.)"""
+    """ε lower bound at nominal confidence 1 − α (approximate: the DKW band assumes independent cosines, and the
+    canaries share one noise draw): the best threshold test at the observed cosines, its FPR exact under the
+    null N(0, 1/d), its FNR bounded above for all thresholds at once by the one-sided DKW band (Massart 1990).
+    (Per-threshold intervals, maximized over the thresholds, overshot a correct mechanism's ε in our runs.)"""
     t = np.sort(np.asarray(cosines, dtype=np.float64))
     n = len(t)
     fnr = np.minimum(1.0, np.arange(n) / n + math.sqrt(math.log(1 / alpha) / (2 * n)))  # t[i] itself detected

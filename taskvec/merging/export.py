@@ -206,7 +206,9 @@ def export_vector(
     export of a run exported with noise before.
 
     Every export is recorded, before the vector is written and under a lock, in `privacy_releases.json`
-    beside the fine-tuned model, keyed by its run id (or content identity).
+    beside the fine-tuned model, keyed by its run id (or content identity). That record holds this folder's
+    exports only: a copy of the model file elsewhere keeps its own, so the ε a vector records (and the one
+    `epsilon` aims at) covers its own folder's exports; a merge composes the releases of every copy it is given.
     """
     check_output(out, force, inputs=[finetuned, base])
     if dtype not in CAST_DTYPES:

@@ -100,7 +100,8 @@ def _check_position(h: Header, base: Header, ids: Sequence[str]) -> None:
 
 
 def earlier_releases(base: Header) -> list[tuple[str, dict[str, Any]]]:
-    """(where, summary) of every vector already merged into `base` or its lineage, for the privacy budget."""
+    """(where, summary) of every vector already merged into `base` or its lineage, for the privacy budget: its
+    sha256, run id and ledger tell distinct releases and trainings apart (`check_merge_budget`)."""
     return [(f"{base.path} (v{k} input {v['sha256'][:12]})", v) for k, v in merged_summaries(base.meta)]
 
 
@@ -163,8 +164,8 @@ class MergePlan:
 
     def check_inputs(self, base: Header, headers: Sequence[Header]) -> dict[str, Any]:
         """What the method needs of its inputs (enough vectors, sample counts for weighting by samples) and the
-        privacy budget (every ε recomputed, each contributor's new vectors composed with its releases already
-        in `base`'s lineage): the budget's record."""
+        privacy budget (every ε recomputed, seeded noise refused unless allowed, each contributor's new vectors
+        composed with its releases already in `base`'s lineage, every distinct release counted): its record."""
         recipe = self.recipe
         if len(headers) < recipe.min_vectors:
             raise TaskvecError(f"method {self.method!r} needs at least {recipe.min_vectors} vectors, "
