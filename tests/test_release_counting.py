@@ -30,6 +30,7 @@ from taskvec.privacy.ledger import (
     dp_sgd_entry,
     gaussian_output_entries,
     name_model,
+    summarize_ledger,
     validate_ledger,
     verify_ledger,
 )
@@ -194,6 +195,7 @@ def test_name_model_names_the_training_entries_only() -> None:
 def test_seeded_noise_is_refused_unless_the_merge_allows_it() -> None:
     seeded = _dp_sgd(seeded=True)
     assert seeded["seeded"] is True and _dp_sgd()["seeded"] is False
+    assert summarize_ledger([seeded]).endswith("from seeded noise: not secret")
     header = SimpleNamespace(path=Path("s.safetensors"), meta={"contributor": "h", "privacy": [seeded],
                                                                "source": {"run_id": "run-1"}})
     for budget in (PrivacyBudget(), PrivacyBudget(10.0, "image")):

@@ -465,10 +465,10 @@ def _export_bound(vectors: Sequence[_Given], unit: str, relation: str) -> _Bound
 
 
 def _contributor_epsilon(vectors: Sequence[_Given], unit: str, relation: str) -> _Bound:
-    """(ε, δ, how, runs) of one contributor's vectors: the smallest of every training composed (all vectors
-    DP-SGD), every export release composed (all noised), and each run's own bound added (basic composition,
-    ε and δ add), tight first on a tie (its δ, the largest of the runs', is never above their sum). Runs may
-    reuse the same data; runs: the trainings or export histories composed."""
+    """(ε, δ, how, runs) of one contributor's vectors, the smallest of: every training composed (when all
+    vectors are DP-SGD), every noised release composed (when all are noised), and each run's own bound added
+    (basic composition: ε and δ add; runs may use the same data). A tie goes to the tight ones (their δ, the
+    largest of the runs', is never above the sum). `runs`: the trainings or export histories composed."""
     groups: dict[Any, list[_Given]] = {}
     for i, v in enumerate(vectors):
         groups.setdefault(v.run if v.run is not None else ("vector", i), []).append(v)
@@ -590,10 +590,12 @@ def record_release(record: Path, key: str, release: dict[str, Any]) -> None:
 
 
 def summarize_ledger(ledger: list[dict[str, Any]]) -> str:
-    """One line for humans: 'no DP' or each mechanism's (ε, δ), unit and relation."""
+    """One line for humans: 'no DP' or each mechanism's (ε, δ), unit and relation, and whether its noise was
+    seeded (not secret)."""
     if not ledger:
         return "no DP"
     return "; ".join(
         f"{e['mechanism']} ε={e['epsilon']:.3g} δ={e['delta']:.1e} per {e['unit']} ({e.get('relation', '?')})"
+        + (" from seeded noise: not secret" if e.get("seeded") else "")
         for e in ledger
     )
