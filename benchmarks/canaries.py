@@ -2,9 +2,9 @@
 
 For each noise multiplier z, one release of the export code's clip-and-noise mechanism carries `--canaries`
 clipped random canaries over `--dim` coordinates; the table gives the claimed ε of one release (site,
-add-remove, analytic Gaussian) and the empirical estimate and 95% lower bound, mean ± sd over `--seeds`
-runs (each run: new canaries, new secret noise). The last row removes the noise (the tests' hook), which
-the audit must flag. Example:
+add-remove, analytic Gaussian) and the empirical estimate and lower bound at about 95% confidence (approximate:
+the canaries share one noise draw), mean ± sd over `--seeds` runs (each run: new canaries, new secret
+noise). The last row removes the noise (the tests' hook), which the audit must flag. Example:
   OMP_NUM_THREADS=1 python benchmarks/canaries.py
 """
 
@@ -40,7 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"{args.canaries} canaries, {args.dim:,} coordinates, δ = {args.delta:g}, {args.seeds} runs each\n")
-    print("| export noise | claimed ε | empirical ε (estimate) | empirical ε (95% lower bound) |")
+    print("| export noise | claimed ε | empirical ε (estimate) | empirical ε (~95% lower bound) |")
     print("|---|---|---|---|")
     for z in (0.5, 1.0, 2.0):
         print(row(f"z = {z:g}", z, args))

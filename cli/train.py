@@ -9,6 +9,8 @@ from typing import Any
 import typer
 from taskvec.cli.console import STATE, console, print_json, track, usage, warn
 
+from taskvec.privacy import DEFAULT_SAMPLE_RATE
+
 
 class _TrainProgress:
     """A rich bar over training steps with loss, throughput and ETA; epoch summaries print above it."""
@@ -73,11 +75,12 @@ def finetune(
                     "class-means (the head in closed form from the class means of the base's features: one pass, "
                     "no gradient step; with --dp one Gaussian release, far less noise than DP-SGD on small data). "
                     "The vector holds only what was trained."),
-    epochs: int | None = typer.Option(None, help="Epochs (default: 10, and at least 200 optimiser steps)."),
-    steps: int | None = typer.Option(None, help="Optimizer steps, instead of --epochs."),
+    epochs: int | None = typer.Option(None, help="Epochs (default: 10, and at least 200 optimiser steps; with --dp "
+                                                 "an epoch is 1/--sample-rate steps)."),
+    steps: int | None = typer.Option(None, help="Optimizer steps, instead of --epochs (default with --dp: 100)."),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Default: n/8 in [4, 32]; with --dp a large logical batch, n/2 in [8, 256]; "
-                                   "class-means: 64 (its pass only)."
+        None, "--batch-size", help="Default: n/8 in [4, 32]; class-means: 64 (its pass only). Not with --dp "
+                                   "(DP-SGD): see --sample-rate."
     ),
     lr: float | None = typer.Option(
         None, help="Peak learning rate (AdamW, warm-up then cosine); default per --train: all 1e-4, last 3e-4, "
@@ -105,6 +108,9 @@ def finetune(
     ),
     delta: float = typer.Option(1e-5, help="--dp: δ of the guarantee (keep it below 1 / number of patients)."),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="--dp: clip each unit's gradient to this norm."),
+    sample_rate: float = typer.Option(
+        DEFAULT_SAMPLE_RATE, "--sample-rate", help="--dp: each unit's chance to join a step's batch (Poisson "
+                                                   "sampling; the expected batch, rate × units, is never written)."),
     augmult: int = typer.Option(
         2, help="--dp: augmentation multiplicity K (De et al. 2022): average K augmented copies before clipping."
     ),
@@ -127,7 +133,7 @@ def finetune(
         from taskvec.privacy.dpsgd import DPConfig
 
         private = DPConfig(max_grad_norm, delta, target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
-                           augmult=augmult)
+                           augmult=augmult, sample_rate=sample_rate)
     elif target_epsilon is not None or noise_multiplier is not None:
         usage("--target-epsilon and --noise-multiplier set up DP-SGD: add --dp")
     config = FinetuneConfig(

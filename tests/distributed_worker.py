@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from taskvec.errors import TaskvecError
-from taskvec.privacy.dpsgd import DPConfig, make_private
+from taskvec.privacy.dpsgd import Chunk, DPConfig, make_private
 from taskvec.training.distributed import Group, process_group, wrap_model
 
 
@@ -38,9 +38,9 @@ def one_step(group: Group, patients: bool) -> torch.Tensor:
     # the global batch: images 0..7 (patients 0..3); rank r holds every world-th unit of it, as its sampler
     units = [list(range(2 * p, 2 * p + 2)) for p in range(4)] if patients else [[i] for i in range(8)]
     mine = [i for u in units[group.rank::group.world] for i in u]
-    if patients:  # the patient index of each image in the batch, as the patient sampler queues it
-        optimizer.owners.append(  # type: ignore[attr-defined]
-            torch.tensor([k for k, u in enumerate(units[group.rank::group.world]) for _ in u]))
+    if optimizer.chunks is not None:  # type: ignore[attr-defined]  # the unit of each image, as the sampler queues it
+        owner = torch.tensor([k for k, u in enumerate(units[group.rank::group.world]) for _ in u])
+        optimizer.chunks.append(Chunk(owner, last=True))  # type: ignore[attr-defined]
     optimizer.zero_grad()
     nn.functional.cross_entropy(model(x[mine]), y[mine]).backward()
     optimizer.step()

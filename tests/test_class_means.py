@@ -66,8 +66,9 @@ def test_head_is_the_nearest_class_mean_and_the_vector_holds_it_alone(setup: tup
     base, data = setup
     tensors = _run(base, data, tmp_path / "run")
     weight, bias = _reference_head(base, data)
-    torch.testing.assert_close(tensors["classifier.weight"], weight, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(tensors["classifier.bias"], bias, rtol=1e-4, atol=1e-7)
+    # fp32 features batched vs one by one differ in the last bits: an absolute tolerance at the tensor's scale
+    for key, want in (("classifier.weight", weight), ("classifier.bias", bias)):
+        torch.testing.assert_close(tensors[key], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     before = load_file(str(base))
     assert all(torch.equal(v, before[k]) for k, v in tensors.items() if k not in HEAD)
     header = read_kind(tmp_path / "run" / "model.safetensors", "model").meta

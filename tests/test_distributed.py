@@ -51,8 +51,9 @@ def torchrun(*args: str, nproc: int = 2, check: bool = True, **popen: object) ->
 
 def finetune_cli(base: Path, data: Path, out: Path, *extra: str, epochs: int = EPOCHS,
                  device: str = "cpu") -> list[str]:
+    batch = ["--batch-size", str(BATCH)] if "--dp" not in extra else []  # DP-SGD samples at --sample-rate
     return ["-m", "taskvec.cli.app", "finetune", "--base", str(base), "--data", str(data), "--out", str(out),
-            "--epochs", str(epochs), "--batch-size", str(BATCH), "--lr", str(LR), "--device", device, *extra]
+            "--epochs", str(epochs), *batch, "--lr", str(LR), "--device", device, *extra]
 
 
 @pytest.fixture
@@ -71,7 +72,8 @@ def test_two_processes_train_the_one_process_model(tmp_path: Path, site: tuple[P
     finally:
         torch.set_num_threads(2)
     two = read_kind(tmp_path / "two" / "model.safetensors", "model").meta
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["metrics.json", "model.safetensors", "run.json"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["metrics.json", "model.safetensors", "run.json",
+                                                                    "split.json"]
     assert two["training"]["steps"] == one.steps == EPOCHS * IMAGES // BATCH
     assert two["training"]["samples"] == IMAGES
     assert two["model"] == read_kind(one.model_path, "model").meta["model"]
@@ -122,18 +124,19 @@ def test_dp_ledger_is_the_one_process_ledger(tmp_path: Path, site: tuple[Path, P
     base, data = site
     dp = ["--dp", "--target-epsilon", "3.7", "--noise-multiplier", "1.2", "--no-augment"]
     torchrun(*finetune_cli(base, data, tmp_path / "two", *dp, epochs=2))
-    config = FinetuneConfig(epochs=2, batch_size=BATCH, lr=LR, device="cpu", augment=False,
+    config = FinetuneConfig(epochs=2, lr=LR, device="cpu", augment=False,
                             dp=DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=3.7, noise_multiplier=1.2))
     one = finetune(base, data, tmp_path / "one", config)
     (e1,) = read_kind(one.model_path, "model").meta["privacy"]
     (e2,) = read_kind(tmp_path / "two" / "model.safetensors", "model").meta["privacy"]
     assert (e1["steps"], e1["sample_rate"]) == (6, 0.25)  # stopped at the target ε before the planned 8 steps
-    assert {k: v for k, v in e2.items() if k != "run_id"} == {k: v for k, v in e1.items() if k != "run_id"}
+    own = ("run_id", "model")  # each run's id and the (noised) model it released
+    assert {k: v for k, v in e2.items() if k not in own} == {k: v for k, v in e1.items() if k not in own}
 
 
 def test_distributed_dp_step_is_the_one_process_step(tmp_path: Path) -> None:
     """Noise off, the same global batch: clipping per image or per patient on two ranks (patients whole per
-    rank), summed across ranks and divided by the global expected batch, gives the one-process update.
+    rank), summed across ranks, gives the one-process update.
     And rank 0's results and errors reach every rank."""
     sys.path.insert(0, str(TESTS))
     from distributed_worker import one_step

@@ -109,11 +109,17 @@ def test_finetune_dp_cli_reports_epsilon_and_refuses(make_base, tmp_path: Path) 
     base = make_base("test_vit", num_classes=2)
     data = image_folder(tmp_path / "data", n_per_class=8, size=32)
     code, out, err = run("finetune", "--base", base, "--data", data, "--out", tmp_path / "run", "--epochs", "2",
-                         "--batch-size", "4", "--device", "cpu", "--dp", "--noise-multiplier", "1.2",
+                         "--sample-rate", "0.5", "--device", "cpu", "--dp", "--noise-multiplier", "1.2",
                          "--delta", "1e-5", "--max-grad-norm", "0.5")
     assert code == 0, err
     (entry,) = read_kind(tmp_path / "run" / "model.safetensors", "model").meta["privacy"]
     assert entry["noise_multiplier"] == 1.2 and entry["max_grad_norm"] == 0.5 and entry["unit"] == "image"
+    assert (entry["sample_rate"], entry["steps"]) == (0.5, 4)  # 2 epochs of 1/q steps
+    args = ("finetune", "--base", base, "--data", data, "--out", tmp_path / "r1", "--dp", "--target-epsilon", "3",
+            "--batch-size", "4")
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code != 0 and "batch_size does not apply to DP-SGD" in str(r.exception)
+    assert not (tmp_path / "r1").exists()
     assert f"dp-sgd ε {entry['epsilon']:.3g}" in out  # the last epoch's line states what the model carries
     code, _, _ = run("finetune", "--base", base, "--data", data, "--out", tmp_path / "r2", "--target-epsilon", "3")
     assert code != 0 and not (tmp_path / "r2").exists()  # DP options without --dp

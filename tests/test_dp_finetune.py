@@ -32,7 +32,7 @@ def pld_epsilon(z: float, q: float, steps: int, delta: float) -> float:
 
 
 def cfg(dp: DPConfig, **kw: object) -> FinetuneConfig:
-    base = {"epochs": 30, "batch_size": 8, "lr": 1e-3, "device": "cpu", "val_fraction": 0.25, "augment": False}
+    base = {"epochs": 30, "lr": 1e-3, "device": "cpu", "val_fraction": 0.25, "augment": False}
     return FinetuneConfig(**{**base, **kw}, dp=dp)  # type: ignore[arg-type]
 
 
@@ -74,11 +74,11 @@ def test_patient_ids_make_the_patient_the_unit(tmp_path: Path, make_base: Callab
         w = csv.DictWriter(f, ["path", "label", "patient_id"])
         w.writeheader()
         w.writerows(rows)
-    dp = DPConfig(max_grad_norm=1.0, delta=1e-5, noise_multiplier=2.0)
-    r = finetune(base, tmp_path / "data.csv", tmp_path / "run", cfg(dp, epochs=1, val_fraction=0.0, batch_size=6))
+    dp = DPConfig(max_grad_norm=1.0, delta=1e-5, noise_multiplier=2.0, sample_rate=1 / 6)
+    r = finetune(base, tmp_path / "data.csv", tmp_path / "run", cfg(dp, epochs=1, val_fraction=0.0))
     (entry,) = read_kind(r.model_path, "model").meta["privacy"]
     assert entry["unit"] == "patient"
-    assert entry["sample_rate"] == pytest.approx(1 / 6)  # 12 patients, ~2 per batch of 6 tiles
+    assert entry["sample_rate"] == 1 / 6 and entry["steps"] == 6  # the given rate; an epoch of 1/q steps
     assert entry["epsilon"] == pytest.approx(pld_epsilon(2.0, 1 / 6, entry["steps"], 1e-5), rel=0.02)
 
 

@@ -50,7 +50,8 @@ def _one_step(prox: float, dp: DPConfig | None, probe_steps: int = 0) -> tuple[n
     model: nn.Module = net
     if dp is not None:
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
-        model, optimizer, private, _ = make_private(net, optimizer, loader, dp, steps=1)
+        model, optimizer, private, _ = make_private(net, optimizer, loader, replace(dp, sample_rate=1.0), steps=1)
+        optimizer.expected_batch_size = len(x)  # SGD against autograd's mean (the loop's AdamW takes the sum)
         x, y = next(iter(private))
         assert len(x) == 16  # sample rate 1
     optimizer.zero_grad()
@@ -129,9 +130,10 @@ def test_prox_under_dp_sgd_is_free_and_holds_at_the_base(tmp_path: Path, dp_base
     ledgers, dist = [], []
     for mu in (0.0, 1e9):
         dp = DPConfig(1.0, 1e-5, noise_multiplier=1.0, seed=0)
-        cfg = FinetuneConfig(steps=3, batch_size=8, device="cpu", train="norm-bias", prox=mu, dp=dp, ema=0.0)
+        cfg = FinetuneConfig(steps=3, device="cpu", train="norm-bias", prox=mu, dp=dp, ema=0.0)
         run = finetune(dp_base, data, tmp_path / f"run-{mu:g}", cfg)
-        ledgers.append({k: v for k, v in read_header(run.model_path).meta["privacy"][0].items() if k != "run_id"})
+        entry = read_header(run.model_path).meta["privacy"][0]
+        ledgers.append({k: v for k, v in entry.items() if k not in ("run_id", "model")})
         dist.append(_distance(run.model_path, dp_base))
     assert ledgers[0] == ledgers[1] and ledgers[0]["steps"] == 3  # post-processing: the same guarantee
     assert dist[0] > 1e-3 and dist[1] < 1e-6  # the noisy update was pulled back: the step ran after the noise
@@ -151,7 +153,7 @@ def test_frozen_head_keeps_the_base_classifier_out_of_the_vector(tmp_path: Path,
 
 def test_lp_ft_under_dp_takes_the_same_private_steps(tmp_path: Path, dp_base: Path) -> None:
     dp = DPConfig(1.0, 1e-5, noise_multiplier=1.0, seed=0)
-    cfg = FinetuneConfig(steps=2, batch_size=8, device="cpu", train="norm-bias", head="lp-ft", dp=dp)
+    cfg = FinetuneConfig(steps=2, device="cpu", train="norm-bias", head="lp-ft", dp=dp)
     run = finetune(dp_base, npz_file(tmp_path / "d.npz", n=32), tmp_path / "run", cfg)
     assert read_header(run.model_path).meta["privacy"][0]["steps"] == 2
 
@@ -232,10 +234,11 @@ def test_a_run_started_before_these_options_resumes_with_their_defaults(tmp_path
     from taskvec.training.loop import RUN_FILE, _open_run
 
     cfg = FinetuneConfig(steps=2, device="cpu")
-    run_id = _open_run(tmp_path / "run", "parent", cfg, "data")
+    split = {"unit": "image", "train": ["a.png"], "val": []}
+    run_id = _open_run(tmp_path / "run", "parent", cfg, "data", split)
     record = json.loads((tmp_path / "run" / RUN_FILE).read_text())
     del record["config"]["prox"], record["config"]["head"]  # as written before the options existed
     (tmp_path / "run" / RUN_FILE).write_text(json.dumps(record))
-    assert _open_run(tmp_path / "run", "parent", replace(cfg, resume=True), "data") == run_id
+    assert _open_run(tmp_path / "run", "parent", replace(cfg, resume=True), "data", split) == run_id
     with pytest.raises(MismatchError, match=r"started with prox 0.0 \(now 1.0\)"):
-        _open_run(tmp_path / "run", "parent", replace(cfg, resume=True, prox=1.0), "data")
+        _open_run(tmp_path / "run", "parent", replace(cfg, resume=True, prox=1.0), "data", split)

@@ -119,11 +119,11 @@ def test_seeds_report_mean_and_sd_of_independent_runs(tmp_path: Path) -> None:
 def test_centralised_run_has_the_sites_example_gradients_under_the_default_schedule() -> None:
     from taskvec.privacy.dpsgd import DPConfig
     from taskvec.simulation.simulate import central_steps
-    from taskvec.training.loop import FinetuneConfig
+    from taskvec.training.loop import DP_STEPS, FinetuneConfig
 
     # sites of 160: batch 160 // 8 = 20, max(200, 10 epochs of 8 steps) = 200 steps; the union of 480: batch 32
     assert central_steps([160, 160, 160], FinetuneConfig()) == -(-3 * 20 * 200 // 32)
-    dp = FinetuneConfig(dp=DPConfig(1.0, 1e-5, target_epsilon=8.0))  # DP: batch n/2, at least 50 steps
-    assert central_steps([100, 60], dp) == -(-(50 * 50 + 30 * 50) // 80)
+    dp = FinetuneConfig(dp=DPConfig(1.0, 1e-5, target_epsilon=8.0))  # DP: Poisson batches q·n, DP_STEPS steps
+    assert central_steps([100, 60], dp) == DP_STEPS  # q·100·T + q·60·T = q·160·T
     assert central_steps([100, 60], FinetuneConfig(epochs=2)) is None
     assert central_steps([100, 60], FinetuneConfig(steps=7)) == 7

@@ -18,6 +18,7 @@ from taskvec.merging.export import export_vector
 from taskvec.merging.stream import merge_vectors
 from taskvec.models.spec import build_base, save_model
 from taskvec.training.loop import (
+    DP_STEPS,
     MIN_DP_STEPS,
     MIN_STEPS,
     FinetuneConfig,
@@ -124,7 +125,7 @@ def test_dp_lora_and_norm_bias_finetune_with_augmult_and_ema(tmp_path: Path, dp_
 
     for mode in ("norm-bias", "lora:2"):
         dp = DPConfig(1.0, 1e-5, noise_multiplier=1.0, seed=0, augmult=2)
-        cfg = FinetuneConfig(steps=2, batch_size=8, device="cpu", seed=0, train=mode, dp=dp)
+        cfg = FinetuneConfig(steps=2, device="cpu", seed=0, train=mode, dp=dp)
         r = finetune(dp_base, npz_file(tmp_path / "d.npz", n=32), tmp_path / f"dp-{mode}", cfg)
         meta = read_header(r.model_path).meta
         assert meta["privacy"][0]["steps"] == 2 and meta["training"]["ema"] == 0.99
@@ -144,8 +145,9 @@ def test_physical_batches_make_the_same_dp_steps(tmp_path: Path, dp_base: Path,
     states = []
     for physical in (64, 5):
         sizes.clear()
-        dp = DPConfig(1.0, 1e-5, noise_multiplier=1.0, seed=0, augmult=2, max_physical_batch=physical)
-        cfg = FinetuneConfig(steps=4, batch_size=16, device="cpu", seed=0, train="norm-bias", dp=dp, augment=False,
+        dp = DPConfig(1.0, 1e-5, noise_multiplier=1.0, seed=0, augmult=2, max_physical_batch=physical,
+                      sample_rate=1 / 3)
+        cfg = FinetuneConfig(steps=4, device="cpu", seed=0, train="norm-bias", dp=dp, augment=False,
                              val_fraction=0.0)
         r = finetune(dp_base, data, tmp_path / f"p{physical}", cfg)
         assert read_header(r.model_path).meta["privacy"][0]["steps"] == 4 and r.steps == 4
@@ -174,8 +176,8 @@ def test_progress_advances_once_per_dp_step(tmp_path: Path, dp_base: Path, monke
             yield st
             advanced.append(st.step)
 
-    dp = DPConfig(1.0, 1e-5, noise_multiplier=1.0, seed=0, max_physical_batch=5)
-    cfg = FinetuneConfig(steps=4, batch_size=16, device="cpu", seed=0, train="norm-bias", dp=dp, augment=False,
+    dp = DPConfig(1.0, 1e-5, noise_multiplier=1.0, seed=0, max_physical_batch=5, sample_rate=1 / 3)
+    cfg = FinetuneConfig(steps=4, device="cpu", seed=0, train="norm-bias", dp=dp, augment=False,
                          val_fraction=0.0)
     r = finetune(dp_base, npz_file(tmp_path / "d.npz", n=48), tmp_path / "run", cfg, track=track)
     assert r.steps == 4 and read_header(r.model_path).meta["privacy"][0]["steps"] == 4
@@ -196,12 +198,12 @@ def test_frozen_head_refuses_a_zero_head_before_any_file(tmp_path: Path) -> None
 def test_small_data_defaults() -> None:
     from taskvec.privacy.dpsgd import DPConfig
 
-    assert default_batch(27, dp=False) == 4 and default_batch(546, dp=False) == 32
-    assert default_batch(140, dp=True) == 70
+    assert default_batch(27) == 4 and default_batch(546) == 32
     steps, warn = plan_steps(FinetuneConfig(), per_epoch=6)
     assert steps == MIN_STEPS and not warn
     steps, warn = plan_steps(FinetuneConfig(epochs=2), per_epoch=6)
     assert steps == 12 and "only 12 optimiser steps" in warn[0]
     dp = DPConfig(1.0, 1e-5, target_epsilon=8.0)
-    assert plan_steps(FinetuneConfig(dp=dp), per_epoch=2) == (MIN_DP_STEPS, [])
+    assert plan_steps(FinetuneConfig(dp=dp), per_epoch=4) == (DP_STEPS, [])  # a constant, whatever the data
+    assert plan_steps(FinetuneConfig(dp=dp, epochs=2), per_epoch=4)[0] == 8 < MIN_DP_STEPS
     assert plan_steps(FinetuneConfig(steps=500), per_epoch=6) == (500, [])

@@ -5,9 +5,16 @@ and PRV accounting (RDP, named, where PRV fails or would need too much memory).
 `PrivacyMeter` that counts steps, reports ε and says when the target ε is reached. Opacus's hooks are
 attached to the given module itself (not wrapped around it), so its state_dict keys are unchanged; the
 returned model is a thin wrapper for the training loop only (empty Poisson batches), save the original.
-With the image unit in one process, the returned loader yields physical batches of at most
-`max_physical_batch` images (Opacus's BatchMemoryManager): the optimizer only clips and accumulates until the
-last physical batch of a logical batch, then adds the noise and steps (`is_accumulating` tells the loop).
+The returned loader yields physical batches of at most `max_physical_batch` images (whole units; Opacus's
+BatchMemoryManager for images in one process): the optimizer only clips and accumulates until the last
+physical batch of a logical batch, then adds the noise and steps (`is_accumulating` tells the loop).
+
+Nothing about the data's size enters what is released. Every unit is sampled with a public rate q
+(`DPConfig.sample_rate`), an epoch is ⌊1/q⌋ steps, and the update is the noisy *sum* of the clipped unit
+gradients (Opacus's "expected batch" is a constant 1, not q·n): with Adam or AdamW, which are invariant to
+the gradient's scale, this trains as the usual mean does, while q, the step count, the noise and ε are
+the same for every data set that differs by one unit (add-remove neighbours). The expected batch q·n is
+never written anywhere.
 
 Unit of privacy. Without patient ids each image is sampled independently with probability q and clipped on
 its own (unit `image`). With patient ids each *patient* is sampled with probability q, all of that patient's
@@ -18,20 +25,20 @@ number of images (tiles) they contributed.
 
 from __future__ import annotations
 
-import logging
 import math
 import secrets
 import warnings
 from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from taskvec.errors import PrivacyConfigError, PrivacyError, TaskvecError, check_range
+from taskvec.privacy import DEFAULT_SAMPLE_RATE
 from taskvec.privacy.ledger import (  # RDP and accountant_epsilon: re-exported for callers of this module
     PRV,
     RDP,  # noqa: F401
@@ -51,6 +58,8 @@ DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 class DPConfig:
     """DP-SGD settings: clip each unit's gradient to `max_grad_norm` and either reach `target_epsilon`
     (noise calibrated for the planned epochs, training stops at the target) or use `noise_multiplier`.
+    `sample_rate` q is each unit's chance to be in a step's (Poisson) batch: a public constant, so the expected
+    batch q·n is never released.
 
     `augmult` K (De et al. 2022): the training loop feeds K augmented copies of every image, and each unit's
     gradient is the mean over its copies before clipping, so the sensitivity stays the clipping bound."""
@@ -63,10 +72,12 @@ class DPConfig:
     seed: int | None = None
     augmult: int = 1  # augmentation multiplicity K (`finetune --dp` defaults to 2): mean over K augmented copies
     max_physical_batch: int = 64  # images per forward/backward pass; a larger logical batch is accumulated
+    sample_rate: float = DEFAULT_SAMPLE_RATE
 
     def check(self) -> None:
         check_range("max_grad_norm", self.max_grad_norm, low=0, error=PrivacyConfigError)
         check_range("delta", self.delta, low=0, high=1, error=PrivacyConfigError)
+        check_range("sample_rate", self.sample_rate, low=0, high=1, high_open=False, error=PrivacyConfigError)
         if self.target_epsilon is None and self.noise_multiplier is None:
             raise PrivacyConfigError("target_epsilon or `noise_multiplier` is needed for DP-SGD",
                                      field="target_epsilon")
@@ -170,7 +181,7 @@ class PrivacyMeter:
         return dp_sgd_entry(
             epsilon=eps, delta=self.config.delta, accountant=accountant, noise_multiplier=self.noise_multiplier,
             sample_rate=self.sample_rate, steps=self.steps, max_grad_norm=self.config.max_grad_norm,
-            unit=self.unit, run_id=run_id,
+            unit=self.unit, run_id=run_id, seeded=self.config.seed is not None,
         )
 
     def state(self) -> dict[str, Any]:
@@ -219,29 +230,46 @@ def is_accumulating(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "_is_last_step_skipped", False))
 
 
+def steps_per_epoch(sample_rate: float) -> int:
+    """Steps of one epoch at sampling rate q: ⌊1/q⌋ (at least 1), as Opacus's Poisson sampler counts them."""
+    return max(1, int(1 / sample_rate))
+
+
+class Chunk(NamedTuple):
+    """One physical batch of a logical batch: the unit index (0..k-1) of each image, and whether the logical
+    batch ends with it (the optimizer then adds the noise and steps)."""
+
+    owner: torch.Tensor
+    last: bool
+
+
 class PatientPoissonSampler(Sampler[list[int]]):
-    """Batches of whole patients: each patient enters a batch independently with probability q.
+    """Batches of whole units (patients, or images given `range(n)`): each unit enters a logical batch
+    independently with probability q, and the logical batch is yielded as physical batches of at most
+    `max_physical` images, whole units each (a unit with more images is a physical batch of its own; an empty
+    logical batch is one empty physical batch).
 
     With `shard=(rank, world)` the sampler of one of several processes: it draws from every world-th
-    patient only, yields the same number of (possibly empty) batches as every other rank, and the union of
-    the ranks' batches is a Poisson sample of all patients when each rank has a generator of its own.
+    unit only, yields the same number of (possibly empty) logical batches as every other rank, and the union of
+    the ranks' batches is a Poisson sample of all units when each rank has a generator of its own.
 
-    For every batch it yields, it queues the patient index of each image (0..k-1 within the batch), which the
-    optimizer pops in the same order to sum gradients per patient. DataLoader keeps batches in sampler order.
+    For every physical batch it yields, it queues a `Chunk`, which the optimizer pops in the same order to sum
+    gradients per unit and to know when to step. DataLoader keeps batches in sampler order.
     """
 
     def __init__(self, patient_ids: Sequence[Hashable], sample_rate: float,
                  generator: torch.Generator | None = None, *, shard: tuple[int, int] = (0, 1),
-                 steps_per_epoch: int | None = None) -> None:
+                 max_physical: int | None = None) -> None:
         groups: dict[Hashable, list[int]] = {}
         for i, pid in enumerate(patient_ids):
             groups.setdefault(pid, []).append(i)
         rank, world = shard
         self.patients = list(groups.values())[rank::world]  # several processes: whole patients per rank
         self.sample_rate = sample_rate
-        self.steps_per_epoch = steps_per_epoch or round(1 / sample_rate)
+        self.steps_per_epoch = steps_per_epoch(sample_rate)
+        self.max_physical = max_physical or len(patient_ids) or 1
         self.generator = generator
-        self.queue: deque[torch.Tensor] = deque()
+        self.queue: deque[Chunk] = deque()
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -250,13 +278,17 @@ class PatientPoissonSampler(Sampler[list[int]]):
         self.queue.clear()  # batches of an abandoned iterator are never stepped on
         for _ in range(self.steps_per_epoch):
             picked = torch.rand(len(self.patients), generator=self.generator) < self.sample_rate
-            batch: list[int] = []
-            owner: list[int] = []
-            for k, p in enumerate(int(i) for i in picked.nonzero().flatten()):
-                batch += self.patients[p]
-                owner += [k] * len(self.patients[p])
-            self.queue.append(torch.tensor(owner, dtype=torch.long))
-            yield batch
+            chunks: list[tuple[list[int], list[int]]] = [([], [])]
+            for p in (int(i) for i in picked.nonzero().flatten()):
+                images = self.patients[p]
+                if chunks[-1][0] and len(chunks[-1][0]) + len(images) > self.max_physical:
+                    chunks.append(([], []))
+                batch, owner = chunks[-1]
+                owner += [owner[-1] + 1 if owner else 0] * len(images)
+                batch += images
+            for i, (batch, owner) in enumerate(chunks):
+                self.queue.append(Chunk(torch.tensor(owner, dtype=torch.long), i == len(chunks) - 1))
+                yield batch
 
 
 class EmptyBatchSafe(nn.Module):
@@ -282,17 +314,21 @@ def _optimizer_class(distributed: bool = False) -> type:
     from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
     class TaskvecDPOptimizer(DistributedDPOptimizer if distributed else DPOptimizer):  # type: ignore[misc]
-        """DPOptimizer that takes noise-only steps on empty batches and, given `owners` (the patient index of
-        each image of each batch, in order), clips the sum of each patient's per-image gradients. `distributed`:
+        """DPOptimizer that takes noise-only steps on empty batches and, given `chunks` (the unit index of each
+        image of each physical batch, in order), clips the sum of each unit's per-image gradients and steps at
+        the last physical batch of each logical one. `distributed`:
         Opacus's DistributedDPOptimizer, which adds the noise on rank 0 only and averages over the ranks."""
 
-        def __init__(self, *args: Any, model: EmptyBatchSafe, owners: deque[torch.Tensor] | None = None,
+        def __init__(self, *args: Any, model: EmptyBatchSafe, chunks: deque[Chunk] | None = None,
                      augmult: int = 1, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.model, self.owners, self.augmult = model, owners, augmult
+            self.model, self.chunks, self.augmult = model, chunks, augmult
 
         def pre_step(self, closure: Any = None) -> bool | None:
-            owner = self.owners.popleft() if self.owners is not None else None
+            owner = None
+            if self.chunks is not None:  # the unit sampler's physical batches: sum per unit, step on the last
+                owner, last = self.chunks.popleft()
+                self.signal_skip_step(do_skip=not last)
             k = self.augmult
             if self.model.empty:
                 for p in self.params:
@@ -341,8 +377,9 @@ def make_private(
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, PrivacyMeter]:
     """Turn a non-private (model, optimizer, loader) into DP-SGD ones and a meter of the privacy spent.
 
-    The expected batch is the loader's batch size (in images; with patient ids, in whole patients of the
-    same expected number of images). A target ε is reached after the planned `steps` (or `epochs`). The
+    Units (images, or patients given `patient_ids`) are sampled at `config.sample_rate`; the loader's batch size
+    is not used (nor anything else about the data's size). A target ε is reached after the planned `steps` (or
+    `epochs` of ⌊1/q⌋ steps). The
     model must be DP-ready (`taskvec init --dp-compatible`) and on its training device. Sampling and noise draw
     from generators seeded from the OS (secret), unless `config.seed` is set for tests: reproducible noise is
     not secret.
@@ -368,30 +405,27 @@ def make_private(
     # generator cannot draw CUDA noise). A test seed makes both reproducible, and public.
     sampler_gen = secret_generator("cpu", config.seed)
     noise_gen = secret_generator(parameters_device(model), None if config.seed is None else config.seed + 1)
-    if patient_ids is not None:
-        if len(patient_ids) != n_images:
-            raise PrivacyError(f"{len(patient_ids)} patient ids for {n_images} images")
-        n_units, unit = len(set(patient_ids)), "patient"
-        per_batch = max(1.0, (loader.batch_size or 1) * n_units / n_images)  # whole patients, ~batch images
-        sampler = PatientPoissonSampler(patient_ids, 1 / max(1, round(n_units / per_batch)), sampler_gen,
-                                        shard=shard)
-        private_loader = _patient_loader(loader, sampler)
-        q = sampler.sample_rate
-    elif shard[1] > 1:  # Opacus's distributed Poisson sampler drops a rank's empty batch: ranks fall out of step
-        n_units, unit, q = n_images, "image", 1 / len(loader)  # as DPDataLoader.from_data_loader
-        sampler = PatientPoissonSampler(range(n_images), q, sampler_gen, shard=shard, steps_per_epoch=int(1 / q))
+    q = config.sample_rate
+    sampler = None
+    if patient_ids is not None and len(patient_ids) != n_images:
+        raise PrivacyError(f"{len(patient_ids)} patient ids for {n_images} images")
+    unit = "patient" if patient_ids is not None else "image"
+    if patient_ids is not None or shard[1] > 1:  # whole units; ranks in step (Opacus's drops empty batches)
+        sampler = PatientPoissonSampler(patient_ids if patient_ids is not None else range(n_images), q, sampler_gen,
+                                        shard=shard, max_physical=config.max_physical_batch)
         private_loader = _patient_loader(loader, sampler)
     else:
-        n_units, unit = n_images, "image"
-        logging.getLogger("opacus.data_loader").setLevel(logging.ERROR)  # "ignoring drop_last": Poisson has none
-        private_loader = DPDataLoader.from_data_loader(loader, generator=sampler_gen)
-        q = private_loader.sample_rate
-    steps_per_epoch = len(private_loader)
+        from opacus.data_loader import DPDataLoader
+
+        private_loader = DPDataLoader(loader.dataset, sample_rate=q, generator=sampler_gen,
+                                      collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                                      pin_memory=loader.pin_memory)
+    per_epoch = len(private_loader)
     if config.noise_multiplier is not None:
         z = config.noise_multiplier
     else:
         assert config.target_epsilon is not None
-        z = calibrate_noise(config.target_epsilon, config.delta, q, steps or epochs * steps_per_epoch)  # type: ignore[operator]
+        z = calibrate_noise(config.target_epsilon, config.delta, q, steps or epochs * per_epoch)  # type: ignore[operator]
     limit = None if config.target_epsilon is None else max_steps(z, q, config.delta, config.target_epsilon)
     if limit == 0:
         raise PrivacyError(f"even one step at noise multiplier {z} exceeds ε = {config.target_epsilon}")
@@ -405,15 +439,16 @@ def make_private(
     # BatchNorm, and the only buffers left are frozen BatchNorm statistics of the (public) base
     hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch",
                             strict=False)
-    kwargs = {"noise_multiplier": z, "max_grad_norm": config.max_grad_norm,
-              "expected_batch_size": max(1, round(q * n_units)) / shard[1], "generator": noise_gen}
+    # the noisy sum (a constant "expected batch": q·n would make the update depend on the data's size), summed
+    # over the ranks (Opacus's distributed optimizer averages them)
+    kwargs = {"noise_multiplier": z, "max_grad_norm": config.max_grad_norm, "expected_batch_size": 1 / shard[1],
+              "generator": noise_gen}
     safe = EmptyBatchSafe(model)
-    owners = sampler.queue if patient_ids is not None else None
-    dp_optimizer = _optimizer_class(shard[1] > 1)(optimizer, model=safe, owners=owners, augmult=config.augmult,
-                                                  **kwargs)
-    meter = PrivacyMeter(config, unit, q, z, limit, mode, steps_per_epoch, hooks=hooks)
+    dp_optimizer = _optimizer_class(shard[1] > 1)(optimizer, model=safe, chunks=sampler and sampler.queue,
+                                                  augmult=config.augmult, **kwargs)
+    meter = PrivacyMeter(config, unit, q, z, limit, mode, per_epoch, hooks=hooks)
     dp_optimizer.attach_step_hook(meter.on_step)
-    if patient_ids is None and shard[1] == 1:  # Opacus's BatchMemoryManager: physical batches of a logical one
+    if sampler is None:  # Opacus's BatchMemoryManager: physical batches of a logical one
         from opacus.utils.batch_memory_manager import BatchMemoryManager
 
         manager = BatchMemoryManager(data_loader=private_loader, max_physical_batch_size=config.max_physical_batch,

@@ -65,7 +65,7 @@ class SimulationConfig:
     val_fraction: float = 0.1
     epochs: int | None = None  # None: the fine-tuning default schedule (taskvec.training.loop.plan_steps)
     base_epochs: int = 3
-    batch_size: int | None = None  # None: the fine-tuning default for each run's data size
+    batch_size: int | None = None  # runs without DP (None: the default for each run's size); DP-SGD samples at q
     lr: float | None = None  # None: the default of the training mode
     train: str = "all"  # what every site trains (taskvec.training.modes)
     prox: float = 0.0  # proximal pull toward the base of every run (taskvec.training.mergeable)
@@ -291,7 +291,7 @@ def _variant(cfg: SimulationConfig, out: Path, base: Path, sites: list[ImageData
     tag = "" if eps is None else f"-eps{eps:g}"
     timeline = cfg.schedule()
     run_cfg = train_cfg if eps is None else replace(
-        train_cfg, dp=DPConfig(max_grad_norm=cfg.max_grad_norm, delta=cfg.delta, target_epsilon=eps))
+        train_cfg, batch_size=None, dp=DPConfig(max_grad_norm=cfg.max_grad_norm, delta=cfg.delta, target_epsilon=eps))
     jobs = [(str(base), ds, str(out / f"sites{tag}" / f"site{i}"), replace(run_cfg, contributor=f"site{i}",
              seed=cfg.seed + 10 + i)) for i, ds in enumerate(sites)]
     central = replace(run_cfg, contributor="centralised", steps=central_steps([len(s) for s in sites], run_cfg))

@@ -106,7 +106,7 @@ def _release(dp: DPConfig, run_id: str | None, unit: str) -> tuple[float, dict[s
     z, eps, accountant = release_noise(dp)
     return z, dp_sgd_entry(epsilon=eps, delta=dp.delta, accountant=accountant, noise_multiplier=z, sample_rate=1.0,
                            steps=1, max_grad_norm=dp.max_grad_norm, unit=unit, run_id=run_id,
-                           mechanism="gaussian-sum")
+                           mechanism="gaussian-sum", seeded=dp.seed is not None)
 
 
 def _head(table: torch.Tensor, log_norms: torch.Tensor, clip: float, z: float) -> tuple[torch.Tensor, torch.Tensor]:

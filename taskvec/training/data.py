@@ -13,16 +13,19 @@ ITU-R 601 luma; alpha is dropped; 16-bit and float images are scaled by their ma
 to `img_size × img_size` (bilinear for images, nearest for masks), without cropping, so the aspect ratio
 is not kept and nothing at the borders is lost. Images stay uint8; `Normalizer` scales them on the device.
 
-Splits: the data's own (npz keys, a CSV `split` column, `train/val/test` folders); else a seeded
-`val_fraction` of the training samples, drawn by patient when patient ids are given, so no patient is in
-two splits (a patient found in two of the data's own splits is an error). Unreadable image files are
-skipped and counted (`DataSplits.skipped`); every other problem is a `TaskvecError` naming the file.
+Splits: the data's own (npz keys, a CSV `split` column, `train/val/test` folders); else about `val_fraction`
+of the units (patients when patient ids are given, else images) go to validation, each by a keyed hash of its
+own id (`hold_out`), so no patient is in two splits (a patient found in two of the data's own splits is an
+error) and adding or removing one unit never moves another: a DP guarantee for the training set is then one
+for the data set the site holds. Unreadable image files are skipped and counted (`DataSplits.skipped`);
+every other problem is a `TaskvecError` naming the file.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import io
 import os
 from collections.abc import Sequence
@@ -49,7 +52,8 @@ class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     """Samples of one split: `dataset[i]` is `(uint8 tensor C×S×S, label int | int64 mask S×S)`.
 
     `groups` holds per-sample patient ids when the data gives them (None otherwise); `subset(indices)`
-    makes a site's share for simulations.
+    makes a site's share for simulations. `root` is the data root that image ids are relative to, and
+    `array_name` the npz array that row numbers index.
     """
 
     task: str
@@ -61,6 +65,27 @@ class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     groups: list[str] | None = None
     array: np.ndarray | None = field(default=None, repr=False)  # images when `sources` are row numbers
     binary_masks: list[bool] | None = None  # per mask: stored as 0/255 (255 → class 1)
+    root: str | None = None
+    array_name: str = "images"
+
+    @property
+    def unit(self) -> str:
+        """The unit of privacy and of splitting: `patient` when the data gives patient ids, else `image`."""
+        return "patient" if self.groups is not None else "image"
+
+    def image_ids(self) -> list[str]:
+        """Each image's id: its file path relative to the data root (POSIX), or `ARRAY[ROW]` for an npz row."""
+        out = []
+        for src in self.sources:
+            if isinstance(src, int):
+                out.append(f"{self.array_name}[{src}]")
+            else:
+                out.append(Path(os.path.relpath(src, self.root)).as_posix() if self.root else str(src))
+        return out
+
+    def unit_ids(self) -> list[str]:
+        """Each image's unit: its patient id, or its image id."""
+        return list(self.groups) if self.groups is not None else self.image_ids()
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -346,7 +371,7 @@ class _Reader:
                                    f"got {images.dtype} {images.shape}")
             self.check_range(labels.astype(np.int64), f"{path} ({split}_labels)")
             ds = self.dataset(list(range(len(images))), labels.astype(np.int64).tolist(), array=images)
-            out[split] = self.nonempty(ds, path)
+            out[split] = self.nonempty(replace(ds, array_name=f"{split}_images"), path)
         if not out:
             raise TaskvecError(f"{path}: no `<split>_images` arrays (expected train_images, train_labels, ...)")
         return out
@@ -472,8 +497,41 @@ def _split_name(value: str, where: str) -> str:
 # ------------------------------------------------------------------------------------------- splitting
 
 
+def _split_keys(ds: ImageDataset) -> list[str]:
+    """What decides each image's side in `hold_out`: its patient id; else its image id (a file path relative to
+    the data root), or for an npz row the SHA-256 of its pixels (a row number moves when a row is removed)."""
+    if ds.groups is not None:
+        return [f"patient:{g}" for g in ds.groups]
+    if ds.array is not None and all(isinstance(s, int) for s in ds.sources):
+        return [f"pixels:{hashlib.sha256(ds.array[int(s)].tobytes()).hexdigest()}" for s in ds.sources]
+    return [f"image:{i}" for i in ds.image_ids()]
+
+
+def in_holdout(key: str, fraction: float, seed: int) -> bool:
+    """Whether the unit `key` falls in a held-out share `fraction`: SHA-256 of (seed, key) read as a number in
+    [0, 1). Each unit's side depends on its own key alone."""
+    digest = hashlib.sha256(f"taskvec-holdout\0{seed}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def hold_out(ds: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset | None]:
+    """(train, val): each unit (a patient with all their images, or an image) goes to val with probability
+    `fraction` by a keyed hash of its own id (`in_holdout`), independently of every other unit, so adding or
+    removing one unit moves that unit alone. val is None when no unit falls in it (a small data set)."""
+    check_range("fraction", fraction, low=0, high=1)
+    held = [in_holdout(k, fraction, seed) for k in _split_keys(ds)]
+    if all(held):
+        raise TaskvecError(f"all {len(set(ds.unit_ids()))} {ds.unit}(s) fell in the validation share "
+                           f"({fraction:g}); give a smaller val_fraction, more data, or a val split of the data's own")
+    val_idx = [i for i, h in enumerate(held) if h]
+    train = ds.subset([i for i, h in enumerate(held) if not h])
+    return train, ds.subset(val_idx) if val_idx else None
+
+
 def hold_out_by_patient(ds: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
-    """A seeded (train, val) split with about `fraction` of the samples in val, whole patients at a time."""
+    """A seeded (rest, held-out) draw with about `fraction` of the samples held out, whole patients at a time,
+    for designing experiments (a simulation's test and public shares). A site's own validation split is
+    `hold_out`'s: this draw depends on every other unit in the data."""
     check_range("fraction", fraction, low=0, high=1)
     groups = ds.groups if ds.groups is not None else [str(i) for i in range(len(ds))]
     unique = sorted(set(groups))
@@ -494,6 +552,13 @@ def hold_out_by_patient(ds: ImageDataset, fraction: float, seed: int) -> tuple[I
     val_idx = [i for i, g in enumerate(groups) if g in val_groups]
     train_idx = [i for i, g in enumerate(groups) if g not in val_groups]
     return ds.subset(train_idx), ds.subset(val_idx)
+
+
+def split_record(train: ImageDataset, val: ImageDataset | None) -> dict[str, Any]:
+    """Which units trained and which validated: `{"unit": "patient"|"image", "train": [ids], "val": [ids]}`
+    (sorted ids: patient ids, or image ids, `ImageDataset.image_ids`). For the site's own records only."""
+    return {"unit": train.unit, "train": sorted(set(train.unit_ids())),
+            "val": sorted(set(val.unit_ids())) if val is not None else []}
 
 
 def check_patients(splits: dict[str, ImageDataset], where: str) -> None:
@@ -517,9 +582,16 @@ def load_data(
     found = reader.source(p)
     own = isinstance(found, dict)
     splits = found if isinstance(found, dict) else {"train": found}
+    root = str(p if p.is_dir() else p.parent)
+    splits = {name: replace(ds, root=root) for name, ds in splits.items()}
     check_patients(splits, str(p))
     if "val" not in splits and "train" in splits and val_fraction > 0:
-        splits["train"], splits["val"] = hold_out_by_patient(splits["train"], val_fraction, seed)
+        splits["train"], val = hold_out(splits["train"], val_fraction, seed)
+        if val is None:
+            reader.warnings.append(f"no {splits['train'].unit} fell in the validation share ({val_fraction:g}); "
+                                   "no validation metrics")
+        else:
+            splits["val"] = val
     if reader.skipped:
         reader.warnings.append(f"skipped {len(reader.skipped)} unreadable image file(s), e.g. {reader.skipped[0]}")
     return DataSplits(splits.get("train"), splits.get("val"), splits.get("test"), str(p), own,
@@ -533,7 +605,7 @@ def as_splits(data: str | os.PathLike[str] | DataSplits | ImageDataset, spec: Mo
         out = data
     elif isinstance(data, ImageDataset):
         if val_fraction > 0:
-            train, val = hold_out_by_patient(data, val_fraction, seed)
+            train, val = hold_out(data, val_fraction, seed)
             out = DataSplits(train, val, None, "dataset")
         else:
             out = DataSplits(data, None, None, "dataset")

@@ -5,8 +5,13 @@ decay per step, cross-entropy (segmentation: per-pixel cross-entropy plus soft D
 flips/90° rotations of the square (the same for image and mask; no colour changes), mixed precision on GPU
 only. Small data: the schedule counts optimiser steps (10 epochs but at least MIN_STEPS), the batch stays
 well below the training-set size, the learning rate follows the training mode (`taskvec.training.modes`),
-and a run too short to learn is warned about. DP-SGD recipe: large logical batches, augmentation
-multiplicity, an exponential moving average of the weights (the saved model is the average).
+and a run too short to learn is warned about. DP-SGD recipe: large Poisson batches at a public sampling
+rate (`DPConfig.sample_rate`) for a public number of steps (DP_STEPS unless given), augmentation
+multiplicity, an exponential moving average of the weights (the saved model is the average). Under DP nothing
+in the model file is computed from the data's size: no sample count, batch size or validation metric.
+
+Splits: the run folder's `split.json` lists the units (patients or images) that trained and validated. It
+stays at the site: no model or vector file carries it.
 
 Determinism and resume: each epoch reseeds torch, the sampler and the augmentation from `(seed, epoch)`, and
 the learning rate is a function of the step, so a run resumed from its end-of-epoch checkpoint (written
@@ -38,10 +43,11 @@ from taskvec.errors import ConfigError, MismatchError, OutputExistsError, Taskve
 from taskvec.io.files import FORMAT, FORMAT_VERSION, read_kind, write_json
 from taskvec.io.tensors import save_tensors, state_digest
 from taskvec.models.spec import ModelSpec, create_module, load_model, save_model
-from taskvec.privacy.dpsgd import DPConfig, is_accumulating, make_private, require_dp_ready
+from taskvec.privacy.dpsgd import DPConfig, is_accumulating, make_private, require_dp_ready, steps_per_epoch
+from taskvec.privacy.ledger import name_model
 from taskvec.progress import Track, no_track
 from taskvec.training.class_means import class_means_head, release_noise
-from taskvec.training.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader
+from taskvec.training.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader, split_record
 from taskvec.training.distributed import Group, augment_bits, process_group, rank_seed, shard_loader, wrap_model
 from taskvec.training.evaluate import autocast, evaluate_module, resolve_device
 from taskvec.training.mergeable import (
@@ -58,10 +64,11 @@ from taskvec.training.modes import prepare as prepare_mode
 
 DEFAULT_EPOCHS = 10
 MIN_STEPS = 200  # the default schedule makes at least this many optimiser steps, however small the data
-MIN_DP_STEPS = 50  # with DP-SGD's large logical batches (about half the data per step), 25 epochs
+MIN_DP_STEPS = 50  # DP-SGD runs shorter than this are warned about
+DP_STEPS = 100  # DP-SGD's default: a constant (a count from the data's size would reveal it), 25 epochs at q = 0.25
 DP_EMA = 0.99  # DP-SGD recipe default: EMA decay of the weights
 MODEL_FILE, CHECKPOINT_FILE = "model.safetensors", "checkpoint.safetensors"
-METRICS_FILE, RUN_FILE = "metrics.json", "run.json"
+METRICS_FILE, RUN_FILE, SPLIT_FILE = "metrics.json", "run.json", "split.json"
 RUNTIME_FIELDS = {"resume", "device", "num_workers"}  # may differ between a run and its resumption
 PRIVATE_TRAINING_FIELDS = ("samples", "val_samples", "val_metrics")  # left out of a DP-SGD model's header
 
@@ -72,7 +79,7 @@ class FinetuneConfig:
 
     epochs: int | None = None  # default: DEFAULT_EPOCHS, at least MIN_STEPS steps, unless `steps` is given
     steps: int | None = None
-    batch_size: int | None = None  # default: `default_batch` of the training-set size
+    batch_size: int | None = None  # default: `default_batch` of the training-set size (DP-SGD: DPConfig.sample_rate)
     lr: float | None = None  # default: per training mode (taskvec.training.modes.DEFAULT_LR)
     train: str = "all"  # all | head | norm-bias | last:K | lora:R (taskvec.training.modes)
     ema: float | None = None  # EMA decay (0: off; default DP_EMA with DP), warmed up as min(ema, (1+t)/(10+t))
@@ -112,6 +119,10 @@ class FinetuneConfig:
             self.dp.check()
         if mode.kind == "class-means":
             _check_class_means(self)
+        elif self.dp is not None and self.batch_size is not None:
+            raise ConfigError("batch_size does not apply to DP-SGD: each unit joins a step's batch with probability "
+                              "`sample_rate` (a batch size would reveal the data's size); leave it out",
+                              field="batch_size", got=self.batch_size)
 
 
 def _check_class_means(config: FinetuneConfig) -> None:
@@ -211,31 +222,34 @@ class FinetuneResult:
 # ------------------------------------------------------------------------------------------ schedule
 
 
-def default_batch(n_train: int, dp: bool) -> int:
-    """A batch well below the training-set size: n/8 within [4, 32] without DP; DP-SGD takes large logical
-    batches (signal grows with the batch, the noise does not): n/2 within [8, 256]."""
-    return min(256, max(8, n_train // 2)) if dp else min(32, max(4, n_train // 8))
+def default_batch(n_train: int) -> int:
+    """A batch well below the training-set size (without DP): n/8 within [4, 32]."""
+    return min(32, max(4, n_train // 8))
 
 
 def plan_steps(config: FinetuneConfig, per_epoch: int) -> tuple[int, list[str]]:
-    """Optimiser steps of the run (explicit `steps`, explicit `epochs`, or DEFAULT_EPOCHS but at least
-    MIN_STEPS, MIN_DP_STEPS with DP-SGD) and a warning when that is too few to learn."""
+    """Optimiser steps of the run (explicit `steps`, explicit `epochs`, or by default DEFAULT_EPOCHS but at
+    least MIN_STEPS; DP_STEPS with DP-SGD) and a warning when that is too few to learn. Under DP-SGD
+    `per_epoch` is ⌊1/q⌋, so no count depends on the data's size."""
     least = MIN_STEPS if config.dp is None else MIN_DP_STEPS
     if config.steps:
         total = config.steps
     elif config.epochs:
         total = config.epochs * per_epoch
     else:
-        total = max(least, DEFAULT_EPOCHS * per_epoch)
+        total = DP_STEPS if config.dp is not None else max(least, DEFAULT_EPOCHS * per_epoch)
     warn = [] if total >= least else [
         f"only {total} optimiser steps: runs this short rarely move a pretrained network; give steps >= {least}"]
     return total, warn
 
 
-def schedule(n_train: int, config: FinetuneConfig) -> tuple[int, int]:
-    """(batch size, optimiser steps) of a run of `config` on `n_train` training images (the batch drops a
-    ragged last batch when the data holds more than one)."""
-    batch = config.batch_size or default_batch(n_train, config.dp is not None)
+def schedule(n_train: int, config: FinetuneConfig) -> tuple[float, int]:
+    """(expected batch size, optimiser steps) of a run of `config` on `n_train` training images (the batch
+    drops a ragged last batch when the data holds more than one; DP-SGD: Poisson batches at rate q)."""
+    if config.dp is not None:
+        q = config.dp.sample_rate
+        return q * n_train, plan_steps(config, steps_per_epoch(q))[0]
+    batch = config.batch_size or default_batch(n_train)
     return batch, plan_steps(config, n_train // batch if n_train > batch else 1)[0]
 
 
@@ -308,8 +322,9 @@ def _config_dict(config: FinetuneConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(config).items() if k not in RUNTIME_FIELDS}
 
 
-def _open_run(out: Path, parent: str, config: FinetuneConfig, source: str) -> str:
-    """Create or reopen a run folder; return its run id. Refuse to reuse a folder without --resume."""
+def _open_run(out: Path, parent: str, config: FinetuneConfig, source: str, split: dict[str, Any]) -> str:
+    """Create or reopen a run folder and record its split; return its run id. Refuse to reuse a folder without
+    --resume, or to resume it on other units than it started with."""
     run_file = out / RUN_FILE
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a directory")
@@ -325,13 +340,29 @@ def _open_run(out: Path, parent: str, config: FinetuneConfig, source: str) -> st
         if diff:
             said = ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in diff.items())
             raise MismatchError(f"{out}: the run was started with {said}; repeat its options to resume it")
+        _check_split(out / SPLIT_FILE, split)
         return str(run["run_id"])
     if config.resume and out.exists() and any(out.iterdir()):
         raise TaskvecError(f"{out}: holds no {RUN_FILE}; it is not a taskvec run folder")
     out.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex
     write_json(run_file, {"run_id": run_id, "parent": parent, "config": _config_dict(config), "data": source})
+    write_json(out / SPLIT_FILE, split)
     return run_id
+
+
+def _check_split(path: Path, split: dict[str, Any]) -> None:
+    """Refuse to resume a run on other training or validation units than it started with (its privacy ledger
+    would then describe no one data set); record the split of a run folder that predates `split.json`."""
+    if not path.exists():
+        write_json(path, split)
+        return
+    before = json.loads(path.read_text())
+    if before != split:
+        moved = {side: len(set(before.get(side, [])) ^ set(split[side])) for side in ("train", "val")}
+        raise MismatchError(f"{path.parent}: the data changed since the run started ({moved['train']} training and "
+                            f"{moved['val']} validation {split['unit']}s differ from {path.name}); resume it on the "
+                            "same data, or start a new run", path=path)
 
 
 def _finished(out: Path) -> FinetuneResult:
@@ -436,7 +467,7 @@ def finetune(
             raise ConfigError("train class-means runs in one process (one pass over the data)", field="train")
         if not group.main:  # rank 0 reports
             track, on_epoch = no_track, None
-        run = _start(base, header.meta["identity"], spec, splits.train, out, config, splits.source, group)
+        run = _start(base, header.meta["identity"], spec, splits.train, splits.val, out, config, splits.source, group)
         if means:
             history = _fit_class_means(run, config, splits.train, splits.val, track, on_epoch)
         else:
@@ -487,11 +518,11 @@ class _Run:
     site: SiteSteps  # the proximal step and the linear-probe phase (taskvec.training.mergeable)
 
 
-def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: ImageDataset, out: Path,
-           config: FinetuneConfig, source: str, group: Group) -> _Run:
+def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: ImageDataset, val: ImageDataset | None,
+           out: Path, config: FinetuneConfig, source: str, group: Group) -> _Run:
     """Open the run folder (rank 0), load the base, build optimizer and loader (private ones under DP; this
     rank's share of them), and pick up the last checkpoint if there is one."""
-    run_id = group.on_main(lambda: _open_run(out, parent, config, source))
+    run_id = group.on_main(lambda: _open_run(out, parent, config, source, split_record(train, val)))
     device = group.device
     net = load_model(base, device)
     _check_size(net, spec, train.img_size, device)
@@ -501,13 +532,17 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
     net, trained, lora = prepare_mode(net, spec.task, mode, keep_head=config.head == "frozen")
     lr = config.lr or mode.lr
     means = mode.kind == "class-means"  # one pass, no step: nothing to schedule or to make private
-    # class-means: the batch only paces its one pass, and one derived from the data's size would reveal it
-    batch_size = config.batch_size or (64 if means else default_batch(len(train), config.dp is not None))
+    dp_sgd = config.dp is not None and not means
+    # class-means: the batch only paces its one pass, and one derived from the data's size would reveal it;
+    # DP-SGD samples its own batches (the loader's paces evaluation)
+    batch_size = config.batch_size or (64 if means else config.dp.max_physical_batch if config.dp is not None
+                                       else default_batch(len(train)))
     optimizer = timm.optim.create_optimizer_v2(net, "adamw", lr=lr, weight_decay=config.weight_decay)
     loader_gen = torch.Generator()
     loader = make_loader(train, batch_size, device, shuffle=True, generator=loader_gen,
                          drop_last=len(train) > batch_size, num_workers=config.num_workers)
-    total, notes = (0, []) if means else plan_steps(config, len(loader))
+    per_epoch = steps_per_epoch(config.dp.sample_rate) if dp_sgd and config.dp is not None else len(loader)
+    total, notes = (0, []) if means else plan_steps(config, per_epoch)
     site = SiteSteps(net, prox=config.prox, anchors=prox_anchors(net) if config.prox else None,
                      head=head_prefixes(net, spec.task),
                      probe_steps=round(LP_FRACTION * total) if config.head == "lp-ft" else 0)
@@ -680,12 +715,13 @@ def _save_run(run: _Run, config: FinetuneConfig, splits: DataSplits, history: li
     epochs, total = (history[-1]["epoch"], history[-1]["steps"]) if history else (0, 0)
     training = {
         "samples": len(train), "contributor": config.contributor, "epochs": epochs, "steps": total,
-        "lr": run.lr, "batch_size": run.batch_size, "seed": config.seed, "img_size": train.img_size,
+        "lr": run.lr, "batch_size": None if config.dp is not None and run.total else run.batch_size,
+        "seed": config.seed, "img_size": train.img_size,
         "val_samples": len(val) if val is not None else 0, "val_metrics": val_metrics, "ema": run.decay,
         "train": mode_record(run.mode, run.trained, run.lora), "prox": config.prox, "head": config.head,
     }
-    privacy = run.setup.privacy()
     identity = state_digest(run.net.state_dict())
+    privacy = name_model(run.setup.privacy(), identity)  # two trainings are never taken for one
     result = FinetuneResult(out, out / MODEL_FILE, identity, run.run_id, len(train), epochs, total, history,
                             val_metrics, run.start_epoch, len(splits.skipped), splits.warnings + run.notes)
     if run.group.main:
