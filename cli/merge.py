@@ -1,8 +1,8 @@
 """`taskvec merge`: from the command line to a `MergePlan` and `taskvec.merging.stream.merge_vectors`.
 
-Follow a merge in three files: this one (options → plan), `taskvec/merging/stream.py` (plan → reading,
-accumulating, writing) and `taskvec/merging/methods.py` (the arithmetic). The list of methods and their
-parameters in `--help` comes from the method registry.
+Follow a merge in three files: this one (options → plan), `taskvec/merging/stream.py` (`merge_vectors`: plan →
+reading, accumulating, writing, one module each beside it) and `taskvec/merging/methods.py` (the arithmetic).
+The list of methods and their parameters in `--help` comes from the method registry.
 """
 
 from __future__ import annotations

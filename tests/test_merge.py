@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from taskvec.errors import ConfigError, FileFormatError, MismatchError, TaskvecError
 from taskvec.io.files import read_kind
-from taskvec.merging import stream
+from taskvec.merging import reading
 from taskvec.merging.export import export_vector
 from taskvec.merging.methods import MERGE_METHODS, combine, vector_seed
 from taskvec.merging.stream import merge_vectors
@@ -49,14 +49,14 @@ def _reference(base: Path, vecs: list[Path], method: str, scale: float, params: 
     return out
 
 
-CASES = [(m, 1000) for m in MERGE_METHODS] + [(m, stream.CHUNK_ELEMENTS) for m, spec in MERGE_METHODS.items()
+CASES = [(m, 1000) for m in MERGE_METHODS] + [(m, reading.CHUNK_ELEMENTS) for m, spec in MERGE_METHODS.items()
                                                if not spec.recipe().streams]
 
 
 @pytest.mark.parametrize(("method", "chunk"), CASES)
 def test_streaming_merge_equals_load_everything(three, tmp_path: Path, method: str, chunk: int, monkeypatch) -> None:
     base, vecs = three
-    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", chunk)  # consensus methods: many chunks per tensor, or one
+    monkeypatch.setattr(reading, "CHUNK_ELEMENTS", chunk)  # consensus methods: many chunks per tensor, or one
     params = PARAMS.get(method, {})
     r = merge_vectors(vecs, base, tmp_path / "m.safetensors", method=method, params=params, scale=0.7, seed=3)
     got, want = load_file(str(r.path)), _reference(base, vecs, method, 0.7, params, 3)

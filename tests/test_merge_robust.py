@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from taskvec.io.files import read_kind
+from taskvec.merging.diagnose import diagnose
 from taskvec.merging.export import export_vector
-from taskvec.merging.stream import diagnose, merge_vectors
+from taskvec.merging.stream import merge_vectors
 
 
 @pytest.fixture

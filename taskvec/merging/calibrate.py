@@ -21,8 +21,9 @@ from torch import nn
 from taskvec.errors import ConfigError, TaskvecError
 from taskvec.io.files import Header
 from taskvec.io.layout import is_statistic
+from taskvec.merging.accumulate import Combined, accumulate
 from taskvec.merging.methods import MERGE_METHODS
-from taskvec.merging.stream import Combined, MergePlan, accumulate
+from taskvec.merging.plan import MergePlan
 from taskvec.models.spec import ModelSpec, create_module
 from taskvec.progress import Track, no_track
 from taskvec.training.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader

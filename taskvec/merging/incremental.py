@@ -29,7 +29,9 @@ from filelock import FileLock
 from taskvec.errors import ConfigError, FileFormatError, MismatchError
 from taskvec.io.files import FORMAT, FORMAT_VERSION, Header, atomic_output, check_output, now, read_header, write_json
 from taskvec.io.tensors_np import save_arrays
-from taskvec.merging.stream import Accumulator, MergePlan, MergeReport, accumulate, save_merged
+from taskvec.merging.accumulate import Accumulator, accumulate
+from taskvec.merging.plan import MergePlan
+from taskvec.merging.stream import MergeReport, save_merged
 from taskvec.progress import Track, no_track
 
 STATE_FILE = "accumulator.safetensors"

@@ -107,9 +107,14 @@ class Sparsify:
     density: float
     gamma: float = 0.0
 
+    @property
+    def ranked(self) -> bool:
+        """Whether `window` ranks magnitudes over the whole tensor (all but DARE, which keeps every magnitude)."""
+        return self.kind != "dare"
+
     def window(self, x: Array) -> tuple[float, float]:
         """The magnitudes kept, lo ≤ |x| < hi, from ranks in the whole tensor (DARE keeps every magnitude)."""
-        if self.kind == "dare":
+        if not self.ranked:
             return 0.0, math.inf
         mags = np.abs(x.reshape(-1))
         n = mags.size

@@ -1,0 +1,178 @@
+"""Accumulating: `combine(vectors)` per key, in memory that does not grow with the number of vectors. A method
+without consensus reads one file at a time into one running sum; a consensus method goes tensor by tensor with
+every file open, in chunks of all vectors' values."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from taskvec.errors import FileFormatError, TaskvecError
+from taskvec.io.files import Header
+from taskvec.io.layout import is_statistic, vector_keys
+from taskvec.merging.methods import Array, Recipe, stock_factor, vector_seed
+from taskvec.merging.plan import MergePlan
+from taskvec.merging.reading import Reading, VectorFile
+from taskvec.progress import Track, no_track
+
+
+@dataclass
+class Accumulator:
+    """A merge's running state: Σ wᵢ·sᵢ(τᵢ) per delta key (with consensus: the combined tensor), Σ τᵢ/‖τᵢ‖ per key
+    (Model Stock), Σ wᵢ, the vector count, and per-key sums of BatchNorm statistics. All arrays are flat."""
+
+    sums: dict[str, Array] = field(default_factory=dict)
+    units: dict[str, Array] = field(default_factory=dict)
+    weight: float = 0.0
+    count: int = 0
+    stats: dict[str, Array] = field(default_factory=dict)
+    stat_counts: dict[str, int] = field(default_factory=dict)
+
+    def add_stat(self, k: str, x: Array) -> None:
+        self.stats[k] = self.stats[k] + x if k in self.stats else x.copy()
+        self.stat_counts[k] = self.stat_counts.get(k, 0) + 1
+
+    def combined(self, recipe: Recipe) -> Combined:
+        """`combine(vectors)` per key, computed in place (the accumulator is used up)."""
+        for k, s in self.sums.items():
+            f = 1.0 / self.weight if recipe.normalize else 1.0
+            if recipe.stock:
+                f *= stock_factor(float(np.dot(self.units[k], self.units[k])), self.count)
+            if f != 1.0:
+                s *= np.float32(f)
+        stats = {k: (v / self.stat_counts[k]).astype(np.float32) for k, v in self.stats.items()}
+        return Combined(self.sums, stats)
+
+
+@dataclass
+class Combined:
+    """The combined deltas (flat float32 per key) and the statistics' values (the vectors' mean, or re-estimated)."""
+
+    deltas: dict[str, Array]
+    stats: dict[str, Array]
+
+
+def _add(sums: dict[str, Array], k: str, x: Array, w: float) -> None:
+    if k not in sums:
+        sums[k] = np.array(x, dtype=np.float32) if w == 1 else x * np.float32(w)
+    elif w == 1:
+        sums[k] += x
+    else:
+        sums[k] += x * np.float32(w)
+
+
+def accumulate(plan: MergePlan, base: Header, headers: Sequence[Header], track: Track[Any] = no_track,
+               acc: Accumulator | None = None) -> Accumulator:
+    """Read the vectors into `acc` (a new one by default; an incremental merge passes its running state), each
+    delta times its staleness weight sᵢ (see `MergePlan.weights`)."""
+    recipe = plan.recipe
+    weights, scales = plan.weights(base, headers)
+    acc = Accumulator() if acc is None else acc
+    with Reading(headers) as reading:
+        if recipe.streams:
+            _stream(plan, recipe, reading, weights, scales, acc, track)
+        else:
+            _by_tensor(plan, recipe, reading, weights, scales, acc, track)
+        reading.verify()
+    if recipe.streams and not recipe.sparsify:  # NaN/Inf anywhere reaches the sums; name the file only then
+        for k, s in acc.sums.items():
+            if not np.isfinite(s).all():
+                raise _nonfinite(headers, k)
+    return acc
+
+
+def _stream(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, scales: Array, acc: Accumulator,
+            track: Track[Any]) -> None:
+    """Σ wᵢ·sᵢ·sparsify(τᵢ) (sᵢ the staleness weight), one vector file at a time."""
+    sp = recipe.sparsify
+    for f, w, s in track(zip(reading.files, weights, scales), "merging", len(weights)):
+        h = f.header
+        stats = set(h.meta.get("statistics", []))
+        for k in vector_keys(h):  # a subset vector lacks keys (zero deltas); factored keys are expanded
+            x = f.read_delta(k)
+            if k in stats:
+                acc.add_stat(k, x)
+                continue
+            if sp is not None:
+                if not np.isfinite(x).all():
+                    raise FileFormatError(f"{h.path}: tensor {k} holds NaN or Inf")
+                x = sp.apply(x, sp.window(x), vector_seed(plan.seed, h.meta["sha256"], k))
+            if recipe.stock:
+                norm = float(np.linalg.norm(x))
+                if norm > 0:
+                    _add(acc.units, k, x, 1 / norm)
+                elif k not in acc.units:
+                    acc.units[k] = np.zeros(x.size, np.float32)
+            _add(acc.sums, k, x, float(w * s))  # sparsifying commutes with a positive scale
+        acc.weight += float(w)
+        acc.count += 1
+
+
+def _by_tensor(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, scales: Array, acc: Accumulator,
+               track: Track[Any]) -> None:
+    """Consensus: tensor by tensor with every file open, in chunks of all vectors' values (each scaled by its
+    staleness weight after sparsifying, with which scaling commutes)."""
+    assert recipe.consensus is not None
+    sp = recipe.sparsify
+    files = reading.files
+    carried = [set(vector_keys(f.header)) for f in files]
+    keys = sorted(set().union(*carried))
+    for k in track(keys, "merging", len(keys)):
+        if is_statistic(k):
+            for f in files:
+                if k in f.header.tensors:
+                    acc.add_stat(k, f.read(k))
+            continue
+        if not all(k in f.header.tensors for f in files):  # factored or missing somewhere: whole tensors
+            acc.sums[k] = _whole(plan, recipe, files, carried, k, weights, scales)
+            continue
+        numel = files[0].header.tensors[k].numel
+        ranked = sp is not None and sp.ranked  # magnitude windows need each vector's whole tensor
+        windows = [(0.0, math.inf)] * len(files)
+        if ranked and numel > reading.step:  # in chunks: one more (unhashed) read of each tensor for its window
+            windows = [sp.window(f.read(k, verify=False)) for f in files]  # type: ignore[union-attr]
+        seeds = [vector_seed(plan.seed, f.header.meta["sha256"], k) for f in files]
+        out = np.empty(numel, np.float32)
+        for start, stop, x in reading.chunks(k, numel):
+            if ranked and numel <= reading.step:  # one chunk holds every vector's whole tensor
+                windows = [sp.window(row) for row in x]  # type: ignore[union-attr]
+            if sp is not None:
+                x = np.stack([sp.apply(row, win, s, start) for row, win, s in zip(x, windows, seeds)])
+            out[start:stop] = recipe.consensus(_scaled(x, scales), weights)
+        acc.sums[k] = out
+    acc.weight += float(weights.sum())
+    acc.count += len(files)
+
+
+def _scaled(x: Array, scales: Array) -> Array:
+    """Rows of `x` times their staleness weights (`x` itself when none discounts)."""
+    return x if (scales == 1).all() else x * scales.astype(np.float32)[:, None]
+
+
+def _whole(plan: MergePlan, recipe: Recipe, files: Sequence[VectorFile], carried: Sequence[set[str]], key: str,
+           weights: Array, scales: Array) -> Array:
+    """Consensus over whole (expanded) deltas of `key`, a zero delta for a vector that does not carry it."""
+    assert recipe.consensus is not None
+    rows = {i: f.read_delta(key) for i, (f, ks) in enumerate(zip(files, carried)) if key in ks}
+    numel = next(iter(rows.values())).size
+    x = np.stack([rows.get(i, np.zeros(numel, np.float32)) for i in range(len(files))])
+    if not np.isfinite(x).all():
+        raise FileFormatError(f"a vector's tensor {key} holds NaN or Inf")
+    sp = recipe.sparsify
+    if sp is not None:
+        x = np.stack([sp.apply(row, sp.window(row), vector_seed(plan.seed, f.header.meta["sha256"], key))
+                      for row, f in zip(x, files)])
+    return recipe.consensus(_scaled(x, scales), weights)  # type: ignore[no-any-return]
+
+
+def _nonfinite(headers: Sequence[Header], key: str) -> TaskvecError:
+    """The error for a sum that is not finite: the vector holding NaN/Inf in `key`, else an overflow."""
+    with Reading(headers) as reading:
+        for f in reading.files:
+            if not np.isfinite(f.read(key, verify=False)).all():
+                return FileFormatError(f"{f.header.path}: tensor {key} holds NaN or Inf")
+    return TaskvecError(f"the merged {key} overflows float32")
