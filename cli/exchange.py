@@ -11,8 +11,9 @@ from typing import Any
 
 import typer
 from taskvec.cli.console import console, print_json, track, usage
+from taskvec.registry.address import describe_addresses
 
-REGISTRY_HELP = "Registry: a folder (./registry, file:///mnt/share/x) or a Hub model repo (hf://ORG/REPO)."
+REGISTRY_HELP = f"Registry: {describe_addresses()}."  # one phrase per backend under registry/stores/
 REVISION_HELP = "Hub branch of the registry (default main)."
 KEYRING_HELP = ("Your keyring: lines `CONTRIBUTOR ssh-ed25519 AAAA...` (default $TASKVEC_KEYRING or "
                 "~/.config/taskvec/keyring); the registry's own list of keys is never trusted.")

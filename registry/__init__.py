@@ -1,17 +1,13 @@
-"""Vector exchange: one registry interface over a folder and a Hugging Face Hub repo, with signing.
+"""Vector exchange: one registry interface over pluggable stores (a folder, a Hugging Face Hub repo), with signing.
 
-`open_registry(address)` gives a `Registry`; see `taskvec.registry.base` for the layout.
+`open_registry(address)` gives a `Registry`. The layout and records are in `taskvec.registry.schema`, the store
+interface in `taskvec.registry.store`, and each backend in its own module under `registry/stores/`.
 """
 
 from taskvec.registry.address import open_registry
-from taskvec.registry.base import (
-    Entry,
-    IntegrityError,
-    Registry,
-    RegistryError,
-    RegistryInfo,
-)
+from taskvec.registry.registry import PushResult, Registry
+from taskvec.registry.schema import Entry, IntegrityError, RegistryError, RegistryInfo, Version
 from taskvec.registry.trust import TrustError, TrustPolicy
 
-__all__ = ["Entry", "IntegrityError", "Registry", "RegistryError", "RegistryInfo", "TrustError", "TrustPolicy",
-           "open_registry"]
+__all__ = ["Entry", "IntegrityError", "PushResult", "Registry", "RegistryError", "RegistryInfo",
+           "TrustError", "TrustPolicy", "Version", "open_registry"]

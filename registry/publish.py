@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from taskvec.registry.base import RegistryError
-
 from taskvec.errors import TaskvecError
 from taskvec.io.files import read_kind
 
@@ -31,13 +29,6 @@ class PublishReport:
     commit: str | None
     tag: str | None
     url: str
-
-
-def parse_repo(address: str) -> str:
-    repo_id = address.removeprefix("hf://").strip("/")
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise RegistryError(f"{address}: publish to a Hub model repo, hf://ORG/REPO")
-    return repo_id
 
 
 def smp_config(model_path: str | os.PathLike[str], folder: Path) -> Path:
@@ -73,9 +64,10 @@ def publish_model(
 ) -> PublishReport:
     """Commit config.json, model.safetensors and a model card to `repo`; tag the commit (default `vN`)."""
     from taskvec.registry.card import render_model_card
-    from taskvec.registry.hub import HubStore
+    from taskvec.registry.stores.hub import open_hub
 
-    repo_id = parse_repo(repo)
+    store = open_hub(repo, revision=revision, endpoint=endpoint, token=token, private=private)
+    repo_id = store.repo_id
     h = read_kind(model, "model")
     meta = h.meta
     if (meta["model"].get("dp_compatible") or {}).get("norm", "frozen-batchnorm") != "frozen-batchnorm":
@@ -85,7 +77,6 @@ def publish_model(
         )
     version = meta.get("merge", {}).get("version")
     tag = tag if tag is not None else (f"v{version}" if version is not None else None)
-    store = HubStore(repo_id, revision, endpoint, token, private)
     with tempfile.TemporaryDirectory() as tmp:
         config = (timm_config if meta["model"]["task"] == "classification" else smp_config)(h.path, Path(tmp))
         files: dict[str, bytes | Path] = {

@@ -34,7 +34,7 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubServer]:
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """huggingface_hub and the Hub store wait between retries; tests need not."""
     import huggingface_hub.utils._http as http
-    import taskvec.registry.hub as hub_mod
+    import taskvec.registry.stores.hub as hub_mod
 
     monkeypatch.setattr(http.time, "sleep", lambda s: None)
     monkeypatch.setattr(hub_mod.time, "sleep", lambda s: None)

@@ -13,8 +13,8 @@ import pytest
 from hostile import assert_refused, cli
 from registry_fixtures import created, hub, sites  # noqa: F401 (fixtures)
 from taskvec.registry import IntegrityError, RegistryError, TrustError, TrustPolicy
-from taskvec.registry.base import MAX_TENSOR_FILE_BYTES
 from taskvec.registry.signing import generate_key, load_private_key
+from taskvec.registry.store import MAX_TENSOR_FILE_BYTES
 
 from taskvec.errors import TaskvecError
 from taskvec.io.files import read_kind
@@ -33,7 +33,7 @@ def _write_index(reg_dir: Path, d: dict) -> None:
 
 def test_what_is_verified_is_what_is_merged(sites, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A site swaps the stored file right after the merger's check: the merger still uses the verified bytes."""
-    import taskvec.registry.base as base_mod
+    import taskvec.registry.registry as base_mod
 
     base, vector = sites
     key, _, pub = generate_key(tmp_path / "a.key")

@@ -11,8 +11,9 @@ import pytest
 from registry_fixtures import address, created, hub, sites  # noqa: F401 (fixtures)
 from safetensors.torch import load_file
 from taskvec.registry import IntegrityError, RegistryError, TrustError, TrustPolicy, open_registry
-from taskvec.registry.base import parse_time, sha256_file
+from taskvec.registry.schema import parse_time
 from taskvec.registry.signing import generate_key, load_private_key, public_line
+from taskvec.registry.verify import sha256_file
 
 from taskvec.errors import MismatchError
 from taskvec.io.files import read_kind

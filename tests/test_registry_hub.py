@@ -17,8 +17,8 @@ from registry_fixtures import TOKEN, created, hub, no_backoff, sites  # noqa: F4
 from safetensors.torch import load_file
 from taskvec.cli.app import app
 from taskvec.registry import Registry, RegistryError, TrustPolicy, open_registry
-from taskvec.registry.base import MAX_TENSOR_FILE_BYTES, MAX_TEXT_BYTES
-from taskvec.registry.hub import HubStore
+from taskvec.registry.store import MAX_TENSOR_FILE_BYTES, MAX_TEXT_BYTES
+from taskvec.registry.stores.hub import HubStore
 from typer.testing import CliRunner
 
 from taskvec.io.files import read_kind

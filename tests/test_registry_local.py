@@ -12,7 +12,7 @@ import pytest
 from registry_fixtures import created, sites  # noqa: F401 (fixtures)
 from taskvec.cli.app import app
 from taskvec.registry import RegistryError, open_registry
-from taskvec.registry.base import sha256_file
+from taskvec.registry.verify import sha256_file
 from typer.testing import CliRunner
 
 from taskvec.io.files import read_kind

@@ -13,8 +13,8 @@ from registry_fixtures import address, created, hub, no_backoff, sites  # noqa: 
 from safetensors.torch import load_file, save_file
 from taskvec.cli.app import app
 from taskvec.registry import IntegrityError, RegistryError, TrustError, TrustPolicy, open_registry
-from taskvec.registry.base import sha256_file
 from taskvec.registry.signing import generate_key, load_private_key
+from taskvec.registry.verify import sha256_file
 from typer.testing import CliRunner
 
 from taskvec.errors import FileFormatError, MismatchError

@@ -1,4 +1,4 @@
-"""A registry in a Hugging Face Hub model repo, through `huggingface_hub.HfApi`.
+"""A registry in a Hugging Face Hub model repo (`hf://ORG/REPO`), through `huggingface_hub.HfApi`.
 
 The client gets an explicit endpoint (`HF_ENDPOINT`, default huggingface.co) and token (`HF_TOKEN` or
 `hf auth login`, through huggingface_hub's own lookup); the token is never printed or logged. Each
@@ -17,21 +17,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from taskvec.registry.base import (
+from taskvec.registry.schema import IntegrityError, RegistryError
+from taskvec.registry.store import (
     MAX_TENSOR_FILE_BYTES,
     MAX_TEXT_BYTES,
     Change,
-    IntegrityError,
     Reader,
-    RegistryError,
     Store,
     read_small_text,
+    register_store,
 )
 
 from taskvec.io.files import private_copy
 
 COMMIT_ATTEMPTS = 8
 RETRY_STATUS = {409, 412, 429, 500, 502, 503, 504}  # conflict (412: parent moved, 409: repo busy) or transient
+
+
+def parse_repo(address: str) -> str:
+    """`ORG/REPO` from `hf://ORG/REPO`."""
+    repo_id = address.removeprefix("hf://").strip("/")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise RegistryError(f"{address}: a Hub repo is hf://ORG/REPO (a model repo)")
+    return repo_id
 
 
 def resolve_endpoint(endpoint: str | None) -> str:
@@ -272,3 +280,13 @@ class HubStore(Store):
             f"{self.address}: could not commit after {COMMIT_ATTEMPTS} attempts (last: {last}); "
             "nothing was published; try again"
         )
+
+
+@register_store("hf", describe="a Hub model repo (hf://ORG/REPO)")
+def open_hub(
+    address: str, *, revision: str | None = None, endpoint: str | None = None, token: str | None = None,
+    private: bool = True, cache_dir: str | os.PathLike[str] | None = None,
+) -> HubStore:
+    """The Hub model repo `hf://ORG/REPO`, on branch `revision` (default main) at `endpoint` with `token`;
+    `private` applies to a repo it creates, `cache_dir` holds downloads."""
+    return HubStore(parse_repo(address), revision, endpoint, token, private, cache_dir)

@@ -1,4 +1,5 @@
-"""A registry in a folder (local disk or a shared drive): a file lock around each change, atomic renames.
+"""A registry in a folder (local disk or a shared drive), addressed by its path or `file:///ABSOLUTE/PATH`:
+a file lock around each change, atomic renames.
 
 Every file is written to a temporary name in its own folder and renamed into place, vectors and versions
 before the records (`index.json`, `registry.json`), so a reader never sees a half-written file and a record
@@ -15,17 +16,8 @@ import stat
 from pathlib import Path
 
 from filelock import FileLock, Timeout
-from taskvec.registry.base import (
-    CARD_FILE,
-    INDEX_FILE,
-    MAX_TENSOR_FILE_BYTES,
-    REGISTRY_FILE,
-    Change,
-    Reader,
-    RegistryError,
-    Store,
-    read_small_text,
-)
+from taskvec.registry.schema import CARD_FILE, INDEX_FILE, REGISTRY_FILE, RegistryError
+from taskvec.registry.store import MAX_TENSOR_FILE_BYTES, Change, Reader, Store, read_small_text, register_store
 
 from taskvec.io.files import atomic_output, private_copy
 
@@ -127,3 +119,13 @@ class FolderStore(Store):
             raise RegistryError(f"{self.address}: cannot write ({e.strerror}: {e.filename})") from None
         return True
 
+
+@register_store("file", describe="a folder (./registry, file:///mnt/share/x)", paths=True)
+def open_folder(address: str) -> FolderStore:
+    """The folder at a path (`~` expanded) or a `file://` URL with an absolute path."""
+    path = address
+    if address.startswith("file://"):
+        path = address.removeprefix("file://")
+        if not path.startswith("/"):
+            raise RegistryError(f"{address}: a file URL needs an absolute path (file:///mnt/share/registry)")
+    return FolderStore(Path(path).expanduser(), address)
