@@ -14,9 +14,20 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from taskvec.errors import PrivacyConfigError, PrivacyError
-from taskvec.privacy import ledger
-from taskvec.privacy.dpsgd import PRV, RDP, Chunk, DPConfig, calibrate_noise, epsilon_spent, make_private, max_steps
-from taskvec.privacy.ledger import RDP_LARGE, dp_sgd_entry, history_epsilon, prv_grid_points, verify_ledger
+from taskvec.privacy import accounting as ledger
+from taskvec.privacy.accounting import (
+    PRV,
+    RDP,
+    RDP_LARGE,
+    calibrate_noise,
+    epsilon_spent,
+    history_epsilon,
+    max_steps,
+    prv_grid_points,
+)
+from taskvec.privacy.dpsgd import Chunk, DPConfig, make_private
+from taskvec.privacy.entries import verify_ledger
+from taskvec.privacy.mechanisms.dp_sgd import dp_sgd_entry
 
 
 def reference_epsilon(z: float, q: float, steps: int, delta: float, kind: str = "pld") -> float:

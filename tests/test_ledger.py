@@ -57,7 +57,7 @@ def test_export_entries_match_pld_for_each_relation(zs: list[float]) -> None:
 
 
 def _dp_sgd(unit: str, accountant: str, z: float = 1.1, q: float = 0.05, steps: int = 120) -> dict[str, Any]:
-    from taskvec.privacy.dpsgd import accountant_epsilon
+    from taskvec.privacy.accounting import accountant_epsilon
 
     eps = accountant_epsilon(accountant, z, q, steps, 1e-5)
     return dp_sgd_entry(epsilon=eps, delta=1e-5, accountant=accountant, noise_multiplier=z, sample_rate=q,
@@ -67,7 +67,7 @@ def _dp_sgd(unit: str, accountant: str, z: float = 1.1, q: float = 0.05, steps: 
 @pytest.mark.parametrize("unit", ["image", "patient"])
 @pytest.mark.parametrize("kind", ["prv", "rdp"])
 def test_dp_sgd_entries_recompute_and_match_dp_accounting(unit: str, kind: str) -> None:
-    from taskvec.privacy.dpsgd import PRV, RDP
+    from taskvec.privacy.accounting import PRV, RDP
 
     e = _dp_sgd(unit, PRV if kind == "prv" else RDP)
     acc: Any = PLDAccountant(value_discretization_interval=1e-3) if kind == "prv" else RdpAccountant()
@@ -316,7 +316,7 @@ def test_dp_sgd_ledger_round_trips_through_export_and_merge(make_base, tmp_path:
 
     from taskvec.merging.stream import merge_vectors
     from taskvec.models.spec import load_model, model_spec, save_model
-    from taskvec.privacy.dpsgd import PRV
+    from taskvec.privacy.accounting import PRV
 
     base = make_base()
     bid = read_kind(base, "model").meta["identity"]

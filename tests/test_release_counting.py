@@ -23,7 +23,7 @@ from taskvec.io.tensors import state_digest
 from taskvec.merging.export import export_vector
 from taskvec.merging.stream import merge_vectors
 from taskvec.models.spec import load_model, model_spec, save_model
-from taskvec.privacy.dpsgd import PRV, accountant_epsilon
+from taskvec.privacy.accounting import PRV, accountant_epsilon
 from taskvec.privacy.ledger import (
     PrivacyBudget,
     check_merge_budget,

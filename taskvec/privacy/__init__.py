@@ -1,5 +1,7 @@
-"""Privacy: the ledger schema, mechanisms and their accountants (analytic Gaussian for export noise,
-Opacus PRV/RDP for DP-SGD), budgets, release records, and the DP-SGD glue around Opacus.
+"""Privacy: the ledger's entries (`entries`), the mechanisms that write them (`mechanism`, one module each in
+`mechanisms/`), their accountants (`accounting`: analytic Gaussian, Opacus PRV/RDP), merge budgets (`budget`),
+release records (`releases`), the DP-SGD engine around Opacus (`dpsgd`), and `ledger`, which gathers the API
+the rest of taskvec uses.
 
 Imports `taskvec.io` and `taskvec.models`; never training, merging or anything above.
 """

@@ -25,7 +25,6 @@ number of images (tiles) they contributed.
 
 from __future__ import annotations
 
-import math
 import secrets
 import warnings
 from collections import deque
@@ -39,13 +38,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from taskvec.errors import PrivacyConfigError, PrivacyError, TaskvecError, check_range
 from taskvec.privacy import DEFAULT_SAMPLE_RATE
-from taskvec.privacy.ledger import (  # RDP and accountant_epsilon: re-exported for callers of this module
-    PRV,
-    RDP,  # noqa: F401
-    accountant_epsilon,  # noqa: F401
-    dp_sgd_entry,
-    dp_sgd_epsilon,
-)
+from taskvec.privacy.accounting import calibrate_noise, epsilon_spent, max_steps
+from taskvec.privacy.mechanisms.dp_sgd import DpSgd
 
 # Opacus grad-sample mode, chosen by benchmarks/dp_overhead.py on this project's CPU (README table): Opacus's
 # per-layer samplers ("hooks") were fastest for ResNet-18/50, ConvNeXt-T and ViT-S, and within noise of
@@ -96,59 +90,6 @@ class DPConfig:
                                      got=self.grad_sample_mode)
 
 
-def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> tuple[float, str]:
-    """ε after `steps` Poisson-subsampled Gaussian steps, and the accountant that computed it (PRV; RDP
-    where PRV fails or would need too much memory: `dp_sgd_epsilon`)."""
-    if steps == 0:
-        return 0.0, PRV
-    return dp_sgd_epsilon([(noise_multiplier, sample_rate, steps)], delta)
-
-
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Smallest noise multiplier (ε within 1% below the target) whose ε after `steps` steps is at most the
-    target: Opacus's search (`get_noise_multiplier`: double, then bisect), on `epsilon_spent`, whose every
-    call is bounded in memory (Opacus's own would run PRV at any noise it tries)."""
-
-    def epsilon(z: float) -> float:
-        return epsilon_spent(z, sample_rate, steps, delta)[0]
-
-    low, high, eps_high = 0.0, 10.0, math.inf
-    while eps_high > target_epsilon:
-        high *= 2
-        if high > 1e6:
-            raise PrivacyError(f"ε = {target_epsilon} is out of reach in {steps} steps at rate {sample_rate:.3g}")
-        eps_high = epsilon(high)
-    for _ in range(60):  # ε jumps where PRV gives way to RDP: the tolerance may never be met there
-        if target_epsilon - eps_high <= 0.01 * target_epsilon:
-            break
-        mid = (low + high) / 2
-        eps = epsilon(mid)
-        if eps <= target_epsilon:
-            high, eps_high = mid, eps
-        else:
-            low = mid
-    return high
-
-
-def max_steps(noise_multiplier: float, sample_rate: float, delta: float, target_epsilon: float) -> int:
-    """The largest number of steps whose ε is at most the target (0 if even one step is over it)."""
-
-    def within(steps: int) -> bool:
-        return epsilon_spent(noise_multiplier, sample_rate, steps, delta)[0] <= target_epsilon
-
-    if not within(1):
-        return 0
-    lo, hi = 1, 2
-    while within(hi):
-        lo, hi = hi, hi * 2
-        if hi > 10**7:
-            return lo
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if within(mid) else (lo, mid)
-    return lo
-
-
 @dataclass
 class PrivacyMeter:
     """Counts DP-SGD steps and turns them into ε; `exhausted` once another step would pass the target."""
@@ -178,7 +119,7 @@ class PrivacyMeter:
         if self.steps == 0:
             raise PrivacyError("no DP-SGD step was taken; there is nothing to account")
         eps, accountant = self.epsilon()
-        return dp_sgd_entry(
+        return DpSgd.entry(
             epsilon=eps, delta=self.config.delta, accountant=accountant, noise_multiplier=self.noise_multiplier,
             sample_rate=self.sample_rate, steps=self.steps, max_grad_norm=self.config.max_grad_norm,
             unit=self.unit, run_id=run_id, seeded=self.config.seed is not None,

@@ -1,0 +1,159 @@
+"""Privacy budgets: what a merge accepts (`PrivacyBudget`) and the composed ε of each contributor
+(`check_merge_budget`), every ledger verified first.
+
+A merge counts every distinct noised release and every distinct training of a contributor unless the files
+themselves prove one includes another, so copying a model file and exporting or training again elsewhere never
+makes two releases count as one. Releases of one kind compose as their mechanisms declare
+(`taskvec.privacy.mechanism.Composition`); releases of different kinds, or runs composed apart, add (basic
+composition).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from taskvec.errors import PrivacyConfigError, PrivacyError, check_range
+from taskvec.privacy.entries import best_guarantee, verify_ledger
+from taskvec.privacy.mechanism import RELATIONS, UNITS, Composition, Contribution, Entry, compositions, mechanism_of
+
+BASIC_COMPOSITION = "basic (ε and δ add)"
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """What a merge accepts: every contributor's composed ε for changes of one `unit` under `relation` at
+    most `max_epsilon`; `require_dp` refuses vectors without any guarantee. A vector whose noise came from a
+    given seed (`seeded`) is refused unless `allow_seeded_noise` (tests only: such noise is not secret)."""
+
+    max_epsilon: float | None = None
+    unit: str | None = None
+    relation: str = "add-remove"
+    require_dp: bool = False
+    allow_seeded_noise: bool = False
+
+    def check(self) -> None:
+        if self.max_epsilon is not None:
+            check_range("max_epsilon", self.max_epsilon, low=0, error=PrivacyConfigError)
+            if self.unit is None:
+                raise PrivacyConfigError(
+                    f"unit must name what `max_epsilon` {self.max_epsilon:g} protects: image, patient or site",
+                    field="unit")
+        if self.unit is not None and self.unit not in UNITS:
+            raise PrivacyConfigError(f"unit must be one of {', '.join(UNITS)}, got {self.unit!r}", field="unit",
+                                     got=self.unit)
+        if self.relation not in RELATIONS:
+            raise PrivacyConfigError(f"relation must be one of {', '.join(RELATIONS)}, got {self.relation!r}",
+                                     field="relation", got=self.relation)
+
+
+SINGLE = "single run"
+_Bound = tuple[float, float, str, int]  # (ε, δ, how, runs composed)
+
+
+def _bound(vectors: Sequence[Contribution], composition: Composition, unit: str, relation: str) -> _Bound | None:
+    """The vectors' releases of one kind composed (`composition`): each vector's covering entry of that kind, the
+    distinct ones composed; None when a vector has none."""
+    found = []
+    for v in vectors:
+        e = best_guarantee([e for e in v.ledger if mechanism_of(e).composition is composition], unit, relation)
+        if e is None:
+            return None
+        found.append((v, e))
+    entries = composition.distinct(found)
+    if len(entries) == 1:
+        return entries[0]["epsilon"], entries[0]["delta"], SINGLE, 1
+    return (*composition.compose(entries), len(entries))
+
+
+def _tightest(vectors: Sequence[Contribution], unit: str, relation: str) -> list[_Bound]:
+    """The bound of every kind of release that all the vectors carry."""
+    return [b for b in (_bound(vectors, c, unit, relation) for c in compositions()) if b]
+
+
+def _contributor_epsilon(vectors: Sequence[Contribution], unit: str, relation: str) -> _Bound:
+    """(ε, δ, how, runs) of one contributor's vectors, the smallest of: every training composed (when all
+    vectors are DP-SGD), every noised release composed (when all are noised), and each run's own bound added
+    (basic composition: ε and δ add; runs may use the same data). A tie goes to the tight ones (their δ, the
+    largest of the runs', is never above the sum). `runs`: the trainings or export histories composed."""
+    groups: dict[Any, list[Contribution]] = {}
+    for i, v in enumerate(vectors):
+        groups.setdefault(v.run if v.run is not None else ("vector", i), []).append(v)
+    options = _tightest(vectors, unit, relation)
+    each = [min(_tightest(g, unit, relation), key=lambda b: b[0], default=None)
+            for g in groups.values()] if len(groups) > 1 else []
+    if each and all(each):
+        found = [b for b in each if b]
+        options.append((sum(b[0] for b in found), sum(b[1] for b in found), BASIC_COMPOSITION,
+                        sum(b[3] for b in found)))
+    return min(options, key=lambda b: b[0], default=(math.inf, 1.0, "none", len(groups)))
+
+
+def _check_seeded(ledger: list[Entry], where: str, budget: PrivacyBudget) -> None:
+    for i, e in enumerate(ledger):
+        if e.get("seeded") and not budget.allow_seeded_noise:
+            raise PrivacyError(
+                f"{where}: privacy entry {i} ({e['mechanism']}) drew its noise from a given seed, so it is not secret "
+                "and its ε does not hold; retrain without `DPConfig.seed` (PrivacyBudget(allow_seeded_noise=True) "
+                "is for tests)", path=where, field="seeded")
+
+
+def check_merge_budget(headers: Sequence[Any], budget: PrivacyBudget,
+                       earlier: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> dict[str, Any]:
+    """Verify every vector's ledger (ε recomputed from its parameters; seeded noise refused unless the budget
+    allows it) and enforce `budget`, composing per contributor its vectors and its `earlier` releases, (where,
+    summary) of the vectors already merged into the base's lineage (the merged model is a function of all of
+    them); return the record a merge saves. `headers` are vector `Header`s. Every distinct noised release and
+    every distinct training is counted unless the files prove one includes another (`Composition.distinct`
+    of each kind), however the model files were copied. Contributors without a vector here are not checked
+    again. The ledgers are the sites' own descriptions of their mechanisms, trusted as such."""
+    budget.check()
+    vectors: dict[str, list[Contribution]] = {}
+    for h in headers:
+        ledger = verify_ledger(h.meta.get("privacy", []), str(h.path))
+        if not ledger and (budget.require_dp or budget.max_epsilon is not None):
+            why = "`require_dp`" if budget.require_dp else f"`max_epsilon` {budget.max_epsilon:g}"
+            raise PrivacyError(f"{h.path}: carries no DP guarantee (ε = ∞); it is refused by {why}",
+                               path=h.path, field="privacy")
+        _check_seeded(ledger, str(h.path), budget)
+        run = (h.meta.get("source") or {}).get("run_id")
+        vectors.setdefault(str(h.meta.get("contributor")), []).append(Contribution(h.meta.get("sha256"), run, ledger))
+    record: dict[str, Any] = {**asdict(budget), "contributors": {}}
+    if budget.unit is None:
+        return record
+    before: dict[str, int] = {}
+    for where, v in earlier:
+        who = str(v["contributor"])
+        if who in vectors:
+            ledger = verify_ledger(v.get("privacy", []), where)
+            _check_seeded(ledger, where, budget)
+            run = v.get("run_id") or next((e["run_id"] for e in ledger if e["run_id"]), None)
+            vectors[who].append(Contribution(v.get("sha256"), run, ledger))
+            before[who] = before.get(who, 0) + 1
+    for who, given in vectors.items():
+        eps, delta, how, runs = _contributor_epsilon(given, budget.unit, budget.relation)
+        record["contributors"][who] = {"epsilon": eps, "delta": delta, "vectors": len(given),
+                                       "earlier": before.get(who, 0), "runs": runs, "composition": how}
+        if budget.max_epsilon is not None and eps > budget.max_epsilon:
+            raise PrivacyError(_over_budget(who, eps, delta, len(given), runs, budget, before.get(who, 0)),
+                               field="max_epsilon", expected=budget.max_epsilon, got=eps)
+    kinds = ", ".join(f"by {c.description}" for c in compositions())
+    record["composition"] = ("per contributor, its new vectors and its releases already in the base's lineage, "
+                             "every distinct training and noised release counted unless the files prove one includes "
+                             f"another: composed {kinds}, else basically (ε and δ add); contributors in parallel")
+    return record
+
+
+def _over_budget(who: str, eps: float, delta: float, n: int, runs: int, budget: PrivacyBudget,
+                 earlier: int = 0) -> str:
+    what = f"per {budget.unit} ({budget.relation})"
+    if math.isinf(eps):
+        return (f"contributor {who!r}: no guarantee {what} covers its vector(s) (an image-level ε does not bound "
+                f"a patient without group privacy; a site add-remove ε bounds no patient; a release without DP "
+                f"is ε = ∞), so ε = ∞ > `max_epsilon` {budget.max_epsilon:g}")
+    lineage = f" ({earlier} already in the base's lineage)" if earlier else ""
+    composed = f", {n} vectors{lineage} from {runs} runs composed" if n > 1 else ""
+    return (f"contributor {who!r}: ε = {eps:.4g} {what} at δ = {delta:.2g}{composed}, above `max_epsilon` "
+            f"{budget.max_epsilon:g}")
