@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from taskvec.errors import FileFormatError, PrivacyConfigError, PrivacyError, check_range
+from taskvec.errors import FileFormatError, PrivacyConfigError, PrivacyError
 from taskvec.io.files import (
     FLOAT_DTYPES,
     FORMAT,
@@ -35,14 +35,8 @@ from taskvec.io.layout import check_against_base, factor_names, is_statistic
 from taskvec.io.lineage import model_version, versions
 from taskvec.io.tensors import CAST_DTYPES, TORCH_TO_ST, all_finite, save_tensors, state_digest
 from taskvec.models.spec import resolve_model_path
-from taskvec.privacy.ledger import (
-    gaussian_output_entries,
-    locked_releases,
-    read_releases,
-    record_release,
-    releases_path,
-    remaining_noise_multiplier,
-)
+from taskvec.privacy.ledger import locked_releases, read_releases, record_release, releases_path
+from taskvec.privacy.mechanisms.gaussian_output import NoiseRequest, gaussian_output_entries
 from taskvec.training.modes import factorize
 
 
@@ -60,48 +54,6 @@ class ExportReport:
     privacy: list[dict[str, Any]]
     statistics: int
     warnings: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class NoiseRequest:
-    """Export-time privacy options: clip to `clip`; noise by `noise_multiplier`, or by the one that brings
-    the run's exports to `epsilon` (site level, add-remove) at `delta`."""
-
-    clip: float | None = None
-    noise_multiplier: float | None = None
-    epsilon: float | None = None
-    delta: float | None = None
-
-    @property
-    def noised(self) -> bool:
-        return self.noise_multiplier is not None or self.epsilon is not None
-
-    def check(self) -> None:
-        if self.clip is not None:
-            check_range("clip", self.clip, low=0, error=PrivacyConfigError)
-        if self.noise_multiplier is not None and self.epsilon is not None:
-            raise PrivacyConfigError("noise_multiplier and `epsilon` exclude each other: give one",
-                                     field="noise_multiplier")
-        if not self.noised:
-            return
-        if self.clip is None:
-            raise PrivacyConfigError("clip is needed with noise: without clipping noise gives no guarantee "
-                                     "(the clip is the sensitivity)", field="clip")
-        if self.delta is None:
-            given = "noise_multiplier" if self.noise_multiplier is not None else "epsilon"
-            raise PrivacyConfigError(f"delta is needed with `{given}` (for example 1e-5)", field="delta")
-        check_range("delta", self.delta, low=0, high=1, error=PrivacyConfigError)
-        if self.noise_multiplier is not None:
-            check_range("noise_multiplier", self.noise_multiplier, low=0, error=PrivacyConfigError)
-        if self.epsilon is not None:
-            check_range("epsilon", self.epsilon, low=0, error=PrivacyConfigError)
-
-    def solve(self, earlier: list[float]) -> float:
-        """The noise multiplier of this release, given the run's earlier noised releases."""
-        if self.noise_multiplier is not None:
-            return self.noise_multiplier
-        assert self.epsilon is not None and self.delta is not None
-        return remaining_noise_multiplier(self.epsilon, self.delta, earlier)
 
 
 def _check_finetuned(base: Header, ft: Header) -> None:
@@ -200,10 +152,10 @@ def export_vector(
 
     With `clip` the whole delta is scaled to L2 norm ≤ clip. With a noise multiplier z (or `epsilon`, which
     solves z for what the run's earlier exports left of it) every coordinate gets N(0, (z·clip)²) from a
-    secret generator: see `taskvec.privacy.ledger` for the guarantees recorded. Statistics (BatchNorm
-    running mean/var) carry no noise, so a noised export leaves them out. `samples` declares the sample
-    count public; a DP release carries none otherwise. `force` overwrites `out` and allows an un-noised
-    export of a run exported with noise before.
+    secret generator: see `taskvec.privacy.mechanisms.gaussian_output` for the guarantees recorded.
+    Statistics (BatchNorm running mean/var) carry no noise, so a noised export leaves them out. `samples`
+    declares the sample count public; a DP release carries none otherwise. `force` overwrites `out` and allows
+    an un-noised export of a run exported with noise before.
 
     Every export is recorded, before the vector is written and under a lock, in `privacy_releases.json`
     beside the fine-tuned model, keyed by its run id (or content identity). That record holds this folder's
