@@ -257,3 +257,15 @@ def test_patient_physical_batches_make_the_same_dp_steps(tmp_path: Path, dp_base
     assert max(float((states[0][k] - base[k]).abs().max()) for k in states[0]) > 1e-3
     for k in states[0]:
         torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_csv_row_without_its_patient_id_is_refused(tmp_path: Path) -> None:
+    """An id-less row's unit would be a guess (a row number moves when an earlier row is removed, and the image
+    may belong to a known patient): refused, naming the line."""
+    csv = _patients_csv(tmp_path, list(range(4)))
+    lines = csv.read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 1)[0] + ", "
+    csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(Exception, match=r"data.csv:4: no patient_id; give every row its patient's id") as e:
+        load_data(csv, _spec())
+    assert e.value.field == "patient_id"

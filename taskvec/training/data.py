@@ -333,6 +333,12 @@ class _Reader:
         for line, p, r in zip(lines, paths, rows):
             if not p.is_file():
                 raise TaskvecError(f"{path}:{line}: row path {r['path']} is not an existing regular file ({p})")
+        use_groups = "patient_id" in cols
+        if use_groups:  # an id-less row's unit would be a guess: its patient, or the row (which moves with others)
+            blank = next((line for line, r in zip(lines, rows) if not r["patient_id"].strip()), None)
+            if blank is not None:
+                raise TaskvecError(f"{path}:{blank}: no patient_id; give every row its patient's id, or drop the "
+                                   "column to make each image its own unit", path=path, field="patient_id")
         ok = self.keep_readable(paths)
         by_split: dict[str, tuple[list[Source], list[Any], list[str]]] = {}
         for line, p, r, good in zip(lines, paths, rows, ok):
@@ -342,8 +348,7 @@ class _Reader:
             srcs, tgts, grps = by_split.setdefault(split, ([], [], []))
             srcs.append(str(p))
             tgts.append(self.label_index(r["label"].strip(), f"{path}:{line}"))
-            grps.append(r.get("patient_id") or f"#row{line}")  # no id: the row is its own patient
-        use_groups = "patient_id" in cols
+            grps.append(r.get("patient_id", "").strip())
         out = {s: self.dataset(v[0], v[1], v[2] if use_groups else None) for s, v in by_split.items()}
         return {s: self.nonempty(d, path) for s, d in out.items()}
 
