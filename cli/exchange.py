@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 from taskvec.cli.console import console, print_json, track, usage
 from taskvec.registry.address import describe_addresses
+
+if TYPE_CHECKING:
+    from taskvec.registry import MergeInputs, Registry, TrustPolicy
 
 REGISTRY_HELP = f"Registry: {describe_addresses()}."  # one phrase per backend under registry/stores/
 REVISION_HELP = "Hub branch of the registry (default main)."
@@ -23,7 +26,7 @@ UNSIGNED_HELP = "Also accept vectors of contributors no key of yours vouches for
 SIGNER_HELP = "The name your keyring entries know the signer by (as `keys trust --contributor NAME`)."
 
 
-def trust_policy(keyring: Path | None, trust: list[str] | None, allow_unsigned: bool) -> Any:
+def trust_policy(keyring: Path | None, trust: list[str] | None, allow_unsigned: bool) -> TrustPolicy:
     """The merger's own trust, from its keyring and options (see `taskvec.registry.trust`)."""
     from taskvec.registry.trust import TrustPolicy
 
@@ -41,7 +44,7 @@ def scratch_dir() -> Path:
     return Path(path)
 
 
-def _open(address: str, revision: str | None, private: bool = True) -> Any:
+def _open(address: str, revision: str | None, private: bool = True) -> Registry:
     from taskvec.registry import open_registry
 
     return open_registry(address, revision=revision, private=private)
@@ -304,11 +307,10 @@ def register(app: typer.Typer) -> None:
 
 def merge_inputs(
     vectors: list[Path] | None, registry: str | None, base: Path | None, only_contributor: list[str] | None,
-    since: str | None, incremental: bool, state: Path | None, out: Path | None, policy: Any = None,
+    since: str | None, incremental: bool, state: Path | None, out: Path | None, policy: TrustPolicy,
 ) -> tuple[list[Path], Path]:
-    """The vector files and base `taskvec merge` works on: the given files plus verified private copies of the
-    registry's (`policy`: the merger's `TrustPolicy`). With a registry and no `base`, the base is the
-    registry's newest version (verified), and only the vectors not yet merged into it are taken."""
+    """The vector files and base `taskvec merge` works on (`taskvec.registry.merge_inputs` decides what a
+    registry gives: `policy` is the merger's `TrustPolicy`); exits when the registry's newest version is up to date."""
     if incremental != (state is not None):
         usage("--incremental and --state DIR go together (the state keeps the running merge)")
     if out is None and not incremental:
@@ -319,44 +321,32 @@ def merge_inputs(
         usage("give --base BASE (or --registry R to merge onto its newest version)")
     paths = list(vectors or [])
     if registry is not None:
+        from taskvec.registry import merge_inputs as registry_inputs
+
         reg = _open(registry, None)
-        entries = reg.select(only_contributor, since)
-        if base is None:
-            base = _newest_version(reg, policy)
-            entries = _not_merged(entries, base)
-            if not entries and not paths:
-                console.print(f"up to date: every selected vector of {reg.address} is already in {base.name}")
-                raise typer.Exit(0)
-        if entries:
-            paths += reg.fetch_all(entries, scratch_dir(), policy, track=track)
+        got = registry_inputs(reg, policy=policy, into=scratch_dir(), base=base, vectors=paths,
+                              contributors=only_contributor, since=since, track=track)
+        _report_inputs(reg.address, got)
+        paths, base = got.vectors, got.base
     if not paths:
         usage("no vectors given: pass vector files or --registry R")
     assert base is not None
     return paths, base
 
 
-def _newest_version(reg: Any, policy: Any) -> Path:
-    """A verified private copy of the registry's newest version, named vN.safetensors."""
+def _report_inputs(address: str, got: MergeInputs) -> None:
+    """What `merge_inputs` took from the registry at `address`: the version merged onto, what it left out."""
     from taskvec.cli.console import warn
 
-    v = reg.version()
-    path, _, _ = reg.pull_version(v.version, scratch_dir() / f"v{v.version}.safetensors", policy)
-    console.print(f"merging onto {reg.address} v{v.version} ({v.identity[:16]}, "
-                  f"{f'signed by {v.signer}' if v.signature else 'unsigned'})")
-    if v.signature is None and v.version:
-        warn(f"v{v.version} is unsigned (it names {v.signer!r}): anyone who can write the registry could have "
-             "published it; sign versions with publish-version --key and keep the merger's key in your keyring")
-    return Path(path)
-
-
-def _not_merged(entries: list[Any], base: Path) -> list[Any]:
-    """The entries whose vectors are not yet in `base` (its own merge or its lineage)."""
-    from taskvec.io.files import read_kind
-    from taskvec.io.lineage import merged_vectors
-
-    done = merged_vectors(read_kind(base, "model").meta)
-    skipped = [e for e in entries if e.sha256 in done]
-    if skipped:
-        console.print(f"{len(skipped)} vectors already merged (into "
-                      f"{', '.join(sorted({f'v{done[e.sha256]}' for e in skipped}))}) are left out")
-    return [e for e in entries if e.sha256 not in done]
+    v = got.version
+    if v is not None:
+        console.print(f"merging onto {address} v{v.version} ({v.identity[:16]}, "
+                      f"{f'signed by {v.signer}' if v.signature else 'unsigned'})")
+    for w in got.warnings:
+        warn(w)
+    if got.already_merged:
+        versions = ", ".join(sorted({f"v{n}" for _, n in got.already_merged}))
+        console.print(f"{len(got.already_merged)} vectors already merged (into {versions}) are left out")
+    if got.up_to_date:
+        console.print(f"up to date: every selected vector of {address} is already in {got.base.name}")
+        raise typer.Exit(0)
