@@ -41,7 +41,8 @@ def run_setting(base: Path, data: Path, work: Path, mode: str, epsilon: float | 
     from taskvec.training.loop import FinetuneConfig, finetune
 
     dp = None if epsilon is None else DPConfig(args.max_grad_norm, args.delta, target_epsilon=epsilon)
-    cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch, lr=args.lr, device="cpu", seed=seed, dp=dp,
+    batch = args.batch if dp is None else None  # DP-SGD samples each unit at a public rate instead
+    cfg = FinetuneConfig(epochs=args.epochs, batch_size=batch, lr=args.lr, device="cpu", seed=seed, dp=dp,
                          augment=args.augment, train=mode)
     run_dir = work / f"{mode}-{'nodp' if epsilon is None else f'eps{epsilon:g}'}-s{seed}"
     t = time.perf_counter()
@@ -118,7 +119,7 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--train", default="class-means,norm-bias", help="training modes, comma-separated")
     ap.add_argument("--epochs", type=int, default=None, help="default: finetune's schedule per mode")
-    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None, help="runs without DP (DP-SGD: Poisson at q)")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--delta", type=float, default=1e-5)
