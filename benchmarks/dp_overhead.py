@@ -35,13 +35,13 @@ def make_step(arch: str, mode: str, img_size: int, batch: int, train: str | None
 
     from taskvec.models.spec import build_base
     from taskvec.privacy.dpsgd import DPConfig, make_private
-    from taskvec.training.modes import parse_mode, prepare
+    from taskvec.training.modes import parse_mode
 
     torch.manual_seed(0)
     model, _ = build_base(arch, num_classes=2, img_size=img_size, dp_compatible=True,
                           dp_norm="frozen-batchnorm" if train else None)
     if train:
-        model, _, _ = prepare(model, "classification", parse_mode(train))
+        model, _ = parse_mode(train).prepare(model, "classification")
     model.train()
     opt: Any = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x, y = torch.randn(batch, 3, img_size, img_size), torch.randint(0, 2, (batch,))
@@ -77,10 +77,10 @@ def compare_modes(arch: str, modes: list[str], args: Any) -> None:
     print("|---|---|---|---|---|")
     for train in modes:
         from taskvec.models.spec import build_base
-        from taskvec.training.modes import parse_mode, prepare
+        from taskvec.training.modes import parse_mode
 
-        net = prepare(build_base(arch, num_classes=2, img_size=args.img_size)[0], "classification",
-                      parse_mode(train))[0]
+        net = parse_mode(train).prepare(build_base(arch, num_classes=2, img_size=args.img_size)[0],
+                                        "classification")[0]
         n = sum(p.numel() for p in net.parameters() if p.requires_grad)
         med = median_ms({m: make_step(arch, m, args.img_size, args.batch, train) for m in ("none", "hooks")},
                         args.repeats)

@@ -16,16 +16,16 @@ import math
 from taskvec.io.layout import factor_shapes
 from taskvec.models.spec import build_base
 from taskvec.privacy.ledger import gaussian_noise_multiplier
-from taskvec.training.modes import parse_mode, prepare
+from taskvec.training.modes import parse_mode
 
 
 def coordinates(arch: str, in_chans: int, task: str, mode: str) -> int:
     """Number of coordinates a vector of `mode` carries."""
     net, _ = build_base(arch, task, 2, in_chans, 64, dp_compatible=True, dp_norm="frozen-batchnorm")
     shapes = {k: list(v.shape) for k, v in net.state_dict().items()}
-    _, trained, lora = prepare(net, task, parse_mode(mode))
-    d = sum(math.prod(shapes[k]) for k in trained)
-    return d + sum(math.prod(s) for k, r in lora.items() for s in factor_shapes(k, shapes[k], r).values())
+    _, layout = parse_mode(mode).prepare(net, task)
+    d = sum(math.prod(shapes[k]) for k in layout.trained)
+    return d + sum(math.prod(s) for k, r in layout.factored.items() for s in factor_shapes(k, shapes[k], r).values())
 
 
 def main() -> None:

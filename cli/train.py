@@ -10,12 +10,29 @@ import typer
 from taskvec.cli.console import STATE, console, print_json, track, usage, warn
 
 from taskvec.privacy import DEFAULT_SAMPLE_RATE
+from taskvec.training.config import DP_EMA, FinetuneConfig
+from taskvec.training.modes import registered
+from taskvec.training.schedule import BATCH_SHARE, DEFAULT_EPOCHS, DP_STEPS, MAX_BATCH, MIN_BATCH, MIN_STEPS
+
+DEFAULTS = FinetuneConfig()
+
+
+def _number(x: float) -> str:
+    """1e-4, not 0.0001 or 1e-04."""
+    return f"{x:.0e}".replace("e-0", "e-")
+
+
+TRAIN_HELP = "What to train: " + " | ".join(f"{m.usage()} ({m.help})" if m.help else m.usage() for m in registered())
+LR_HELP = "Peak learning rate (AdamW, warm-up then cosine); default per --train: " + ", ".join(
+    f"{m.name} {_number(m.lr)}" for m in registered() if not m.fits_in_one_pass) + "."
+ONE_PASS = ", ".join(m.name for m in registered() if m.fits_in_one_pass)
+PASS_BATCHES = "".join(f"; {m.name}: {m.pass_batch} (its pass only)" for m in registered() if m.pass_batch)
 
 
 class _TrainProgress:
     """A rich bar over training steps with loss, throughput and ETA; epoch summaries print above it."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: FinetuneConfig) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -30,6 +47,7 @@ class _TrainProgress:
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[ips]} img/s"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True,
         )
+        self.config = config
 
     def track(self, it: Iterable[Any], description: str, total: int) -> Iterator[Any]:
         from taskvec.training.loop import StepState
@@ -38,7 +56,7 @@ class _TrainProgress:
             task = self.progress.add_task(description, total=total, loss="-", ips="-")
             for st in it:
                 yield st
-                if not isinstance(st, StepState):  # another pass (class-means): a plain bar
+                if not isinstance(st, StepState):  # a one-pass mode's pass: a plain bar
                     self.progress.update(task, advance=1)
                     continue
                 fields: dict[str, Any] = {}
@@ -49,7 +67,7 @@ class _TrainProgress:
     def on_epoch(self, r: Any) -> None:
         from taskvec.training.metrics import primary_metric
 
-        loss = "class means" if r.train_loss is None else f"train loss {r.train_loss:.4f}"
+        loss = self.config.mode.pass_name if r.train_loss is None else f"train loss {r.train_loss:.4f}"
         line = f"epoch {r.epoch}: {loss}, {r.images_per_s:.1f} img/s, {r.seconds:.1f} s"
         if r.val:
             name, value = primary_metric(r.val)
@@ -70,35 +88,32 @@ def finetune(
     data: Path = typer.Option(..., help="ImageFolder tree, CSV (path,label[,patient_id,split]), MedMNIST .npz, "
                                         "or images/+masks/ folders (segmentation)."),
     out: Path = typer.Option(..., help="Run folder: checkpoints, model.safetensors and metrics.json."),
-    train: str = typer.Option(
-        "all", help="What to train: all | head | norm-bias (BitFit) | last:K (stages) | lora:R (rank-R adapters) | "
-                    "class-means (the head in closed form from the class means of the base's features: one pass, "
-                    "no gradient step; with --dp one Gaussian release, far less noise than DP-SGD on small data). "
-                    "The vector holds only what was trained."),
-    epochs: int | None = typer.Option(None, help="Epochs (default: 10, and at least 200 optimiser steps; with --dp "
-                                                 "an epoch is 1/--sample-rate steps)."),
-    steps: int | None = typer.Option(None, help="Optimizer steps, instead of --epochs (default with --dp: 100)."),
+    train: str = typer.Option(DEFAULTS.train, help=f"{TRAIN_HELP}. The vector holds only what was trained."),
+    epochs: int | None = typer.Option(
+        None, help=f"Epochs (default: {DEFAULT_EPOCHS}, and at least {MIN_STEPS} optimiser steps; with --dp an epoch "
+                   "is 1/--sample-rate steps)."),
+    steps: int | None = typer.Option(
+        None, help=f"Optimizer steps, instead of --epochs (default with --dp: {DP_STEPS})."),
     batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Default: n/8 in [4, 32]; class-means: 64 (its pass only). Not with --dp "
-                                   "(DP-SGD): see --sample-rate."
+        None, "--batch-size", help=f"Default: n/{BATCH_SHARE} in [{MIN_BATCH}, {MAX_BATCH}]{PASS_BATCHES}. Not with "
+                                   "--dp (DP-SGD): see --sample-rate."
     ),
-    lr: float | None = typer.Option(
-        None, help="Peak learning rate (AdamW, warm-up then cosine); default per --train: all 1e-4, last 3e-4, "
-                   "lora 1e-3, head and norm-bias 3e-3."
-    ),
-    ema: float | None = typer.Option(None, help="EMA decay of the weights (0: off; default 0.99 with --dp, else off)"),
-    weight_decay: float = typer.Option(0.05, "--weight-decay"),
+    lr: float | None = typer.Option(None, help=LR_HELP),
+    ema: float | None = typer.Option(
+        None, help=f"EMA decay of the weights (0: off; default {DP_EMA:g} with --dp, else off)"),
+    weight_decay: float = typer.Option(DEFAULTS.weight_decay, "--weight-decay"),
     img_size: int | None = typer.Option(None, "--img-size", help="Input size (default: the base's)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    seed: int = typer.Option(0),
+    device: str = typer.Option(DEFAULTS.device, help="auto | cpu | cuda"),
+    seed: int = typer.Option(DEFAULTS.seed),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last finished epoch."),
     val_fraction: float = typer.Option(
-        0.1, "--val-fraction", help="Validation share when the data has no val split (by patient when given)."
+        DEFAULTS.val_fraction, "--val-fraction",
+        help="Validation share when the data has no val split (by patient when given)."
     ),
     contributor: str | None = typer.Option(None, help="Contributor id (site name) recorded in the model."),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="Random flips and 90° rotations."),
+    augment: bool = typer.Option(DEFAULTS.augment, "--augment/--no-augment", help="Random flips and 90° rotations."),
     workers: int | None = typer.Option(None, help="Data loader processes (default: 8 on GPU, 0 on CPU)."),
-    dp: bool = typer.Option(False, "--dp", help="DP-SGD (Opacus; class-means: its one Gaussian release); unit: "
+    dp: bool = typer.Option(False, "--dp", help=f"DP-SGD (Opacus; {ONE_PASS}: its one Gaussian release); unit: "
                                                 "patient given patient ids, else image."),
     target_epsilon: float | None = typer.Option(
         None, "--target-epsilon", help="--dp: noise calibrated to reach this ε in the planned epochs; stops at it."
@@ -115,17 +130,17 @@ def finetune(
         2, help="--dp: augmentation multiplicity K (De et al. 2022): average K augmented copies before clipping."
     ),
     prox: float = typer.Option(
-        0.0, help="Pull the trained weights toward the base, FedProx's μ/2·||θ − θ_base||² (a proximal step after "
-                  "each update; 0: off). Keeps vectors from skewed sites mergeable; no privacy cost."),
+        DEFAULTS.prox, help="Pull the trained weights toward the base, FedProx's μ/2·||θ − θ_base||² (a proximal step "
+                            "after each update; 0: off). Keeps vectors from skewed sites mergeable; no privacy cost."),
     head: str = typer.Option(
-        "train", help="Classifier under label skew: train | frozen (keep the base head, learn features) | balanced "
-                      "(class-weighted loss; not with --dp) | lp-ft (head alone for the first half, then all)."),
+        DEFAULTS.head, help="Classifier under label skew: train | frozen (keep the base head, learn features) | "
+                            "balanced (class-weighted loss; not with --dp) | lp-ft (head alone for the first half, "
+                            "then all)."),
 ) -> None:
     """Fine-tune the base on local data; the run folder is then ready for `taskvec export RUN_DIR`.
 
     Several GPUs: `torchrun --standalone --nproc_per_node=N $(which taskvec) finetune ...` (rank 0 reports)."""
     from taskvec.training.distributed import launched_rank
-    from taskvec.training.loop import FinetuneConfig
     from taskvec.training.loop import finetune as run
 
     private = None
@@ -143,7 +158,7 @@ def finetune(
     )
     if launched_rank():  # rank 0 of a torchrun launch reports
         console.quiet, STATE["rank"] = True, launched_rank()
-    bar = _TrainProgress()
+    bar = _TrainProgress(config)
     r = run(base, data, out, config, track=bar.track, on_epoch=bar.on_epoch)
     for w in r.warnings:
         warn(w)

@@ -107,7 +107,7 @@ def test_members_are_the_runs_training_split(make_base, tmp_path: Path) -> None:
     from taskvec.io.files import read_kind, write_json
     from taskvec.models.spec import load_model, model_spec, save_model
     from taskvec.training.data import as_splits
-    from taskvec.training.loop import RUN_FILE
+    from taskvec.training.run_folder import RUN_FILE
 
     base = make_base("test_vit")
     run = tmp_path / "run"

@@ -21,6 +21,7 @@ from taskvec.merging.export import export_vector
 from taskvec.privacy.dpsgd import DPConfig, make_private
 from taskvec.training.loop import FinetuneConfig, finetune
 from taskvec.training.mergeable import SiteSteps, WeightedCrossEntropy, class_weights, prox_anchors
+from taskvec.training.modes import parse_mode
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 LR, MU = 0.1, 3.0
@@ -40,7 +41,7 @@ def _one_step(prox: float, dp: DPConfig | None, probe_steps: int = 0) -> tuple[n
     """One SGD step of `_net` on `_batch`, from weights moved away from the anchors (so the pull matters),
     through SiteSteps and, with `dp`, Opacus (sample rate 1: the whole batch)."""
     net = _net()
-    anchors = prox_anchors(net)
+    anchors = prox_anchors(net, parse_mode("all"))
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -231,14 +232,14 @@ def test_simulation_trains_every_run_with_the_options(tmp_path: Path) -> None:
 
 def test_a_run_started_before_these_options_resumes_with_their_defaults(tmp_path: Path) -> None:
     from taskvec.errors import MismatchError
-    from taskvec.training.loop import RUN_FILE, _open_run
+    from taskvec.training.run_folder import RUN_FILE, open_run
 
     cfg = FinetuneConfig(steps=2, device="cpu")
     split = {"unit": "image", "train": ["a.png"], "val": []}
-    run_id = _open_run(tmp_path / "run", "parent", cfg, "data", split)
+    run_id = open_run(tmp_path / "run", "parent", cfg, "data", split)
     record = json.loads((tmp_path / "run" / RUN_FILE).read_text())
     del record["config"]["prox"], record["config"]["head"]  # as written before the options existed
     (tmp_path / "run" / RUN_FILE).write_text(json.dumps(record))
-    assert _open_run(tmp_path / "run", "parent", replace(cfg, resume=True), "data", split) == run_id
+    assert open_run(tmp_path / "run", "parent", replace(cfg, resume=True), "data", split) == run_id
     with pytest.raises(MismatchError, match=r"started with prox 0.0 \(now 1.0\)"):
-        _open_run(tmp_path / "run", "parent", replace(cfg, resume=True, prox=1.0), "data", split)
+        open_run(tmp_path / "run", "parent", replace(cfg, resume=True, prox=1.0), "data", split)

@@ -214,7 +214,7 @@ def test_segmentation_with_estimated_masks_runs(make_base, tmp_path: Path) -> No
     from taskvec.io.files import read_kind
     from taskvec.models.spec import load_model, model_spec, save_model
     from taskvec.training.data import Normalizer
-    from taskvec.training.loop import SegmentationLoss
+    from taskvec.training.losses import SegmentationLoss
 
     model, spec = load_model(base).train(), model_spec(base)
     x = Normalizer(spec, "cpu")(torch.stack([ds[i][0] for i in range(2)]))

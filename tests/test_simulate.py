@@ -119,7 +119,8 @@ def test_seeds_report_mean_and_sd_of_independent_runs(tmp_path: Path) -> None:
 def test_centralised_run_has_the_sites_example_gradients_under_the_default_schedule() -> None:
     from taskvec.privacy.dpsgd import DPConfig
     from taskvec.simulation.simulate import central_steps
-    from taskvec.training.loop import DP_STEPS, FinetuneConfig
+    from taskvec.training.loop import FinetuneConfig
+    from taskvec.training.schedule import DP_STEPS
 
     # sites of 160: batch 160 // 8 = 20, max(200, 10 epochs of 8 steps) = 200 steps; the union of 480: batch 32
     assert central_steps([160, 160, 160], FinetuneConfig()) == -(-3 * 20 * 200 // 32)

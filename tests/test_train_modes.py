@@ -17,17 +17,10 @@ from taskvec.io.files import read_header
 from taskvec.merging.export import export_vector
 from taskvec.merging.stream import merge_vectors
 from taskvec.models.spec import build_base, save_model
-from taskvec.training.loop import (
-    DP_STEPS,
-    MIN_DP_STEPS,
-    MIN_STEPS,
-    FinetuneConfig,
-    StepState,
-    default_batch,
-    finetune,
-    plan_steps,
-)
-from taskvec.training.modes import factorize, parse_mode, prepare, trainable_names
+from taskvec.training.loop import FinetuneConfig, StepState, finetune
+from taskvec.training.modes import parse_mode
+from taskvec.training.modes.lora import factorize
+from taskvec.training.schedule import DP_STEPS, MIN_DP_STEPS, MIN_STEPS, default_batch, plan_steps
 
 
 def test_parse_mode() -> None:
@@ -42,17 +35,17 @@ def test_what_each_mode_trains() -> None:
     net, _ = build_base("test_efficientnet", num_classes=2, img_size=32, dp_compatible=True,
                         dp_norm="frozen-batchnorm")
     names = [n for n, _ in net.named_parameters()]
-    head = trainable_names(net, "classification", parse_mode("head"))
+    head = parse_mode("head").trainable_names(net, "classification")
     assert head == ["classifier.weight", "classifier.bias"]
-    nb = set(trainable_names(net, "classification", parse_mode("norm-bias")))
+    nb = set(parse_mode("norm-bias").trainable_names(net, "classification"))
     assert {"bn1.weight", "bn1.bias", "classifier.weight", "classifier.bias"} <= nb
     assert not any(n.endswith("conv_stem.weight") or n.endswith("conv_pw.weight") for n in nb)
-    last = trainable_names(net, "classification", parse_mode("last:1"))
+    last = parse_mode("last:1").trainable_names(net, "classification")
     assert last[-2:] == ["classifier.weight", "classifier.bias"] and "conv_stem.weight" not in last
     assert set(last) == set(names[names.index(last[0]):])
-    assert len(trainable_names(net, "classification", parse_mode("all"))) == len(names)
+    assert len(parse_mode("all").trainable_names(net, "classification")) == len(names)
     with pytest.raises(ConfigError, match="more stages"):
-        trainable_names(net, "classification", parse_mode("last:99"))
+        parse_mode("last:99").trainable_names(net, "classification")
 
 
 def test_lora_per_sample_gradients_are_exact_under_opacus() -> None:
@@ -60,13 +53,13 @@ def test_lora_per_sample_gradients_are_exact_under_opacus() -> None:
     example backward passes (guards against the known silent corruption of DP-LoRA)."""
     net, _ = build_base("test_efficientnet", num_classes=3, img_size=32, dp_compatible=True,
                         dp_norm="frozen-batchnorm")
-    net, trained, lora = prepare(net, "classification", parse_mode("lora:2"))
-    assert lora and all(r == 2 for r in lora.values())
+    net, layout = parse_mode("lora:2").prepare(net, "classification")
+    assert layout.factored and all(r == 2 for r in layout.factored.values())
     for n, p in net.named_parameters():
         if "lora_B" in n:  # peft starts B at zero; make A's gradients non-trivial too
             torch.nn.init.normal_(p, std=0.1)
     trainable = [n for n, p in net.named_parameters() if p.requires_grad]
-    assert any("lora_A" in n for n in trainable) and set(trained) < set(trainable)
+    assert any("lora_A" in n for n in trainable) and set(layout.trained) < set(trainable)
     g = torch.Generator().manual_seed(0)
     assert per_sample_grads_match(net.train(), torch.randn(4, 3, 32, 32, generator=g),
                                   torch.randint(0, 3, (4,), generator=g)) == len(trainable)

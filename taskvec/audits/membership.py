@@ -66,7 +66,7 @@ def _members(model: Path, run_id: str | None, data: Any, split: str, spec: Any) 
     with the run's own validation fraction and seed (a data set without split column had images held out
     for validation, which are not members); else the `split` of the data as given."""
     from taskvec.training.data import as_splits
-    from taskvec.training.loop import RUN_FILE
+    from taskvec.training.run_folder import RUN_FILE
 
     record = model.parent / RUN_FILE
     run = json.loads(record.read_text()) if record.exists() else {}

@@ -147,7 +147,7 @@ class LocalTraining:
     def __init__(self, model: nn.Module, spec: Any, trainable: list[str], site: SiteAssumptions,
                  device: torch.device) -> None:
         from taskvec.training.data import Normalizer
-        from taskvec.training.loop import SegmentationLoss
+        from taskvec.training.losses import SegmentationLoss
 
         self.model, self.site, self.names = model.train(), site, trainable
         for m in model.modules():  # fused attention has no double backward

@@ -31,13 +31,13 @@ from taskvec.io.files import (
     read_header,
     read_kind,
 )
-from taskvec.io.layout import check_against_base, factor_names, is_statistic
+from taskvec.io.layout import check_against_base, is_statistic
 from taskvec.io.lineage import model_version, versions
 from taskvec.io.tensors import CAST_DTYPES, TORCH_TO_ST, all_finite, save_tensors, state_digest
 from taskvec.models.spec import resolve_model_path
 from taskvec.privacy.ledger import locked_releases, read_releases, record_release, releases_path
 from taskvec.privacy.mechanisms.gaussian_output import NoiseRequest, gaussian_output_entries
-from taskvec.training.modes import factorize
+from taskvec.training.modes import VectorLayout
 
 
 @dataclass
@@ -67,17 +67,14 @@ def read_deltas(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """(fp32 deltas, fp32 values of the BatchNorm statistics that changed, the vector's layout fields).
 
-    Only what the run trained (its `training.train` record, `taskvec.training.modes.mode_record`): a subset
-    of keys, and each LoRA-adapted weight's delta as its exact rank-R factors `KEY@lora_A`, `KEY@lora_B`."""
-    mode = ft.meta.get("training", {}).get("train") or {"mode": "all", "trained": [], "lora": {}}
-    keep = None if mode["mode"] == "all" else set(mode["trained"]) | set(mode["lora"])
-    ranks: dict[str, int] = mode["lora"]
-    factors: dict[str, dict[str, Any]] = {}
+    Only what the run's training mode carries (its `training.train` record, `taskvec.training.modes`): every
+    key, a subset, and deltas the mode factors (a merged adapter's, as its exact low-rank factors)."""
+    layout = VectorLayout.from_record(ft.meta.get("training", {}).get("train"))
     deltas: dict[str, torch.Tensor] = {}
     stats: dict[str, torch.Tensor] = {}
     with safe_open(str(base.path), "pt") as fb, safe_open(str(ft.path), "pt") as ff:
         for k in sorted(base.tensors):
-            skipped = keep is not None and k not in keep and not is_statistic(k)  # not trained: no delta
+            skipped = not layout.carries(k) and not is_statistic(k)  # not trained: no delta
             if base.tensors[k].dtype not in FLOAT_DTYPES or skipped:
                 continue
             t = ff.get_tensor(k).to(torch.float32)
@@ -87,12 +84,10 @@ def read_deltas(
             if is_statistic(k):
                 if not torch.equal(t, b):  # frozen statistics are the base's: nothing to carry
                     stats[k] = t
-            elif k in ranks:  # a merged LoRA adapter: its delta has rank <= R, stored as exact factors
-                deltas.update(zip(factor_names(k), factorize(t - b, ranks[k])))
-                factors[k] = {"rank": ranks[k], "shape": list(t.shape)}
             else:
-                deltas[k] = t - b
-    return deltas, stats, {"train": mode["mode"], "subset": keep is not None, "factors": factors}
+                deltas.update(layout.encode(k, t - b))
+    factors = {k: {"rank": r, "shape": list(base.tensors[k].shape)} for k, r in layout.factored.items()}
+    return deltas, stats, {"train": layout.mode, "subset": layout.subset, "factors": factors}
 
 
 def l2_norm(tensors: dict[str, torch.Tensor]) -> float:

@@ -38,9 +38,10 @@ from taskvec.simulation.schedule import Schedule, default_speeds, plan_schedule
 from taskvec.simulation.splits import split_sites
 from taskvec.training.data import DataSplits, ImageDataset, hold_out_by_patient, load_data
 from taskvec.training.evaluate import evaluate_model
-from taskvec.training.loop import FinetuneConfig, finetune, schedule
+from taskvec.training.loop import FinetuneConfig, finetune
 from taskvec.training.mergeable import check_head
 from taskvec.training.metrics import primary_metric
+from taskvec.training.schedule import schedule
 
 TCGA_SITE = re.compile(r"TCGA-([A-Z0-9]{2})-")
 Progress = Callable[[str], None]
@@ -273,8 +274,8 @@ def _make_base(cfg: SimulationConfig, out: Path, module: Any, spec: ModelSpec, p
 
 def central_steps(site_sizes: list[int], config: FinetuneConfig) -> int | None:
     """Steps of the centralised run under the default schedule: as many example gradients as all sites' runs
-    together (None: `config` sets epochs or steps, which the centralised run keeps, or trains class-means)."""
-    if config.epochs is not None or config.steps is not None or config.train == "class-means":
+    together (None: `config` sets epochs or steps, which the centralised run keeps, or trains in one pass)."""
+    if config.epochs is not None or config.steps is not None or config.mode.fits_in_one_pass:
         return config.steps
     plans = [schedule(n, config) for n in site_sizes]
     return math.ceil(sum(b * n for b, n in plans) / schedule(sum(site_sizes), config)[0])

@@ -6,11 +6,10 @@ a decoupled proximal step after every optimiser step: θ ← θ_base + (θ − �
 step's learning rate. With plain SGD this is proximal gradient descent on exactly that objective (the
 closed-form proximal operator of the quadratic, stable for any μ; μ → ∞ leaves θ at the base); with AdamW,
 taskvec's optimiser, it is the decoupled form, as AdamW decouples weight decay (Loshchilov & Hutter 2019), so
-Adam's per-coordinate scaling does not weaken the pull. Only trained parameters are pulled: each full-delta
-parameter toward its base value, each LoRA B factor toward 0 (the adapter's delta B·A is then 0), LoRA A
-factors not at all (a random projection; the delta vanishes with B). Under DP-SGD the step runs on the
-parameters after the private update: it reads no data, so it is post-processing and leaves the guarantee
-and the ledger unchanged.
+Adam's per-coordinate scaling does not weaken the pull. Only trained parameters are pulled, each toward the
+anchor its training mode names (`TrainMode.prox_anchor`: its base value, or for an adapter's factors a zero
+delta). Under DP-SGD the step runs on the parameters after the private update: it reads no data, so it is
+post-processing and leaves the guarantee and the ledger unchanged.
 
 **Head strategies** (`head`; classification only):
 - `train`: the head trains with the rest (the default).
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from taskvec.errors import ConfigError, PrivacyConfigError
+from taskvec.training.modes import TrainMode
 
 HEADS = ("train", "frozen", "balanced", "lp-ft")
 LP_FRACTION = 0.5  # lp-ft: share of the steps that train the head alone
@@ -73,15 +73,11 @@ class WeightedCrossEntropy(nn.Module):
         return (per_example * self.weights[target]).mean()  # type: ignore[index]
 
 
-def prox_anchors(net: nn.Module) -> dict[str, torch.Tensor]:
-    """What each trained parameter is pulled toward: its current (base) value, 0 for a LoRA B factor; LoRA A
-    factors get none. Call before any training step (and before a checkpoint is loaded)."""
-    anchors = {}
-    for name, p in net.named_parameters():
-        if not p.requires_grad or ".lora_A." in name:
-            continue
-        anchors[name] = torch.zeros_like(p) if ".lora_B." in name else p.detach().clone()
-    return anchors
+def prox_anchors(net: nn.Module, mode: TrainMode) -> dict[str, torch.Tensor]:
+    """What each trained parameter of `net`, prepared by `mode`, is pulled toward. Call before any training
+    step (and before a checkpoint is loaded)."""
+    anchors = {name: mode.prox_anchor(name, p) for name, p in net.named_parameters() if p.requires_grad}
+    return {name: a for name, a in anchors.items() if a is not None}
 
 
 class SiteSteps:

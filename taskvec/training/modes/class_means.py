@@ -1,0 +1,59 @@
+"""`class-means`: the classifier alone, set in closed form from the class means of the base's features with no
+gradient step (`taskvec.training.class_means`; classification only, one process). With `dp` its one release is a
+`gaussian-sum`, not DP-SGD."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from taskvec.training.modes.base import TrainMode, head_names, register
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from taskvec.models.spec import ModelSpec
+    from taskvec.privacy.dpsgd import DPConfig
+    from taskvec.progress import Track
+    from taskvec.training.data import ImageDataset
+
+
+@register
+class ClassMeans(TrainMode):
+    name = "class-means"
+    help = ("the head in closed form from the class means of the base's features: one pass, no gradient step; "
+            "with --dp one Gaussian release, far less noise than DP-SGD on small data")
+    lr = 0.0
+    trains_features = False
+    segmentation = False
+    multi_process = False
+    fits_in_one_pass = True
+    pass_name = "class means"
+    pass_batch = 64  # a batch derived from the data's size would reveal it
+    refuses = ("epochs", "steps", "lr", "ema", "prox", "head")
+    refusal = "one pass over the data, no gradient step"
+
+    def trainable_names(self, net: nn.Module, task: str) -> list[str]:
+        return head_names(net, task)
+
+    def check(self, head: str, dp: DPConfig | None) -> None:
+        from taskvec.training.class_means import release_noise
+
+        super().check(head, dp)
+        if dp is not None and dp.noise_multiplier and dp.target_epsilon:
+            release_noise(dp)  # refuses a multiplier over the target
+
+    def fit(self, net: nn.Module, spec: ModelSpec, data: ImageDataset, *, device: torch.device, batch_size: int,
+            dp: DPConfig | None, run_id: str, track: Track[Any]) -> list[dict[str, Any]]:
+        """Set the head to the class-means head; its `gaussian-sum` entry under `dp`."""
+        import torch
+
+        from taskvec.training.class_means import class_means_head
+
+        weight, bias, entry = class_means_head(net, spec, data, device=device, batch_size=batch_size, dp=dp,
+                                               run_id=run_id, track=track)
+        head: Any = net.get_classifier()  # type: ignore[operator]
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(bias)
+        return [entry] if entry is not None else []

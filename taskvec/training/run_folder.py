@@ -1,0 +1,131 @@
+"""A run folder: its files, `run.json` (run id, parent, settings), `split.json` (the units that trained and
+validated, which stays at the site: no model or vector file carries it), the end-of-epoch checkpoint (written
+atomically, safetensors, no pickle) and the result read back from `metrics.json`."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from taskvec.errors import MismatchError, OutputExistsError, TaskvecError
+from taskvec.io.files import FORMAT, FORMAT_VERSION, read_kind, write_json
+from taskvec.io.tensors import save_tensors
+from taskvec.training.config import RUNTIME_FIELDS, FinetuneConfig
+
+MODEL_FILE, CHECKPOINT_FILE = "model.safetensors", "checkpoint.safetensors"
+METRICS_FILE, RUN_FILE, SPLIT_FILE = "metrics.json", "run.json", "split.json"
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    model_path: Path
+    identity: str
+    run_id: str
+    samples: int
+    epochs: int
+    steps: int
+    history: list[dict[str, Any]]
+    val_metrics: dict[str, Any]
+    resumed_from_epoch: int = 0
+    skipped: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def config_dict(config: FinetuneConfig) -> dict[str, Any]:
+    """The settings a resumed run must repeat."""
+    return {k: v for k, v in asdict(config).items() if k not in RUNTIME_FIELDS}
+
+
+def open_run(out: Path, parent: str, config: FinetuneConfig, source: str, split: dict[str, Any]) -> str:
+    """Create or reopen a run folder and record its split; return its run id. Refuse to reuse a folder without
+    --resume, or to resume it on other units than it started with."""
+    run_file = out / RUN_FILE
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not config.resume:
+        raise OutputExistsError(f"{out}: run folder exists; pass `resume` to continue it, or choose another `out_dir`",
+                                path=out)
+    if config.resume and run_file.exists():
+        run = json.loads(run_file.read_text())
+        if run["parent"] != parent:
+            raise MismatchError(f"{out}: was started from base {run['parent'][:12]}, not {parent[:12]}")
+        started = config_dict(FinetuneConfig()) | run["config"]  # a field newer than the run: its default
+        diff = {k: (started.get(k), v) for k, v in config_dict(config).items() if started.get(k) != v}
+        if diff:
+            said = ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in diff.items())
+            raise MismatchError(f"{out}: the run was started with {said}; repeat its options to resume it")
+        _check_split(out / SPLIT_FILE, split)
+        return str(run["run_id"])
+    if config.resume and out.exists() and any(out.iterdir()):
+        raise TaskvecError(f"{out}: holds no {RUN_FILE}; it is not a taskvec run folder")
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex
+    write_json(run_file, {"run_id": run_id, "parent": parent, "config": config_dict(config), "data": source})
+    write_json(out / SPLIT_FILE, split)
+    return run_id
+
+
+def _check_split(path: Path, split: dict[str, Any]) -> None:
+    """Refuse to resume a run on other training or validation units than it started with (its privacy ledger
+    would then describe no one data set); record the split of a run folder that predates `split.json`."""
+    if not path.exists():
+        write_json(path, split)
+        return
+    before = json.loads(path.read_text())
+    if before != split:
+        moved = {side: len(set(before.get(side, [])) ^ set(split[side])) for side in ("train", "val")}
+        raise MismatchError(f"{path.parent}: the data changed since the run started ({moved['train']} training and "
+                            f"{moved['val']} validation {split['unit']}s differ from {path.name}); resume it on the "
+                            "same data, or start a new run", path=path)
+
+
+def finished(out: Path) -> FinetuneResult:
+    """The result of a finished run, from its `metrics.json`."""
+    m = json.loads((out / METRICS_FILE).read_text())
+    return FinetuneResult(out, out / MODEL_FILE, m["identity"], m["run_id"], m["samples"]["train"], m["epochs"],
+                          m["steps"], m["history"], m["val_metrics"], m["resumed_from_epoch"], m["skipped"],
+                          ["the run had already finished; nothing to do"])
+
+
+def save_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor],
+                    meta: dict[str, Any]) -> None:
+    """Model, optimizer and EMA tensors plus JSON state, written atomically as safetensors."""
+    tensors = {f"model/{k}": v for k, v in net.state_dict().items()} | {f"ema/{k}": v for k, v in ema.items()}
+    sd = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer/{pid}/{name}"] = v
+            else:
+                scalars.setdefault(str(pid), {})[name] = v
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "checkpoint", **meta,
+            "optimizer": {"param_groups": sd["param_groups"], "scalars": scalars}}
+    save_tensors(tensors, path, meta, force=True)
+
+
+def load_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer,
+                    ema: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Restore model, optimizer and EMA in place; return the checkpoint's JSON state."""
+    meta = read_kind(path, "checkpoint").meta
+    tensors = load_file(str(path))
+    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
+    for k in ema:
+        ema[k].copy_(tensors[f"ema/{k}"])
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optimizer/"):
+            _, pid, name = k.split("/", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, d in meta["optimizer"]["scalars"].items():
+        state.setdefault(int(pid), {}).update(d)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    return meta
