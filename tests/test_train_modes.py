@@ -18,7 +18,7 @@ from taskvec.merging.export import export_vector
 from taskvec.merging.stream import merge_vectors
 from taskvec.models.spec import build_base, save_model
 from taskvec.training.loop import FinetuneConfig, StepState, finetune
-from taskvec.training.modes import parse_mode
+from taskvec.training.modes import VectorLayout, parse_mode, registered
 from taskvec.training.modes.lora import factorize
 from taskvec.training.schedule import DP_STEPS, MIN_DP_STEPS, MIN_STEPS, default_batch, plan_steps
 
@@ -200,3 +200,33 @@ def test_small_data_defaults() -> None:
     assert plan_steps(FinetuneConfig(dp=dp), per_epoch=4) == (DP_STEPS, [])  # a constant, whatever the data
     assert plan_steps(FinetuneConfig(dp=dp, epochs=2), per_epoch=4)[0] == 8 < MIN_DP_STEPS
     assert plan_steps(FinetuneConfig(steps=500), per_epoch=6) == (500, [])
+
+
+def test_a_mode_is_one_registered_class() -> None:
+    """Registering a `TrainMode` subclass is all it takes for `--train` to accept it; the CLI's help names
+    every registered mode and each gradient mode's default learning rate, from the declarations."""
+    from taskvec.cli.train import LR_HELP, TRAIN_HELP
+
+    from taskvec.training.modes import base
+
+    for m in registered():
+        assert m.usage() in TRAIN_HELP
+        assert m.fits_in_one_pass or f"{m.name} {m.lr:.0e}".replace("e-0", "e-") in LR_HELP
+
+    @base.register
+    class Probe(base.TrainMode):
+        name, lr, arg = "probe-test", 1e-2, "N"
+
+    try:
+        mode = parse_mode("probe-test:3")
+        assert isinstance(mode, Probe) and str(mode) == "probe-test:3" and mode.lr == 1e-2
+    finally:
+        del base.MODES["probe-test"]
+
+
+def test_a_model_file_without_a_training_record_carries_everything() -> None:
+    layout = VectorLayout.from_record(None)
+    assert not layout.subset and layout.carries("any.weight") and layout.encode("k", torch.ones(2))["k"].sum() == 2
+    lora = VectorLayout.from_record({"mode": "lora:2", "trained": ["h.weight"], "lora": {"c.weight": 2}})
+    assert lora.subset and lora.carries("c.weight") and not lora.carries("x.weight")
+    assert set(lora.encode("c.weight", torch.ones(4, 3))) == {"c.weight@lora_A", "c.weight@lora_B"}

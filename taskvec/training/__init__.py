@@ -1,5 +1,6 @@
-"""Training: data loading and splits by patient, the fine-tuning loop (resumable, with the DP-SGD seam),
-evaluation and metrics.
+"""Training: data loading and splits by patient, the training modes (`modes/`, one module each), the
+fine-tuning loop (`loop`) and its parts (`config`, `schedule`, `losses`, `augment`, `run_folder`, the DP-SGD
+seam in `setup`), evaluation and metrics.
 
 Imports `taskvec.io`, `taskvec.models` and `taskvec.privacy`; never merging, audits or simulation.
 """
