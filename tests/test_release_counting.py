@@ -227,3 +227,33 @@ def test_entries_without_model_or_seeded_still_read() -> None:
     earlier = [("v1 input", {"contributor": "h", "privacy": [old], "run_id": "run-1", "sha256": "0" * 64})]
     rec = check_merge_budget(vectors[:1], PrivacyBudget(10.0, "image"), earlier)["contributors"]["h"]
     assert rec["epsilon"] == pytest.approx(twice["epsilon"]) and rec["earlier"] == 1
+
+
+@pytest.mark.parametrize("unit", ["patient", "image"])
+def test_an_export_entry_relabelled_to_an_individual_is_refused(unit: str) -> None:
+    """A clipped site delta moves by up to 2C when one patient changes: an export entry per patient or image at
+    add-remove (sensitivity C, its ε recomputed all the same) would claim half the true sensitivity."""
+    entry = {**gaussian_output_entries([1.0], 1.0, DELTA, "run-1")[0], "unit": unit}
+    with pytest.raises(PrivacyError, match=f"a gaussian-output entry must be .* per site, got add-remove per {unit}"):
+        verify_ledger([entry], "v")
+    honest = gaussian_output_entries([1.0], 1.0, DELTA, "run-1")[1]
+    with pytest.raises(PrivacyError, match="sensitivity must be 2 × clip for replace-one") as err:
+        verify_ledger([{**honest, "sensitivity": 1.0}], "v")
+    assert err.value.field == "sensitivity"
+
+
+def test_one_run_under_two_contributor_names_is_refused(make_base, tmp_path: Path) -> None:
+    """A copied model file exported as 'siteA' and as 'siteA-copy' would be held to two budgets of one release
+    each (4.38) where the site spent 6.57: refused, here and against the base's lineage."""
+    base = make_base()
+    model, _ = _model(base, tmp_path / "a", "run-1", 0.01)
+    (tmp_path / "b").mkdir()
+    shutil.copy(model, tmp_path / "b" / "model.safetensors")
+    va, vb = (export_vector(tmp_path / d / "model.safetensors", base, tmp_path / f"{d}.safetensors",
+                            contributor=name, **NOISE) for d, name in (("a", "siteA"), ("b", "siteA-copy")))
+    with pytest.raises(PrivacyError, match="^run run-1 is released under contributors siteA, siteA-copy") as e:
+        merge_vectors([va.path, vb.path], base, tmp_path / "m.safetensors", budget=PrivacyBudget(5.0, "site"))
+    assert e.value.field == "contributor"
+    v1 = merge_vectors([va.path], base, tmp_path / "v1.safetensors", budget=PrivacyBudget(5.0, "site")).path
+    with pytest.raises(PrivacyError, match="^run run-1 is released under contributors siteA, siteA-copy"):
+        merge_vectors([vb.path], v1, tmp_path / "v2.safetensors", budget=PrivacyBudget(5.0, "site"))

@@ -100,6 +100,28 @@ def _check_seeded(ledger: list[Entry], where: str, budget: PrivacyBudget) -> Non
                 "is for tests)", path=where, field="seeded")
 
 
+def _check_one_name(new: Mapping[str, list[Contribution]], earlier: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """Refuse a run or a released model that the vectors here (or with one of them, the base's lineage) list under
+    two contributor names: each name's budget would then count only its share of the releases."""
+    def origins(run: str | None, ledger: Sequence[Entry]) -> set[str]:
+        return ({f"run {run}"} if run else set()) | {f"model {e['model']}" for e in ledger if e.get("model")}
+
+    names: dict[str, set[str]] = {}
+    for who, given in new.items():
+        for c in given:
+            for o in origins(c.run, c.ledger):
+                names.setdefault(o, set()).add(who)
+    for _, v in earlier:
+        ledger = v.get("privacy") or []
+        for o in origins(v.get("run_id"), ledger if isinstance(ledger, list) else []) & set(names):
+            names[o].add(str(v.get("contributor")))
+    for origin, holders in sorted(names.items()):
+        if len(holders) > 1:
+            raise PrivacyError(f"{origin} is released under contributors {', '.join(sorted(holders))}: one site's "
+                               "releases compose under one name; export them again with one `contributor`",
+                               field="contributor", got=sorted(holders))
+
+
 def check_merge_budget(headers: Sequence[Any], budget: PrivacyBudget,
                        earlier: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> dict[str, Any]:
     """Verify every vector's ledger (ε recomputed from its parameters; seeded noise refused unless the budget
@@ -120,6 +142,7 @@ def check_merge_budget(headers: Sequence[Any], budget: PrivacyBudget,
         _check_seeded(ledger, str(h.path), budget)
         run = (h.meta.get("source") or {}).get("run_id")
         vectors.setdefault(str(h.meta.get("contributor")), []).append(Contribution(h.meta.get("sha256"), run, ledger))
+    _check_one_name(vectors, earlier)
     record: dict[str, Any] = {**asdict(budget), "contributors": {}}
     if budget.unit is None:
         return record

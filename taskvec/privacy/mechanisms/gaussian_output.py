@@ -114,6 +114,7 @@ class Exports(Composition):
 @register
 class GaussianOutput(Mechanism):
     name = "gaussian-output"
+    units = ("site",)  # the whole delta is clipped: one patient can move it by 2C, which site replace-one bounds
     sensitivities = {"add-remove": 1.0, "replace-one": 2.0}  # × clip: two clipped deltas lie in one ball
     composition = Exports()
 
@@ -125,6 +126,9 @@ class GaussianOutput(Mechanism):
         if not (isinstance(zs, list) and len(zs) == entry["steps"] and all(map(is_positive, zs))
                 and zs[-1] == entry["noise_multiplier"]):
             return "releases", "releases must list the noise multiplier of each of the run's `steps` releases"
+        if entry.get("sensitivity", None) != self.sensitivities[entry["relation"]] * entry.get("clip", math.nan):
+            factor = self.sensitivities[entry["relation"]]
+            return "sensitivity", f"sensitivity must be {factor:g} × clip for {entry['relation']}"
         return None
 
 
