@@ -269,3 +269,15 @@ def test_a_csv_row_without_its_patient_id_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"data.csv:4: no patient_id; give every row its patient's id") as e:
         load_data(csv, _spec())
     assert e.value.field == "patient_id"
+
+
+def test_dp_sgd_draws_augmentation_and_dropout_from_a_secret_key() -> None:
+    """From the public seed, an image's augmentation (drawn by its position in the batch) would depend on which
+    other units were sampled before it, and one unit would move the others' clipped gradients."""
+    from taskvec.training.loop import randomness_key
+
+    assert randomness_key(FinetuneConfig(seed=7)) == 7  # without DP: reproducible from --seed
+    private = FinetuneConfig(seed=7, dp=DPConfig(1.0, 1e-5, noise_multiplier=1.0))
+    keys = {randomness_key(private) for _ in range(3)}
+    assert len(keys) == 3 and 7 not in keys
+    assert randomness_key(FinetuneConfig(seed=7, dp=DPConfig(1.0, 1e-5, noise_multiplier=1.0, seed=3))) == 3

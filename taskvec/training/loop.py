@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -241,6 +242,16 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
     return run
 
 
+def randomness_key(config: FinetuneConfig) -> int:
+    """What each epoch seeds torch (dropout), the shuffling and the augmentation from: the run's `seed`; under
+    DP-SGD a secret key (`DPConfig.seed` when a test gives one). An image's augmentation is drawn by its position
+    in a batch, so from a public key it would depend on which other units were sampled, and adding one unit
+    would change the others' clipped gradients: a sensitivity above the clip."""
+    if config.dp is None:
+        return config.seed
+    return config.dp.seed if config.dp.seed is not None else secrets.randbits(63)
+
+
 def _steps(run: _Run, seed: int, aug_gen: torch.Generator) -> Iterator[StepState]:
     """Every remaining step with its batches; each epoch reseeds torch, the sampler and the augmentation."""
     for epoch in range(run.start_epoch, run.epochs):
@@ -277,7 +288,8 @@ def _train(run: _Run, config: FinetuneConfig, val: ImageDataset | None, track: T
     augmult = config.dp.augmult if config.dp is not None else 1
     seen, t0, steps_in_epoch, lr = 0, time.perf_counter(), 0, run.lr
     model.train()
-    for st in track(_steps(run, config.seed, aug_gen), "fine-tuning", run.total - run.start_epoch * run.per_epoch):
+    steps = _steps(run, randomness_key(config), aug_gen)
+    for st in track(steps, "fine-tuning", run.total - run.start_epoch * run.per_epoch):
         if setup.stop():
             break
         lr = lr_at(st.step, run.total, run.lr, warmup)
