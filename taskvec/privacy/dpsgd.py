@@ -65,7 +65,7 @@ class DPConfig:
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE  # or "functorch"
     seed: int | None = None
     augmult: int = 1  # augmentation multiplicity K (`finetune --dp` defaults to 2): mean over K augmented copies
-    max_physical_batch: int = 64  # images per forward/backward pass; a larger logical batch is accumulated
+    max_physical_batch: int = 64  # images per forward/backward pass (× augmult copies); logical batches accumulate
     sample_rate: float = DEFAULT_SAMPLE_RATE
 
     def check(self) -> None:
