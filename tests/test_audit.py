@@ -106,8 +106,8 @@ def test_members_are_the_runs_training_split(make_base, tmp_path: Path) -> None:
     from taskvec.errors import ConfigError
     from taskvec.io.files import read_kind, write_json
     from taskvec.models.spec import load_model, model_spec, save_model
-    from taskvec.training.data import as_splits
-    from taskvec.training.run_folder import RUN_FILE
+    from taskvec.training.data import as_splits, split_record
+    from taskvec.training.run_folder import RUN_FILE, SPLIT_FILE
 
     base = make_base("test_vit")
     run = tmp_path / "run"
@@ -116,10 +116,15 @@ def test_members_are_the_runs_training_split(make_base, tmp_path: Path) -> None:
                                 "config": {"val_fraction": 0.25, "seed": 3, "img_size": None}, "data": "dataset"})
     save_model(load_model(base), model_spec(base), run / "model.safetensors", extra={"run_id": "r1"})
     data = _dataset(40, 5)
-    train = as_splits(data, model_spec(base), val_fraction=0.25, seed=3).train
-    assert train is not None and 0 < len(train) < 40
+    splits = as_splits(data, model_spec(base), val_fraction=0.25, seed=3)
+    assert splits.train is not None and 0 < len(splits.train) < 40
+    with pytest.raises(MismatchError, match="no split.json, so its training units cannot be told"):
+        audit_model(run, data, _dataset(20, 6))  # a run folder of an earlier taskvec
+    write_json(run / SPLIT_FILE, split_record(splits.train, splits.val))
     r = audit_model(run, data, _dataset(20, 6))
-    assert r["members"] == len(train)
+    assert r["members"] == len(splits.train)
+    with pytest.raises(MismatchError, match="its training units are not the ones"):
+        audit_model(run, _dataset(40, 9), _dataset(20, 6))  # other images than the run trained on
     with pytest.raises(ConfigError, match="^members_split 'val'"):
         audit_model(run, data, _dataset(20, 6), members_split="val")
     assert audit_model(base, data, _dataset(20, 6))["members"] == 40  # no run record: the data as given

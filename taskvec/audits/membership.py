@@ -64,9 +64,10 @@ def per_example_losses(model: nn.Module, spec: Any, ds: Any, *, device: str | to
 def _members(model: Path, run_id: str | None, data: Any, split: str, spec: Any) -> Any:
     """The images the model was trained on: with the run record beside the model, its training split rebuilt
     with the run's own validation fraction and seed (a data set without split column had images held out
-    for validation, which are not members); else the `split` of the data as given."""
-    from taskvec.training.data import as_splits
-    from taskvec.training.run_folder import RUN_FILE
+    for validation, which are not members) and checked against the units its `split.json` lists; else the
+    `split` of the data as given."""
+    from taskvec.training.data import as_splits, split_record
+    from taskvec.training.run_folder import RUN_FILE, SPLIT_FILE
 
     record = model.parent / RUN_FILE
     run = json.loads(record.read_text()) if record.exists() else {}
@@ -77,7 +78,16 @@ def _members(model: Path, run_id: str | None, data: Any, split: str, spec: Any) 
                           "split only (its run record says how it was split)", field="members_split", got=split)
     cfg = run["config"]
     splits = as_splits(data, spec, img_size=cfg.get("img_size"), val_fraction=cfg["val_fraction"], seed=cfg["seed"])
-    return splits.get("train")
+    train = splits.get("train")
+    recorded = model.parent / SPLIT_FILE
+    if not recorded.exists():
+        raise MismatchError(f"{model.parent}: no {SPLIT_FILE}, so its training units cannot be told (an earlier "
+                            "taskvec split validation another way); give the members as data of their own",
+                            path=recorded)
+    if split_record(train, None)["train"] != json.loads(recorded.read_text())["train"]:
+        raise MismatchError(f"{data}: its training units are not the ones {recorded} lists; give the data the run "
+                            "was trained on", path=recorded)
+    return train
 
 
 def audit_model(
