@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 class ClassMeans(TrainMode):
     name = "class-means"
     help = ("the head in closed form from the class means of the base's features: one pass, no gradient step; "
-            "with --dp one Gaussian release, far less noise than DP-SGD on small data")
+            "with DP one Gaussian release, far less noise than DP-SGD on small data")
     lr = 0.0
     trains_features = False
     segmentation = False
