@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from taskvec.cli.console import console
+from taskvec.cli.train import TRAIN_HELP
 
 
 def _print_table(result: Any) -> None:
@@ -42,8 +43,7 @@ def simulate(
     img_size: int = typer.Option(32, "--img-size", help="Input size in pixels."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Start from timm's pretrained weights (network)."),
     weights: Path | None = typer.Option(None, help="Start from a local timm checkpoint (.safetensors)."),
-    train: str = typer.Option("all", help="What every site trains: all | head | norm-bias | last:K | lora:R | "
-                                               "class-means."),
+    train: str = typer.Option("all", help=f"Every site. {TRAIN_HELP}."),
     prox: float = typer.Option(0.0, help="Every run: proximal pull toward the base (as `taskvec finetune --prox`)."),
     head: str = typer.Option("train", help="Every run: train | frozen | balanced | lp-ft (as `taskvec finetune`)."),
     epochs: int | None = typer.Option(None, help="Epochs per run (default: finetune's, >= 200 optimiser steps)."),

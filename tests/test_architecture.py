@@ -101,3 +101,34 @@ def test_no_import_cycles() -> None:
         if m not in state:
             visit(m, [m])
     assert not cycles, "\n".join(cycles)
+
+
+def _string_literals(path: Path) -> set[str]:
+    """The values of the plain string literals in a module (docstrings and f-strings included as written)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            out.add(node.value)
+    return out
+
+
+def test_no_module_names_a_mode_or_mechanism_outside_its_own_file() -> None:
+    """A training mode or privacy mechanism is one registered module: no other module compares against its
+    name (a string if-chain over names is what the registries replace). Prose may mention it."""
+    import inspect
+
+    from taskvec.privacy.mechanism import mechanisms
+    from taskvec.training.modes import registered
+
+    owners = {m.name: Path(inspect.getsourcefile(m)) for m in registered()}  # type: ignore[arg-type]
+    owners |= {name: Path(inspect.getsourcefile(type(m))) for name, m in mechanisms().items()}  # type: ignore[arg-type]
+    generic = {"all", "head"}  # also the names of a split and of an option: too common to police
+    registries = {"taskvec.training.modes.base", "taskvec.privacy.mechanism"}  # may name a format field ("lora")
+    found = []
+    for module, path in modules().items():
+        if module in registries:
+            continue
+        literals = _string_literals(path)
+        found += [f"{module}: {name!r}" for name, owner in owners.items()
+                  if name not in generic and name in literals and path.resolve() != owner.resolve()]
+    assert not found, found

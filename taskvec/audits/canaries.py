@@ -176,9 +176,10 @@ def audit_vector(path: Any, *, canaries: int = DEFAULT_CANARIES, max_dim: int = 
     """`audit_export_mechanism` with the clip, noise multiplier, δ and tensor shapes of a noised vector
     file (its first tensors, up to `max_dim` coordinates)."""
     from taskvec.io.files import read_kind
+    from taskvec.privacy.mechanisms.gaussian_output import GaussianOutput
 
     h = read_kind(path, "vector")
-    entries = [e for e in h.meta.get("privacy", []) if e.get("mechanism") == "gaussian-output"]
+    entries = [e for e in h.meta.get("privacy", []) if e.get("mechanism") == GaussianOutput.name]
     if not entries:
         raise PrivacyError(f"{h.path}: carries no export-time noise; there is no export mechanism to audit",
                            path=h.path, field="privacy")

@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from taskvec.errors import ConfigError, PrivacyConfigError, TaskvecError
+from taskvec.errors import PrivacyConfigError, TaskvecError
 from taskvec.models.spec import ModelSpec
 from taskvec.privacy.dpsgd import DPConfig, calibrate_noise, secret_generator
-from taskvec.privacy.ledger import dp_sgd_entry, dp_sgd_epsilon
+from taskvec.privacy.ledger import dp_sgd_epsilon
+from taskvec.privacy.mechanisms.gaussian_sum import GaussianSum
 from taskvec.progress import Track, no_track
 from taskvec.training.data import ImageDataset, Normalizer, make_loader
 
@@ -46,10 +47,7 @@ def class_means_head(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any] | None]:
     """(weight, bias) of the class-means head of `net` (a timm classifier) on `data`, and the `gaussian-sum`
     ledger entry of its release under `dp` (None without DP). Patient ids in `data` make the unit a patient."""
-    timm_net: Any = net.eval()  # timm's feature API
-    if not isinstance(timm_net.get_classifier(), nn.Linear):
-        raise ConfigError(f"train class-means needs a linear classifier; {spec.arch}'s is "
-                          f"{type(timm_net.get_classifier()).__name__}", field="train", got="class-means")
+    timm_net: Any = net.eval()  # timm's feature API (the mode checked that its classifier is linear)
     if len(data) == 0:
         raise TaskvecError("train class-means: no training images")
     z, entry = 0.0, None
@@ -104,9 +102,9 @@ def release_noise(dp: DPConfig) -> tuple[float, float, str]:
 def _release(dp: DPConfig, run_id: str | None, unit: str) -> tuple[float, dict[str, Any]]:
     """The noise multiplier and the `gaussian-sum` ledger entry."""
     z, eps, accountant = release_noise(dp)
-    return z, dp_sgd_entry(epsilon=eps, delta=dp.delta, accountant=accountant, noise_multiplier=z, sample_rate=1.0,
-                           steps=1, max_grad_norm=dp.max_grad_norm, unit=unit, run_id=run_id,
-                           mechanism="gaussian-sum", seeded=dp.seed is not None)
+    return z, GaussianSum.entry(epsilon=eps, delta=dp.delta, accountant=accountant, noise_multiplier=z,
+                                sample_rate=1.0, steps=1, max_grad_norm=dp.max_grad_norm, unit=unit, run_id=run_id,
+                                seeded=dp.seed is not None)
 
 
 def _head(table: torch.Tensor, log_norms: torch.Tensor, clip: float, z: float) -> tuple[torch.Tensor, torch.Tensor]:

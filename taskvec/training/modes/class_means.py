@@ -48,7 +48,12 @@ class ClassMeans(TrainMode):
         """Set the head to the class-means head; its `gaussian-sum` entry under `dp`."""
         import torch
 
+        from taskvec.errors import ConfigError
         from taskvec.training.class_means import class_means_head
+
+        if not isinstance(net.get_classifier(), torch.nn.Linear):  # type: ignore[operator]
+            raise ConfigError(f"train {self.name} needs a linear classifier; {spec.arch}'s is "
+                              f"{type(net.get_classifier()).__name__}", field="train", got=self.name)  # type: ignore[operator]
 
         weight, bias, entry = class_means_head(net, spec, data, device=device, batch_size=batch_size, dp=dp,
                                                run_id=run_id, track=track)
