@@ -7,10 +7,10 @@ Commands live in small modules beside this one and import torch/timm only inside
 from __future__ import annotations
 
 import typer
-from taskvec.cli import core, exchange, merge, privacy, simulate, train
-from taskvec.cli.console import STATE, USAGE, error_message, fail
 
 from taskvec import __version__
+from taskvec.cli import core, exchange, merge, privacy, simulate, train
+from taskvec.cli.console import STATE, USAGE, error_message, fail
 
 app = typer.Typer(
     name="taskvec",

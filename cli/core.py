@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+
 from taskvec.cli.console import console, print_json, warn
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+
 from taskvec.cli.console import console, print_json, track, usage
 from taskvec.registry.address import describe_addresses
 

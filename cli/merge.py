@@ -13,9 +13,9 @@ from typing import Any
 import typer
 from rich.markup import escape
 from rich.table import Table
+
 from taskvec.cli.console import FLAGS, console, track, usage, warn
 from taskvec.cli.exchange import KEYRING_HELP, ONLY_HELP, TRUST_HELP, UNSIGNED_HELP
-
 from taskvec.errors import ConfigError
 from taskvec.io.lineage import DEFAULT_STALENESS
 from taskvec.merging.methods import MERGE_METHODS
@@ -96,7 +96,6 @@ def merge(
 ) -> None:
     """Merge data vectors into synthetic weights: base + λ·combine(vectors), streaming where the method allows."""
     from taskvec.cli.exchange import merge_inputs, trust_policy
-
     from taskvec.merging.stream import MergePlan, merge_vectors
     from taskvec.privacy.ledger import PrivacyBudget
 

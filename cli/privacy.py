@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
 from taskvec.cli.console import console, print_json
 
 
@@ -106,9 +107,8 @@ def audit_reconstruction(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Gradient inversion: rebuild training images from the update and score them against the real ones."""
-    from taskvec.cli.console import track
-
     from taskvec.audits.reconstruction import AttackConfig, audit_reconstruction
+    from taskvec.cli.console import track
 
     given = {"samples": samples, "batch_size": batch_size, "lr": lr, "steps": steps, "img_size": img_size,
              "optimizer": optimizer, "weight_decay": weight_decay, "labels_known": labels_known}

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+
 from taskvec.cli.console import console
 from taskvec.cli.train import TRAIN_HELP
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from taskvec.cli.console import STATE, console, print_json, track, usage, warn
 
+from taskvec.cli.console import STATE, console, print_json, track, usage, warn
 from taskvec.privacy import DEFAULT_SAMPLE_RATE
 from taskvec.training.config import DP_EMA, FinetuneConfig
 from taskvec.training.modes import registered

@@ -8,11 +8,10 @@ import os
 import pkgutil
 import re
 
+from taskvec.errors import ConfigError
 from taskvec.registry.registry import Registry
 from taskvec.registry.schema import RegistryError
 from taskvec.registry.store import STORES, Backend
-
-from taskvec.errors import ConfigError
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 

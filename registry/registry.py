@@ -11,6 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from taskvec.errors import FileFormatError, MismatchError, TaskvecError
+from taskvec.io.files import atomic_output, file_digest, now, read_kind
+from taskvec.io.layout import check_against_base
+from taskvec.io.lineage import is_sha
+from taskvec.progress import Track, no_track
 from taskvec.registry.schema import (
     CARD_FILE,
     DEFAULT_SIGNER,
@@ -43,12 +48,6 @@ from taskvec.registry.verify import (
     verify_version,
     version_of_vector,
 )
-
-from taskvec.errors import FileFormatError, MismatchError, TaskvecError
-from taskvec.io.files import atomic_output, file_digest, now, read_kind
-from taskvec.io.layout import check_against_base
-from taskvec.io.lineage import is_sha
-from taskvec.progress import Track, no_track
 
 
 @dataclass

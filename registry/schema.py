@@ -23,12 +23,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from taskvec.registry.trust import check_contributor
-
 from taskvec.errors import FileFormatError, TaskvecError
 from taskvec.io.files import DTYPE_SIZES, Header
 from taskvec.io.lineage import describe_versions as describe_identities
 from taskvec.io.lineage import is_sha
+from taskvec.registry.trust import check_contributor
 
 REGISTRY_FILE = "registry.json"
 INDEX_FILE = "index.json"

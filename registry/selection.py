@@ -7,13 +7,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from taskvec.registry.registry import Registry
-from taskvec.registry.schema import Entry, Version
-from taskvec.registry.trust import TrustPolicy
-
 from taskvec.io.files import read_kind
 from taskvec.io.lineage import merged_vectors
 from taskvec.progress import Track, no_track
+from taskvec.registry.registry import Registry
+from taskvec.registry.schema import Entry, Version
+from taskvec.registry.trust import TrustPolicy
 
 
 @dataclass(frozen=True)

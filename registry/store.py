@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from taskvec.registry.schema import RegistryError
-
 from taskvec.io.files import open_regular
+from taskvec.registry.schema import RegistryError
 
 MAX_TEXT_BYTES = 64 * 1024 * 1024  # registry.json, index.json, signatures
 MAX_TENSOR_FILE_BYTES = 32 * 1024**3  # vectors and versions: a 7B-parameter float32 model is 28 GB

@@ -128,9 +128,8 @@ def read_keyring(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
 
 def add_to_keyring(path: str | os.PathLike[str], contributor: str, key: str) -> bool:
     """Append `contributor key` to a keyring file (created with its folder); False when already there."""
-    from taskvec.registry.signing import normalise_key
-
     from taskvec.io.files import atomic_output
+    from taskvec.registry.signing import normalise_key
 
     contributor, line = check_contributor(contributor), normalise_key(key)
     p = Path(path)

@@ -8,13 +8,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from taskvec.registry.schema import Entry, IntegrityError, RegistryInfo, Version, describe_versions
-from taskvec.registry.trust import TrustError, check_contributor
-
 from taskvec.errors import FileFormatError, MismatchError
 from taskvec.io.files import Header, TensorInfo, file_digest, open_regular, read_kind
 from taskvec.io.layout import check_against_base
 from taskvec.io.tensors_np import non_finite
+from taskvec.registry.schema import Entry, IntegrityError, RegistryInfo, Version, describe_versions
+from taskvec.registry.trust import TrustError, check_contributor
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

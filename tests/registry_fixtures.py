@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from hub_server import HubServer
-from taskvec.registry import Registry, open_registry
 
 from taskvec.merging.export import export_vector
+from taskvec.registry import Registry, open_registry
 
 TOKEN = "hf_taskvecTestTokenDoNotPrint123"
 
@@ -34,6 +34,7 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HubServer]:
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """huggingface_hub and the Hub store wait between retries; tests need not."""
     import huggingface_hub.utils._http as http
+
     import taskvec.registry.stores.hub as hub_mod
 
     monkeypatch.setattr(http.time, "sleep", lambda s: None)

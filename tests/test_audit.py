@@ -85,8 +85,9 @@ def test_overfit_model_is_caught_and_base_is_not(make_base, tmp_path: Path) -> N
 
 
 def test_audit_cli_json(make_base, tmp_path: Path) -> None:
-    from taskvec.cli.app import app
     from typer.testing import CliRunner
+
+    from taskvec.cli.app import app
 
     base = make_base("test_vit", num_classes=2)
     rng = np.random.default_rng(0)
@@ -171,9 +172,9 @@ def test_two_gaussians_of_equal_variance_are_the_gaussian_mechanism(z: float) ->
 
 
 def test_audit_canaries_cli(make_base, make_finetuned, tmp_path: Path) -> None:
-    from taskvec.cli.app import app
     from typer.testing import CliRunner
 
+    from taskvec.cli.app import app
     from taskvec.errors import PrivacyError
     from taskvec.merging.export import export_vector
 

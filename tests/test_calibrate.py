@@ -82,8 +82,9 @@ def test_without_calibration_nothing_changes(tmp_path: Path, two_vectors: tuple)
 
 
 def test_cli_merge_calibrate_reports_grid(tmp_path: Path, two_vectors: tuple) -> None:
-    from taskvec.cli.app import app
     from typer.testing import CliRunner
+
+    from taskvec.cli.app import app
 
     base, vecs, val = two_vectors
     out = tmp_path / "m.safetensors"

@@ -143,8 +143,9 @@ def test_segmentation_is_refused_before_the_run_folder(tmp_path: Path) -> None:
 
 
 def test_cli_reports_the_release_and_refuses_step_options(setup: tuple[Path, Path], tmp_path: Path) -> None:
-    from taskvec.cli.app import app
     from typer.testing import CliRunner
+
+    from taskvec.cli.app import app
 
     base, data = setup
     r = CliRunner().invoke(app, ["finetune", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "run"),

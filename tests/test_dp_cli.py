@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from taskvec.cli.app import app
 from typer.testing import CliRunner
 
+from taskvec.cli.app import app
 from taskvec.errors import PrivacyError
 
 
@@ -69,7 +69,6 @@ def test_merge_budget_refusals(vectors: tuple[Path, list[Path]], tmp_path: Path)
     assert f"ε = {gaussian_epsilon(1.5, 1e-5):.4g} per patient" in msg  # replace-one: sensitivity 2·clip
     assert not out.exists()
     from taskvec.cli.console import error_message
-
     from taskvec.errors import ConfigError
 
     r = CliRunner().invoke(app, [str(a) for a in ("merge", tight, "--base", base, "--out", out, "--max-epsilon", "5")])

@@ -55,8 +55,9 @@ def test_segmentation_counts_every_pixel(tmp_path: Path, make_base: Callable[...
 
 
 def test_errors_and_cli_json(tmp_path: Path, make_base: Callable[..., Path]) -> None:
-    from taskvec.cli.app import app
     from typer.testing import CliRunner
+
+    from taskvec.cli.app import app
 
     base = make_base("test_convnext", task="segmentation", num_classes=2)
     data = seg_folder(tmp_path / "s", n=2, size=32)

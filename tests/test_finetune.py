@@ -152,8 +152,9 @@ def test_bad_input(tmp_path: Path, make_base: Callable[..., Path], make_finetune
 
 
 def test_cli_finetune_and_evaluate(tmp_path: Path, make_base: Callable[..., Path]) -> None:
-    from taskvec.cli.app import app
     from typer.testing import CliRunner
+
+    from taskvec.cli.app import app
 
     base = make_base("test_vit", num_classes=2, in_chans=1)
     data = npz_file(tmp_path / "d.npz", n=32)

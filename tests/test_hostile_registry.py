@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from hostile import assert_refused, cli
 from registry_fixtures import created, hub, sites  # noqa: F401 (fixtures)
-from taskvec.registry import IntegrityError, RegistryError, TrustError, TrustPolicy
-from taskvec.registry.signing import generate_key, load_private_key
-from taskvec.registry.store import MAX_TENSOR_FILE_BYTES
 
 from taskvec.errors import TaskvecError
 from taskvec.io.files import read_kind
+from taskvec.registry import IntegrityError, RegistryError, TrustError, TrustPolicy
+from taskvec.registry.signing import generate_key, load_private_key
+from taskvec.registry.store import MAX_TENSOR_FILE_BYTES
 
 pytest.importorskip("torch")
 OPEN = TrustPolicy(allow_unsigned=True)

@@ -103,9 +103,9 @@ def test_robust_methods_stay_near_the_honest_merge(consortium, tmp_path: Path) -
 
 
 def test_cli_help_lists_methods_and_refuses_parameters(consortium, tmp_path: Path, monkeypatch, capsys) -> None:
-    from taskvec.cli.app import app, main
     from typer.testing import CliRunner
 
+    from taskvec.cli.app import app, main
     from taskvec.merging.methods import MERGE_METHODS
 
     runner = CliRunner()
@@ -129,8 +129,9 @@ def test_cli_help_lists_methods_and_refuses_parameters(consortium, tmp_path: Pat
 
 
 def test_cli_diagnose_and_exclude(consortium, tmp_path: Path) -> None:
-    from taskvec.cli.app import app
     from typer.testing import CliRunner
+
+    from taskvec.cli.app import app
 
     base, site = consortium
     vecs = [*(site("honest", i) for i in range(3)), site("scaled", 9)]
@@ -206,8 +207,9 @@ def test_selection_picks_the_best_method_and_lambda(small_consortium, tmp_path: 
 
 
 def test_cli_contributions_prints_the_table(small_consortium, tmp_path: Path) -> None:
-    from taskvec.cli.app import app
     from typer.testing import CliRunner
+
+    from taskvec.cli.app import app
 
     base, vecs, val = small_consortium
     out = tmp_path / "m.safetensors"

@@ -135,8 +135,9 @@ def test_seeded_base_is_reproducible_and_leaves_the_global_random_state() -> Non
                                                 ("segmentation", 1), ("segmentation", 3)])
 def test_init_with_shared_lite0_weights(tmp_path: Path, task: str, in_chans: int) -> None:
     from safetensors.torch import load_file
-    from taskvec.cli.app import app
     from typer.testing import CliRunner
+
+    from taskvec.cli.app import app
 
     weights = lite0_weights()
     out = tmp_path / "base.safetensors"
@@ -160,6 +161,7 @@ def test_init_with_shared_lite0_weights(tmp_path: Path, task: str, in_chans: int
 
 def test_segmentation_publishes_an_smp_loadable_config(tmp_path: Path) -> None:
     import segmentation_models_pytorch as smp
+
     from taskvec.registry.publish import smp_config
 
     torch.manual_seed(0)

@@ -136,8 +136,9 @@ def test_matching_finds_the_flipped_image_and_scores_like_torchmetrics() -> None
 
 
 def test_json_records_assumptions_and_cli(make_base, tmp_path: Path, monkeypatch, capsys) -> None:
-    from taskvec.cli.app import app
     from typer.testing import CliRunner
+
+    from taskvec.cli.app import app
 
     base, ft, ds = one_image(make_base, tmp_path)
     np.savez(tmp_path / "site.npz", train_images=ds.array, train_labels=np.array(ds.targets))

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from registry_fixtures import address, created, hub, sites  # noqa: F401 (fixtures)
 from safetensors.torch import load_file
-from taskvec.registry import IntegrityError, RegistryError, TrustError, TrustPolicy, open_registry
-from taskvec.registry.schema import parse_time
-from taskvec.registry.signing import generate_key, load_private_key, public_line
-from taskvec.registry.verify import sha256_file
 
 from taskvec.errors import MismatchError
 from taskvec.io.files import read_kind
 from taskvec.merging.stream import merge_vectors
+from taskvec.registry import IntegrityError, RegistryError, TrustError, TrustPolicy, open_registry
+from taskvec.registry.schema import parse_time
+from taskvec.registry.signing import generate_key, load_private_key, public_line
+from taskvec.registry.verify import sha256_file
 
 torch = pytest.importorskip("torch")
 OPEN = TrustPolicy(allow_unsigned=True)  # a merger that accepts vectors of unverified origin
@@ -165,8 +165,9 @@ def test_reindex_rebuilds_from_files(address: str, sites, tmp_path: Path) -> Non
 
 
 def test_merge_from_registry_equals_merge_of_files(address: str, sites, tmp_path: Path) -> None:
-    from taskvec.cli.app import app
     from typer.testing import CliRunner
+
+    from taskvec.cli.app import app
 
     base, vector = sites
     vecs = [vector(i) for i in range(3)]

@@ -15,14 +15,14 @@ import yaml
 from hub_server import Blob
 from registry_fixtures import TOKEN, created, hub, no_backoff, sites  # noqa: F401 (fixtures)
 from safetensors.torch import load_file
+from typer.testing import CliRunner
+
 from taskvec.cli.app import app
+from taskvec.io.files import read_kind
+from taskvec.merging.stream import merge_vectors
 from taskvec.registry import Registry, RegistryError, TrustPolicy, open_registry
 from taskvec.registry.store import MAX_TENSOR_FILE_BYTES, MAX_TEXT_BYTES
 from taskvec.registry.stores.hub import HubStore
-from typer.testing import CliRunner
-
-from taskvec.io.files import read_kind
-from taskvec.merging.stream import merge_vectors
 
 torch = pytest.importorskip("torch")
 REPO = "hf://consortium/chest-xray"

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 from registry_fixtures import created, sites  # noqa: F401 (fixtures)
-from taskvec.cli.app import app
-from taskvec.registry import RegistryError, open_registry
-from taskvec.registry.verify import sha256_file
 from typer.testing import CliRunner
 
+from taskvec.cli.app import app
 from taskvec.io.files import read_kind
+from taskvec.registry import RegistryError, open_registry
+from taskvec.registry.verify import sha256_file
 
 pytest.importorskip("torch")
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 from registry_fixtures import created, sites  # noqa: F401 (fixtures)
-from taskvec.cli.app import app
-from taskvec.registry import MergeInputs, RegistryError, TrustError, TrustPolicy, merge_inputs
 from typer.testing import CliRunner
 
+from taskvec.cli.app import app
 from taskvec.io.files import read_kind
 from taskvec.merging.stream import merge_vectors
+from taskvec.registry import MergeInputs, RegistryError, TrustError, TrustPolicy, merge_inputs
 
 pytest.importorskip("torch")
 OPEN = TrustPolicy(allow_unsigned=True)

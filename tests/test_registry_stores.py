@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+
 import taskvec.registry.store as store_mod
+from taskvec.errors import ConfigError
 from taskvec.registry import RegistryError, open_registry
 from taskvec.registry.address import backends, describe_addresses
 from taskvec.registry.store import Store, register_store
 from taskvec.registry.stores.folder import FolderStore
-
-from taskvec.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 from registry_fixtures import address, created, hub, no_backoff, sites  # noqa: F401 (fixtures)
 from safetensors.torch import load_file, save_file
-from taskvec.cli.app import app
-from taskvec.registry import IntegrityError, RegistryError, TrustError, TrustPolicy, open_registry
-from taskvec.registry.signing import generate_key, load_private_key
-from taskvec.registry.verify import sha256_file
 from typer.testing import CliRunner
 
+from taskvec.cli.app import app
 from taskvec.errors import FileFormatError, MismatchError
 from taskvec.io.files import dump_meta, read_header, read_kind
 from taskvec.io.tensors import state_digest
 from taskvec.merging.export import export_vector
 from taskvec.merging.stream import merge_vectors
+from taskvec.registry import IntegrityError, RegistryError, TrustError, TrustPolicy, open_registry
+from taskvec.registry.signing import generate_key, load_private_key
+from taskvec.registry.verify import sha256_file
 
 torch = pytest.importorskip("torch")
 OPEN = TrustPolicy(allow_unsigned=True)

@@ -206,7 +206,6 @@ def test_a_mode_is_one_registered_class() -> None:
     """Registering a `TrainMode` subclass is all it takes for `--train` to accept it; the CLI's help names
     every registered mode and each gradient mode's default learning rate, from the declarations."""
     from taskvec.cli.train import LR_HELP, TRAIN_HELP
-
     from taskvec.training.modes import base
 
     for m in registered():

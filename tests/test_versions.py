@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from safetensors.numpy import load_file, save_file
-from taskvec.cli.app import app
-from taskvec.cli.console import error_message
 from typer.testing import CliRunner
 
+from taskvec.cli.app import app
+from taskvec.cli.console import error_message
 from taskvec.errors import ConfigError, FileFormatError, MismatchError, PrivacyError
 from taskvec.io.files import dump_meta, read_header, read_kind
 from taskvec.merging.export import export_vector

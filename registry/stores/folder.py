@@ -16,10 +16,10 @@ import stat
 from pathlib import Path
 
 from filelock import FileLock, Timeout
-from taskvec.registry.schema import CARD_FILE, INDEX_FILE, REGISTRY_FILE, RegistryError
-from taskvec.registry.store import MAX_TENSOR_FILE_BYTES, Change, Reader, Store, read_small_text, register_store
 
 from taskvec.io.files import atomic_output, private_copy
+from taskvec.registry.schema import CARD_FILE, INDEX_FILE, REGISTRY_FILE, RegistryError
+from taskvec.registry.store import MAX_TENSOR_FILE_BYTES, Change, Reader, Store, read_small_text, register_store
 
 LOCK_FILE = ".taskvec.lock"
 LOCK_TIMEOUT_S = 120.0

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from taskvec.io.files import private_copy
 from taskvec.registry.schema import IntegrityError, RegistryError
 from taskvec.registry.store import (
     MAX_TENSOR_FILE_BYTES,
@@ -27,8 +28,6 @@ from taskvec.registry.store import (
     read_small_text,
     register_store,
 )
-
-from taskvec.io.files import private_copy
 
 COMMIT_ATTEMPTS = 8
 RETRY_STATUS = {409, 412, 429, 500, 502, 503, 504}  # conflict (412: parent moved, 409: repo busy) or transient
