@@ -132,3 +132,14 @@ def test_no_module_names_a_mode_or_mechanism_outside_its_own_file() -> None:
         found += [f"{module}: {name!r}" for name, owner in owners.items()
                   if name not in generic and name in literals and path.resolve() != owner.resolve()]
     assert not found, found
+
+
+def test_every_package_is_installed() -> None:
+    """pyproject.toml lists packages by hand (cli/ and registry/ map into taskvec): a new subpackage missing
+    there would be left out of a wheel while an editable install hides it."""
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {module for module, path in modules().items() if path.name == "__init__.py"}
+    assert packages <= listed, sorted(packages - listed)

@@ -1,0 +1,135 @@
+"""The samples of a split (`ImageDataset`: uint8 images, targets, patient ids) and the splits of one data
+source (`DataSplits`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from taskvec.errors import ConfigError, TaskvecError
+from taskvec.training.data.images import open_image, to_array
+
+SPLITS = ("train", "val", "test")
+Source = str | int  # a file path, or a row of an in-memory array
+
+
+@dataclass(eq=False)
+class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Samples of one split: `dataset[i]` is `(uint8 tensor C×S×S, label int | int64 mask S×S)`.
+
+    `groups` holds per-sample patient ids when the data gives them (None otherwise); `subset(indices)`
+    makes a site's share for simulations. `root` is the data root that image ids are relative to, and
+    `array_name` the npz array that row numbers index.
+    """
+
+    task: str
+    in_chans: int
+    img_size: int
+    num_classes: int
+    sources: list[Source]
+    targets: list[Any]  # class index per sample, or the mask's path
+    groups: list[str] | None = None
+    array: np.ndarray | None = field(default=None, repr=False)  # images when `sources` are row numbers
+    binary_masks: list[bool] | None = None  # per mask: stored as 0/255 (255 → class 1)
+    root: str | None = None
+    array_name: str = "images"
+
+    @property
+    def unit(self) -> str:
+        """The unit of privacy and of splitting: `patient` when the data gives patient ids, else `image`."""
+        return "patient" if self.groups is not None else "image"
+
+    def image_ids(self) -> list[str]:
+        """Each image's id: its file path relative to the data root (POSIX), or `ARRAY[ROW]` for an npz row."""
+        out = []
+        for src in self.sources:
+            if isinstance(src, int):
+                out.append(f"{self.array_name}[{src}]")
+            else:
+                out.append(Path(os.path.relpath(src, self.root)).as_posix() if self.root else str(src))
+        return out
+
+    def unit_ids(self) -> list[str]:
+        """Each image's unit: its patient id, or its image id."""
+        return list(self.groups) if self.groups is not None else self.image_ids()
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
+        src = self.sources[i]
+        if isinstance(src, int) and self.array is not None:
+            a = self.array[src]
+            if a.shape[:2] == (self.img_size, self.img_size) and a.size == self.img_size ** 2 * self.in_chans:
+                a = a.reshape(self.img_size, self.img_size, self.in_chans).copy()  # already in shape: no PIL
+            else:
+                a = to_array(Image.fromarray(a), self.in_chans, self.img_size)
+        else:
+            a = to_array(open_image(str(src)), self.in_chans, self.img_size)
+        x = torch.from_numpy(a).permute(2, 0, 1)
+        if self.task == "classification":
+            return x, int(self.targets[i])
+        mask = np.asarray(open_image(self.targets[i]).resize((self.img_size, self.img_size), Image.Resampling.NEAREST))
+        if self.binary_masks is not None and self.binary_masks[i]:
+            mask = mask > 0
+        return x, torch.from_numpy(mask.astype(np.int64))
+
+    def subset(self, indices: Sequence[int]) -> ImageDataset:
+        idx = [int(i) for i in indices]
+
+        def pick(xs: list[Any]) -> list[Any]:
+            return [xs[i] for i in idx]
+
+        return replace(
+            self, sources=pick(self.sources), targets=pick(self.targets),
+            groups=pick(self.groups) if self.groups is not None else None,
+            binary_masks=pick(self.binary_masks) if self.binary_masks is not None else None,
+        )
+
+    def concat(self, other: ImageDataset) -> ImageDataset:
+        if self.array is not None or other.array is not None:
+            if self.array is not other.array:
+                raise TaskvecError("cannot join in-memory splits of different arrays")
+        g = self.groups + other.groups if self.groups is not None and other.groups is not None else None
+        b = (self.binary_masks or [False] * len(self)) + (other.binary_masks or [False] * len(other))
+        return replace(self, sources=self.sources + other.sources, targets=self.targets + other.targets,
+                       groups=g, binary_masks=b if self.task == "segmentation" else None)
+
+
+@dataclass
+class DataSplits:
+    """The splits of one data source; `own_splits` says whether the data defined them itself."""
+
+    train: ImageDataset | None
+    val: ImageDataset | None
+    test: ImageDataset | None
+    source: str = ""
+    own_splits: bool = False
+    skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def get(self, split: str) -> ImageDataset:
+        """One split by name, or `all` for every sample."""
+        if split == "all":
+            parts = [d for d in (self.train, self.val, self.test) if d is not None]
+            out = parts[0]
+            for d in parts[1:]:
+                out = out.concat(d)
+            return out
+        if split not in SPLITS:
+            raise ConfigError(f"split must be one of train, val, test, all, got {split!r}", field="split",
+                              expected=[*SPLITS, "all"], got=split)
+        ds = getattr(self, split)
+        if ds is None:
+            have = [s for s in SPLITS if getattr(self, s) is not None]
+            hint = "" if self.own_splits else " (the data has no splits of its own)"
+            raise TaskvecError(f"{self.source}: no {split} split{hint}; it has {', '.join(have)}; "
+                               "set `split` to all to use every sample", path=self.source, field="split")
+        return ds
