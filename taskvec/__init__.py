@@ -4,7 +4,7 @@ The public API, one entry per role (the README's Python example uses each):
 - the coordinator: `build_base(arch, ...)` and `save_model(module, spec, path)`: the shared base;
 - a site: `finetune(base, data, out, FinetuneConfig(...))` (with `DPConfig` for DP), then `export_vector(model,
   base, out, ...)`: its data vector and privacy ledger;
-- the exchange: `open_registry(address)` (a folder, or `hf://ORG/REPO`), `merge_inputs(registry, ...)`;
+- the exchange: `open_registry(address)` (a folder, or a Hugging Face Hub repository), `merge_inputs(registry, ...)`;
 - the merger: `merge(vectors, base, out, method=..., budget=PrivacyBudget(...))`, `evaluate(model, data)`.
 
 The package imports nothing heavy at import time; each name loads its module (and torch/timm) on first use.
