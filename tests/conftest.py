@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))  # tiny data, the Hub server, hostile files
 SHARED_DATA = Path(os.environ.get("TASKVEC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 

@@ -26,7 +26,7 @@ from taskvec.training.distributed import Group, ShardSampler, augment_bits, shar
 from taskvec.training.loop import FinetuneConfig, finetune
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-TESTS = Path(__file__).resolve().parent
+SUPPORT = Path(__file__).resolve().parents[1] / "support"
 IMAGES, EPOCHS, BATCH, LR = 32, 12, 8, 2e-3  # 12 short epochs: time to kill a rank between checkpoints
 # One process vs two with the same global batch: the same images and augmentations in every step; only the
 # order of floating-point sums differs (DDP averages two half-batch means), which AdamW's normalisation
@@ -138,12 +138,11 @@ def test_distributed_dp_step_is_the_one_process_step(tmp_path: Path) -> None:
     """Noise off, the same global batch: clipping per image or per patient on two ranks (patients whole per
     rank), summed across ranks, gives the one-process update.
     And rank 0's results and errors reach every rank."""
-    sys.path.insert(0, str(TESTS))
     from distributed_worker import one_step
 
-    r = torchrun(str(TESTS / "distributed_worker.py"), str(tmp_path), check=False)
+    r = torchrun(str(SUPPORT / "distributed_worker.py"), str(tmp_path), check=False)
     if r.returncode and GLOO_TEARDOWN_ABORT in r.stderr:  # the worker rewrites every file: safe to run again
-        r = torchrun(str(TESTS / "distributed_worker.py"), str(tmp_path), check=False)
+        r = torchrun(str(SUPPORT / "distributed_worker.py"), str(tmp_path), check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for rank in (0, 1):
         told = json.loads((tmp_path / f"world2-rank{rank}.json").read_text())

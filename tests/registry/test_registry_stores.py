@@ -16,7 +16,7 @@ from taskvec.registry.address import backends, describe_addresses
 from taskvec.registry.store import Store, register_store
 from taskvec.registry.stores.folder import FolderStore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_each_scheme_registers_itself() -> None:

@@ -15,7 +15,7 @@ import pytest
 from taskvec.errors import ConfigError, TaskvecError
 from taskvec.privacy.ledger import PrivacyBudget
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:

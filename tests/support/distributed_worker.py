@@ -1,9 +1,9 @@
-"""Run under torchrun (or alone) by tests/test_distributed.py. Writes to OUT, for the test to check:
+"""Run under torchrun (or alone) by tests/training/test_distributed.py. Writes to OUT, for the test to check:
 `world<N>-rank<r>-<unit>.pt`, the weight after one DP-SGD step of a tiny linear model, noise switched off, on
 a fixed global batch split among the ranks (to compare with the one-process step), and
 `world<N>-rank<r>.json`, what `Group.on_main` gave each rank.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distributed_worker.py OUT
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/support/distributed_worker.py OUT
 """
 
 from __future__ import annotations

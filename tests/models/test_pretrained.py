@@ -15,7 +15,7 @@ from taskvec.errors import FileFormatError
 from taskvec.models.dp_ready import FrozenBatchNorm2d, dp_problems, make_dp_compatible
 from taskvec.models.spec import build_base, load_model, model_spec, save_model
 
-SHARED_WEIGHTS = Path(os.environ.get("TASKVEC_SHARED_WEIGHTS", Path(__file__).resolve().parents[2] / "shared"
+SHARED_WEIGHTS = Path(os.environ.get("TASKVEC_SHARED_WEIGHTS", Path(__file__).resolve().parents[3] / "shared"
                                      / "weights" / "tf_efficientnet_lite0.in1k.safetensors"))
 
 
