@@ -9,6 +9,7 @@ import typer
 
 from taskvec.cli.console import console
 from taskvec.cli.train import TRAIN_HELP
+from taskvec.privacy import DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM
 
 
 def _print_table(result: Any) -> None:
@@ -56,8 +57,9 @@ def simulate(
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Also choose λ on a validation share."),
     dp: bool = typer.Option(False, "--dp", help="Add DP-SGD runs of every site at each of --target-epsilons."),
     target_epsilons: str = typer.Option("1,3,8", "--target-epsilons", help="Comma-separated ε values for --dp."),
-    delta: float = typer.Option(1e-5, help="δ for --dp."),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Per-sample clipping norm for --dp."),
+    delta: float = typer.Option(DEFAULT_DELTA, help="δ for --dp."),
+    max_grad_norm: float = typer.Option(DEFAULT_MAX_GRAD_NORM, "--max-grad-norm",
+                                        help="Per-unit clipping norm for --dp."),
     jobs: int = typer.Option(1, help="Fine-tune sites in this many parallel processes."),
     seed: int = typer.Option(0),
     seeds: str | None = typer.Option(

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from taskvec.cli.console import STATE, console, print_json, track, usage, warn
-from taskvec.privacy import DEFAULT_SAMPLE_RATE
+from taskvec.privacy import DEFAULT_AUGMULT, DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM, DEFAULT_SAMPLE_RATE
 from taskvec.training.config import DP_EMA, FinetuneConfig
 from taskvec.training.modes import registered
 from taskvec.training.schedule import BATCH_SHARE, DEFAULT_EPOCHS, DP_STEPS, MAX_BATCH, MIN_BATCH, MIN_STEPS
@@ -121,13 +121,15 @@ def finetune(
     noise_multiplier: float | None = typer.Option(
         None, "--noise-multiplier", help="--dp: fix the noise multiplier σ and report ε (stops at --target-epsilon)."
     ),
-    delta: float = typer.Option(1e-5, help="--dp: δ of the guarantee (keep it below 1 / number of patients)."),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="--dp: clip each unit's gradient to this norm."),
+    delta: float = typer.Option(DEFAULT_DELTA, help="--dp: δ of the guarantee (keep it below 1 / number of patients)."),
+    max_grad_norm: float = typer.Option(
+        DEFAULT_MAX_GRAD_NORM, "--max-grad-norm", help="--dp: clip each unit's gradient to this norm."),
     sample_rate: float = typer.Option(
         DEFAULT_SAMPLE_RATE, "--sample-rate", help="--dp: each unit's chance to join a step's batch (Poisson "
                                                    "sampling; the expected batch, rate × units, is never written)."),
     augmult: int = typer.Option(
-        2, help="--dp: augmentation multiplicity K (De et al. 2022): average K augmented copies before clipping."
+        DEFAULT_AUGMULT, help="--dp: augmentation multiplicity K (De et al. 2022): average K augmented copies before "
+                              "clipping."
     ),
     prox: float = typer.Option(
         DEFAULTS.prox, help="Pull the trained weights toward the base, FedProx's μ/2·||θ − θ_base||² (a proximal step "

@@ -6,4 +6,8 @@ the rest of taskvec uses.
 Imports `taskvec.io` and `taskvec.models`; never training, merging or anything above.
 """
 
-DEFAULT_SAMPLE_RATE = 0.25  # DP-SGD's q: each unit's chance to be in a step's batch (an epoch is 4 steps)
+# DP-SGD's recipe when the caller gives no other (torch-free, so the command line's defaults come from here)
+DEFAULT_SAMPLE_RATE = 0.25  # q: each unit's chance to be in a step's batch (an epoch is 4 steps)
+DEFAULT_DELTA = 1e-5  # δ: keep it below 1 / the number of units
+DEFAULT_MAX_GRAD_NORM = 1.0  # C: each unit's gradient is clipped to this L2 norm
+DEFAULT_AUGMULT = 2  # K augmented copies of each image, averaged before clipping (De et al. 2022)

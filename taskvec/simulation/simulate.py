@@ -32,6 +32,7 @@ from taskvec.io.files import write_json
 from taskvec.merging.methods import MERGE_METHODS
 from taskvec.merging.stream import merge_vectors
 from taskvec.models.spec import ModelSpec, build_base, save_model
+from taskvec.privacy import DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM
 from taskvec.privacy.ledger import PrivacyBudget
 from taskvec.simulation.rounds import RoundsSetup, export_site_vector, run_rounds
 from taskvec.simulation.schedule import Schedule, default_speeds, plan_schedule
@@ -74,8 +75,8 @@ class SimulationConfig:
     methods: list[str] = field(default_factory=lambda: ["sum", "mean", "weighted", "ties", "dare"])
     calibrate: bool = True
     epsilons: list[float] = field(default_factory=list)  # one DP-SGD variant of every site per ε
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
+    delta: float = DEFAULT_DELTA
+    max_grad_norm: float = DEFAULT_MAX_GRAD_NORM
     jobs: int = 1  # sites fine-tuned in parallel processes
     seed: int = 0
     device: str = "auto"

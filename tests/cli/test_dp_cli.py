@@ -126,3 +126,20 @@ def test_finetune_dp_cli_reports_epsilon_and_refuses(make_base, tmp_path: Path) 
     msg = refused("finetune", "--base", resnet, "--data", data, "--out", tmp_path / "r3", "--dp",
                   "--target-epsilon", "3")
     assert "`dp_compatible`" in msg and not (tmp_path / "r3").exists()
+
+
+def test_dp_option_defaults_are_the_library_recipe() -> None:
+    """The command line's DP defaults come from `taskvec.privacy`, not copies (simulate's too)."""
+    import typer
+
+    from taskvec import privacy
+    from taskvec.simulation.simulate import SimulationConfig
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    finetune = {p.name: p.default for p in commands["finetune"].params}
+    simulate = {p.name: p.default for p in commands["simulate"].params}
+    assert (finetune["delta"], finetune["max_grad_norm"], finetune["sample_rate"], finetune["augmult"]) == (
+        privacy.DEFAULT_DELTA, privacy.DEFAULT_MAX_GRAD_NORM, privacy.DEFAULT_SAMPLE_RATE, privacy.DEFAULT_AUGMULT)
+    config = SimulationConfig(data="d", out="o")
+    assert (simulate["delta"], simulate["max_grad_norm"]) == (config.delta, config.max_grad_norm) == (
+        privacy.DEFAULT_DELTA, privacy.DEFAULT_MAX_GRAD_NORM)
