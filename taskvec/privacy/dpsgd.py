@@ -25,6 +25,7 @@ number of images (tiles) they contributed.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import warnings
 from collections import deque
@@ -138,6 +139,25 @@ class PrivacyMeter:
                 f"{state['sample_rate']}, this run would use {self.noise_multiplier} and {self.sample_rate}"
             )
         self.steps = int(state["dp_steps"])
+
+
+def noise_and_limit(config: DPConfig, steps: int) -> tuple[float, int | None]:
+    """The noise multiplier (given, or calibrated so that `steps` steps reach the target ε) and the number of steps
+    the target allows (None without one), from public parameters alone, so an unreachable target is refused
+    before anything runs or is written. Cached: the run computes it again when it makes the optimizer private."""
+    return _noise_and_limit(config.noise_multiplier, config.target_epsilon, config.delta, config.sample_rate, steps)
+
+
+@functools.lru_cache(maxsize=32)
+def _noise_and_limit(z: float | None, target: float | None, delta: float, q: float, steps: int
+                     ) -> tuple[float, int | None]:
+    if z is None:
+        assert target is not None
+        z = calibrate_noise(target, delta, q, steps)
+    limit = None if target is None else max_steps(z, q, delta, target)
+    if limit == 0:
+        raise PrivacyError(f"even one step at noise multiplier {z} exceeds ε = {target}")
+    return z, limit
 
 
 def secret_generator(device: torch.device | str, seed: int | None = None) -> torch.Generator:
@@ -362,14 +382,7 @@ def make_private(
                                       collate_fn=loader.collate_fn, num_workers=loader.num_workers,
                                       pin_memory=loader.pin_memory)
     per_epoch = len(private_loader)
-    if config.noise_multiplier is not None:
-        z = config.noise_multiplier
-    else:
-        assert config.target_epsilon is not None
-        z = calibrate_noise(config.target_epsilon, config.delta, q, steps or epochs * per_epoch)  # type: ignore[operator]
-    limit = None if config.target_epsilon is None else max_steps(z, q, config.delta, config.target_epsilon)
-    if limit == 0:
-        raise PrivacyError(f"even one step at noise multiplier {z} exceeds ε = {config.target_epsilon}")
+    z, limit = noise_and_limit(config, steps or epochs * per_epoch)  # type: ignore[operator]
 
     mode = config.grad_sample_mode
     for m in model.modules():  # fused attention has no vmap rule: per-sample gradients ran ~1.8x slower

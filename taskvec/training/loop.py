@@ -33,7 +33,7 @@ from taskvec.errors import ConfigError, OutputExistsError, TaskvecError
 from taskvec.io.files import read_kind, write_json
 from taskvec.io.tensors import state_digest
 from taskvec.models.spec import ModelSpec, create_module, load_model, save_model
-from taskvec.privacy.dpsgd import is_accumulating, require_dp_ready, steps_per_epoch
+from taskvec.privacy.dpsgd import is_accumulating, noise_and_limit, require_dp_ready, steps_per_epoch
 from taskvec.privacy.ledger import name_model
 from taskvec.progress import Track, no_track
 from taskvec.training.augment import augment
@@ -141,8 +141,9 @@ def finetune(
     mode = config.mode
     if not mode.segmentation and spec.task != "classification":
         raise ConfigError(f"train {mode} is for classification, not {spec.task}", field="train", got=config.train)
-    if config.dp is not None and not mode.fits_in_one_pass:  # refuse a base DP-SGD cannot train before the run
+    if config.dp is not None and not mode.fits_in_one_pass:  # refuse what DP-SGD cannot do before the run folder
         require_dp_ready(create_module(spec))
+        noise_and_limit(config.dp, plan_steps(config, steps_per_epoch(config.dp.sample_rate))[0])
     if config.head == "frozen" and spec.task == "classification":
         _check_frozen_head(base, spec)
     with process_group(resolve_device(config.device)) as group:
