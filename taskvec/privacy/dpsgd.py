@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from taskvec.errors import PrivacyConfigError, PrivacyError, TaskvecError, check_range
-from taskvec.privacy import DEFAULT_SAMPLE_RATE
+from taskvec.privacy import DEFAULT_SAMPLE_RATE, steps_per_epoch
 from taskvec.privacy.accounting import calibrate_noise, epsilon_spent, max_steps
 from taskvec.privacy.mechanisms.dp_sgd import DpSgd
 
@@ -189,11 +189,6 @@ def is_accumulating(optimizer: torch.optim.Optimizer) -> bool:
     """True when the optimizer's last `step` only accumulated the clipped gradients of a physical batch, the
     logical batch (one DP-SGD step) not yet complete."""
     return bool(getattr(optimizer, "_is_last_step_skipped", False))
-
-
-def steps_per_epoch(sample_rate: float) -> int:
-    """Steps of one epoch at sampling rate q: ⌊1/q⌋ (at least 1), as Opacus's Poisson sampler counts them."""
-    return max(1, int(1 / sample_rate))
 
 
 class Chunk(NamedTuple):

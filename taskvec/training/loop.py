@@ -33,7 +33,7 @@ from taskvec.errors import ConfigError, OutputExistsError, TaskvecError
 from taskvec.io.files import read_kind, write_json
 from taskvec.io.tensors import state_digest
 from taskvec.models.spec import ModelSpec, create_module, load_model, save_model
-from taskvec.privacy.dpsgd import is_accumulating, noise_and_limit, require_dp_ready, steps_per_epoch
+from taskvec.privacy.dpsgd import is_accumulating, noise_and_limit, require_dp_ready
 from taskvec.privacy.ledger import name_model
 from taskvec.progress import Track, no_track
 from taskvec.training.augment import augment
@@ -143,7 +143,7 @@ def finetune(
         raise ConfigError(f"train {mode} is for classification, not {spec.task}", field="train", got=config.train)
     if config.dp is not None and not mode.fits_in_one_pass:  # refuse what DP-SGD cannot do before the run folder
         require_dp_ready(create_module(spec))
-        noise_and_limit(config.dp, plan_steps(config, steps_per_epoch(config.dp.sample_rate))[0])
+        noise_and_limit(config.dp, plan_steps(config)[0])
     if config.head == "frozen" and spec.task == "classification":
         _check_frozen_head(base, spec)
     with process_group(resolve_device(config.device)) as group:
@@ -213,7 +213,6 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
     net, layout = mode.prepare(net, spec.task, keep_head=config.head == "frozen")
     lr = config.lr or mode.lr
     one_pass = mode.fits_in_one_pass  # no step: nothing to schedule or to make private
-    dp_sgd = config.dp is not None and not one_pass
     # DP-SGD samples its own batches (the loader's paces evaluation)
     batch_size = config.batch_size or mode.pass_batch or (config.dp.max_physical_batch if config.dp is not None
                                                           else default_batch(len(train)))
@@ -221,8 +220,7 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
     loader_gen = torch.Generator()
     loader = make_loader(train, batch_size, device, shuffle=True, generator=loader_gen,
                          drop_last=len(train) > batch_size, num_workers=config.num_workers)
-    per_epoch = steps_per_epoch(config.dp.sample_rate) if dp_sgd and config.dp is not None else len(loader)
-    total, notes = (0, []) if one_pass else plan_steps(config, per_epoch)
+    total, notes = (0, []) if one_pass else plan_steps(config, len(loader))
     site = SiteSteps(net, prox=config.prox, anchors=prox_anchors(net, mode) if config.prox else None,
                      head=head_prefixes(net, spec.task),
                      probe_steps=round(LP_FRACTION * total) if config.head == "lp-ft" else 0)

@@ -28,10 +28,16 @@ def default_batch(n_train: int) -> int:
     return min(MAX_BATCH, max(MIN_BATCH, n_train // BATCH_SHARE))
 
 
-def plan_steps(config: FinetuneConfig, per_epoch: int) -> tuple[int, list[str]]:
+def plan_steps(config: FinetuneConfig, per_epoch: int | None = None) -> tuple[int, list[str]]:
     """Optimiser steps of the run (explicit `steps`, explicit `epochs`, or by default DEFAULT_EPOCHS but at
-    least MIN_STEPS; DP_STEPS with DP-SGD) and a warning when that is too few to learn. Under DP-SGD
-    `per_epoch` is ⌊1/q⌋, so no count depends on the data's size."""
+    least MIN_STEPS; DP_STEPS with DP-SGD) and a warning when that is too few to learn. An epoch is
+    `per_epoch` steps (the loader's batches) without DP; under DP-SGD it is ⌊1/q⌋, so no count depends on the
+    data's size."""
+    from taskvec.privacy import steps_per_epoch
+
+    if config.dp is not None:
+        per_epoch = steps_per_epoch(config.dp.sample_rate)
+    assert per_epoch is not None, "per_epoch: the loader's batches, needed without DP"
     least = MIN_STEPS if config.dp is None else MIN_DP_STEPS
     if config.steps:
         total = config.steps
@@ -47,11 +53,8 @@ def plan_steps(config: FinetuneConfig, per_epoch: int) -> tuple[int, list[str]]:
 def schedule(n_train: int, config: FinetuneConfig) -> tuple[float, int]:
     """(expected batch size, optimiser steps) of a run of `config` on `n_train` training images (the batch
     drops a ragged last batch when the data holds more than one; DP-SGD: Poisson batches at rate q)."""
-    from taskvec.privacy.dpsgd import steps_per_epoch
-
     if config.dp is not None:
-        q = config.dp.sample_rate
-        return q * n_train, plan_steps(config, steps_per_epoch(q))[0]
+        return config.dp.sample_rate * n_train, plan_steps(config)[0]
     batch = config.batch_size or default_batch(n_train)
     return batch, plan_steps(config, n_train // batch if n_train > batch else 1)[0]
 
