@@ -77,6 +77,23 @@ def warn(message: str) -> None:
         print(f"warning: {clean(' '.join(message.split(chr(10))))}", file=sys.stderr)
 
 
+def device_option() -> Any:
+    """The `--device` option of every command that runs a model: one convention, checked before any work."""
+    import typer
+
+    from taskvec.training.config import DEFAULT_DEVICE, DEVICE_HELP, check_device
+
+    def check(value: str) -> str:
+        from taskvec.errors import ConfigError
+
+        try:
+            return check_device(value)
+        except ConfigError as e:
+            usage(error_message(e))
+
+    return typer.Option(DEFAULT_DEVICE, help=DEVICE_HELP, callback=check)
+
+
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 

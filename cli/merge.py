@@ -17,9 +17,11 @@ from rich.table import Table
 from taskvec.cli.console import FLAGS, console, track, usage, warn
 from taskvec.cli.exchange import KEYRING_HELP, ONLY_HELP, TRUST_HELP, UNSIGNED_HELP
 from taskvec.errors import ConfigError
-from taskvec.io.lineage import DEFAULT_STALENESS
-from taskvec.merging.methods import MERGE_METHODS
+from taskvec.io.lineage import DEFAULT_STALENESS, STALENESS_RULE
+from taskvec.merging.methods import DEFAULT_METHOD, MERGE_METHODS
 
+STALENESS_HELP = (f"Exponent a of the staleness weight {STALENESS_RULE} of a vector fine-tuned from version K, "
+                  "merged onto version N; 0: no discount.")
 METHODS_HELP = "Methods (--method NAME, parameters with --param NAME=VALUE):\n\n" + "\n\n".join(
     escape(f"• {m.describe()} ({m.reference})") for m in MERGE_METHODS.values()
 )
@@ -48,15 +50,12 @@ def merge(
                    "merged into it yet."
     ),
     out: Path | None = typer.Option(None, help="Merged model file to write (--incremental: a copy of the version)."),
-    method: str = typer.Option("sum", help=f"One of {', '.join(MERGE_METHODS)} (listed below)."),
+    method: str = typer.Option(DEFAULT_METHOD, help=f"One of {', '.join(MERGE_METHODS)} (listed below)."),
     param: list[str] | None = typer.Option(None, "--param", "-p", help="A method parameter NAME=VALUE (repeatable)."),
     density: float | None = typer.Option(None, help="Shorthand for --param density=D (dare, ties, breadcrumbs)."),
     scale: float = typer.Option(1.0, help="λ in base + λ·combine(vectors)."),
     seed: int = typer.Option(0, help="Seed of random drops (dare, dare_ties), per vector and tensor."),
-    staleness: float = typer.Option(
-        DEFAULT_STALENESS, help="Exponent a of the staleness weight s = (1+d)^(-a) of a vector fine-tuned from a "
-        "version d versions older than BASE (FedBuff, Nguyen et al. 2022; FedAsync, Xie et al. 2019); 0: no discount."
-    ),
+    staleness: float = typer.Option(DEFAULT_STALENESS, help=STALENESS_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     registry: str | None = typer.Option(
         None, "--registry", "-r", help="Merge the vectors in this registry (folder or hf://ORG/REPO), each checked."

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from taskvec.cli.console import console, print_json
+from taskvec.cli.console import console, device_option, print_json
 
 
 def audit(
@@ -23,7 +23,7 @@ def audit(
     reference: Path | None = typer.Option(
         None, help="The base the model was fine-tuned from: adds the difficulty-calibrated attack."
     ),
-    device: str = typer.Option("cpu", help="cpu | cuda | mps"),
+    device: str = device_option(),
     batch_size: int = typer.Option(64, "--batch-size"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -102,7 +102,7 @@ def audit_reconstruction(
     iterations: int = typer.Option(1000, help="Optimisation steps of the attack."),
     tv: float = typer.Option(1e-2, help="Weight of the total-variation prior."),
     seed: int = typer.Option(0, help="Seed of the attack's random start."),
-    device: str = typer.Option("cpu", help="cpu | cuda | mps"),
+    device: str = device_option(),
     force: bool = typer.Option(False, "--force", help="Overwrite an earlier audit's files in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:

@@ -7,8 +7,11 @@ from typing import Any
 
 import typer
 
-from taskvec.cli.console import console
+from taskvec.cli.console import console, device_option
+from taskvec.cli.merge import STALENESS_HELP
 from taskvec.cli.train import TRAIN_HELP
+from taskvec.io.lineage import DEFAULT_STALENESS
+from taskvec.merging.methods import COMPARED, DEFAULT_METHOD
 from taskvec.privacy import DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM
 
 
@@ -45,7 +48,7 @@ def simulate(
     img_size: int = typer.Option(32, "--img-size", help="Input size in pixels."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Start from timm's pretrained weights (network)."),
     weights: Path | None = typer.Option(None, help="Start from a local timm checkpoint (.safetensors)."),
-    train: str = typer.Option("all", help=f"Every site. {TRAIN_HELP}."),
+    train: str | None = typer.Option(None, help=f"Every site. {TRAIN_HELP}."),
     prox: float = typer.Option(0.0, help="Every run: proximal pull toward the base (as `taskvec finetune --prox`)."),
     head: str = typer.Option("train", help="Every run: train | frozen | balanced | lp-ft (as `taskvec finetune`)."),
     epochs: int | None = typer.Option(None, help="Epochs per run (default: finetune's, >= 200 optimiser steps)."),
@@ -53,7 +56,7 @@ def simulate(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Default: finetune's for each run's data."),
     lr: float | None = typer.Option(None, help="Peak learning rate (default: the --train mode's)."),
     methods: str | None = typer.Option(
-        None, help="Comma-separated merge methods to compare (default: sum, mean, weighted, ties, dare)."),
+        None, help=f"Comma-separated merge methods to compare (default: {', '.join(COMPARED)})."),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Also choose λ on a validation share."),
     dp: bool = typer.Option(False, "--dp", help="Add DP-SGD runs of every site at each of --target-epsilons."),
     target_epsilons: str = typer.Option("1,3,8", "--target-epsilons", help="Comma-separated ε values for --dp."),
@@ -65,14 +68,14 @@ def simulate(
     seeds: str | None = typer.Option(
         None, help="Repeat for these seeds (e.g. 0,1,2; each in OUT/seed<S>) and report mean ± sd with error bars."
     ),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    device: str = device_option(),
     rounds: int | None = typer.Option(
         None, help="Then asynchronous rounds: each site arrives up to R times, re-basing on the newest version."),
     speeds: str | None = typer.Option(
         None, help="Relative time per fine-tune of each site, e.g. 1,1.5,3 (default: uniform 1 to 4 per seed)."),
     buffer: int | None = typer.Option(None, help="Merge after every K arrivals (FedBuff; default: the sites)."),
-    staleness: float = typer.Option(0.5, help="a in the weight (1 + staleness)^-a of a vector (0: no discount)."),
-    round_method: str = typer.Option("mean", "--round-method", help="How the rounds combine a buffer."),
+    staleness: float = typer.Option(DEFAULT_STALENESS, help=STALENESS_HELP),
+    round_method: str = typer.Option(DEFAULT_METHOD, "--round-method", help="How the rounds combine a buffer."),
 ) -> None:
     """Split one data set into sites, fine-tune each alone, merge with every method, compare on one test split;
     with --rounds, then let the sites go on asynchronously from the newest merged version."""

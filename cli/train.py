@@ -8,10 +8,10 @@ from typing import Any
 
 import typer
 
-from taskvec.cli.console import STATE, console, print_json, track, usage, warn
+from taskvec.cli.console import STATE, console, device_option, print_json, track, usage, warn
 from taskvec.privacy import DEFAULT_AUGMULT, DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM, DEFAULT_SAMPLE_RATE
 from taskvec.training.config import DP_EMA, FinetuneConfig
-from taskvec.training.modes import registered
+from taskvec.training.modes import default_mode, registered
 from taskvec.training.schedule import BATCH_SHARE, DEFAULT_EPOCHS, DP_STEPS, MAX_BATCH, MIN_BATCH, MIN_STEPS
 
 DEFAULTS = FinetuneConfig()
@@ -22,7 +22,9 @@ def _number(x: float) -> str:
     return f"{x:.0e}".replace("e-0", "e-")
 
 
-TRAIN_HELP = "What to train: " + " | ".join(f"{m.usage()} ({m.help})" if m.help else m.usage() for m in registered())
+TRAIN_HELP = ("What to train: " + " | ".join(f"{m.usage()} ({m.help})" if m.help else m.usage() for m in registered())
+              + f". Default: {default_mode(True)} for a base that starts from pretrained weights (`taskvec init "
+              f"--pretrained` or `--weights`), {default_mode(False)} for one without")
 LR_HELP = "Peak learning rate (AdamW, warm-up then cosine); default per --train: " + ", ".join(
     f"{m.name} {_number(m.lr)}" for m in registered() if not m.fits_in_one_pass) + "."
 ONE_PASS = ", ".join(m.name for m in registered() if m.fits_in_one_pass)
@@ -88,7 +90,7 @@ def finetune(
     data: Path = typer.Option(..., help="ImageFolder tree, CSV (path,label[,patient_id,split]), MedMNIST .npz, "
                                         "or images/+masks/ folders (segmentation)."),
     out: Path = typer.Option(..., help="Run folder: checkpoints, model.safetensors and metrics.json."),
-    train: str = typer.Option(DEFAULTS.train, help=f"{TRAIN_HELP}. The vector holds only what was trained."),
+    train: str | None = typer.Option(None, help=f"{TRAIN_HELP}. The vector holds only what was trained."),
     epochs: int | None = typer.Option(
         None, help=f"Epochs (default: {DEFAULT_EPOCHS}, and at least {MIN_STEPS} optimiser steps; with --dp an epoch "
                    "is 1/--sample-rate steps)."),
@@ -103,7 +105,7 @@ def finetune(
         None, help=f"EMA decay of the weights (0: off; default {DP_EMA:g} with --dp, else off)"),
     weight_decay: float = typer.Option(DEFAULTS.weight_decay, "--weight-decay"),
     img_size: int | None = typer.Option(None, "--img-size", help="Input size (default: the base's)."),
-    device: str = typer.Option(DEFAULTS.device, help="auto | cpu | cuda"),
+    device: str = device_option(),
     seed: int = typer.Option(DEFAULTS.seed),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last finished epoch."),
     val_fraction: float = typer.Option(
@@ -183,7 +185,7 @@ def evaluate(
     model: Path = typer.Argument(..., help="A model file or run folder (base, fine-tuned or merged)."),
     data: Path = typer.Option(..., help="Data in any layout `finetune` reads."),
     split: str | None = typer.Option(None, help="train | val | test | all (default: test if there is one, else all)"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    device: str = device_option(),
     batch_size: int = typer.Option(64, "--batch-size"),
     as_json: bool = typer.Option(False, "--json", help="Print every metric as JSON."),
 ) -> None:

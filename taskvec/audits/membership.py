@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from taskvec.errors import ConfigError, MismatchError, TaskvecError
+from taskvec.training.config import DEFAULT_DEVICE
 from taskvec.training.metrics import auroc
 
 FPR = 0.01
@@ -98,7 +99,7 @@ def audit_model(
     members_split: str = "all",
     non_members_split: str = "all",
     reference: str | os.PathLike[str] | None = None,
-    device: str = "cpu",
+    device: str = DEFAULT_DEVICE,
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Run the membership-inference attacks on a model file; `members`/`non_members` are data paths
@@ -106,6 +107,7 @@ def audit_model(
     from taskvec.io.files import read_kind
     from taskvec.models.spec import ModelSpec, load_model, resolve_model_path
     from taskvec.training.data import as_splits
+    from taskvec.training.evaluate import resolve_device
 
     path = resolve_model_path(model_path)
     header = read_kind(path, "model")
@@ -114,6 +116,7 @@ def audit_model(
         "members": _members(path, header.meta.get("run_id"), members, members_split, spec),
         "non_members": as_splits(non_members, spec, val_fraction=0.0).get(non_members_split),
     }
+    device = str(resolve_device(device))
     model = load_model(path, device)
     losses = {k: per_example_losses(model, spec, ds, device=device, batch_size=batch_size) for k, ds in sets.items()}
     attacks = {"loss": attack_metrics(-losses["members"], -losses["non_members"])}

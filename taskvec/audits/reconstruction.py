@@ -38,6 +38,7 @@ from torch import nn
 
 from taskvec.errors import ConfigError, OutputExistsError, TaskvecError, check_range
 from taskvec.progress import Track, no_track
+from taskvec.training.config import DEFAULT_DEVICE
 
 RECOGNISABLE_PSNR = 18.0
 RECOGNISABLE_SSIM = 0.5
@@ -427,7 +428,7 @@ def audit_reconstruction(
     split: str = "train",
     assume: dict[str, Any] | None = None,
     attack: AttackConfig | None = None,
-    device: str = "cpu",
+    device: str = DEFAULT_DEVICE,
     force: bool = False,
     track: Track[Any] = no_track,
 ) -> dict[str, Any]:
@@ -439,6 +440,7 @@ def audit_reconstruction(
     from taskvec.io.files import now, read_kind, write_json
     from taskvec.models.spec import ModelSpec, load_model
     from taskvec.training.data import as_splits
+    from taskvec.training.evaluate import resolve_device
 
     attack = attack or AttackConfig()
     out = Path(out_dir)
@@ -461,7 +463,7 @@ def audit_reconstruction(
                               field="labels_known")
         labels = torch.stack([torch.as_tensor(ds[i][1]) for i in range(site.seen)])
     t0 = time.perf_counter()
-    rec = reconstruct(load_model(base), spec, delta, site, attack, labels, device, track)
+    rec = reconstruct(load_model(base), spec, delta, site, attack, labels, resolve_device(device), track)
     matches = best_matches(rec.images, ds)
     line = verdict(matches)
     out.mkdir(parents=True, exist_ok=True)

@@ -223,6 +223,8 @@ class MergeMethod:
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {}
+DEFAULT_METHOD = "mean"  # the default combination: `sum` adds every vector whole, so it grows with the sites
+COMPARED = ("sum", "mean", "weighted", "ties", "dare")  # what a simulation compares unless told
 
 
 def merge_method(name: str, reference: str) -> Callable[[Callable[..., Recipe]], Callable[..., Recipe]]:

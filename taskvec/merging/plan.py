@@ -25,7 +25,7 @@ from taskvec.io.lineage import (
     vector_base,
     versions,
 )
-from taskvec.merging.methods import Array, Recipe, get_method, vector_weights
+from taskvec.merging.methods import DEFAULT_METHOD, Array, Recipe, get_method, vector_weights
 from taskvec.privacy.ledger import PrivacyBudget, check_merge_budget
 
 
@@ -92,7 +92,7 @@ class MergePlan:
 
     vectors: tuple[Path, ...]
     base: Path
-    method: str = "sum"
+    method: str = DEFAULT_METHOD
     params: Mapping[str, float] = field(default_factory=dict)
     scale: float = 1.0
     seed: int = 0
@@ -102,7 +102,7 @@ class MergePlan:
 
     @classmethod
     def create(
-        cls, vectors: Sequence[str | os.PathLike[str]], base: str | os.PathLike[str], *, method: str = "sum",
+        cls, vectors: Sequence[str | os.PathLike[str]], base: str | os.PathLike[str], *, method: str = DEFAULT_METHOD,
         params: Mapping[str, Any] | None = None, density: float | None = None, scale: float = 1.0, seed: int = 0,
         budget: PrivacyBudget | None = None, exclude_outliers: bool = False, staleness: float = DEFAULT_STALENESS,
     ) -> MergePlan:

@@ -111,6 +111,8 @@ def save_merged(bh: Header, comb: Combined, headers: Sequence[Header], out: str 
             "model": bh.meta["model"], "created": now(), "taskvec_version": __version__,
             "parent": bh.meta["identity"], "version": model_version(bh.meta) + 1, "lineage": child_lineage(bh.meta),
             "merge": record}
+    if "source" in bh.meta:  # the weights the lineage started from (what `finetune` defaults its mode by)
+        meta["source"] = bh.meta["source"]
     save_arrays(arrays, out, meta, force=force)
     warnings = []
     if any(not v["privacy"] for v in record["vectors"]):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,14 @@ def save_model(
     }
     save_tensors(state, path, meta, force=force)
     return identity
+
+
+def starts_pretrained(meta: Mapping[str, Any]) -> bool:
+    """Whether a model file's header records that its weights start from trained ones: timm's pretrained weights
+    or a local checkpoint (`source`, which merged versions keep from their base). A file that records nothing is
+    taken to start from random weights."""
+    source = meta.get("source")
+    return isinstance(source, Mapping) and bool(source.get("pretrained") or source.get("weights"))
 
 
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:

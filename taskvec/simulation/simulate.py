@@ -29,7 +29,8 @@ import numpy as np
 
 from taskvec.errors import ConfigError, OutputExistsError, TaskvecError, check_range
 from taskvec.io.files import write_json
-from taskvec.merging.methods import MERGE_METHODS
+from taskvec.io.lineage import DEFAULT_STALENESS
+from taskvec.merging.methods import COMPARED, DEFAULT_METHOD, MERGE_METHODS
 from taskvec.merging.stream import merge_vectors
 from taskvec.models.spec import ModelSpec, build_base, save_model
 from taskvec.privacy import DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM
@@ -69,10 +70,10 @@ class SimulationConfig:
     base_epochs: int = 3
     batch_size: int | None = None  # runs without DP (None: the default for each run's size); DP-SGD samples at q
     lr: float | None = None  # None: the default of the training mode
-    train: str = "all"  # what every site trains (taskvec.training.modes)
+    train: str | None = None  # what every site trains (None: the base's default, `FinetuneConfig.for_base`)
     prox: float = 0.0  # proximal pull toward the base of every run (taskvec.training.mergeable)
     head: str = "train"  # head strategy of every run: train | frozen | balanced | lp-ft
-    methods: list[str] = field(default_factory=lambda: ["sum", "mean", "weighted", "ties", "dare"])
+    methods: list[str] = field(default_factory=lambda: list(COMPARED))
     calibrate: bool = True
     epsilons: list[float] = field(default_factory=list)  # one DP-SGD variant of every site per ε
     delta: float = DEFAULT_DELTA
@@ -83,8 +84,8 @@ class SimulationConfig:
     rounds: int | None = None  # asynchronous: each site arrives up to this many times (None: one-shot only)
     speeds: list[float] | None = None  # relative time per fine-tune of each site (None: schedule.default_speeds)
     buffer: int | None = None  # merge after this many arrivals (None: the number of sites)
-    staleness: float = 0.5  # a in the staleness weight (1 + d) ** -a
-    round_method: str = "mean"  # how a buffer is combined (FedBuff averages it)
+    staleness: float = DEFAULT_STALENESS  # a in the staleness weight (1 + d) ** -a
+    round_method: str = DEFAULT_METHOD  # how a buffer is combined (FedBuff averages it)
 
     def check(self) -> None:
         for name, m in [*(("methods", m) for m in self.methods), ("round_method", self.round_method)]:
@@ -230,7 +231,7 @@ def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> Simu
     pool, test, val, notes = _prepare_data(cfg, spec)
     train_cfg = FinetuneConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, img_size=cfg.img_size,
                                device=cfg.device, seed=cfg.seed, resume=True, val_fraction=0.0, train=cfg.train,
-                               prox=cfg.prox, head=cfg.head)
+                               prox=cfg.prox, head=cfg.head).for_base(pretrained)
     base, pool = _make_base(cfg, out, module, spec, pool, train_cfg, notes, progress)
     site_idx = _site_indices(cfg, pool)
     sites = [pool.subset(idx.tolist()) for idx in site_idx]

@@ -3,17 +3,29 @@ its defaults)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
-from taskvec.errors import ConfigError, check_range
-from taskvec.training.modes import TrainMode, parse_mode
+from taskvec.errors import ConfigError, TaskvecError, check_range
+from taskvec.training.modes import TrainMode, default_mode, parse_mode
 
 if TYPE_CHECKING:
     from taskvec.privacy.dpsgd import DPConfig
 
+DEVICES = ("auto", "cpu", "cuda", "mps")  # `cuda:N` names one GPU
+DEFAULT_DEVICE = "auto"  # CUDA when torch sees a GPU, else the CPU
+DEVICE_HELP = "auto (CUDA when torch sees a GPU, else the CPU) | cpu | cuda (or cuda:N) | mps (Apple GPUs)."
 DP_EMA = 0.99  # DP-SGD recipe default: EMA decay of the weights
 RUNTIME_FIELDS = {"resume", "device", "num_workers"}  # may differ between a run and its resumption
+
+
+def check_device(device: str) -> str:
+    """`device` if it is one of `DEVICES` or `cuda:N`, else a ConfigError (whether it is there: `resolve_device`)."""
+    name, _, index = device.partition(":")
+    if device in DEVICES or (name == "cuda" and index.isdigit()):
+        return device
+    raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}", field="device",
+                      expected=list(DEVICES), got=device)
 
 
 @dataclass
@@ -24,12 +36,12 @@ class FinetuneConfig:
     steps: int | None = None
     batch_size: int | None = None  # default: schedule.default_batch of the training-set size (DP-SGD: sample_rate)
     lr: float | None = None  # default: the training mode's (taskvec.training.modes)
-    train: str = "all"  # a training mode (taskvec.training.modes)
+    train: str | None = None  # a training mode (taskvec.training.modes); None: the base's default (`for_base`)
     ema: float | None = None  # EMA decay (0: off; default DP_EMA with DP), warmed up as min(ema, (1+t)/(10+t))
     weight_decay: float = 0.05
     warmup: float = 0.05  # fraction of the steps
     img_size: int | None = None  # default: the base's
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     seed: int = 0
     resume: bool = False
     val_fraction: float = 0.1
@@ -43,6 +55,7 @@ class FinetuneConfig:
     def check(self) -> None:
         from taskvec.training.mergeable import check_head
 
+        check_device(self.device)
         if self.epochs is not None and self.steps is not None:
             raise ConfigError("epochs and `steps` exclude each other: give one", field="epochs")
         for name in ("epochs", "steps", "batch_size"):
@@ -53,15 +66,17 @@ class FinetuneConfig:
             check_range("lr", self.lr, low=0)
         if self.ema is not None:
             check_range("ema", self.ema, low=0, high=1, low_open=False)
-        mode = self.mode
         check_range("prox", self.prox, low=0, low_open=False)
         check_head(self.head, dp=self.dp is not None)
         check_range("val_fraction", self.val_fraction, low=0, high=1, low_open=False)
         if self.dp is not None:
             self.dp.check()
-        self._check_refused(mode)
-        mode.check(self.head, self.dp)
-        if self.dp is not None and self.batch_size is not None and not mode.fits_in_one_pass:
+        # unset, the mode is a default one: gradient steps, nothing refused (checked again once `for_base` sets it)
+        mode = self.mode if self.train is not None else None
+        if mode is not None:
+            self._check_refused(mode)
+            mode.check(self.head, self.dp)
+        if self.dp is not None and self.batch_size is not None and not (mode and mode.fits_in_one_pass):
             raise ConfigError("batch_size does not apply to DP-SGD: each unit joins a step's batch with probability "
                               "`sample_rate` (a batch size would reveal the data's size); leave it out",
                               field="batch_size", got=self.batch_size)
@@ -74,6 +89,13 @@ class FinetuneConfig:
             raise ConfigError(f"{given[0]} does not apply to `train` {mode} ({mode.refusal}): leave it out",
                               field=given[0], got=getattr(self, given[0]))
 
+    def for_base(self, pretrained: bool) -> FinetuneConfig:
+        """These settings for a base that starts from pretrained weights or not: `train` set to that base's
+        default mode when it is unset."""
+        return self if self.train is not None else replace(self, train=default_mode(pretrained))
+
     @property
     def mode(self) -> TrainMode:
+        if self.train is None:
+            raise TaskvecError("the training mode is unset until `for_base` chooses the base's default")
         return parse_mode(self.train)

@@ -14,19 +14,20 @@ from taskvec.errors import ConfigError
 from taskvec.io.files import read_kind
 from taskvec.models.spec import ModelSpec, load_model, resolve_model_path
 from taskvec.progress import Track, no_track
+from taskvec.training.config import check_device
 from taskvec.training.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader
 from taskvec.training.metrics import classification_metrics, segmentation_metrics
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` is CUDA when available, else CPU; `cuda` without a GPU is an error."""
-    if device == "auto":
+    """`auto` is CUDA when available, else CPU; a device torch does not see is an error."""
+    if check_device(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r}: no CUDA GPU is visible to torch; use cpu or auto", field="device",
                           got=device)
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda, got {device!r}", field="device", got=device)
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps': torch sees no Apple GPU; use cpu or auto", field="device", got=device)
     return torch.device(device)
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from taskvec.errors import ConfigError, OutputExistsError, TaskvecError
 from taskvec.io.files import read_kind, write_json
 from taskvec.io.tensors import state_digest
-from taskvec.models.spec import ModelSpec, create_module, load_model, save_model
+from taskvec.models.spec import ModelSpec, create_module, load_model, save_model, starts_pretrained
 from taskvec.privacy.dpsgd import is_accumulating, noise_and_limit, require_dp_ready
 from taskvec.privacy.ledger import name_model
 from taskvec.progress import Track, no_track
@@ -123,10 +123,10 @@ def finetune(
     model file with parent, run id, training record and privacy ledger) and `metrics.json`. Under a launcher
     (torchrun), every process calls this; rank 0 alone writes and reports (`taskvec.training.distributed`).
     """
-    config = config or FinetuneConfig()
+    header = read_kind(base, "model")
+    config = (config or FinetuneConfig()).for_base(starts_pretrained(header.meta))
     config.check()
     out = Path(out_dir)
-    header = read_kind(base, "model")
     spec = ModelSpec.from_dict(header.meta["model"])
     if config.resume and (out / MODEL_FILE).exists():
         return finished(out)

@@ -9,9 +9,9 @@ modes other than `all` avoid the slow per-example gradients of depthwise convolu
 import importlib
 import pkgutil
 
-from taskvec.training.modes.base import TrainMode, VectorLayout, head_prefixes, parse_mode, registered
+from taskvec.training.modes.base import TrainMode, VectorLayout, default_mode, head_prefixes, parse_mode, registered
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["TrainMode", "VectorLayout", "head_prefixes", "parse_mode", "registered"]
+__all__ = ["TrainMode", "VectorLayout", "default_mode", "head_prefixes", "parse_mode", "registered"]

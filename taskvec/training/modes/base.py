@@ -48,6 +48,7 @@ class TrainMode:
     pass_batch: ClassVar[int] = 0  # the batch that paces its one pass (0: the gradient modes' default)
     refuses: ClassVar[tuple[str, ...]] = ()  # FinetuneConfig fields that must keep their default
     refusal: ClassVar[str] = ""  # why, in a few words
+    default_for: ClassVar[str] = ""  # "pretrained" | "scratch": the default for bases with / without trained weights
 
     k: int = 0  # the count of `arg`
 
@@ -101,6 +102,13 @@ class TrainMode:
 def registered() -> list[type[TrainMode]]:
     """Every registered mode, by name."""
     return [MODES[name] for name in sorted(MODES)]
+
+
+def default_mode(pretrained: bool) -> str:
+    """The mode a run trains unless told: the one declared the default for a base that starts from pretrained
+    weights (`pretrained`), or for one without."""
+    kind = "pretrained" if pretrained else "scratch"
+    return next(m.name for m in registered() if m.default_for == kind)
 
 
 def parse_mode(text: str) -> TrainMode:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 class Full(TrainMode):
     name = "all"
     lr = 1e-4  # full fine-tuning: 1e-4 and below
+    default_for = "scratch"
     carries_all = True
 
     def trainable_names(self, net: nn.Module, task: str) -> list[str]:

@@ -26,8 +26,9 @@ class NormBias(TrainMode):
     name = "norm-bias"
     help = "BitFit"
     lr = 3e-3  # BitFit's paper: 1e-3 and above
+    default_for = "pretrained"
 
     def trainable_names(self, net: nn.Module, task: str) -> list[str]:
         head, modules = head_prefixes(net, task), dict(net.named_modules())
         return [n for n, _ in net.named_parameters()
-                if n.startswith(head) or n.endswith(".bias") or is_norm(modules[n.rsplit(".", 1)[0]])]
+                if n.startswith(head) or n.endswith(".bias") or is_norm(modules[n.rpartition(".")[0]])]
