@@ -6,13 +6,43 @@ Commands live in small modules beside this one and import torch/timm only inside
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+import typer.core
 
 from taskvec import __version__
 from taskvec.cli import core, exchange, merge, privacy, simulate, train
 from taskvec.cli.console import STATE, USAGE, error_message, fail
 
+TYPES = {"bool": "", "int": "INTEGER", "float": "FLOAT", "str": "TEXT", "path": "PATH", "Path": "PATH"}
+
+
+def _plain_types(command: Any) -> None:
+    """Help names value types as click does (TEXT, PATH, FLOAT; nothing for a flag), not as typer's annotations
+    (`<bool>`, `<list[Path]>`), in `command` and every command under it."""
+    ctx = typer.Context(command)
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if param is None:
+            continue
+        shown = param.display_type(ctx).strip("<>")
+        label = TYPES.get(shown.removeprefix("list[").removesuffix("]"), shown.upper())
+        if isinstance(param, typer.core.TyperArgument):  # its name stays what usage shows
+            param.display_type_rich = lambda ctx, label=label: label  # type: ignore[method-assign,misc]
+        else:
+            param.metavar = label
+    for sub in getattr(command, "commands", {}).values():
+        _plain_types(sub)
+
+
+class _Group(typer.core.TyperGroup):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _plain_types(self)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="taskvec",
     help=(
         "Train one medical imaging model across hospitals without sharing images: each site fine-tunes "

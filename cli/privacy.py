@@ -24,7 +24,8 @@ def audit(
         None, help="The base the model was fine-tuned from: adds the difficulty-calibrated attack."
     ),
     device: str = device_option(),
-    batch_size: int = typer.Option(64, "--batch-size"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass (memory only; the losses "
+                                                            "do not depend on it)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Membership inference: ROC AUC and TPR at 1% FPR of telling training images from unseen ones; or,

@@ -64,7 +64,7 @@ def simulate(
     max_grad_norm: float = typer.Option(DEFAULT_MAX_GRAD_NORM, "--max-grad-norm",
                                         help="Per-unit clipping norm for --dp."),
     jobs: int = typer.Option(1, help="Fine-tune sites in this many parallel processes."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the split into sites, the held-out shares and every run."),
     seeds: str | None = typer.Option(
         None, help="Repeat for these seeds (e.g. 0,1,2; each in OUT/seed<S>) and report mean ± sd with error bars."
     ),

@@ -103,10 +103,12 @@ def finetune(
     lr: float | None = typer.Option(None, help=LR_HELP),
     ema: float | None = typer.Option(
         None, help=f"EMA decay of the weights (0: off; default {DP_EMA:g} with --dp, else off)"),
-    weight_decay: float = typer.Option(DEFAULTS.weight_decay, "--weight-decay"),
+    weight_decay: float = typer.Option(
+        DEFAULTS.weight_decay, "--weight-decay", help="AdamW weight decay (not on biases and normalisation weights)."),
     img_size: int | None = typer.Option(None, "--img-size", help="Input size (default: the base's)."),
     device: str = device_option(),
-    seed: int = typer.Option(DEFAULTS.seed),
+    seed: int = typer.Option(DEFAULTS.seed, help="Seed of the validation split, shuffling, augmentation and dropout "
+                                                 "(with --dp only of the split: the rest draws from a secret key)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last finished epoch."),
     val_fraction: float = typer.Option(
         DEFAULTS.val_fraction, "--val-fraction",
@@ -186,7 +188,8 @@ def evaluate(
     data: Path = typer.Option(..., help="Data in any layout `finetune` reads."),
     split: str | None = typer.Option(None, help="train | val | test | all (default: test if there is one, else all)"),
     device: str = device_option(),
-    batch_size: int = typer.Option(64, "--batch-size"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass (memory only; the metrics "
+                                                            "do not depend on it)."),
     as_json: bool = typer.Option(False, "--json", help="Print every metric as JSON."),
 ) -> None:
     """Evaluate a model: accuracy, balanced accuracy, macro-F1, AUROC; or Dice, Jaccard, pixel accuracy."""
