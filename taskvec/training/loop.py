@@ -347,7 +347,7 @@ def _one_pass(run: _Run, config: FinetuneConfig, train: ImageDataset, val: Image
         return run.history
     t0 = time.perf_counter()
     fitted = run.mode.fit(run.net, run.spec, train, device=run.device, batch_size=run.batch_size, dp=config.dp,
-                          run_id=run.run_id, track=track)
+                          run_id=run.run_id, track=track, run_dir=run.out)
     run.setup = replace(run.setup, privacy=lambda: fitted)
     seconds = time.perf_counter() - t0
     record = EpochRecord(1, 0, None, 0.0, seconds, len(train) / seconds)

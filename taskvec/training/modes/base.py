@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from taskvec.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    import numpy as np
     import torch
     from torch import nn
 
@@ -94,9 +97,16 @@ class TrainMode:
                               field="head", got=head)
 
     def fit(self, net: nn.Module, spec: ModelSpec, data: ImageDataset, *, device: torch.device, batch_size: int,
-            dp: DPConfig | None, run_id: str, track: Track[Any]) -> list[dict[str, Any]]:
-        """A one-pass mode's fit of `net` on `data`, in place; returns its ledger entries."""
+            dp: DPConfig | None, run_id: str, track: Track[Any], run_dir: Path) -> list[dict[str, Any]]:
+        """A one-pass mode's fit of `net` on `data`, in place (files of its own go in `run_dir`); returns its
+        ledger entries."""
         raise NotImplementedError(f"train {self} takes gradient steps")
+
+    def release(self, model: Path, run_id: str | None, parent: str | None
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """What the vector of the run that wrote `model` carries instead of weight deltas: its tensors and the
+        header's `sufficient` record; None: the deltas."""
+        return None
 
 
 def registered() -> list[type[TrainMode]]:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from taskvec.training.modes.base import TrainMode, head_names, register
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
     from torch import nn
 
@@ -44,7 +46,7 @@ class ClassMeans(TrainMode):
             release_noise(dp)  # refuses a multiplier over the target
 
     def fit(self, net: nn.Module, spec: ModelSpec, data: ImageDataset, *, device: torch.device, batch_size: int,
-            dp: DPConfig | None, run_id: str, track: Track[Any]) -> list[dict[str, Any]]:
+            dp: DPConfig | None, run_id: str, track: Track[Any], run_dir: Path) -> list[dict[str, Any]]:
         """Set the head to the class-means head; its `gaussian-sum` entry under `dp`."""
         import torch
 

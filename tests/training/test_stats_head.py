@@ -1,0 +1,177 @@
+"""`finetune --train stats-head:P`: the statistics and the site's head against an independent numpy computation
+on the pooled features, the DP release (its sensitivity for image and patient units, with a check that the
+test fails without the clip; its `gaussian-sum` entry and ε against dp-accounting), and what it refuses
+before anything is written."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import dp_accounting as dpa
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from stats_reference import pooled_features, ridge_reference
+from synthetic_data import npz_file, seg_folder
+
+from taskvec.errors import ConfigError, PrivacyConfigError, TaskvecError
+from taskvec.io.files import read_kind
+from taskvec.models.spec import ModelSpec, build_base, save_model
+from taskvec.privacy.dpsgd import DPConfig
+from taskvec.privacy.ledger import verify_ledger
+from taskvec.training import sufficient
+from taskvec.training.class_means import unit_weights
+from taskvec.training.data import load_data
+from taskvec.training.loop import FinetuneConfig, finetune
+
+STATS = "statistics.safetensors"
+
+
+def pld_epsilon(event: Any, delta: float) -> float:
+    """ε by dp-accounting's PLD accountant (add-remove)."""
+    acc = dpa.pld.PLDAccountant(value_discretization_interval=1e-4)
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, Path]:
+    net, spec = build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=32, seed=0)
+    base = tmp_path / "base.safetensors"
+    save_model(net, spec, base)
+    return base, npz_file(tmp_path / "d.npz", n=60)
+
+
+def _run(base: Path, data: Any, out: Path, mode: str = "stats-head:4", dp: DPConfig | None = None) -> Path:
+    cfg = FinetuneConfig(train=mode, val_fraction=0.0, device="cpu", dp=dp)
+    return finetune(base, data, out, cfg).model_path
+
+
+@pytest.mark.parametrize("mode, dim", [("stats-head:4", 4), ("stats-head:10000", None)])
+def test_statistics_and_head_match_the_pooled_features(setup: tuple[Path, Path], tmp_path: Path, mode: str,
+                                                       dim: int | None) -> None:
+    base, data = setup
+    model = _run(base, data, tmp_path / "run", mode)
+    feats, labels = pooled_features(base, data)
+    stats = load_file(str(tmp_path / "run" / STATS))
+    record = read_kind(tmp_path / "run" / STATS, "statistics").meta["sufficient"]
+    d = feats.shape[1]
+    p = dim or d
+    assert record["features"]["dim"] == d and record["features"]["projection"]["dim"] == p
+    proj = sufficient.projection(record["features"]["projection"]["seed"], d, p)
+    if dim is None:
+        assert record["features"]["projection"]["seed"] is None and np.array_equal(proj, np.eye(d))
+    np.testing.assert_allclose(proj @ proj.T, np.eye(p), atol=1e-12)
+    g = feats @ proj.T
+    np.testing.assert_array_equal(stats["sufficient.counts"], np.bincount(labels, minlength=2))
+    np.testing.assert_allclose(stats["sufficient.sums"], np.stack([g[labels == c].sum(0) for c in range(2)]),
+                               rtol=1e-5, atol=1e-5 * np.abs(g).max())
+    np.testing.assert_allclose(stats["sufficient.moments"], g.T @ g, rtol=1e-5, atol=1e-5 * (g**2).sum(1).max())
+    weight, bias = ridge_reference(feats, labels, 2, proj, sufficient.DEFAULT_RIDGE)
+    got = load_file(str(model))
+    np.testing.assert_allclose(got["classifier.weight"], weight, rtol=1e-3, atol=1e-4 * np.abs(weight).max())
+    np.testing.assert_allclose(got["classifier.bias"], bias, rtol=1e-3, atol=1e-4)
+    before = load_file(str(base))
+    assert all(np.array_equal(v, before[k]) for k, v in got.items() if not k.startswith("classifier."))
+
+
+def _released(feats: np.ndarray, labels: list[int], groups: list[str] | None, keep: list[bool], clip: float | None,
+              proj: np.ndarray) -> np.ndarray:
+    """The released (pre-noise) vector Σ (S, C·n, M/C) over the units kept, as the mode sums it."""
+    idx = [i for i, on in enumerate(keep) if on]
+    w = unit_weights([groups[i] for i in idx] if groups else None, len(idx)).numpy()
+    s = sufficient.contributions(feats[idx], [labels[i] for i in idx], w, 3, proj, clip)
+    c = clip or 1.0
+    return np.concatenate([s["sums"].ravel(), c * s["counts"], s["moments"].ravel() / c])
+
+
+@pytest.mark.parametrize("unit", ["image", "patient"])
+def test_one_unit_moves_the_released_sums_by_at_most_the_sensitivity(unit: str) -> None:
+    """Removing one image (or one patient, whose images span classes and norms from 1e-3 to 1e3) moves the
+    released sums by at most √3·C in L2 norm, attained by an image at the clip; without the clip it would not
+    hold (the check that this test can fail)."""
+    rng = np.random.default_rng(0)
+    n, d, clip = 30, 8, 0.7
+    feats = rng.normal(size=(n, d)) * np.logspace(-3, 3, n)[:, None]
+    labels = [i % 3 for i in range(n)]
+    groups = [f"p{i // 4}" for i in range(n)] if unit == "patient" else None
+    proj = sufficient.projection(sufficient.projection_seed("b" * 64, d, 5), d, 5)
+
+    def largest_move(c: float | None) -> float:
+        full = _released(feats, labels, groups, [True] * n, c, proj)
+        units = sorted(set(groups)) if groups else list(range(n))
+        return max(float(np.linalg.norm(full - _released(
+            feats, labels, groups, [(groups[i] if groups else i) != u for i in range(n)], c, proj))) for u in units)
+
+    assert largest_move(clip) <= sufficient.SENSITIVITY * clip * (1 + 1e-9)
+    assert largest_move(None) > 10 * sufficient.SENSITIVITY * clip  # unclipped features break the bound
+    at_clip = proj[:1] / np.linalg.norm(proj[:1]) * 5.0  # in P's row space, norm above the clip
+    one = _released(at_clip, [0], None, [True], clip, proj)
+    assert np.linalg.norm(one) == pytest.approx(sufficient.SENSITIVITY * clip)
+
+
+def test_dp_release_is_one_gaussian_sum_of_sensitivity_root3_clip(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    base, data = setup
+    dp = DPConfig(max_grad_norm=2.0, delta=1e-5, noise_multiplier=1.5, seed=3)
+    model = _run(base, data, tmp_path / "a", dp=dp)
+    again = _run(base, data, tmp_path / "b", dp=dp)
+    clear = load_file(str(_run(base, data, tmp_path / "c").parent / STATS))
+    noisy = load_file(str(model.parent / STATS))
+    assert all(np.array_equal(noisy[k], load_file(str(again.parent / STATS))[k]) for k in noisy)  # seeded
+    sigma = 1.5 * math.sqrt(3) * 2.0
+    # the clip is far above these features' norms, so the noise is all that differs
+    diff = noisy["sufficient.sums"] - clear["sufficient.sums"]
+    assert np.std(diff) == pytest.approx(sigma, rel=0.25)
+    assert np.std(noisy["sufficient.counts"] - clear["sufficient.counts"]) < 5 * sigma / 2.0
+    assert np.array_equal(noisy["sufficient.moments"], noisy["sufficient.moments"].T)
+    header = read_kind(model, "model").meta
+    (entry,) = header["privacy"]
+    assert "samples" not in header["training"]
+    assert (entry["mechanism"], entry["unit"], entry["relation"]) == ("gaussian-sum", "image", "add-remove")
+    assert (entry["sample_rate"], entry["steps"], entry["noise_multiplier"]) == (1.0, 1, 1.5)
+    assert entry["max_grad_norm"] == pytest.approx(math.sqrt(3) * 2.0)
+    assert entry["epsilon"] == pytest.approx(pld_epsilon(dpa.GaussianDpEvent(1.5), 1e-5), rel=0.02)
+    verify_ledger([entry], "model")
+    record = read_kind(model.parent / STATS, "statistics").meta["sufficient"]
+    assert record["noise_std"] == pytest.approx({"sums": sigma, "counts": sigma / 2.0, "moments": sigma * 2.0})
+
+
+def test_patients_are_the_unit_when_the_data_names_them(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    base, data = setup
+    spec = ModelSpec.from_dict(read_kind(base, "model").meta["model"])
+    train = load_data(data, spec, val_fraction=0.0).train
+    assert train is not None
+    train.groups = [f"p{i // 4}" for i in range(len(train))]
+    model = _run(base, train, tmp_path / "run", dp=DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=3.0))
+    (entry,) = read_kind(model, "model").meta["privacy"]
+    assert entry["unit"] == "patient" and 2.9 <= entry["epsilon"] <= 3.0
+
+
+def test_refusals_come_before_anything_is_written(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    base, data = setup
+    over = DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=1.0, noise_multiplier=0.3)
+    with pytest.raises(PrivacyConfigError, match="above target_epsilon 1"):
+        _run(base, data, tmp_path / "over", dp=over)
+    assert not (tmp_path / "over").exists()
+    net, spec = build_base("test_efficientnet", task="segmentation", num_classes=2, img_size=32, seed=0)
+    save_model(net, spec, tmp_path / "seg.safetensors")
+    with pytest.raises(ConfigError, match="stats-head:4 is for classification"):
+        _run(tmp_path / "seg.safetensors", seg_folder(tmp_path / "segdata"), tmp_path / "seg")
+    assert not (tmp_path / "seg").exists()
+    with pytest.raises(ConfigError, match="^epochs does not apply to `train` stats-head:4"):
+        FinetuneConfig(train="stats-head:4", epochs=2).check()
+    with pytest.raises(ConfigError, match="train must be one of"):
+        FinetuneConfig(train="stats-head").check()
+
+
+def test_non_finite_features_are_refused_and_nothing_is_released(tmp_path: Path) -> None:
+    net, spec = build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=32, seed=0)
+    with torch.no_grad():
+        net.conv_head.weight.fill_(float("inf"))  # type: ignore[operator, union-attr]
+    save_model(net, spec, tmp_path / "base.safetensors")
+    with pytest.raises(TaskvecError, match="features of a training image are not finite"):
+        _run(tmp_path / "base.safetensors", npz_file(tmp_path / "d.npz", n=20), tmp_path / "run")
+    assert not (tmp_path / "run" / STATS).exists() and not (tmp_path / "run" / "model.safetensors").exists()
