@@ -12,7 +12,7 @@ import typer
 import typer.core
 
 from taskvec import __version__
-from taskvec.cli import core, exchange, merge, privacy, simulate, train
+from taskvec.cli import core, exchange, merge, plan, privacy, simulate, train
 from taskvec.cli.console import STATE, USAGE, error_message, fail
 
 TYPES = {"bool": "", "int": "INTEGER", "float": "FLOAT", "str": "TEXT", "path": "PATH", "Path": "PATH"}
@@ -76,6 +76,7 @@ merge.register(app)
 exchange.register(app)
 train.register(app)
 privacy.register(app)
+plan.register(app)
 simulate.register(app)
 
 

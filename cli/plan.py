@@ -1,0 +1,50 @@
+"""`taskvec plan-dp`: what a DP run will look like at a site, from public numbers and its count of units, before
+it touches the data (`taskvec.training.planning`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from taskvec.cli.console import console, print_json
+from taskvec.privacy import DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM, DEFAULT_SAMPLE_RATE
+
+
+def plan_dp(
+    base: Path = typer.Option(..., help="The base model file the site would fine-tune."),
+    units: int = typer.Option(..., help="The site's own count of units (images, or patients)."),
+    epsilon: float = typer.Option(..., help="Target ε of the run."),
+    delta: float = typer.Option(DEFAULT_DELTA, help="δ of the guarantee."),
+    clip: float = typer.Option(DEFAULT_MAX_GRAD_NORM, "--max-grad-norm", help="Clip C of each unit's contribution."),
+    sample_rate: float = typer.Option(DEFAULT_SAMPLE_RATE, "--sample-rate", help="DP-SGD's sampling rate q."),
+    stats_dim: int = typer.Option(128, "--stats-dim", help="P of the statistics head's mode (`stats-head:P`)."),
+    mode: list[str] | None = typer.Option(None, "--mode", help="Modes to predict (repeat); default: every DP-SGD "
+                                          "mode without a count and the statistics head."),
+    as_json: bool = typer.Option(False, "--json", help="Print the prediction as JSON."),
+) -> None:
+    """Predict a DP run before it runs: each mode's noise multiplier for the target ε, its per-step noise-to-signal
+    ratio z·√d/(q·N) (DP-SGD) or its class-sum ratio z·√3·√p·k/N (statistics head), and the recommended mode."""
+    from taskvec.training.planning import plan_dp as predict
+
+    plan = predict(base, units, epsilon, delta, clip=clip, sample_rate=sample_rate, stats_dim=stats_dim,
+                   modes=mode or None)
+    if as_json:
+        print_json(asdict(plan))
+        return
+    table = Table(title=f"{units} units, ε = {epsilon:g}, δ = {delta:g}, clip {clip:g}, q = {sample_rate:g}")
+    for col in ("mode", "noise multiplier", "steps", "coordinates", "noise / signal"):
+        table.add_column(col)
+    for p in plan.modes:
+        table.add_row(p.mode, f"{p.noise_multiplier:.3g}", str(p.steps), f"{p.coordinates:,}",
+                      f"{p.noise_to_signal:.3g}")
+    console.print(table)
+    console.print(f"recommended: {plan.recommended}")
+    for w in plan.warnings:
+        console.print(f"warning: {w}", style="yellow")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan-dp")(plan_dp)
