@@ -110,26 +110,20 @@ def inspect(
     if as_json:
         print_json(info.to_dict())
         return
-    try:
-        _print_summary(info)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:  # metadata written by someone else
-        from taskvec.errors import FileFormatError
-
-        raise FileFormatError(f"{file}: taskvec metadata is malformed ({type(e).__name__}: {e}); "
-                              "`taskvec inspect --json` shows it", path=file) from None
+    _print_summary(info)
 
 
 def _print_summary(info: Any) -> None:
-    """The `FileInfo` of `taskvec inspect` as a table."""
+    """The `FileInfo` of `taskvec inspect` as a table; malformed taskvec metadata is an error naming its field."""
     from rich.table import Table
 
-    from taskvec.io.lineage import model_problem, vector_problem
-    from taskvec.privacy.ledger import summarize_ledger
+    from taskvec.io.schema import ModelHeader, VectorSummary, parse_header
+    from taskvec.privacy.ledger import summarize_ledger, validate_ledger
 
-    m = info.metadata
-    problem = {"model": model_problem, "vector": vector_problem}.get(info.kind, lambda _: None)(m)
-    if problem:
-        raise ValueError(f"{problem[0]} {problem[1]}")
+    def ledger(entries: list[Any], where: str) -> str:
+        return summarize_ledger(validate_ledger(entries, where))
+
+    typed = parse_header(info.metadata, info.kind, info.path) if info.kind in ("model", "vector") else None
     t = Table(show_header=False, box=None)
     t.add_column(no_wrap=True, style="bold")
     t.add_column(overflow="fold")
@@ -141,40 +135,39 @@ def _print_summary(info: Any) -> None:
         ("L2 norm", f"{info.l2_norm:.6g}"),
         ("integrity", {True: "ok", False: "MISMATCH", None: "no stored hash"}[info.integrity]),
     ]
-    if info.kind == "model":
-        spec = m["model"]
-        rows += [("identity", m["identity"]), ("model", f"{spec['arch']} {spec['task']} {spec['num_classes']} classes"),
-                 ("labels", ", ".join(spec["labels"]))]
-        if "parent" in m:
-            rows.append(("parent base", m["parent"]))
-        rows.append(("version", str(m.get("version", 0))))
-        rows += [(f"  v{e['version']}", f"{e['identity']}  " + (f"{len(e['vectors'])} vectors" if e["version"]
-                                                                    else "root")) for e in m.get("lineage", [])]
-        if "merge" in m:
-            mg = m["merge"]
-            stale = f", staleness a={mg['staleness']:g}" if "staleness" in mg else ""
-            rows.append(("merge", f"{mg['method']} of {len(mg['vectors'])} vectors, λ={mg['scale']:g}{stale}"))
-            rows += [(f"  {v['contributor']}", f"{v['sha256'][:12]} {_from_version(v)}{summarize_ledger(v['privacy'])}")
-                     for v in mg["vectors"]]
-    elif info.kind == "vector":
-        rows += [("sha256", m["sha256"]),
-                 ("base", f"{m['base']['identity']} ({m['base']['arch']}), version {m['base'].get('version', 0)}"),
-                 ("contributor", str(m["contributor"])), ("samples", str(m.get("samples"))),
-                 ("dtype", m["dtype"])]
-        if "pre_clip" in m.get("norm", {}):
-            rows.append(("norm before clip", f"{m['norm']['pre_clip']:.6g}"))
-    if info.kind != "state_dict":
-        rows += [("created", m.get("created", "?")), ("privacy", summarize_ledger(info.privacy))]
+
+    def merged(v: VectorSummary) -> tuple[str, str]:
+        stale = "" if v.base_version is None else (
+            f"from v{v.base_version} (d={v.staleness}, s={v.staleness_weight or 1:.3g}) ")
+        where = f"{info.path}: merged vector {v.sha256[:12]}"
+        return f"  {v.contributor}", f"{v.sha256[:12]} {stale}{ledger(v.privacy, where)}"
+
+    if isinstance(typed, ModelHeader):
+        labels = typed.labels or []
+        rows += [("identity", typed.identity),
+                 ("model", f"{typed.arch} {typed.task} {typed.model.get('num_classes')} classes"),
+                 ("labels", ", ".join(map(str, labels)))]
+        if typed.parent is not None:
+            rows.append(("parent base", typed.parent))
+        rows.append(("version", str(typed.number)))
+        rows += [(f"  v{e.version}", f"{e.identity}  " + (f"{len(e.vectors or ())} vectors" if e.version else "root"))
+                 for e in typed.lineage or ()]
+        if typed.merge is not None:
+            mg = typed.merge
+            stale = f", staleness a={mg.extra['staleness']:g}" if "staleness" in mg.extra else ""
+            rows.append(("merge", f"{mg.method} of {len(mg.vectors)} vectors, λ={mg.scale:g}{stale}"))
+            rows += [merged(v) for v in mg.vectors]
+    elif typed is not None:
+        b = typed.base
+        rows += [("sha256", typed.sha256), ("base", f"{b.identity} ({b.arch}), version {b.number}"),
+                 ("contributor", typed.contributor), ("samples", str(typed.samples)), ("dtype", str(typed.dtype))]
+        if "pre_clip" in (typed.norm or {}):
+            rows.append(("norm before clip", f"{typed.norm['pre_clip']:.6g}"))  # type: ignore[index]
+    if typed is not None:
+        rows += [("created", typed.created or "?"), ("privacy", ledger(typed.ledger, info.path))]
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
-
-
-def _from_version(v: dict[str, Any]) -> str:
-    """`from v1 (d=1, s=0.707) ` for a merged vector that records its base version."""
-    if "base_version" not in v:
-        return ""
-    return f"from v{v['base_version']} (d={v['staleness']}, s={v['staleness_weight']:.3g}) "
 
 
 def register(app: typer.Typer) -> None:

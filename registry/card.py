@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from taskvec.io.schema import ModelHeader
 from taskvec.privacy.ledger import summarize_ledger
 
 PIPELINE_TAGS = {"classification": "image-classification", "segmentation": "image-segmentation"}
@@ -50,21 +51,21 @@ def render_card(info: Any, entries: Sequence[Any], address: str) -> str:
     return _card(body, base["task"], ["data-vector"], info.card)
 
 
-def render_model_card(meta: dict[str, Any], repo_id: str, card: dict[str, Any], version: str | None) -> str:
+def render_model_card(m: ModelHeader, repo_id: str, card: dict[str, Any], version: str | None) -> str:
     """The card of a published merged model: how it was made and from which vectors."""
-    spec, merge = meta["model"], meta.get("merge", {})
-    vectors = merge.get("vectors", [])
+    vectors = m.merge.vectors if m.merge else ()
     rows = "\n".join(
-        f"| {v['contributor']} | `{v['sha256'][:16]}` | {v.get('samples') or '?'} | {summarize_ledger(v['privacy'])} |"
+        f"| {v.contributor} | `{v.sha256[:16]}` | {v.samples or '?'} | {summarize_ledger(v.privacy)} |"
         for v in vectors
     )
+    method, scale = (m.merge.method, m.merge.scale) if m.merge else ("?", "?")
     body = (
-        f"# {spec['arch']} merged with taskvec{f' ({version})' if version else ''}\n\n"
-        f"A {spec['task']} model (labels {', '.join(spec['labels'])}) made by merging data vectors from "
-        f"{len(vectors)} sites: `{merge.get('method', '?')}`, λ = {merge.get('scale', '?')}, on base "
-        f"`{meta.get('parent', '?')}`. Model identity `{meta['identity']}`.\n\n"
+        f"# {m.arch} merged with taskvec{f' ({version})' if version else ''}\n\n"
+        f"A {m.task} model (labels {', '.join(m.labels or [])}) made by merging data vectors from "
+        f"{len(vectors)} sites: `{method}`, λ = {scale}, on base "
+        f"`{m.parent or '?'}`. Model identity `{m.identity}`.\n\n"
         f"```python\nimport timm\nmodel = timm.create_model('hf-hub:{repo_id}', pretrained=True)\n```\n\n"
         "| contributor | vector sha256 | samples | privacy |\n|---|---|---|---|\n"
         f"{rows}\n"
     )
-    return _card(body, spec["task"], ["merged", "timm", "image-classification"], card)
+    return _card(body, m.task, ["merged", "timm", "image-classification"], card)

@@ -36,7 +36,7 @@ def smp_config(model_path: str | os.PathLike[str], folder: Path) -> Path:
     from taskvec.io.files import write_json
     from taskvec.models.spec import ModelSpec, create_module
 
-    spec = ModelSpec.from_dict(read_kind(model_path, "model").meta["model"])
+    spec = ModelSpec.from_dict(read_kind(model_path, "model").model.model)
     spec.dp_compatible = None
     net: Any = create_module(spec)
     write_json(folder / CONFIG_FILE, {**net.config, "encoder_weights": None, "_model_class": type(net).__name__})
@@ -51,7 +51,7 @@ def timm_config(model_path: str | os.PathLike[str], folder: Path) -> Path:
 
     from taskvec.models.spec import load_model
 
-    spec = read_kind(model_path, "model").meta["model"]
+    spec = read_kind(model_path, "model").model.model
     size = (spec["in_chans"], spec["img_size"], spec["img_size"])
     save_for_hf(load_model(model_path), str(folder), model_config={"label_names": spec["labels"]},
                 data_config={"input_size": size}, safe_serialization=True)
@@ -69,23 +69,23 @@ def publish_model(
     store = open_hub(repo, revision=revision, endpoint=endpoint, token=token, private=private)
     repo_id = store.repo_id
     h = read_kind(model, "model")
-    meta = h.meta
-    if (meta["model"].get("dp_compatible") or {}).get("norm", "frozen-batchnorm") != "frozen-batchnorm":
+    m = h.model
+    if (m.model.get("dp_compatible") or {}).get("norm", "frozen-batchnorm") != "frozen-batchnorm":
         raise TaskvecError(
             f"{model}: its GroupNorm layers (DP-ready conversion) load with neither timm nor smp; "
             "share this model as a taskvec file instead", path=model
         )
-    version = meta.get("merge", {}).get("version")
+    version = m.merge.extra.get("version") if m.merge else None
     tag = tag if tag is not None else (f"v{version}" if version is not None else None)
     with tempfile.TemporaryDirectory() as tmp:
-        config = (timm_config if meta["model"]["task"] == "classification" else smp_config)(h.path, Path(tmp))
+        config = (timm_config if m.task == "classification" else smp_config)(h.path, Path(tmp))
         files: dict[str, bytes | Path] = {
             CONFIG_FILE: config, WEIGHTS_FILE: h.path,
-            "README.md": render_model_card(meta, repo_id, card or {}, tag).encode(),
+            "README.md": render_model_card(m, repo_id, card or {}, tag).encode(),
         }
         store.create()
         label = f" {tag}" if tag else ""
-        store.update(lambda _r: files, f"taskvec: publish merged model{label} ({meta['identity'][:12]})")
+        store.update(lambda _r: files, f"taskvec: publish merged model{label} ({m.identity[:12]})")
     if tag is not None:
         with store.errors():
             store.api.create_tag(repo_id, tag=tag, revision=store.last_commit or store.head())

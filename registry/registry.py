@@ -14,7 +14,7 @@ from typing import Any
 from taskvec.errors import FileFormatError, MismatchError, TaskvecError
 from taskvec.io.files import atomic_output, file_digest, now, read_kind
 from taskvec.io.layout import check_against_base
-from taskvec.io.lineage import is_sha
+from taskvec.io.schema import is_sha
 from taskvec.progress import Track, no_track
 from taskvec.registry.schema import (
     CARD_FILE,
@@ -109,12 +109,12 @@ class Registry:
         bh = read_kind(base, "model")
         check_contributor(signer)
         check_tensors(bh)
-        spec = bh.meta["model"]
+        spec = bh.model.model
         file_sha = sha256_file(bh.path)
         created = now()
-        v0 = Version(0, bh.meta["identity"], file_sha, version_path(0), None, created, signer, _sign(key, file_sha))
+        v0 = Version(0, bh.model.identity, file_sha, version_path(0), None, created, signer, _sign(key, file_sha))
         info = RegistryInfo(
-            base={"identity": bh.meta["identity"], "arch": spec["arch"], "task": spec["task"],
+            base={"identity": bh.model.identity, "arch": spec["arch"], "task": spec["task"],
                   "tensors": {k: [t.dtype, list(t.shape)] for k, t in sorted(bh.tensors.items())},
                   "num_classes": spec["num_classes"], "labels": spec["labels"]},
             created=created, card=card or {}, versions=[v0],
@@ -170,7 +170,7 @@ class Registry:
         h = read_kind(vector, "vector")
         check_vector_meta(h)
         check_tensors(h)
-        contributor = h.meta["contributor"]
+        contributor = h.vector.contributor
         file_sha = sha256_file(h.path)
         signature = _sign(key, file_sha)
         info = self.info()
@@ -184,7 +184,7 @@ class Registry:
             check_push_policy(info, contributor, signature, file_sha, str(h.path))
             entries = load_index(r.read_text(INDEX_FILE), self.address)
             for e in entries:
-                if e.sha256 == h.meta["sha256"]:
+                if e.sha256 == h.vector.sha256:
                     result[:] = [PushResult(e, False)]
                     return None
             entry = Entry.from_header(h, file_sha, now(), signature)
@@ -197,7 +197,7 @@ class Registry:
             files[CARD_FILE] = render_card(info, entries, self.address).encode()
             return files
 
-        self.store.update(change, f"taskvec: add vector {h.meta['sha256'][:12]} from {contributor}")
+        self.store.update(change, f"taskvec: add vector {h.vector.sha256[:12]} from {contributor}")
         return result[0]
 
     def fetch(self, entry: Entry, dest: str | os.PathLike[str], policy: TrustPolicy) -> Path:
@@ -272,7 +272,7 @@ class Registry:
 
         def change(r: Reader) -> dict[str, bytes | Path] | None:
             info = self.info(r)
-            same = info.version_of(h.meta["identity"])
+            same = info.version_of(h.model.identity)
             if same is not None and same.sha256 == file_sha:
                 result[:] = [(same, False)]
                 return None
@@ -286,14 +286,14 @@ class Registry:
             check_push_policy(info, signer, signature, file_sha, str(h.path))
             n = info.newest.version + 1
             path = version_path(n)
-            v = Version(n, h.meta["identity"], file_sha, path, info.newest.identity, now(), signer, signature)
+            v = Version(n, h.model.identity, file_sha, path, info.newest.identity, now(), signer, signature)
             info.versions.append(v)
             result[:] = [(v, True)]
             entries = load_index(r.read_text(INDEX_FILE), self.address)
             return {path: h.path, REGISTRY_FILE: info.to_json().encode(),
                     CARD_FILE: render_card(info, entries, self.address).encode()}
 
-        self.store.update(change, f"taskvec: publish version {h.meta.get('version')} ({h.meta['identity'][:12]})")
+        self.store.update(change, f"taskvec: publish version {h.model.number} ({h.model.identity[:12]})")
         return result[0]
 
     def version(self, which: int | None = None, info: RegistryInfo | None = None) -> Version:
@@ -355,8 +355,8 @@ class Registry:
                     file_sha = self.store.copy_to(path, local, None)
                     h = read_kind(local, "vector")
                     check_vector_meta(h)
-                    if file_digest(h) != h.meta["sha256"] or path != vector_path(h.meta["contributor"],
-                                                                               h.meta["sha256"]):
+                    if file_digest(h) != h.vector.sha256 or path != vector_path(h.vector.contributor,
+                                                                               h.vector.sha256):
                         raise IntegrityError(f"{self.address}/{path}: content does not match its name")
                     sig_text = reader.read_text(signature_path(path))
                     sig = load_signature(sig_text, path) if sig_text is not None else None
@@ -365,7 +365,7 @@ class Registry:
                     continue
                 finally:
                     local.unlink(missing_ok=True)
-                when = pushed.get(h.meta["sha256"], files[path])
+                when = pushed.get(h.vector.sha256, files[path])
                 entries.append(Entry.from_header(h, file_sha, when, sig))
         entries.sort(key=lambda e: (e.pushed, e.sha256))
 

@@ -26,7 +26,7 @@ from typing import Any
 from taskvec.errors import FileFormatError, TaskvecError
 from taskvec.io.files import DTYPE_SIZES, Header
 from taskvec.io.lineage import describe_versions as describe_identities
-from taskvec.io.lineage import is_sha
+from taskvec.io.schema import is_sha
 from taskvec.registry.trust import check_contributor
 
 REGISTRY_FILE = "registry.json"
@@ -83,12 +83,11 @@ class Entry:
     def from_header(
         cls, h: Header, file_sha256: str, pushed: str, signature: dict[str, str] | None = None
     ) -> Entry:
-        m = h.meta
+        v = h.vector
         return cls(
-            sha256=m["sha256"], contributor=m["contributor"], path=vector_path(m["contributor"], m["sha256"]),
-            file_sha256=file_sha256, size=h.size, base=m["base"]["identity"], samples=m.get("samples"),
-            dtype=m.get("dtype", "?"), privacy=m.get("privacy", []), created=m.get("created", "?"),
-            pushed=pushed, signature=signature,
+            sha256=v.sha256, contributor=v.contributor, path=vector_path(v.contributor, v.sha256),
+            file_sha256=file_sha256, size=h.size, base=v.base.identity, samples=v.samples, dtype=v.dtype or "?",
+            privacy=v.privacy, created=v.created or "?", pushed=pushed, signature=signature,
         )
 
     @classmethod

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from taskvec.io.files import read_kind
-from taskvec.io.lineage import merged_vectors
 from taskvec.progress import Track, no_track
 from taskvec.registry.registry import Registry
 from taskvec.registry.schema import Entry, Version
@@ -59,7 +58,7 @@ def merge_inputs(
                 "could have published it; sign versions when publishing them (`key`) and keep the merger's key in "
                 "your keyring"
             )
-        done = merged_vectors(read_kind(base, "model").meta)
+        done = read_kind(base, "model").model.merged_vectors()
         already_merged = [(e, done[e.sha256]) for e in entries if e.sha256 in done]
         entries = [e for e in entries if e.sha256 not in done]
     paths = [Path(v) for v in vectors]

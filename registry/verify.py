@@ -11,6 +11,7 @@ from typing import Any
 from taskvec.errors import FileFormatError, MismatchError
 from taskvec.io.files import Header, TensorInfo, file_digest, open_regular, read_kind
 from taskvec.io.layout import check_against_base
+from taskvec.io.schema import ModelHeader
 from taskvec.io.tensors_np import non_finite
 from taskvec.registry.schema import Entry, IntegrityError, RegistryInfo, Version, describe_versions
 from taskvec.registry.trust import TrustError, check_contributor
@@ -28,7 +29,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 def check_vector_meta(h: Header) -> None:
     """A registry also needs a contributor id that can name a folder (`read_kind` checked the other fields)."""
-    check_contributor(h.meta["contributor"])
+    check_contributor(h.vector.contributor)
 
 
 
@@ -42,7 +43,7 @@ def check_tensors(h: Header) -> None:
             raise FileFormatError(f"{h.path}: tensor {name} holds NaN or Inf", path=h.path, field=name)
 
     field = "sha256" if h.kind == "vector" else "identity"
-    if scan(h, finite) != h.meta[field]:
+    if scan(h, finite) != (h.vector.sha256 if h.kind == "vector" else h.model.identity):
         raise IntegrityError(f"{h.path}: content does not match its {field}; the file is corrupted", path=h.path)
 
 
@@ -73,12 +74,12 @@ def verify_vector(path: Path, entry: Entry, what: str) -> None:
     with the entry, and its tensors hash to that sha256."""
     h = read_kind(path, "vector")
     check_vector_meta(h)
-    if h.meta["contributor"] != entry.contributor:
+    if h.vector.contributor != entry.contributor:
         raise TrustError(
-            f"{what}: the file says it is from {h.meta['contributor']!r}, the index says {entry.contributor!r}; "
+            f"{what}: the file says it is from {h.vector.contributor!r}, the index says {entry.contributor!r}; "
             "the contributor in the file, the index and the signer must agree", path=what,
         )
-    if h.meta["sha256"] != entry.sha256 or file_digest(h) != entry.sha256:
+    if h.vector.sha256 != entry.sha256 or file_digest(h) != entry.sha256:
         raise IntegrityError(f"{what}: content does not match its sha256 {entry.sha256[:12]}; the file is corrupted",
                              path=what)
 
@@ -87,10 +88,10 @@ def verify_version(path: Path, v: Version, what: str) -> None:
     """A fetched copy must be the version the registry names: its identity (in the header and of its tensors),
     its version number and its parent."""
     h = read_kind(path, "model")
-    meta = h.meta
-    claims: list[tuple[str, Any, Any]] = [("identity", meta["identity"], v.identity)]
+    m = h.model
+    claims: list[tuple[str, Any, Any]] = [("identity", m.identity, v.identity)]
     if v.version:  # the base (v0) may be any model
-        claims += [("version", meta.get("version", 0), v.version), ("parent", meta.get("parent"), v.parent)]
+        claims += [("version", m.number, v.version), ("parent", m.parent, v.parent)]
     for fld, got, want in claims:
         if got != want or isinstance(got, bool):
             raise IntegrityError(f"{what}: its {fld} is {str(got)[:12]!r}, the registry records {str(want)[:12]!r}",
@@ -107,25 +108,26 @@ def base_layout(info: RegistryInfo, address: str, version: Version) -> Header | 
     if "tensors" not in info.base:
         return {**info.base, "identity": version.identity}
     tensors = {k: TensorInfo(d, tuple(shape), 0, 0) for k, (d, shape) in info.base["tensors"].items()}
-    return Header(Path(address), tensors, 0, {"identity": version.identity, "model": info.base})
+    typed = ModelHeader(identity=version.identity, model=info.base)
+    return Header(Path(address), tensors, 0, typed.to_json(), typed=typed)
 
 
 def version_of_vector(h: Header, info: RegistryInfo, address: str) -> Version:
     """The published version a vector was fine-tuned from (its `base.identity`); a `MismatchError` naming the
     versions the registry has otherwise, or when the vector's own `base.version`/`base.lineage` disagree."""
-    base = h.meta["base"]
-    v = info.version_of(base["identity"])
+    base = h.vector.base
+    v = info.version_of(base.identity)
     if v is None:
         raise MismatchError(
-            f"{h.path}: base.identity is {base['identity'][:12]}, not a version of {address} "
+            f"{h.path}: base.identity is {base.identity[:12]}, not a version of {address} "
             f"(it has {describe_versions(info.versions)}); it was made from another base or an unpublished "
             "merge: fine-tune from a published version (`taskvec pull-version`)",
-            path=h.path, field="base.identity", got=base["identity"],
+            path=h.path, field="base.identity", got=base.identity,
         )
     lineage = [x.identity for x in info.versions[: v.version]]
-    for fld, actual in (("version", v.version), ("lineage", lineage)):
-        claimed = base.get(fld, actual)  # vectors exported before versions existed claim neither
-        if claimed != actual or isinstance(claimed, bool):
+    for fld, actual, recorded in (("version", v.version, base.version), ("lineage", lineage, base.lineage)):
+        claimed = actual if recorded is None else recorded  # vectors exported before versions existed claim neither
+        if claimed != actual:
             raise MismatchError(
                 f"{h.path}: base.{fld} is {claimed!r}, but its base is {v.label} of {address}, whose "
                 f"{fld} is {actual!r}", path=h.path, field=f"base.{fld}", expected=actual, got=claimed,
@@ -136,8 +138,8 @@ def version_of_vector(h: Header, info: RegistryInfo, address: str) -> Version:
 def check_next_version(h: Header, info: RegistryInfo, address: str) -> None:
     """A model may become version N+1 only as a merge onto the newest version N: its `parent` is vN, its
     `version` N+1, its `lineage` the registry's versions v0..vN, and its keys, shapes and dtypes the base's."""
-    newest, meta = info.newest, h.meta
-    parent = meta.get("parent")
+    newest, m = info.newest, h.model
+    parent = m.parent
     if parent != newest.identity:
         known = info.version_of(parent) if isinstance(parent, str) else None
         what = f"{known.label}, not the newest" if known else "not a version of the registry"
@@ -146,13 +148,13 @@ def check_next_version(h: Header, info: RegistryInfo, address: str) -> None:
             f"merge onto v{newest.version} (`taskvec merge --registry {address}`) and publish that",
             path=h.path, field="parent", expected=newest.identity, got=parent,
         )
-    version = meta.get("version", 0)
-    if type(version) is not int or version != newest.version + 1:
+    version = m.number
+    if version != newest.version + 1:
         raise MismatchError(
             f"{h.path}: version is {version!r}, a merge onto v{newest.version} of {address} is "
             f"version {newest.version + 1}", path=h.path, field="version", expected=newest.version + 1, got=version,
         )
-    if [e["identity"] for e in meta.get("lineage", [])] != [v.identity for v in info.versions]:  # read_kind checked it
+    if m.versions()[:-1] != [v.identity for v in info.versions]:
         raise MismatchError(
             f"{h.path}: lineage does not list {address}'s versions ({describe_versions(info.versions)})",
             path=h.path, field="lineage",

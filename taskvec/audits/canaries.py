@@ -179,7 +179,7 @@ def audit_vector(path: Any, *, canaries: int = DEFAULT_CANARIES, max_dim: int = 
     from taskvec.privacy.mechanisms.gaussian_output import GaussianOutput
 
     h = read_kind(path, "vector")
-    entries = [e for e in h.meta.get("privacy", []) if e.get("mechanism") == GaussianOutput.name]
+    entries = [e for e in h.vector.privacy if e.get("mechanism") == GaussianOutput.name]
     if not entries:
         raise PrivacyError(f"{h.path}: carries no export-time noise; there is no export mechanism to audit",
                            path=h.path, field="privacy")

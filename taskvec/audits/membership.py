@@ -111,9 +111,9 @@ def audit_model(
 
     path = resolve_model_path(model_path)
     header = read_kind(path, "model")
-    spec = ModelSpec.from_dict(header.meta["model"])
+    spec = ModelSpec.from_dict(header.model.model)
     sets = {
-        "members": _members(path, header.meta.get("run_id"), members, members_split, spec),
+        "members": _members(path, header.model.run_id, members, members_split, spec),
         "non_members": as_splits(non_members, spec, val_fraction=0.0).get(non_members_split),
     }
     device = str(resolve_device(device))
@@ -122,8 +122,8 @@ def audit_model(
     attacks = {"loss": attack_metrics(-losses["members"], -losses["non_members"])}
     if reference is not None:
         ref_header = read_kind(reference, "model")
-        parent = header.meta.get("parent")
-        if parent is not None and parent != ref_header.meta["identity"]:
+        parent = header.model.parent
+        if parent is not None and parent != ref_header.model.identity:
             raise MismatchError(f"{reference}: is not the base {path} was fine-tuned from ({parent[:12]})")
         ref = load_model(reference, device)
         ref_losses = {k: per_example_losses(ref, spec, ds, device=device, batch_size=batch_size)
@@ -136,5 +136,5 @@ def audit_model(
         "non_members": len(sets["non_members"]),
         "mean_loss": {k: float(v.mean()) for k, v in losses.items()},
         "attacks": attacks,
-        "privacy": header.meta.get("privacy", []),
+        "privacy": header.model.ledger,
     }

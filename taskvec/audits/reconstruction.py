@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from taskvec.errors import ConfigError, OutputExistsError, TaskvecError, check_range
+from taskvec.io.schema import ModelHeader, VectorHeader
 from taskvec.progress import Track, no_track
 from taskvec.training.config import DEFAULT_DEVICE
 
@@ -378,8 +379,8 @@ RECORDED = ("samples", "batch_size", "lr", "steps", "img_size")  # read from a m
 
 
 def load_update(target: str | os.PathLike[str],
-                base: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The header metadata of a vector or fine-tuned model (or run folder) and the update it implies
+                base: str | os.PathLike[str]) -> tuple[ModelHeader | VectorHeader, dict[str, torch.Tensor]]:
+    """The typed header of a vector or fine-tuned model (or run folder) and the update it implies
     (`fine-tuned − base` of its parameters; BatchNorm statistics left out), checked against `base`."""
     from safetensors.torch import load_file
 
@@ -397,18 +398,19 @@ def load_update(target: str | os.PathLike[str],
     else:
         ft, b = load_file(str(th.path)), load_file(str(bh.path))
         delta = {k: ft[k].float() - b[k].float() for k in delta_keys(bh.tensors)}
-    return th.meta, delta
+    return (th.vector if th.kind == "vector" else th.model), delta
 
 
-def site_assumptions(meta: dict[str, Any], spec: Any, assume: dict[str, Any]) -> SiteAssumptions:
+def site_assumptions(header: ModelHeader | VectorHeader, spec: Any, assume: dict[str, Any]) -> SiteAssumptions:
     """The attacker's assumptions: `assume` (SiteAssumptions fields), else what the file records (a model's
     training record; a vector's sample count), else the base's image size."""
     unknown = set(assume) - set(SiteAssumptions.__dataclass_fields__)
     if unknown:
         name = sorted(unknown)[0]
         raise ConfigError(f"{name} is not an assumption of the attack", field=name)
-    recorded = {**({"samples": meta.get("samples")} if meta.get("kind") == "vector" else meta.get("training", {})),
-                **({} if meta.get("training", {}).get("img_size") else {"img_size": spec.img_size})}
+    training = {} if isinstance(header, VectorHeader) else header.training or {}
+    recorded = {**({"samples": header.samples} if isinstance(header, VectorHeader) else training),
+                **({} if training.get("img_size") else {"img_size": spec.img_size})}
     values: dict[str, Any] = {k: recorded[k] for k in RECORDED if recorded.get(k) is not None} | assume
     for k in RECORDED:
         if values.get(k) is None:
@@ -449,9 +451,9 @@ def audit_reconstruction(
     for name in (JSON_FILE, GRID_FILE):
         if (out / name).exists() and not force:
             raise OutputExistsError(f"{out / name}: exists; pass `force` to overwrite it", path=out / name)
-    spec = ModelSpec.from_dict(read_kind(base, "model").meta["model"])
-    meta, delta = load_update(target, base)
-    site = site_assumptions(meta, spec, dict(assume or {}))
+    spec = ModelSpec.from_dict(read_kind(base, "model").model.model)
+    header, delta = load_update(target, base)
+    site = site_assumptions(header, spec, dict(assume or {}))
     attack.check(site)
     splits = as_splits(data, spec, img_size=site.img_size, val_fraction=0.0)
     ds = splits.get(split)
@@ -471,8 +473,8 @@ def audit_reconstruction(
              f"{site.optimizer}; left: reconstruction, right: best real match")
     save_grid(out / GRID_FILE, rec.images, matches, ds, title)
     record = {
-        "target": str(target), "kind": meta.get("kind"), "base": str(base), "data": splits.source,
-        "split": split, "task": spec.task, "privacy": meta.get("privacy", []), "created": now(),
+        "target": str(target), "kind": header.kind, "base": str(base), "data": splits.source, "split": split,
+        "task": spec.task, "privacy": header.privacy or [], "created": now(),
         "assumptions": asdict(site),
         "attack": {"method": "gradient inversion by simulated local training (Geiping et al. 2020; "
                              "Dimitrov et al. 2022)", **asdict(attack)},

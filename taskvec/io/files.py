@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from taskvec.errors import FileFormatError, OutputExistsError
-from taskvec.io.lineage import is_sha, model_problem, vector_problem
+from taskvec.io.schema import FORMAT as FORMAT  # also for the run folder's and merge state's own files
+from taskvec.io.schema import FORMAT_VERSION, ModelHeader, VectorHeader, is_count, parse_header
 
-FORMAT = "taskvec"
-FORMAT_VERSION = 1
 META_KEY = "taskvec"
 
 DTYPE_SIZES = {
@@ -53,18 +52,35 @@ class TensorInfo:
 
 @dataclass
 class Header:
-    """The parsed header of a safetensors file; `meta` is taskvec's own metadata ({} for plain files)."""
+    """The parsed header of a safetensors file; `meta` is taskvec's own metadata as JSON ({} for plain files).
+
+    A header read by `read_kind` also holds it typed: `model` for a model file, `vector` for a vector."""
 
     path: Path
     tensors: dict[str, TensorInfo]
     data_start: int
     meta: dict[str, Any] = field(default_factory=dict)
     size: int = 0  # the file's size in bytes when the header was read
+    typed: ModelHeader | VectorHeader | None = None
 
     @property
     def kind(self) -> str:
         """`model`, `vector`, or `state_dict` for a plain safetensors file."""
         return str(self.meta.get("kind", "state_dict"))
+
+    @property
+    def model(self) -> ModelHeader:
+        """The typed header of a model file."""
+        if not isinstance(self.typed, ModelHeader):
+            self.typed = read_typed(self, "model")
+        return self.typed  # type: ignore[return-value]
+
+    @property
+    def vector(self) -> VectorHeader:
+        """The typed header of a vector file."""
+        if not isinstance(self.typed, VectorHeader):
+            self.typed = read_typed(self, "vector")
+        return self.typed  # type: ignore[return-value]
 
 
 def refuse_pickle(path: Path) -> None:
@@ -120,18 +136,14 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return d
 
 
-def _is_int(x: Any, low: int = 0) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= low
-
-
 def _tensor_info(p: Path, name: str, info: Any) -> TensorInfo:
     """One header entry, checked as strictly as the format: dtype, non-negative shape, offsets fitting it."""
     ok = isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}
     if ok:
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         ok = (isinstance(dtype, str) and dtype in DTYPE_SIZES and isinstance(shape, list)
-              and all(_is_int(s) for s in shape) and isinstance(offsets, list) and len(offsets) == 2
-              and all(_is_int(o) for o in offsets))
+              and all(map(is_count, shape)) and isinstance(offsets, list) and len(offsets) == 2
+              and all(map(is_count, offsets)))
     if not ok:
         raise FileFormatError(f"{p}: corrupt entry for tensor {name!r}", path=p, field=name)
     t = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
@@ -170,7 +182,7 @@ def _taskvec_meta(p: Path, raw_meta: Any) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise FileFormatError(f"{p}: corrupt taskvec metadata (not a JSON object)", path=p)
     version: Any = meta.get("format_version")
-    if not _is_int(version, 1):
+    if not (is_count(version) and version >= 1):
         raise FileFormatError(f"{p}: taskvec format_version must be a whole number >= 1, got {version!r}",
                               path=p, field="format_version")
     if version > FORMAT_VERSION:
@@ -212,45 +224,26 @@ def read_header(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -
 
 
 def read_kind(path: str | os.PathLike[str], kind: str) -> Header:
-    """Read a header and require a taskvec file of the given kind (`model` or `vector`)."""
+    """Read a header and require a taskvec file of the given kind (`model`, `vector` or `checkpoint`); a model's
+    or vector's metadata is validated and typed once (`Header.model`, `Header.vector`)."""
     h = read_header(path)
-    if h.kind != kind:
-        what = "a plain safetensors state_dict" if h.kind == "state_dict" else f"a taskvec {h.kind}"
-        raise FileFormatError(f"{h.path}: expected a taskvec {kind} file, got {what}")
-    bad = _bad_fields(h.meta, kind)
-    if bad:
-        raise FileFormatError(f"{h.path}: taskvec {kind} metadata has a missing or invalid {bad}", path=h.path,
-                              field=bad)
-    position = {"model": model_problem, "vector": vector_problem}.get(kind)
-    problem = position(h.meta) if position else None
-    if problem:
-        raise FileFormatError(f"{h.path}: taskvec {kind} metadata: {problem[0]} {problem[1]}", path=h.path,
-                              field=problem[0])
+    if kind in ("model", "vector"):
+        h.typed = read_typed(h, kind)
+    elif h.kind != kind:
+        raise _wrong_kind(h, kind)
     return h
 
 
-def _bad_fields(m: dict[str, Any], kind: str) -> str | None:
-    """The first field, of those every reader of a model or vector relies on, that is missing or mistyped."""
-    def strings(x: Any) -> bool:
-        return isinstance(x, list) and all(isinstance(v, str) for v in x)
+def read_typed(h: Header, kind: str) -> ModelHeader | VectorHeader:
+    """The typed metadata of `h`, which must be a taskvec file of `kind` (`model` or `vector`)."""
+    if h.kind != kind:
+        raise _wrong_kind(h, kind)
+    return parse_header(h.meta, kind, h.path)
 
-    if kind == "model":
-        checks = {"identity": is_sha(m.get("identity")), "model": isinstance(m.get("model"), dict)}
-    elif kind != "vector":
-        return None
-    else:
-        base = m.get("base")
-        samples = m.get("samples")
-        checks = {
-            "sha256": is_sha(m.get("sha256")),
-            "base": isinstance(base, dict) and is_sha(base.get("identity")),
-            "contributor": isinstance(m.get("contributor"), str),
-            "samples": samples is None or (_is_int(samples) and samples >= 0),
-            "labels": "labels" not in m or strings(m["labels"]),
-            "statistics": strings(m.get("statistics", [])),
-            "privacy": isinstance(m.get("privacy", []), list),
-        }
-    return next((name for name, ok in checks.items() if not ok), None)
+
+def _wrong_kind(h: Header, kind: str) -> FileFormatError:
+    what = "a plain safetensors state_dict" if h.kind == "state_dict" else f"a taskvec {h.kind}"
+    return FileFormatError(f"{h.path}: expected a taskvec {kind} file, got {what}", path=h.path)
 
 
 class Digest:
@@ -322,9 +315,13 @@ def key_difference(expected: Iterable[str], got: Iterable[str]) -> str | None:
     return "; ".join(parts) or None
 
 
-def dump_meta(meta: dict[str, Any]) -> dict[str, str]:
-    """The safetensors header metadata that carries taskvec metadata."""
-    return {"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)}
+Meta = dict[str, Any] | ModelHeader | VectorHeader
+
+
+def dump_meta(meta: Meta) -> dict[str, str]:
+    """The safetensors header metadata that carries taskvec metadata (a typed header, or a checkpoint's JSON)."""
+    raw = meta if isinstance(meta, dict) else meta.to_json()
+    return {"format": "pt", META_KEY: json.dumps(raw, sort_keys=True)}
 
 
 def check_output(path: str | os.PathLike[str], force: bool,
@@ -341,8 +338,23 @@ def check_output(path: str | os.PathLike[str], force: bool,
         raise OutputExistsError(f"{p}: exists; pass `force` to overwrite it", path=p)
     if p.exists() and p.is_dir():
         raise OutputExistsError(f"{p}: is a directory")
-    if not p.parent.exists():
-        raise FileFormatError(f"{p.parent}: output directory does not exist")
+    _nearest_folder(p.parent, p)  # missing folders are created when the file is written
+    return p
+
+
+def _nearest_folder(folder: Path, target: Path) -> Path:
+    """The nearest existing one of `folder` and its parents; refused when it is not a directory."""
+    found = next(a for a in (folder, *folder.parents) if a.exists())
+    if not found.is_dir():
+        raise FileFormatError(f"{found}: is not a directory, so {target} cannot be written there", path=target)
+    return found
+
+
+def make_folder(path: str | os.PathLike[str]) -> Path:
+    """`path` as a folder, created with any missing parents (an existing file on the way is refused)."""
+    p = Path(path)
+    _nearest_folder(p, p)
+    p.mkdir(parents=True, exist_ok=True)
     return p
 
 
@@ -431,8 +443,10 @@ def private_copy(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, f
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    """Yield a temporary path beside `path` (its missing folders created); rename it into place only if the
+    block succeeds."""
     p = check_output(path, force)
+    make_folder(p.parent)
     tmp = temp_beside(p)
     try:
         yield tmp

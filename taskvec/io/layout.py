@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from taskvec.errors import MismatchError
+from taskvec.errors import FileFormatError, MismatchError
 from taskvec.io.files import FLOAT_DTYPES, Header, TensorInfo, key_difference
 from taskvec.io.lineage import describe_versions
 
 STATISTIC_SUFFIXES = ("running_mean", "running_var")
 FACTORS = ("@lora_A", "@lora_B")  # a factored delta of key K is stored as K@lora_A (r × n) and K@lora_B (m × r)
 MODEL_FIELDS = ("arch", "task", "num_classes", "labels")
-VECTOR_FIELDS = ("task", "labels")
+SUFFICIENT = ("sufficient.counts", "sufficient.moments", "sufficient.sums")  # a statistics vector's tensors
 
 
 def is_statistic(name: str) -> bool:
@@ -61,27 +61,32 @@ def check_against_base(h: Header, base: Header | Mapping[str, Any], where: str =
     task and labels (and arch and num_classes for a model); then, given a header, keys and shapes, and that a
     vector holds floating deltas for exactly the base's floating non-statistics tensors.
     """
+    model: Mapping[str, Any]
     if isinstance(base, Header):
-        identity, model, name, tensors = base.meta["identity"], base.meta["model"], f"base {base.path}", base.tensors
+        identity, model, name, tensors = base.model.identity, base.model.model, f"base {base.path}", base.tensors
     else:
         identity, model, name, tensors = base["identity"], base, f"the base of {where}", None
     _check_identity(h, identity, model, name, versions)
-    meta = h.meta.get("model", {}) if h.kind == "model" else h.meta
-    for fld in {"model": MODEL_FIELDS, "vector": VECTOR_FIELDS}.get(h.kind, ()):
-        if meta.get(fld) != model.get(fld):
-            raise MismatchError(f"{h.path}: {fld} is {meta.get(fld)!r}, {name} has {model.get(fld)!r}",
-                                path=h.path, field=fld, expected=model.get(fld), got=meta.get(fld))
+    fields: dict[str, Any] = {}
+    if h.kind == "model":
+        fields = {fld: h.model.model.get(fld) for fld in MODEL_FIELDS}
+    elif h.kind == "vector":
+        fields = {"task": h.vector.task, "labels": h.vector.labels}
+    for fld, got in fields.items():
+        if got != model.get(fld):
+            raise MismatchError(f"{h.path}: {fld} is {got!r}, {name} has {model.get(fld)!r}",
+                                path=h.path, field=fld, expected=model.get(fld), got=got)
     if tensors is not None:
         _check_layout(h, tensors, name)
 
 
 def _check_identity(h: Header, identity: str, model: Mapping[str, Any], name: str, versions: Sequence[str]) -> None:
     if h.kind == "vector":
-        fld, got = "base.identity", h.meta["base"]["identity"]
+        fld, got = "base.identity", h.vector.base.identity
         if got in versions:
             return
-    elif h.kind == "model" and h.meta.get("parent") is not None:
-        fld, got = "parent", h.meta["parent"]
+    elif h.kind == "model" and h.model.parent is not None:
+        fld, got = "parent", h.model.parent
     else:
         return
     if got != identity:
@@ -96,16 +101,18 @@ def _check_identity(h: Header, identity: str, model: Mapping[str, Any], name: st
 def _check_layout(h: Header, tensors: Mapping[str, TensorInfo], name: str) -> None:
     expected = {k: list(t.shape) for k, t in tensors.items()}
     if h.kind == "vector":
-        stats = set(h.meta.get("statistics", []))
-        factors = h.meta.get("factors", {})
+        stats = set(h.vector.statistics)
+        factors = h.vector.factors or {}
         for k, f in factors.items():
             if k in expected:
                 expected |= factor_shapes(k, expected[k], int(f["rank"]))
-        carried = {logical_key(n) for n in h.tensors if n not in stats}
+        if "sufficient" in h.meta:
+            expected |= sufficient_shapes(h, tensors)
+        carried = {logical_key(n) for n in h.tensors if n not in stats and n not in SUFFICIENT}
         factored = {logical_key(n) for n in h.tensors if n.endswith(FACTORS)}
         base_deltas = delta_keys(tensors)
         # a subset vector carries only what was trained (a key it lacks has a zero delta); others carry all
-        diff = key_difference(carried & set(base_deltas) if h.meta.get("subset") else base_deltas, carried)
+        diff = key_difference(carried & set(base_deltas) if h.vector.subset else base_deltas, carried)
         if not diff and factored != set(factors):
             diff = f"factors of {', '.join(sorted(factored ^ set(factors))[:5])} do not match its header"
         unknown = sorted(stats - {k for k in tensors if is_statistic(k)})
@@ -122,3 +129,56 @@ def _check_layout(h: Header, tensors: Mapping[str, TensorInfo], name: str) -> No
         if h.kind == "vector" and t.dtype not in FLOAT_DTYPES:
             raise MismatchError(f"{h.path}: tensor {k} has dtype {t.dtype}, vectors hold floating tensors",
                                 path=h.path, field=k, got=t.dtype)
+
+
+def _sufficient_problem(r: Any, tensors: Mapping[str, TensorInfo]) -> str | None:
+    """The first invalid field of a `sufficient` record, checked in order (each check may assume the ones
+    before it passed), or None."""
+    def count(x: Any, low: int = 0) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < float("inf")
+
+    checks = {
+        "": lambda: isinstance(r, dict),
+        "features": lambda: isinstance(r["features"], dict) and isinstance(r["features"]["projection"], dict),
+        "features.backbone": lambda: isinstance(r["features"]["backbone"], str),
+        "features.dim": lambda: count(r["features"]["dim"], 1),
+        "features.projection.dim": lambda: count(r["features"]["projection"]["dim"], 1)
+        and r["features"]["projection"]["dim"] <= r["features"]["dim"],
+        "features.projection.seed": lambda: (r["features"]["projection"]["seed"] is None)
+        == (r["features"]["projection"]["dim"] == r["features"]["dim"])
+        and (r["features"]["projection"]["seed"] is None or count(r["features"]["projection"]["seed"])
+             and r["features"]["projection"]["seed"] < 2**64),
+        "head": lambda: len(r["head"]) == 2 and all(k in tensors for k in r["head"])
+        and list(tensors[r["head"][0]].shape) == [tensors[r["head"][1]].shape[0], r["features"]["dim"]]
+        and len(tensors[r["head"][1]].shape) == 1,
+        "clip": lambda: r.get("clip") is None or (number(r["clip"]) and r["clip"] > 0),
+        "noise_std": lambda: r.get("noise_std") is None or (
+            sorted(r["noise_std"]) == ["counts", "moments", "sums"] and all(map(number, r["noise_std"].values()))),
+    }
+    for fld, ok in checks.items():
+        try:
+            if ok():
+                continue
+        except (KeyError, TypeError, IndexError, AttributeError):
+            pass
+        return fld
+    return None
+
+
+def sufficient_shapes(h: Header, tensors: Mapping[str, TensorInfo]) -> dict[str, list[int]]:
+    """The shapes of a statistics vector's tensors, from its `sufficient` record and the base's classifier
+    (`taskvec.merging.heads`); a FileFormatError naming the first invalid field of the record."""
+    r = h.meta["sufficient"]
+    problem = _sufficient_problem(r, tensors)
+    if problem is not None:
+        fld = f"sufficient.{problem}".rstrip(".")
+        raise FileFormatError(f"{h.path}: {fld} is missing or invalid (for the base's classifier)", path=h.path,
+                              field=fld)
+    if set(h.tensors) != set(SUFFICIENT):
+        raise MismatchError(f"{h.path}: keys differ from a statistics vector's: "
+                            f"{key_difference(SUFFICIENT, h.tensors)}", path=h.path, field="keys")
+    k, p = tensors[r["head"][1]].shape[0], r["features"]["projection"]["dim"]
+    return {"sufficient.counts": [k], "sufficient.sums": [k, p], "sufficient.moments": [p, p]}

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from taskvec.io.files import atomic_output, digest, dump_meta
+from taskvec.io.files import Meta, atomic_output, digest, dump_meta
 
 TORCH_TO_ST = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -38,7 +37,7 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def save_tensors(
-    state: Mapping[str, torch.Tensor], path: str | os.PathLike[str], meta: dict[str, Any], force: bool = False
+    state: Mapping[str, torch.Tensor], path: str | os.PathLike[str], meta: Meta, force: bool = False
 ) -> Path:
     """Write tensors plus taskvec metadata atomically (temporary file, then rename)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from taskvec.io.files import atomic_output, dump_meta
+from taskvec.io.files import Meta, atomic_output, dump_meta
 
 _NP = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1"}
 
@@ -58,7 +58,7 @@ def from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def save_arrays(arrays: Mapping[str, tuple[str, Sequence[int], np.ndarray]], path: str | os.PathLike[str],
-                meta: dict[str, Any], force: bool = False) -> None:
+                meta: Meta, force: bool = False) -> None:
     """Write `{name: (safetensors dtype, shape, array holding its bytes)}` with taskvec metadata, atomically,
     without torch and without copying the arrays."""
     header: dict[str, Any] = {"__metadata__": dump_meta(meta)}

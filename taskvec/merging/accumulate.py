@@ -13,7 +13,7 @@ import numpy as np
 
 from taskvec.errors import FileFormatError, TaskvecError
 from taskvec.io.files import Header
-from taskvec.io.layout import is_statistic, vector_keys
+from taskvec.io.layout import SUFFICIENT, is_statistic, vector_keys
 from taskvec.merging.methods import Array, Recipe, stock_factor, vector_seed
 from taskvec.merging.plan import MergePlan
 from taskvec.merging.reading import Reading, VectorFile
@@ -91,8 +91,12 @@ def _stream(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, s
     sp = recipe.sparsify
     for f, w, s in track(zip(reading.files, weights, scales), "merging", len(weights)):
         h = f.header
-        stats = set(h.meta.get("statistics", []))
+        stats = set(h.vector.statistics)
         for k in vector_keys(h):  # a subset vector lacks keys (zero deltas); factored keys are expanded
+            if k in SUFFICIENT:  # sufficient statistics: exact float64 sums, neither weighted nor discounted
+                x = f.read(k, wide=True)
+                acc.sums[k] = acc.sums[k] + x if k in acc.sums else x.copy()
+                continue
             x = f.read_delta(k)
             if k in stats:
                 acc.add_stat(k, x)
@@ -100,7 +104,7 @@ def _stream(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, s
             if sp is not None:
                 if not np.isfinite(x).all():
                     raise FileFormatError(f"{h.path}: tensor {k} holds NaN or Inf")
-                x = sp.apply(x, sp.window(x), vector_seed(plan.seed, h.meta["sha256"], k))
+                x = sp.apply(x, sp.window(x), vector_seed(plan.seed, h.vector.sha256, k))
             if recipe.stock:
                 norm = float(np.linalg.norm(x))
                 if norm > 0:
@@ -135,7 +139,7 @@ def _by_tensor(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array
         windows = [(0.0, math.inf)] * len(files)
         if ranked and numel > reading.step:  # in chunks: one more (unhashed) read of each tensor for its window
             windows = [sp.window(f.read(k, verify=False)) for f in files]  # type: ignore[union-attr]
-        seeds = [vector_seed(plan.seed, f.header.meta["sha256"], k) for f in files]
+        seeds = [vector_seed(plan.seed, f.header.vector.sha256, k) for f in files]
         out = np.empty(numel, np.float32)
         for start, stop, x in reading.chunks(k, numel):
             if ranked and numel <= reading.step:  # one chunk holds every vector's whole tensor
@@ -164,7 +168,7 @@ def _whole(plan: MergePlan, recipe: Recipe, files: Sequence[VectorFile], carried
         raise FileFormatError(f"a vector's tensor {key} holds NaN or Inf")
     sp = recipe.sparsify
     if sp is not None:
-        x = np.stack([sp.apply(row, sp.window(row), vector_seed(plan.seed, f.header.meta["sha256"], key))
+        x = np.stack([sp.apply(row, sp.window(row), vector_seed(plan.seed, f.header.vector.sha256, key))
                       for row, f in zip(x, files)])
     return recipe.consensus(_scaled(x, scales), weights)  # type: ignore[no-any-return]
 

@@ -100,13 +100,13 @@ class Calibrator:
     _ctx: _Context | None = field(default=None, init=False, repr=False)
 
     def _context(self, base: Header) -> _Context:
-        if self._ctx is None or self._ctx.identity != base.meta["identity"]:
-            spec = ModelSpec.from_dict(base.meta["model"])
+        if self._ctx is None or self._ctx.identity != base.model.identity:
+            spec = ModelSpec.from_dict(base.model.model)
             splits = as_splits(self.data, spec, val_fraction=0.0)
             ds = calibration_set(splits)
             device = resolve_device(self.device)
             model = create_module(spec).to(device)
-            self._ctx = _Context(base.meta["identity"], spec, splits.source, ds, device, model,
+            self._ctx = _Context(base.model.identity, spec, splits.source, ds, device, model,
                                  load_file(str(base.path)), has_batchnorm(model))
         return self._ctx
 
@@ -198,7 +198,7 @@ class Calibrator:
             except TaskvecError:
                 without = None
             value = None if without is None or full["value"] is None else full["value"] - without
-            sites.append({"contributor": h.meta.get("contributor"), "sha256": h.meta["sha256"], "without": without,
+            sites.append({"contributor": h.vector.contributor, "sha256": h.vector.sha256, "without": without,
                           "value": value})
         ctx = self._context(base)
         return {"data": ctx.source, "samples": len(ctx.ds), "metric": full["metric"], "scale": scale,

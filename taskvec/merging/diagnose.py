@@ -62,7 +62,7 @@ def diagnose(headers: Sequence[Header], track: Track[Any] = no_track) -> list[Di
         reading.verify()
     norms = np.sqrt(sq)
     cos = dot / np.maximum(norms * math.sqrt(med_sq), 1e-30)
-    out = [Diagnosis(str(h.path), str(h.meta.get("contributor")), h.meta["sha256"], float(norms[i]), float(cos[i]),
+    out = [Diagnosis(str(h.path), h.vector.contributor, h.vector.sha256, float(norms[i]), float(cos[i]),
                      float(agree[i] / max(nonzero, 1))) for i, h in enumerate(headers)]
     if n >= 3:
         med_norm, med_cos = float(np.median(norms)), float(np.median(cos))

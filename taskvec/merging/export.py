@@ -20,24 +20,14 @@ import torch
 from safetensors import safe_open
 
 from taskvec.errors import FileFormatError, PrivacyConfigError, PrivacyError
-from taskvec.io.files import (
-    FLOAT_DTYPES,
-    FORMAT,
-    FORMAT_VERSION,
-    Header,
-    check_output,
-    file_digest,
-    now,
-    read_header,
-    read_kind,
-)
+from taskvec.io.files import FLOAT_DTYPES, Header, check_output, file_digest, now, read_header, read_kind
 from taskvec.io.layout import check_against_base, is_statistic
-from taskvec.io.lineage import model_version, versions
+from taskvec.io.schema import BaseRef, ModelHeader, VectorHeader
 from taskvec.io.tensors import CAST_DTYPES, TORCH_TO_ST, all_finite, save_tensors, state_digest
 from taskvec.models.spec import resolve_model_path
 from taskvec.privacy.ledger import locked_releases, read_releases, record_release, releases_path
 from taskvec.privacy.mechanisms.gaussian_output import NoiseRequest, gaussian_output_entries
-from taskvec.training.modes import VectorLayout
+from taskvec.training.modes import VectorLayout, parse_mode
 
 
 @dataclass
@@ -69,7 +59,7 @@ def read_deltas(
 
     Only what the run's training mode carries (its `training.train` record, `taskvec.training.modes`): every
     key, a subset, and deltas the mode factors (a merged adapter's, as its exact low-rank factors)."""
-    layout = VectorLayout.from_record(ft.meta.get("training", {}).get("train"))
+    layout = VectorLayout.from_record((_model_of(ft).training or {}).get("train"))
     deltas: dict[str, torch.Tensor] = {}
     stats: dict[str, torch.Tensor] = {}
     with safe_open(str(base.path), "pt") as fb, safe_open(str(ft.path), "pt") as ff:
@@ -167,26 +157,35 @@ def export_vector(
     bh = read_kind(base, "model")
     fh = read_header(resolve_model_path(finetuned))
     _check_finetuned(bh, fh)
+    released = _statistics_of(fh)
+    if released is not None:
+        return _export_statistics(bh, fh, released, out, request, dtype, contributor, samples, force)
     deltas, stats, layout = read_deltas(bh, fh)
     pre, post = clip_(deltas, clip)
     record = releases_path(fh.path)
-    key = str(fh.meta.get("run_id") or fh.meta.get("identity") or file_digest(fh))
+    fm = _model_of(fh)
+    key = str(fm.run_id or fm.identity or file_digest(fh))
     with locked_releases(record):
         earlier = read_releases(record, key)
         _check_history(earlier, request.noised, force, fh.path, record)
         release = _release(bh, fh, deltas, stats, layout, request, earlier, dtype, contributor, samples, (pre, post))
-        record_release(record, key, {"vector": release.meta["sha256"], "noise_multiplier": release.z, "clip": clip,
-                                     "delta": delta, "created": release.meta["created"]})
-    path = save_tensors(release.tensors, out, release.meta, force=force)
-    noise = release.meta.get("norm", {}).get("expected_noise", 0.0)
-    return ExportReport(path, release.meta["sha256"], sum(d.numel() for d in deltas.values()), pre, post, noise,
-                        release.meta["privacy"], len(release.meta["statistics"]), _warnings(release, clip, earlier))
+        record_release(record, key, {"vector": release.header.sha256, "noise_multiplier": release.z, "clip": clip,
+                                     "delta": delta, "created": release.header.created})
+    path = save_tensors(release.tensors, out, release.header, force=force)
+    noise = (release.header.norm or {}).get("expected_noise", 0.0)
+    return ExportReport(path, release.header.sha256, sum(d.numel() for d in deltas.values()), pre, post, noise,
+                        release.header.privacy, len(release.header.statistics), _warnings(release, clip, earlier))
+
+
+def _model_of(h: Header) -> ModelHeader:
+    """The typed header of a fine-tuned model file; an empty one (no run, no ledger) for a plain state_dict."""
+    return h.model if h.kind == "model" else ModelHeader(identity="", model={})
 
 
 @dataclass
 class _Release:
     tensors: dict[str, torch.Tensor]
-    meta: dict[str, Any]
+    header: VectorHeader
     z: float | None
     left_out: int
 
@@ -200,7 +199,8 @@ def _release(
     """Noise the (clipped) deltas as requested and build the vector's tensors and header."""
     from taskvec.privacy.dpsgd import secret_generator
 
-    privacy = list(fh.meta.get("privacy", []))
+    fm, base = _model_of(fh), bh.model
+    privacy = fm.ledger
     declared = ["samples"] if samples is not None else []
     z, left_out = None, 0
     if request.noised:
@@ -208,31 +208,29 @@ def _release(
         zs = [r["noise_multiplier"] for r in earlier]
         z = request.solve(zs)
         add_noise_(deltas, z * request.clip, secret_generator("cpu"))
-        privacy += gaussian_output_entries([*zs, z], request.clip, request.delta, fh.meta.get("run_id"), declared)
+        privacy += gaussian_output_entries([*zs, z], request.clip, request.delta, fm.run_id, declared)
         stats, left_out = {}, len(stats)
-    training = fh.meta.get("training", {})
+    training = fm.training or {}
     cast = CAST_DTYPES[dtype]
     tensors = {k: v.to(cast) for k, v in deltas.items()} | stats
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "vector",
-        "base": {"identity": bh.meta["identity"], "arch": bh.meta["model"]["arch"],
-                 "version": model_version(bh.meta), "lineage": versions(bh.meta)[:-1]},
-        "task": bh.meta["model"]["task"], "labels": bh.meta["model"]["labels"],
-        "contributor": contributor or training.get("contributor") or "anonymous",
-        "samples": samples if privacy or samples is not None else training.get("samples"),
-        "created": now(), "dtype": TORCH_TO_ST[cast], "statistics": sorted(stats), **layout,
-        "source": {"run_id": fh.meta.get("run_id")},
-        "clip": request.clip, "noise_multiplier": z, "privacy": privacy, "sha256": state_digest(tensors),
-    }
-    if privacy:
-        meta["declared_public"] = declared
     if z is None:  # without export noise, these are the released tensors' own (or a DP-SGD model's)
-        meta["source"]["identity"] = fh.meta.get("identity")
-        meta["norm"] = {"pre_clip": norms[0], "post_clip": norms[1]}
+        source, norm = {"run_id": fm.run_id, "identity": fm.identity or None}, {"pre_clip": norms[0],
+                                                                                "post_clip": norms[1]}
     else:
         assert request.clip is not None
-        meta["norm"] = {"expected_noise": z * request.clip * math.sqrt(sum(d.numel() for d in deltas.values()))}
-    return _Release(tensors, meta, z, left_out)
+        source = {"run_id": fm.run_id}
+        norm = {"expected_noise": z * request.clip * math.sqrt(sum(d.numel() for d in deltas.values()))}
+    header = VectorHeader(
+        sha256=state_digest(tensors),
+        base=BaseRef(base.identity, base.arch, base.number, base.versions()[:-1]),
+        contributor=contributor or training.get("contributor") or "anonymous",
+        task=base.task, labels=base.labels,
+        samples=samples if privacy or samples is not None else training.get("samples"),
+        created=now(), dtype=TORCH_TO_ST[cast], statistics=sorted(stats), **layout,
+        source=source, clip=request.clip, noise_multiplier=z, privacy=privacy,
+        declared_public=declared if privacy else None, norm=norm,
+    )
+    return _Release(tensors, header, z, left_out)
 
 
 def _warnings(release: _Release, clip: float | None, earlier: list[dict[str, Any]]) -> list[str]:
@@ -241,12 +239,41 @@ def _warnings(release: _Release, clip: float | None, earlier: list[dict[str, Any
         out.append("this run was exported with noise before: once this un-noised vector is shared, the guarantees "
                    "of the earlier vectors no longer hold")
     if release.z is not None and earlier:
-        eps = release.meta["privacy"][-2]["epsilon"]
+        eps = release.header.privacy[-2]["epsilon"]
         out.append(f"release {len(earlier) + 1} of this run: ε composes over all its noised exports (now {eps:.3g} "
                    "per site, add-remove)")
     if release.left_out:
         out.append(f"left out {release.left_out} BatchNorm statistics tensors: they would be released without "
                    "noise; the merge keeps the base's statistics (or re-estimates them by calibration)")
-    if release.z is None and clip is not None and not release.meta["privacy"]:
+    if release.z is None and clip is not None and not release.header.privacy:
         out.append("clipping without noise is not differential privacy; the vector is recorded as 'no DP'")
     return out
+
+
+def _statistics_of(fh: Header) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The tensors and `sufficient` record a run's mode releases instead of deltas (None: deltas)."""
+    if fh.kind != "model":
+        return None
+    fm = fh.model
+    mode = VectorLayout.from_record((fm.training or {}).get("train")).mode
+    return parse_mode(mode).release(fh.path, fm.run_id, fm.parent)
+
+
+def _export_statistics(bh: Header, fh: Header, released: tuple[dict[str, Any], dict[str, Any]],
+                       out: str | os.PathLike[str], request: NoiseRequest, dtype: str, contributor: str | None,
+                       samples: int | None, force: bool) -> ExportReport:
+    """The vector of a statistics run (`taskvec.merging.heads`): released by the run itself, so export adds no
+    clip or noise and keeps float64."""
+    from taskvec.merging.heads import export_statistics
+
+    refused = [name for name, value in (("clip", request.clip), ("noise_multiplier", request.noise_multiplier),
+                                        ("epsilon", request.epsilon), ("samples", samples)) if value is not None]
+    if refused or dtype != "fp32":
+        fld = refused[0] if refused else "dtype"
+        raise PrivacyConfigError(f"{fld} does not apply to a statistics vector: its run released the statistics "
+                                 "(noised under DP) and export writes them as they are", field=fld)
+    header = export_statistics(bh, fh, *released, out, contributor, force)
+    noise = header.extra["sufficient"].get("noise_std") or {}
+    expected = math.sqrt(sum(noise.get(k.rsplit(".", 1)[1], 0.0) ** 2 * v.size for k, v in released[0].items()))
+    return ExportReport(Path(out), header.sha256, sum(v.size for v in released[0].values()), math.nan, math.nan,
+                        expected, header.privacy, 0)

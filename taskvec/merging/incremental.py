@@ -27,9 +27,20 @@ import numpy as np
 from filelock import FileLock
 
 from taskvec.errors import ConfigError, FileFormatError, MismatchError
-from taskvec.io.files import FORMAT, FORMAT_VERSION, Header, atomic_output, check_output, now, read_header, write_json
+from taskvec.io.files import (
+    FORMAT,
+    FORMAT_VERSION,
+    Header,
+    atomic_output,
+    check_output,
+    make_folder,
+    now,
+    read_header,
+    write_json,
+)
 from taskvec.io.tensors_np import save_arrays
 from taskvec.merging.accumulate import Accumulator, accumulate
+from taskvec.merging.heads import solve
 from taskvec.merging.plan import MergePlan
 from taskvec.merging.stream import MergeReport, save_merged
 from taskvec.progress import Track, no_track
@@ -83,7 +94,8 @@ def _load_accumulator(state: Path, recipe: dict[str, Any]) -> tuple[Accumulator,
     m = read_header(p).meta
     if m.get("kind") != "merge-state" or m.get("recipe") != recipe:
         raise FileFormatError(f"{p}: not a merge state of this recipe; use a new `state` directory", path=p)
-    tensors = {k: np.array(v, dtype=np.float32).reshape(-1) for k, v in load_file(str(p)).items()}
+    tensors = {k: np.array(v, dtype=np.float64 if v.dtype == np.float64 else np.float32).reshape(-1)
+               for k, v in load_file(str(p)).items()}
     stats = set(m["stat_counts"])
     acc = Accumulator(
         sums={k: v for k, v in tensors.items() if k not in stats and not k.startswith(UNITS)},
@@ -97,9 +109,10 @@ def _load_accumulator(state: Path, recipe: dict[str, Any]) -> tuple[Accumulator,
 def _save_accumulator(state: Path, acc: Accumulator, recipe: dict[str, Any], headers: Sequence[Header]) -> None:
     arrays = {**acc.sums, **{UNITS + k: v for k, v in acc.units.items()}, **acc.stats}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "merge-state", "recipe": recipe,
-            "vectors": [h.meta["sha256"] for h in headers], "weight": acc.weight, "count": acc.count,
+            "vectors": [h.vector.sha256 for h in headers], "weight": acc.weight, "count": acc.count,
             "stat_counts": acc.stat_counts, "created": now()}
-    save_arrays({k: ("F32", v.shape, v) for k, v in arrays.items()}, state / STATE_FILE, meta, force=True)
+    save_arrays({k: ("F64" if v.dtype == np.float64 else "F32", v.shape, v) for k, v in arrays.items()},
+                state / STATE_FILE, meta, force=True)
 
 
 def merge_incremental(
@@ -126,15 +139,13 @@ def merge_incremental(
         raise ConfigError("exclude_outliers needs every vector at once: merge in full, not incrementally",
                           field="exclude_outliers")
     state_dir = Path(state)
-    if not state_dir.parent.is_dir():
-        raise FileFormatError(f"{state_dir.parent}: no such directory for `state`", path=state_dir.parent)
-    state_dir.mkdir(exist_ok=True)
+    make_folder(state_dir)
     bh, headers = plan.open()
-    recipe = {"base": bh.meta["identity"], "method": plan.method, "params": dict(plan.params), "seed": plan.seed,
+    recipe = {"base": bh.model.identity, "method": plan.method, "params": dict(plan.params), "seed": plan.seed,
               "staleness": plan.staleness}
     with FileLock(str(state_dir / LOCK_FILE)):
         history = _load_history(state_dir, recipe)
-        current = [h.meta["sha256"] for h in headers]
+        current = [h.vector.sha256 for h in headers]
         spent = plan.check_inputs(bh, headers)
         if (history and set(history[-1]["vectors"]) == set(current) and history[-1]["scale"] == plan.scale
                 and history[-1].get("privacy_budget") == spent):
@@ -149,11 +160,13 @@ def merge_incremental(
         while (state_dir / f"merged-v{version}.safetensors").exists():
             version += 1
         path = state_dir / f"merged-v{version}.safetensors"
-        report = save_merged(bh, acc.combined(plan.recipe), ordered, path, plan=plan, extra={"version": version})
-        added = [s for s in (h.meta["sha256"] for h in ordered) if s not in held]
+        comb = acc.combined(plan.recipe)
+        solve(comb.deltas, bh, ordered, plan.recipe)
+        report = save_merged(bh, comb, ordered, path, plan=plan, extra={"version": version})
+        added = [s for s in (h.vector.sha256 for h in ordered) if s not in held]
         history.append({
             "version": version, "file": path.name, "identity": report.identity, "scale": plan.scale, "mode": mode,
-            "vectors": [h.meta["sha256"] for h in ordered], "added": added, "privacy_budget": spent, "created": now(),
+            "vectors": [h.vector.sha256 for h in ordered], "added": added, "privacy_budget": spent, "created": now(),
         })
         write_json(state_dir / HISTORY_FILE, {"recipe": recipe, "versions": history})
     if out is not None:
@@ -168,7 +181,7 @@ def _update(plan: MergePlan, base: Header, headers: Sequence[Header], state: Pat
         return accumulate(plan, base, headers, track), list(headers), "recomputed", [
             f"{plan.method} needs every vector at once: recomputed from all {len(headers)} vectors"
         ]
-    by_sha = {h.meta["sha256"]: h for h in headers}
+    by_sha = {h.vector.sha256: h for h in headers}
     loaded = _load_accumulator(state, recipe)
     notes: list[str] = []
     acc, old = Accumulator(), []
@@ -178,8 +191,8 @@ def _update(plan: MergePlan, base: Header, headers: Sequence[Header], state: Pat
             notes.append(f"{len(gone)} vectors of the state are not in this selection: recomputed from all")
         else:
             acc, old = loaded[0], [by_sha[s] for s in loaded[1]]
-    held = {h.meta["sha256"] for h in old}
-    new = [h for h in headers if h.meta["sha256"] not in held]
+    held = {h.vector.sha256 for h in old}
+    new = [h for h in headers if h.vector.sha256 not in held]
     accumulate(plan, base, new, track, acc=acc)
     _save_accumulator(state, acc, recipe, [*old, *new])
     return acc, [*old, *new], "incremental" if old else "recomputed", notes

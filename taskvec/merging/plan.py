@@ -14,17 +14,9 @@ import numpy as np
 from taskvec.errors import ConfigError, FileFormatError, MismatchError, TaskvecError, check_range
 from taskvec.io.files import Header, read_kind
 from taskvec.io.layout import check_against_base
-from taskvec.io.lineage import (
-    DEFAULT_STALENESS,
-    STALENESS_RULE,
-    describe_versions,
-    merged_summaries,
-    merged_vectors,
-    model_version,
-    staleness_weight,
-    vector_base,
-    versions,
-)
+from taskvec.io.lineage import DEFAULT_STALENESS, STALENESS_RULE, describe_versions, staleness_weight
+from taskvec.io.schema import VectorSummary
+from taskvec.merging.heads import check_statistics
 from taskvec.merging.methods import DEFAULT_METHOD, Array, Recipe, get_method, vector_weights
 from taskvec.privacy.ledger import PrivacyBudget, check_merge_budget
 
@@ -36,25 +28,23 @@ def check_vectors(base: Header, paths: Sequence[str | os.PathLike[str]]) -> list
     position; a vector already merged into one of them is refused."""
     if not paths:
         raise FileFormatError("no vectors given")
-    ids = versions(base.meta)
-    merged = merged_vectors(base.meta)
+    ids = base.model.versions()
+    merged = base.model.merged_vectors()
     headers: list[Header] = []
     seen: dict[str, Path] = {}
     for p in paths:
         h = read_kind(p, "vector")
-        m = h.meta
+        sha = h.vector.sha256
         check_against_base(h, base, versions=ids)
         _check_position(h, base, ids)
-        if m["sha256"] in merged:
-            k = merged[m["sha256"]]
+        if sha in merged:
+            k = merged[sha]
             raise MismatchError(
                 f"{h.path}: already merged into v{k} ({ids[k][:12]}), on which base {base.path} (v{len(ids) - 1}) "
-                f"builds (sha256 {m['sha256'][:12]}); give only vectors not merged yet", path=h.path, field="sha256")
-        if m["sha256"] in seen:
-            raise MismatchError(
-                f"{h.path}: same vector as {seen[m['sha256']]} (sha256 {m['sha256'][:12]}); give it once"
-            )
-        seen[m["sha256"]] = h.path
+                f"builds (sha256 {sha[:12]}); give only vectors not merged yet", path=h.path, field="sha256")
+        if sha in seen:
+            raise MismatchError(f"{h.path}: same vector as {seen[sha]} (sha256 {sha[:12]}); give it once")
+        seen[sha] = h.path
         headers.append(h)
     return headers
 
@@ -62,8 +52,7 @@ def check_vectors(base: Header, paths: Sequence[str | os.PathLike[str]]) -> list
 def _check_position(h: Header, base: Header, ids: Sequence[str]) -> None:
     """The version and lineage a vector records for its base must be where that base sits in `base`'s lineage
     (recorded, not looked up: a merge at λ = 0 has its parent's identity, so an identity may sit twice)."""
-    identity = h.meta["base"]["identity"]
-    version, lineage = vector_base(h.meta)
+    identity, version, lineage = h.vector.base.identity, h.vector.base.number, h.vector.base.lineage or []
     if version < len(ids) and ids[version] == identity and lineage == list(ids[:version]):
         return
     k = ids.index(identity)
@@ -74,15 +63,10 @@ def _check_position(h: Header, base: Header, ids: Sequence[str]) -> None:
         path=h.path, field=fld, expected=k, got=version)
 
 
-def earlier_releases(base: Header) -> list[tuple[str, dict[str, Any]]]:
+def earlier_releases(base: Header) -> list[tuple[str, VectorSummary]]:
     """(where, summary) of every vector already merged into `base` or its lineage, for the privacy budget: its
     sha256, run id and ledger tell distinct releases and trainings apart (`check_merge_budget`)."""
-    return [(f"{base.path} (v{k} input {v['sha256'][:12]})", v) for k, v in merged_summaries(base.meta)]
-
-
-def base_versions(headers: Sequence[Header]) -> list[int]:
-    """The version of the base's lineage each vector (checked by `check_vectors`) was fine-tuned from."""
-    return [vector_base(h.meta)[0] for h in headers]
+    return [(f"{base.path} (v{k} input {v.sha256[:12]})", v) for k, v in base.model.merged_summaries()]
 
 
 @dataclass(frozen=True)
@@ -143,7 +127,8 @@ class MergePlan:
         if len(headers) < recipe.min_vectors:
             raise TaskvecError(f"method {self.method!r} needs at least {recipe.min_vectors} vectors, "
                                f"got {len(headers)}")
-        vector_weights(recipe, [h.meta.get("samples") for h in headers], [str(h.path) for h in headers])
+        check_statistics(base, headers, recipe, self.method)
+        vector_weights(recipe, [h.vector.samples for h in headers], [str(h.path) for h in headers])
         return check_merge_budget(headers, self.budget, earlier_releases(base))
 
     def with_method(self, method: str, params: Mapping[str, Any] | None = None, scale: float | None = None
@@ -155,9 +140,9 @@ class MergePlan:
     def weights(self, base: Header, headers: Sequence[Header]) -> tuple[Array, Array]:
         """Each vector's raw weight wᵢ (1 or its samples) and staleness weight sᵢ = (1 + dᵢ)^(−a), dᵢ = N − Kᵢ
         for a vector fine-tuned from version Kᵢ of the base's lineage, the base being version N."""
-        w = vector_weights(self.recipe, [h.meta.get("samples") for h in headers], [str(h.path) for h in headers])
-        n = model_version(base.meta)
-        s = np.array([staleness_weight(n - k, self.staleness) for k in base_versions(headers)])
+        w = vector_weights(self.recipe, [h.vector.samples for h in headers], [str(h.path) for h in headers])
+        n = base.model.number
+        s = np.array([staleness_weight(n - k, self.staleness) for k in (h.vector.base.number for h in headers)])
         return w, s
 
     def record(self, base: Header, headers: Sequence[Header]) -> dict[str, Any]:

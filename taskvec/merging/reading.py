@@ -14,7 +14,7 @@ import numpy as np
 from taskvec.errors import FileFormatError
 from taskvec.io.files import DTYPE_SIZES, Digest, Header
 from taskvec.io.layout import factor_names
-from taskvec.io.tensors_np import as_float32
+from taskvec.io.tensors_np import as_float32, as_float64
 from taskvec.merging.methods import Array
 
 CHUNK_ELEMENTS = 1 << 22  # consensus methods hold at most this many values of all vectors at once (16 MB)
@@ -58,8 +58,9 @@ class VectorFile:
         self.file = open(header.path, "rb", buffering=0)  # noqa: SIM115 - closed by `close`
         self.digest = Digest()
 
-    def read(self, key: str, start: int = 0, stop: int | None = None, verify: bool = True) -> Array:
-        """Elements start..stop of tensor `key`, flat, as read-only float32."""
+    def read(self, key: str, start: int = 0, stop: int | None = None, verify: bool = True, wide: bool = False
+             ) -> Array:
+        """Elements start..stop of tensor `key`, flat, as read-only float32 (`wide`: float64)."""
         t = self.header.tensors[key]
         size = DTYPE_SIZES[t.dtype]
         stop = t.numel if stop is None else stop
@@ -71,14 +72,14 @@ class VectorFile:
             if start == 0:
                 self.hasher.submit(self.lane, self.digest.begin, key, t.dtype, t.shape, t.end - t.start)
             self.hasher.submit(self.lane, self.digest.feed, buf, nbytes=len(buf))
-        x = as_float32(buf, t.dtype)
+        x = as_float64(memoryview(buf), t.dtype) if wide else as_float32(buf, t.dtype)
         x.flags.writeable = False  # it may be the memory being hashed
         return x
 
     def read_delta(self, key: str) -> Array:
         """The whole delta of base key `key`, flat: a tensor of the file, or the product of its low-rank factors
         (a LoRA vector's `KEY@lora_A`, `KEY@lora_B`), expanded here one tensor at a time."""
-        factors = self.header.meta.get("factors", {})
+        factors = self.header.vector.factors or {}
         if key not in factors:
             return self.read(key)
         a, b = (self.read(n).reshape(self.header.tensors[n].shape) for n in factor_names(key))
@@ -86,7 +87,7 @@ class VectorFile:
 
     def verify(self) -> None:
         """After `Hasher.drain`: the bytes read are the bytes the vector's sha256 names."""
-        if self.digest.hexdigest() != self.header.meta["sha256"]:
+        if self.digest.hexdigest() != self.header.vector.sha256:
             raise FileFormatError(f"{self.header.path}: content does not match its sha256; the file is corrupted")
 
     def close(self) -> None:

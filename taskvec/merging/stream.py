@@ -6,7 +6,7 @@ read); `accumulate` reads the vectors, a method without consensus one file at a 
 the others tensor by tensor in chunks, so memory does not grow with the number of vectors; `save_merged`
 writes `base + λ·combined` with the plan and every input recorded. The arithmetic is in `methods.py`.
 
-The base may be a merged version N (`taskvec.io.lineage`): a vector against any version K of its lineage is
+The base may be a merged version N (`taskvec.io.schema`): a vector against any version K of its lineage is
 accepted, scaled by its staleness weight (1 + N − K)^(−a) before it is combined, and the merged file is
 version N+1 with the lineage extended by the base.
 
@@ -29,14 +29,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from taskvec.errors import FileFormatError
-from taskvec.io.files import FORMAT, FORMAT_VERSION, Digest, Header, check_output, now
-from taskvec.io.lineage import child_lineage, model_version
+from taskvec.errors import ConfigError, FileFormatError
+from taskvec.io.files import Digest, Header, check_output, now
+from taskvec.io.schema import MergeRecord, ModelHeader, VectorSummary
 from taskvec.io.tensors_np import as_float32, from_float32, save_arrays
 from taskvec.merging.accumulate import Combined, accumulate
 from taskvec.merging.diagnose import diagnose
+from taskvec.merging.heads import solve
 from taskvec.merging.methods import Array
-from taskvec.merging.plan import MergePlan, base_versions
+from taskvec.merging.plan import MergePlan
 from taskvec.progress import Track, no_track
 
 if TYPE_CHECKING:
@@ -62,12 +63,11 @@ class MergeReport:
 def vector_summaries(plan: MergePlan, base: Header, headers: Sequence[Header]) -> list[dict[str, Any]]:
     """What a merged model records of each input vector: identity, contributor, samples, privacy ledger, file,
     run, and the version it was fine-tuned from with its staleness d and weight s = (1 + d)^(−a)."""
-    n = model_version(base.meta)
+    n = base.model.number
     _, scales = plan.weights(base, headers)
-    return [{"sha256": h.meta["sha256"], "contributor": h.meta["contributor"], "samples": h.meta.get("samples"),
-             "privacy": h.meta.get("privacy", []), "file": h.path.name,
-             "run_id": (h.meta.get("source") or {}).get("run_id"), "base_version": k, "staleness": n - k,
-             "staleness_weight": float(s)} for h, k, s in zip(headers, base_versions(headers), scales)]
+    return [VectorSummary(v.sha256, v.contributor, v.privacy, v.samples, h.path.name, v.run_id, v.base.number,
+                          n - v.base.number, float(s)).to_json()
+            for h, v, s in zip(headers, (h.vector for h in headers), scales)]
 
 
 def merged_arrays(bh: Header, comb: Combined, scale: float) -> Iterator[tuple[str, str, tuple[int, ...], Array]]:
@@ -107,13 +107,12 @@ def save_merged(bh: Header, comb: Combined, headers: Sequence[Header], out: str 
         arrays[k] = (dtype, shape, a)
         digest.update(k, dtype, shape, np.ascontiguousarray(a).data.cast("B"))
     identity = digest.hexdigest()
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "model", "identity": identity,
-            "model": bh.meta["model"], "created": now(), "taskvec_version": __version__,
-            "parent": bh.meta["identity"], "version": model_version(bh.meta) + 1, "lineage": child_lineage(bh.meta),
-            "merge": record}
-    if "source" in bh.meta:  # the weights the lineage started from (what `finetune` defaults its mode by)
-        meta["source"] = bh.meta["source"]
-    save_arrays(arrays, out, meta, force=force)
+    base = bh.model
+    # `source`: the weights the lineage started from (what `finetune` defaults its mode by)
+    header = ModelHeader(identity=identity, model=base.model, created=now(), taskvec_version=__version__,
+                         source=base.source, parent=base.identity, version=base.number + 1,
+                         lineage=base.child_lineage(), merge=MergeRecord.from_json(record))
+    save_arrays(arrays, out, header, force=force)
     warnings = []
     if any(not v["privacy"] for v in record["vectors"]):
         warnings.append("some inputs carry no DP guarantee (see `taskvec inspect`)")
@@ -153,13 +152,17 @@ def merge_vectors(
             flagged = {d.sha256 for d in found if d.flag}
             extra["excluded"] = [{"sha256": d.sha256, "contributor": d.contributor, "reason": d.flag}
                                  for d in found if d.flag]
-            headers = [h for h in headers if h.meta["sha256"] not in flagged]
+            headers = [h for h in headers if h.vector.sha256 not in flagged]
             plan.check_inputs(bh, headers)
     scale = None
+    if plan.recipe.ridge is not None and (select is not None or contributions is not None):
+        raise ConfigError("a merge that solves a head from statistics takes no method selection or leave-one-out "
+                          "contributions", field="select" if select is not None else "contributions")
     if select is not None:
         plan, comb, scale, extra["selection"] = select.select(plan, bh, headers)
     else:
         comb = accumulate(plan, bh, headers, track).combined(plan.recipe)
+        solve(comb.deltas, bh, headers, plan.recipe)
         if calibrate is not None:
             scale, extra["calibration"] = calibrate(bh, comb)
     if contributions is not None:

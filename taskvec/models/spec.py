@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ import torch
 from torch import nn
 
 from taskvec.errors import ConfigError, FileFormatError
-from taskvec.io.files import FORMAT, FORMAT_VERSION, now, read_header, read_kind
+from taskvec.io.files import now, read_header, read_kind
+from taskvec.io.schema import ModelHeader
 from taskvec.io.tensors import save_tensors, state_digest
 
 TASKS = ("classification", "segmentation")
@@ -252,26 +252,18 @@ def save_model(
 
     state = model.state_dict() if isinstance(model, nn.Module) else model
     identity = state_digest(state)
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": "model",
-        "identity": identity,
-        "model": spec.to_dict(),
-        "created": now(),
-        "taskvec_version": __version__,
-        **(extra or {}),
-    }
-    save_tensors(state, path, meta, force=force)
+    header = ModelHeader(identity=identity, model=spec.to_dict(), created=now(), taskvec_version=__version__,
+                         **(extra or {}))
+    save_tensors(state, path, header, force=force)
     return identity
 
 
-def starts_pretrained(meta: Mapping[str, Any]) -> bool:
+def starts_pretrained(header: ModelHeader) -> bool:
     """Whether a model file's header records that its weights start from trained ones: timm's pretrained weights
     or a local checkpoint (`source`, which merged versions keep from their base). A file that records nothing is
     taken to start from random weights."""
-    source = meta.get("source")
-    return isinstance(source, Mapping) and bool(source.get("pretrained") or source.get("weights"))
+    source = header.source
+    return isinstance(source, dict) and bool(source.get("pretrained") or source.get("weights"))
 
 
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
@@ -280,7 +272,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
 
     header = read_kind(path, "model")
     try:
-        module = create_module(ModelSpec.from_dict(header.meta["model"]))
+        module = create_module(ModelSpec.from_dict(header.model.model))
     except FileFormatError as e:
         raise FileFormatError(f"{path}: {e.message}", path=path) from None
     state = load_file(str(path))
@@ -293,7 +285,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
 
 def model_spec(path: str | os.PathLike[str]) -> ModelSpec:
     """The spec stored in a model file (no torch needed)."""
-    return ModelSpec.from_dict(read_kind(path, "model").meta["model"])
+    return ModelSpec.from_dict(read_kind(path, "model").model.model)
 
 
 def resolve_model_path(path: str | os.PathLike[str]) -> Path:

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from taskvec.errors import PrivacyConfigError, PrivacyError, check_range
+from taskvec.io.files import Header
+from taskvec.io.schema import VectorSummary
 from taskvec.privacy.entries import best_guarantee, verify_ledger
 from taskvec.privacy.mechanism import RELATIONS, UNITS, Composition, Contribution, Entry, compositions, mechanism_of
 
@@ -100,7 +102,7 @@ def _check_seeded(ledger: list[Entry], where: str, budget: PrivacyBudget) -> Non
                 "is for tests)", path=where, field="seeded")
 
 
-def _check_one_name(new: Mapping[str, list[Contribution]], earlier: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+def _check_one_name(new: Mapping[str, list[Contribution]], earlier: Sequence[tuple[str, VectorSummary]]) -> None:
     """Refuse a run or a released model that the vectors here (or with one of them, the base's lineage) list under
     two contributor names: each name's budget would then count only its share of the releases."""
     def origins(run: str | None, ledger: Sequence[Entry]) -> set[str]:
@@ -112,9 +114,8 @@ def _check_one_name(new: Mapping[str, list[Contribution]], earlier: Sequence[tup
             for o in origins(c.run, c.ledger):
                 names.setdefault(o, set()).add(who)
     for _, v in earlier:
-        ledger = v.get("privacy") or []
-        for o in origins(v.get("run_id"), ledger if isinstance(ledger, list) else []) & set(names):
-            names[o].add(str(v.get("contributor")))
+        for o in origins(v.run_id, v.privacy) & set(names):
+            names[o].add(v.contributor)
     for origin, holders in sorted(names.items()):
         if len(holders) > 1:
             raise PrivacyError(f"{origin} is released under contributors {', '.join(sorted(holders))}: one site's "
@@ -122,8 +123,8 @@ def _check_one_name(new: Mapping[str, list[Contribution]], earlier: Sequence[tup
                                field="contributor", got=sorted(holders))
 
 
-def check_merge_budget(headers: Sequence[Any], budget: PrivacyBudget,
-                       earlier: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> dict[str, Any]:
+def check_merge_budget(headers: Sequence[Header], budget: PrivacyBudget,
+                       earlier: Sequence[tuple[str, VectorSummary]] = ()) -> dict[str, Any]:
     """Verify every vector's ledger (ε recomputed from its parameters; seeded noise refused unless the budget
     allows it) and enforce `budget`, composing per contributor its vectors and its `earlier` releases, (where,
     summary) of the vectors already merged into the base's lineage (the merged model is a function of all of
@@ -134,26 +135,26 @@ def check_merge_budget(headers: Sequence[Any], budget: PrivacyBudget,
     budget.check()
     vectors: dict[str, list[Contribution]] = {}
     for h in headers:
-        ledger = verify_ledger(h.meta.get("privacy", []), str(h.path))
+        v = h.vector
+        ledger = verify_ledger(v.privacy, str(h.path))
         if not ledger and (budget.require_dp or budget.max_epsilon is not None):
             why = "`require_dp`" if budget.require_dp else f"`max_epsilon` {budget.max_epsilon:g}"
             raise PrivacyError(f"{h.path}: carries no DP guarantee (ε = ∞); it is refused by {why}",
                                path=h.path, field="privacy")
         _check_seeded(ledger, str(h.path), budget)
-        run = (h.meta.get("source") or {}).get("run_id")
-        vectors.setdefault(str(h.meta.get("contributor")), []).append(Contribution(h.meta.get("sha256"), run, ledger))
+        vectors.setdefault(v.contributor, []).append(Contribution(v.sha256, v.run_id, ledger))
     _check_one_name(vectors, earlier)
     record: dict[str, Any] = {**asdict(budget), "contributors": {}}
     if budget.unit is None:
         return record
     before: dict[str, int] = {}
-    for where, v in earlier:
-        who = str(v["contributor"])
+    for where, summary in earlier:
+        who = summary.contributor
         if who in vectors:
-            ledger = verify_ledger(v.get("privacy", []), where)
+            ledger = verify_ledger(summary.privacy, where)
             _check_seeded(ledger, where, budget)
-            run = v.get("run_id") or next((e["run_id"] for e in ledger if e["run_id"]), None)
-            vectors[who].append(Contribution(v.get("sha256"), run, ledger))
+            run = summary.run_id or next((e["run_id"] for e in ledger if e["run_id"]), None)
+            vectors[who].append(Contribution(summary.sha256, run, ledger))
             before[who] = before.get(who, 0) + 1
     for who, given in vectors.items():
         eps, delta, how, runs = _contributor_epsilon(given, budget.unit, budget.relation)

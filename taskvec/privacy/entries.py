@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from taskvec.errors import PrivacyError
-from taskvec.io.lineage import is_sha
+from taskvec.io.schema import is_sha
 from taskvec.privacy.mechanism import RELATIONS, UNITS, Entry, is_number, is_positive, mechanism_of, mechanisms
 
 LEDGER_FIELDS = (

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from taskvec.io.files import read_header
+from taskvec.io.files import read_kind
 from taskvec.merging.export import export_vector
 from taskvec.merging.stream import merge_vectors
 from taskvec.privacy.ledger import PrivacyBudget
@@ -70,7 +70,9 @@ def run_rounds(schedule: Schedule, setup: RoundsSetup, root: Path, base: Path, s
         versions.append(path)
         extra = _version_record(schedule, event.version)
         if setup.budget is not None:  # a merge composes its contributors' releases over the whole lineage
-            record = read_header(path).meta["merge"]["privacy_budget"]
+            merge = read_kind(path, "model").model.merge
+            record = merge.privacy_budget if merge is not None else None
+            assert record is not None, "a merge with a budget records it"
             composed.update({who: c["epsilon"] for who, c in record["contributors"].items()})
             extra["composed_epsilon"] = dict(sorted(composed.items()))
         rows.append(evaluate(f"async-v{event.version}@{extra['arrivals']}", path, extra))

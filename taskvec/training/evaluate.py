@@ -100,12 +100,12 @@ def evaluate_model(
     default the data's test split when it has one, else all of it."""
     path = resolve_model_path(model_path)
     header = read_kind(path, "model")
-    spec = ModelSpec.from_dict(header.meta["model"])
+    spec = ModelSpec.from_dict(header.model.model)
     splits = as_splits(data, spec, img_size=img_size, val_fraction=0.0)
     split = split or ("test" if splits.test is not None else "all")
     ds = splits.get(split)
     dev = resolve_device(device)
     model = load_model(path, dev)
     metrics = evaluate_module(model, spec, ds, device=dev, batch_size=batch_size, track=track)
-    return Evaluation(str(path), header.meta["identity"], spec.task, splits.source, split, len(ds), ds.img_size,
+    return Evaluation(str(path), header.model.identity, spec.task, splits.source, split, len(ds), ds.img_size,
                       len(splits.skipped), splits.warnings, metrics)

@@ -124,10 +124,10 @@ def finetune(
     (torchrun), every process calls this; rank 0 alone writes and reports (`taskvec.training.distributed`).
     """
     header = read_kind(base, "model")
-    config = (config or FinetuneConfig()).for_base(starts_pretrained(header.meta))
+    config = (config or FinetuneConfig()).for_base(starts_pretrained(header.model))
     config.check()
     out = Path(out_dir)
-    spec = ModelSpec.from_dict(header.meta["model"])
+    spec = ModelSpec.from_dict(header.model.model)
     if config.resume and (out / MODEL_FILE).exists():
         return finished(out)
     if (out / MODEL_FILE).exists():
@@ -151,7 +151,7 @@ def finetune(
             raise ConfigError(f"train {mode} runs in one process ({mode.refusal})", field="train")
         if not group.main:  # rank 0 reports
             track, on_epoch = no_track, None
-        run = _start(base, header.meta["identity"], spec, splits.train, splits.val, out, config, splits.source, group)
+        run = _start(base, header.model.identity, spec, splits.train, splits.val, out, config, splits.source, group)
         if mode.fits_in_one_pass:
             history = _one_pass(run, config, splits.train, splits.val, track, on_epoch)
         else:

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from taskvec.errors import MismatchError, OutputExistsError, TaskvecError
-from taskvec.io.files import FORMAT, FORMAT_VERSION, read_kind, write_json
+from taskvec.io.files import read_kind, write_json
+from taskvec.io.schema import FORMAT, FORMAT_VERSION
 from taskvec.io.tensors import save_tensors
 from taskvec.training.config import RUNTIME_FIELDS, FinetuneConfig
 

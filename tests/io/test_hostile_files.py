@@ -338,10 +338,11 @@ def test_malformed_taskvec_metadata_is_refused(make_base, make_finetuned, tmp_pa
                                         ("contributor", ["a"])]):
         bad = tmp_path / f"bad{i}.safetensors"
         save_file(tensors, str(bad), metadata={"format": "pt", "taskvec": json.dumps({**meta, field: value})})
-        with pytest.raises(FileFormatError, match=f"invalid {field}"):
+        with pytest.raises(FileFormatError, match=f"taskvec vector metadata: {field} must be") as err:
             read_kind(bad, "vector")
+        assert err.value.field == field
     r = cli("merge", "bad0.safetensors", "--base", base, "--out", "m.safetensors", cwd=tmp_path)
-    assert_refused(r, "invalid base")
+    assert_refused(r, "base must be an object")
     assert not (tmp_path / "m.safetensors").exists()
 
 

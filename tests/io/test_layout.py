@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from headers import model_header, vector_header
 
 from taskvec.errors import MismatchError
 from taskvec.io.files import Header, TensorInfo
@@ -20,15 +21,15 @@ def tensors(**shapes: Any) -> dict[str, TensorInfo]:
     return {k: TensorInfo(dtype, tuple(shape), 0, 0) for k, (dtype, shape) in shapes.items()}
 
 
-BASE = Header(Path("base.safetensors"), tensors(w=("F32", [2, 3]), bn_running_mean=("F32", [3]),
-                                                 bn_num_batches_tracked=("I64", [])),
-              0, {"kind": "model", "identity": BASE_ID, "model": MODEL})
+BASE_TENSORS = tensors(w=("F32", [2, 3]), bn_running_mean=("F32", [3]), bn_num_batches_tracked=("I64", []))
+BASE = model_header("base.safetensors", identity=BASE_ID, model=MODEL, tensors=BASE_TENSORS)
 
 
-def vector(identity: str = BASE_ID, labels: list[str] | None = None, **shapes: Any) -> Header:
-    meta = {"kind": "vector", "base": {"identity": identity}, "task": "classification",
-            "labels": labels or ["a", "b"], "statistics": ["bn_running_mean"] if "bn_running_mean" in shapes else []}
-    return Header(Path("v.safetensors"), tensors(**shapes), 0, meta)
+def vector(identity: str = BASE_ID, labels: list[str] | None = None, statistics: list[str] | None = None,
+           **shapes: Any) -> Header:
+    stats = ["bn_running_mean"] if "bn_running_mean" in shapes else []
+    return vector_header(base=identity, task="classification", labels=labels or ["a", "b"], tensors=tensors(**shapes),
+                         statistics=stats if statistics is None else statistics)
 
 
 def refused(h: Header, base: Header | dict[str, Any] = BASE, where: str = "") -> MismatchError:
@@ -42,7 +43,7 @@ def test_a_matching_vector_model_and_state_dict_pass() -> None:
     assert delta_keys(BASE.tensors) == ["w"]
     check_against_base(vector(w=("F32", [2, 3]), bn_running_mean=("F32", [3])), BASE)
     check_against_base(vector(w=("BF16", [2, 3])), BASE)  # noised exports leave statistics out
-    model = Header(Path("ft.safetensors"), BASE.tensors, 0, {"kind": "model", "parent": BASE_ID, "model": MODEL})
+    model = model_header("ft.safetensors", identity="f" * 64, parent=BASE_ID, model=MODEL, tensors=BASE.tensors)
     check_against_base(model, BASE)
     check_against_base(Header(Path("sd.safetensors"), BASE.tensors, 0, {}), BASE)
     check_against_base(vector(), {"identity": BASE_ID, **MODEL}, "registry r")  # a registry has no tensors
@@ -54,14 +55,14 @@ def test_base_identity_is_checked_against_a_header_and_a_registry_record() -> No
     assert "base base.safetensors is bbbbbbbbbbbb" in e.message
     e = refused(vector("c" * 64), {"identity": BASE_ID, **MODEL}, "registry ./reg")
     assert e.field == "base.identity" and "the base of registry ./reg" in e.message
-    model = Header(Path("ft.safetensors"), BASE.tensors, 0, {"kind": "model", "parent": "c" * 64, "model": MODEL})
+    model = model_header("ft.safetensors", identity="f" * 64, parent="c" * 64, model=MODEL, tensors=BASE.tensors)
     assert refused(model).field == "parent"
 
 
 def test_task_labels_arch_are_checked() -> None:
     e = refused(vector(labels=["a", "z"], w=("F32", [2, 3])))
     assert (e.field, e.expected, e.got) == ("labels", ["a", "b"], ["a", "z"])
-    model = Header(Path("ft.safetensors"), BASE.tensors, 0, {"kind": "model", "model": {**MODEL, "arch": "x"}})
+    model = model_header("ft.safetensors", identity="f" * 64, model={**MODEL, "arch": "x"}, tensors=BASE.tensors)
     assert refused(model).field == "arch"
 
 
@@ -73,9 +74,7 @@ def test_layout_keys_shapes_dtypes() -> None:
     e = refused(vector(w=("F32", [3, 2])))
     assert (e.field, e.expected, e.got) == ("w", [2, 3], [3, 2])
     assert refused(vector(w=("I32", [2, 3]))).got == "I32"
-    v = vector(w=("F32", [2, 3]))
-    v.meta["statistics"] = ["w"]  # a delta key declared as a statistic
+    v = vector(w=("F32", [2, 3]), statistics=["w"])  # a delta key declared as a statistic
     assert "missing keys w" in refused(v).message
-    v = vector(w=("F32", [2, 3]), other_running_var=("F32", [3]))
-    v.meta["statistics"] = ["other_running_var"]
+    v = vector(w=("F32", [2, 3]), other_running_var=("F32", [3]), statistics=["other_running_var"])
     assert "statistics other_running_var are not statistics of the base" in refused(v).message

@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import dp_accounting as dpa
 import numpy as np
 import pytest
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from headers import vector_header
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 from taskvec.cli.app import app
 from taskvec.cli.console import error_message
 from taskvec.errors import ConfigError, FileFormatError, MismatchError, PrivacyError
-from taskvec.io.files import dump_meta, read_header, read_kind
+from taskvec.io.files import Header, dump_meta, read_header, read_kind
+from taskvec.io.schema import ModelHeader, VectorSummary
 from taskvec.merging.export import export_vector
 from taskvec.merging.incremental import merge_incremental
 from taskvec.merging.methods import MERGE_METHODS, combine, vector_seed
@@ -300,16 +302,15 @@ def _dp_sgd(z: float, q: float, steps: int, run: str) -> dict[str, Any]:
                         max_grad_norm=1.0, unit="image", run_id=run)
 
 
-def _vector(ledger: list[dict[str, Any]], run: str) -> SimpleNamespace:
-    return SimpleNamespace(path=Path(f"{run}.safetensors"), meta={"contributor": "h", "privacy": ledger,
-                                                                   "source": {"run_id": run}})
+def _vector(ledger: list[dict[str, Any]], run: str) -> Header:
+    return vector_header(f"{run}.safetensors", privacy=ledger, run=run)
 
 
 def test_dp_sgd_rounds_compose_over_all_steps() -> None:
     """A site's DP-SGD runs of two rounds (one already in the lineage) compose in one PRV accountant over all
     their steps, as dp-accounting's PLD composes the same events; mixed mechanisms add."""
     r1, r2 = _dp_sgd(1.1, 0.05, 120, "r1"), _dp_sgd(0.9, 0.02, 300, "r2")
-    earlier = [("v1 input", {"contributor": "h", "privacy": [r1], "run_id": "r1", "sha256": "0" * 64})]
+    earlier = [("v1 input", VectorSummary("0" * 64, "h", [r1], run_id="r1"))]
     rec = check_merge_budget([_vector([r2], "r2")], PrivacyBudget(unit="image"), earlier)["contributors"]["h"]
     want = pld_epsilon([dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.05, dpa.GaussianDpEvent(1.1)), 120),
                         dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.02, dpa.GaussianDpEvent(0.9)), 300)],
@@ -321,7 +322,7 @@ def test_dp_sgd_rounds_compose_over_all_steps() -> None:
         check_merge_budget([_vector([r2], "r2")], PrivacyBudget(max_epsilon=r2["epsilon"] * 1.01, unit="image"),
                            earlier)
     # runs that are DP-SGD models also exported with noise: the smaller of the two tight compositions
-    noised = [("v1 input", {**earlier[0][1], "privacy": [r1, *gaussian_output_entries([40.0], 1.0, 1e-5, "r1")]})]
+    noised = [("v1 input", replace(earlier[0][1], privacy=[r1, *gaussian_output_entries([40.0], 1.0, 1e-5, "r1")]))]
     both = check_merge_budget([_vector([r2, *gaussian_output_entries([40.0], 1.0, 1e-5, "r2")], "r2")],
                               PrivacyBudget(unit="image"), noised)["contributors"]["h"]
     want = pld_epsilon([dpa.GaussianDpEvent(40.0)] * 2, 1e-5, dpa.NeighboringRelation.REPLACE_ONE)
@@ -368,16 +369,15 @@ def test_calibrate_select_and_contributions_on_a_merged_version(tmp_path: Path, 
 
 def test_a_merge_that_changed_nothing_may_have_its_parents_identity() -> None:
     """λ = 0 (calibration found the vectors no help) gives the parent's content; twice, a grandparent's."""
-    from taskvec.io.lineage import model_problem
-
     a, b = "a" * 64, "b" * 64
-    one = {"identity": a, "version": 1, "parent": a, "lineage": [{"identity": a, "version": 0}],
+    one = {"identity": a, "model": {}, "version": 1, "parent": a, "lineage": [{"identity": a, "version": 0}],
            "merge": {"vectors": []}}
-    assert model_problem(one) is None
+    assert ModelHeader.from_json(one).versions() == [a, a]
     chain = [{"identity": a, "version": 0}, {"identity": b, "version": 1, "vectors": []}]
     two = {**one, "version": 2, "parent": b, "lineage": chain}
-    assert model_problem(two) is None
-    assert model_problem({**two, "lineage": [chain[0], {**chain[1], "identity": a}], "parent": a}) is None
+    assert ModelHeader.from_json(two).versions() == [a, b, a]
+    three = {**two, "lineage": [chain[0], {**chain[1], "identity": a}], "parent": a}
+    assert ModelHeader.from_json(three).versions() == [a, a, a]
 
 
 def test_a_merge_at_lambda_zero_repeats_its_parents_identity(rounds: Rounds) -> None:

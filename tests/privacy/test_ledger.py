@@ -12,9 +12,10 @@ import dp_accounting as dpa
 import pytest
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+from headers import vector_header
 
 from taskvec.errors import PrivacyConfigError, PrivacyError
-from taskvec.io.files import read_kind
+from taskvec.io.files import Header, read_kind
 from taskvec.merging.export import export_vector
 from taskvec.privacy.ledger import (
     RELEASES_FILE,
@@ -121,18 +122,15 @@ def test_tampered_entry_is_refused_naming_file_and_field(field: str, value: floa
     assert err.value.field == "epsilon" and err.value.path == "v.safetensors"
 
 
-class _Header:
-    """What check_merge_budget reads of a vector header."""
-
-    def __init__(self, name: str, contributor: str, run: str | None, privacy: list[dict[str, Any]]) -> None:
-        self.path = Path(name)
-        self.meta = {"contributor": contributor, "source": {"run_id": run}, "privacy": privacy}
+def _header(name: str, contributor: str, run: str | None, privacy: list[dict[str, Any]]) -> Header:
+    """A vector header holding what check_merge_budget reads."""
+    return vector_header(name, contributor=contributor, run=run, privacy=privacy)
 
 
 def test_budgets_name_their_unit() -> None:
     image = _dp_sgd("image", "opacus-prv (Gopi et al. 2021)", z=3.0, steps=20)
     assert image["epsilon"] < 2
-    h = [_Header("img.safetensors", "a", "r", [image])]
+    h = [_header("img.safetensors", "a", "r", [image])]
     check_merge_budget(h, PrivacyBudget(2.0, "image"))
     with pytest.raises(PrivacyError, match="contributor 'a': no guarantee per patient .* group privacy"):
         check_merge_budget(h, PrivacyBudget(2.0, "patient"))
@@ -140,24 +138,24 @@ def test_budgets_name_their_unit() -> None:
         check_merge_budget(h, PrivacyBudget(2.0))
     assert err.value.field == "unit"
     add_remove, replace_one = gaussian_output_entries([2.0], 1.0, 1e-5, "s")
-    site = [_Header("site.safetensors", "b", "s", [add_remove, replace_one])]
+    site = [_header("site.safetensors", "b", "s", [add_remove, replace_one])]
     rec = check_merge_budget(site, PrivacyBudget(10.0, "patient"))  # any change of the data: sensitivity 2C
     assert rec["contributors"]["b"]["epsilon"] == pytest.approx(replace_one["epsilon"])
     rec = check_merge_budget(site, PrivacyBudget(10.0, "site"))
     assert rec["contributors"]["b"]["epsilon"] == pytest.approx(add_remove["epsilon"])
     with pytest.raises(PrivacyError, match="per patient"):  # the site add-remove ε alone bounds no patient
-        check_merge_budget([_Header("s.safetensors", "b", "s", [add_remove])], PrivacyBudget(10.0, "patient"))
+        check_merge_budget([_header("s.safetensors", "b", "s", [add_remove])], PrivacyBudget(10.0, "patient"))
 
 
 def test_budget_composes_the_vectors_of_one_contributor() -> None:
     a1 = gaussian_output_entries([2.0], 1.0, 1e-5, "r1")
     a2 = gaussian_output_entries([2.0, 3.0], 1.0, 1e-5, "r1")  # the run's second export composes the first
     b = gaussian_output_entries([2.0], 1.0, 1e-5, "r2")
-    one_run = [_Header("x1", "a", "r1", a1), _Header("x2", "a", "r1", a2)]
+    one_run = [_header("x1", "a", "r1", a1), _header("x2", "a", "r1", a2)]
     rec = check_merge_budget(one_run, PrivacyBudget(5.0, "site"))
     assert rec["contributors"]["a"] == {"epsilon": a2[0]["epsilon"], "delta": 1e-5, "vectors": 2, "runs": 1,
                                         "earlier": 0, "composition": "single run"}
-    two_runs = [_Header("x1", "a", "r1", a1), _Header("y", "a", "r2", b)]
+    two_runs = [_header("x1", "a", "r1", a1), _header("y", "a", "r2", b)]
     rec = check_merge_budget(two_runs, PrivacyBudget(5.0, "site"))
     # two Gaussian releases of the site's data compose exactly (μ-GDP), tighter than adding ε and δ
     tight = pld_epsilon(dpa.ComposedDpEvent([dpa.GaussianDpEvent(2.0)] * 2), 1e-5)
@@ -166,15 +164,15 @@ def test_budget_composes_the_vectors_of_one_contributor() -> None:
     assert rec["contributors"]["a"]["delta"] == pytest.approx(1e-5)
     with pytest.raises(PrivacyError, match=r"contributor 'a': ε = .* 2 vectors from 2 runs composed, above"):
         check_merge_budget(two_runs, PrivacyBudget(1.2 * a1[0]["epsilon"], "site"))
-    apart = [_Header("x1", "a", "r1", a1), _Header("y", "b", "r2", b)]  # other contributors: parallel
+    apart = [_header("x1", "a", "r1", a1), _header("y", "b", "r2", b)]  # other contributors: parallel
     check_merge_budget(apart, PrivacyBudget(1.2 * a1[0]["epsilon"], "site"))
     (dp,) = name_model([_dp_sgd("patient", "opacus-prv (Gopi et al. 2021)")], "ab" * 32)
-    both = [_Header("m1", "c", "r3", [dp]), _Header("m2", "c", "r3", [dp, *b])]  # one DP-SGD model, twice
+    both = [_header("m1", "c", "r3", [dp]), _header("m2", "c", "r3", [dp, *b])]  # one DP-SGD model, twice
     assert check_merge_budget(both, PrivacyBudget(50.0, "patient"))["contributors"]["c"]["epsilon"] == dp["epsilon"]
 
 
 def test_require_dp_and_no_budget() -> None:
-    clear = [_Header("c.safetensors", "a", None, [])]
+    clear = [_header("c.safetensors", "a", None, [])]
     assert check_merge_budget(clear, PrivacyBudget())["contributors"] == {}
     for budget in (PrivacyBudget(require_dp=True), PrivacyBudget(10.0, "site")):
         with pytest.raises(PrivacyError, match="c.safetensors: carries no DP guarantee"):

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from headers import vector_header
 
 from taskvec.errors import PrivacyError
+from taskvec.io.files import Header
 from taskvec.privacy import mechanism
 from taskvec.privacy.budget import BASIC_COMPOSITION, PrivacyBudget, check_merge_budget
 from taskvec.privacy.entries import name_model, validate_ledger, verify_ledger
@@ -84,8 +84,8 @@ def test_a_new_mechanism_is_one_registered_class(toy: type[Mechanism]) -> None:
         verify_ledger([_toy_entry(epsilon=0.5)], "v")
     assert "model" not in name_model([_toy_entry()], "ab" * 32)[0]
 
-    def header(name: str, run: str, ledger: list[Entry]) -> SimpleNamespace:
-        return SimpleNamespace(path=Path(name), meta={"contributor": "h", "source": {"run_id": run}, "privacy": ledger})
+    def header(name: str, run: str, ledger: list[Entry]) -> Header:
+        return vector_header(name, run=run, privacy=ledger)
 
     rec = check_merge_budget([header("a", "r1", [_toy_entry()]), header("b", "r2", [_toy_entry(2.0)])],
                              PrivacyBudget(1.0, "patient"))
@@ -98,10 +98,7 @@ def test_kinds_of_release_compose_apart_and_add(toy: type[Mechanism]) -> None:
     """A contributor with a toy release in one run and export noise in another: no one kind covers both
     vectors, so each run's own bound is added (basic composition)."""
     site = gaussian_output_entries([2.0], 1.0, 1e-5, "r2")
-    headers = [SimpleNamespace(path=Path("a"), meta={"contributor": "h", "source": {"run_id": "r1"},
-                                                     "privacy": [_toy_entry()]}),
-               SimpleNamespace(path=Path("b"), meta={"contributor": "h", "source": {"run_id": "r2"},
-                                                     "privacy": site})]
+    headers = [vector_header("a", run="r1", privacy=[_toy_entry()]), vector_header("b", run="r2", privacy=site)]
     spent = check_merge_budget(headers, PrivacyBudget(unit="patient"))["contributors"]["h"]
     assert spent["epsilon"] == pytest.approx(0.25 + site[1]["epsilon"]) and spent["composition"] == BASIC_COMPOSITION
     assert math.isclose(spent["delta"], 1e-6 + 1e-5)

@@ -7,18 +7,19 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import dp_accounting as dpa
 import pytest
 import torch
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from headers import vector_header
 from scipy.optimize import brentq
 from scipy.stats import norm
 
 from taskvec.errors import PrivacyError
 from taskvec.io.files import read_kind
+from taskvec.io.schema import VectorSummary
 from taskvec.io.tensors import state_digest
 from taskvec.merging.export import export_vector
 from taskvec.merging.stream import merge_vectors
@@ -172,7 +173,7 @@ def test_training_entries_no_run_writes_are_refused(mechanism: str, field: str, 
                        ) as err:
         verify_ledger([e], "v.safetensors")
     assert err.value.field == field
-    header = SimpleNamespace(path=Path("v.safetensors"), meta={"contributor": "h", "privacy": [e]})
+    header = vector_header(privacy=[e])
     with pytest.raises(PrivacyError, match="add-remove per image or patient"):
         check_merge_budget([header], PrivacyBudget(10.0, "patient"))
 
@@ -196,8 +197,7 @@ def test_seeded_noise_is_refused_unless_the_merge_allows_it() -> None:
     seeded = _dp_sgd(seeded=True)
     assert seeded["seeded"] is True and _dp_sgd()["seeded"] is False
     assert summarize_ledger([seeded]).endswith("from seeded noise: not secret")
-    header = SimpleNamespace(path=Path("s.safetensors"), meta={"contributor": "h", "privacy": [seeded],
-                                                               "source": {"run_id": "run-1"}})
+    header = vector_header("s.safetensors", privacy=[seeded], run="run-1")
     for budget in (PrivacyBudget(), PrivacyBudget(10.0, "image")):
         with pytest.raises(PrivacyError, match=r"^s.safetensors: privacy entry 0 \(dp-sgd\) drew its noise from a "
                                                r"given seed") as err:
@@ -205,9 +205,8 @@ def test_seeded_noise_is_refused_unless_the_merge_allows_it() -> None:
         assert err.value.field == "seeded"
     rec = check_merge_budget([header], PrivacyBudget(10.0, "image", allow_seeded_noise=True))
     assert rec["allow_seeded_noise"] is True and rec["contributors"]["h"]["epsilon"] == seeded["epsilon"]
-    clean = SimpleNamespace(path=Path("c.safetensors"), meta={"contributor": "h", "privacy": [_dp_sgd("run-2")],
-                                                              "source": {"run_id": "run-2"}})
-    earlier = [("v1 input", {"contributor": "h", "privacy": [seeded], "run_id": "run-1", "sha256": "0" * 64})]
+    clean = vector_header("c.safetensors", privacy=[_dp_sgd("run-2")], run="run-2")
+    earlier = [("v1 input", VectorSummary("0" * 64, "h", [seeded], run_id="run-1"))]
     with pytest.raises(PrivacyError, match="^v1 input: privacy entry 0 .* given seed"):  # already in the lineage
         check_merge_budget([clean], PrivacyBudget(10.0, "image"), earlier)
 
@@ -217,14 +216,13 @@ def test_entries_without_model_or_seeded_still_read() -> None:
     vectors of one old DP-SGD run are composed: never under-counted); old lineage summaries read too."""
     old = {k: v for k, v in _dp_sgd().items() if k not in ("model", "seeded")}
     assert verify_ledger([old], "old") == [old]
-    vectors = [SimpleNamespace(path=Path(f"{i}.safetensors"), meta={"contributor": "h", "privacy": [old],
-                                                                    "source": {"run_id": "run-1"}}) for i in range(2)]
+    vectors = [vector_header(f"{i}.safetensors", privacy=[old], run="run-1") for i in range(2)]
     alone = check_merge_budget(vectors[:1], PrivacyBudget(10.0, "image"))["contributors"]["h"]
     assert alone["epsilon"] == old["epsilon"]
     step = dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.05, dpa.GaussianDpEvent(1.1)), 120)
     twice = check_merge_budget(vectors, PrivacyBudget(10.0, "image"))["contributors"]["h"]
     assert twice["epsilon"] == pytest.approx(pld_epsilon([step, step]), rel=0.02) and twice["runs"] == 2
-    earlier = [("v1 input", {"contributor": "h", "privacy": [old], "run_id": "run-1", "sha256": "0" * 64})]
+    earlier = [("v1 input", VectorSummary("0" * 64, "h", [old], run_id="run-1"))]
     rec = check_merge_budget(vectors[:1], PrivacyBudget(10.0, "image"), earlier)["contributors"]["h"]
     assert rec["epsilon"] == pytest.approx(twice["epsilon"]) and rec["earlier"] == 1
 

@@ -1,0 +1,416 @@
+"""Typed taskvec headers: the JSON a model or vector file carries under its `taskvec` key, as dataclasses.
+
+Each class reads its JSON once with `from_json`, which validates every field the code relies on and raises a
+`FileFormatError` naming the first bad one, and writes it back with `to_json`. Everything else reads attributes.
+Keys a class does not know are kept in `extra` and written back, so a file from a newer taskvec of the same
+format version keeps what it says. Versions and lineage follow ASYNC_SCHEMA.md: the original base is version
+0 (a model without `version`); a model merged onto version N is N+1, records `parent` (vN's identity) and
+`lineage` (v0..vN, each merged ancestor with the summaries of the vectors it merged); a vector records its
+base's `version` K and `lineage`, the identities of v0..vK-1.
+
+Ledger entries stay JSON objects here: each is validated by its own mechanism (`taskvec.privacy.entries`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from taskvec.errors import FileFormatError
+
+FORMAT = "taskvec"
+FORMAT_VERSION = 1
+
+Json = dict[str, Any]
+T = TypeVar("T")
+
+
+def is_sha(x: Any) -> bool:
+    """A 64-character lowercase hex digest."""
+    return isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x)
+
+
+def is_count(x: Any) -> bool:
+    """A whole number ≥ 0 (not a bool)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _strings(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+def _optional(check: Any) -> Any:
+    return lambda x: x is None or check(x)
+
+
+def _take(d: Mapping[str, Any], name: str, check: Any, what: str, prefix: str = "", *, default: Any = ...) -> Any:
+    """`d[name]` if it passes `check`, `default` when absent (if given), else a FileFormatError naming the field
+    (`prefix` + `name`)."""
+    if name not in d:
+        if default is not ...:
+            return default
+        raise FileFormatError(f"{prefix}{name} is missing", field=prefix + name)
+    value = d[name]
+    if not check(value):
+        raise FileFormatError(f"{prefix}{name} must be {what}, got {str(value)[:80]!r}", field=prefix + name)
+    return value
+
+
+def _within(fld: str, what: str, read: Any, *args: Any) -> Any:
+    """`read(*args)`, its error restated as one about `fld` (`merge.vectors entry 2: sha256 is missing`)."""
+    try:
+        return read(*args)
+    except FileFormatError as e:
+        raise FileFormatError(f"{fld} {what}: {e.message}", field=fld) from None
+
+
+def _extra(d: Mapping[str, Any], cls: type) -> Json:
+    known = {f.name for f in dataclasses.fields(cls)} | {"format", "format_version", "kind"}
+    return {k: v for k, v in d.items() if k not in known}
+
+
+def _object(d: Any, fld: str) -> Mapping[str, Any]:
+    if not isinstance(d, Mapping):
+        raise FileFormatError(f"{fld} is not an object", field=fld)
+    return d
+
+
+def _dump(obj: Any, *, always: tuple[str, ...] = ()) -> Json:
+    """The JSON of a header object: its fields (nested objects dumped, None left out unless named in `always`)
+    and its `extra` keys."""
+    out: Json = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name == "extra" or (value is None and f.name not in always):
+            continue
+        if dataclasses.is_dataclass(value):
+            value = value.to_json()  # type: ignore[union-attr]
+        elif isinstance(value, tuple):
+            value = [v.to_json() if dataclasses.is_dataclass(v) else v for v in value]  # type: ignore[union-attr]
+        out[f.name] = value
+    return {**obj.extra, **out}
+
+
+def _is_list(x: Any) -> bool:
+    return isinstance(x, list)
+
+
+def _is_object(x: Any) -> bool:
+    return isinstance(x, dict)
+
+
+def _is_str(x: Any) -> bool:
+    return isinstance(x, str)
+
+
+@dataclass(frozen=True)
+class VectorSummary:
+    """What a merged model records of one vector it merged."""
+
+    sha256: str
+    contributor: str
+    privacy: list[Json]
+    samples: int | None = None
+    file: str | None = None
+    run_id: str | None = None
+    base_version: int | None = None
+    staleness: int | None = None
+    staleness_weight: float | None = None
+    extra: Json = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d: Any) -> VectorSummary:
+        d = _object(d, "summary")
+        return cls(
+            sha256=_take(d, "sha256", is_sha, "64 hex digits"),
+            contributor=_take(d, "contributor", _is_str, "a name"),
+            privacy=_take(d, "privacy", _is_list, "a list", default=[]),
+            samples=_take(d, "samples", _optional(is_count), "a count", default=None),
+            file=_take(d, "file", _optional(_is_str), "a file name", default=None),
+            run_id=d.get("run_id"),
+            base_version=_take(d, "base_version", _optional(is_count), "a version", default=None),
+            staleness=_take(d, "staleness", _optional(is_count), "a count", default=None),
+            staleness_weight=d.get("staleness_weight"),
+            extra=_extra(d, cls),
+        )
+
+    def to_json(self) -> Json:
+        return _dump(self, always=("samples", "run_id"))
+
+
+def _summaries(raw: Any, fld: str) -> tuple[VectorSummary, ...]:
+    if not isinstance(raw, list):
+        raise FileFormatError(f"{fld} is not a list", field=fld)
+    return tuple(_within(fld, f"entry {i}", VectorSummary.from_json, v) for i, v in enumerate(raw))
+
+
+@dataclass(frozen=True)
+class MergeRecord:
+    """How a merged model was made: the method and its parameters, λ, and every vector it merged."""
+
+    method: str
+    vectors: tuple[VectorSummary, ...]
+    scale: float | None = None
+    params: Json = field(default_factory=dict)
+    privacy_budget: Json | None = None
+    extra: Json = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d: Any) -> MergeRecord:
+        d = _object(d, "merge")
+        return cls(
+            method=_take(d, "method", _is_str, "a method name", "merge.", default="?"),
+            vectors=_summaries(d.get("vectors", []), "merge.vectors"),
+            scale=d.get("scale"),
+            params=_take(d, "params", _is_object, "an object", "merge.", default={}),
+            privacy_budget=d.get("privacy_budget"),
+            extra=_extra(d, cls),
+        )
+
+    def to_json(self) -> Json:
+        return _dump(self, always=("scale",))
+
+
+@dataclass(frozen=True)
+class LineageEntry:
+    """One ancestor of a merged model: its version, identity, and (unless it is the root) what it merged."""
+
+    version: int
+    identity: str
+    vectors: tuple[VectorSummary, ...] | None = None
+    extra: Json = field(default_factory=dict)
+
+    def to_json(self) -> Json:
+        return _dump(self)
+
+
+def _lineage(d: Mapping[str, Any], version: int | None) -> tuple[LineageEntry, ...] | None:
+    raw = d.get("lineage")
+    if version is None:
+        if raw:
+            raise FileFormatError("lineage is given without a version", field="lineage")
+        return None if raw is None else ()
+    if not isinstance(raw, list) or len(raw) != version:
+        raise FileFormatError(f"lineage must list the {version} ancestors v0..v{version - 1} of version {version}",
+                              field="lineage")
+    out = []
+    for i, e in enumerate(raw):
+        problem = (f"is not version {i}" if not isinstance(e, dict) or e.get("version") != i else
+                   "has no valid identity" if not is_sha(e.get("identity")) else
+                   "is the root v0, which merged no vectors, yet lists some" if i == 0 and "vectors" in e else
+                   "lists no vectors" if i and "vectors" not in e else None)
+        if problem:
+            raise FileFormatError(f"lineage entry {i} {problem}", field="lineage")
+        vectors = _within("lineage", f"entry {i} (v{i})", _summaries, e["vectors"], "vectors") if i else None
+        out.append(LineageEntry(i, e["identity"], vectors, _extra(e, LineageEntry)))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ModelHeader:
+    """A model file: a base, a fine-tuned model or a merged one (with `version`, `parent`, `lineage`, `merge`)."""
+
+    identity: str
+    model: Json  # the ModelSpec (`taskvec.models.spec.ModelSpec.from_dict`)
+    created: str | None = None
+    taskvec_version: str | None = None
+    source: Json | None = None
+    parent: str | None = None
+    run_id: str | None = None
+    training: Json | None = None
+    privacy: list[Json] | None = None
+    version: int | None = None
+    lineage: tuple[LineageEntry, ...] | None = None
+    merge: MergeRecord | None = None
+    format_version: int = FORMAT_VERSION
+    extra: Json = field(default_factory=dict)
+
+    kind = "model"
+
+    @property
+    def arch(self) -> str:
+        return str(self.model.get("arch"))
+
+    @property
+    def task(self) -> str:
+        return str(self.model.get("task"))
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.model.get("labels")
+
+    @property
+    def number(self) -> int:
+        """Its version: 0 unless it records one."""
+        return self.version or 0
+
+    @property
+    def ledger(self) -> list[Json]:
+        return list(self.privacy or [])
+
+    def versions(self) -> list[str]:
+        """Identities of its versions v0..vN, itself last."""
+        return [e.identity for e in self.lineage or ()] + [self.identity]
+
+    def child_lineage(self) -> tuple[LineageEntry, ...]:
+        """The lineage of a model merged onto this one: its lineage, then itself (with what it merged unless it
+        is the root)."""
+        merged = self.merge.vectors if self.number and self.merge else None
+        return (*(self.lineage or ()), LineageEntry(self.number, self.identity, merged))
+
+    def merged_summaries(self) -> list[tuple[int, VectorSummary]]:
+        """(version it went into, summary) of every vector already in this model, each sha256 once."""
+        found = [(e.version, v) for e in self.lineage or () for v in e.vectors or ()]
+        found += [(self.number, v) for v in (self.merge.vectors if self.merge else ())]
+        first: dict[str, tuple[int, VectorSummary]] = {}
+        for k, v in found:
+            first.setdefault(v.sha256, (k, v))
+        return list(first.values())
+
+    def merged_vectors(self) -> dict[str, int]:
+        """sha256 → the version each vector already in this model went into."""
+        return {v.sha256: k for k, v in self.merged_summaries()}
+
+    @classmethod
+    def from_json(cls, d: Any) -> ModelHeader:
+        d = _object(d, "metadata")
+        merge = MergeRecord.from_json(d["merge"]) if d.get("merge") is not None else None
+        version = _take(d, "version", is_count, "a whole number >= 0", default=None)
+        h = cls(
+            identity=_take(d, "identity", is_sha, "64 hex digits"),
+            model=_take(d, "model", _is_object, "an object"),
+            created=d.get("created"),
+            taskvec_version=d.get("taskvec_version"),
+            source=d.get("source"),
+            parent=_take(d, "parent", _optional(is_sha), "64 hex digits", default=None),
+            run_id=d.get("run_id"),
+            training=_take(d, "training", _optional(_is_object), "an object", default=None),
+            privacy=_take(d, "privacy", _optional(_is_list), "a list", default=None),
+            version=version,
+            lineage=_lineage(d, version),
+            merge=merge,
+            format_version=d.get("format_version", FORMAT_VERSION),
+            extra=_extra(d, cls),
+        )
+        if h.number and h.parent != h.versions()[-2]:
+            raise FileFormatError(f"parent must be the last lineage identity (v{h.number - 1} "
+                                  f"{h.versions()[-2][:12]}), got {str(h.parent)[:12]}", field="parent")
+        if h.number and merge is None:
+            raise FileFormatError(f"merge is missing: version {h.number} records no merge", field="merge")
+        return h
+
+    def to_json(self) -> Json:
+        return {"format": FORMAT, "kind": self.kind, **_dump(self)}
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """The base a vector was fine-tuned from: its identity and architecture, and its position (version K and
+    the identities of v0..vK-1)."""
+
+    identity: str
+    arch: str | None = None
+    version: int | None = None
+    lineage: list[str] | None = None
+    extra: Json = field(default_factory=dict)
+
+    @property
+    def number(self) -> int:
+        return self.version or 0
+
+    @classmethod
+    def from_json(cls, d: Any) -> BaseRef:
+        d = _object(d, "base")
+        version = _take(d, "version", is_count, "a whole number >= 0", "base.", default=None)
+        lineage = d.get("lineage")
+        if version is None and lineage:
+            raise FileFormatError("base.lineage is given without base.version", field="base.lineage")
+        if version is not None and not (isinstance(lineage, list) and len(lineage) == version
+                                        and all(map(is_sha, lineage))):
+            raise FileFormatError(f"base.lineage must list the identities of the {version} versions before its "
+                                  f"base v{version}", field="base.lineage")
+        return cls(_take(d, "identity", is_sha, "64 hex digits", "base."), d.get("arch"), version, lineage,
+                   _extra(d, cls))
+
+    def to_json(self) -> Json:
+        return _dump(self)
+
+
+@dataclass(frozen=True)
+class VectorHeader:
+    """A data vector: fine-tuned minus base weights (or what its mode carries), with provenance and ledger."""
+
+    sha256: str
+    base: BaseRef
+    contributor: str
+    task: str | None = None
+    labels: list[str] | None = None
+    samples: int | None = None
+    created: str | None = None
+    dtype: str | None = None
+    statistics: list[str] = field(default_factory=list)
+    train: str | None = None
+    subset: bool | None = None
+    factors: Json | None = None
+    source: Json | None = None
+    clip: float | None = None
+    noise_multiplier: float | None = None
+    privacy: list[Json] = field(default_factory=list)
+    declared_public: list[str] | None = None
+    norm: Json | None = None
+    sufficient: Json | None = None  # a statistics vector: which features its statistics describe
+    format_version: int = FORMAT_VERSION
+    extra: Json = field(default_factory=dict)
+
+    kind = "vector"
+
+    @property
+    def ledger(self) -> list[Json]:
+        return list(self.privacy)
+
+    @property
+    def run_id(self) -> str | None:
+        return (self.source or {}).get("run_id")
+
+    @classmethod
+    def from_json(cls, d: Any) -> VectorHeader:
+        d = _object(d, "metadata")
+        return cls(
+            sha256=_take(d, "sha256", is_sha, "64 hex digits"),
+            base=BaseRef.from_json(_take(d, "base", _is_object, "an object")),
+            contributor=_take(d, "contributor", _is_str, "a name"),
+            task=d.get("task"),
+            labels=_take(d, "labels", _optional(_strings), "a list of names", default=None),
+            samples=_take(d, "samples", _optional(is_count), "a whole number >= 0 or null", default=None),
+            created=d.get("created"),
+            dtype=d.get("dtype"),
+            statistics=_take(d, "statistics", _strings, "a list of tensor names", default=[]),
+            train=d.get("train"),
+            subset=d.get("subset"),
+            factors=_take(d, "factors", _optional(_is_object), "an object", default=None),
+            source=_take(d, "source", _optional(_is_object), "an object", default=None),
+            clip=d.get("clip"),
+            noise_multiplier=d.get("noise_multiplier"),
+            privacy=_take(d, "privacy", _is_list, "a list", default=[]),
+            declared_public=d.get("declared_public"),
+            norm=d.get("norm"),
+            sufficient=_take(d, "sufficient", _optional(_is_object), "an object", default=None),
+            format_version=d.get("format_version", FORMAT_VERSION),
+            extra=_extra(d, cls),
+        )
+
+    def to_json(self) -> Json:
+        return {"format": FORMAT, "kind": self.kind,
+                **_dump(self, always=("samples", "clip", "noise_multiplier", "labels"))}
+
+
+def parse_header(meta: Mapping[str, Any], kind: str, path: Any) -> ModelHeader | VectorHeader:
+    """The typed header of a file's taskvec metadata of `kind` (`model` or `vector`), or a FileFormatError
+    `PATH: taskvec KIND metadata: FIELD ...` naming the first missing or invalid field."""
+    read = ModelHeader.from_json if kind == "model" else VectorHeader.from_json
+    try:
+        return read(meta)
+    except FileFormatError as e:
+        raise FileFormatError(f"{path}: taskvec {kind} metadata: {e.message}", path=path, field=e.field) from None
