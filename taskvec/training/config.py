@@ -28,6 +28,14 @@ def check_device(device: str) -> str:
                       expected=list(DEVICES), got=device)
 
 
+HEADS = {  # what a classification run does with its classifier (taskvec.training.mergeable), for label skew
+    "train": "train it with the rest",
+    "frozen": "keep the base's head, learn features",
+    "balanced": "class-weighted loss; not with DP-SGD",
+    "lp-ft": "the head alone for the first half, then all",
+}
+
+
 @dataclass
 class FinetuneConfig:
     """Training settings; every field except `RUNTIME_FIELDS` must match when a run is resumed."""
@@ -50,7 +58,7 @@ class FinetuneConfig:
     num_workers: int | None = None  # default: 8 on GPU, 0 on CPU
     dp: DPConfig | None = None  # train with DP (DP-SGD, or the one-pass mode's own release)
     prox: float = 0.0  # μ of the proximal pull toward the base (taskvec.training.mergeable; 0: off)
-    head: str = "train"  # train | frozen | balanced | lp-ft (taskvec.training.mergeable)
+    head: str = "train"  # one of HEADS (taskvec.training.mergeable)
 
     def check(self) -> None:
         from taskvec.training.mergeable import check_head

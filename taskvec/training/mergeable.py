@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from taskvec.errors import ConfigError, PrivacyConfigError
+from taskvec.training.config import HEADS
 from taskvec.training.modes import TrainMode
 
-HEADS = ("train", "frozen", "balanced", "lp-ft")
 LP_FRACTION = 0.5  # lp-ft: share of the steps that train the head alone
 
 
