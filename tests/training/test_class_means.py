@@ -11,9 +11,10 @@ from typing import Any
 import dp_accounting as dpa
 import pytest
 import torch
+from headers import vector_header
 from safetensors.torch import load_file
 from synthetic_data import npz_file
-from test_ledger import _dp_sgd, _Header, pld_epsilon
+from test_ledger import _dp_sgd, pld_epsilon
 
 from taskvec.errors import ConfigError, PrivacyConfigError
 from taskvec.io.files import read_kind
@@ -115,7 +116,8 @@ def test_gaussian_sum_composes_with_dp_sgd_in_a_budget() -> None:
     means = _dp_sgd("image", accountant, z=1.0, q=1.0, steps=1) | {"mechanism": "gaussian-sum", "run_id": "r1"}
     sgd = _dp_sgd("image", accountant) | {"run_id": "r2"}
     assert means["epsilon"] == pytest.approx(eps)
-    rec = check_merge_budget([_Header("m", "a", "r1", [means]), _Header("s", "a", "r2", [sgd])],
+    rec = check_merge_budget([vector_header("m", contributor="a", run="r1", privacy=[means]),
+                              vector_header("s", contributor="a", run="r2", privacy=[sgd])],
                              PrivacyBudget(50.0, "image"))["contributors"]["a"]
     event = dpa.ComposedDpEvent([dpa.GaussianDpEvent(1.0), dpa.SelfComposedDpEvent(
         dpa.PoissonSampledDpEvent(0.05, dpa.GaussianDpEvent(1.1)), 120)])
