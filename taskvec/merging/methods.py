@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from taskvec.errors import ConfigError, TaskvecError, check_range
+from taskvec.training.sufficient import DEFAULT_RIDGE
 
 Array = np.ndarray
 
@@ -185,6 +186,7 @@ class Recipe:
     sparsify: Sparsify | None = None
     consensus: Callable[[Array, Array], Array] | None = None
     stock: bool = False  # Model Stock: scale each tensor of the mean by `stock_factor`
+    ridge: float | None = None  # sum sufficient statistics and solve the head with this ridge (merging.heads)
     min_vectors: int = 1
 
     @property
@@ -309,6 +311,14 @@ def breadcrumbs(
 def model_stock() -> Recipe:
     """Mean scaled per tensor by t = N·cosθ/(1+(N−1)·cosθ), cosθ the mean pairwise cosine (streams from sums)."""
     return Recipe(normalize=True, stock=True, min_vectors=2)
+
+
+@merge_method("ridge-head", reference="Fanì et al. 2024, Accelerating heterogeneous federated learning with "
+                                      "closed-form classifiers (Fed3R, ICML)")
+def ridge_head(ridge: float = param(DEFAULT_RIDGE, low=0, low_open=False,
+                                    help="ridge λ relative to tr(M)/p (noise adds its own)")) -> Recipe:
+    """Statistics vectors: sum the sufficient statistics, solve the ridge head once (taskvec.merging.heads)."""
+    return Recipe(ridge=ridge)
 
 
 @merge_method("median", reference="Yin et al. 2018, Byzantine-robust distributed learning (ICML)")

@@ -49,7 +49,8 @@ def _reference(base: Path, vecs: list[Path], method: str, scale: float, params: 
     return out
 
 
-CASES = [(m, 1000) for m in MERGE_METHODS] + [(m, reading.CHUNK_ELEMENTS) for m, spec in MERGE_METHODS.items()
+WEIGHT_METHODS = [m for m, spec in MERGE_METHODS.items() if spec.recipe().ridge is None]  # not statistics
+CASES = [(m, 1000) for m in WEIGHT_METHODS] + [(m, reading.CHUNK_ELEMENTS) for m, spec in MERGE_METHODS.items()
                                                if not spec.recipe().streams]
 
 
