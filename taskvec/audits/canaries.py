@@ -176,10 +176,12 @@ def audit_vector(path: Any, *, canaries: int = DEFAULT_CANARIES, max_dim: int = 
     """`audit_export_mechanism` with the clip, noise multiplier, δ and tensor shapes of a noised vector
     file (its first tensors, up to `max_dim` coordinates)."""
     from taskvec.io.files import read_kind
+    from taskvec.privacy.ledger import LedgerEntry, validate_ledger
     from taskvec.privacy.mechanisms.gaussian_output import GaussianOutput
 
     h = read_kind(path, "vector")
-    entries = [e for e in h.vector.privacy if e.get("mechanism") == GaussianOutput.name]
+    ledger = [LedgerEntry.from_json(e) for e in validate_ledger(h.vector.privacy, str(h.path))]
+    entries = [e for e in ledger if e.mechanism == GaussianOutput.name]
     if not entries:
         raise PrivacyError(f"{h.path}: carries no export-time noise; there is no export mechanism to audit",
                            path=h.path, field="privacy")
@@ -191,5 +193,5 @@ def audit_vector(path: Any, *, canaries: int = DEFAULT_CANARIES, max_dim: int = 
         shapes.append(tuple(h.tensors[name].shape))
         dim += math.prod(shapes[-1])
     e = entries[-1]
-    return audit_export_mechanism(shapes, clip=e["clip"], noise_multiplier=e["noise_multiplier"], delta=e["delta"],
+    return audit_export_mechanism(shapes, clip=e.clip, noise_multiplier=e.noise_multiplier, delta=e.delta,
                                   canaries=canaries, confidence=confidence, seed=seed)

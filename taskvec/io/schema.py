@@ -8,17 +8,19 @@ format version keeps what it says. Versions and lineage follow ASYNC_SCHEMA.md: 
 `lineage` (v0..vN, each merged ancestor with the summaries of the vectors it merged); a vector records its
 base's `version` K and `lineage`, the identities of v0..vK-1.
 
-Ledger entries stay JSON objects here: each is validated by its own mechanism (`taskvec.privacy.entries`).
+A ledger entry's common fields are checked here (`LedgerEntry`); its mechanism checks the rest and recomputes its
+ε (`taskvec.privacy.entries.validate_ledger`, `verify_ledger`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from taskvec.errors import FileFormatError
+from taskvec.errors import FileFormatError, PrivacyError
 
 FORMAT = "taskvec"
 FORMAT_VERSION = 1
@@ -414,3 +416,94 @@ def parse_header(meta: Mapping[str, Any], kind: str, path: Any) -> ModelHeader |
         return read(meta)
     except FileFormatError as e:
         raise FileFormatError(f"{path}: taskvec {kind} metadata: {e.message}", path=path, field=e.field) from None
+
+
+UNITS = ("image", "patient", "site")
+RELATIONS = ("add-remove", "replace-one")
+LEDGER_FIELDS = (
+    "mechanism", "unit", "relation", "epsilon", "delta", "accountant", "noise_multiplier", "sample_rate", "steps",
+    "run_id",
+)
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _positive(x: Any) -> bool:
+    return _number(x) and 0 < x < math.inf
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One guarantee of a privacy ledger: its mechanism, unit of privacy, neighbouring relation, (ε, δ) and the
+    accountant and parameters ε is recomputed from. `params` holds the mechanism's own parameters
+    (`max_grad_norm`, `clip`, ...), which its module checks (`taskvec.privacy.mechanisms`). Training entries name
+    the model they released (`model`) and whether their noise came from a given seed (`seeded`); entries written
+    before those fields read as None."""
+
+    mechanism: str
+    unit: str
+    relation: str
+    epsilon: float
+    delta: float
+    accountant: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    run_id: str | None
+    model: str | None = None
+    seeded: bool | None = None
+    params: Json = field(default_factory=dict)
+
+    @property
+    def clip(self) -> float:
+        """The clipping bound its sensitivity is a multiple of (`max_grad_norm` or `clip`)."""
+        return float(self.params["max_grad_norm"] if "max_grad_norm" in self.params else self.params["clip"])
+
+    @classmethod
+    def from_json(cls, d: Any) -> LedgerEntry:
+        """The entry, its common fields checked (a PrivacyError naming the first bad one): noise and a clipping
+        bound are required, since without them there is no DP."""
+        if not isinstance(d, Mapping):
+            raise PrivacyError("is not an object", field="privacy")
+        missing = [f for f in LEDGER_FIELDS if f not in d]
+        if missing:
+            raise PrivacyError(f"lacks {', '.join(missing)}", field=missing[0])
+        for fld, known in (("unit", UNITS), ("relation", RELATIONS)):
+            if d[fld] not in known:
+                raise PrivacyError(f"unknown {fld} {d[fld]!r} (known: {', '.join(known)})", field=fld)
+        problem = _entry_problem(d)
+        if problem:
+            raise PrivacyError(problem[1], field=problem[0])
+        names = {f.name for f in dataclasses.fields(cls)} - {"params"}
+        return cls(**{k: v for k, v in d.items() if k in names}, params={k: v for k, v in d.items() if k not in names})
+
+    def to_json(self) -> Json:
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "params"}
+        return {**self.params, **{k: v for k, v in own.items() if v is not None or k == "run_id"}}
+
+
+def _entry_problem(e: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(field, what is wrong) with an entry's common fields, or None."""
+    if not isinstance(e["mechanism"], str):
+        return "mechanism", f"mechanism must be a name, got {e['mechanism']!r}"
+    if "model" in e and not is_sha(e["model"]):
+        return "model", f"model must be the released model's identity (64 hex digits), got {e['model']!r}"
+    if not isinstance(e.get("seeded", False), bool):
+        return "seeded", f"seeded must be true or false, got {e['seeded']!r}"
+    if not _positive(e["noise_multiplier"]):
+        return "noise_multiplier", f"noise multiplier {e['noise_multiplier']!r}; without noise there is no DP"
+    if not _positive(e.get("max_grad_norm", e.get("clip"))):
+        return "clip", "no clipping bound (max_grad_norm or clip); noise without it gives no DP"
+    if not (_number(e["epsilon"]) and 0 <= e["epsilon"] < math.inf):
+        return "epsilon", f"epsilon must be a finite number >= 0, got {e['epsilon']!r}"
+    if not (_number(e["delta"]) and 0 < e["delta"] < 1):
+        return "delta", f"delta must be in (0, 1), got {e['delta']!r}"
+    if not (_number(e["sample_rate"]) and 0 < e["sample_rate"] <= 1):
+        return "sample_rate", f"sample_rate must be in (0, 1], got {e['sample_rate']!r}"
+    if not (isinstance(e["steps"], int) and not isinstance(e["steps"], bool) and e["steps"] >= 1):
+        return "steps", f"steps must be an integer >= 1, got {e['steps']!r}"
+    if not isinstance(e["accountant"], str):
+        return "accountant", f"accountant must be a name, got {e['accountant']!r}"
+    return None

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from taskvec.errors import FileFormatError, PrivacyConfigError, PrivacyError
 from taskvec.io.files import FLOAT_DTYPES, Header, check_output, file_digest, now, read_header, read_kind
 from taskvec.io.layout import check_against_base, is_statistic
-from taskvec.io.schema import BaseRef, ModelHeader, VectorHeader
+from taskvec.io.schema import BaseRef, LedgerEntry, ModelHeader, VectorHeader
 from taskvec.io.tensors import CAST_DTYPES, TORCH_TO_ST, all_finite, save_tensors, state_digest
 from taskvec.models.spec import resolve_model_path
 from taskvec.privacy.ledger import locked_releases, read_releases, record_release, releases_path
@@ -239,7 +239,7 @@ def _warnings(release: _Release, clip: float | None, earlier: list[dict[str, Any
         out.append("this run was exported with noise before: once this un-noised vector is shared, the guarantees "
                    "of the earlier vectors no longer hold")
     if release.z is not None and earlier:
-        eps = release.header.privacy[-2]["epsilon"]
+        eps = LedgerEntry.from_json(release.header.privacy[-2]).epsilon
         out.append(f"release {len(earlier) + 1} of this run: ε composes over all its noised exports (now {eps:.3g} "
                    "per site, add-remove)")
     if release.left_out:

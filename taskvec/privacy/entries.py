@@ -19,58 +19,34 @@ from collections.abc import Sequence
 from typing import Any
 
 from taskvec.errors import PrivacyError
-from taskvec.io.schema import is_sha
-from taskvec.privacy.mechanism import RELATIONS, UNITS, Entry, is_number, is_positive, mechanism_of, mechanisms
+from taskvec.io.schema import LedgerEntry
+from taskvec.privacy.mechanism import Entry, mechanism_of, mechanisms
 
-LEDGER_FIELDS = (
-    "mechanism", "unit", "relation", "epsilon", "delta", "accountant", "noise_multiplier", "sample_rate", "steps",
-    "run_id",
-)
 EPSILON_TOLERANCE = 1e-3  # relative: a recomputed ε further from the recorded one is refused
 
 
 def validate_ledger(ledger: Any, where: str = "ledger") -> list[Entry]:
-    """Check every entry against the schema and its mechanism's checks; a guarantee without noise or clipping,
-    or one no honest run records (a training entry not add-remove per image or patient), is refused. Entries
-    from before `model` and `seeded` read as their own training and not seeded."""
+    """Check every entry's common fields (`LedgerEntry`) and its mechanism's own checks; a guarantee without noise
+    or clipping, or one no honest run records (a training entry not add-remove per image or patient), is refused.
+    Entries from before `model` and `seeded` read as their own training and not seeded."""
     if not isinstance(ledger, list):
         raise PrivacyError(f"{where}: privacy ledger must be a list of mechanisms", path=where, field="privacy")
+    known = tuple(mechanisms())
     for i, e in enumerate(ledger):
         what = f"{where}: privacy entry {i}"
-        if not isinstance(e, dict):
-            raise PrivacyError(f"{what} is not an object", path=where, field="privacy")
-        missing = [f for f in LEDGER_FIELDS if f not in e]
-        if missing:
-            raise PrivacyError(f"{what} lacks {', '.join(missing)}", path=where, field=missing[0])
-        for fld, known in (("mechanism", tuple(mechanisms())), ("unit", UNITS), ("relation", RELATIONS)):
-            if e[fld] not in known:
-                raise PrivacyError(f"{what}: unknown {fld} {e[fld]!r} (known: {', '.join(known)})", path=where,
-                                   field=fld)
+        try:
+            entry = LedgerEntry.from_json(e)
+        except PrivacyError as err:
+            sep = " " if err.message.startswith(("is not", "lacks")) else ": "
+            raise PrivacyError(f"{what}{sep}{err.message}", path=where, field=err.field) from None
+        if entry.mechanism not in known:
+            raise PrivacyError(f"{what}: unknown mechanism {entry.mechanism!r} (known: {', '.join(known)})",
+                               path=where, field="mechanism")
         mechanism = mechanism_of(e)
-        problem = mechanism.scope_problem(e) or _common_problem(e) or mechanism.problem(e)
+        problem = mechanism.scope_problem(e) or mechanism.problem(e)
         if problem:
             raise PrivacyError(f"{what}: {problem[1]}", path=where, field=problem[0])
     return ledger
-
-
-def _common_problem(e: Entry) -> tuple[str, str] | None:
-    if "model" in e and not is_sha(e["model"]):
-        return "model", f"model must be the released model's identity (64 hex digits), got {e['model']!r}"
-    if not isinstance(e.get("seeded", False), bool):
-        return "seeded", f"seeded must be true or false, got {e['seeded']!r}"
-    if not is_positive(e["noise_multiplier"]):
-        return "noise_multiplier", f"noise multiplier {e['noise_multiplier']!r}; without noise there is no DP"
-    if not is_positive(e.get("max_grad_norm", e.get("clip"))):
-        return "clip", "no clipping bound (max_grad_norm or clip); noise without it gives no DP"
-    if not (is_number(e["epsilon"]) and 0 <= e["epsilon"] < math.inf):
-        return "epsilon", f"epsilon must be a finite number >= 0, got {e['epsilon']!r}"
-    if not (is_number(e["delta"]) and 0 < e["delta"] < 1):
-        return "delta", f"delta must be in (0, 1), got {e['delta']!r}"
-    if not (is_number(e["sample_rate"]) and 0 < e["sample_rate"] <= 1):
-        return "sample_rate", f"sample_rate must be in (0, 1], got {e['sample_rate']!r}"
-    if not (is_number(e["steps"]) and isinstance(e["steps"], int) and e["steps"] >= 1):
-        return "steps", f"steps must be an integer >= 1, got {e['steps']!r}"
-    return None
 
 
 def verify_ledger(ledger: Any, where: str) -> list[Entry]:

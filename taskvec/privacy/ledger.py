@@ -2,6 +2,7 @@
 (`accounting`), the mechanisms' entry builders (`mechanisms`), merge budgets (`budget`) and release records
 (`releases`), importable from here in one place."""
 
+from taskvec.io.schema import LEDGER_FIELDS, RELATIONS, UNITS, LedgerEntry
 from taskvec.privacy.accounting import (
     ANALYTIC_GAUSSIAN,
     DP_SGD_ACCOUNTANTS,
@@ -21,7 +22,6 @@ from taskvec.privacy.accounting import (
 from taskvec.privacy.budget import BASIC_COMPOSITION, PrivacyBudget, check_merge_budget
 from taskvec.privacy.entries import (
     EPSILON_TOLERANCE,
-    LEDGER_FIELDS,
     best_guarantee,
     covers,
     name_model,
@@ -29,14 +29,13 @@ from taskvec.privacy.entries import (
     validate_ledger,
     verify_ledger,
 )
-from taskvec.privacy.mechanism import RELATIONS, UNITS
 from taskvec.privacy.mechanisms.dp_sgd import dp_sgd_entry
 from taskvec.privacy.mechanisms.gaussian_output import gaussian_output_entries, remaining_noise_multiplier
 from taskvec.privacy.releases import RELEASES_FILE, locked_releases, read_releases, record_release, releases_path
 
 __all__ = [
     "ANALYTIC_GAUSSIAN", "BASIC_COMPOSITION", "DP_SGD_ACCOUNTANTS", "EPSILON_TOLERANCE", "GDP_COMPOSITION",
-    "LEDGER_FIELDS", "MAX_PRV_POINTS", "PRV", "RDP", "RDP_LARGE", "RELATIONS", "RELEASES_FILE", "UNITS",
+    "LEDGER_FIELDS", "LedgerEntry", "MAX_PRV_POINTS", "PRV", "RDP", "RDP_LARGE", "RELATIONS", "RELEASES_FILE", "UNITS",
     "PrivacyBudget", "accountant_epsilon", "best_guarantee", "check_merge_budget", "composed_noise_multiplier",
     "covers", "dp_sgd_entry", "dp_sgd_epsilon", "gaussian_epsilon", "gaussian_noise_multiplier",
     "gaussian_output_entries", "history_epsilon", "locked_releases", "name_model", "prv_grid_points",

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-Entry = dict[str, Any]  # one ledger entry, as it is stored in a header's `privacy` list
-UNITS = ("image", "patient", "site")
-RELATIONS = ("add-remove", "replace-one")
+from taskvec.io.schema import RELATIONS as RELATIONS  # the units and relations a ledger entry may name
+from taskvec.io.schema import UNITS
+
+Entry = dict[str, Any]  # one ledger entry, as it is stored in a header's `privacy` list (`LedgerEntry` its schema)
 
 
 @dataclass(frozen=True)

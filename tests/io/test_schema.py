@@ -125,3 +125,28 @@ def test_missing_required_fields_are_named() -> None:
         VectorSummary.from_json({"sha256": "a" * 64})
     with pytest.raises(FileFormatError, match="^metadata is not an object"):
         ModelHeader.from_json([])
+
+
+def test_ledger_entries_read_back_to_the_same_json_and_name_a_bad_field() -> None:
+    from taskvec.errors import PrivacyError
+    from taskvec.io.schema import LedgerEntry
+    from taskvec.privacy.ledger import PRV, accountant_epsilon, dp_sgd_entry, gaussian_output_entries
+
+    sgd = dp_sgd_entry(epsilon=accountant_epsilon(PRV, 1.1, 0.05, 120, 1e-5), delta=1e-5, accountant=PRV,
+                       noise_multiplier=1.1, sample_rate=0.05, steps=120, max_grad_norm=0.5, unit="patient",
+                       run_id="r1")
+    old = {k: v for k, v in sgd.items() if k not in ("model", "seeded")}  # written before those fields
+    for e in (sgd, old, *gaussian_output_entries([2.0, 3.0], 1.0, 1e-5, None)):
+        typed = LedgerEntry.from_json(e)
+        assert typed.to_json() == e
+    typed = LedgerEntry.from_json(sgd)
+    assert (typed.mechanism, typed.unit, typed.steps, typed.clip, typed.seeded, typed.params) == (
+        "dp-sgd", "patient", 120, 0.5, False, {"max_grad_norm": 0.5})
+    assert LedgerEntry.from_json(old).seeded is None
+    for change, fld in (({"unit": "ward"}, "unit"), ({"noise_multiplier": 0}, "noise_multiplier"),
+                        ({"max_grad_norm": None}, "clip"), ({"steps": 1.5}, "steps"), ({"delta": 1}, "delta")):
+        with pytest.raises(PrivacyError) as err:
+            LedgerEntry.from_json({**sgd, **change})
+        assert err.value.field == fld
+    with pytest.raises(PrivacyError, match="^lacks epsilon"):
+        LedgerEntry.from_json({k: v for k, v in sgd.items() if k != "epsilon"})
