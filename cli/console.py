@@ -50,13 +50,16 @@ def flag(field: str) -> str:
 def error_message(error: Exception) -> str:
     """A library error in the CLI's words: the parameter a `ConfigError` starts with, and every parameter
     in backticks (`` `delta` ``), become flags (`--delta`)."""
-    import re
-
     from taskvec.errors import ConfigError
 
     message = str(error)
     if isinstance(error, ConfigError) and error.field and message.startswith(error.field):
         message = flag(error.field) + message[len(error.field):]
+    return in_flags(message)
+
+
+def in_flags(message: str) -> str:
+    """Every parameter in backticks (`` `delta` ``) as its flag (`--delta`)."""
     return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flag(m.group(1)), message)
 
 
@@ -73,8 +76,9 @@ def usage(message: str) -> NoReturn:
 
 
 def warn(message: str) -> None:
+    """One line on stderr (rank 0 only), library parameters in backticks written as flags."""
     if not STATE["rank"]:
-        print(f"warning: {clean(' '.join(message.split(chr(10))))}", file=sys.stderr)
+        print(f"warning: {clean(' '.join(in_flags(message).split(chr(10))))}", file=sys.stderr)
 
 
 def device_option() -> Any:

@@ -74,11 +74,11 @@ class _TrainProgress:
         if r.val:
             name, value = primary_metric(r.val)
             line += f", val {name} {_fmt(value)}"
-            if "accuracy" in r.val:
+            if "accuracy" in r.val and name != "accuracy":
                 line += f", val accuracy {_fmt(r.val['accuracy'])}"
         for e in r.privacy:
             line += f", {e['mechanism']} ε {e['epsilon']:.3g} (δ {e['delta']:.0e}, per {e['unit']})"
-        self.progress.console.print(line)
+        self.progress.console.print(line, soft_wrap=True)  # one line per epoch, whatever the terminal's width
 
 
 def _fmt(v: float | None) -> str:
@@ -165,9 +165,7 @@ def finetune(
     if launched_rank():  # rank 0 of a torchrun launch reports
         console.quiet, STATE["rank"] = True, launched_rank()
     bar = _TrainProgress(config)
-    r = run(base, data, out, config, track=bar.track, on_epoch=bar.on_epoch)
-    for w in r.warnings:
-        warn(w)
+    r = run(base, data, out, config, track=bar.track, on_epoch=bar.on_epoch, on_warning=warn)
     if r.resumed_from_epoch:
         console.print(f"resumed after epoch {r.resumed_from_epoch}")
     console.print(f"wrote {r.model_path}: {r.epochs} epochs, {r.steps} steps on {r.samples} images")

@@ -32,7 +32,7 @@ MAX_GROUPS = 32
 NORMS = ("frozen-batchnorm", "groupnorm")
 DEPTHWISE_WARNING = (
     "has {n} depthwise convolutions: per-example gradients of their weights are slow in Opacus (full DP-SGD "
-    "fine-tuning of tf_efficientnet_lite0 measured about 50x slower than without DP); `taskvec finetune --train "
+    "fine-tuning of tf_efficientnet_lite0 measured about 25× slower than without DP); `taskvec finetune --train "
     "norm-bias` or `taskvec finetune --train lora:R` leave them frozen (see benchmarks/dp_overhead.py)"
 )
 

@@ -350,12 +350,8 @@ def make_private(
     from opacus.data_loader import DPDataLoader
     from opacus.grad_sample import GradSampleHooks
 
-    from taskvec.models.dp_ready import DEPTHWISE_WARNING, depthwise_convolutions
-
     config.check()
     require_dp_ready(model)
-    if depthwise_convolutions(model, trainable=True):
-        warnings.warn(f"the model {DEPTHWISE_WARNING.format(n=depthwise_convolutions(model, True))}", stacklevel=2)
     n_images = len(loader.dataset)  # type: ignore[arg-type]
     # Two secret generators: the sampler draws on the CPU, the noise on the parameters' device (a CPU
     # generator cannot draw CUDA noise). A test seed makes both reproducible, and public.

@@ -20,6 +20,7 @@ import contextlib
 import math
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -32,6 +33,7 @@ from torch import nn
 from taskvec.errors import ConfigError, OutputExistsError, TaskvecError
 from taskvec.io.files import read_kind, write_json
 from taskvec.io.tensors import state_digest
+from taskvec.models.dp_ready import DEPTHWISE_WARNING, depthwise_convolutions
 from taskvec.models.spec import ModelSpec, create_module, load_model, save_model, starts_pretrained
 from taskvec.privacy.dpsgd import is_accumulating, noise_and_limit, require_dp_ready
 from taskvec.privacy.ledger import name_model
@@ -116,25 +118,34 @@ def finetune(
     config: FinetuneConfig | None = None,
     track: Track[Any] = no_track,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune `base` on `data` (a path, `DataSplits`, or one `ImageDataset` to split) into `out_dir`.
 
     Writes `out_dir/checkpoint.safetensors` after every epoch and, at the end, `model.safetensors` (a taskvec
     model file with parent, run id, training record and privacy ledger) and `metrics.json`. Under a launcher
     (torchrun), every process calls this; rank 0 alone writes and reports (`taskvec.training.distributed`).
+    Each warning of the result goes to `on_warning` as soon as it is known, before training starts. A run
+    refused before its first step leaves `out_dir` as it was.
     """
+    say = on_warning or (lambda message: None)
     header = read_kind(base, "model")
     config = (config or FinetuneConfig()).for_base(starts_pretrained(header.model))
     config.check()
     out = Path(out_dir)
     spec = ModelSpec.from_dict(header.model.model)
     if config.resume and (out / MODEL_FILE).exists():
-        return finished(out)
+        done = finished(out)
+        for w in done.warnings:
+            say(w)
+        return done
     if (out / MODEL_FILE).exists():
         raise OutputExistsError(f"{out}: holds a finished run ({MODEL_FILE}); choose another `out_dir`", path=out)
     splits = as_splits(data, spec, img_size=config.img_size, val_fraction=config.val_fraction, seed=config.seed)
     if splits.train is None:
         raise TaskvecError(f"{splits.source}: no training split")
+    for w in splits.warnings:
+        say(w)
     if config.head != "train" and spec.task != "classification":
         raise ConfigError(f"head {config.head} is for classification; a {spec.task} base trains its head",
                           field="head", got=config.head)
@@ -151,7 +162,9 @@ def finetune(
             raise ConfigError(f"train {mode} runs in one process ({mode.refusal})", field="train")
         if not group.main:  # rank 0 reports
             track, on_epoch = no_track, None
-        run = _start(base, header.model.identity, spec, splits.train, splits.val, out, config, splits.source, group)
+        with _undone_on_error(out, group):
+            run = _start(base, header.model.identity, spec, splits.train, splits.val, out, config,
+                         splits.source, group, say)
         if mode.fits_in_one_pass:
             history = _one_pass(run, config, splits.train, splits.val, track, on_epoch)
         else:
@@ -200,9 +213,9 @@ class _Run:
 
 
 def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: ImageDataset, val: ImageDataset | None,
-           out: Path, config: FinetuneConfig, source: str, group: Group) -> _Run:
+           out: Path, config: FinetuneConfig, source: str, group: Group, say: Callable[[str], None]) -> _Run:
     """Open the run folder (rank 0), load the base, build optimizer and loader (private ones under DP; this
-    rank's share of them), and pick up the last checkpoint if there is one."""
+    rank's share of them), and pick up the last checkpoint if there is one; `say` the schedule's warnings."""
     run_id = group.on_main(lambda: open_run(out, parent, config, source, split_record(train, val)))
     device = group.device
     net = load_model(base, device)
@@ -221,6 +234,10 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
     loader = make_loader(train, batch_size, device, shuffle=True, generator=loader_gen,
                          drop_last=len(train) > batch_size, num_workers=config.num_workers)
     total, notes = (0, []) if one_pass else plan_steps(config, len(loader))
+    if config.dp is not None and not one_pass and depthwise_convolutions(net, trainable=True):
+        notes.append(f"the model {DEPTHWISE_WARNING.format(n=depthwise_convolutions(net, trainable=True))}")
+    for note in notes if group.main else []:
+        say(note)
     site = SiteSteps(net, prox=config.prox, anchors=prox_anchors(net, mode) if config.prox else None,
                      head=head_prefixes(net, spec.task),
                      probe_steps=round(LP_FRACTION * total) if config.head == "lp-ft" else 0)
@@ -239,6 +256,22 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
         run.start_epoch, run.history = meta["epoch"], meta["history"]
         setup.load_state(meta.get("setup", {}))
     return run
+
+
+@contextlib.contextmanager
+def _undone_on_error(out: Path, group: Group) -> Iterator[None]:
+    """Remove what the block adds to `out` (all of it, when it did not exist) if the block fails: a run refused
+    while it is set up leaves nothing behind."""
+    before = set(out.iterdir()) if out.is_dir() else None
+    try:
+        yield
+    except BaseException:
+        if group.main and before is None:
+            shutil.rmtree(out, ignore_errors=True)
+        elif group.main and before is not None:
+            for p in set(out.iterdir()) - before:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        raise
 
 
 def randomness_key(config: FinetuneConfig) -> int:

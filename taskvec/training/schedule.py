@@ -46,7 +46,7 @@ def plan_steps(config: FinetuneConfig, per_epoch: int | None = None) -> tuple[in
     else:
         total = DP_STEPS if config.dp is not None else max(least, DEFAULT_EPOCHS * per_epoch)
     warn = [] if total >= least else [
-        f"only {total} optimiser steps: runs this short rarely move a pretrained network; give steps >= {least}"]
+        f"only {total} optimiser steps: runs this short rarely move a pretrained network; give `steps` >= {least}"]
     return total, warn
 
 
