@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from taskvec.errors import TaskvecError
-from taskvec.io.files import atomic_output, check_output, open_regular
+from taskvec.io.files import atomic_output, check_output, make_folder, open_regular
 
 ALGORITHM = "ed25519"
 _CONTEXT = b"taskvec-vector-signature-v1:"
@@ -38,6 +38,7 @@ def generate_key(out: str | os.PathLike[str], force: bool = False) -> tuple[Path
     )
     if force and priv_path.exists():
         priv_path.unlink()
+    make_folder(priv_path.parent)
     fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from taskvec.io.files import atomic_output, private_copy
+from taskvec.io.files import atomic_output, make_folder, private_copy
 from taskvec.registry.schema import CARD_FILE, INDEX_FILE, REGISTRY_FILE, RegistryError
 from taskvec.registry.store import MAX_TENSOR_FILE_BYTES, Change, Reader, Store, read_small_text, register_store
 
@@ -75,9 +75,7 @@ class FolderStore(Store):
         return self.root.is_dir()
 
     def create(self) -> None:
-        if not self.root.parent.is_dir():
-            raise RegistryError(f"{self.root.parent}: no such directory; create it first")
-        self.root.mkdir(exist_ok=True)
+        make_folder(self.root)
 
     def list_files(self, prefix: str) -> dict[str, str]:
         """Regular files under `prefix`, not following symbolic links (to files or folders) nor hidden names."""
