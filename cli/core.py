@@ -103,14 +103,19 @@ def inspect(
     file: Path = typer.Argument(..., help="A model, vector or plain safetensors file."),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
 ) -> None:
-    """Show what a file is: kind, metadata, tensor/parameter counts, size, norm, integrity, DP ledger."""
+    """Show what a file is: kind, metadata, tensor/parameter counts, size, norm, integrity, DP ledger; exits 1
+    when its tensors do not match the content hash it stores (as merge and push refuse it)."""
+    from taskvec.errors import FileFormatError
     from taskvec.io.inspection import inspect_file
 
     info = inspect_file(file)
     if as_json:
         print_json(info.to_dict())
-        return
-    _print_summary(info)
+    else:
+        _print_summary(info)
+    if info.integrity is False:
+        raise FileFormatError(f"{file}: its tensors do not match the content hash it stores (corrupted or altered)",
+                              path=file)
 
 
 def _print_summary(info: Any) -> None:
