@@ -16,8 +16,8 @@ def vector_header(path: str = "v.safetensors", *, contributor: str = "h", privac
                   run: str | None = None, sha256: str | None = None, base: str = BASE_ID,
                   tensors: dict[str, TensorInfo] | None = None, **fields: Any) -> Header:
     """A vector's `Header` whose typed metadata holds these fields (its sha256 by default one of its name's)."""
-    typed = VectorHeader(sha256=sha256 or hashlib.sha256(path.encode()).hexdigest(), base=BaseRef(base), contributor=contributor, privacy=privacy or [],
-                         source={"run_id": run}, **fields)
+    typed = VectorHeader(sha256=sha256 or hashlib.sha256(path.encode()).hexdigest(), base=BaseRef(base),
+                         contributor=contributor, privacy=privacy or [], source={"run_id": run}, **fields)
     return Header(Path(path), tensors or {}, 0, typed.to_json(), typed=typed)
 
 
