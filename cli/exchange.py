@@ -57,7 +57,8 @@ def push(
     key: Path | None = typer.Option(None, help="Sign with this Ed25519 private key (from `taskvec keys generate`)."),
     revision: str | None = typer.Option(None, help=REVISION_HELP),
 ) -> None:
-    """Publish vectors to a registry (checked against its base; a second push of the same vector is a no-op)."""
+    """Publish vectors to a registry (checked against its base; a second push of the same vector is a no-op,
+    except that pushing a vector stored unsigned with --key adds its signature)."""
     from taskvec.registry.signing import load_private_key
 
     reg = _open(registry, revision)
@@ -65,7 +66,7 @@ def push(
     for v in vectors:
         r = reg.push(v, private_key)
         e = r.entry
-        what = "pushed" if r.added else "already in the registry:"
+        what = "pushed" if r.added else "signed (was unsigned)" if r.signed else "already in the registry:"
         signed = ", signed" if e.signature else ""
         console.print(f"{what} {v} → {reg.address} ({e.contributor}, sha256 {e.sha256[:16]}{signed})")
 

@@ -36,7 +36,7 @@ from taskvec.registry.schema import (
     version_path,
 )
 from taskvec.registry.store import Reader, Store
-from taskvec.registry.trust import TrustPolicy, check_contributor
+from taskvec.registry.trust import TrustError, TrustPolicy, check_contributor
 from taskvec.registry.verify import (
     base_layout,
     check_next_version,
@@ -52,8 +52,12 @@ from taskvec.registry.verify import (
 
 @dataclass
 class PushResult:
+    """`added`: the vector is new to the registry; `signed`: it was there unsigned and now carries this push's
+    signature."""
+
     entry: Entry
     added: bool
+    signed: bool = False
 
 
 class Registry:
@@ -161,7 +165,8 @@ class Registry:
         self.store.update(change, f"taskvec: trust a key of {contributor}")
 
     def push(self, vector: str | os.PathLike[str], key: Any = None) -> PushResult:
-        """Validate, optionally sign (Ed25519 private key), and add a vector; a second push of it is a no-op.
+        """Validate, optionally sign (Ed25519 private key), and add a vector; a second push of it is a no-op,
+        except that a signed push of a vector stored unsigned adds the signature (`sign_entry`).
 
         The vector is checked as a merge checks it (structure, content sha256, finite values, base), so one
         bad push cannot block later merges of the registry."""
@@ -185,8 +190,14 @@ class Registry:
             entries = load_index(r.read_text(INDEX_FILE), self.address)
             for e in entries:
                 if e.sha256 == h.vector.sha256:
-                    result[:] = [PushResult(e, False)]
-                    return None
+                    if signature is None or e.signature == signature:
+                        result[:] = [PushResult(e, False)]
+                        return None
+                    sign_entry(e, signature, file_sha, f"{h.path}: already in {self.address}")
+                    result[:] = [PushResult(e, False, signed=True)]
+                    return {signature_path(e.path): (json.dumps(signature, indent=2) + "\n").encode(),
+                            INDEX_FILE: dump_index(entries).encode(),
+                            CARD_FILE: render_card(info, entries, self.address).encode()}
             entry = Entry.from_header(h, file_sha, now(), signature)
             result[:] = [PushResult(entry, True)]
             files: dict[str, bytes | Path] = {entry.path: h.path}
@@ -378,6 +389,26 @@ class Registry:
         self.store.update(change, "taskvec: rebuild index")
         return len(entries), skipped
 
+
+def sign_entry(entry: Entry, signature: dict[str, str], file_sha256: str, what: str) -> None:
+    """Attach `signature` (verified against `file_sha256`, the pushed file's sha256) to an entry stored unsigned.
+
+    A signature vouches for a file's exact bytes, so the pushed file must be the stored one. An entry keeps one
+    signature: a merger checks that one against its own keyring (`taskvec.registry.trust`), so letting a later
+    push replace it would let any site with write access swap a trusted signature for one the merger refuses."""
+    if entry.file_sha256 != file_sha256:
+        raise IntegrityError(
+            f"{what} as another file with the same tensors (file sha256 {entry.file_sha256[:12]}, not "
+            f"{file_sha256[:12]}: other metadata, e.g. exported again); a signature vouches for the stored bytes, so "
+            f"sign that file: pull it (`taskvec pull --only-contributor {entry.contributor}`) and push it with --key",
+            path=what,
+        )
+    if entry.signature is not None:
+        raise TrustError(
+            f"{what}, signed by another key ({entry.signature.get('public_key', '?')[:40]}...); a vector keeps the "
+            "one signature a merger checks against its keyring, so it is not replaced; nothing changed", path=what,
+        )
+    entry.signature = signature
 
 
 def _sign(key: Any, file_sha256: str) -> dict[str, str] | None:
