@@ -1,0 +1,182 @@
+"""Statistics head vs class means on PBC blood cells, merged vs single sites vs centralised, with and without DP.
+
+The pretrained `tf_efficientnet_lite0` (../shared/weights) at 64 px extracts every image's pooled feature once
+(cached per base identity and image set under `--cache`); each method then works on those features with the
+library's own functions: the statistics head sums `taskvec.training.sufficient` statistics over the sites (what
+a `ridge-head` merge of `stats-head:P` vectors does) and solves once; class means fits each site's head with
+`taskvec.training.class_means` and merges by the mean of the heads (what a `mean` merge of `class-means` vectors
+does). Under DP each site releases once at ε (δ = `--delta`, the noise multiplier its run would calibrate),
+units are images; "centralised" is one site holding every training image (one release at ε under DP).
+Sites: 5 iid, or 5 with class proportions Dirichlet(0.5). Test split: macro one-vs-rest AUROC and balanced
+accuracy, mean ± sd over `--seeds` (each seed: a new split and new noise; single sites: the mean over the 5).
+Example:
+  nice -n 10 python benchmarks/stats_head.py --markdown docs/results/stats_head.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchmetrics.functional.classification import multiclass_auroc, multiclass_recall
+
+from taskvec.io.files import read_kind
+from taskvec.models.spec import ModelSpec, build_base, load_model, save_model
+from taskvec.privacy.dpsgd import DPConfig
+from taskvec.training import sufficient
+from taskvec.training.class_means import _head as class_means_from_sums
+from taskvec.training.class_means import release_noise as class_means_noise
+from taskvec.training.class_means import unit_vectors
+from taskvec.training.data import Normalizer, load_data, make_loader
+from taskvec.training.modes.stats_head import release_noise
+
+ROOT = Path(__file__).resolve().parents[2] / "shared"
+
+
+def features(args: argparse.Namespace) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(features, labels) of the train and test splits, cached per (base identity, image set)."""
+    args.cache.mkdir(parents=True, exist_ok=True)
+    base = args.cache / "base.safetensors"
+    if not base.exists():
+        labels = sorted(d.name for d in (args.data / "train").iterdir() if d.is_dir())
+        net, spec = build_base("tf_efficientnet_lite0", num_classes=len(labels), img_size=args.img_size,
+                               labels=labels, weights=ROOT / "weights" / "tf_efficientnet_lite0.in1k.safetensors")
+        save_model(net, spec, base)
+    identity = read_kind(base, "model").meta["identity"]
+    spec = ModelSpec.from_dict(read_kind(base, "model").meta["model"])
+    splits = load_data(args.data, spec)
+    out = {}
+    for name in ("train", "test"):
+        data = getattr(splits, name)
+        key = hashlib.sha256(f"{identity}:{args.img_size}:{sorted(map(str, data.sources))}".encode()).hexdigest()
+        path = args.cache / f"{name}-{key[:16]}.npz"
+        if not path.exists():
+            net: Any = load_model(base, "cpu").eval()
+            norm, feats = Normalizer(spec, torch.device("cpu")), []
+            with torch.no_grad():
+                for x, _ in make_loader(data, 128, torch.device("cpu")):
+                    feats.append(net.forward_head(net.forward_features(norm(x)), pre_logits=True).double().numpy())
+            np.savez(path, feats=np.concatenate(feats), labels=np.asarray(data.targets))
+        f = np.load(path)
+        out[name] = (f["feats"], f["labels"])
+    return out
+
+
+def site_split(labels: np.ndarray, sites: int, alpha: float | None, rng: np.random.Generator) -> list[np.ndarray]:
+    """Indices per site: a random equal split (alpha None), or per class Dirichlet(alpha) proportions."""
+    if alpha is None:
+        return np.array_split(rng.permutation(len(labels)), sites)
+    parts: list[list[int]] = [[] for _ in range(sites)]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        cuts = (np.cumsum(rng.dirichlet([alpha] * sites))[:-1] * len(idx)).astype(int)
+        for s, chunk in enumerate(np.split(idx, cuts)):
+            parts[s] += chunk.tolist()
+    return [np.array(p, dtype=int) for p in parts]
+
+
+def stats_of(f: np.ndarray, y: np.ndarray, proj: np.ndarray, eps: float | None, args: argparse.Namespace,
+             rng: np.random.Generator) -> tuple[dict[str, np.ndarray], float]:
+    """A site's released statistics and the sd of their moments' noise."""
+    clip = args.clip if eps is not None else None
+    s = sufficient.contributions(f, y.tolist(), np.ones(len(y)), 8, proj, clip)
+    if eps is None:
+        return s, 0.0
+    z = release_noise(DPConfig(max_grad_norm=args.clip, delta=args.delta, target_epsilon=eps))[0]
+    std = sufficient.noise_std(z, args.clip)
+    return sufficient.add_noise(s, std, rng.standard_normal), std["moments"]
+
+
+def stats_head(parts: list[tuple[np.ndarray, np.ndarray]], eps: float | None, args: argparse.Namespace,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    d = parts[0][0].shape[1]
+    p = min(d, args.stats_dim)
+    proj = sufficient.projection(None if p == d else sufficient.projection_seed("pbc", d, p), d, p)
+    released = [stats_of(f, y, proj, eps, args, rng) for f, y in parts]
+    total = {k: sum(r[0][k] for r in released) for k in sufficient.KEYS}
+    return sufficient.solve_head(total, proj, sufficient.DEFAULT_RIDGE, math.sqrt(sum(r[1] ** 2 for r in released)))
+
+
+def class_means(parts: list[tuple[np.ndarray, np.ndarray]], eps: float | None, args: argparse.Namespace,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of the sites' class-means heads (each released once at ε)."""
+    heads = []
+    clip = args.clip_cm if eps is not None else 1.0
+    z = class_means_noise(DPConfig(max_grad_norm=clip, delta=args.delta, target_epsilon=eps))[0] if eps else 0.0
+    for f, y in parts:
+        rows = unit_vectors(torch.from_numpy(f), clip)
+        table = torch.zeros(8, f.shape[1] + 1, dtype=torch.float64)
+        table.index_add_(0, torch.from_numpy(y).long(), rows[:, :-1])
+        log_norms = rows[:, -1].sum()
+        if eps is not None:
+            noise = torch.from_numpy(rng.standard_normal(table.numel() + 1)) * z * clip
+            table += noise[:-1].view_as(table)
+            log_norms = log_norms + noise[-1]
+        w, b = class_means_from_sums(table, log_norms, clip, z)
+        heads.append((w.double().numpy(), b.double().numpy()))
+    return np.mean([h[0] for h in heads], 0), np.mean([h[1] for h in heads], 0)
+
+
+def scores(head: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+    logits = torch.from_numpy(test[0] @ head[0].T + head[1])
+    y = torch.from_numpy(test[1]).long()
+    return (float(multiclass_auroc(logits, y, 8, average="macro")),
+            float(multiclass_recall(logits.argmax(1), y, 8, average="macro")))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "pbc_blood_cells_128")
+    ap.add_argument("--cache", type=Path, default=Path(".cache/stats_head"))
+    ap.add_argument("--img-size", type=int, default=64)
+    ap.add_argument("--epsilons", default="1,3,8,inf")
+    ap.add_argument("--delta", type=float, default=1e-5)
+    ap.add_argument("--clip", type=float, default=10.0, help="clip C of the statistics head's features")
+    ap.add_argument("--clip-cm", type=float, default=1.0, help="clip of class means' unit vectors")
+    ap.add_argument("--stats-dim", type=int, default=128)
+    ap.add_argument("--sites", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--markdown", type=Path, help="also write the table here")
+    args = ap.parse_args()
+    feats = features(args)
+    train, test = feats["train"], feats["test"]
+    epsilons = [None if e == "inf" else float(e) for e in args.epsilons.split(",")]
+    lines = [f"Statistics head (`stats-head:{args.stats_dim}`, clip {args.clip:g}) vs class means (clip "
+             f"{args.clip_cm:g}), PBC blood cells, tf_efficientnet_lite0 (ImageNet) at {args.img_size} px, "
+             f"{args.sites} sites, δ = {args.delta:g}, test macro AUROC / balanced accuracy, mean ± sd over "
+             f"{args.seeds} seeds. Generated by `benchmarks/stats_head.py`.", "",
+             "| split | method | ε | merged AUROC | merged bal. acc. | single site AUROC | single site bal. acc. | "
+             "centralised AUROC | centralised bal. acc. |", "|" + "---|" * 9]
+    for split, alpha in (("iid", None), ("Dirichlet 0.5", 0.5)):
+        for name, fit in (("stats head", stats_head), ("class means", class_means)):
+            for eps in epsilons:
+                cells: dict[str, list[tuple[float, float]]] = {"merged": [], "single": [], "central": []}
+                for seed in range(args.seeds):
+                    rng = np.random.default_rng(seed)
+                    parts = [(train[0][i], train[1][i]) for i in site_split(train[1], args.sites, alpha, rng)]
+                    cells["merged"].append(scores(fit(parts, eps, args, rng), test))
+                    single = [scores(fit([p], eps, args, rng), test) for p in parts]
+                    cells["single"].append(tuple(np.mean(single, 0)))  # type: ignore[arg-type]
+                    cells["central"].append(scores(fit([train], eps, args, rng), test))
+
+                def ms(xs: list[float]) -> str:
+                    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+                row = [ms([c[i] for c in cells[k]]) for k in ("merged", "single", "central") for i in (0, 1)]
+                lines.append(f"| {split} | {name} | {'∞' if eps is None else f'{eps:g}'} | " + " | ".join(row) + " |")
+                print(lines[-1], flush=True)
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
