@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ MODEL_KWARGS = {"img_size": int, "drop_rate": float, "drop_path_rate": float}
 MAX_IMG_SIZE = 4096
 MAX_CLASSES = 100_000
 MAX_CHANNELS = 64
+HUB_PROBE_SECONDS = 5.0  # one request tells whether the Hub answers before timm downloads
 
 
 @dataclass
@@ -141,17 +143,50 @@ def _timm_create(arch: str, spec_kwargs: dict[str, Any], pretrained: bool, weigh
     return timm.create_model(arch, pretrained=pretrained or weights is not None, **kwargs)
 
 
+@contextlib.contextmanager
+def _hub_download(arch: str) -> Iterator[None]:
+    """Around a download of timm's pretrained weights of `arch`: when one request shows the Hub unreachable,
+    huggingface_hub reads its cache only (instead of retrying for about a minute), and weights not cached
+    are a one-line error that points to `--weights FILE`."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+    except (httpx2.TransportError, OfflineModeIsEnabled) as e:
+        reason = str(e) or type(e).__name__
+    else:
+        yield  # any answer means reachable: huggingface_hub's own retries and errors apply
+        return
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    except LocalEntryNotFoundError:
+        raise ConfigError(
+            f"{arch}: cannot download timm's pretrained weights: the Hugging Face Hub ({constants.ENDPOINT}) is not "
+            f"reachable ({reason}) and they are not in its local cache; without internet, give a local timm "
+            "checkpoint instead: `taskvec init --weights FILE` (a .safetensors state_dict of this architecture)",
+            field="pretrained",
+        ) from None
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+
+
 def create_module(spec: ModelSpec, pretrained: bool = False, weights: str | None = None) -> nn.Module:
     """Build the `nn.Module` a spec describes (random init unless `pretrained`/`weights`)."""
     net: nn.Module
-    if spec.task == "segmentation":
-        from taskvec.models.segmentation import build_segmentation
+    with _hub_download(spec.arch) if pretrained and weights is None else contextlib.nullcontext():
+        if spec.task == "segmentation":
+            from taskvec.models.segmentation import build_segmentation
 
-        net = build_segmentation(spec.arch, spec.decoder, spec.num_classes, spec.in_chans, pretrained=pretrained,
-                                 weights=weights, encoder_kwargs=spec.model_kwargs)
-    else:
-        kwargs = {"in_chans": spec.in_chans, "num_classes": spec.num_classes, **spec.model_kwargs}
-        net = _timm_create(spec.arch, kwargs, pretrained, weights)
+            net = build_segmentation(spec.arch, spec.decoder, spec.num_classes, spec.in_chans,
+                                     pretrained=pretrained, weights=weights, encoder_kwargs=spec.model_kwargs)
+        else:
+            kwargs = {"in_chans": spec.in_chans, "num_classes": spec.num_classes, **spec.model_kwargs}
+            net = _timm_create(spec.arch, kwargs, pretrained, weights)
     if spec.dp_compatible is not None:
         from taskvec.models.dp_ready import make_dp_compatible
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from taskvec.errors import ConfigError
-from taskvec.io.files import read_kind
+from taskvec.errors import ConfigError, FileFormatError
+from taskvec.io.files import read_header, read_kind
 from taskvec.models.spec import ModelSpec, load_model, resolve_model_path
 from taskvec.progress import Track, no_track
 from taskvec.training.config import check_device
@@ -99,6 +99,12 @@ def evaluate_model(
     """Evaluate a model file (or run directory) on `split` (`train`, `val`, `test` or `all`) of `data`; by
     default the data's test split when it has one, else all of it."""
     path = resolve_model_path(model_path)
+    if read_header(path).kind == "vector":
+        raise FileFormatError(
+            f"{path}: is a data vector (a fine-tune's change to its base), not a model; merge it onto its base "
+            f"first: `taskvec merge {path} --base BASE --out merged.safetensors`, then evaluate merged.safetensors",
+            path=path,
+        )
     header = read_kind(path, "model")
     spec = ModelSpec.from_dict(header.model.model)
     splits = as_splits(data, spec, img_size=img_size, val_fraction=0.0)

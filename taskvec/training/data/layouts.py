@@ -214,9 +214,30 @@ class Reader:
             if not ((path / "images").is_dir() and (path / "masks").is_dir()):
                 raise TaskvecError(f"{path}: segmentation data needs {path}/images and {path}/masks folders")
             return self.seg_folder(path)
-        if (path / "images").is_dir() and (path / "masks").is_dir():
-            raise TaskvecError(f"{path}: holds images/ and masks/ (segmentation data) but the base is a classifier")
+        signs = _segmentation_signs(path, self.spec.labels)
+        if signs:
+            raise TaskvecError(
+                f"{path}: {signs}, a segmentation layout, but the base is a classifier (task classification); "
+                "give <class>/<image files>, a CSV or an npz, or a segmentation base", path=path, field="task",
+            )
         return self.image_folder(path)
+
+
+def _segmentation_signs(path: Path, labels: list[str]) -> str | None:
+    """What makes a folder read as classification data look like segmentation data, or None: images/ with masks/
+    (a labelled split), images/ alone when no class has that name (an unlabelled test split), or class folders
+    that each hold images/ and masks/ (one folder per site)."""
+    def paired(p: Path) -> bool:
+        return (p / "images").is_dir() and (p / "masks").is_dir()
+
+    if paired(path):
+        return "holds images/ and masks/"
+    if (path / "images").is_dir() and "images" not in labels:
+        return "holds images/ without masks/ (an unlabelled split?)"
+    sites = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name not in labels and paired(p))
+    if sites:
+        return f"its folder {sites[0]}/ holds images/ and masks/"
+    return None
 
 
 def _csv_rows(path: Path) -> tuple[list[int], list[dict[str, str]]]:
