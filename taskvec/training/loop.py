@@ -56,6 +56,7 @@ from taskvec.training.run_folder import (
     finished,
     load_checkpoint,
     open_run,
+    runtime_record,
     save_checkpoint,
 )
 from taskvec.training.schedule import default_batch, epoch_seed, lr_at, plan_steps
@@ -216,7 +217,8 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
            out: Path, config: FinetuneConfig, source: str, group: Group, say: Callable[[str], None]) -> _Run:
     """Open the run folder (rank 0), load the base, build optimizer and loader (private ones under DP; this
     rank's share of them), and pick up the last checkpoint if there is one; `say` the schedule's warnings."""
-    run_id = group.on_main(lambda: open_run(out, parent, config, source, split_record(train, val)))
+    run_id = group.on_main(lambda: open_run(out, parent, config, source, split_record(train, val),
+                                            runtime_record(group.world, group.device)))
     device = group.device
     net = load_model(base, device)
     _check_size(net, spec, train.img_size, device)

@@ -45,8 +45,42 @@ def config_dict(config: FinetuneConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(config).items() if k not in RUNTIME_FIELDS}
 
 
-def open_run(out: Path, parent: str, config: FinetuneConfig, source: str, split: dict[str, Any]) -> str:
-    """Create or reopen a run folder and record its split; return its run id. Refuse to reuse a folder without
+def runtime_record(processes: int, device: torch.device) -> dict[str, Any]:
+    """How a run (or a resumption of it) ran: the command line (the program's name without its folder),
+    processes, device, Python, OS and the installed versions of taskvec and its dependencies. Nothing that
+    names the machine or its user (host name, user name, environment). Never compared on --resume."""
+    import platform
+    import re
+    import sys
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from taskvec.io.files import now
+
+    names = ["taskvec", *(m.group(0) for r in requires("taskvec") or [] if "extra ==" not in r
+                          and (m := re.match(r"[A-Za-z0-9._-]+", r)))]
+    packages: dict[str, str | None] = {}
+    for name in names:
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    packages["torch"] = torch.__version__  # with its build (e.g. 2.5.1+cu124), which the metadata leaves out
+    program = Path(sys.argv[0] if sys.argv else "")
+    record: dict[str, Any] = {
+        "started": now(), "command": [f"python -m {program.parent.name}" if program.name == "__main__.py"
+                                      else program.name, *sys.argv[1:]],
+        "processes": processes, "device": str(device), "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.machine()}", "packages": packages,
+    }
+    if device.type == "cuda":
+        record |= {"accelerator": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
+    return record
+
+
+def open_run(out: Path, parent: str, config: FinetuneConfig, source: str, split: dict[str, Any],
+             runtime: dict[str, Any]) -> str:
+    """Create or reopen a run folder and record its split and how it runs (`runtime_record`: `runtime` in
+    run.json lists the start and each resumption); return its run id. Refuse to reuse a folder without
     --resume, or to resume it on other units than it started with."""
     run_file = out / RUN_FILE
     if out.exists() and not out.is_dir():
@@ -64,12 +98,14 @@ def open_run(out: Path, parent: str, config: FinetuneConfig, source: str, split:
             said = ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in diff.items())
             raise MismatchError(f"{out}: the run was started with {said}; repeat its options to resume it")
         _check_split(out / SPLIT_FILE, split)
+        write_json(run_file, run | {"runtime": [*run.get("runtime", []), runtime]})
         return str(run["run_id"])
     if config.resume and out.exists() and any(out.iterdir()):
         raise TaskvecError(f"{out}: holds no {RUN_FILE}; it is not a taskvec run folder")
     out.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex
-    write_json(run_file, {"run_id": run_id, "parent": parent, "config": config_dict(config), "data": source})
+    write_json(run_file, {"run_id": run_id, "parent": parent, "config": config_dict(config), "data": source,
+                          "runtime": [runtime]})
     write_json(out / SPLIT_FILE, split)
     return run_id
 

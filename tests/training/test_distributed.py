@@ -102,6 +102,9 @@ def test_two_processes_train_the_one_process_model(tmp_path: Path, site: tuple[P
     assert f"resumed after epoch {done}" in r.stdout
     resumed = read_kind(cut / "model.safetensors", "model").meta
     assert resumed["identity"] == two["identity"]  # gloo sums in a fixed order: bit for bit
+    for run, starts in ((tmp_path / "two", 1), (cut, 2)):  # how it ran: the start, then each resumption
+        runtime = json.loads((run / "run.json").read_text())["runtime"]
+        assert [(r["processes"], r["device"]) for r in runtime] == [(2, "cpu")] * starts
 
 
 def _rank_pid(launcher: int, rank: int) -> int:

@@ -236,10 +236,10 @@ def test_a_run_started_before_these_options_resumes_with_their_defaults(tmp_path
 
     cfg = FinetuneConfig(steps=2, device="cpu")
     split = {"unit": "image", "train": ["a.png"], "val": []}
-    run_id = open_run(tmp_path / "run", "parent", cfg, "data", split)
+    run_id = open_run(tmp_path / "run", "parent", cfg, "data", split, {})
     record = json.loads((tmp_path / "run" / RUN_FILE).read_text())
     del record["config"]["prox"], record["config"]["head"]  # as written before the options existed
     (tmp_path / "run" / RUN_FILE).write_text(json.dumps(record))
-    assert open_run(tmp_path / "run", "parent", replace(cfg, resume=True), "data", split) == run_id
+    assert open_run(tmp_path / "run", "parent", replace(cfg, resume=True), "data", split, {}) == run_id
     with pytest.raises(MismatchError, match=r"started with prox 0.0 \(now 1.0\)"):
-        open_run(tmp_path / "run", "parent", replace(cfg, resume=True, prox=1.0), "data", split)
+        open_run(tmp_path / "run", "parent", replace(cfg, resume=True, prox=1.0), "data", split, {})
