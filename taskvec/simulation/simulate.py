@@ -38,11 +38,12 @@ from taskvec.privacy.ledger import PrivacyBudget
 from taskvec.simulation.rounds import RoundsSetup, export_site_vector, run_rounds
 from taskvec.simulation.schedule import Schedule, default_speeds, plan_schedule
 from taskvec.simulation.splits import split_sites
+from taskvec.training.config import check_head
 from taskvec.training.data import DataSplits, ImageDataset, hold_out_by_patient, load_data
 from taskvec.training.evaluate import evaluate_model
 from taskvec.training.loop import FinetuneConfig, finetune
-from taskvec.training.mergeable import check_head
 from taskvec.training.metrics import primary_metric
+from taskvec.training.run_folder import METRICS_FILE
 from taskvec.training.schedule import schedule
 
 TCGA_SITE = re.compile(r"TCGA-([A-Z0-9]{2})-")
@@ -184,11 +185,14 @@ def _train_all(jobs: list[tuple[str, ImageDataset, str, FinetuneConfig]], proces
     if processes == 1:
         out = []
         for base, ds, run, config in jobs:
-            progress(f"fine-tuning {Path(run).name} on {len(ds)} samples")
+            if not _finished(run):
+                progress(f"fine-tuning {Path(run).name} on {len(ds)} samples")
             out.append(str(finetune(base, ds, run, config).model_path))
         return out
     threads = max(1, (os.cpu_count() or 1) // processes)
-    progress(f"fine-tuning {len(jobs)} runs in {processes} processes")
+    todo = sum(not _finished(j[2]) for j in jobs)
+    if todo:
+        progress(f"fine-tuning {todo} runs in {processes} processes")
     with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
         return list(pool.map(_finetune_job, [(*j, threads) for j in jobs]))
 
@@ -202,26 +206,37 @@ def _evaluate(name: str, group: str, path: Path | str, test: ImageDataset, epsil
             "value": value, "metrics": {k: m[k] for k in keep if k in m}, **(extra or {})}
 
 
-def _check_out(out: Path, cfg: SimulationConfig) -> None:
+def open_simulation(cfg: SimulationConfig) -> Path:
+    """Check `cfg` and make `cfg.out` its simulation folder (recording it in `simulation.json`), or reopen the
+    folder of the same simulation; a folder holding anything else is refused. Return the folder."""
+    cfg.check()
+    out = Path(cfg.out)
     record = out / "simulation.json"
     if record.exists():  # a setting the record predates has its default
         defaults = asdict(SimulationConfig(data=cfg.data, out=cfg.out))
         if {**defaults, **json.loads(record.read_text())} != json.loads(json.dumps(asdict(cfg))):
             raise OutputExistsError(f"{out}: holds a simulation with other settings; choose another `out`", path=out)
-        return
+        return out
     if out.exists() and any(out.iterdir()):
         raise OutputExistsError(f"{out}: exists and is not a taskvec simulation; choose another `out`", path=out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(record, asdict(cfg))
+    return out
+
+
+def _finished(run: str | Path) -> bool:
+    return (Path(run) / METRICS_FILE).exists()
 
 
 def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> SimulationResult:
     """Run (or resume) a whole simulation into `cfg.out`; see the module docstring."""
     from taskvec.simulation.report import write_report
 
-    cfg.check()
-    out = Path(cfg.out)
-    _check_out(out, cfg)
+    out = open_simulation(cfg)
+    done = list(out.glob(f"**/{METRICS_FILE}"))
+    if done:
+        progress(f"reusing {len(done)} finished runs in {out} (a simulation with these settings; delete the folder "
+                 "to start over)")
     # one base for the runs with and without DP: DP-ready whenever DP runs, and always for pretrained weights
     # (frozen BatchNorm statistics, so the comparison at every ε is against the same network)
     pretrained = cfg.pretrained or cfg.weights is not None
@@ -263,7 +278,8 @@ def _make_base(cfg: SimulationConfig, out: Path, module: Any, spec: ModelSpec, p
     init = out / "init.safetensors"
     if not init.exists():
         save_model(module, spec, init, extra={"source": {"pretrained": False, "weights": None}})
-    progress(f"training the base on a public share of {len(public)} samples")
+    if not _finished(out / "base-run"):
+        progress(f"training the base on a public share of {len(public)} samples")
     run = finetune(init, public, out / "base-run",
                    replace(train_cfg, epochs=cfg.base_epochs, contributor="public", train="all", prox=0.0,
                            head="train"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
-from taskvec.errors import ConfigError, TaskvecError, check_range
+from taskvec.errors import ConfigError, PrivacyConfigError, TaskvecError, check_range
 from taskvec.training.modes import TrainMode, default_mode, parse_mode
 
 if TYPE_CHECKING:
@@ -36,6 +36,18 @@ HEADS = {  # what a classification run does with its classifier (taskvec.trainin
 }
 
 
+def check_head(head: str, *, dp: bool) -> None:
+    """Refuse an unknown head strategy, and `balanced` with DP-SGD (its weights are private label counts)."""
+    if head not in HEADS:
+        raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {head!r}", field="head", expected=list(HEADS),
+                          got=head)
+    if head == "balanced" and dp:
+        raise PrivacyConfigError(
+            "head balanced weights the loss by the site's label counts, which DP-SGD does not protect (one image "
+            "more or less changes every example's weight); with `dp` use head train, frozen or lp-ft",
+            field="head", got=head)
+
+
 @dataclass
 class FinetuneConfig:
     """Training settings; every field except `RUNTIME_FIELDS` must match when a run is resumed."""
@@ -61,8 +73,6 @@ class FinetuneConfig:
     head: str = "train"  # one of HEADS (taskvec.training.mergeable)
 
     def check(self) -> None:
-        from taskvec.training.mergeable import check_head
-
         check_device(self.device)
         if self.epochs is not None and self.steps is not None:
             raise ConfigError("epochs and `steps` exclude each other: give one", field="epochs")

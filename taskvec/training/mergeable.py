@@ -33,23 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from taskvec.errors import ConfigError, PrivacyConfigError
-from taskvec.training.config import HEADS
 from taskvec.training.modes import TrainMode
 
 LP_FRACTION = 0.5  # lp-ft: share of the steps that train the head alone
-
-
-def check_head(head: str, *, dp: bool) -> None:
-    """Refuse an unknown head strategy, and `balanced` with DP-SGD (its weights are private label counts)."""
-    if head not in HEADS:
-        raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {head!r}", field="head", expected=list(HEADS),
-                          got=head)
-    if head == "balanced" and dp:
-        raise PrivacyConfigError(
-            "head balanced weights the loss by the site's label counts, which DP-SGD does not protect (one image "
-            "more or less changes every example's weight); with `dp` use head train, frozen or lp-ft",
-            field="head", got=head)
 
 
 def class_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:
