@@ -8,6 +8,7 @@ use it are skipped without it), on the CPU, with HOME (and so the default keyrin
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -148,3 +149,19 @@ def test_every_generated_table_says_its_command_and_version() -> None:
     included = set(re.findall(r'^--8<-- "([\w-]+\.md)"$', "\n".join(
         p.read_text() for p in (ROOT / "docs" / "results").glob("*.md")), re.M))
     assert included == {f.name for f in files}  # every generated table is shown, and only those
+
+
+def test_the_api_reference_documents_every_public_name() -> None:
+    import taskvec
+
+    page = (ROOT / "docs" / "reference" / "api.md").read_text()
+    documented = set(re.findall(r"^::: ([\w.]+)$", page, re.M))
+    missing = []
+    for name, (module, attr) in taskvec._API.items():  # registry/ is read from its folder (taskvec.registry)
+        defined = getattr(importlib.import_module(module), attr)
+        where = getattr(defined, "__module__", module) if callable(defined) else module
+        paths = {f"{m}.{attr}" for m in (module, where)}
+        paths |= {p.replace("taskvec.registry.", "registry.", 1) for p in paths}
+        if not (paths & documented and f"`{name}`" in page):
+            missing.append(name)
+    assert missing == []
