@@ -22,7 +22,7 @@ from taskvec.errors import ConfigError, TaskvecError
 from taskvec.io.files import Header
 from taskvec.io.layout import is_statistic
 from taskvec.merging.accumulate import Combined, accumulate
-from taskvec.merging.methods import MERGE_METHODS
+from taskvec.merging.methods import weight_methods
 from taskvec.merging.plan import MergePlan
 from taskvec.models.spec import ModelSpec, create_module
 from taskvec.progress import Track, no_track
@@ -156,11 +156,12 @@ class Calibrator:
 
     def select(self, plan: MergePlan, base: Header, headers: Sequence[Header],
                ) -> tuple[MergePlan, Combined, float, dict[str, Any]]:
-        """Every method that applies to these vectors, at its defaults (the plan's own parameters for the plan's
-        method), each with λ calibrated: the plan, combined deltas and λ of the best, and the table."""
+        """Every method that combines weight deltas and applies to these vectors, at its defaults (the plan's own
+        parameters for the plan's method), each with λ calibrated: the plan, combined deltas and λ of the best,
+        and the table."""
         rows: list[dict[str, Any]] = []
         best: tuple[float, MergePlan, Combined, float] | None = None
-        for name in MERGE_METHODS:
+        for name in weight_methods():
             candidate = plan if name == plan.method else plan.with_method(name)
             try:
                 candidate.check_inputs(base, headers)

@@ -229,6 +229,11 @@ DEFAULT_METHOD = "mean"  # the default combination: `sum` adds every vector whol
 COMPARED = ("sum", "mean", "weighted", "ties", "dare")  # what a simulation compares unless told
 
 
+def weight_methods() -> list[str]:
+    """The methods that combine weight deltas: every one but those that solve a head from sufficient statistics."""
+    return [name for name, m in MERGE_METHODS.items() if m.recipe().ridge is None]
+
+
 def merge_method(name: str, reference: str) -> Callable[[Callable[..., Recipe]], Callable[..., Recipe]]:
     """Register a method: its parameters are the function's keyword arguments, each defaulting to a `Param`."""
     def register(fn: Callable[..., Recipe]) -> Callable[..., Recipe]:

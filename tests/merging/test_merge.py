@@ -12,7 +12,7 @@ from taskvec.errors import ConfigError, FileFormatError, MismatchError, TaskvecE
 from taskvec.io.files import read_kind
 from taskvec.merging import reading
 from taskvec.merging.export import export_vector
-from taskvec.merging.methods import MERGE_METHODS, combine, vector_seed
+from taskvec.merging.methods import MERGE_METHODS, combine, vector_seed, weight_methods
 from taskvec.merging.stream import merge_vectors
 
 PARAMS = {"ties": {"density": 0.3}, "dare": {"density": 0.6}, "dare_ties": {"density": 0.7},
@@ -49,8 +49,7 @@ def _reference(base: Path, vecs: list[Path], method: str, scale: float, params: 
     return out
 
 
-WEIGHT_METHODS = [m for m, spec in MERGE_METHODS.items() if spec.recipe().ridge is None]  # not statistics
-CASES = [(m, 1000) for m in WEIGHT_METHODS] + [(m, reading.CHUNK_ELEMENTS) for m, spec in MERGE_METHODS.items()
+CASES = [(m, 1000) for m in weight_methods()] + [(m, reading.CHUNK_ELEMENTS) for m, spec in MERGE_METHODS.items()
                                                if not spec.recipe().streams]
 
 

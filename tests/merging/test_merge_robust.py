@@ -189,14 +189,14 @@ def test_contributions_are_leave_one_out_scores(small_consortium, tmp_path: Path
 
 def test_selection_picks_the_best_method_and_lambda(small_consortium, tmp_path: Path) -> None:
     from taskvec.merging.calibrate import Calibrator
-    from taskvec.merging.methods import MERGE_METHODS
+    from taskvec.merging.methods import weight_methods
 
     base, vecs, val = small_consortium
     out = tmp_path / "m.safetensors"
     r = merge_vectors(vecs, base, out, method="sum", select=Calibrator(val, grid=(0.5, 1.0, 1.5), device="cpu"))
     sel = read_kind(out, "model").meta["merge"]["selection"]
     rows = {row["method"]: row for row in sel["candidates"]}
-    assert set(rows) == set(MERGE_METHODS) and "optimistic" in sel["note"]
+    assert set(rows) == set(weight_methods()) and "optimistic" in sel["note"]
     assert all("skipped" not in row for row in sel["candidates"])
     best = max(sel["candidates"], key=lambda row: row["value"])  # the first of equals, as selection does
     assert sel["chosen"] == {"method": best["method"], "scale": best["scale"], "value": best["value"]}

@@ -24,7 +24,7 @@ from taskvec.io.files import Header, dump_meta, read_header, read_kind
 from taskvec.io.schema import ModelHeader, VectorSummary
 from taskvec.merging.export import export_vector
 from taskvec.merging.incremental import merge_incremental
-from taskvec.merging.methods import MERGE_METHODS, combine, vector_seed
+from taskvec.merging.methods import combine, vector_seed, weight_methods
 from taskvec.merging.stream import merge_vectors
 from taskvec.privacy.ledger import (
     BASIC_COMPOSITION,
@@ -99,7 +99,7 @@ def test_vectors_against_older_versions_are_applied_to_the_newest(rounds: Rounds
     assert [v["staleness_weight"] for v in rec["vectors"]] == pytest.approx([stale(2, a), stale(1, a), 1.0])
 
 
-@pytest.mark.parametrize("method", list(MERGE_METHODS))
+@pytest.mark.parametrize("method", weight_methods())
 def test_every_method_combines_the_stale_vectors_scaled(rounds: Rounds, method: str) -> None:
     """Streaming (or by tensor, in chunks) with staleness equals `combine` on whole tensors with `scales`."""
     r = rounds

@@ -123,8 +123,8 @@ def test_centralised_run_has_the_sites_example_gradients_under_the_default_sched
     from taskvec.training.schedule import DP_STEPS
 
     # sites of 160: batch 160 // 8 = 20, max(200, 10 epochs of 8 steps) = 200 steps; the union of 480: batch 32
-    assert central_steps([160, 160, 160], FinetuneConfig()) == -(-3 * 20 * 200 // 32)
-    dp = FinetuneConfig(dp=DPConfig(1.0, 1e-5, target_epsilon=8.0))  # DP: Poisson batches q·n, DP_STEPS steps
+    assert central_steps([160, 160, 160], FinetuneConfig(train="all")) == -(-3 * 20 * 200 // 32)
+    dp = FinetuneConfig(train="all", dp=DPConfig(1.0, 1e-5, target_epsilon=8.0))  # Poisson batches q·n, DP_STEPS steps
     assert central_steps([100, 60], dp) == DP_STEPS  # q·100·T + q·60·T = q·160·T
     assert central_steps([100, 60], FinetuneConfig(epochs=2)) is None
     assert central_steps([100, 60], FinetuneConfig(steps=7)) == 7
