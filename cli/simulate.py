@@ -105,21 +105,23 @@ def simulate(
 
 
 def demo(
-    out: Path = typer.Option(Path("taskvec-demo"), help="Folder for the data, models and report."),
+    out: Path = typer.Option(Path("taskvec-demo"), help="Folder for the data, models and report (all of them)."),
     sites: int = typer.Option(3, help="Number of simulated hospitals."),
 ) -> None:
-    """A small simulation on embedded synthetic ultrasound-like images (no data, no network; minutes on a CPU)."""
-    from taskvec.simulation.simulate import SimulationConfig
+    """A small simulation on embedded synthetic ultrasound-like images (no data, no network; minutes on a CPU).
+    Run again, it reuses what it finished."""
+    from taskvec.simulation.simulate import SimulationConfig, open_simulation
     from taskvec.simulation.simulate import simulate as run
     from taskvec.simulation.synthetic import LABELS, write_classification_npz
 
-    data = out.parent / f"{out.name}-data.npz"
-    console.print(f"taskvec demo: SYNTHETIC data (grayscale frames, a blob that is '{LABELS[1]}' when dark "
-                  f"with a rough rim), {sites} simulated hospitals, written to {data}")
-    if not data.exists():
-        write_classification_npz(data)
+    data = out / "data.npz"
     cfg = SimulationConfig(data=str(data), out=str(out), sites=sites, arch="test_convnext", labels=list(LABELS),
                            in_chans=1, img_size=32, base_epochs=3, lr=1e-3)
+    open_simulation(cfg)  # refuses a folder holding anything else before the data is written into it
+    console.print(f"taskvec demo: SYNTHETIC data (grayscale frames, a blob that is '{LABELS[1]}' when dark "
+                  f"with a rough rim), {sites} simulated hospitals, everything written to {out}/")
+    if not data.exists():
+        write_classification_npz(data)
     _print_table(run(cfg, progress=lambda s: console.print(s, style="dim")))
     console.print("Same on your own data: taskvec simulate --data PATH --out REPORT_DIR --sites K "
                   "[--split dirichlet:0.5] [--dp]  (see `taskvec simulate --help`)")
