@@ -4,7 +4,7 @@ target ε, on BreastMNIST with the shared pretrained tf_efficientnet_lite0, over
 Each seed builds the base (seeded, as `taskvec simulate` does), splits the training images into 3 iid sites as
 `simulate --split iid` does, and fine-tunes site 0 alone with every recipe; every run is evaluated on the test
 split. A recipe is `name:key=value,...` over FinetuneConfig fields (`dp.KEY` for DPConfig fields, `eps` for the
-target ε, `eps=none` for no DP); the defaults are `finetune`'s. Example (the README's table):
+target ε, `eps=none` for no DP); the defaults are `finetune`'s. Example (the table in docs/results):
   OMP_NUM_THREADS=1 python benchmarks/dp_recipe.py --seeds 0,1,2 --recipes 'no-dp:eps=none' 'dp:eps=8'
 """
 

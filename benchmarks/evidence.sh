@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The README's evidence grid on real data (../shared/data) with the shared pretrained tf_efficientnet_lite0:
+# The evidence grid (docs/results) on real data (../shared/data) with the shared pretrained tf_efficientnet_lite0:
 # BreastMNIST (3 iid or Dirichlet-0.5 sites), MoNuSeg (3 TCGA source sites) and ISBI 2012 EM (3 iid sites; its
 # unlabelled test folder is left out, so a test share of the training tiles is held out), per training mode, without DP and
 # with DP-SGD at one target ε (δ = 1e-5, per-image clipping at 1.0; class-means: its one Gaussian release at ε 1, 3
 # and 8), seeds 0-2, mean ± sd. BreastMNIST at 32 px and at 64 px (bm64-*).
 # Usage, from the repository root: bash benchmarks/evidence.sh [OUT_DIR] [NAME ...]   (default: every experiment)
-#   JOBS=N runs N (experiment, seed) simulations at once (default 1). The README's tables: JOBS=15 on one H100 with 16
+#   JOBS=N runs N (experiment, seed) simulations at once (default 1). The published tables: JOBS=15 on one H100 with 16
 #   CPU cores, about 5 minutes for the first 15 and 7 for the other 12; on 2 CPU cores one BreastMNIST seed takes
 #   about 40 minutes. Resumable: every simulation reuses its finished runs.
 set -euo pipefail

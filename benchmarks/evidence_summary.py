@@ -1,4 +1,4 @@
-"""Summarise simulation reports (results.json) into one markdown table per data set, for the README.
+"""Summarise simulation reports (results.json) into one markdown table per data set, for docs/results.
 
 Usage: python benchmarks/evidence_summary.py evidence/breastmnist [evidence/monuseg ...]
 A report of `simulate --seeds` shows each model's mean ± sd over the seeds (single sites: the mean of the

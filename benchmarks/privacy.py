@@ -5,7 +5,7 @@
 Every setting starts from the same DP-ready base (`build_base(..., dp_compatible=True)`, the shared pretrained
 tf_efficientnet_lite0 by default, seeded) with `finetune`'s defaults per mode unless --epochs/--batch/--lr are
 given; DP runs use δ = 1e-5, clipping bound --max-grad-norm and the noise that reaches ε. Prints a markdown table
-and writes it as JSON and a PNG plot. Example (the README's table):
+and writes it as JSON and a PNG plot. Example (the table in docs/results):
   python benchmarks/privacy.py --train class-means,norm-bias --seeds 0,1,2 --jobs 2 --out benchmarks/results
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's evidence for asynchronous rounds (`taskvec simulate --rounds`) on ../shared/data: BreastMNIST with
+# The evidence for asynchronous rounds (docs/results) (`taskvec simulate --rounds`) on ../shared/data: BreastMNIST with
 # 3 label-skewed sites (Dirichlet 0.5) and MoNuSeg with 3 TCGA source sites, the pretrained tf_efficientnet_lite0,
 # up to 3 arrivals per site, seeds 0-2; each seed's report in OUT/<data>/seed<S>/.
 # Usage, from the repository root: bash benchmarks/rounds.sh [OUT_DIR]   (per seed 13 minutes for BreastMNIST and
@@ -24,4 +24,4 @@ done
 # every seed done: reports with mean ± sd and error bars (utility_vs_arrivals.png) in OUT/<data>/
 taskvec simulate "${args[@]}" --out "$out/breastmnist" --seeds 0,1,2
 taskvec simulate "${seg[@]}" --out "$out/monuseg" --seeds 0,1,2
-python "$(dirname "$0")/rounds_summary.py" "$out/breastmnist" "$out/monuseg"  # add --readme README.md to update it
+python "$(dirname "$0")/rounds_summary.py" "$out/breastmnist" "$out/monuseg"  # add --readme docs/results/generated/rounds.md to update it

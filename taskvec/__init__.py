@@ -1,6 +1,6 @@
 """taskvec: merge data vectors (fine-tuned minus base weights) from many hospitals into one model.
 
-The public API, one entry per role (the README's Python example uses each):
+The public API, one entry per role (the README's Python example uses each; docs/reference/api.md documents them):
 - the coordinator: `build_base(arch, ...)` and `save_model(module, spec, path)`: the shared base;
 - a site: `finetune(base, data, out, FinetuneConfig(...))` (with `DPConfig` for DP), then `export_vector(model,
   base, out, ...)`: its data vector and privacy ledger;
