@@ -400,7 +400,8 @@ def sign_entry(entry: Entry, signature: dict[str, str], file_sha256: str, what: 
         raise IntegrityError(
             f"{what} as another file with the same tensors (file sha256 {entry.file_sha256[:12]}, not "
             f"{file_sha256[:12]}: other metadata, e.g. exported again); a signature vouches for the stored bytes, so "
-            f"sign that file: pull it (`taskvec pull --only-contributor {entry.contributor}`) and push it with --key",
+            f"sign that file: pull it (`taskvec pull --registry REGISTRY --only-contributor {entry.contributor} "
+            "--allow-unsigned --out DIR`) and push it signed (`taskvec push FILE --registry REGISTRY --key KEY`)",
             path=what,
         )
     if entry.signature is not None:
