@@ -7,12 +7,13 @@ from typing import Any
 
 import typer
 
-from taskvec.cli.console import console, device_option
+from taskvec.cli.console import console, device_option, warn
 from taskvec.cli.merge import STALENESS_HELP
 from taskvec.cli.train import TRAIN_HELP
 from taskvec.io.lineage import DEFAULT_STALENESS
 from taskvec.merging.methods import COMPARED, DEFAULT_METHOD
 from taskvec.privacy import DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM
+from taskvec.simulation.splits import SPLIT_HELP
 
 
 def _print_table(result: Any) -> None:
@@ -40,7 +41,7 @@ def simulate(
     out: Path = typer.Option(..., help="Report folder (resumed when it holds the same simulation)."),
     task: str = typer.Option("classification", help="classification | segmentation"),
     sites: int = typer.Option(3, help="Number of simulated hospitals."),
-    split: str = typer.Option("iid", help="iid | dirichlet:ALPHA (label skew) | by-group:patient_id | by-group:tcga"),
+    split: str = typer.Option("iid", help=SPLIT_HELP),
     arch: str = typer.Option("test_convnext", help="timm architecture of the base."),
     num_classes: int = typer.Option(2, "--num-classes", help="Classes (segmentation: incl. background)."),
     labels: str | None = typer.Option(None, help="Comma-separated class names, as the data names them."),
@@ -127,6 +128,38 @@ def demo(
                   "[--split dirichlet:0.5] [--dp]  (see `taskvec simulate --help`)")
 
 
+def split(
+    data: Path = typer.Argument(..., help="Data set in any layout `finetune` reads; its training split is cut."),
+    out: Path = typer.Option(..., help="New (or empty) folder for the sites and sites.json."),
+    sites: int = typer.Option(3, help="Number of sites."),
+    rule: str = typer.Option("iid", "--split", help=f"How, as `simulate --split`: {SPLIT_HELP}."),
+    seed: int = typer.Option(0, help="Seed of the split (the same data, rule and seed give the same sites)."),
+    base: Path | None = typer.Option(
+        None, help="Read the data for this base (task, labels); default: the labels the data names (class folders, "
+                   "a CSV's label column, an npz's numbers), segmentation for images/ + masks/ folders."),
+) -> None:
+    """Cut one data set into site data sets by simulate's rules: siteK.csv (path,label[,patient_id], pointing to the
+    original images) for classification images, siteK.npz for an npz, siteK/images + siteK/masks (hard links or
+    copies) for segmentation. The data's val and test splits are not cut (keep them for the merger)."""
+    from taskvec.simulation.sites import split_into_sites
+
+    spec = None
+    if base is not None:
+        from taskvec.io.files import read_kind
+        from taskvec.models.spec import ModelSpec
+
+        spec = ModelSpec.from_dict(read_kind(base, "model").model.model)
+    r = split_into_sites(data, out, rule, sites, seed, spec)
+    for w in r["warnings"]:
+        warn(w)
+    for file, n in zip(r["files"], r["samples"]):
+        console.print(f"{out / file}: {n} images")
+    if r["not_cut"]:
+        console.print(f"not cut, for the merger: the data's {' and '.join(r['not_cut'])} split"
+                      + ("s" if len(r["not_cut"]) > 1 else ""))
+
+
 def register(app: typer.Typer) -> None:
     app.command()(simulate)
     app.command()(demo)
+    app.command()(split)

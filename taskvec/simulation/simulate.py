@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -37,7 +36,7 @@ from taskvec.privacy import DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM
 from taskvec.privacy.ledger import PrivacyBudget
 from taskvec.simulation.rounds import RoundsSetup, export_site_vector, run_rounds
 from taskvec.simulation.schedule import Schedule, default_speeds, plan_schedule
-from taskvec.simulation.splits import split_sites
+from taskvec.simulation.sites import site_indices
 from taskvec.training.config import check_head
 from taskvec.training.data import DataSplits, ImageDataset, hold_out_by_patient, load_data
 from taskvec.training.evaluate import evaluate_model
@@ -46,7 +45,6 @@ from taskvec.training.metrics import primary_metric
 from taskvec.training.run_folder import METRICS_FILE
 from taskvec.training.schedule import schedule
 
-TCGA_SITE = re.compile(r"TCGA-([A-Z0-9]{2})-")
 Progress = Callable[[str], None]
 
 
@@ -124,26 +122,6 @@ class SimulationResult:
     plots: list[Path]
 
 
-def group_ids(ds: ImageDataset, column: str) -> list[str]:
-    """Group of every sample: `patient_id` (the data's patient column) or `tcga` (the TCGA tissue-source site
-    in file names, the two characters after `TCGA-`)."""
-    if column in ("patient_id", "patient"):
-        if ds.groups is None:
-            raise ConfigError("split by-group:patient_id needs a CSV with a patient_id column", field="split",
-                                  got=f"by-group:{column}")
-        return list(ds.groups)
-    if column == "tcga":
-        out = []
-        for s in ds.sources:
-            m = TCGA_SITE.search(Path(str(s)).name)
-            if m is None:
-                raise TaskvecError(f"{s}: file name holds no TCGA-XX- tissue-source site")
-            out.append(m.group(1))
-        return out
-    raise ConfigError(f"split must be by-group:patient_id or by-group:tcga to split by group, got by-group:{column}",
-                      field="split", got=f"by-group:{column}")
-
-
 def _prepare_data(
     cfg: SimulationConfig, spec: Any
 ) -> tuple[ImageDataset, ImageDataset, ImageDataset | None, list[str]]:
@@ -162,13 +140,6 @@ def _prepare_data(
         pool, val = hold_out_by_patient(pool, cfg.val_fraction, cfg.seed + 1)
         notes.append(f"held out {len(val)} samples as the merger's validation share (for calibration)")
     return pool, test, val, notes
-
-
-def _site_indices(cfg: SimulationConfig, pool: ImageDataset) -> list[np.ndarray]:
-    kind, _, arg = cfg.split.partition(":")
-    labels = pool.targets if pool.task == "classification" else None
-    groups = group_ids(pool, arg) if kind == "by-group" else None
-    return split_sites(cfg.split, cfg.sites, cfg.seed, labels=labels, groups=groups, n=len(pool))
 
 
 def _finetune_job(args: tuple[str, ImageDataset, str, FinetuneConfig, int]) -> str:
@@ -248,7 +219,7 @@ def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> Simu
                                device=cfg.device, seed=cfg.seed, resume=True, val_fraction=0.0, train=cfg.train,
                                prox=cfg.prox, head=cfg.head).for_base(pretrained)
     base, pool = _make_base(cfg, out, module, spec, pool, train_cfg, notes, progress)
-    site_idx = _site_indices(cfg, pool)
+    site_idx = site_indices(pool, cfg.split, cfg.sites, cfg.seed, cfg.data)
     sites = [pool.subset(idx.tolist()) for idx in site_idx]
     union = pool.subset([i for idx in site_idx for i in idx])
     rows = [_evaluate("base", "base", base, test, None)]

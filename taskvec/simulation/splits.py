@@ -8,6 +8,9 @@ import numpy as np
 
 from taskvec.errors import ConfigError, TaskvecError, check_range
 
+SPLIT_HELP = ("iid | dirichlet:ALPHA (label skew) | by-group:COLUMN (whole groups to one site each: patient_id, "
+              "tcga (the tissue-source site in TCGA file names) or any column of a CSV, e.g. by-group:hospital)")
+
 
 def split_iid(n: int, sites: int, seed: int) -> list[np.ndarray]:
     """Shuffle and cut into `sites` near-equal parts."""

@@ -106,8 +106,11 @@ def test_csv_own_splits_labels_and_errors(tmp_path: Path) -> None:
     with pytest.raises(MismatchError, match="label 5 is outside"):
         load_data(tmp_path / "range.csv", spec())
     (tmp_path / "cols.csv").write_text(f"file,label\n{rel[0]},0\n")
-    with pytest.raises(TaskvecError, match="needs columns path and label"):
+    with pytest.raises(TaskvecError, match=r"needs columns path \(or image\) and label"):
         load_data(tmp_path / "cols.csv", spec())
+    (tmp_path / "table.csv").write_text(f"site,image,mask,label\nx,{rel[0]},,1\n")  # image (and mask) columns
+    s = load_data(tmp_path / "table.csv", spec(), val_fraction=0.0)
+    assert s.train.sources == [str((tmp_path / rel[0]).resolve())] and s.train.targets == [1]
 
 
 @pytest.mark.parametrize(("tail", "line", "said"), [

@@ -2,7 +2,8 @@
 
 Layouts (detected from `path`):
 - classification: an ImageFolder tree (`root/<class>/*.png`), a UTF-8 CSV `path,label[,patient_id,split]`
-  (paths relative to the CSV; labels are class names or indices), or a MedMNIST-style `.npz`
+  (paths relative to the CSV, in a column `path` or `image`; labels are class names or indices; other columns
+  are ignored), or a MedMNIST-style `.npz`
   (`train_images`, `train_labels`, `val_*`, `test_*`; labels `(N,)` or `(N,1)`);
 - segmentation: `root/images/` + `root/masks/` with matching file stems; masks binary (0/255) or class
   indices (0..K-1, background 0);

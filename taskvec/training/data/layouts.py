@@ -17,6 +17,7 @@ from taskvec.models.spec import ModelSpec
 from taskvec.training.data.dataset import SPLITS, ImageDataset, Source
 from taskvec.training.data.images import IMAGE_SUFFIXES, check_npz, image_files, open_image, readable
 
+PATH_COLUMNS = ("path", "image")  # the CSV column of image paths, in order of preference
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "test": "test", "testing": "test"}
 
@@ -82,17 +83,18 @@ class Reader:
         return self.nonempty(self.dataset(sources, targets), root)
 
     def csv_file(self, path: Path) -> dict[str, ImageDataset]:
-        lines, rows = _csv_rows(path)
+        lines, rows = csv_rows(path)
         if not rows:
             raise TaskvecError(f"{path}: CSV has no rows; expected a header `path,label[,patient_id,split]`")
         cols = set(rows[0])
-        if not {"path", "label"} <= cols:
-            raise TaskvecError(f"{path}: CSV needs columns path and label (has {', '.join(sorted(cols))})")
+        if "label" not in cols or not cols & set(PATH_COLUMNS):
+            raise TaskvecError(f"{path}: CSV needs columns path (or image) and label (has {', '.join(sorted(cols))})")
         has_split = "split" in cols and any(r["split"] for r in rows)
-        paths = [(path.parent / r["path"]).resolve() for r in rows]
+        paths = csv_paths(path, rows)
         for line, p, r in zip(lines, paths, rows):
             if not p.is_file():
-                raise TaskvecError(f"{path}:{line}: row path {r['path']} is not an existing regular file ({p})")
+                raise TaskvecError(f"{path}:{line}: row path {r[csv_path_column(r)]} is not an existing regular "
+                                   f"file ({p})")
         use_groups = "patient_id" in cols
         if use_groups:  # an id-less row's unit would be a guess: its patient, or the row (which moves with others)
             blank = next((line for line, r in zip(lines, rows) if not r["patient_id"].strip()), None)
@@ -240,7 +242,17 @@ def _segmentation_signs(path: Path, labels: list[str]) -> str | None:
     return None
 
 
-def _csv_rows(path: Path) -> tuple[list[int], list[dict[str, str]]]:
+def csv_path_column(row: dict[str, str]) -> str:
+    """The column holding image paths: `path`, else `image` (as in a table of image and mask paths)."""
+    return next(c for c in PATH_COLUMNS if c in row)
+
+
+def csv_paths(path: Path, rows: list[dict[str, str]]) -> list[Path]:
+    """Each row's image file, resolved against the CSV's folder."""
+    return [(path.parent / r[csv_path_column(r)]).resolve() for r in rows]
+
+
+def csv_rows(path: Path) -> tuple[list[int], list[dict[str, str]]]:
     """The rows of a UTF-8 CSV (a leading BOM is allowed) as dicts by header name, with the line each ends
     on; a malformed file (bad encoding, NUL bytes, a field over `csv.field_size_limit()`, a row whose
     field count differs from the header's) is a TaskvecError naming the line."""
