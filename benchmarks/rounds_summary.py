@@ -1,6 +1,6 @@
-"""Summarise `simulate --rounds --seeds` (benchmarks/rounds.sh) into the results page's markdown: every model's mean ± sd
-over the seeds, and per seed whether the last asynchronous version reaches 0.98x centralised and beats the best
-single site of that seed.
+"""Summarise `simulate --rounds --seeds` (benchmarks/rounds.sh) into the results page's markdown: every model's
+mean ± sd over the seeds, and per seed whether the last asynchronous version reaches 0.98x centralised and beats the
+best single site of that seed.
 
 Usage: python benchmarks/rounds_summary.py OUT/breastmnist [OUT/monuseg ...] [--readme docs/results/generated/rounds.md]
 With --readme, the block between the `rounds-evidence` markers in that file is replaced by the output.
