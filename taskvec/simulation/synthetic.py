@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from taskvec.errors import check_range
 from taskvec.io.files import atomic_output
 
 LABELS = ["normal", "lesion"]
@@ -37,6 +38,7 @@ def _frames(n: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np
 def write_classification_npz(path: str | os.PathLike[str], n_train: int = 600, n_val: int = 100,
                              n_test: int = 200, size: int = 32, seed: int = 0) -> Path:
     """Write `train/val/test_images` (N, size, size) uint8 and `*_labels` (N,) to `path`."""
+    check_range("size", size, low=1, low_open=False)
     rng = np.random.default_rng(seed)
     arrays = {}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):

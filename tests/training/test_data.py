@@ -143,6 +143,10 @@ def test_npz_label_shapes(tmp_path: Path, label_shape: str) -> None:
     np.savez(tmp_path / "bad.npz", **bad)
     with pytest.raises(MismatchError, match="label 2 is outside"):
         load_data(tmp_path / "bad.npz", spec())
+    empty = {**dict(np.load(p)), "train_images": np.zeros((16, 0, 0), np.uint8)}  # every row hashes alike
+    np.savez(tmp_path / "empty.npz", **empty)
+    with pytest.raises(TaskvecError, match=r"train_images must be uint8 .* >= 1, got uint8 \(16, 0, 0\)"):
+        load_data(tmp_path / "empty.npz", spec(chans=1))
 
 
 def test_segmentation_masks_binary_and_class_index(tmp_path: Path) -> None:

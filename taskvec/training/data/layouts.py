@@ -133,8 +133,8 @@ class Reader:
             if labels.ndim != 1 or len(labels) != len(images):
                 raise TaskvecError(f"{path}: {split}_labels has shape {labels.shape}, expected ({len(images)},) "
                                    "or (N, 1) (multi-label sets are not supported)")
-            if images.ndim not in (3, 4) or images.dtype != np.uint8:
-                raise TaskvecError(f"{path}: {split}_images must be uint8 (N,H,W) or (N,H,W,C), "
+            if images.ndim not in (3, 4) or images.dtype != np.uint8 or 0 in images.shape[1:]:
+                raise TaskvecError(f"{path}: {split}_images must be uint8 (N,H,W) or (N,H,W,C) with H, W, C >= 1, "
                                    f"got {images.dtype} {images.shape}")
             self.check_range(labels.astype(np.int64), f"{path} ({split}_labels)")
             ds = self.dataset(list(range(len(images))), labels.astype(np.int64).tolist(), array=images)
