@@ -1,14 +1,15 @@
-"""Statistics head vs class means on PBC blood cells, merged vs single sites vs centralised, with and without DP.
+"""Statistics heads vs class means on PBC blood cells, merged vs single sites vs centralised, with and without DP.
 
 The pretrained `tf_efficientnet_lite0` (../shared/weights) at 64 px extracts every image's pooled feature once
 (cached per base identity and image set under `--cache`); each method then works on those features with the
-library's own functions: the statistics head sums `taskvec.training.sufficient` statistics over the sites (what
-a `ridge-head` merge of `stats-head:P` vectors does) and solves once; class means fits each site's head with
-`taskvec.training.class_means` and merges by the mean of the heads (what a `mean` merge of `class-means` vectors
-does). Under DP each site releases once at ε (δ = `--delta`, the noise multiplier its run would calibrate),
-units are images; "centralised" is one site holding every training image (one release at ε under DP).
-Sites: 5 iid, or 5 with class proportions Dirichlet(0.5). Test split: macro one-vs-rest AUROC and balanced
-accuracy, mean ± sd over `--seeds` (each seed: a new split and new noise; single sites: the mean over the 5).
+library's own functions: the statistics heads sum `taskvec.training.sufficient` statistics over the sites (what
+an `lda-head` or `ridge-head` merge of `stats-head:P` vectors does, for each P of `--stats-dims`) and solve
+once; class means fits each site's head with `taskvec.training.class_means` and merges by the mean of the heads
+(what a `mean` merge of `class-means` vectors does). Under DP each site releases once at ε (δ = `--delta`, the
+noise multiplier its run would calibrate), units are images; "centralised" is one site holding every training
+image (one release at ε under DP). Sites (`taskvec.simulation.splits`): 5 iid, or 5 with class proportions
+Dirichlet(0.5). Test split: macro one-vs-rest AUROC and balanced accuracy, mean ± sd over `--seeds` (each seed:
+a new split and new noise; single sites: the mean over the 5).
 Example:
   nice -n 10 python benchmarks/stats_head.py --markdown docs/results/stats_head.md
 """
@@ -19,6 +20,8 @@ import argparse
 import hashlib
 import math
 import statistics
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +32,15 @@ from torchmetrics.functional.classification import multiclass_auroc, multiclass_
 from taskvec.io.files import read_kind
 from taskvec.models.spec import ModelSpec, build_base, load_model, save_model
 from taskvec.privacy.dpsgd import DPConfig
+from taskvec.simulation.splits import split_dirichlet, split_iid
 from taskvec.training import sufficient
-from taskvec.training.class_means import _head as class_means_from_sums
+from taskvec.training.class_means import head_from_sums, unit_vectors
 from taskvec.training.class_means import release_noise as class_means_noise
-from taskvec.training.class_means import unit_vectors
 from taskvec.training.data import Normalizer, load_data, make_loader
 from taskvec.training.modes.stats_head import release_noise
 
 ROOT = Path(__file__).resolve().parents[2] / "shared"
+Fit = Callable[..., tuple[np.ndarray, np.ndarray]]  # (parts, ε, args=, rng=) -> (W, b)
 
 
 def features(args: argparse.Namespace) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -48,8 +52,8 @@ def features(args: argparse.Namespace) -> dict[str, tuple[np.ndarray, np.ndarray
         net, spec = build_base("tf_efficientnet_lite0", num_classes=len(labels), img_size=args.img_size,
                                labels=labels, weights=ROOT / "weights" / "tf_efficientnet_lite0.in1k.safetensors")
         save_model(net, spec, base)
-    identity = read_kind(base, "model").meta["identity"]
-    spec = ModelSpec.from_dict(read_kind(base, "model").meta["model"])
+    identity = read_kind(base, "model").model.identity
+    spec = ModelSpec.from_dict(read_kind(base, "model").model.model)
     splits = load_data(args.data, spec)
     out = {}
     for name in ("train", "test"):
@@ -68,39 +72,35 @@ def features(args: argparse.Namespace) -> dict[str, tuple[np.ndarray, np.ndarray
     return out
 
 
-def site_split(labels: np.ndarray, sites: int, alpha: float | None, rng: np.random.Generator) -> list[np.ndarray]:
-    """Indices per site: a random equal split (alpha None), or per class Dirichlet(alpha) proportions."""
-    if alpha is None:
-        return np.array_split(rng.permutation(len(labels)), sites)
-    parts: list[list[int]] = [[] for _ in range(sites)]
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        cuts = (np.cumsum(rng.dirichlet([alpha] * sites))[:-1] * len(idx)).astype(int)
-        for s, chunk in enumerate(np.split(idx, cuts)):
-            parts[s] += chunk.tolist()
-    return [np.array(p, dtype=int) for p in parts]
+CLEAN: dict[tuple[int, int, float | None], tuple[np.ndarray, dict[str, np.ndarray]]] = {}
 
 
-def stats_of(f: np.ndarray, y: np.ndarray, proj: np.ndarray, eps: float | None, args: argparse.Namespace,
-             rng: np.random.Generator) -> tuple[dict[str, np.ndarray], float]:
-    """A site's released statistics and the sd of their moments' noise."""
-    clip = args.clip if eps is not None else None
-    s = sufficient.contributions(f, y.tolist(), np.ones(len(y)), 8, proj, clip)
-    if eps is None:
-        return s, 0.0
-    z = release_noise(DPConfig(max_grad_norm=args.clip, delta=args.delta, target_epsilon=eps))[0]
-    std = sufficient.noise_std(z, args.clip)
-    return sufficient.add_noise(s, std, rng.standard_normal), std["moments"]
+def clean_statistics(f: np.ndarray, y: np.ndarray, proj: np.ndarray, clip: float | None) -> dict[str, np.ndarray]:
+    """A site's un-noised statistics, computed once per feature array, P and clip (the array kept alive with
+    them, so that its id stays its own)."""
+    key = (id(f), proj.shape[0], clip)
+    if key not in CLEAN:
+        CLEAN[key] = (f, sufficient.contributions(f, y.tolist(), np.ones(len(y)), 8, proj, clip))
+    return CLEAN[key][1]
 
 
-def stats_head(parts: list[tuple[np.ndarray, np.ndarray]], eps: float | None, args: argparse.Namespace,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def stats_head(parts: list[tuple[np.ndarray, np.ndarray]], eps: float | None, solver: str, dim: int,
+               args: argparse.Namespace, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The head solved once from the sum of the sites' statistics (each released once at ε)."""
     d = parts[0][0].shape[1]
-    p = min(d, args.stats_dim)
+    p = min(d, dim)
     proj = sufficient.projection(None if p == d else sufficient.projection_seed("pbc", d, p), d, p)
-    released = [stats_of(f, y, proj, eps, args, rng) for f, y in parts]
-    total = {k: sum(r[0][k] for r in released) for k in sufficient.KEYS}
-    return sufficient.solve_head(total, proj, sufficient.DEFAULT_RIDGE, math.sqrt(sum(r[1] ** 2 for r in released)))
+    clip = sufficient.clip_bound(d, p) if eps is not None else None
+    released = [clean_statistics(f, y, proj, clip) for f, y in parts]
+    std = None
+    if clip is not None:
+        z = release_noise(DPConfig(max_grad_norm=1.0, delta=args.delta, target_epsilon=eps))[0]
+        one = sufficient.noise_std(z, clip)
+        released = [sufficient.add_noise(r, one, rng.standard_normal) for r in released]
+        std = {k: v * math.sqrt(len(parts)) for k, v in one.items()}  # of the sum (what the merge computes)
+    total = {k: sum(r[k] for r in released) for k in sufficient.KEYS}
+    strength = sufficient.DEFAULT_SHRINK if solver == "lda" else sufficient.DEFAULT_RIDGE
+    return sufficient.SOLVERS[solver](total, proj, strength, std)
 
 
 def class_means(parts: list[tuple[np.ndarray, np.ndarray]], eps: float | None, args: argparse.Namespace,
@@ -118,7 +118,7 @@ def class_means(parts: list[tuple[np.ndarray, np.ndarray]], eps: float | None, a
             noise = torch.from_numpy(rng.standard_normal(table.numel() + 1)) * z * clip
             table += noise[:-1].view_as(table)
             log_norms = log_norms + noise[-1]
-        w, b = class_means_from_sums(table, log_norms, clip, z)
+        w, b = head_from_sums(table, log_norms, clip, z)
         heads.append((w.double().numpy(), b.double().numpy()))
     return np.mean([h[0] for h in heads], 0), np.mean([h[1] for h in heads], 0)
 
@@ -137,9 +137,8 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--epsilons", default="1,3,8,inf")
     ap.add_argument("--delta", type=float, default=1e-5)
-    ap.add_argument("--clip", type=float, default=10.0, help="clip C of the statistics head's features")
     ap.add_argument("--clip-cm", type=float, default=1.0, help="clip of class means' unit vectors")
-    ap.add_argument("--stats-dim", type=int, default=128)
+    ap.add_argument("--stats-dims", default="64,128,256", help="P of the LDA heads (the ridge head: the middle one)")
     ap.add_argument("--sites", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--markdown", type=Path, help="also write the table here")
@@ -147,23 +146,30 @@ def main() -> None:
     feats = features(args)
     train, test = feats["train"], feats["test"]
     epsilons = [None if e == "inf" else float(e) for e in args.epsilons.split(",")]
-    lines = [f"Statistics head (`stats-head:{args.stats_dim}`, clip {args.clip:g}) vs class means (clip "
+    dims = [int(p) for p in args.stats_dims.split(",")]
+    methods: list[tuple[str, Fit]] = [(f"LDA head, P = {p}", partial(stats_head, solver="lda", dim=p)) for p in dims]
+    mid = dims[len(dims) // 2]
+    methods += [(f"ridge head, P = {mid}", partial(stats_head, solver="ridge", dim=mid)), ("class means", class_means)]
+    lines = [f"Statistics heads (`stats-head:P` merged by `lda-head` or `ridge-head`) vs class means (clip "
              f"{args.clip_cm:g}), PBC blood cells, tf_efficientnet_lite0 (ImageNet) at {args.img_size} px, "
              f"{args.sites} sites, δ = {args.delta:g}, test macro AUROC / balanced accuracy, mean ± sd over "
              f"{args.seeds} seeds. Generated by `benchmarks/stats_head.py`.", "",
              "| split | method | ε | merged AUROC | merged bal. acc. | single site AUROC | single site bal. acc. | "
              "centralised AUROC | centralised bal. acc. |", "|" + "---|" * 9]
     for split, alpha in (("iid", None), ("Dirichlet 0.5", 0.5)):
-        for name, fit in (("stats head", stats_head), ("class means", class_means)):
+        CLEAN.clear()
+        sites = [[(train[0][i], train[1][i]) for i in (
+            split_iid(len(train[1]), args.sites, seed) if alpha is None
+            else split_dirichlet(train[1].tolist(), args.sites, alpha, seed))] for seed in range(args.seeds)]
+        for name, fit in methods:
             for eps in epsilons:
                 cells: dict[str, list[tuple[float, float]]] = {"merged": [], "single": [], "central": []}
-                for seed in range(args.seeds):
+                for seed, parts in enumerate(sites):
                     rng = np.random.default_rng(seed)
-                    parts = [(train[0][i], train[1][i]) for i in site_split(train[1], args.sites, alpha, rng)]
-                    cells["merged"].append(scores(fit(parts, eps, args, rng), test))
-                    single = [scores(fit([p], eps, args, rng), test) for p in parts]
+                    cells["merged"].append(scores(fit(parts, eps, args=args, rng=rng), test))
+                    single = [scores(fit([p], eps, args=args, rng=rng), test) for p in parts]
                     cells["single"].append(tuple(np.mean(single, 0)))  # type: ignore[arg-type]
-                    cells["central"].append(scores(fit([train], eps, args, rng), test))
+                    cells["central"].append(scores(fit([train], eps, args=args, rng=rng), test))
 
                 def ms(xs: list[float]) -> str:
                     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"

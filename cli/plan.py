@@ -20,17 +20,21 @@ def plan_dp(
     delta: float = typer.Option(DEFAULT_DELTA, help="δ of the guarantee."),
     clip: float = typer.Option(DEFAULT_MAX_GRAD_NORM, "--max-grad-norm", help="Clip C of each unit's contribution."),
     sample_rate: float = typer.Option(DEFAULT_SAMPLE_RATE, "--sample-rate", help="DP-SGD's sampling rate q."),
-    stats_dim: int = typer.Option(128, "--stats-dim", help="P of the statistics head's mode (`stats-head:P`)."),
+    stats_dim: int | None = typer.Option(None, "--stats-dim", help="P of the statistics head's mode "
+                                         "(`stats-head:P`); default: the recommended P."),
+    sites: int = typer.Option(1, "--sites", help="Sites of about as many units whose statistics a merge will sum "
+                              "(for the recommended P)."),
     mode: list[str] | None = typer.Option(None, "--mode", help="Modes to predict (repeat); default: every DP-SGD "
                                           "mode without a count and the statistics head."),
     as_json: bool = typer.Option(False, "--json", help="Print the prediction as JSON."),
 ) -> None:
     """Predict a DP run before it runs: each mode's noise multiplier for the target ε, its per-step noise-to-signal
-    ratio z·√d/(q·N) (DP-SGD) or its class-sum ratio z·√3·√p·k/N (statistics head), and the recommended mode."""
+    ratio z·√d/(q·N) (DP-SGD) or its class-sum ratio z·√p·k/(a_S·N) (statistics head), the recommended mode and
+    the recommended P of the statistics head."""
     from taskvec.training.planning import plan_dp as predict
 
     plan = predict(base, units, epsilon, delta, clip=clip, sample_rate=sample_rate, stats_dim=stats_dim,
-                   modes=mode or None)
+                   sites=sites, modes=mode or None)
     if as_json:
         print_json(asdict(plan))
         return
@@ -42,6 +46,7 @@ def plan_dp(
                       f"{p.noise_to_signal:.3g}")
     console.print(table)
     console.print(f"recommended: {plan.recommended}")
+    console.print(f"recommended statistics head: stats-head:{plan.stats_dim}")
     for w in plan.warnings:
         console.print(f"warning: {w}", style="yellow")
 

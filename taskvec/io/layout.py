@@ -13,7 +13,8 @@ from taskvec.io.lineage import describe_versions
 STATISTIC_SUFFIXES = ("running_mean", "running_var")
 FACTORS = ("@lora_A", "@lora_B")  # a factored delta of key K is stored as K@lora_A (r × n) and K@lora_B (m × r)
 MODEL_FIELDS = ("arch", "task", "num_classes", "labels")
-SUFFICIENT = ("sufficient.counts", "sufficient.moments", "sufficient.sums")  # a statistics vector's tensors
+# a statistics vector's tensors
+SUFFICIENT = ("sufficient.counts", "sufficient.log_norms", "sufficient.moments", "sufficient.sums")
 
 
 def is_statistic(name: str) -> bool:
@@ -156,7 +157,8 @@ def _sufficient_problem(r: Any, tensors: Mapping[str, TensorInfo]) -> str | None
         and len(tensors[r["head"][1]].shape) == 1,
         "clip": lambda: r.get("clip") is None or (number(r["clip"]) and r["clip"] > 0),
         "noise_std": lambda: r.get("noise_std") is None or (
-            sorted(r["noise_std"]) == ["counts", "moments", "sums"] and all(map(number, r["noise_std"].values()))),
+            sorted(r["noise_std"]) == ["counts", "log_norms", "moments", "sums"]
+            and all(map(number, r["noise_std"].values()))),
     }
     for fld, ok in checks.items():
         try:
@@ -181,4 +183,5 @@ def sufficient_shapes(h: Header, tensors: Mapping[str, TensorInfo]) -> dict[str,
         raise MismatchError(f"{h.path}: keys differ from a statistics vector's: "
                             f"{key_difference(SUFFICIENT, h.tensors)}", path=h.path, field="keys")
     k, p = tensors[r["head"][1]].shape[0], r["features"]["projection"]["dim"]
-    return {"sufficient.counts": [k], "sufficient.sums": [k, p], "sufficient.moments": [p, p]}
+    return {"sufficient.counts": [k], "sufficient.sums": [k, p], "sufficient.moments": [p, p],
+            "sufficient.log_norms": [1]}

@@ -1,10 +1,11 @@
 """Vectors of sufficient statistics (`taskvec.training.sufficient`): their export, the checks a merge makes of
-them, and the head a `ridge-head` merge solves from their sums.
+them, and the head an `lda-head` or `ridge-head` merge solves from their sums.
 
-A statistics vector carries the tensors `sufficient.counts`, `.sums` and `.moments` (float64) and a header
-record `sufficient`: the features they describe (`features`: the backbone's content identity, architecture,
-feature dimension, projection), the classifier's weight and bias keys (`head`), the clip, the unit and the
-sd of each tensor's noise (`noise_std`, null without DP). Statistics are summed only when every record agrees
+A statistics vector carries the tensors `sufficient.counts`, `.sums`, `.moments` and `.log_norms` (float64)
+and a header record `sufficient`: the features they describe (`features`: the backbone's content identity,
+architecture, feature dimension, projection), the classifier's weight and bias keys (`head`), the clip of the
+projected unit features (null without DP), the unit and the sd of each tensor's noise (`noise_std`, null
+without DP; the sum's sd is √Σ σᵢ² over the vectors). Statistics are summed only when every record agrees
 on the features, the head and the clip, and the features' backbone is the merge base's; weight vectors and
 statistics vectors are never merged together. The sums are exact (float64, no weighting or staleness
 discount: the counts weigh each site, and the features are checked to be the base's). The merged model is the
@@ -64,10 +65,10 @@ def check_statistics(base: Header, headers: Sequence[Header], recipe: Recipe, me
         raise MismatchError(f"{weights[0].path}: carries weight deltas, {stats[0].path} sufficient statistics; a "
                             "merge takes one kind (merge the statistics into a head, then vectors against it)",
                             path=weights[0].path, field="sufficient")
-    if stats and recipe.ridge is None:
+    if stats and recipe.head is None:
         raise ConfigError(f"{stats[0].path}: carries sufficient statistics, which a head-solving method merges, "
                           f"not {method}", field="method", got=method)
-    if weights and recipe.ridge is not None:
+    if weights and recipe.head is not None:
         raise ConfigError(f"method {method} solves a head from sufficient statistics; {weights[0].path} carries "
                           "weight deltas", field="method", got=method)
     if not stats:
@@ -87,25 +88,27 @@ def check_statistics(base: Header, headers: Sequence[Header], recipe: Recipe, me
                             path=stats[0].path, field="sufficient.features.backbone")
 
 
-def moments_noise_std(headers: Sequence[Header]) -> float:
-    """The sd of the summed moments' noise: √Σ σᵢ² over the vectors."""
-    return math.sqrt(sum((h.meta["sufficient"].get("noise_std") or {}).get("moments", 0.0) ** 2 for h in headers))
+def noise_std(headers: Sequence[Header]) -> dict[str, float]:
+    """The sd of each summed statistic's noise: √Σ σᵢ² over the vectors."""
+    return {k: math.sqrt(sum((h.meta["sufficient"].get("noise_std") or {}).get(k, 0.0) ** 2 for h in headers))
+            for k in sufficient.KEYS}
 
 
 def solve(deltas: dict[str, np.ndarray], base: Header, headers: Sequence[Header], recipe: Recipe) -> None:
     """Replace the summed statistics in a merge's combined `deltas` by the classifier's delta from the base to
     the solved head, in place (nothing to do for weight vectors)."""
-    if recipe.ridge is None:
+    if recipe.head is None:
         return
     record = headers[0].meta["sufficient"]
     features = record["features"]
     k = base.tensors[record["head"][0]].shape[0]
     p = features["projection"]["dim"]
-    shapes = {"counts": (k,), "sums": (k, p), "moments": (p, p)}
+    shapes = {"counts": (k,), "sums": (k, p), "moments": (p, p), "log_norms": (1,)}
     stats = {name: deltas.pop(key).astype(np.float64).reshape(shapes[name])
              for name, key in sufficient.KEYS.items()}
     proj = sufficient.projection(features["projection"]["seed"], features["dim"], p)
-    head = sufficient.solve_head(stats, proj, recipe.ridge, moments_noise_std(headers))
+    solver, strength = recipe.head
+    head = sufficient.SOLVERS[solver](stats, proj, strength, noise_std(headers))
     with open_regular(base.path) as f:
         for key, value in zip(record["head"], head):
             t = base.tensors[key]
@@ -124,7 +127,7 @@ def export_statistics(base: Header, model: Header, tensors: dict[str, np.ndarray
                             field="sufficient.features.backbone")
     arrays = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()}
     if set(arrays) != set(SUFFICIENT) or not all(np.isfinite(v).all() for v in arrays.values()):
-        raise FileFormatError(f"{model.path}: its statistics are not the three finite tensors "
+        raise FileFormatError(f"{model.path}: its statistics are not the {len(SUFFICIENT)} finite tensors "
                               f"{', '.join(SUFFICIENT)}", path=model.path)
     training = fm.training or {}
     header = VectorHeader(

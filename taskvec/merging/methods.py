@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from taskvec.errors import ConfigError, TaskvecError, check_range
-from taskvec.training.sufficient import DEFAULT_RIDGE
+from taskvec.training.sufficient import DEFAULT_RIDGE, DEFAULT_SHRINK
 
 Array = np.ndarray
 
@@ -186,7 +186,7 @@ class Recipe:
     sparsify: Sparsify | None = None
     consensus: Callable[[Array, Array], Array] | None = None
     stock: bool = False  # Model Stock: scale each tensor of the mean by `stock_factor`
-    ridge: float | None = None  # sum sufficient statistics and solve the head with this ridge (merging.heads)
+    head: tuple[str, float] | None = None  # sum sufficient statistics, solve the head (merging.heads): solver, strength
     min_vectors: int = 1
 
     @property
@@ -231,7 +231,7 @@ COMPARED = ("sum", "mean", "weighted", "ties", "dare")  # what a simulation comp
 
 def weight_methods() -> list[str]:
     """The methods that combine weight deltas: every one but those that solve a head from sufficient statistics."""
-    return [name for name, m in MERGE_METHODS.items() if m.recipe().ridge is None]
+    return [name for name, m in MERGE_METHODS.items() if m.recipe().head is None]
 
 
 def merge_method(name: str, reference: str) -> Callable[[Callable[..., Recipe]], Callable[..., Recipe]]:
@@ -318,12 +318,22 @@ def model_stock() -> Recipe:
     return Recipe(normalize=True, stock=True, min_vectors=2)
 
 
+@merge_method("lda-head", reference="Hastie et al. 2009, The elements of statistical learning, §4.3 (LDA)")
+def lda_head(shrink: float = param(DEFAULT_SHRINK, low=0, low_open=False,
+                                   help="covariance eigenvalue floor relative to the mean eigenvalue (noise adds "
+                                        "its own)")) -> Recipe:
+    """Statistics vectors: sum the sufficient statistics, solve the LDA head once (taskvec.merging.heads)."""
+    return Recipe(head=("lda", shrink))
+
+
 @merge_method("ridge-head", reference="Fanì et al. 2024, Accelerating heterogeneous federated learning with "
                                       "closed-form classifiers (Fed3R, ICML)")
 def ridge_head(ridge: float = param(DEFAULT_RIDGE, low=0, low_open=False,
                                     help="ridge λ relative to tr(M)/p (noise adds its own)")) -> Recipe:
-    """Statistics vectors: sum the sufficient statistics, solve the ridge head once (taskvec.merging.heads)."""
-    return Recipe(ridge=ridge)
+    """Statistics vectors: sum the sufficient statistics, solve the ridge head once (under DP prefer lda-head).
+
+    The noise's share of λ shrinks a DP ridge head towards the class prior."""
+    return Recipe(head=("ridge", ridge))
 
 
 @merge_method("median", reference="Yin et al. 2018, Byzantine-robust distributed learning (ICML)")

@@ -155,7 +155,7 @@ def merge_vectors(
             headers = [h for h in headers if h.vector.sha256 not in flagged]
             plan.check_inputs(bh, headers)
     scale = None
-    if plan.recipe.ridge is not None and (select is not None or contributions is not None):
+    if plan.recipe.head is not None and (select is not None or contributions is not None):
         raise ConfigError("a merge that solves a head from statistics takes no method selection or leave-one-out "
                           "contributions", field="select" if select is not None else "contributions")
     if select is not None:

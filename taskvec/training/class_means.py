@@ -35,10 +35,10 @@ from taskvec.privacy.ledger import dp_sgd_epsilon
 from taskvec.privacy.mechanisms.gaussian_sum import GaussianSum
 from taskvec.progress import Track, no_track
 from taskvec.training.data import ImageDataset, Normalizer, make_loader
+from taskvec.training.sufficient import LOG_NORM_RANGE  # log feature norms are clamped to ±10
 
 NORM_SHARE = 0.25  # β: the share of each unit's vector (L2) that carries its log feature norm
 ALPHA = math.sqrt((1 - NORM_SHARE**2) / 2)  # α: the unit feature's and the count's (2α² + β² = 1)
-LOG_NORM_RANGE = 10.0  # log feature norms are clamped to ±10 (norms from 4.5e-5 to 2.2e4)
 
 
 def class_means_head(
@@ -75,7 +75,7 @@ def class_means_head(
         noise = noise.to(device) * z * clip
         table += noise[:-1].view_as(table)
         log_norms += noise[-1]
-    weight, bias = _head(table, log_norms[0], clip, z)
+    weight, bias = head_from_sums(table, log_norms[0], clip, z)
     return weight, bias, entry
 
 
@@ -107,10 +107,12 @@ def _release(dp: DPConfig, run_id: str | None, unit: str) -> tuple[float, dict[s
                                 seeded=dp.seed is not None)
 
 
-def _head(table: torch.Tensor, log_norms: torch.Tensor, clip: float, z: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Post-processing of the (noisy) sums: class means and counts, ν, the head. A class with too few images to
-    tell from the noise (a noisy count below 3 sd of the count's noise; without noise, no image) is put at the
-    mean of all images, where it takes no side, in this model or in a merge."""
+def head_from_sums(table: torch.Tensor, log_norms: torch.Tensor, clip: float, z: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head from the (noisy) sums of `unit_vectors` per class (`table`, k × (d + 1)) and of their log norms
+    (noise multiplier z; 0 without noise), by post-processing: class means and counts, ν, the head. A class
+    with too few images to tell from the noise (a noisy count below 3 sd of the count's noise; without noise, no
+    image) is put at the mean of all images, where it takes no side, in this model or in a merge."""
     counts = table[:, -1] / (clip * ALPHA)  # images (noisy)
     total = counts.sum().clamp_min(1)
     pooled = table[:, :-1].sum(0) / (clip * ALPHA * total)

@@ -8,11 +8,20 @@ trained coordinates) over the largest norm the sum of the expected q·N clipped 
 (all aligned; real gradients are less aligned, so the true ratio is larger). Above 1 the noise dominates every
 step.
 
-For the statistics head (`stats-head:P`, one `gaussian-sum` release at rate 1): z₁ for the target ε, the noise
-sd σ = z₁·√3·C of its sums, and the noise-to-signal ratio of a class's feature sum, σ·√p / ((N/k)·C) =
-z₁·√3·√p·k / N (noise norm over p coordinates against the largest norm of the sum of a class's N/k clipped
-features), with p = min(P, feature dimension) and k classes; also the expected noise norms of the released
-tensors, √(k·p)·σ, √k·σ/C and p·σ·C (sums, counts, moments before symmetrising).
+For the statistics head (`stats-head:P`, one `gaussian-sum` release at rate 1; `taskvec.training.sufficient`):
+z₁ for the target ε, the noise sd of each statistic (`sufficient.noise_std` at the clip b of ‖g‖, p = min(P,
+feature dimension d)), and the noise-to-signal ratio of a class's feature sum, σ_S·√p / ((N/k)·b) =
+z₁·√p·k / (a_S·N) (noise norm over p coordinates against the largest norm of the sum of a class's N/k
+clipped projected unit features; k classes, a_S² the sums' share); also the expected noise norms of the
+released tensors, √(k·p)·σ_S, √k·σ_n, p·σ_M (before symmetrising) and σ_L.
+
+P itself is recommended (`stats_dim`) as the largest of `STATS_DIMS` (at most d) whose moment noise ratio
+ρ(p) = √(2p)·σ_M·d / (√K·N) is at most `MAX_MOMENT_RATIO`: the scale of the symmetrised moment noise's
+spectral norm (√(2p)·σ_M; √K·σ_M once K sites of N units each are summed) over the mean eigenvalue of the
+second moment of K·N projected unit features (K·N/d, as E‖g‖² = p/d). A larger p keeps more of the feature
+but lets the noise swamp more of the covariance, which the LDA head then floors; the threshold 3 is the best
+P on the PBC benchmark (docs/results/stats_head.md) for merged, single-site and centralised releases at ε 1
+to 8.
 
 The recommendation is the mode with the smallest ratio (DP-SGD modes and the statistics head compared by the
 ratios above, a coarse rule), with a warning when even that is above 1.
@@ -23,12 +32,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from taskvec.errors import ConfigError
 from taskvec.io.files import read_kind
 from taskvec.privacy import DEFAULT_MAX_GRAD_NORM, DEFAULT_SAMPLE_RATE
-from taskvec.training.sufficient import SENSITIVITY
+from taskvec.training.sufficient import SHARES, clip_bound, noise_std
+
+STATS_DIMS = (16, 32, 64, 128, 256, 512)  # the projection dims recommended from
+MAX_MOMENT_RATIO = 3.0  # the largest moment noise ratio ρ(p) of a recommended P
 
 
 @dataclass
@@ -52,27 +63,36 @@ class DPPlan:
     sample_rate: float
     modes: list[ModePlan]
     recommended: str
+    stats_dim: int  # the recommended P of `stats-head:P`
     warnings: list[str] = field(default_factory=list)
 
 
 def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *, clip: float = DEFAULT_MAX_GRAD_NORM,
-            sample_rate: float = DEFAULT_SAMPLE_RATE, stats_dim: int = 128, modes: list[str] | None = None) -> DPPlan:
+            sample_rate: float = DEFAULT_SAMPLE_RATE, stats_dim: int | None = None, sites: int = 1,
+            modes: list[str] | None = None) -> DPPlan:
     """Predict the DP runs of `base` on `units` units at (ε, δ) for `modes` (default: every DP-SGD mode that
-    takes no count, and `stats-head:stats_dim`)."""
+    takes no count, and `stats-head:stats_dim`, the recommended P for statistics summed over `sites` sites of
+    about `units` units each when None)."""
     from taskvec.models.spec import ModelSpec, create_module
     from taskvec.privacy.dpsgd import DPConfig, noise_and_limit
     from taskvec.training.config import FinetuneConfig
     from taskvec.training.modes import parse_mode, registered
+    from taskvec.training.modes.stats_head import release_noise
     from taskvec.training.schedule import plan_steps
 
-    if isinstance(units, bool) or not isinstance(units, int) or units < 1:
-        raise ConfigError(f"units must be an integer >= 1, got {units!r}", field="units", got=units)
+    counts = {"units": units, "sites": sites} | ({} if stats_dim is None else {"stats_dim": stats_dim})
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}", field=name, got=value)
     dp = DPConfig(max_grad_norm=clip, delta=delta, target_epsilon=epsilon, sample_rate=sample_rate)
     dp.check()
-    spec = ModelSpec.from_dict(read_kind(base, "model").meta["model"])
+    spec = ModelSpec.from_dict(read_kind(base, "model").model.model)
     if spec.task != "classification":
         raise ConfigError(f"plan-dp predicts classification runs; {base} is a {spec.task} base", field="base")
-    names = modes or [m.name if not m.arg else f"{m.name}:{stats_dim}" for m in registered()
+    dim = create_module(spec).get_classifier().in_features  # type: ignore[operator]
+    z1 = release_noise(dp)[0]
+    best_dim = recommend_stats_dim(z1, dim, units, sites)
+    names = modes or [m.name if not m.arg else f"{m.name}:{stats_dim or best_dim}" for m in registered()
                       if m.arg and m.fits_in_one_pass or not m.arg and not m.fits_in_one_pass]
     plans = []
     for name in names:
@@ -81,8 +101,7 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
         if mode.fits_in_one_pass:
             if not mode.arg:
                 continue  # a one-pass mode without statistics (class means): not predicted here
-            plans.append(_stats_plan(str(mode), dp, units, spec.num_classes,
-                                     min(mode.k, net.get_classifier().in_features)))  # type: ignore[operator]
+            plans.append(_stats_plan(str(mode), z1, units, spec.num_classes, dim, min(mode.k, dim)))
             continue
         config = FinetuneConfig(train=str(mode), dp=dp)
         steps = plan_steps(config)[0]
@@ -94,14 +113,25 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
     best = min(plans, key=lambda p: p.noise_to_signal)
     warnings = [] if best.noise_to_signal <= 1 else [
         f"even {best.mode}'s noise exceeds its signal ({best.noise_to_signal:.2g}×): more units or a larger ε"]
-    return DPPlan(units, epsilon, delta, clip, sample_rate, plans, best.mode, warnings)
+    return DPPlan(units, epsilon, delta, clip, sample_rate, plans, best.mode, best_dim, warnings)
 
 
-def _stats_plan(mode: str, dp: Any, units: int, k: int, p: int) -> ModePlan:
-    from taskvec.training.modes.stats_head import release_noise
+def moment_ratio(z: float, dim: int, p: int, units: int, sites: int = 1) -> float:
+    """ρ(p) = √(2p)·σ_M·d / (√K·N) (see the module docstring)."""
+    return math.sqrt(2 * p) * noise_std(z, clip_bound(dim, p))["moments"] * dim / (math.sqrt(sites) * units)
 
-    z = release_noise(dp)[0]
-    sigma = z * SENSITIVITY * dp.max_grad_norm
-    norms = {"sums": math.sqrt(k * p) * sigma, "counts": math.sqrt(k) * sigma / dp.max_grad_norm,
-             "moments": p * sigma * dp.max_grad_norm}
-    return ModePlan(mode, z, 1, k * p + k + p * p, sigma * math.sqrt(p) * k / (units * dp.max_grad_norm), norms)
+
+def recommend_stats_dim(z: float, dim: int, units: int, sites: int = 1) -> int:
+    """The largest P of `STATS_DIMS` (capped at the feature dimension) with ρ(P) ≤ `MAX_MOMENT_RATIO`, else the
+    smallest."""
+    dims = sorted({min(p, dim) for p in STATS_DIMS})
+    fit = [p for p in dims if moment_ratio(z, dim, p, units, sites) <= MAX_MOMENT_RATIO]
+    return fit[-1] if fit else dims[0]
+
+
+def _stats_plan(mode: str, z: float, units: int, k: int, dim: int, p: int) -> ModePlan:
+    sd = noise_std(z, clip_bound(dim, p))
+    norms = {"sums": math.sqrt(k * p) * sd["sums"], "counts": math.sqrt(k) * sd["counts"], "moments": p * sd["moments"],
+             "log_norms": sd["log_norms"]}
+    return ModePlan(mode, z, 1, k * p + k + p * p + 1, z * math.sqrt(p) * k / (math.sqrt(SHARES["sums"]) * units),
+                    norms)

@@ -1,28 +1,42 @@
-"""Sufficient statistics of a frozen base's features and the ridge head solved from them (the `stats-head`
-training mode and the `ridge-head` merge). numpy only: the merge imports it without torch.
+"""Sufficient statistics of a frozen base's features and the classifier solved from them (the `stats-head`
+training mode and the `lda-head` / `ridge-head` merges). numpy only: the merge imports it without torch.
 
-The statistics describe each unit's pooled feature f (timm's `forward_head(..., pre_logits=True)`), clipped to
-f̃ = f·min(1, C/‖f‖) under DP (no clip without), and g = P f̃, its image under a projection P with orthonormal
-rows (p × d) that uses no private data: the identity when the feature dimension d is at most p, else the
+The statistics describe each unit's pooled feature f (timm's `forward_head(..., pre_logits=True)`) through its
+direction f̂ = f/‖f‖ and its log norm: g = P f̂, the image of f̂ under a projection P with orthonormal rows
+(p × d) that uses no private data (the identity when the feature dimension d is at most p, else the
 orthonormalised Gaussian matrix drawn from a seed that is a hash of the backbone's content and the two
-dimensions (`projection`). Per class c they are the count n_c and the sum S_c = Σ g, and over all classes the
-second moment M = Σ g gᵀ (p × p). Sums over sites are sums over the pooled data, so summing vectors is exact.
+dimensions, `projection`), and ℓ = log‖f‖ clamped to ±`LOG_NORM_RANGE`. Per class c they are the count n_c
+and the sum S_c = Σ g; over all classes the second moment M = Σ g gᵀ (p × p) and the log-norm sum L = Σ ℓ.
+Sums over sites are sums over the pooled data, so summing vectors is exact.
 
-Under DP one release adds Gaussian noise once to every coordinate of Σ_u v_u, v_u = (S_u, C·n_u, M_u/C), the
-unit u's contribution (an image, or a patient whose images each weigh 1/their number): ‖v_u‖² = ‖g‖² + C² +
-‖g‖⁴/C² ≤ 3C² for an image (‖g‖ ≤ ‖f̃‖ ≤ C as P's rows are orthonormal), and ≤ 3C² for a patient by the
-triangle inequality, so the L2 sensitivity under add-remove is √3·C (`SENSITIVITY`), attained by an image with
-‖g‖ = C. The noise is N(0, (z·√3·C)²) per coordinate (a `gaussian-sum` release with that bound); counts and
-moments are then rescaled (÷C, ×C) and M symmetrised, which is post-processing.
+Under DP g is clipped to ‖g‖ ≤ b = min(1, `CLIP_FACTOR`·√(p/d)), a public bound: for any fixed unit vector
+f̂ and a random orthonormal P independent of it, ‖P f̂‖² ~ Beta(p/2, (d−p)/2), of mean p/d and sd about
+√(2/p)·p/d, so at c = 1.25 the bound clips only features more than 2 (p = 32) to 4 (p = 128) sd above the
+mean (and never at p = d). One release adds Gaussian noise N(0, (zC)²) once to every coordinate of Σ_u v_u,
+C = `max_grad_norm` and v_u = C·(a_S·S_u/b, a_n·n_u, a_M·M_u/b², a_L·L_u/`LOG_NORM_RANGE`) the unit u's
+scaled contribution (an image, or a patient whose images each weigh 1/their number), a² the `SHARES`
+(summing to 1). For an image ‖S_u‖ = ‖g‖ ≤ b, n_u = 1, ‖M_u‖_F = ‖g‖² ≤ b², |L_u| ≤ `LOG_NORM_RANGE`, so
+‖v_u‖ ≤ C; for a patient, by the triangle inequality over their images: the L2 sensitivity under add-remove
+is C, attained by an image with ‖g‖ = b and a clamped log norm. Rescaled back (post-processing), each
+statistic's noise sd is z/(its scale): z·b/a_S on the sums, z/a_n on the counts, z·b²/a_M on the moments
+(before symmetrising), z·`LOG_NORM_RANGE`/a_L on the log-norm sum (`noise_std`). C cancels: it sets the
+ledger's sensitivity, not the noise on the statistics.
 
-The head (`solve_head`) is ridge regression of one-hot targets t on g with an unpenalised bias (Fed3R: Fanì et
-al. 2024): with N = Σ n_c, ḡ = Σ_c S_c / N, t̄ = n / N,
+The head is linear discriminant analysis on g (`solve_lda`): with N = Σ n_c, class means μ_c = S_c/n_c,
+the pooled within-class covariance Σ = (M − Σ_c S_c S_cᵀ/n_c + Σ_c σ_S²/n_c·I)/N (the last term removes
+the noise's expected share of the means' outer products), its eigenvalues floored at
+`NOISE_FLOOR`·√(2p)·σ_M/N (the scale of the symmetrised moment noise's spectral norm, on the covariance's
+scale) + shrink·tr(Σ)/p, and
 
-    Σ = M − N ḡḡᵀ,   X = Sᵀ − ḡ nᵀ,   A = (Σ + λI)⁻¹ X,   W = Aᵀ P,   b = t̄ − Aᵀ ḡ,
+    A_c = Σ⁻¹μ_c,   β_c = −½(μ_cᵀΣ⁻¹μ_c − (σ_S/n_c)²·tr Σ⁻¹) + log(n_c/N)
 
-λ = ridge · tr(M)/p + 2·√(2p)·σ_M (σ_M the sd of M's noise: about twice the spectral norm of the symmetrised
-noise, so that Σ + λI stays positive definite). The classifier applies W f + b to the raw feature: exactly the
-regression for every f with ‖f‖ ≤ C.
+(the noise's expected share of μ_cᵀΣ⁻¹μ_c subtracted). A class whose count is below 3 sd of the count's
+noise (without DP: no unit) is put at the mean of all units with the prior of one unit, where it takes no
+side. `solve_ridge` is the ridge regression of one-hot targets on g with an unpenalised bias instead (Fed3R:
+Fanì et al. 2024). The model applies W f + b to the raw feature, so both fold the typical norm in:
+W = Aᵀ P/ν with ν = exp(L/N), the geometric mean of the feature norms; W f + b = Aᵀ g·‖f‖/ν + b, the
+head's logits exactly for a feature of norm ν, and the same ranking of images for each class's score up to
+the spread of the norms.
 """
 
 from __future__ import annotations
@@ -34,8 +48,13 @@ from typing import Any
 
 import numpy as np
 
-KEYS = {"counts": "sufficient.counts", "sums": "sufficient.sums", "moments": "sufficient.moments"}
-SENSITIVITY = math.sqrt(3.0)  # × clip: the L2 norm bound of one unit's (S, C·n, M/C)
+KEYS = {"counts": "sufficient.counts", "sums": "sufficient.sums", "moments": "sufficient.moments",
+        "log_norms": "sufficient.log_norms"}
+CLIP_FACTOR = 1.25  # c: under DP ‖g‖ is clipped at c·√(p/d) (its mean square is p/d)
+LOG_NORM_RANGE = 10.0  # log feature norms are clamped to ±10 (norms from 4.5e-5 to 2.2e4)
+SHARES = {"sums": 0.45, "counts": 0.05, "moments": 0.45, "log_norms": 0.05}  # a²: each statistic's share of ‖v_u‖²
+NOISE_FLOOR = 0.25  # the covariance's eigenvalue floor, in units of the moment noise's spectral scale
+DEFAULT_SHRINK = 1e-2  # the covariance's eigenvalue floor relative to its mean eigenvalue (without noise)
 DEFAULT_RIDGE = 1e-2
 
 
@@ -69,24 +88,38 @@ def features_record(backbone: str, arch: str, dim: int, rank: int) -> dict[str, 
             "projection": {"dim": p, "seed": None if p == dim else projection_seed(backbone, dim, p)}}
 
 
+def clip_bound(dim: int, rank: int) -> float:
+    """b = min(1, c·√(p/d)): the public bound on ‖g‖ under DP."""
+    return min(1.0, CLIP_FACTOR * math.sqrt(rank / dim))
+
+
 def contributions(feats: np.ndarray, labels: Sequence[int], weights: np.ndarray, num_classes: int,
                   proj: np.ndarray, clip: float | None) -> dict[str, np.ndarray]:
-    """Σ over the images of weight × (count in its class, projected clipped feature in its class's row,
-    its outer product): the un-noised statistics of `feats` (n × d, float64)."""
+    """Σ over the images of weight × (count in its class, g = P f̂ (clipped to ‖g‖ ≤ `clip`) in its class's
+    row, g gᵀ, clamped log ‖f‖): the un-noised statistics of `feats` (n × d, float64)."""
+    norms = np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-300)
+    g = (feats / norms) @ proj.T
     if clip is not None:
-        feats = feats * np.minimum(1.0, clip / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-300))
-    g = feats @ proj.T
+        g = g * np.minimum(1.0, clip / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-300))
     onehot = np.zeros((len(labels), num_classes))
     onehot[np.arange(len(labels)), np.asarray(labels, dtype=int)] = 1.0
     w = np.asarray(weights, dtype=np.float64)[:, None]
-    return {"counts": (onehot * w).sum(0), "sums": (onehot * w).T @ g, "moments": (g * w).T @ g}
+    log_norms = np.clip(np.log(norms), -LOG_NORM_RANGE, LOG_NORM_RANGE)
+    return {"counts": (onehot * w).sum(0), "sums": (onehot * w).T @ g, "moments": (g * w).T @ g,
+            "log_norms": (log_norms * w).sum(0)}
+
+
+def release_scales(clip: float) -> dict[str, float]:
+    """Each statistic's factor in a unit's released vector v_u (÷ C): a_S/b, a_n, a_M/b², a_L/`LOG_NORM_RANGE`,
+    so that ‖v_u‖ ≤ C when ‖g‖ ≤ b = `clip`."""
+    bound = {"sums": clip, "counts": 1.0, "moments": clip**2, "log_norms": LOG_NORM_RANGE}
+    return {k: math.sqrt(SHARES[k]) / bound[k] for k in KEYS}
 
 
 def noise_std(z: float, clip: float) -> dict[str, float]:
-    """The sd of each statistic's noise after rescaling, for noise multiplier z: σ = z·√3·C on the sums,
-    σ/C on the counts, σ·C on the moments (before symmetrising)."""
-    sigma = z * SENSITIVITY * clip
-    return {"counts": sigma / clip, "sums": sigma, "moments": sigma * clip}
+    """The sd of each statistic's noise after rescaling, for noise multiplier z and ‖g‖ ≤ `clip`: z/(its scale)
+    (before the moments are symmetrised)."""
+    return {k: z / s for k, s in release_scales(clip).items()}
 
 
 def add_noise(stats: dict[str, np.ndarray], std: dict[str, float], normal: Any) -> dict[str, np.ndarray]:
@@ -97,20 +130,51 @@ def add_noise(stats: dict[str, np.ndarray], std: dict[str, float], normal: Any) 
     return out
 
 
+def typical_norm(stats: dict[str, np.ndarray]) -> float:
+    """ν = exp(L/N): the geometric mean of the feature norms (clamped to the log range)."""
+    total = max(float(stats["counts"].sum()), 1.0)
+    return math.exp(min(max(float(stats["log_norms"].sum()) / total, -LOG_NORM_RANGE), LOG_NORM_RANGE))
+
+
+def solve_lda(stats: dict[str, np.ndarray], proj: np.ndarray, shrink: float,
+              std: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) of the LDA head on raw features (k × d, k), float64, from (noisy) statistics with noise sds `std`
+    (None: no noise; see the module docstring)."""
+    sd = std or dict.fromkeys(KEYS, 0.0)
+    n, s, m = stats["counts"], stats["sums"], stats["moments"]
+    p = m.shape[0]
+    total = max(float(n.sum()), 1.0)
+    known = n > 3 * sd["counts"]
+    counts = np.where(known, n, 1.0)
+    means = np.where(known[:, None], s / counts[:, None], s.sum(0) / total)
+    noise_share = sd["sums"] ** 2 * float((1 / counts[known]).sum())  # E of the noise's share of Σ_c S_c S_cᵀ/n_c
+    within = m - (means[known].T * counts[known]) @ means[known] + noise_share * np.eye(p)
+    values, vectors = np.linalg.eigh((within + within.T) / (2 * total))
+    floor = NOISE_FLOOR * math.sqrt(2 * p) * sd["moments"] / total + shrink * max(float(values.sum()), 0.0) / p
+    inverse = (vectors / np.maximum(values, max(floor, 1e-300))) @ vectors.T
+    a = means @ inverse
+    square = np.einsum("ij,ij->i", a, means) - np.where(known, (sd["sums"] / counts) ** 2, 0.0) * np.trace(inverse)
+    return a @ proj / typical_norm(stats), -0.5 * square + np.log(counts / total)
+
+
 def ridge_strength(moments: np.ndarray, ridge: float, moments_std: float) -> float:
-    """λ = ridge · tr(M)/p + 2·√(2p)·σ_M (see the module docstring)."""
+    """λ = ridge · tr(M)/p + 2·√(2p)·σ_M: the noise's share keeps Σ + λI positive definite."""
     p = moments.shape[0]
     return ridge * max(float(np.trace(moments)), 0.0) / p + 2 * math.sqrt(2 * p) * moments_std
 
 
-def solve_head(stats: dict[str, np.ndarray], proj: np.ndarray, ridge: float, moments_std: float = 0.0
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """(W, b) of the ridge head on raw features (k × d, k), float64, from (noisy) statistics."""
+def solve_ridge(stats: dict[str, np.ndarray], proj: np.ndarray, ridge: float,
+                std: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) of the ridge head on raw features (k × d, k), float64: with ḡ = Σ_c S_c/N and t̄ = n/N,
+    A = (M − Nḡḡᵀ + λI)⁻¹(Sᵀ − ḡnᵀ), W = AᵀP/ν, b = t̄ − Aᵀḡ."""
     n, s, m = stats["counts"], stats["sums"], stats["moments"]
     total = max(float(n.sum()), 1.0)
     mean = s.sum(0) / total
     scatter = m - total * np.outer(mean, mean)
     cross = s.T - np.outer(mean, n)
-    lam = ridge_strength(m, ridge, moments_std)
+    lam = ridge_strength(m, ridge, (std or {}).get("moments", 0.0))
     a = np.linalg.solve(scatter + lam * np.eye(len(mean)), cross)
-    return a.T @ proj, n / total - a.T @ mean
+    return a.T @ proj / typical_norm(stats), n / total - a.T @ mean
+
+
+SOLVERS = {"lda": solve_lda, "ridge": solve_ridge}

@@ -1,5 +1,6 @@
 """`taskvec plan-dp`: its predictions against a measured run (the noise multiplier the run's ledger records, the
-norm of the noise its statistics release added) and its ratios against their formulas."""
+norm of the noise its statistics release added), its ratios against their formulas, and the statistics head's
+recommended P."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from stats_reference import pooled_features
 from synthetic_data import npz_file
 from typer.testing import CliRunner
 
@@ -18,6 +20,7 @@ from taskvec.errors import ConfigError
 from taskvec.io.files import read_kind
 from taskvec.models.spec import build_base, save_model
 from taskvec.privacy.dpsgd import DPConfig
+from taskvec.training import sufficient
 from taskvec.training.loop import FinetuneConfig, finetune
 
 
@@ -34,19 +37,25 @@ def test_predictions_match_a_measured_release(tmp_path: Path) -> None:
     d = 256 * 2 + 2  # the head's weight and bias
     assert head["coordinates"] == d
     assert head["noise_to_signal"] == pytest.approx(head["noise_multiplier"] * math.sqrt(d) / (0.25 * 40))
-    assert stats["noise_to_signal"] == pytest.approx(stats["noise_multiplier"] * math.sqrt(3 * 64) * 2 / 40)
+    assert stats["noise_to_signal"] == pytest.approx(stats["noise_multiplier"] * math.sqrt(64) * 2 / (0.45**0.5 * 40))
     assert plan["recommended"] == min(plan["modes"], key=lambda m: m["noise_to_signal"])["mode"]
 
     data = npz_file(tmp_path / "d.npz", n=40)
-    runs = {}
-    for name, dp in (("dp", DPConfig(max_grad_norm=3.0, delta=1e-5, target_epsilon=2.0, seed=1)), ("clear", None)):
-        runs[name] = finetune(base, data, tmp_path / name, FinetuneConfig(train="stats-head:64", val_fraction=0.0,
-                                                                          device="cpu", dp=dp)).model_path
-    (entry,) = read_kind(runs["dp"], "model").meta["privacy"]
+    dp = DPConfig(max_grad_norm=3.0, delta=1e-5, target_epsilon=2.0, seed=1)
+    run = finetune(base, data, tmp_path / "dp", FinetuneConfig(train="stats-head:64", val_fraction=0.0, device="cpu",
+                                                               dp=dp)).model_path
+    (entry,) = read_kind(run, "model").meta["privacy"]
     assert entry["noise_multiplier"] == pytest.approx(stats["noise_multiplier"])
-    noisy, clear = (load_file(str(p.parent / "statistics.safetensors")) for p in (runs["dp"], runs["clear"]))
-    measured = float(np.linalg.norm(noisy["sufficient.sums"] - clear["sufficient.sums"]))
+    noisy = load_file(str(run.parent / "statistics.safetensors"))
+    record = read_kind(run.parent / "statistics.safetensors", "statistics").meta["sufficient"]
+    feats, labels = pooled_features(base, data)  # the clear statistics, clipped as under DP
+    proj = sufficient.projection(record["features"]["projection"]["seed"], feats.shape[1], 64)
+    clear = sufficient.contributions(feats, labels.tolist(), np.ones(len(labels)), 2, proj, record["clip"])
+    measured = float(np.linalg.norm(noisy["sufficient.sums"] - clear["sums"]))
     assert measured == pytest.approx(stats["noise_norms"]["sums"], rel=0.3)  # 128 coordinates: sd of the norm ~6%
+    sym = (np.eye(64) + 1) / 2  # the variance of a symmetrised coordinate, relative to the noise's
+    measured = float(np.linalg.norm((noisy["sufficient.moments"] - clear["moments"]) / np.sqrt(sym)))
+    assert measured == pytest.approx(stats["noise_norms"]["moments"], rel=0.1)
 
 
 def test_too_few_units_are_warned_and_bad_counts_refused(tmp_path: Path) -> None:
@@ -59,3 +68,36 @@ def test_too_few_units_are_warned_and_bad_counts_refused(tmp_path: Path) -> None
     r = CliRunner().invoke(app, ["plan-dp", "--base", str(tmp_path / "base.safetensors"), "--units", "0",
                                  "--epsilon", "1"])
     assert isinstance(r.exception, ConfigError) and r.exception.field == "units"
+
+
+def test_the_recommended_projection_follows_the_moment_noise(tmp_path: Path) -> None:
+    """The recommended P is the largest of 16, 32, ..., 512 (at most the feature dimension, 256 here) whose
+    moment noise ratio √(2P)·σ_M·d/(√K·N) is at most 3, σ_M = z·b²/√0.45 at b = 1.25·√(P/d): smaller at a
+    smaller ε, larger with more units or sites; the default mode list uses it."""
+    net, spec = build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=32, seed=0)
+    save_model(net, spec, tmp_path / "base.safetensors")
+
+    def plan(units: int, epsilon: float, sites: int = 1) -> dict:
+        r = CliRunner().invoke(app, ["plan-dp", "--base", str(tmp_path / "base.safetensors"), "--units", str(units),
+                                     "--epsilon", str(epsilon), "--sites", str(sites), "--json"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    def expected(z: float, n: int, sites: int) -> int:
+        d = 256
+        fit = [p for p in (16, 32, 64, 128, 256) if math.sqrt(2 * p) * z * min(1, 1.25**2 * p / d) / 0.45**0.5 * d
+               / (math.sqrt(sites) * n) <= 3]
+        return fit[-1] if fit else 16
+
+    got = {}
+    for units, epsilon, sites in ((2000, 1, 1), (2000, 8, 1), (2000, 1, 5), (200000, 8, 1), (50, 1, 1)):
+        out = plan(units, epsilon, sites)
+        (stats,) = [m for m in out["modes"] if m["mode"].startswith("stats-head:")]
+        assert out["stats_dim"] == expected(stats["noise_multiplier"], units, sites)
+        assert stats["mode"] == f"stats-head:{out['stats_dim']}"
+        got[units, epsilon, sites] = out["stats_dim"]
+    assert got[2000, 1, 1] < got[2000, 8, 1] <= got[200000, 8, 1] == 256 and got[2000, 1, 1] < got[2000, 1, 5]
+    assert got[50, 1, 1] == 16
+    r = CliRunner().invoke(app, ["plan-dp", "--base", str(tmp_path / "base.safetensors"), "--units", "10",
+                                 "--epsilon", "1", "--sites", "0"])
+    assert isinstance(r.exception, ConfigError) and r.exception.field == "sites"

@@ -182,7 +182,7 @@ def test_a_method_is_one_decorated_function() -> None:
 
 def test_every_method_has_a_reference_and_valid_defaults() -> None:
     assert set(MERGE_METHODS) == {"sum", "mean", "weighted", "dare", "ties", "dare_ties", "breadcrumbs",
-                                  "model_stock", "median", "trimmed_mean", "ridge-head"}
+                                  "model_stock", "median", "trimmed_mean", "lda-head", "ridge-head"}
     for m in MERGE_METHODS.values():
         assert m.reference and m.summary
         assert all(isinstance(p, Param) and p.check(p.default) == p.default for p in m.params)

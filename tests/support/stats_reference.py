@@ -1,5 +1,6 @@
-"""An independent computation of the statistics head: every image's pooled feature one at a time, and the ridge
-head as least squares on [P f, 1] (numpy), for the stats-head and ridge-head tests."""
+"""An independent computation of the statistics heads: every image's pooled feature one at a time, the LDA head
+from the centred projected unit features and the ridge head as least squares on them (numpy), for the
+stats-head, lda-head and ridge-head tests."""
 
 from __future__ import annotations
 
@@ -32,10 +33,31 @@ def pooled_features(base: Path, data: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def ridge_reference(feats: np.ndarray, labels: np.ndarray, k: int, proj: np.ndarray, ridge: float
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Least squares of one-hot targets on [P f, 1] with penalty λ·‖A‖² (bias free), λ = ridge·Σ‖Pf‖²/p."""
-    g = feats @ proj.T
+    """Least squares of one-hot targets on [g, 1], g = P f/‖f‖, with penalty λ·‖A‖² (bias free),
+    λ = ridge·Σ‖g‖²/p; W = AᵀP/ν."""
+    g, nu = unit_projected(feats, proj)
     lam = ridge * float((g**2).sum()) / g.shape[1]
     x = np.hstack([g, np.ones((len(g), 1))])
     reg = np.diag([lam] * g.shape[1] + [0.0])
     coef = np.linalg.solve(x.T @ x + reg, x.T @ np.eye(k)[labels])
-    return coef[:-1].T @ proj, coef[-1]
+    return coef[:-1].T @ proj / nu, coef[-1]
+
+
+def unit_projected(feats: np.ndarray, proj: np.ndarray) -> tuple[np.ndarray, float]:
+    """g = P f/‖f‖ for every feature, and ν = exp(mean log ‖f‖)."""
+    norms = np.sqrt((feats**2).sum(1))
+    return np.stack([proj @ (f / n) for f, n in zip(feats, norms)]), float(np.exp(np.log(norms).mean()))
+
+
+def lda_reference(feats: np.ndarray, labels: np.ndarray, k: int, proj: np.ndarray, shrink: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """LDA on g = P f/‖f‖: class means, the pooled within-class covariance of the centred g, its eigenvalues
+    floored at shrink × their mean; W = (Σ⁻¹μ)ᵀP/ν, b = −½μᵀΣ⁻¹μ + log(n_c/N)."""
+    g, nu = unit_projected(feats, proj)
+    means = np.stack([g[labels == c].mean(0) for c in range(k)])
+    centred = g - means[labels]
+    cov = centred.T @ centred / len(g)
+    values, vectors = np.linalg.eigh(cov)
+    inverse = vectors @ np.diag(1 / np.maximum(values, shrink * values.mean())) @ vectors.T
+    prior = np.log(np.bincount(labels, minlength=k) / len(g))
+    return means @ inverse @ proj / nu, np.array([-0.5 * m @ inverse @ m for m in means]) + prior

@@ -1,7 +1,8 @@
-"""`finetune --train stats-head:P`: the statistics and the site's head against an independent numpy computation
-on the pooled features, the DP release (its sensitivity for image and patient units, with a check that the
-test fails without the clip; its `gaussian-sum` entry and ε against dp-accounting), and what it refuses
-before anything is written."""
+"""`finetune --train stats-head:P`: the statistics and the site's LDA head against an independent numpy
+computation on the pooled features, the DP release (its sensitivity for image and patient units, with checks
+that the test fails without the clip or the log-norm clamp; its noise, `gaussian-sum` entry and ε against
+dp-accounting), the solve's handling of a class the noise hides, and what it refuses before anything is
+written."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
-from stats_reference import pooled_features, ridge_reference
+from stats_reference import lda_reference, pooled_features, unit_projected
 from synthetic_data import npz_file, seg_folder
 
 from taskvec.errors import ConfigError, PrivacyConfigError, TaskvecError
@@ -65,12 +66,14 @@ def test_statistics_and_head_match_the_pooled_features(setup: tuple[Path, Path],
     if dim is None:
         assert record["features"]["projection"]["seed"] is None and np.array_equal(proj, np.eye(d))
     np.testing.assert_allclose(proj @ proj.T, np.eye(p), atol=1e-12)
-    g = feats @ proj.T
+    g, nu = unit_projected(feats, proj)
     np.testing.assert_array_equal(stats["sufficient.counts"], np.bincount(labels, minlength=2))
+    np.testing.assert_allclose(stats["sufficient.log_norms"], [len(g) * np.log(nu)], rtol=1e-5)
     np.testing.assert_allclose(stats["sufficient.sums"], np.stack([g[labels == c].sum(0) for c in range(2)]),
                                rtol=1e-5, atol=1e-5 * np.abs(g).max())
     np.testing.assert_allclose(stats["sufficient.moments"], g.T @ g, rtol=1e-5, atol=1e-5 * (g**2).sum(1).max())
-    weight, bias = ridge_reference(feats, labels, 2, proj, sufficient.DEFAULT_RIDGE)
+    assert record["clip"] is None and record["noise_std"] is None
+    weight, bias = lda_reference(feats, labels, 2, proj, sufficient.DEFAULT_SHRINK)
     got = load_file(str(model))
     np.testing.assert_allclose(got["classifier.weight"], weight, rtol=1e-3, atol=1e-4 * np.abs(weight).max())
     np.testing.assert_allclose(got["classifier.bias"], bias, rtol=1e-3, atol=1e-4)
@@ -79,64 +82,98 @@ def test_statistics_and_head_match_the_pooled_features(setup: tuple[Path, Path],
 
 
 def _released(feats: np.ndarray, labels: list[int], groups: list[str] | None, keep: list[bool], clip: float | None,
-              proj: np.ndarray) -> np.ndarray:
-    """The released (pre-noise) vector Σ (S, C·n, M/C) over the units kept, as the mode sums it."""
+              bound: float, proj: np.ndarray) -> np.ndarray:
+    """The released (pre-noise) vector Σ v_u over the units kept, divided by C: each statistic (clipped at
+    `clip`, unclipped if None) times its share's root over its bound (b for the sums, b² for the moments,
+    1 for the counts, the log-norm range for the log norms), as the module docstring defines it."""
     idx = [i for i, on in enumerate(keep) if on]
     w = unit_weights([groups[i] for i in idx] if groups else None, len(idx)).numpy()
     s = sufficient.contributions(feats[idx], [labels[i] for i in idx], w, 3, proj, clip)
-    c = clip or 1.0
-    return np.concatenate([s["sums"].ravel(), c * s["counts"], s["moments"].ravel() / c])
+    bounds = {"sums": bound, "counts": 1.0, "moments": bound**2, "log_norms": sufficient.LOG_NORM_RANGE}
+    return np.concatenate([s[k].ravel() * math.sqrt(sufficient.SHARES[k]) / bounds[k] for k in sufficient.KEYS])
 
 
 @pytest.mark.parametrize("unit", ["image", "patient"])
 def test_one_unit_moves_the_released_sums_by_at_most_the_sensitivity(unit: str) -> None:
-    """Removing one image (or one patient, whose images span classes and norms from 1e-3 to 1e3) moves the
-    released sums by at most √3·C in L2 norm, attained by an image at the clip; without the clip it would not
-    hold (the check that this test can fail)."""
+    """Removing one image (or one patient, whose images span classes and norms from 1e-3 to 1e7) moves the
+    released vector by at most C (here 1: `_released` divides by it) in L2 norm, attained by an image at the
+    clip with a clamped log norm; without the clip it would not hold (the check that this test can fail)."""
+    assert sum(sufficient.SHARES.values()) == pytest.approx(1.0)
     rng = np.random.default_rng(0)
-    n, d, clip = 30, 8, 0.7
-    feats = rng.normal(size=(n, d)) * np.logspace(-3, 3, n)[:, None]
+    n, d, p = 30, 64, 4
+    feats = rng.normal(size=(n, d)) * np.logspace(-3, 7, n)[:, None]
+    proj = sufficient.projection(sufficient.projection_seed("b" * 64, d, p), d, p)
+    feats[::3] = feats[::3, :p] @ proj  # some in P's row space: ‖g‖ = 1, far above the bound
     labels = [i % 3 for i in range(n)]
     groups = [f"p{i // 4}" for i in range(n)] if unit == "patient" else None
-    proj = sufficient.projection(sufficient.projection_seed("b" * 64, d, 5), d, 5)
+    bound = sufficient.clip_bound(d, p)
+    assert bound == pytest.approx(1.25 * math.sqrt(p / d))
 
-    def largest_move(c: float | None) -> float:
-        full = _released(feats, labels, groups, [True] * n, c, proj)
+    def largest_move(clip: float | None) -> float:
+        full = _released(feats, labels, groups, [True] * n, clip, bound, proj)
         units = sorted(set(groups)) if groups else list(range(n))
         return max(float(np.linalg.norm(full - _released(
-            feats, labels, groups, [(groups[i] if groups else i) != u for i in range(n)], c, proj))) for u in units)
+            feats, labels, groups, [(groups[i] if groups else i) != u for i in range(n)], clip, bound, proj)))
+            for u in units)
 
-    assert largest_move(clip) <= sufficient.SENSITIVITY * clip * (1 + 1e-9)
-    assert largest_move(None) > 10 * sufficient.SENSITIVITY * clip  # unclipped features break the bound
-    at_clip = proj[:1] / np.linalg.norm(proj[:1]) * 5.0  # in P's row space, norm above the clip
-    one = _released(at_clip, [0], None, [True], clip, proj)
-    assert np.linalg.norm(one) == pytest.approx(sufficient.SENSITIVITY * clip)
+    assert largest_move(bound) <= 1 + 1e-9
+    assert largest_move(None) > 2  # unclipped features break the bound
+    at_clip = proj[:1] * math.exp(12)  # in P's row space (‖g‖ = 1 > b), log norm 12 clamped to 10
+    assert np.linalg.norm(_released(at_clip, [0], None, [True], bound, bound, proj)) == pytest.approx(1.0)
+    scales = sufficient.release_scales(bound)  # the noise N(0, (zC)²) on v is z/scale on each statistic
+    assert sufficient.noise_std(1.7, bound) == pytest.approx({k: 1.7 / scales[k] for k in sufficient.KEYS})
+    assert sum((scales[k] * top) ** 2 for k, top in (("sums", bound), ("counts", 1), ("moments", bound**2),
+                                                      ("log_norms", 10))) == pytest.approx(1.0)
 
 
-def test_dp_release_is_one_gaussian_sum_of_sensitivity_root3_clip(setup: tuple[Path, Path], tmp_path: Path) -> None:
+def test_dp_release_is_one_gaussian_sum_of_sensitivity_c(setup: tuple[Path, Path], tmp_path: Path) -> None:
     base, data = setup
     dp = DPConfig(max_grad_norm=2.0, delta=1e-5, noise_multiplier=1.5, seed=3)
     model = _run(base, data, tmp_path / "a", dp=dp)
     again = _run(base, data, tmp_path / "b", dp=dp)
-    clear = load_file(str(_run(base, data, tmp_path / "c").parent / STATS))
     noisy = load_file(str(model.parent / STATS))
     assert all(np.array_equal(noisy[k], load_file(str(again.parent / STATS))[k]) for k in noisy)  # seeded
-    sigma = 1.5 * math.sqrt(3) * 2.0
-    # the clip is far above these features' norms, so the noise is all that differs
-    diff = noisy["sufficient.sums"] - clear["sufficient.sums"]
-    assert np.std(diff) == pytest.approx(sigma, rel=0.25)
-    assert np.std(noisy["sufficient.counts"] - clear["sufficient.counts"]) < 5 * sigma / 2.0
+    feats, labels = pooled_features(base, data)
+    d, p = feats.shape[1], 4
+    b = 1.25 * math.sqrt(p / d)
+    record = read_kind(model.parent / STATS, "statistics").meta["sufficient"]
+    proj = sufficient.projection(record["features"]["projection"]["seed"], d, p)
+    g, nu = unit_projected(feats, proj)
+    g *= np.minimum(1, b / np.linalg.norm(g, axis=1))[:, None]
+    clear = {"counts": np.bincount(labels, minlength=2), "sums": np.stack([g[labels == c].sum(0) for c in range(2)]),
+             "moments": g.T @ g, "log_norms": [len(g) * np.log(nu)]}
+    sd = {"sums": 1.5 * b / math.sqrt(0.45), "counts": 1.5 / math.sqrt(0.05), "moments": 1.5 * b * b / math.sqrt(0.45),
+          "log_norms": 1.5 * 10 / math.sqrt(0.05)}
+    assert record["clip"] == pytest.approx(b) and record["noise_std"] == pytest.approx(sd)
+    upper = np.triu_indices(p, 1)
+    z = [(noisy[f"sufficient.{k}"] - clear[k]).ravel() / sd[k] for k in ("sums", "counts", "log_norms")]
+    diff = noisy["sufficient.moments"] - clear["moments"]
+    z += [np.diag(diff) / sd["moments"], diff[upper] * math.sqrt(2) / sd["moments"]]  # symmetrised: off-diagonal /√2
+    assert np.std(np.concatenate(z)) == pytest.approx(1.0, rel=0.3)  # 21 standardised noise draws
     assert np.array_equal(noisy["sufficient.moments"], noisy["sufficient.moments"].T)
     header = read_kind(model, "model").meta
     (entry,) = header["privacy"]
     assert "samples" not in header["training"]
     assert (entry["mechanism"], entry["unit"], entry["relation"]) == ("gaussian-sum", "image", "add-remove")
     assert (entry["sample_rate"], entry["steps"], entry["noise_multiplier"]) == (1.0, 1, 1.5)
-    assert entry["max_grad_norm"] == pytest.approx(math.sqrt(3) * 2.0)
+    assert entry["max_grad_norm"] == pytest.approx(2.0)
     assert entry["epsilon"] == pytest.approx(pld_epsilon(dpa.GaussianDpEvent(1.5), 1e-5), rel=0.02)
     verify_ledger([entry], "model")
-    record = read_kind(model.parent / STATS, "statistics").meta["sufficient"]
-    assert record["noise_std"] == pytest.approx({"sums": sigma, "counts": sigma / 2.0, "moments": sigma * 2.0})
+
+
+def test_a_class_the_noise_hides_takes_no_side() -> None:
+    """A class whose count is below 3 sd of the count noise gets the direction of the mean of all units: with
+    W linear in the means, the count-weighted mean of the known classes' rows."""
+    rng = np.random.default_rng(1)
+    d, p = 12, 5
+    proj = sufficient.projection(sufficient.projection_seed("c" * 64, d, p), d, p)
+    feats = rng.normal(size=(90, d)) + np.repeat(np.eye(3, d) * 3, 30, 0)
+    stats = sufficient.contributions(feats, [i // 30 for i in range(90)], np.ones(90), 3, proj, None)
+    stats["counts"][2], stats["sums"][2] = 0.5, 0.0  # class 2: below 3 × the count noise's sd
+    std = {"sums": 0.0, "counts": 1.0, "moments": 0.0, "log_norms": 0.0}
+    weight, bias = sufficient.solve_lda(stats, proj, sufficient.DEFAULT_SHRINK, std)
+    np.testing.assert_allclose(weight[2], (30 * weight[0] + 30 * weight[1]) / 60.5, rtol=1e-9, atol=1e-12)
+    assert np.isfinite(bias).all() and bias[2] < bias[:2].min()
 
 
 def test_patients_are_the_unit_when_the_data_names_them(setup: tuple[Path, Path], tmp_path: Path) -> None:

@@ -1,9 +1,9 @@
-"""`stats-head:P`: no weights, but the sufficient statistics of the base's pooled features in at most P
-dimensions (per-class counts and sums, second moments; `taskvec.training.sufficient`), from one pass with no
-gradient step. The run's model gets the site's own ridge head solved from them; its vector carries the
-statistics alone, which a `ridge-head` merge sums and solves once. With DP the statistics are one
-`gaussian-sum` release of sensitivity √3 × the clip (`max_grad_norm`), not DP-SGD. Classification only, one
-process."""
+"""`stats-head:P`: no weights, but the sufficient statistics of the base's pooled unit-length features in at
+most P dimensions (per-class counts and sums, second moments, the log-norm sum; `taskvec.training.sufficient`),
+from one pass with no gradient step. The run's model gets the site's own LDA head solved from them; its vector
+carries the statistics alone, which an `lda-head` (or `ridge-head`) merge sums and solves once. With DP the
+statistics are one `gaussian-sum` release of sensitivity `max_grad_norm` (each unit's scaled contribution has
+at most that L2 norm), not DP-SGD. Classification only, one process."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class StatsHead(TrainMode):
 
     def fit(self, net: nn.Module, spec: ModelSpec, data: ImageDataset, *, device: torch.device, batch_size: int,
             dp: DPConfig | None, run_id: str, track: Track[Any], run_dir: Path) -> list[dict[str, Any]]:
-        """Write the (noised) statistics beside the model file and set the head to the site's own ridge head."""
+        """Write the (noised) statistics beside the model file and set the head to the site's own LDA head."""
         import numpy as np
         import torch
 
@@ -95,19 +95,21 @@ class StatsHead(TrainMode):
         if dp is not None:  # the mechanism first: an over-budget release is refused before the pass
             z, eps, accountant = release_noise(dp)
             entry = GaussianSum.entry(epsilon=eps, delta=dp.delta, accountant=accountant, noise_multiplier=z,
-                                      sample_rate=1.0, steps=1, max_grad_norm=sufficient.SENSITIVITY * dp.max_grad_norm,
+                                      sample_rate=1.0, steps=1, max_grad_norm=dp.max_grad_norm,
                                       unit=unit, run_id=run_id, seeded=dp.seed is not None)
-        clip = dp.max_grad_norm if dp is not None else None
+        p = features["projection"]["dim"]
+        bound = sufficient.clip_bound(features["dim"], p)  # of ‖g‖, under DP
+        clip = bound if dp is not None else None
         stats = _statistics(timm_net, spec, data, features, clip, unit == "patient", device, batch_size, track,
                             self.name)
         std = None
         if dp is not None:
-            std = sufficient.noise_std(z, dp.max_grad_norm)
+            std = sufficient.noise_std(z, bound)
             gen = secret_generator("cpu", dp.seed)
             stats = sufficient.add_noise(stats, std, lambda shape: torch.randn(shape, generator=gen,
                                                                                dtype=torch.float64).numpy())
-        proj = sufficient.projection(features["projection"]["seed"], features["dim"], features["projection"]["dim"])
-        weight, bias = sufficient.solve_head(stats, proj, sufficient.DEFAULT_RIDGE, std["moments"] if std else 0.0)
+        proj = sufficient.projection(features["projection"]["seed"], features["dim"], p)
+        weight, bias = sufficient.solve_lda(stats, proj, sufficient.DEFAULT_SHRINK, std)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "statistics", "run_id": run_id,
                 "parent": parent, "sufficient": {"features": features, "head": [weight_key, bias_key], "clip": clip,
                                                  "unit": unit, "noise_std": std}}
