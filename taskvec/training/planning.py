@@ -19,9 +19,10 @@ P itself is recommended (`stats_dim`) as the largest of `STATS_DIMS` (at most d)
 ρ(p) = √(2p)·σ_M·d / (√K·N) is at most `MAX_MOMENT_RATIO`: the scale of the symmetrised moment noise's
 spectral norm (√(2p)·σ_M; √K·σ_M once K sites of N units each are summed) over the mean eigenvalue of the
 second moment of K·N projected unit features (K·N/d, as E‖g‖² = p/d). A larger p keeps more of the feature
-but lets the noise swamp more of the covariance, which the LDA head then floors; the threshold 3 is the best
-P on the PBC benchmark (docs/results/stats_head.md) for merged, single-site and centralised releases at ε 1
-to 8.
+but lets the noise swamp more of the covariance, which the LDA head then floors. The threshold 3 is set on
+the PBC benchmark (docs/results/stats_head.md, 5 iid sites): among P = 64, 128, 256 it picks the one of the
+best balanced accuracy for the merged, single-site and centralised heads at ε = 1, 3 and 8 (256 where it
+would pick 512, untested).
 
 The recommendation is the mode with the smallest ratio (DP-SGD modes and the statistics head compared by the
 ratios above, a coarse rule), with a warning when even that is above 1.
