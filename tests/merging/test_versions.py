@@ -12,7 +12,7 @@ from typing import Any
 import dp_accounting as dpa
 import numpy as np
 import pytest
-from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from dp_reference import pld_epsilon
 from headers import vector_header
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
@@ -261,12 +261,6 @@ def test_cli_staleness_option(rounds: Rounds) -> None:
 
 
 # --- privacy across rounds ------------------------------------------------------------------------------
-
-def pld_epsilon(events: list[Any], delta: float, relation: Any = dpa.NeighboringRelation.ADD_OR_REMOVE_ONE) -> float:
-    acc = PLDAccountant(neighboring_relation=relation, value_discretization_interval=1e-4)
-    acc.compose(dpa.ComposedDpEvent(events))
-    return float(acc.get_epsilon(delta))
-
 
 def test_budget_composes_a_sites_releases_across_rounds(rounds: Rounds) -> None:
     """Export noise z = 2 in round 1 (merged into v3) and round 2 (from v3): ε composes over both (μ-GDP, against

@@ -12,6 +12,8 @@ import dp_accounting as dpa
 import pytest
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+from dp_reference import dp_sgd_test_entry as _dp_sgd
+from dp_reference import pld_epsilon
 from headers import vector_header
 
 from taskvec.errors import PrivacyConfigError, PrivacyError
@@ -21,7 +23,6 @@ from taskvec.privacy.ledger import (
     RELEASES_FILE,
     PrivacyBudget,
     check_merge_budget,
-    dp_sgd_entry,
     gaussian_epsilon,
     gaussian_output_entries,
     name_model,
@@ -30,13 +31,6 @@ from taskvec.privacy.ledger import (
 )
 
 REPLACE = dpa.NeighboringRelation.REPLACE_ONE
-ADD_REMOVE = dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
-
-
-def pld_epsilon(event: Any, delta: float, relation: Any = ADD_REMOVE) -> float:
-    acc = PLDAccountant(neighboring_relation=relation, value_discretization_interval=1e-4)
-    acc.compose(event)
-    return float(acc.get_epsilon(delta))
 
 
 @pytest.mark.parametrize("z", [0.5, 1.0, 2.0, 5.0])
@@ -55,14 +49,6 @@ def test_export_entries_match_pld_for_each_relation(zs: list[float]) -> None:
     assert replace_one["epsilon"] == pytest.approx(pld_epsilon(event, 1e-5, REPLACE), rel=0.02)
     assert add_remove["steps"] == len(zs) and add_remove["releases"] == zs
     assert verify_ledger([add_remove, replace_one], "v") == [add_remove, replace_one]
-
-
-def _dp_sgd(unit: str, accountant: str, z: float = 1.1, q: float = 0.05, steps: int = 120) -> dict[str, Any]:
-    from taskvec.privacy.accounting import accountant_epsilon
-
-    eps = accountant_epsilon(accountant, z, q, steps, 1e-5)
-    return dp_sgd_entry(epsilon=eps, delta=1e-5, accountant=accountant, noise_multiplier=z, sample_rate=q,
-                        steps=steps, max_grad_norm=1.0, unit=unit, run_id="r")
 
 
 @pytest.mark.parametrize("unit", ["image", "patient"])

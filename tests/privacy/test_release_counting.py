@@ -12,7 +12,7 @@ from typing import Any
 import dp_accounting as dpa
 import pytest
 import torch
-from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from dp_reference import pld_epsilon as _pld
 from headers import vector_header
 from scipy.optimize import brentq
 from scipy.stats import norm
@@ -49,9 +49,7 @@ def gdp_epsilon(noise_multipliers: list[float], delta: float = DELTA) -> float:
 
 
 def pld_epsilon(events: list[Any], delta: float = DELTA) -> float:
-    acc = PLDAccountant(value_discretization_interval=1e-4)
-    acc.compose(dpa.ComposedDpEvent(events))
-    return float(acc.get_epsilon(delta))
+    return _pld(events, delta)
 
 
 def _model(base: Path, folder: Path, run_id: str, shift: float, privacy: list[dict[str, Any]] | None = None,

@@ -11,10 +11,11 @@ from typing import Any
 import dp_accounting as dpa
 import pytest
 import torch
+from dp_reference import dp_sgd_test_entry as _dp_sgd
+from dp_reference import pld_epsilon
 from headers import vector_header
 from safetensors.torch import load_file
 from synthetic_data import npz_file
-from test_ledger import _dp_sgd, pld_epsilon
 
 from taskvec.errors import ConfigError, PrivacyConfigError
 from taskvec.io.files import read_kind

@@ -8,10 +8,10 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import dp_accounting as dpa
 import numpy as np
 import pytest
-from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from dp_reference import dp_sgd_steps
+from dp_reference import pld_epsilon as reference_epsilon
 from PIL import Image
 from synthetic_data import blob_image, image_folder
 
@@ -26,9 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def pld_epsilon(z: float, q: float, steps: int, delta: float) -> float:
-    acc = PLDAccountant(value_discretization_interval=1e-3)
-    acc.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), steps))
-    return float(acc.get_epsilon(delta))
+    return reference_epsilon(dp_sgd_steps(z, q, steps), delta, interval=1e-3)
 
 
 def cfg(dp: DPConfig, **kw: object) -> FinetuneConfig:

@@ -14,6 +14,7 @@ import dp_accounting as dpa
 import numpy as np
 import pytest
 import torch
+from dp_reference import pld_epsilon
 from safetensors.numpy import load_file
 from stats_reference import lda_reference, pooled_features, unit_projected
 from synthetic_data import npz_file, seg_folder
@@ -29,13 +30,6 @@ from taskvec.training.data import load_data
 from taskvec.training.loop import FinetuneConfig, finetune
 
 STATS = "statistics.safetensors"
-
-
-def pld_epsilon(event: Any, delta: float) -> float:
-    """ε by dp-accounting's PLD accountant (add-remove)."""
-    acc = dpa.pld.PLDAccountant(value_discretization_interval=1e-4)
-    acc.compose(event)
-    return float(acc.get_epsilon(delta))
 
 
 @pytest.fixture
