@@ -24,6 +24,7 @@ def plan_dp(
                                          "(`stats-head:P`); default: the recommended P."),
     sites: int = typer.Option(1, "--sites", help="Sites of about as many units whose statistics a merge will sum "
                               "(for the recommended P)."),
+    steps: int | None = typer.Option(None, help="DP-SGD's optimiser steps, as `finetune --steps` (default: its own)."),
     mode: list[str] | None = typer.Option(None, "--mode", help="Modes to predict (repeat); default: every DP-SGD "
                                           "mode without a count and the statistics head."),
     as_json: bool = typer.Option(False, "--json", help="Print the prediction as JSON."),
@@ -34,7 +35,7 @@ def plan_dp(
     from taskvec.training.planning import plan_dp as predict
 
     plan = predict(base, units, epsilon, delta, clip=clip, sample_rate=sample_rate, stats_dim=stats_dim,
-                   sites=sites, modes=mode or None)
+                   sites=sites, modes=mode or None, steps=steps)
     if as_json:
         print_json(asdict(plan))
         return

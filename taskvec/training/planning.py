@@ -70,10 +70,10 @@ class DPPlan:
 
 def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *, clip: float = DEFAULT_MAX_GRAD_NORM,
             sample_rate: float = DEFAULT_SAMPLE_RATE, stats_dim: int | None = None, sites: int = 1,
-            modes: list[str] | None = None) -> DPPlan:
+            modes: list[str] | None = None, steps: int | None = None) -> DPPlan:
     """Predict the DP runs of `base` on `units` units at (ε, δ) for `modes` (default: every DP-SGD mode that
     takes no count, and `stats-head:stats_dim`, the recommended P for statistics summed over `sites` sites of
-    about `units` units each when None)."""
+    about `units` units each when None); DP-SGD runs of `steps` optimiser steps (default: `finetune`'s)."""
     from taskvec.models.spec import ModelSpec, create_module
     from taskvec.privacy.dpsgd import DPConfig, noise_and_limit
     from taskvec.training.config import FinetuneConfig
@@ -104,12 +104,11 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
                 continue  # a one-pass mode without statistics (class means): not predicted here
             plans.append(_stats_plan(str(mode), z1, units, spec.num_classes, dim, min(mode.k, dim)))
             continue
-        config = FinetuneConfig(train=str(mode), dp=dp)
-        steps = plan_steps(config)[0]
-        z = noise_and_limit(dp, steps)[0]
+        total = plan_steps(FinetuneConfig(train=str(mode), dp=dp, steps=steps))[0]
+        z = noise_and_limit(dp, total)[0]
         trained, _ = mode.prepare(net, spec.task)
         d = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-        plans.append(ModePlan(str(mode), z, steps, d, z * math.sqrt(d) / (sample_rate * units),
+        plans.append(ModePlan(str(mode), z, total, d, z * math.sqrt(d) / (sample_rate * units),
                               {"step": z * clip * math.sqrt(d)}))
     best = min(plans, key=lambda p: p.noise_to_signal)
     warnings = [] if best.noise_to_signal <= 1 else [

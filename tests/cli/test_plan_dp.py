@@ -101,3 +101,23 @@ def test_the_recommended_projection_follows_the_moment_noise(tmp_path: Path) -> 
     r = CliRunner().invoke(app, ["plan-dp", "--base", str(tmp_path / "base.safetensors"), "--units", "10",
                                  "--epsilon", "1", "--sites", "0"])
     assert isinstance(r.exception, ConfigError) and r.exception.field == "sites"
+
+
+def test_dp_sgd_predictions_match_a_measured_run(tmp_path: Path) -> None:
+    """The noise multiplier and steps plan-dp predicts for a DP-SGD mode are the ones a run of that mode records,
+    and the step noise is z·C·√d over the trained coordinates."""
+    from taskvec.training.planning import plan_dp
+
+    net, spec = build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=32, dp_compatible=True, seed=0)
+    base = tmp_path / "base.safetensors"
+    save_model(net, spec, base)
+    plan = plan_dp(base, 40, 4.0, clip=2.0, modes=["head"], steps=12)
+    (head,) = plan.modes
+    dp = DPConfig(max_grad_norm=2.0, delta=1e-5, target_epsilon=4.0)
+    run = finetune(base, npz_file(tmp_path / "d.npz", n=40), tmp_path / "run",
+                   FinetuneConfig(train="head", steps=12, val_fraction=0.0, device="cpu", dp=dp))
+    (entry,) = read_kind(run.model_path, "model").model.ledger
+    assert entry["noise_multiplier"] == pytest.approx(head.noise_multiplier)
+    assert entry["steps"] == head.steps == run.steps == 12
+    assert head.coordinates == 256 * 2 + 2  # the classifier of test_efficientnet: 256 features, 2 classes
+    assert head.noise_norms["step"] == pytest.approx(head.noise_multiplier * 2.0 * math.sqrt(head.coordinates))
