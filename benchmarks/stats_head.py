@@ -32,12 +32,11 @@ from torchmetrics.functional.classification import multiclass_auroc, multiclass_
 from taskvec.io.files import read_kind
 from taskvec.models.spec import ModelSpec, build_base, load_model, save_model
 from taskvec.privacy.dpsgd import DPConfig
+from taskvec.privacy.mechanisms.gaussian_sum import release_noise
 from taskvec.simulation.splits import split_dirichlet, split_iid
 from taskvec.training import sufficient
 from taskvec.training.class_means import head_from_sums, unit_vectors
-from taskvec.training.class_means import release_noise as class_means_noise
 from taskvec.training.data import Normalizer, load_data, make_loader
-from taskvec.training.modes.stats_head import release_noise
 
 ROOT = Path(__file__).resolve().parents[2] / "shared"
 Fit = Callable[..., tuple[np.ndarray, np.ndarray]]  # (parts, ε, args=, rng=) -> (W, b)
@@ -94,7 +93,7 @@ def stats_head(parts: list[tuple[np.ndarray, np.ndarray]], eps: float | None, so
     released = [clean_statistics(f, y, proj, clip) for f, y in parts]
     std = None
     if clip is not None:
-        z = release_noise(DPConfig(max_grad_norm=1.0, delta=args.delta, target_epsilon=eps))[0]
+        z = release_noise(DPConfig(max_grad_norm=1.0, delta=args.delta, target_epsilon=eps), "feature statistics")[0]
         one = sufficient.noise_std(z, clip)
         released = [sufficient.add_noise(r, one, rng.standard_normal) for r in released]
         std = {k: v * math.sqrt(len(parts)) for k, v in one.items()}  # of the sum (what the merge computes)
@@ -108,7 +107,8 @@ def class_means(parts: list[tuple[np.ndarray, np.ndarray]], eps: float | None, a
     """The mean of the sites' class-means heads (each released once at ε)."""
     heads = []
     clip = args.clip_cm if eps is not None else 1.0
-    z = class_means_noise(DPConfig(max_grad_norm=clip, delta=args.delta, target_epsilon=eps))[0] if eps else 0.0
+    dp = DPConfig(max_grad_norm=clip, delta=args.delta, target_epsilon=eps) if eps else None
+    z = release_noise(dp, "class-means")[0] if dp else 0.0
     for f, y in parts:
         rows = unit_vectors(torch.from_numpy(f), clip)
         table = torch.zeros(8, f.shape[1] + 1, dtype=torch.float64)

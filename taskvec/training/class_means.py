@@ -28,11 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from taskvec.errors import PrivacyConfigError, TaskvecError
+from taskvec.errors import TaskvecError
 from taskvec.models.spec import ModelSpec
-from taskvec.privacy.dpsgd import DPConfig, calibrate_noise, secret_generator
-from taskvec.privacy.ledger import dp_sgd_epsilon
-from taskvec.privacy.mechanisms.gaussian_sum import GaussianSum
+from taskvec.privacy.dpsgd import DPConfig, secret_generator
+from taskvec.privacy.mechanisms.gaussian_sum import GaussianSum, release_noise
 from taskvec.progress import Track, no_track
 from taskvec.training.data import ImageDataset, Normalizer, make_loader
 from taskvec.training.sufficient import LOG_NORM_RANGE  # log feature norms are clamped to ±10
@@ -88,20 +87,9 @@ def unit_vectors(feats: torch.Tensor, clip: float) -> torch.Tensor:
     return torch.cat([feats / length * ALPHA, torch.full_like(length, ALPHA), log_norm], 1) * clip
 
 
-def release_noise(dp: DPConfig) -> tuple[float, float, str]:
-    """(noise multiplier, ε, accountant) of the one release: the given multiplier, or the one calibrated to the
-    target ε; a given multiplier whose ε passes a given target is refused."""
-    z = dp.noise_multiplier or calibrate_noise(float(dp.target_epsilon or 0), dp.delta, 1.0, 1)
-    eps, accountant = dp_sgd_epsilon([(z, 1.0, 1)], dp.delta)
-    if dp.target_epsilon is not None and eps > dp.target_epsilon:
-        raise PrivacyConfigError(f"noise_multiplier {z:g} gives ε = {eps:.3g} in the one class-means release, above "
-                                 f"target_epsilon {dp.target_epsilon:g}", field="noise_multiplier", got=z)
-    return z, eps, accountant
-
-
 def _release(dp: DPConfig, run_id: str | None, unit: str) -> tuple[float, dict[str, Any]]:
     """The noise multiplier and the `gaussian-sum` ledger entry."""
-    z, eps, accountant = release_noise(dp)
+    z, eps, accountant = release_noise(dp, "class means")
     return z, GaussianSum.entry(epsilon=eps, delta=dp.delta, accountant=accountant, noise_multiplier=z,
                                 sample_rate=1.0, steps=1, max_grad_norm=dp.max_grad_norm, unit=unit, run_id=run_id,
                                 seeded=dp.seed is not None)

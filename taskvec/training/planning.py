@@ -76,9 +76,9 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
     about `units` units each when None); DP-SGD runs of `steps` optimiser steps (default: `finetune`'s)."""
     from taskvec.models.spec import ModelSpec, create_module
     from taskvec.privacy.dpsgd import DPConfig, noise_and_limit
+    from taskvec.privacy.mechanisms.gaussian_sum import release_noise
     from taskvec.training.config import FinetuneConfig
     from taskvec.training.modes import parse_mode, registered
-    from taskvec.training.modes.stats_head import release_noise
     from taskvec.training.schedule import plan_steps
 
     counts = {"units": units, "sites": sites} | ({} if stats_dim is None else {"stats_dim": stats_dim})
@@ -91,7 +91,7 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
     if spec.task != "classification":
         raise ConfigError(f"plan-dp predicts classification runs; {base} is a {spec.task} base", field="base")
     dim = create_module(spec).get_classifier().in_features  # type: ignore[operator]
-    z1 = release_noise(dp)[0]
+    z1 = release_noise(dp, "feature statistics")[0]
     best_dim = recommend_stats_dim(z1, dim, units, sites)
     names = modes or [m.name if not m.arg else f"{m.name}:{stats_dim or best_dim}" for m in registered()
                       if m.arg and m.fits_in_one_pass or not m.arg and not m.fits_in_one_pass]

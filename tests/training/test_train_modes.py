@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from grad_samples import per_sample_grads_match
 from safetensors.torch import load_file
 from synthetic_data import npz_file
-from test_pretrained import per_sample_grads_match
 
 from taskvec.errors import ConfigError
 from taskvec.io.files import read_header

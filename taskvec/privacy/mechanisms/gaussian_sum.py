@@ -4,10 +4,28 @@ DP-SGD step at sampling rate 1, so it is accounted and composed as DP-SGD is (`d
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from taskvec.errors import PrivacyConfigError
+from taskvec.privacy.accounting import calibrate_noise, dp_sgd_epsilon
 from taskvec.privacy.mechanism import register
 from taskvec.privacy.mechanisms.dp_sgd import SubsampledGaussian
+
+if TYPE_CHECKING:
+    from taskvec.privacy.dpsgd import DPConfig
 
 
 @register
 class GaussianSum(SubsampledGaussian):
     name = "gaussian-sum"
+
+
+def release_noise(dp: DPConfig, what: str) -> tuple[float, float, str]:
+    """(noise multiplier, ε, accountant) of one release of `what`: the given multiplier, or the one calibrated to
+    the target ε; a given multiplier whose ε passes a given target is refused."""
+    z = dp.noise_multiplier or calibrate_noise(float(dp.target_epsilon or 0), dp.delta, 1.0, 1)
+    eps, accountant = dp_sgd_epsilon([(z, 1.0, 1)], dp.delta)
+    if dp.target_epsilon is not None and eps > dp.target_epsilon:
+        raise PrivacyConfigError(f"noise_multiplier {z:g} gives ε = {eps:.3g} in the one {what} release, above "
+                                 f"target_epsilon {dp.target_epsilon:g}", field="noise_multiplier", got=z)
+    return z, eps, accountant

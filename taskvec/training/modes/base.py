@@ -109,6 +109,31 @@ class TrainMode:
         return None
 
 
+class OnePassHead(TrainMode):
+    """A classifier set in closed form from one pass over the frozen base's features, no gradient step
+    (classification only, one process); under DP its one release (of its `pass_name`) is a `gaussian-sum`, not
+    DP-SGD. Subclasses set the name, help and pass name and implement `fit`."""
+
+    lr = 0.0
+    trains_features = False
+    segmentation = False
+    multi_process = False
+    fits_in_one_pass = True
+    pass_batch = 64  # a batch derived from the data's size would reveal it
+    refuses = ("epochs", "steps", "lr", "ema", "prox", "head")
+    refusal = "one pass over the data, no gradient step"
+
+    def trainable_names(self, net: nn.Module, task: str) -> list[str]:
+        return head_names(net, task)
+
+    def check(self, head: str, dp: DPConfig | None) -> None:
+        from taskvec.privacy.mechanisms.gaussian_sum import release_noise
+
+        super().check(head, dp)
+        if dp is not None and dp.noise_multiplier and dp.target_epsilon:
+            release_noise(dp, self.pass_name)  # refuses a multiplier over the target
+
+
 def registered() -> list[type[TrainMode]]:
     """Every registered mode, by name."""
     return [MODES[name] for name in sorted(MODES)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from taskvec.training.modes.base import TrainMode, head_names, register
+from taskvec.training.modes.base import OnePassHead, register
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -21,29 +21,11 @@ if TYPE_CHECKING:
 
 
 @register
-class ClassMeans(TrainMode):
+class ClassMeans(OnePassHead):
     name = "class-means"
     help = ("the head in closed form from the class means of the base's features: one pass, no gradient step; "
             "with DP one Gaussian release, far less noise than DP-SGD on small data")
-    lr = 0.0
-    trains_features = False
-    segmentation = False
-    multi_process = False
-    fits_in_one_pass = True
     pass_name = "class means"
-    pass_batch = 64  # a batch derived from the data's size would reveal it
-    refuses = ("epochs", "steps", "lr", "ema", "prox", "head")
-    refusal = "one pass over the data, no gradient step"
-
-    def trainable_names(self, net: nn.Module, task: str) -> list[str]:
-        return head_names(net, task)
-
-    def check(self, head: str, dp: DPConfig | None) -> None:
-        from taskvec.training.class_means import release_noise
-
-        super().check(head, dp)
-        if dp is not None and dp.noise_multiplier and dp.target_epsilon:
-            release_noise(dp)  # refuses a multiplier over the target
 
     def fit(self, net: nn.Module, spec: ModelSpec, data: ImageDataset, *, device: torch.device, batch_size: int,
             dp: DPConfig | None, run_id: str, track: Track[Any], run_dir: Path) -> list[dict[str, Any]]:

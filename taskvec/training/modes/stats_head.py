@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from taskvec.errors import ConfigError, FileFormatError, PrivacyConfigError, TaskvecError
-from taskvec.training.modes.base import TrainMode, head_names, register
+from taskvec.errors import ConfigError, FileFormatError, TaskvecError
+from taskvec.training.modes.base import OnePassHead, head_names, register
 
 if TYPE_CHECKING:
     import numpy as np
@@ -27,42 +27,13 @@ if TYPE_CHECKING:
 STATISTICS_FILE = "statistics.safetensors"  # beside the run's model file: what its vector will carry
 
 
-def release_noise(dp: DPConfig) -> tuple[float, float, str]:
-    """(noise multiplier, ε, accountant) of the one release: the given multiplier or the one calibrated to the
-    target ε; a given multiplier whose ε passes a given target is refused."""
-    from taskvec.privacy.accounting import calibrate_noise, dp_sgd_epsilon
-
-    z = dp.noise_multiplier or calibrate_noise(float(dp.target_epsilon or 0), dp.delta, 1.0, 1)
-    eps, accountant = dp_sgd_epsilon([(z, 1.0, 1)], dp.delta)
-    if dp.target_epsilon is not None and eps > dp.target_epsilon:
-        raise PrivacyConfigError(f"noise_multiplier {z:g} gives ε = {eps:.3g} in the one statistics release, above "
-                                 f"target_epsilon {dp.target_epsilon:g}", field="noise_multiplier", got=z)
-    return z, eps, accountant
-
-
 @register
-class StatsHead(TrainMode):
+class StatsHead(OnePassHead):
     name = "stats-head"
     arg = "P"
     help = ("dimensions: the noised sufficient statistics of the base's features (class counts and sums, second "
             "moments in at most P dimensions), one pass, no gradient step; merged by summing, the head solved once")
-    lr = 0.0
-    trains_features = False
-    segmentation = False
-    multi_process = False
-    fits_in_one_pass = True
     pass_name = "feature statistics"
-    pass_batch = 64  # a batch derived from the data's size would reveal it
-    refuses = ("epochs", "steps", "lr", "ema", "prox", "head")
-    refusal = "one pass over the data, no gradient step"
-
-    def trainable_names(self, net: nn.Module, task: str) -> list[str]:
-        return head_names(net, task)
-
-    def check(self, head: str, dp: DPConfig | None) -> None:
-        super().check(head, dp)
-        if dp is not None and dp.noise_multiplier and dp.target_epsilon:
-            release_noise(dp)
 
     def fit(self, net: nn.Module, spec: ModelSpec, data: ImageDataset, *, device: torch.device, batch_size: int,
             dp: DPConfig | None, run_id: str, track: Track[Any], run_dir: Path) -> list[dict[str, Any]]:
@@ -73,7 +44,7 @@ class StatsHead(TrainMode):
         from taskvec.io.files import FORMAT, FORMAT_VERSION
         from taskvec.io.tensors import save_tensors, state_digest
         from taskvec.privacy.dpsgd import secret_generator
-        from taskvec.privacy.mechanisms.gaussian_sum import GaussianSum
+        from taskvec.privacy.mechanisms.gaussian_sum import GaussianSum, release_noise
         from taskvec.training import sufficient
 
         timm_net: Any = net.eval()
@@ -93,7 +64,7 @@ class StatsHead(TrainMode):
         unit = "patient" if dp is not None and data.groups is not None else "image"
         z, entry = 0.0, None
         if dp is not None:  # the mechanism first: an over-budget release is refused before the pass
-            z, eps, accountant = release_noise(dp)
+            z, eps, accountant = release_noise(dp, self.pass_name)
             entry = GaussianSum.entry(epsilon=eps, delta=dp.delta, accountant=accountant, noise_multiplier=z,
                                       sample_rate=1.0, steps=1, max_grad_norm=dp.max_grad_norm,
                                       unit=unit, run_id=run_id, seeded=dp.seed is not None)
