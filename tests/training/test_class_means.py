@@ -15,16 +15,17 @@ from dp_reference import dp_sgd_test_entry as _dp_sgd
 from dp_reference import pld_epsilon
 from headers import vector_header
 from safetensors.torch import load_file
+from stats_reference import pooled_features
 from synthetic_data import npz_file
 
 from taskvec.errors import ConfigError, PrivacyConfigError
 from taskvec.io.files import read_kind
 from taskvec.merging.export import export_vector
-from taskvec.models.spec import ModelSpec, build_base, load_model, save_model
+from taskvec.models.spec import ModelSpec, build_base, save_model
 from taskvec.privacy.dpsgd import DPConfig
 from taskvec.privacy.ledger import PrivacyBudget, check_merge_budget, dp_sgd_epsilon, verify_ledger
 from taskvec.training.class_means import unit_vectors, unit_weights
-from taskvec.training.data import Normalizer, load_data
+from taskvec.training.data import load_data
 from taskvec.training.loop import FinetuneConfig, finetune
 
 HEAD = ("classifier.weight", "classifier.bias")
@@ -45,20 +46,10 @@ def _run(base: Path, data: Path, out: Path, dp: DPConfig | None = None, **kw: An
 
 def _reference_head(base: Path, data: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest class mean on unit-length pooled features, computed image by image."""
-    spec = ModelSpec.from_dict(read_kind(base, "model").meta["model"])
-    net: Any = load_model(base, "cpu").eval()
-    train = load_data(data, spec, val_fraction=0.0).train
-    assert train is not None
-    norm = Normalizer(spec, torch.device("cpu"))
-    feats, labels = [], []
-    with torch.no_grad():
-        for i in range(len(train)):
-            x, y = train[i]
-            feats.append(net.forward_head(net.forward_features(norm(x[None])), pre_logits=True)[0].double())
-            labels.append(int(y))
-    f = torch.stack(feats)
+    feats, labels = pooled_features(base, data)
+    f = torch.from_numpy(feats)
     unit = f / f.norm(dim=1, keepdim=True)
-    means = torch.stack([unit[[j for j, c in enumerate(labels) if c == k]].mean(0) for k in range(2)])
+    means = torch.stack([unit[torch.from_numpy(labels == k)].mean(0) for k in range(2)])
     nu = math.exp(f.norm(dim=1).log().mean().item())
     return (means / nu).float(), (-0.5 * means.pow(2).sum(1)).float()
 
