@@ -69,11 +69,16 @@ def test_split(ds: Any, args: argparse.Namespace, seed: int) -> tuple[Any, Any]:
     return train, test
 
 
-def class_labels(args: argparse.Namespace) -> list[str]:
+def cells_column(args: argparse.Namespace, name: str) -> list[str]:
+    """One column of `cells.csv`, row by row."""
     import csv
 
     with (args.data / "cells.csv").open(newline="") as f:
-        return sorted({row["label"] for row in csv.DictReader(f)})
+        return [row[name] for row in csv.DictReader(f)]
+
+
+def class_labels(args: argparse.Namespace) -> list[str]:
+    return sorted(set(cells_column(args, "label")))
 
 
 def make_base(task: str, args: argparse.Namespace, seed: int, path: Path) -> Any:
@@ -169,8 +174,8 @@ def table(task: str, variants: list[tuple[str, float | None]], args: argparse.Na
     for mode, eps in variants:
         runs = [one_variant(task, mode, eps, seed, args, root / task / f"seed{seed}" / f"{mode}-eps{eps}")
                 for seed in args.seeds]
-        names = list(runs[0]["merged"])
-        for model in runs[0]:
+        names = [s for s in dict.fromkeys(cells_column(args, "site")) if s in runs[0]["merged"]]
+        for model in [*names, "merged", "centralised"]:
             cells = [ms([f(r[model][site]) for r in runs]) for site in names for _, f in cols]
             rows.append(f"| {mode} | {'∞' if eps is None else f'{eps:g}'} | {model} | " + " | ".join(cells) + " |")
             print(rows[-1], flush=True)
