@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from taskvec.errors import FileFormatError, OutputExistsError
-from taskvec.io.schema import FORMAT as FORMAT  # also for the run folder's and merge state's own files
 from taskvec.io.schema import FORMAT_VERSION, ModelHeader, VectorHeader, is_count, parse_header
 
 META_KEY = "taskvec"

@@ -28,8 +28,6 @@ from filelock import FileLock
 
 from taskvec.errors import ConfigError, FileFormatError, MismatchError
 from taskvec.io.files import (
-    FORMAT,
-    FORMAT_VERSION,
     Header,
     atomic_output,
     check_output,
@@ -38,6 +36,7 @@ from taskvec.io.files import (
     read_header,
     write_json,
 )
+from taskvec.io.schema import FORMAT, FORMAT_VERSION
 from taskvec.io.tensors_np import save_arrays
 from taskvec.merging.accumulate import Accumulator, accumulate
 from taskvec.merging.heads import solve

@@ -33,10 +33,8 @@ STATS = "statistics.safetensors"
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> tuple[Path, Path]:
-    net, spec = build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=32, seed=0)
-    base = tmp_path / "base.safetensors"
-    save_model(net, spec, base)
+def setup(make_base: Any, tmp_path: Path) -> tuple[Path, Path]:
+    base = make_base("test_efficientnet", num_classes=2, in_chans=1)
     return base, npz_file(tmp_path / "d.npz", n=60)
 
 

@@ -41,7 +41,7 @@ class StatsHead(OnePassHead):
         import numpy as np
         import torch
 
-        from taskvec.io.files import FORMAT, FORMAT_VERSION
+        from taskvec.io.schema import FORMAT, FORMAT_VERSION
         from taskvec.io.tensors import save_tensors, state_digest
         from taskvec.privacy.dpsgd import secret_generator
         from taskvec.privacy.mechanisms.gaussian_sum import GaussianSum, release_noise
