@@ -117,6 +117,11 @@ def finetune(
     contributor: str | None = typer.Option(None, help="Contributor id (site name) recorded in the model."),
     augment: bool = typer.Option(DEFAULTS.augment, "--augment/--no-augment", help="Random flips and 90° rotations."),
     workers: int | None = typer.Option(None, help="Data loader processes (default: 8 on GPU, 0 on CPU)."),
+    image_cache: str = typer.Option(
+        DEFAULTS.image_cache, "--image-cache",
+        help="Image files decoded once into an array on disk that later epochs and runs read: auto ($TASKVEC_CACHE, "
+             "else ~/.cache/taskvec/images) | off | a folder. It holds the site's images: keep it where the data "
+             "may be."),
     dp: bool = typer.Option(False, "--dp", help=f"DP-SGD (Opacus; {ONE_PASS}: its one Gaussian release); unit: "
                                                 "patient given patient ids, else image."),
     target_epsilon: float | None = typer.Option(
@@ -160,7 +165,7 @@ def finetune(
     config = FinetuneConfig(
         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, train=train, ema=ema, weight_decay=weight_decay,
         img_size=img_size, device=device, seed=seed, resume=resume, val_fraction=val_fraction, contributor=contributor,
-        augment=augment, num_workers=workers, dp=private, prox=prox, head=head,
+        augment=augment, num_workers=workers, image_cache=image_cache, dp=private, prox=prox, head=head,
     )
     if launched_rank():  # rank 0 of a torchrun launch reports
         console.quiet, STATE["rank"] = True, launched_rank()

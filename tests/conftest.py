@@ -28,6 +28,12 @@ def _threads() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _image_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Decoded-image caches of the tests' runs go to a temporary folder, not the user's."""
+    os.environ["TASKVEC_CACHE"] = str(tmp_path_factory.mktemp("image-cache"))
+
+
 @pytest.fixture
 def make_base(tmp_path: Path) -> Callable[..., Path]:
     """Create a tiny base model file: make_base(arch='test_vit', task=..., num_classes=..., name=...)."""

@@ -16,7 +16,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")  # `cuda:N` names one GPU
 DEFAULT_DEVICE = "auto"  # CUDA when torch sees a GPU, else the CPU
 DEVICE_HELP = "auto (CUDA when torch sees a GPU, else the CPU) | cpu | cuda (or cuda:N) | mps (Apple GPUs)."
 DP_EMA = 0.99  # DP-SGD recipe default: EMA decay of the weights
-RUNTIME_FIELDS = {"resume", "device", "num_workers"}  # may differ between a run and its resumption
+RUNTIME_FIELDS = {"resume", "device", "num_workers", "image_cache"}  # may differ between a run and its resumption
 
 
 def check_device(device: str) -> str:
@@ -68,6 +68,7 @@ class FinetuneConfig:
     contributor: str | None = None
     augment: bool = True
     num_workers: int | None = None  # default: 8 on GPU, 0 on CPU
+    image_cache: str = "auto"  # decoded images on disk: auto | off | a folder (taskvec.training.data.cache)
     dp: DPConfig | None = None  # train with DP (DP-SGD, or the one-pass mode's own release)
     prox: float = 0.0  # μ of the proximal pull toward the base (taskvec.training.mergeable; 0: off)
     head: str = "train"  # one of HEADS (taskvec.training.mergeable)

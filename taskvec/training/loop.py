@@ -41,6 +41,7 @@ from taskvec.progress import Track, no_track
 from taskvec.training.augment import augment
 from taskvec.training.config import DP_EMA, FinetuneConfig
 from taskvec.training.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader, split_record
+from taskvec.training.data.cache import cached_splits
 from taskvec.training.distributed import Group, process_group
 from taskvec.training.evaluate import autocast, evaluate_module, resolve_device
 from taskvec.training.losses import criterion
@@ -143,8 +144,6 @@ def finetune(
     if (out / MODEL_FILE).exists():
         raise OutputExistsError(f"{out}: holds a finished run ({MODEL_FILE}); choose another `out_dir`", path=out)
     splits = as_splits(data, spec, img_size=config.img_size, val_fraction=config.val_fraction, seed=config.seed)
-    if splits.train is None:
-        raise TaskvecError(f"{splits.source}: no training split")
     for w in splits.warnings:
         say(w)
     if config.head != "train" and spec.task != "classification":
@@ -158,6 +157,9 @@ def finetune(
         noise_and_limit(config.dp, plan_steps(config)[0])
     if config.head == "frozen" and spec.task == "classification":
         _check_frozen_head(base, spec)
+    splits = cached_splits(splits, config.image_cache, track)
+    if splits.train is None:
+        raise TaskvecError(f"{splits.source}: no training split")
     with process_group(resolve_device(config.device)) as group:
         if not mode.multi_process and group.world > 1:
             raise ConfigError(f"train {mode} runs in one process ({mode.refusal})", field="train")

@@ -3,6 +3,7 @@ source (`DataSplits`)."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -21,12 +22,37 @@ Source = str | int  # a file path, or a row of an in-memory array
 
 
 @dataclass(eq=False)
+class DecodedImages:
+    """One cache entry opened read-only: row `rows[source]` of `images` (N × S × S × C uint8) is that
+    source's converted image, of `masks` (N × S × S int32, segmentation) its resized mask. Pickled as its
+    folder (a DataLoader worker or another process maps the files again)."""
+
+    folder: Path
+    rows: dict[str, int]
+    images: np.ndarray = field(repr=False)
+    masks: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, folder: Path) -> DecodedImages:
+        sources = json.loads((folder / "sources.json").read_text())
+        images = np.load(folder / "images.npy", mmap_mode="r")
+        masks = np.load(folder / "masks.npy", mmap_mode="r") if (folder / "masks.npy").exists() else None
+        if images.shape[0] != len(sources) or (masks is not None and masks.shape[0] != len(sources)):
+            raise OSError(f"{folder}: arrays and sources.json disagree")
+        return cls(folder, {s: i for i, s in enumerate(sources)}, images, masks)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return DecodedImages.open, (self.folder,)
+
+
+@dataclass(eq=False)
 class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     """Samples of one split: `dataset[i]` is `(uint8 tensor C×S×S, label int | int64 mask S×S)`.
 
     `groups` holds per-sample patient ids when the data gives them (None otherwise); `subset(indices)`
     makes a site's share for simulations. `root` is the data root that image ids are relative to, and
-    `array_name` the npz array that row numbers index.
+    `array_name` the npz array that row numbers index. `decoded` holds images (and masks) already converted
+    (`taskvec.training.data.cache`): a source found there is read from it, any other from its file.
     """
 
     task: str
@@ -40,6 +66,7 @@ class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     binary_masks: list[bool] | None = None  # per mask: stored as 0/255 (255 → class 1)
     root: str | None = None
     array_name: str = "images"
+    decoded: DecodedImages | None = field(default=None, repr=False)
 
     @property
     def unit(self) -> str:
@@ -65,7 +92,11 @@ class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
         src = self.sources[i]
-        if isinstance(src, int) and self.array is not None:
+        cache = self.decoded
+        row = cache.rows.get(src) if cache is not None and isinstance(src, str) else None
+        if cache is not None and row is not None:
+            a = np.array(cache.images[row])
+        elif isinstance(src, int) and self.array is not None:
             a = self.array[src]
             if a.shape[:2] == (self.img_size, self.img_size) and a.size == self.img_size ** 2 * self.in_chans:
                 a = a.reshape(self.img_size, self.img_size, self.in_chans).copy()  # already in shape: no PIL
@@ -76,7 +107,11 @@ class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         x = torch.from_numpy(a).permute(2, 0, 1)
         if self.task == "classification":
             return x, int(self.targets[i])
-        mask = np.asarray(open_image(self.targets[i]).resize((self.img_size, self.img_size), Image.Resampling.NEAREST))
+        if cache is not None and row is not None and cache.masks is not None:
+            mask = np.array(cache.masks[row])
+        else:
+            mask = np.asarray(open_image(self.targets[i]).resize((self.img_size, self.img_size),
+                                                                 Image.Resampling.NEAREST))
         if self.binary_masks is not None and self.binary_masks[i]:
             mask = mask > 0
         return x, torch.from_numpy(mask.astype(np.int64))
