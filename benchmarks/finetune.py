@@ -1,12 +1,17 @@
 """Throughput of `taskvec finetune`'s loop against a bare timm + torch loop, and epoch times on real data.
 
     python benchmarks/finetune.py --arch resnet18 --img-size 64 --batch-size 32 --images 640 --repeats 3
+    python benchmarks/finetune.py --data ../shared/data/pbc_blood_cells_128 --arch tf_efficientnet_lite0 \
+        --img-size 64 --images 1024 --skip-real
     python benchmarks/finetune.py --real-only --device cuda
     python benchmarks/finetune.py --nproc 2 --arch resnet18 --img-size 64 --batch-size 32 --images 256 --repeats 3
 
-Throughput: the same model, batch size and in-memory images (random uint8, 2 classes). The bare loop is
-what a user would write: a TensorDataset of ready uint8 tensors, AdamW, cross-entropy, the same autocast;
-taskvec's loop adds its Dataset (per-image conversion), augmentation, the LR schedule and loss logging.
+Throughput: the same model, batch size and images: random uint8 arrays (2 classes), or with `--data` the first
+`--images` image files of a folder data set's training split. The bare loop is what a user would write: a
+TensorDataset of ready uint8 tensors (decoded beforehand, outside the timing), AdamW, cross-entropy, the same
+autocast; taskvec's loop adds its Dataset, augmentation, the LR schedule and loss logging. With `--data`,
+taskvec runs twice: reading the decoded-image cache (built before the first epoch; its build time is
+reported) and decoding the files in every epoch (`--image-cache off`).
 Each repeat trains two epochs of each loop, alternating, and times the second epoch (warm); the table
 gives medians and the ratio of medians. Real data: `taskvec finetune` on ../shared/data (BreastMNIST,
 MoNuSeg), median seconds of the training part of an epoch and of the whole epoch (with validation and the
@@ -35,6 +40,7 @@ import torch
 
 from taskvec.models.spec import build_base, save_model
 from taskvec.training.data import ImageDataset
+from taskvec.training.data.cache import cached
 from taskvec.training.evaluate import autocast, resolve_device
 from taskvec.training.loop import FinetuneConfig, finetune
 
@@ -44,7 +50,7 @@ SHARED = Path(os.environ.get("TASKVEC_SHARED_DATA", Path(__file__).resolve().par
 def bare_epoch_rate(arch: str, images: np.ndarray, labels: np.ndarray, batch: int, device: torch.device) -> float:
     """images/s of the second epoch of a plain timm + torch training loop."""
     torch.manual_seed(0)
-    model = timm.create_model(arch, num_classes=2, in_chans=3).to(device).train()
+    model = timm.create_model(arch, num_classes=int(labels.max()) + 1, in_chans=3).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     loss_fn = torch.nn.CrossEntropyLoss()
     ds = torch.utils.data.TensorDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
@@ -69,34 +75,70 @@ def bare_epoch_rate(arch: str, images: np.ndarray, labels: np.ndarray, batch: in
     return rate
 
 
-def taskvec_epoch_rate(base: Path, ds: ImageDataset, batch: int, device: str, work: Path, tag: str) -> float:
-    cfg = FinetuneConfig(epochs=2, batch_size=batch, lr=1e-4, device=device, val_fraction=0)
+def taskvec_epoch_rate(base: Path, ds: ImageDataset, batch: int, device: str, work: Path, tag: str,
+                       cache: str) -> float:
+    cfg = FinetuneConfig(epochs=2, batch_size=batch, lr=1e-4, device=device, val_fraction=0, train="all",
+                         image_cache=cache)
     r = finetune(base, ds, work / tag, cfg)
     return float(r.history[-1]["images_per_s"])
 
 
-def throughput(args: argparse.Namespace, device: torch.device, work: Path) -> None:
-    rng = np.random.default_rng(0)
+def inputs(args: argparse.Namespace) -> tuple[ImageDataset | None, np.ndarray, np.ndarray, list[str]]:
+    """(the data set of files or None, its images decoded N×S×S×3, labels, class names)."""
     s = args.img_size
-    images = rng.integers(0, 256, (args.images, s, s, 3), dtype=np.uint8)
-    labels = (np.arange(args.images) % 2).astype(np.int64)
+    if args.data is None:
+        rng = np.random.default_rng(0)
+        return (None, rng.integers(0, 256, (args.images, s, s, 3), dtype=np.uint8),
+                (np.arange(args.images) % 2).astype(np.int64), ["0", "1"])
+    from taskvec.models.spec import ModelSpec
+    from taskvec.training.data import load_data
+
+    root = args.data / "train" if (args.data / "train").is_dir() else args.data
+    labels = sorted(d.name for d in root.iterdir() if d.is_dir())
+    train = load_data(root, ModelSpec(args.arch, "classification", len(labels), 3, s, labels), val_fraction=0).train
+    assert train is not None
+    ds = train.subset(np.random.default_rng(0).permutation(len(train))[:args.images].tolist())
+    images = np.stack([ds[i][0].permute(1, 2, 0).numpy() for i in range(len(ds))])
+    return ds, images, np.asarray(ds.targets, dtype=np.int64), labels
+
+
+def throughput(args: argparse.Namespace, device: torch.device, work: Path) -> None:
+    files, images, labels, names = inputs(args)
+    s = args.img_size
     torch.manual_seed(0)
-    module, spec = build_base(args.arch, "classification", 2, 3, s)
+    module, spec = build_base(args.arch, "classification", len(names), 3, s, names)
     base = work / "base.safetensors"
     save_model(module, spec, base)
-    ds = ImageDataset("classification", 3, s, 2, list(range(args.images)), labels.tolist(), array=images)
-    bare, ours = [], []
+    ds = files or ImageDataset("classification", 3, s, len(names), list(range(len(images))), labels.tolist(),
+                               array=images)
+    loops: dict[str, list[float]] = {"bare timm + torch, decoded tensors": []}
+    cache = work / "image-cache"
+    if files is not None:
+        t0 = time.perf_counter()
+        cached(files, cache)  # built once, outside the timed epochs, as `finetune` does before its first
+        build = time.perf_counter() - t0
+        loops |= {"taskvec finetune, image cache": [], "taskvec finetune, decoding files": []}
+    else:
+        loops["taskvec finetune"] = []
     for i in range(args.repeats):
-        bare.append(bare_epoch_rate(args.arch, images, labels, args.batch_size, device))
-        ours.append(taskvec_epoch_rate(base, ds, args.batch_size, str(device), work, f"run{i}"))
-    mb, mo = statistics.median(bare), statistics.median(ours)
-    print(f"\n{args.arch} @ {s}px, batch {args.batch_size}, {args.images} images, {device}, "
-          f"median of {args.repeats} (second epoch each)")
-    print("| loop | images/s (median) | all runs |")
-    print("|---|---|---|")
-    print(f"| bare timm + torch | {mb:.1f} | {', '.join(f'{v:.1f}' for v in bare)} |")
-    print(f"| taskvec finetune | {mo:.1f} | {', '.join(f'{v:.1f}' for v in ours)} |")
-    print(f"| ratio taskvec / bare | {mo / mb:.2f} | |")
+        for name, rates in loops.items():
+            if name.startswith("bare"):
+                rates.append(bare_epoch_rate(args.arch, images, labels, args.batch_size, device))
+            else:
+                setting = "off" if name.endswith("files") else str(cache)
+                rates.append(taskvec_epoch_rate(base, ds, args.batch_size, str(device), work, f"run{i}-{len(rates)}"
+                                                f"-{setting == 'off'}", setting))
+    source = f"{args.data.name}, {len(images)} training images" if args.data else f"{len(images)} random images"
+    print(f"\n{args.arch} @ {s}px, batch {args.batch_size}, {source}, {device}, median of {args.repeats} "
+          "(second epoch each, the loops interleaved)")
+    print("| loop | images/s (median) | all runs | ratio to bare |")
+    print("|---|---|---|---|")
+    bare = statistics.median(loops["bare timm + torch, decoded tensors"])
+    for name, rates in loops.items():
+        m = statistics.median(rates)
+        print(f"| {name} | {m:.1f} | {', '.join(f'{v:.1f}' for v in rates)} | **{m / bare:.2f}** |")
+    if files is not None:
+        print(f"\nbuilding the image cache of {len(images)} images took {build:.1f} s (once per data set and size)")
 
 
 def real(args: argparse.Namespace, device: torch.device, work: Path) -> None:
@@ -171,6 +213,8 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--images", type=int, default=640)
+    p.add_argument("--data", type=Path, help="a folder data set (its train/ split when it has one) instead of "
+                                             "random images")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--real-only", action="store_true")
