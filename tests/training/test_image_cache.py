@@ -139,3 +139,36 @@ def test_a_damaged_entry_is_rebuilt(tmp_path: Path) -> None:
     np.save(entry.folder / "images.npy", np.zeros((2, 24, 24, 3), np.uint8))  # too few rows
     again = cached(ds, tmp_path / "cache")
     assert same(items(again), items(ds))
+
+
+def _build_in_child(args: tuple[Path, Path]) -> str:
+    root, cache = args
+    ds = load_data(root, spec(), val_fraction=0).train
+    assert ds is not None
+    entry = cached(ds, cache).decoded
+    assert entry is not None
+    return str(entry.folder)
+
+
+def test_processes_building_at_once_share_one_entry(tmp_path: Path) -> None:
+    import multiprocessing
+
+    root = image_folder(tmp_path / "d", n_per_class=30)
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        folders = pool.map(_build_in_child, [(root, tmp_path / "cache")] * 2)
+    assert folders[0] == folders[1]
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == [Path(folders[0]).name]
+
+
+def test_cli_image_cache_folder_and_off(tmp_path: Path, make_base) -> None:  # type: ignore[no-untyped-def]
+    from cli_app import invoke
+
+    base = make_base(arch="test_vit", num_classes=2, img_size=32)
+    root = image_folder(tmp_path / "d", n_per_class=4)
+    common = ("finetune", "--base", base, "--data", root, "--steps", "1", "--device", "cpu")
+    code, _, err = invoke(*common, "--out", tmp_path / "r1", "--image-cache", tmp_path / "mine")
+    assert code == 0, err
+    assert len([p for p in (tmp_path / "mine").iterdir() if not p.name.startswith(".")]) == 2  # train and val
+    code, _, err = invoke(*common, "--out", tmp_path / "r2", "--image-cache", "off")
+    assert code == 0, err
+    assert len(list((tmp_path / "mine").iterdir())) == 4  # nothing new (two entries, two lock files)
