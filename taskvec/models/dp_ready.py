@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from opacus.grad_sample import register_grad_sampler
+from timm.layers import Conv2dSame, pad_same
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
@@ -106,6 +107,46 @@ def frozen_batchnorm_grad_sample(
         out[layer.weight] = (g * x_hat).sum((2, 3))
     if layer.bias.requires_grad:
         out[layer.bias] = g.sum((2, 3))
+    return out
+
+
+def padded_input(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The input as `layer` pads it before convolving: timm's `Conv2dSame` pads like TensorFlow's SAME (by the
+    input's size), nn.Conv2d by its `padding` (numbers, "same" or "valid") and `padding_mode`."""
+    if isinstance(layer, Conv2dSame):
+        return pad_same(x, list(layer.kernel_size), list(layer.stride), list(layer.dilation))
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    return nn.functional.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
+
+
+@register_grad_sampler([nn.Conv2d, Conv2dSame])
+def conv2d_grad_sample(
+    layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.Tensor, torch.Tensor]:
+    """Exact per-example gradients of a 2-D convolution, for any padding (timm's `Conv2dSame` too, which Opacus
+    would differentiate whole with vmap, and `padding_mode`, which Opacus's sampler ignores).
+
+    Depthwise (groups = input = output channels): example b's weight gradient of channel c is
+    Σ_{h,w} x_pad[b, c, h·s + i·d, w·s + j·d] · g[b, c, h, w], the correlation of the padded input with the
+    output gradient, computed as one convolution with b × c groups (stride and dilation swapped). Other
+    convolutions: the unfolded input times the output gradient, group by group (Opacus's sampler multiplies
+    every pair of groups and keeps the diagonal: `groups` times the work)."""
+    x = padded_input(layer, activations[0].detach().to(backprops.dtype))
+    n, c = x.shape[:2]
+    out = {}
+    if layer.weight.requires_grad and layer.groups == c == layer.out_channels and n > 0:
+        kh, kw = layer.kernel_size
+        g = backprops.reshape(n * c, 1, *backprops.shape[2:])
+        corr = nn.functional.conv2d(x.reshape(1, n * c, *x.shape[2:]), g, stride=layer.dilation,
+                                    dilation=layer.stride, groups=n * c)
+        out[layer.weight] = corr[0, :, :kh, :kw].reshape(n, *layer.weight.shape)
+    elif layer.weight.requires_grad:
+        cols = nn.functional.unfold(x, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)
+        cols = cols.reshape(n, layer.groups, cols.shape[1] // layer.groups, cols.shape[-1])
+        g = backprops.reshape(n, layer.groups, layer.out_channels // layer.groups, cols.shape[-1])
+        out[layer.weight] = torch.einsum("ngol,ngpl->ngop", g, cols).reshape(n, *layer.weight.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = backprops.sum((2, 3))
     return out
 
 

@@ -25,7 +25,7 @@ from taskvec.privacy.accounting import (
     max_steps,
     prv_grid_points,
 )
-from taskvec.privacy.dpsgd import Chunk, DPConfig, make_private
+from taskvec.privacy.dpsgd import Chunk, DPConfig, is_accumulating, make_private
 from taskvec.privacy.entries import verify_ledger
 from taskvec.privacy.mechanisms.dp_sgd import dp_sgd_entry
 
@@ -269,3 +269,40 @@ def test_dp_sgd_never_uses_fp16_loss_scaling(monkeypatch: pytest.MonkeyPatch) ->
     assert mixed_precision(cuda, dp=True) is None
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert mixed_precision(cuda, dp=True) == "bf16"  # no loss scaling needed
+
+
+def _depthwise_net() -> nn.Module:
+    """lite0's layer types at toy size: SAME-padded (timm) and zero-padded depthwise convolutions with stride 2."""
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    return nn.Sequential(Conv2dSame(3, 8, 3, stride=2), nn.GroupNorm(2, 8), nn.ReLU6(),
+                         nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8), Conv2dSame(8, 8, 3, stride=2, groups=8),
+                         nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("patients", [False, True])
+def test_grad_sample_modes_take_the_same_step(patients: bool) -> None:
+    """taskvec's convolution samplers (hooks) and Opacus's vmap of every layer (functorch) give the same per-unit
+    gradients: with the same seed, one DP-SGD step gives the same parameters and the same ledger entry."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, 17, 17, generator=g), torch.randint(0, 2, (16,), generator=g))
+    after, entries = [], []
+    for mode in ("hooks", "functorch"):
+        model = _depthwise_net()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        cfg = DPConfig(0.01, 1e-5, noise_multiplier=0.1, grad_sample_mode=mode, seed=3, sample_rate=0.5)
+        wrapped, opt, loader, meter = make_private(model, opt, DataLoader(data, batch_size=4), cfg, steps=1,
+                                                   patient_ids=[i // 2 for i in range(16)] if patients else None)
+        for xb, yb in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(wrapped(xb), yb).backward()
+            opt.step()
+            if not is_accumulating(opt):
+                break
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        entries.append(meter.ledger_entry("run"))
+    moved = (after[0] - torch.cat([p.detach().flatten() for p in _depthwise_net().parameters()])).abs().max()
+    assert moved > 1e-3
+    assert torch.allclose(after[0], after[1], atol=1e-6)
+    assert entries[0] == entries[1]
