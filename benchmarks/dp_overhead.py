@@ -8,7 +8,7 @@ mode overall is `taskvec.privacy.dpsgd.DEFAULT_GRAD_SAMPLE_MODE`. Example:
 
 With `--train MODES` it compares training modes instead (`finetune --train`), on one backbone with the DP-ready
 conversion a pretrained base gets (frozen BatchNorm statistics), DP-SGD with hooks against the same mode
-without DP, e.g. the issue's target (at most 3x for norm-bias and lora on tf_efficientnet_lite0):
+without DP, and gives DP-SGD images per second (`--device cuda` on a GPU), e.g.:
   python benchmarks/dp_overhead.py --archs tf_efficientnet_lite0 --train all,head,norm-bias,lora:8
 """
 
@@ -28,9 +28,9 @@ ARCHS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "convnext_atto", "conv
 MODES = ["none", "hooks", "functorch"]
 
 
-def make_step(arch: str, mode: str, img_size: int, batch: int, train: str | None = None) -> Any:
-    """A closure running one training step on a fixed batch (DP-SGD unless mode is 'none'); `train` selects a
-    training mode on a frozen-BatchNorm base (else: every parameter, the default DP-ready conversion)."""
+def make_step(arch: str, mode: str, img_size: int, batch: int, train: str | None = None, device: str = "cpu") -> Any:
+    """A closure running one training step on a fixed batch (DP-SGD unless mode is 'none') on `device`; `train`
+    selects a training mode on a frozen-BatchNorm base (else: every parameter, the default DP-ready conversion)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from taskvec.models.spec import build_base
@@ -42,18 +42,21 @@ def make_step(arch: str, mode: str, img_size: int, batch: int, train: str | None
                           dp_norm="frozen-batchnorm" if train else None)
     if train:
         model, _ = parse_mode(train).prepare(model, "classification")
-    model.train()
+    model.to(device).train()
     opt: Any = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x, y = torch.randn(batch, 3, img_size, img_size), torch.randint(0, 2, (batch,))
     if mode != "none":
         data = DataLoader(TensorDataset(x, y), batch_size=batch)
         cfg = DPConfig(1.0, 1e-5, noise_multiplier=1.0, grad_sample_mode=mode, seed=0)
         model, opt, _, _ = make_private(model, opt, data, cfg, steps=1)
+    x, y = x.to(device), y.to(device)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
 
     return step
 
@@ -73,8 +76,8 @@ def median_ms(steps: dict[str, Any], repeats: int) -> dict[str, float]:
 
 
 def compare_modes(arch: str, modes: list[str], args: Any) -> None:
-    print(f"| {arch} (frozen BatchNorm) | trained params | no DP ms | DP ms | DP × |")
-    print("|---|---|---|---|---|")
+    print(f"| {arch} (frozen BatchNorm) | trained params | no DP ms | DP ms | DP × | DP images/s |")
+    print("|---|---|---|---|---|---|")
     for train in modes:
         from taskvec.models.spec import build_base
         from taskvec.training.modes import parse_mode
@@ -82,10 +85,10 @@ def compare_modes(arch: str, modes: list[str], args: Any) -> None:
         net = parse_mode(train).prepare(build_base(arch, num_classes=2, img_size=args.img_size)[0],
                                         "classification")[0]
         n = sum(p.numel() for p in net.parameters() if p.requires_grad)
-        med = median_ms({m: make_step(arch, m, args.img_size, args.batch, train) for m in ("none", "hooks")},
-                        args.repeats)
-        print(f"| {train} | {n:,} | {med['none']:.0f} | {med['hooks']:.0f} | {med['hooks'] / med['none']:.2f} |",
-              flush=True)
+        med = median_ms({m: make_step(arch, m, args.img_size, args.batch, train, args.device)
+                         for m in ("none", "hooks")}, args.repeats)
+        print(f"| {train} | {n:,} | {med['none']:.0f} | {med['hooks']:.0f} | {med['hooks'] / med['none']:.2f} | "
+              f"{args.batch / med['hooks'] * 1e3:.0f} |", flush=True)
 
 
 def main() -> None:
@@ -96,10 +99,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train", default=None, help="compare these training modes (comma-separated) instead")
+    ap.add_argument("--device", default="cpu", help="device of the --train comparison (e.g. cuda)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} at {args.img_size} px, "
+    import opacus
+
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    print(f"torch {torch.__version__}, Opacus {opacus.__version__}, {where}, batch {args.batch} at {args.img_size} px, "
           f"median of {args.repeats} steps (after 2 warm-up steps)")
     if args.train:
         for arch in args.archs.split(","):
