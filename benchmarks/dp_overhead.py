@@ -107,7 +107,7 @@ def main() -> None:
 
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     print(f"torch {torch.__version__}, Opacus {opacus.__version__}, {where}, batch {args.batch} at {args.img_size} px, "
-          f"median of {args.repeats} steps (after 2 warm-up steps)")
+          f"median of {args.repeats} steps (after 2 warm-up steps)\n")
     if args.train:
         for arch in args.archs.split(","):
             compare_modes(arch, args.train.split(","), args)
