@@ -43,13 +43,9 @@ def init(
     module, spec = build_base(arch, task, num_classes, in_chans, img_size, names, pretrained, weights, dp_compatible,
                               dp_norm, decoder, seed=seed, zero_head=False if random_head else None)
     if spec.dp_compatible is not None:
-        from taskvec.models.dp_ready import DEPTHWISE_WARNING, depthwise_convolutions
-
         how = ("frozen statistics (per-channel affine)" if spec.dp_compatible["norm"] == "frozen-batchnorm"
                else "GroupNorm (affine weights kept)")
         console.print(f"DP-ready: BatchNorm → {how}, in-place ops made out-of-place")
-        if depthwise_convolutions(module):
-            warn(f"{arch} {DEPTHWISE_WARNING.format(n=depthwise_convolutions(module))}")
     source = {"pretrained": pretrained, "weights": str(weights) if weights else None}
     identity = save_model(module, spec, out, extra={"source": source}, force=force)
     n = sum(p.numel() for p in module.parameters())

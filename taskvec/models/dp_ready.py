@@ -31,11 +31,6 @@ from taskvec.errors import ConfigError, TaskvecError
 
 MAX_GROUPS = 32
 NORMS = ("frozen-batchnorm", "groupnorm")
-DEPTHWISE_WARNING = (
-    "has {n} depthwise convolutions: per-example gradients of their weights are slow in Opacus (full DP-SGD "
-    "fine-tuning of tf_efficientnet_lite0 measured about 25× slower than without DP); `taskvec finetune --train "
-    "norm-bias` or `taskvec finetune --train lora:R` leave them frozen (see benchmarks/dp_overhead.py)"
-)
 
 
 def group_count(channels: int, max_groups: int = MAX_GROUPS) -> int:
@@ -228,14 +223,6 @@ def dp_problems(module: nn.Module) -> list[str]:
     errors = {str(e).splitlines()[0] for e in ModuleValidator.validate(module, strict=False)}
     problems += sorted(e for e in errors if "BatchNorm" not in e and "training mode" not in e)
     return problems
-
-
-def depthwise_convolutions(module: nn.Module, trainable: bool = False) -> int:
-    """Number of depthwise convolutions (groups = input channels > 1); with `trainable`, those being trained."""
-    return sum(
-        isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
-        and (m.weight.requires_grad or not trainable) for m in module.modules()
-    )
 
 
 def dp_spec(norm: str = "groupnorm", max_groups: int = MAX_GROUPS) -> dict[str, Any]:

@@ -33,7 +33,6 @@ from torch import nn
 from taskvec.errors import ConfigError, OutputExistsError, TaskvecError
 from taskvec.io.files import read_kind, write_json
 from taskvec.io.tensors import state_digest
-from taskvec.models.dp_ready import DEPTHWISE_WARNING, depthwise_convolutions
 from taskvec.models.spec import ModelSpec, create_module, load_model, save_model, starts_pretrained
 from taskvec.privacy.dpsgd import is_accumulating, noise_and_limit, require_dp_ready
 from taskvec.privacy.ledger import name_model
@@ -238,8 +237,6 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
     loader = make_loader(train, batch_size, device, shuffle=True, generator=loader_gen,
                          drop_last=len(train) > batch_size, num_workers=config.num_workers)
     total, notes = (0, []) if one_pass else plan_steps(config, len(loader))
-    if config.dp is not None and not one_pass and depthwise_convolutions(net, trainable=True):
-        notes.append(f"the model {DEPTHWISE_WARNING.format(n=depthwise_convolutions(net, trainable=True))}")
     for note in notes if group.main else []:
         say(note)
     site = SiteSteps(net, prox=config.prox, anchors=prox_anchors(net, mode) if config.prox else None,

@@ -49,9 +49,9 @@ def test_train_default_follows_the_bases_weights(weights: bool, given: str | Non
 
 
 def test_warnings_come_first_as_one_line_each(dp_base: Path, tmp_path: Path) -> None:
-    """DP-SGD of every parameter of a network with depthwise convolutions, for too few steps: both warnings are
-    printed before the first epoch's line (the console script, stdout and stderr in one stream), as `warning: ...`
-    lines, not Python warnings with a source path."""
+    """DP-SGD of every parameter for too few steps: the warning is printed before the first epoch's line (the
+    console script, stdout and stderr in one stream) as one `warning: ...` line, and nothing else (Opacus's,
+    PyTorch's) is printed as a Python warning with a source path."""
     import subprocess
     import sys
 
@@ -62,11 +62,9 @@ def test_warnings_come_first_as_one_line_each(dp_base: Path, tmp_path: Path) -> 
                        timeout=300)
     assert p.returncode == 0, p.stdout
     lines = p.stdout.splitlines()
-    slow = next(i for i, line in enumerate(lines) if "depthwise convolutions" in line)
     short = next(i for i, line in enumerate(lines) if "only 2 optimiser steps" in line)
     first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch 1:"))
-    assert max(slow, short) < first_epoch, p.stdout
-    assert lines[slow].startswith("warning: the model has ") and "about 25× slower" in lines[slow]
+    assert short < first_epoch, p.stdout
     assert lines[short].startswith("warning: ") and "--steps >= " in lines[short]
     assert "Warning:" not in p.stdout and ".py:" not in p.stdout, p.stdout
 

@@ -38,7 +38,7 @@ def test_init_dp_compatible(tmp_path: Path) -> None:
     assert dp_problems(load_model(tmp_path / "b.safetensors")) == []
     code, _, err = run("init", "--arch", "test_convnext", "--num-classes", "2", "--img-size", "32",
                        "--out", tmp_path / "c.safetensors", "--dp-compatible")
-    assert code == 0 and "depthwise convolutions" in err
+    assert code == 0, err
 
 
 @pytest.fixture

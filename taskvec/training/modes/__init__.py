@@ -2,8 +2,8 @@
 registered `TrainMode` (`taskvec.training.modes.base`) that declares the parameters it trains, its vector, its
 default learning rate and what it supports. Importing the package registers every module in it.
 
-Frozen parameters get no gradient, so DP-SGD computes per-example gradients only for what is trained: the
-modes other than `all` avoid the slow per-example gradients of depthwise convolutions. Torch-free at import.
+Frozen parameters get no gradient, so DP-SGD computes per-example gradients only for what is trained (the cost
+per mode: docs/results/performance.md). Torch-free at import.
 """
 
 import importlib
