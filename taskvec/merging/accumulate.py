@@ -4,7 +4,6 @@ every file open, in chunks of all vectors' values."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,7 +103,7 @@ def _stream(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, s
             if sp is not None:
                 if not np.isfinite(x).all():
                     raise FileFormatError(f"{h.path}: tensor {k} holds NaN or Inf")
-                x = sp.apply(x, sp.window(x), vector_seed(plan.seed, h.vector.sha256, k))
+                x = sp.whole(x[None], [vector_seed(plan.seed, h.vector.sha256, k)])[0]
             if recipe.stock:
                 norm = float(np.linalg.norm(x))
                 if norm > 0:
@@ -135,17 +134,14 @@ def _by_tensor(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array
             acc.sums[k] = _whole(plan, recipe, files, carried, k, weights, scales)
             continue
         numel = files[0].header.tensors[k].numel
-        ranked = sp is not None and sp.ranked  # magnitude windows need each vector's whole tensor
-        windows = [(0.0, math.inf)] * len(files)
-        if ranked and numel > reading.step:  # in chunks: one more (unhashed) read of each tensor for its window
-            windows = [sp.window(f.read(k, verify=False)) for f in files]  # type: ignore[union-attr]
         seeds = [vector_seed(plan.seed, f.header.vector.sha256, k) for f in files]
+        windows = None  # else from the rows of the one chunk, each a vector's whole tensor
+        if sp is not None and sp.ranked and numel > reading.step:  # one more (unhashed) read of each tensor
+            windows = sp.windows(f.read(k, verify=False) for f in files)
         out = np.empty(numel, np.float32)
         for start, stop, x in reading.chunks(k, numel):
-            if ranked and numel <= reading.step:  # one chunk holds every vector's whole tensor
-                windows = [sp.window(row) for row in x]  # type: ignore[union-attr]
             if sp is not None:
-                x = np.stack([sp.apply(row, win, s, start) for row, win, s in zip(x, windows, seeds)])
+                x = sp.apply(x, sp.windows(x) if windows is None else windows, seeds, start)
             out[start:stop] = recipe.consensus(_scaled(x, scales), weights)
         acc.sums[k] = out
     acc.weight += float(weights.sum())
@@ -168,8 +164,7 @@ def _whole(plan: MergePlan, recipe: Recipe, files: Sequence[VectorFile], carried
         raise FileFormatError(f"a vector's tensor {key} holds NaN or Inf")
     sp = recipe.sparsify
     if sp is not None:
-        x = np.stack([sp.apply(row, sp.window(row), vector_seed(plan.seed, f.header.vector.sha256, key))
-                      for row, f in zip(x, files)])
+        x = sp.whole(x, [vector_seed(plan.seed, f.header.vector.sha256, key) for f in files])
     return recipe.consensus(_scaled(x, scales), weights)  # type: ignore[no-any-return]
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -71,18 +71,36 @@ def param(default: float, *, low: float | None = None, high: float | None = None
 
 # --- sparsification (per vector and tensor) -----------------------------------------------------------
 
+GOLDEN, MIX1, MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _bits(seed: int, start: int, n: int) -> Array:
+    """splitmix64 of (seed, index) for the indices start..start+n of a tensor, as uint64 (in place, 2 buffers)."""
+    z = np.arange(start, start + n, dtype=np.uint64)
+    z *= GOLDEN
+    z += np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
+    t = np.empty_like(z)
+    for shift, mix in ((30, MIX1), (27, MIX2), (31, None)):
+        np.right_shift(z, np.uint64(shift), out=t)
+        z ^= t
+        if mix is not None:
+            z *= mix
+    return z
+
+
 def uniform(seed: int, start: int, n: int) -> Array:
     """n uniforms in [0, 1) for coordinates start..start+n of a tensor: splitmix64 of (seed, index).
 
     Counter-based, so any chunk of a tensor draws the same numbers as the whole tensor does."""
-    z = np.arange(start, start + n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    z += np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(0xBF58476D1CE4E5B9)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return (_bits(seed, start, n) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def kept_below(seed: int, start: int, n: int, p: float) -> Array:
+    """`uniform(seed, start, n) < p`, compared on the integers: u = k·2⁻⁵³ < p ⟺ k < ⌈p·2⁵³⌉ ⟺ bits < ⌈p·2⁵³⌉·2¹¹."""
+    c = math.ceil(p * 2.0**53)
+    if c >= 1 << 53:
+        return np.ones(n, bool)
+    return _bits(seed, start, n) < np.uint64(c << 11)
 
 
 def vector_seed(seed: int, vector_sha: str, key: str) -> int:
@@ -90,13 +108,21 @@ def vector_seed(seed: int, vector_sha: str, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{vector_sha}:{key}".encode()).digest()[:8], "little")
 
 
-def _kth_largest(mags: Array, k: int) -> float:
-    return float(np.partition(mags, mags.size - k)[mags.size - k])
+def masked(x: Array, keep: Array) -> Array:
+    """`np.where(keep, x, 0)` for float32 `x` (a new array), as an AND of the bits with 0 or all ones: the same
+    values, +0.0 where dropped, several times faster."""
+    bits = np.negative(keep.view(np.int8), dtype=np.int32).view(np.uint32)
+    bits &= x.view(np.uint32)
+    return bits.view(np.float32)
+
+
+Windows = tuple[Array, Array]  # per row: the magnitudes kept, lo ≤ |x| < hi
 
 
 @dataclass(frozen=True)
 class Sparsify:
-    """Per-vector sparsification of one tensor. `window` needs the whole tensor; `apply` works on any chunk.
+    """Per-vector sparsification of one tensor, on rows (one a vector). `windows` needs each row's whole tensor;
+    `apply` works on any chunk of the rows.
 
     dare:        keep each coordinate with probability `density`, rescale kept ones by 1/density (Yu et al. 2024)
     magnitude:   keep the `density` fraction with the largest |x| (TIES trim, Yadav et al. 2023)
@@ -110,57 +136,105 @@ class Sparsify:
 
     @property
     def ranked(self) -> bool:
-        """Whether `window` ranks magnitudes over the whole tensor (all but DARE, which keeps every magnitude)."""
+        """Whether `windows` ranks magnitudes over the whole tensor (all but DARE, which keeps every magnitude)."""
         return self.kind != "dare"
 
-    def window(self, x: Array) -> tuple[float, float]:
-        """The magnitudes kept, lo ≤ |x| < hi, from ranks in the whole tensor (DARE keeps every magnitude)."""
+    def windows(self, rows: Iterable[Array]) -> Windows:
+        """For each row (a vector's whole tensor): lo ≤ |x| < hi, the magnitudes kept, from the row's ranks."""
+        lo, hi = zip(*map(self._window, rows))
+        return np.array(lo, np.float32), np.array(hi, np.float32)
+
+    def _window(self, row: Array) -> tuple[float, float]:
         if not self.ranked:
             return 0.0, math.inf
-        mags = np.abs(x.reshape(-1))
-        n = mags.size
+        n = row.size
         top = min(int(round(self.gamma * n)), n - 1)
         keep = min(max(1, int(round(self.density * n))), n - top)
-        hi = math.inf if top == 0 else _kth_largest(mags, top)
-        return _kth_largest(mags, top + keep), hi
+        kth = [n - top - keep] + ([n - top] if top else [])  # ascending ranks of the kth largest: selected, not sorted
+        mags = np.abs(row)
+        mags.partition(kth)
+        return float(mags[kth[0]]), float(mags[kth[1]]) if top else math.inf
 
-    def apply(self, x: Array, window: tuple[float, float], seed: int, start: int = 0) -> Array:
-        """Sparsify `x`, the coordinates start..start+x.size of a tensor (a new array; `x` is not changed)."""
+    def apply(self, x: Array, windows: Windows, seeds: Sequence[int], start: int = 0) -> Array:
+        """Sparsify the rows of `x`, each the coordinates start..start+x.shape[1] of its vector's tensor (a new
+        array; `x` is not changed)."""
         if self.kind == "dare":
-            keep = uniform(seed, start, x.size).reshape(x.shape) < self.density
-            return np.where(keep, x / np.float32(self.density), np.float32(0))
+            keep = np.stack([kept_below(seed, start, x.shape[1], self.density) for seed in seeds])
+            return masked(np.divide(x, np.float32(self.density)), keep)
         mags = np.abs(x)
-        return np.where((mags >= window[0]) & (mags < window[1]), x, np.float32(0))
+        keep = mags >= windows[0][:, None]
+        if np.isfinite(windows[1]).any():
+            keep &= mags < windows[1][:, None]
+        return masked(x, keep)
+
+    def whole(self, x: Array, seeds: Sequence[int]) -> Array:
+        """`apply` to rows that are whole tensors."""
+        return self.apply(x, self.windows(x), seeds)
 
 
 # --- consensus (across vectors, coordinate by coordinate) ---------------------------------------------
+# Each reduces rows (N, M) to M values with numpy's own reductions over axis 0 of C-ordered arrays, so every
+# coordinate's result is the same whatever M: a merge in chunks equals `combine` bit for bit.
 
 def sign_election(x: Array, w: Array) -> Array:
     """TIES (Yadav et al. 2023): elect the sign of the summed mass Σwᵢxᵢ, then the weighted mean of the entries
-    that agree with it. An exact zero mass elects the majority sign of the non-zero entries (none on a tie)."""
+    that agree with it. An exact zero mass elects the majority sign of the non-zero entries (none on a tie).
+
+    Agreement is xᵢ·sign > 0, and the agreeing mass is sign·Σ max(wᵢxᵢ·sign, 0): negating is exact, so this is
+    the sum of the agreeing wᵢxᵢ (weights are positive), in the same order."""
     w = w.astype(x.dtype)
-    wx = x * w[:, None]
+    unit = bool((w == 1).all())
+    wx = x if unit else x * w[:, None]
     sign = np.sign(wx.sum(0))
     zero = sign == 0
     if zero.any():
         sign[zero] = np.sign(np.sign(x[:, zero]).sum(0))
-    agree = (np.sign(x) == sign) & (x != 0)
-    total = np.where(agree, wx, 0).sum(0)
-    weight = np.where(agree, w[:, None], 0).sum(0)
+    signed = wx * sign
+    agree = signed > 0 if unit else x * sign > 0
+    if unit:
+        np.maximum(signed, 0, out=signed)
+        weight = agree.sum(0, dtype=x.dtype)
+    else:
+        signed = np.where(agree, signed, 0)
+        weight = np.where(agree, w[:, None], 0).sum(0)
+    total = signed.sum(0)
+    total *= sign
     return np.divide(total, weight, out=np.zeros_like(total), where=weight > 0).astype(np.float32)
 
 
+def _transposed(a: Array, block: int = 2048) -> Array:
+    """`a.T` as a C-ordered copy of a 2-d array, made `block` lines of its long side at a time (each piece stays
+    in cache)."""
+    out = np.empty(a.shape[::-1], a.dtype)
+    for b in range(0, max(a.shape), block):
+        if a.shape[1] >= a.shape[0]:
+            out[b:b + block] = a[:, b:b + block].T
+        else:
+            out[:, b:b + block] = a[b:b + block].T
+    return out
+
+
+def _sorted_columns(x: Array, lo: int, hi: int) -> Array:
+    """Ranks lo..hi of every column of `x`, as rows (hi − lo, M): each coordinate's values made one contiguous
+    row and sorted by numpy's vectorised sort (far faster than sorting along axis 0), then transposed back."""
+    t = _transposed(x)
+    t.sort(axis=1)
+    return _transposed(t[:, lo:hi])
+
+
 def median(x: Array, w: Array) -> Array:
-    """Coordinate-wise median (unweighted): a minority of vectors cannot move it past the honest ones."""
-    return np.median(x, axis=0).astype(np.float32)
+    """Coordinate-wise median (unweighted): a minority of vectors cannot move it past the honest ones.
+
+    `np.median(x, axis=0)`: the middle rank, or the mean of the two middle ranks."""
+    n = x.shape[0]
+    return _sorted_columns(x, (n - 1) // 2, n // 2 + 1).mean(0).astype(np.float32)
 
 
 def trimmed_mean(trim: float) -> Callable[[Array, Array], Array]:
     """Coordinate-wise mean after dropping the ⌊trim·N⌋ largest and smallest values (unweighted)."""
     def consensus(x: Array, w: Array) -> Array:
         k = int(math.floor(trim * x.shape[0]))
-        s = np.sort(x, axis=0)
-        return s[k: x.shape[0] - k].mean(0, dtype=np.float64).astype(np.float32)
+        return _sorted_columns(x, k, x.shape[0] - k).mean(0, dtype=np.float64).astype(np.float32)
     return consensus
 
 
@@ -374,7 +448,7 @@ def combine(
     if recipe.sparsify is not None:
         sp = recipe.sparsify
         seeds = seeds if seeds is not None else [0] * len(x)
-        x = np.stack([sp.apply(t, sp.window(t), s) for t, s in zip(x, seeds)])
+        x = sp.whole(x.reshape(len(x), -1), seeds).reshape(x.shape)
     if scales is not None:
         x = x * np.asarray(scales, dtype=np.float32).reshape(-1, *[1] * (x.ndim - 1))
     if recipe.consensus is not None:

@@ -4,6 +4,7 @@ GIL), so a vector whose bytes do not match its header fails the merge before any
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,23 +59,36 @@ class VectorFile:
         self.file = open(header.path, "rb", buffering=0)  # noqa: SIM115 - closed by `close`
         self.digest = Digest()
 
-    def read(self, key: str, start: int = 0, stop: int | None = None, verify: bool = True, wide: bool = False
-             ) -> Array:
-        """Elements start..stop of tensor `key`, flat, as read-only float32 (`wide`: float64)."""
+    def _read(self, key: str, start: int, buf: memoryview, verify: bool) -> None:
+        """Fill `buf` with tensor `key`'s bytes from element `start` on (one pread), queued for the digest."""
         t = self.header.tensors[key]
-        size = DTYPE_SIZES[t.dtype]
-        stop = t.numel if stop is None else stop
-        buf = bytearray((stop - start) * size)
-        self.file.seek(self.header.data_start + t.start + start * size)
-        if self.file.readinto(buf) != len(buf):
+        if os.preadv(self.file.fileno(), [buf], self.header.data_start + t.start + start * DTYPE_SIZES[t.dtype]
+                     ) != len(buf):
             raise FileFormatError(f"{self.header.path}: truncated while reading {key}")
         if verify:
             if start == 0:
                 self.hasher.submit(self.lane, self.digest.begin, key, t.dtype, t.shape, t.end - t.start)
             self.hasher.submit(self.lane, self.digest.feed, buf, nbytes=len(buf))
-        x = as_float64(memoryview(buf), t.dtype) if wide else as_float32(buf, t.dtype)
+
+    def read(self, key: str, start: int = 0, stop: int | None = None, verify: bool = True, wide: bool = False
+             ) -> Array:
+        """Elements start..stop of tensor `key`, flat, as read-only float32 (`wide`: float64)."""
+        t = self.header.tensors[key]
+        stop = t.numel if stop is None else stop
+        buf = np.empty((stop - start) * DTYPE_SIZES[t.dtype], np.uint8)  # not zeroed, unlike a bytearray
+        self._read(key, start, buf.data, verify)
+        x = as_float64(buf.data, t.dtype) if wide else as_float32(buf.data, t.dtype)
         x.flags.writeable = False  # it may be the memory being hashed
         return x
+
+    def read_into(self, key: str, start: int, out: Array) -> None:
+        """Elements start..start+out.size of tensor `key` into the float32 array `out`, which must then stay
+        unchanged until the hasher is drained (for float32 tensors it is the memory hashed)."""
+        dtype = self.header.tensors[key].dtype
+        if dtype == "F32":
+            self._read(key, start, out.data.cast("B"), True)
+        else:
+            out[:] = self.read(key, start, start + out.size)
 
     def read_delta(self, key: str) -> Array:
         """The whole delta of base key `key`, flat: a tensor of the file, or the product of its low-rank factors
@@ -124,8 +138,11 @@ class Reading:
         """(start, stop, values of every file) over tensor `key` in chunks of at most CHUNK_ELEMENTS values."""
         for start in range(0, numel, self.step):
             stop = min(numel, start + self.step)
-            x = np.stack([f.read(key, start, stop) for f in self.files])
-            if not np.isfinite(x).all():
+            x = np.empty((len(self.files), stop - start), np.float32)
+            for f, row in zip(self.files, x):
+                f.read_into(key, start, row)
+            x.flags.writeable = False  # the memory being hashed
+            if not np.isfinite(x.sum()) and not np.isfinite(x).all():  # a finite sum: every value is finite
                 bad = next(f for f, row in zip(self.files, x) if not np.isfinite(row).all())
                 raise FileFormatError(f"{bad.header.path}: tensor {key} holds NaN or Inf")
             yield start, stop, x

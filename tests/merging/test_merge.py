@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -71,6 +72,57 @@ def test_streaming_merge_equals_load_everything(three, tmp_path: Path, method: s
     assert meta["identity"] == r.identity
     assert [v["sha256"] for v in meta["merge"]["vectors"]] == [read_kind(v, "vector").meta["sha256"] for v in vecs]
     assert meta["parent"] == read_kind(base, "model").meta["identity"]
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A test_vit base and 5 vectors whose deltas are exact multiples of 2⁻⁸ (base values are multiples of 2⁻¹⁰):
+    every tensor holds many equal magnitudes, so trimming has ties at its threshold."""
+    from safetensors.torch import save_file
+
+    from taskvec.models.spec import build_base, save_model
+
+    tmp_path = tmp_path_factory.mktemp("tied")
+    torch.manual_seed(0)
+    module, spec = build_base("test_vit", "classification", 3, 3, 32)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.round(p * 1024) / 1024)
+    base = tmp_path / "base.safetensors"
+    save_model(module, spec, base)
+    vecs = []
+    for i, sd in enumerate([load_file(str(base))] * 5):
+        g = torch.Generator().manual_seed(i)
+        ft = tmp_path / f"ft{i}.safetensors"
+        save_file({k: t + torch.round(2 * torch.randn(t.shape, generator=g)) / 256 for k, t in sd.items()}, str(ft))
+        vecs.append(export_vector(ft, base, tmp_path / f"v{i}.safetensors", contributor=f"site{i}").path)
+    return base, vecs
+
+
+STEP = 64  # values of one tensor per vector in a chunk
+
+
+@pytest.mark.parametrize("n", [4, 5])
+@pytest.mark.parametrize("method", [m for m, spec in MERGE_METHODS.items() if not spec.recipe().streams])
+def test_consensus_in_chunks_equals_combine_bit_for_bit(tied, tmp_path: Path, monkeypatch, method: str, n: int
+                                                        ) -> None:
+    from safetensors.numpy import load_file as load_numpy
+
+    base, vecs = tied[0], tied[1][:n]
+    monkeypatch.setattr(reading, "CHUNK_ELEMENTS", STEP * n)
+    params = PARAMS.get(method, {})
+    got = load_numpy(str(merge_vectors(vecs, base, tmp_path / "m.safetensors", method=method, params=params,
+                                       scale=0.7, seed=3).path))
+    deltas = [load_numpy(str(v)) for v in vecs]
+    shas = [read_kind(v, "vector").vector.sha256 for v in vecs]
+    spanned = tied_at_threshold = 0
+    for k, b in load_numpy(str(base)).items():
+        x = [d[k] for d in deltas]
+        want = combine(method, x, params, seeds=[vector_seed(3, sha, k) for sha in shas]) * np.float32(0.7) + b
+        assert got[k].tobytes() == want.tobytes(), k
+        spanned += b.size > STEP
+        tied_at_threshold += np.unique(np.abs(x[0])).size < b.size // 2
+    assert spanned >= 5 and tied_at_threshold >= 5  # tensors over several chunks (a short last one), with ties
 
 
 def test_dare_does_not_depend_on_order(three, tmp_path: Path) -> None:

@@ -14,8 +14,11 @@ from taskvec.merging.methods import (
     Sparsify,
     combine,
     get_method,
+    kept_below,
+    median,
     merge_method,
     sign_election,
+    trimmed_mean,
     uniform,
 )
 
@@ -66,7 +69,7 @@ def test_ties_zero_mass_elects_the_majority_sign() -> None:
 def test_magnitude_trim_keeps_largest() -> None:
     t = np.array([0.1, -5.0, 2.0, -0.3], dtype=np.float32)
     sp = Sparsify("magnitude", 0.5)
-    close(sp.apply(t, sp.window(t), seed=0), [0.0, -5.0, 2.0, 0.0])
+    close(sp.whole(t[None], [0])[0], [0.0, -5.0, 2.0, 0.0])
 
 
 def test_breadcrumbs_by_hand() -> None:
@@ -86,8 +89,8 @@ def test_uniform_is_counter_based() -> None:
 def test_dare_is_seeded_unbiased_and_rescaled() -> None:
     t = np.ones(200_000, dtype=np.float32)
     sp = Sparsify("dare", 0.3)
-    d1 = sp.apply(t, sp.window(t), seed=7)
-    np.testing.assert_array_equal(d1, sp.apply(t, sp.window(t), seed=7))
+    d1 = sp.whole(t[None], [7])[0]
+    np.testing.assert_array_equal(d1, sp.whole(t[None], [7])[0])
     kept = d1 != 0
     np.testing.assert_allclose(d1[kept], 1 / 0.3, rtol=1e-6)
     assert abs(kept.mean() - 0.3) < 0.005
@@ -133,6 +136,68 @@ def test_median_and_trimmed_mean_by_hand() -> None:
     close(combine("trimmed_mean", cols, {"trim": 0.2}), [3.0, 1.0])
     close(combine("trimmed_mean", cols, {"trim": 0.0}), [22.0, 0.2])  # nothing trimmed: the mean
     close(combine("median", cols), [3.0, 1.0])
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def plain_sign_election(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """TIES's election written as the definition reads: masks of agreeing entries, weighted sums over them."""
+    w = w.astype(np.float32)
+    wx = x * w[:, None]
+    sign = np.sign(wx.sum(0))
+    for j in np.flatnonzero(sign == 0):
+        sign[j] = np.sign(np.sign(x[:, j]).sum())
+    agree = (np.sign(x) == sign) & (x != 0)
+    total, weight = np.where(agree, wx, 0).sum(0), np.where(agree, w[:, None], 0).sum(0)
+    return np.divide(total, weight, out=np.zeros_like(total), where=weight > 0)
+
+
+@pytest.mark.parametrize(("n", "m"), [(1, 7), (2, 50), (4, 300), (5, 301), (16, 1000), (64, 257)])
+def test_consensus_equals_its_plain_definition_bit_for_bit(n: int, m: int) -> None:
+    rng = np.random.default_rng(n * m)
+    x = (rng.standard_normal((n, m)) * 10.0 ** rng.integers(-12, 12, (n, m))).astype(np.float32)  # rounding
+    few = rng.random(m) < 0.4  # columns of a few values: equal values, zeros, zero masses
+    x[:, few] = np.round(rng.standard_normal((n, int(few.sum()))) * 2) / 4
+    x[:, 0] = 0
+    x[: 2 * (n // 2), 1] = np.tile([1.5, -1.5], n // 2)  # an exact zero mass, no majority
+    for w in (np.ones(n), rng.uniform(0.5, 2.0, n)):
+        assert np.array_equal(bits(sign_election(x, w)), bits(plain_sign_election(x, w)))
+    assert np.array_equal(bits(median(x, np.ones(n))), bits(np.median(x, axis=0)))
+    for trim in (0.0, 0.2, 0.34, 0.49):
+        k = int(math.floor(trim * n))
+        want = np.sort(x, axis=0)[k: n - k].mean(0, dtype=np.float64)
+        assert np.array_equal(bits(trimmed_mean(trim)(x, np.ones(n))), bits(want))
+
+
+@pytest.mark.parametrize("sp", [Sparsify("magnitude", 0.3), Sparsify("breadcrumbs", 0.5, 0.1), Sparsify("dare", 0.4)])
+def test_sparsify_equals_ranks_by_a_full_sort(sp: Sparsify) -> None:
+    rng = np.random.default_rng(1)
+    x = (np.round(rng.standard_normal((6, 500)) * 3) / 8).astype(np.float32)  # many equal magnitudes
+    seeds = [int(s) for s in rng.integers(0, 2**63, 6)]
+    want = []
+    for row, seed in zip(x, seeds):
+        if sp.kind == "dare":
+            want.append(np.where(uniform(seed, 0, row.size) < sp.density, row / np.float32(sp.density), 0))
+            continue
+        ranked = np.sort(np.abs(row))[::-1]  # ranked[i]: the (i+1)-th largest magnitude
+        top = int(round(sp.gamma * row.size))
+        keep = int(round(sp.density * row.size))
+        hi = ranked[top - 1] if top else np.inf
+        want.append(np.where((np.abs(row) >= ranked[top + keep - 1]) & (np.abs(row) < hi), row, 0))
+    got = sp.whole(x, seeds)
+    assert np.array_equal(bits(got), bits(np.stack(want)))
+    # in chunks, with the whole rows' windows: the same
+    windows = sp.windows(x)
+    chunked = np.concatenate([sp.apply(x[:, a:a + 64], windows, seeds, a) for a in range(0, 500, 64)], axis=1)
+    assert np.array_equal(bits(chunked), bits(got))
+
+
+def test_dare_draws_compare_on_the_integers() -> None:
+    for p in (1e-9, 0.3, 0.5, 0.999999999, 1.0):
+        for seed in (0, 7, 2**64 - 1):
+            np.testing.assert_array_equal(kept_below(seed, 1000, 5000, p), uniform(seed, 1000, 5000) < p)
 
 
 def test_robust_methods_are_bounded_under_one_poisoned_vector() -> None:
