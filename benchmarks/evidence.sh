@@ -8,6 +8,9 @@
 #   JOBS=N runs N (experiment, seed) simulations at once (default 1). The published tables: JOBS=15 on one H100 with 16
 #   CPU cores, about 5 minutes for the first 15 and 7 for the other 12; on 2 CPU cores one BreastMNIST seed takes
 #   about 40 minutes. Resumable: every simulation reuses its finished runs.
+#   EXECUTOR=ray submits every fine-tune of every simulation as a Ray task to the instance at ADDRESS (default auto:
+#   start one first with `ray start --head`, or join a cluster), with TASK_CPUS and TASK_GPUS each (default 1, 0);
+#   JOBS then sets how many simulations submit at once (docs/how-to/simulate.md).
 set -euo pipefail
 shared=${TASKVEC_SHARED:-../shared}
 out=${1:-evidence}; shift || true
@@ -39,9 +42,13 @@ declare -A grid=(
   [bm64-nb-e8]="$bm64 --split iid --train norm-bias --target-epsilons 8"
 )
 names=("$@"); [ ${#names[@]} -gt 0 ] || names=("${!grid[@]}")
+executor=""
+if [ "${EXECUTOR:-local}" = ray ]; then
+  executor="--executor ray --address ${ADDRESS:-auto} --task-cpus ${TASK_CPUS:-1} --task-gpus ${TASK_GPUS:-0}"
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 for name in "${names[@]}"; do
-  for seed in 0 1 2; do echo ${grid[$name]} --out "$out/$name/seed$seed" --seed "$seed"; done
+  for seed in 0 1 2; do echo ${grid[$name]} $executor --out "$out/$name/seed$seed" --seed "$seed"; done
 done | xargs -P "${JOBS:-1}" -L 1 taskvec simulate > "$out.log" 2>&1
 for name in "${names[@]}"; do  # every seed finished: the report over seeds (mean ± sd, error bars) reuses them
   taskvec simulate ${grid[$name]} --out "$out/$name" --seeds 0,1,2 >> "$out.log" 2>&1

@@ -64,7 +64,16 @@ def simulate(
     delta: float = typer.Option(DEFAULT_DELTA, help="δ for --dp."),
     max_grad_norm: float = typer.Option(DEFAULT_MAX_GRAD_NORM, "--max-grad-norm",
                                         help="Per-unit clipping norm for --dp."),
-    jobs: int = typer.Option(1, help="Fine-tune sites in this many parallel processes."),
+    jobs: int = typer.Option(1, help="--executor local: fine-tune sites in this many parallel processes."),
+    executor: str = typer.Option(
+        "local", help="Where the fine-tunes run: local (this machine's processes) | ray (Ray tasks; pip install "
+                      "'taskvec[ray]'). Either resumes what the other started."),
+    address: str | None = typer.Option(
+        None, help="--executor ray: the Ray instance (auto: the one `ray start` runs here; ray://HOST:10001: a "
+                   "cluster's head); default: start one on this machine."),
+    task_cpus: int = typer.Option(1, "--task-cpus", help="--executor ray: CPUs (torch threads) of each fine-tune."),
+    task_gpus: float = typer.Option(0.0, "--task-gpus",
+                                    help="--executor ray: GPUs of each fine-tune (0.5: two share one)."),
     seed: int = typer.Option(0, help="Seed of the split into sites, the held-out shares and every run."),
     seeds: str | None = typer.Option(
         None, help="Repeat for these seeds (e.g. 0,1,2; each in OUT/seed<S>) and report mean ± sd with error bars."
@@ -89,7 +98,8 @@ def simulate(
         pretrained=pretrained, weights=str(weights) if weights else None, train=train, epochs=epochs,
         prox=prox, head=head, base_epochs=base_epochs, batch_size=batch_size, lr=lr, calibrate=calibrate,
         epsilons=_floats(target_epsilons, "--target-epsilons") if dp else [], delta=delta,
-        max_grad_norm=max_grad_norm, jobs=jobs, seed=seed, device=device, rounds=rounds,
+        max_grad_norm=max_grad_norm, jobs=jobs, executor=executor, address=address, task_cpus=task_cpus,
+        task_gpus=task_gpus, seed=seed, device=device, rounds=rounds,
         speeds=_floats(speeds, "--speeds") or None, buffer=buffer, staleness=staleness, round_method=round_method,
     )
     if methods:

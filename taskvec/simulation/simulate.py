@@ -18,9 +18,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from taskvec.merging.stream import merge_vectors
 from taskvec.models.spec import ModelSpec, build_base, save_model
 from taskvec.privacy import DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM
 from taskvec.privacy.ledger import PrivacyBudget
+from taskvec.simulation.executors import Resources, check_executor, finished, run_jobs
 from taskvec.simulation.rounds import RoundsSetup, export_site_vector, run_rounds
 from taskvec.simulation.schedule import Schedule, default_speeds, plan_schedule
 from taskvec.simulation.sites import site_indices
@@ -46,6 +45,7 @@ from taskvec.training.run_folder import METRICS_FILE
 from taskvec.training.schedule import schedule
 
 Progress = Callable[[str], None]
+RUNTIME = {"jobs", "executor", "address", "task_cpus", "task_gpus"}  # where runs execute: a resume may change them
 
 
 @dataclass
@@ -77,7 +77,11 @@ class SimulationConfig:
     epsilons: list[float] = field(default_factory=list)  # one DP-SGD variant of every site per ε
     delta: float = DEFAULT_DELTA
     max_grad_norm: float = DEFAULT_MAX_GRAD_NORM
-    jobs: int = 1  # sites fine-tuned in parallel processes
+    jobs: int = 1  # sites fine-tuned in parallel processes (executor local)
+    executor: str = "local"  # where the fine-tunes run: local | ray (taskvec.simulation.executors)
+    address: str | None = None  # executor ray: the instance's address (None: start one here; auto: the running one)
+    task_cpus: int = 1  # executor ray: CPUs (torch threads) per fine-tune
+    task_gpus: float = 0.0  # executor ray: GPUs per fine-tune
     seed: int = 0
     device: str = "auto"
     rounds: int | None = None  # asynchronous: each site arrives up to this many times (None: one-shot only)
@@ -91,7 +95,9 @@ class SimulationConfig:
             if m not in MERGE_METHODS:
                 raise ConfigError(f"{name} must be among {', '.join(MERGE_METHODS)}, got {m!r}", field=name,
                                   expected=list(MERGE_METHODS), got=m)
-        for name in ("sites", "jobs", "epochs", "rounds", "buffer"):  # None: the default
+        check_executor(self.executor)
+        check_range("task_gpus", self.task_gpus, low=0, low_open=False)
+        for name in ("sites", "jobs", "epochs", "rounds", "buffer", "task_cpus"):  # None: the default
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", field=name, expected=">= 1",
                                   got=getattr(self, name))
@@ -142,32 +148,6 @@ def _prepare_data(
     return pool, test, val, notes
 
 
-def _finetune_job(args: tuple[str, ImageDataset, str, FinetuneConfig, int]) -> str:
-    base, ds, out, config, threads = args
-    import torch
-
-    torch.set_num_threads(threads)
-    return str(finetune(base, ds, out, config).model_path)
-
-
-def _train_all(jobs: list[tuple[str, ImageDataset, str, FinetuneConfig]], processes: int,
-               progress: Progress) -> list[str]:
-    """Fine-tune every job (site or centralised), in parallel when `processes` > 1."""
-    if processes == 1:
-        out = []
-        for base, ds, run, config in jobs:
-            if not _finished(run):
-                progress(f"fine-tuning {Path(run).name} on {len(ds)} samples")
-            out.append(str(finetune(base, ds, run, config).model_path))
-        return out
-    threads = max(1, (os.cpu_count() or 1) // processes)
-    todo = sum(not _finished(j[2]) for j in jobs)
-    if todo:
-        progress(f"fine-tuning {todo} runs in {processes} processes")
-    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(_finetune_job, [(*j, threads) for j in jobs]))
-
-
 def _evaluate(name: str, group: str, path: Path | str, test: ImageDataset, epsilon: float | None,
               method: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     m = evaluate_model(path, DataSplits(None, None, test, source="test"), "test", device="cpu").metrics
@@ -185,7 +165,9 @@ def open_simulation(cfg: SimulationConfig) -> Path:
     record = out / "simulation.json"
     if record.exists():  # a setting the record predates has its default
         defaults = asdict(SimulationConfig(data=cfg.data, out=cfg.out))
-        if {**defaults, **json.loads(record.read_text())} != json.loads(json.dumps(asdict(cfg))):
+        kept = {**defaults, **json.loads(record.read_text())}
+        given = json.loads(json.dumps(asdict(cfg)))
+        if {k: v for k, v in kept.items() if k not in RUNTIME} != {k: v for k, v in given.items() if k not in RUNTIME}:
             raise OutputExistsError(f"{out}: holds a simulation with other settings; choose another `out`", path=out)
         return out
     if out.exists() and any(out.iterdir()):
@@ -193,10 +175,6 @@ def open_simulation(cfg: SimulationConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_json(record, asdict(cfg))
     return out
-
-
-def _finished(run: str | Path) -> bool:
-    return (Path(run) / METRICS_FILE).exists()
 
 
 def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> SimulationResult:
@@ -249,7 +227,7 @@ def _make_base(cfg: SimulationConfig, out: Path, module: Any, spec: ModelSpec, p
     init = out / "init.safetensors"
     if not init.exists():
         save_model(module, spec, init, extra={"source": {"pretrained": False, "weights": None}})
-    if not _finished(out / "base-run"):
+    if not finished(out / "base-run"):
         progress(f"training the base on a public share of {len(public)} samples")
     run = finetune(init, public, out / "base-run",
                    replace(train_cfg, epochs=cfg.base_epochs, contributor="public", train="all", prox=0.0,
@@ -286,7 +264,7 @@ def _variant(cfg: SimulationConfig, out: Path, base: Path, sites: list[ImageData
              seed=cfg.seed + 10 + i)) for i, ds in enumerate(sites)]
     central = replace(run_cfg, contributor="centralised", steps=central_steps([len(s) for s in sites], run_cfg))
     jobs.append((str(base), union, str(out / f"centralised{tag}"), central))
-    models = _train_all(jobs, cfg.jobs, progress)
+    models = run_jobs(jobs, cfg.executor, Resources(cfg.jobs, cfg.address, cfg.task_cpus, cfg.task_gpus), progress)
     vec_dir = out / f"vectors{tag}"
     vec_dir.mkdir(exist_ok=True)
     vectors, rows = [], []
