@@ -4,8 +4,11 @@ every file open, in chunks of all vectors' values."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -13,10 +16,13 @@ import numpy as np
 from taskvec.errors import FileFormatError, TaskvecError
 from taskvec.io.files import Header
 from taskvec.io.layout import SUFFICIENT, is_statistic, vector_keys
-from taskvec.merging.methods import Array, Recipe, stock_factor, vector_seed
+from taskvec.merging.methods import Array, Recipe, Sparsify, Windows, stock_factor, vector_seed
 from taskvec.merging.plan import MergePlan
 from taskvec.merging.reading import Reading, VectorFile
 from taskvec.progress import Track, no_track
+
+WORKERS = min(8, os.cpu_count() or 1)  # threads computing a consensus chunk's column blocks and ranks
+BLOCK = 1 << 15  # columns: the least a worker's block of a chunk holds
 
 
 @dataclass
@@ -118,34 +124,59 @@ def _stream(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, s
 def _by_tensor(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, scales: Array, acc: Accumulator,
                track: Track[Any]) -> None:
     """Consensus: tensor by tensor with every file open, in chunks of all vectors' values (each scaled by its
-    staleness weight after sparsifying, with which scaling commutes)."""
+    staleness weight after sparsifying, with which scaling commutes). Ranks and column blocks of a chunk are
+    computed on worker threads (numpy releases the GIL); each coordinate's result does not depend on the split."""
     assert recipe.consensus is not None
     sp = recipe.sparsify
     files = reading.files
     carried = [set(vector_keys(f.header)) for f in files]
     keys = sorted(set().union(*carried))
-    for k in track(keys, "merging", len(keys)):
-        if is_statistic(k):
-            for f in files:
-                if k in f.header.tensors:
-                    acc.add_stat(k, f.read(k))
-            continue
-        if not all(k in f.header.tensors for f in files):  # factored or missing somewhere: whole tensors
-            acc.sums[k] = _whole(plan, recipe, files, carried, k, weights, scales)
-            continue
-        numel = files[0].header.tensors[k].numel
-        seeds = [vector_seed(plan.seed, f.header.vector.sha256, k) for f in files]
-        windows = None  # else from the rows of the one chunk, each a vector's whole tensor
-        if sp is not None and sp.ranked and numel > reading.step:  # one more (unhashed) read of each tensor
-            windows = sp.windows(f.read(k, verify=False) for f in files)
-        out = np.empty(numel, np.float32)
-        for start, stop, x in reading.chunks(k, numel):
-            if sp is not None:
-                x = sp.apply(x, sp.windows(x) if windows is None else windows, seeds, start)
-            out[start:stop] = recipe.consensus(_scaled(x, scales), weights)
-        acc.sums[k] = out
+    with ThreadPoolExecutor(WORKERS) as pool:
+        for k in track(keys, "merging", len(keys)):
+            if is_statistic(k):
+                for f in files:
+                    if k in f.header.tensors:
+                        acc.add_stat(k, f.read(k))
+                continue
+            if not all(k in f.header.tensors for f in files):  # factored or missing somewhere: whole tensors
+                acc.sums[k] = _whole(plan, recipe, files, carried, k, weights, scales)
+                continue
+            numel = files[0].header.tensors[k].numel
+            seeds = [vector_seed(plan.seed, f.header.vector.sha256, k) for f in files]
+            windows = None  # else from the rows of the one chunk, each a vector's whole tensor
+            if sp is not None and sp.ranked and numel > reading.step:  # one more (unhashed) read of each tensor
+                windows = sp.stack(pool.map(partial(_ranked, sp, key=k), files))
+            out = np.empty(numel, np.float32)
+            for start, stop, x in reading.chunks(k, numel):
+                out[start:stop] = _chunk(pool, recipe, x, windows, seeds, start, weights, scales)
+            acc.sums[k] = out
     acc.weight += float(weights.sum())
     acc.count += len(files)
+
+
+def _ranked(sp: Sparsify, f: VectorFile, key: str) -> tuple[float, float]:
+    """`sp.window` of file `f`'s whole tensor `key`, read once more (unhashed) into memory of its own."""
+    mags = f.read(key, verify=False)
+    return sp.window(np.abs(mags, out=mags))
+
+
+def _chunk(pool: ThreadPoolExecutor, recipe: Recipe, x: Array, windows: Windows | None, seeds: list[int],
+           start: int, weights: Array, scales: Array) -> Array:
+    """The consensus of one chunk `x` (a row per vector, columns from `start`), in column blocks on `pool`."""
+    sp, consensus = recipe.sparsify, recipe.consensus
+    assert consensus is not None
+    mapper = pool.map if x.shape[1] >= 2 * BLOCK else map  # small tensors: threads cost more than they save
+
+    def block(a: int) -> Array:
+        y = x[:, a:a + width]
+        if sp is not None:
+            y = sp.apply(y, windows, seeds, start + a)  # type: ignore[arg-type]
+        return consensus(_scaled(y, scales), weights)
+
+    if sp is not None and windows is None:
+        windows = sp.stack(mapper(lambda row: sp.window(np.abs(row)), x))
+    width = max(BLOCK, -(-x.shape[1] // WORKERS))
+    return np.concatenate(list(mapper(block, range(0, x.shape[1], width))))
 
 
 def _scaled(x: Array, scales: Array) -> Array:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -74,33 +74,38 @@ def param(default: float, *, low: float | None = None, high: float | None = None
 GOLDEN, MIX1, MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
-def _bits(seed: int, start: int, n: int) -> Array:
-    """splitmix64 of (seed, index) for the indices start..start+n of a tensor, as uint64 (in place, 2 buffers)."""
-    z = np.arange(start, start + n, dtype=np.uint64)
-    z *= GOLDEN
-    z += np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
-    t = np.empty_like(z)
-    for shift, mix in ((30, MIX1), (27, MIX2), (31, None)):
-        np.right_shift(z, np.uint64(shift), out=t)
-        z ^= t
-        if mix is not None:
-            z *= mix
-    return z
+def _draws(seeds: Sequence[int], start: int, n: int) -> Iterator[Array]:
+    """splitmix64 of (seed, index) for the indices start..start+n of a tensor: one uint64 array per seed, computed
+    in place (each reuses the memory of the one before)."""
+    index = np.arange(start, start + n, dtype=np.uint64)
+    index *= GOLDEN
+    z, t = np.empty_like(index), np.empty_like(index)
+    for seed in seeds:
+        np.add(index, np.uint64(seed & 0xFFFFFFFFFFFFFFFF), out=z)
+        for shift, mix in ((30, MIX1), (27, MIX2), (31, None)):
+            np.right_shift(z, np.uint64(shift), out=t)
+            z ^= t
+            if mix is not None:
+                z *= mix
+        yield z
 
 
 def uniform(seed: int, start: int, n: int) -> Array:
     """n uniforms in [0, 1) for coordinates start..start+n of a tensor: splitmix64 of (seed, index).
 
     Counter-based, so any chunk of a tensor draws the same numbers as the whole tensor does."""
-    return (_bits(seed, start, n) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return (next(_draws([seed], start, n)) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def kept_below(seed: int, start: int, n: int, p: float) -> Array:
-    """`uniform(seed, start, n) < p`, compared on the integers: u = k·2⁻⁵³ < p ⟺ k < ⌈p·2⁵³⌉ ⟺ bits < ⌈p·2⁵³⌉·2¹¹."""
+def kept_below(seeds: Sequence[int], start: int, n: int, p: float) -> Array:
+    """`uniform(seed, start, n) < p` for each seed (a row each), compared on the integers: u = k·2⁻⁵³ < p ⟺
+    k < ⌈p·2⁵³⌉ ⟺ bits < ⌈p·2⁵³⌉·2¹¹."""
     c = math.ceil(p * 2.0**53)
-    if c >= 1 << 53:
-        return np.ones(n, bool)
-    return _bits(seed, start, n) < np.uint64(c << 11)
+    out = np.ones((len(seeds), n), bool)
+    if c < 1 << 53:
+        for row, z in zip(out, _draws(seeds, start, n)):
+            np.less(z, np.uint64(c << 11), out=row)
+    return out
 
 
 def vector_seed(seed: int, vector_sha: str, key: str) -> int:
@@ -141,25 +146,34 @@ class Sparsify:
 
     def windows(self, rows: Iterable[Array]) -> Windows:
         """For each row (a vector's whole tensor): lo ≤ |x| < hi, the magnitudes kept, from the row's ranks."""
-        lo, hi = zip(*map(self._window, rows))
+        return self.stack(self.window(np.abs(row)) for row in rows)
+
+    @staticmethod
+    def stack(pairs: Iterable[tuple[float, float]]) -> Windows:
+        lo, hi = zip(*pairs)
         return np.array(lo, np.float32), np.array(hi, np.float32)
 
-    def _window(self, row: Array) -> tuple[float, float]:
+    def window(self, mags: Array) -> tuple[float, float]:
+        """lo ≤ |x| < hi for one vector's whole tensor from its float32 magnitudes `mags`, which are reordered in
+        place (ranks selected by `np.partition`, not sorted)."""
         if not self.ranked:
             return 0.0, math.inf
-        n = row.size
+        n = mags.size
         top = min(int(round(self.gamma * n)), n - 1)
         keep = min(max(1, int(round(self.density * n))), n - top)
-        kth = [n - top - keep] + ([n - top] if top else [])  # ascending ranks of the kth largest: selected, not sorted
-        mags = np.abs(row)
-        mags.partition(kth)
-        return float(mags[kth[0]]), float(mags[kth[1]]) if top else math.inf
+        # ascending ranks of the kth largest, one `partition` each (numpy's vectorised select takes one rank), on
+        # the bits: non-negative floats order as their bits do, and integers select about twice as fast
+        ints = mags.view(np.int32)
+        if top:
+            ints.partition(n - top)
+        ints[: n - top].partition(n - top - keep)
+        return float(mags[n - top - keep]), float(mags[n - top]) if top else math.inf
 
     def apply(self, x: Array, windows: Windows, seeds: Sequence[int], start: int = 0) -> Array:
         """Sparsify the rows of `x`, each the coordinates start..start+x.shape[1] of its vector's tensor (a new
         array; `x` is not changed)."""
         if self.kind == "dare":
-            keep = np.stack([kept_below(seed, start, x.shape[1], self.density) for seed in seeds])
+            keep = kept_below(seeds, start, x.shape[1], self.density)
             return masked(np.divide(x, np.float32(self.density)), keep)
         mags = np.abs(x)
         keep = mags >= windows[0][:, None]
@@ -193,7 +207,7 @@ def sign_election(x: Array, w: Array) -> Array:
     agree = signed > 0 if unit else x * sign > 0
     if unit:
         np.maximum(signed, 0, out=signed)
-        weight = agree.sum(0, dtype=x.dtype)
+        weight = agree.view(np.uint8).sum(0, dtype=np.uint8 if len(x) < 256 else np.uint32).astype(x.dtype)
     else:
         signed = np.where(agree, signed, 0)
         weight = np.where(agree, w[:, None], 0).sum(0)

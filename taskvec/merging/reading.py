@@ -72,13 +72,13 @@ class VectorFile:
 
     def read(self, key: str, start: int = 0, stop: int | None = None, verify: bool = True, wide: bool = False
              ) -> Array:
-        """Elements start..stop of tensor `key`, flat, as read-only float32 (`wide`: float64)."""
+        """Elements start..stop of tensor `key`, flat, as float32 (`wide`: float64), read-only when `verify`."""
         t = self.header.tensors[key]
         stop = t.numel if stop is None else stop
         buf = np.empty((stop - start) * DTYPE_SIZES[t.dtype], np.uint8)  # not zeroed, unlike a bytearray
         self._read(key, start, buf.data, verify)
         x = as_float64(buf.data, t.dtype) if wide else as_float32(buf.data, t.dtype)
-        x.flags.writeable = False  # it may be the memory being hashed
+        x.flags.writeable = not verify  # else it may be the memory being hashed
         return x
 
     def read_into(self, key: str, start: int, out: Array) -> None:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from taskvec.errors import ConfigError, FileFormatError, MismatchError, TaskvecError
 from taskvec.io.files import read_kind
-from taskvec.merging import reading
+from taskvec.merging import accumulate, reading
 from taskvec.merging.export import export_vector
 from taskvec.merging.methods import MERGE_METHODS, combine, vector_seed, weight_methods
 from taskvec.merging.stream import merge_vectors
@@ -110,6 +110,8 @@ def test_consensus_in_chunks_equals_combine_bit_for_bit(tied, tmp_path: Path, mo
 
     base, vecs = tied[0], tied[1][:n]
     monkeypatch.setattr(reading, "CHUNK_ELEMENTS", STEP * n)
+    monkeypatch.setattr(accumulate, "BLOCK", 10)  # a chunk's columns in uneven blocks on 3 worker threads
+    monkeypatch.setattr(accumulate, "WORKERS", 3)
     params = PARAMS.get(method, {})
     got = load_numpy(str(merge_vectors(vecs, base, tmp_path / "m.safetensors", method=method, params=params,
                                        scale=0.7, seed=3).path))
