@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample.conv import compute_conv_grad_sample
 from timm.layers import Conv2dSame, pad_same
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
@@ -125,7 +126,10 @@ def conv2d_grad_sample(
     Σ_{h,w} x_pad[b, c, h·s + i·d, w·s + j·d] · g[b, c, h, w], the correlation of the padded input with the
     output gradient, computed as one convolution with b × c groups (stride and dilation swapped). Other
     convolutions: the unfolded input times the output gradient, group by group (Opacus's sampler multiplies
-    every pair of groups and keeps the diagonal: `groups` times the work)."""
+    every pair of groups and keeps the diagonal: `groups` times the work). A plain zero-padded convolution without
+    groups is Opacus's (its strided unfold copies less)."""
+    if type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros":
+        return compute_conv_grad_sample(layer, activations, backprops)  # type: ignore[no-any-return]
     x = padded_input(layer, activations[0].detach().to(backprops.dtype))
     n, c = x.shape[:2]
     out = {}
