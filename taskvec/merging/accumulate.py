@@ -5,8 +5,9 @@ every file open, in chunks of all vectors' values."""
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -124,14 +125,15 @@ def _stream(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, s
 def _by_tensor(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, scales: Array, acc: Accumulator,
                track: Track[Any]) -> None:
     """Consensus: tensor by tensor with every file open, in chunks of all vectors' values (each scaled by its
-    staleness weight after sparsifying, with which scaling commutes). Ranks and column blocks of a chunk are
-    computed on worker threads (numpy releases the GIL); each coordinate's result does not depend on the split."""
+    staleness weight after sparsifying, with which scaling commutes). A chunk is combined on a driver thread,
+    in column blocks on worker threads (numpy releases the GIL), while the next one is read; each coordinate's
+    result does not depend on the split."""
     assert recipe.consensus is not None
     sp = recipe.sparsify
     files = reading.files
     carried = [set(vector_keys(f.header)) for f in files]
     keys = sorted(set().union(*carried))
-    with ThreadPoolExecutor(WORKERS) as pool:
+    with ThreadPoolExecutor(WORKERS) as pool, ThreadPoolExecutor(1) as driver:
         for k in track(keys, "merging", len(keys)):
             if is_statistic(k):
                 for f in files:
@@ -147,8 +149,14 @@ def _by_tensor(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array
             if sp is not None and sp.ranked and numel > reading.step:  # one more (unhashed) read of each tensor
                 windows = sp.stack(pool.map(partial(_ranked, sp, key=k), files))
             out = np.empty(numel, np.float32)
+            pending: deque[Future[None]] = deque()  # the chunk being combined while the next one is read
             for start, stop, x in reading.chunks(k, numel):
-                out[start:stop] = _chunk(pool, recipe, x, windows, seeds, start, weights, scales)
+                pending.append(driver.submit(_chunk, out[start:stop], pool, recipe, x, windows, seeds, start,
+                                             weights, scales))
+                if len(pending) > 1:
+                    pending.popleft().result()
+            for fut in pending:
+                fut.result()
             acc.sums[k] = out
     acc.weight += float(weights.sum())
     acc.count += len(files)
@@ -160,9 +168,9 @@ def _ranked(sp: Sparsify, f: VectorFile, key: str) -> tuple[float, float]:
     return sp.window(np.abs(mags, out=mags))
 
 
-def _chunk(pool: ThreadPoolExecutor, recipe: Recipe, x: Array, windows: Windows | None, seeds: list[int],
-           start: int, weights: Array, scales: Array) -> Array:
-    """The consensus of one chunk `x` (a row per vector, columns from `start`), in column blocks on `pool`."""
+def _chunk(out: Array, pool: ThreadPoolExecutor, recipe: Recipe, x: Array, windows: Windows | None, seeds: list[int],
+           start: int, weights: Array, scales: Array) -> None:
+    """`out` = the consensus of one chunk `x` (a row per vector, columns from `start`), in column blocks on `pool`."""
     sp, consensus = recipe.sparsify, recipe.consensus
     assert consensus is not None
     mapper = pool.map if x.shape[1] >= 2 * BLOCK else map  # small tensors: threads cost more than they save
@@ -176,7 +184,8 @@ def _chunk(pool: ThreadPoolExecutor, recipe: Recipe, x: Array, windows: Windows 
     if sp is not None and windows is None:
         windows = sp.stack(mapper(lambda row: sp.window(np.abs(row)), x))
     width = max(BLOCK, -(-x.shape[1] // WORKERS))
-    return np.concatenate(list(mapper(block, range(0, x.shape[1], width))))
+    for a, values in zip(range(0, x.shape[1], width), mapper(block, range(0, x.shape[1], width))):
+        out[a:a + width] = values
 
 
 def _scaled(x: Array, scales: Array) -> Array:
