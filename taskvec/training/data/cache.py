@@ -1,9 +1,10 @@
 """Decoded images kept on disk: each image file of a split decoded and resized once into a memory-mapped uint8
 array (masks into an int32 one), so later epochs and later runs read arrays instead of decoding files.
 
-A cache entry is a folder named by a hash of what its arrays depend on: the conversion (task, channels, size,
-`POLICY`) and every source's image id, byte size and modification time (masks' too), in order. A changed,
-added or removed file changes the name, so a stale entry is never read; it is rebuilt beside the old one.
+A cache entry is a folder named by a hash of what its arrays depend on: the conversion and layout (task,
+channels, size, `POLICY`; images are stored C × S × S, so a batch stacks contiguous rows) and every source's
+image id, byte size and modification time (masks' too), in order. A changed, added or removed file changes the
+name, so a stale entry is never read; it is rebuilt beside the old one.
 An entry is built under a temporary name and renamed when complete (no partial entry is ever read), under a
 file lock, so processes of one run (torchrun) build it once; one that does not hold every source at the data's
 size and channels when opened is removed and rebuilt. The folders are created readable by their owner
@@ -29,7 +30,7 @@ import numpy as np
 from taskvec.progress import Track, no_track
 from taskvec.training.data.dataset import DataSplits, DecodedImages, ImageDataset
 
-POLICY = 1  # the conversion policy's version (taskvec.training.data.images): a new one never reads old entries
+POLICY = 2  # the version of the entries' layout and of the conversion (taskvec.training.data.images)
 ENV = "TASKVEC_CACHE"
 AUTO = "auto"  # the default folder: $TASKVEC_CACHE, else $XDG_CACHE_HOME/taskvec/images, else ~/.cache/...
 OFF = "off"
@@ -87,7 +88,7 @@ def _reopen(folder: Path, ds: ImageDataset) -> DecodedImages | None:
         return None
     try:
         entry = DecodedImages.open(folder)
-        if entry.images.shape[1:] == (ds.img_size, ds.img_size, ds.in_chans) and all(
+        if entry.images.shape[1:] == (ds.in_chans, ds.img_size, ds.img_size) and all(
                 s in entry.rows for s in ds.sources) and (entry.masks is not None) == (ds.task == "segmentation"):
             return entry
     except (OSError, ValueError):
@@ -132,13 +133,13 @@ def _build(ds: ImageDataset, folder: Path, track: Track[Any]) -> None:
     plain = replace(ds, decoded=None, binary_masks=None)  # masks as stored: the flags apply when read
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, s, s, ds.in_chans))
+        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, ds.in_chans, s, s))
         masks = (np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.int32, (n, s, s))
                  if ds.task == "segmentation" else None)
 
         def decode(i: int) -> None:
             x, y = plain[i]
-            images[i] = x.permute(1, 2, 0).numpy()
+            images[i] = x.numpy()
             if masks is not None:
                 masks[i] = y.numpy()
 

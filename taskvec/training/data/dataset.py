@@ -23,7 +23,7 @@ Source = str | int  # a file path, or a row of an in-memory array
 
 @dataclass(eq=False)
 class DecodedImages:
-    """One cache entry opened read-only: row `rows[source]` of `images` (N × S × S × C uint8) is that
+    """One cache entry opened read-only: row `rows[source]` of `images` (N × C × S × S uint8) is that
     source's converted image, of `masks` (N × S × S int32, segmentation) its resized mask. Pickled as its
     folder (a DataLoader worker or another process maps the files again)."""
 
@@ -37,7 +37,8 @@ class DecodedImages:
         sources = json.loads((folder / "sources.json").read_text())
         images = np.load(folder / "images.npy", mmap_mode="r")
         masks = np.load(folder / "masks.npy", mmap_mode="r") if (folder / "masks.npy").exists() else None
-        if images.shape[0] != len(sources) or (masks is not None and masks.shape[0] != len(sources)):
+        if images.ndim != 4 or images.shape[0] != len(sources) or (
+                masks is not None and masks.shape[0] != len(sources)):
             raise OSError(f"{folder}: arrays and sources.json disagree")
         return cls(folder, {s: i for i, s in enumerate(sources)}, images, masks)
 
@@ -95,16 +96,17 @@ class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         cache = self.decoded
         row = cache.rows.get(src) if cache is not None and isinstance(src, str) else None
         if cache is not None and row is not None:
-            a = np.array(cache.images[row])
-        elif isinstance(src, int) and self.array is not None:
-            a = self.array[src]
-            if a.shape[:2] == (self.img_size, self.img_size) and a.size == self.img_size ** 2 * self.in_chans:
-                a = a.reshape(self.img_size, self.img_size, self.in_chans).copy()  # already in shape: no PIL
-            else:
-                a = to_array(Image.fromarray(a), self.in_chans, self.img_size)
+            x = torch.from_numpy(np.array(cache.images[row]))  # stored C×S×S
         else:
-            a = to_array(open_image(str(src)), self.in_chans, self.img_size)
-        x = torch.from_numpy(a).permute(2, 0, 1)
+            if isinstance(src, int) and self.array is not None:
+                a = self.array[src]
+                if a.shape[:2] == (self.img_size, self.img_size) and a.size == self.img_size ** 2 * self.in_chans:
+                    a = a.reshape(self.img_size, self.img_size, self.in_chans)  # already in shape: no PIL
+                else:
+                    a = to_array(Image.fromarray(a), self.in_chans, self.img_size)
+            else:
+                a = to_array(open_image(str(src)), self.in_chans, self.img_size)
+            x = torch.from_numpy(np.array(a.transpose(2, 0, 1), order="C"))  # an own contiguous copy: stacks fast
         if self.task == "classification":
             return x, int(self.targets[i])
         if cache is not None and row is not None and cache.masks is not None:
