@@ -139,6 +139,25 @@ def throughput(args: argparse.Namespace, device: torch.device, work: Path) -> No
         print(f"| {name} | {m:.1f} | {', '.join(f'{v:.1f}' for v in rates)} | **{m / bare:.2f}** |")
     if files is not None:
         print(f"\nbuilding the image cache of {len(images)} images took {build:.1f} s (once per data set and size)")
+        loader_rates(files, cached(files, cache), args)
+
+
+def loader_rates(files: ImageDataset, fast: ImageDataset, args: argparse.Namespace) -> None:
+    """images/s of taskvec's DataLoader alone (no model), from the cache and from the files, by worker count."""
+    from taskvec.training.data import make_loader
+
+    print(f"\n| data loader alone, batch {args.batch_size}, shuffled | workers | images/s (median of "
+          f"{args.repeats}) |")
+    print("|---|---|---|")
+    for workers in sorted({0, os.cpu_count() or 1}):
+        for name, ds in (("image cache", fast), ("decoding files", files)):
+            rates = []
+            for _ in range(args.repeats):
+                t0, n = time.perf_counter(), 0
+                for x, _ in make_loader(ds, args.batch_size, torch.device("cpu"), shuffle=True, num_workers=workers):
+                    n += x.shape[0]
+                rates.append(n / (time.perf_counter() - t0))
+            print(f"| {name} | {workers} | {statistics.median(rates):.0f} |")
 
 
 def real(args: argparse.Namespace, device: torch.device, work: Path) -> None:
