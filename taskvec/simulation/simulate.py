@@ -38,6 +38,7 @@ from taskvec.simulation.schedule import Schedule, default_speeds, plan_schedule
 from taskvec.simulation.sites import site_indices
 from taskvec.training.config import check_head
 from taskvec.training.data import DataSplits, ImageDataset, hold_out_by_patient, load_data
+from taskvec.training.data.cache import cached_splits
 from taskvec.training.evaluate import evaluate_model
 from taskvec.training.loop import FinetuneConfig, finetune
 from taskvec.training.metrics import primary_metric
@@ -45,7 +46,8 @@ from taskvec.training.run_folder import METRICS_FILE
 from taskvec.training.schedule import schedule
 
 Progress = Callable[[str], None]
-RUNTIME = {"jobs", "executor", "address", "task_cpus", "task_gpus"}  # where runs execute: a resume may change them
+# where and how runs execute, not what they compute: a resumed simulation may change them
+RUNTIME = {"jobs", "executor", "address", "task_cpus", "task_gpus", "image_cache"}
 
 
 @dataclass
@@ -82,6 +84,7 @@ class SimulationConfig:
     address: str | None = None  # executor ray: the instance's address (None: start one here; auto: the running one)
     task_cpus: int = 1  # executor ray: CPUs (torch threads) per fine-tune
     task_gpus: float = 0.0  # executor ray: GPUs per fine-tune
+    image_cache: str = "auto"  # decoded images on disk: auto | off | a folder (taskvec.training.data.cache)
     seed: int = 0
     device: str = "auto"
     rounds: int | None = None  # asynchronous: each site arrives up to this many times (None: one-shot only)
@@ -193,9 +196,11 @@ def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> Simu
                               cfg.pretrained, cfg.weights, dp_compatible=bool(cfg.epsilons) or pretrained,
                               seed=cfg.seed, zero_head=False if cfg.head == "frozen" else None)
     pool, test, val, notes = _prepare_data(cfg, spec)
+    decoded = cached_splits(DataSplits(pool, val, test), cfg.image_cache)  # once for every run and evaluation
+    pool, val, test = decoded.train or pool, decoded.val, decoded.test or test
     train_cfg = FinetuneConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, img_size=cfg.img_size,
                                device=cfg.device, seed=cfg.seed, resume=True, val_fraction=0.0, train=cfg.train,
-                               prox=cfg.prox, head=cfg.head).for_base(pretrained)
+                               prox=cfg.prox, head=cfg.head, image_cache=cfg.image_cache).for_base(pretrained)
     base, pool = _make_base(cfg, out, module, spec, pool, train_cfg, notes, progress)
     site_idx = site_indices(pool, cfg.split, cfg.sites, cfg.seed, cfg.data)
     sites = [pool.subset(idx.tolist()) for idx in site_idx]

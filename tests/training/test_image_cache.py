@@ -172,3 +172,33 @@ def test_cli_image_cache_folder_and_off(tmp_path: Path, make_base) -> None:  # t
     code, _, err = invoke(*common, "--out", tmp_path / "r2", "--image-cache", "off")
     assert code == 0, err
     assert len(list((tmp_path / "mine").iterdir())) == 4  # nothing new (two entries, two lock files)
+
+
+def test_unpickled_where_the_entry_is_not_it_reads_the_files(tmp_path: Path) -> None:
+    import shutil
+
+    root = image_folder(tmp_path / "d", n_per_class=3)
+    ds = load_data(root, spec(), val_fraction=0).train
+    assert ds is not None
+    fast = cached(ds, tmp_path / "cache")
+    blob = pickle.dumps(fast)
+    assert fast.decoded is not None
+    shutil.rmtree(fast.decoded.folder)  # another machine: the folder is not there
+    elsewhere = pickle.loads(blob)
+    assert elsewhere.decoded is None and same(items(elsewhere), items(ds))
+
+
+def test_simulation_decodes_each_image_once_and_gives_the_same_rows(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from taskvec.simulation.simulate import SimulationConfig, simulate
+
+    root = image_folder(tmp_path / "d", n_per_class=30, size=32)
+    cfg = SimulationConfig(data=str(root), out=str(tmp_path / "off"), sites=2, arch="test_convnext", img_size=32,
+                           epochs=1, base_epochs=1, methods=["mean"], calibrate=False, batch_size=8,
+                           image_cache="off")
+    rows = [(r["name"], r["value"]) for r in simulate(cfg).rows]
+    on = replace(cfg, out=str(tmp_path / "on"), image_cache=str(tmp_path / "cache"))
+    assert [(r["name"], r["value"]) for r in simulate(on).rows] == rows
+    entries = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 2  # the pool (every site's share and the centralised union read it) and the test split

@@ -25,7 +25,8 @@ Source = str | int  # a file path, or a row of an in-memory array
 class DecodedImages:
     """One cache entry opened read-only: row `rows[source]` of `images` (N × C × S × S uint8) is that
     source's converted image, of `masks` (N × S × S int32, segmentation) its resized mask. Pickled as its
-    folder (a DataLoader worker or another process maps the files again)."""
+    folder: another process maps the files again, or, where the folder is not (another machine), reads the
+    images from their files."""
 
     folder: Path
     rows: dict[str, int]
@@ -42,8 +43,12 @@ class DecodedImages:
             raise OSError(f"{folder}: arrays and sources.json disagree")
         return cls(folder, {s: i for i, s in enumerate(sources)}, images, masks)
 
+    @classmethod
+    def reopen(cls, folder: Path) -> DecodedImages | None:
+        return cls.open(folder) if (folder / "sources.json").exists() else None
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return DecodedImages.open, (self.folder,)
+        return DecodedImages.reopen, (self.folder,)
 
 
 @dataclass(eq=False)
