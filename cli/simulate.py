@@ -74,6 +74,8 @@ def simulate(
     task_cpus: int = typer.Option(1, "--task-cpus", help="--executor ray: CPUs (torch threads) of each fine-tune."),
     task_gpus: float = typer.Option(0.0, "--task-gpus",
                                     help="--executor ray: GPUs of each fine-tune (0.5: two share one)."),
+    image_cache: str = typer.Option(
+        "auto", "--image-cache", help="Image files decoded once for every run: auto | off | a folder (as `finetune`)."),
     seed: int = typer.Option(0, help="Seed of the split into sites, the held-out shares and every run."),
     seeds: str | None = typer.Option(
         None, help="Repeat for these seeds (e.g. 0,1,2; each in OUT/seed<S>) and report mean ± sd with error bars."
@@ -99,7 +101,7 @@ def simulate(
         prox=prox, head=head, base_epochs=base_epochs, batch_size=batch_size, lr=lr, calibrate=calibrate,
         epsilons=_floats(target_epsilons, "--target-epsilons") if dp else [], delta=delta,
         max_grad_norm=max_grad_norm, jobs=jobs, executor=executor, address=address, task_cpus=task_cpus,
-        task_gpus=task_gpus, seed=seed, device=device, rounds=rounds,
+        task_gpus=task_gpus, image_cache=image_cache, seed=seed, device=device, rounds=rounds,
         speeds=_floats(speeds, "--speeds") or None, buffer=buffer, staleness=staleness, round_method=round_method,
     )
     if methods:
