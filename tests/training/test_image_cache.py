@@ -93,6 +93,9 @@ def test_failed_build_leaves_nothing_and_full_disk_skips(tmp_path: Path, monkeyp
         cached(ds, tmp_path / "cache")
     monkeypatch.undo()
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+    killed = tmp_path / "cache" / f".{cache_mod.entry_key(ds)}-x1y2"  # a build killed by SIGKILL
+    killed.mkdir()
+    assert cached(ds, tmp_path / "cache").decoded is not None and not killed.exists()
     monkeypatch.setattr(cache_mod, "SPARE_BYTES", 1 << 62)
     assert cached(ds, tmp_path / "cache2").decoded is None
 

@@ -74,6 +74,8 @@ def cached(ds: ImageDataset, root: Path, track: Track[Any] = no_track) -> ImageD
     with _locked(root / f".{folder.name}.lock"):
         entry = _reopen(folder, ds)
         if entry is None:
+            for stale in root.glob(f".{folder.name}-*"):  # a build killed before its cleanup (we hold the lock)
+                shutil.rmtree(stale, ignore_errors=True)
             if not _room_for(ds, root):
                 return ds
             _build(ds, folder, track)
