@@ -22,6 +22,7 @@ from taskvec.privacy.ledger import PrivacyBudget
 from taskvec.simulation.schedule import Arrival, Schedule
 from taskvec.training.data import ImageDataset
 from taskvec.training.loop import METRICS_FILE, FinetuneConfig, finetune
+from taskvec.training.modes import VectorLayout, parse_mode
 
 Evaluate = Callable[[str, Path, dict[str, Any]], dict[str, Any]]
 
@@ -39,10 +40,14 @@ class RoundsSetup:
 
 def export_site_vector(model: Path | str, base: Path, out: Path, site: int) -> Path:
     """`out`: the vector of `model` against `base` (exported once: re-exporting a DP run would spend its budget
-    again). A simulation declares each site's training count public: `weighted` needs it."""
+    again). A simulation declares each site's training count public, `weighted` needs it, except for a run whose
+    mode releases statistics instead of deltas: those carry their own (noised) counts."""
     if not out.exists():
+        header = read_kind(model, "model").model
+        mode = parse_mode(VectorLayout.from_record((header.training or {}).get("train")).mode)
+        statistics = mode.release(Path(model), header.run_id, header.parent) is not None
         trained = json.loads((Path(model).parent / METRICS_FILE).read_text())["samples"]["train"]
-        export_vector(model, base, out, contributor=f"site{site}", samples=trained)
+        export_vector(model, base, out, contributor=f"site{site}", samples=None if statistics else trained)
     return out
 
 

@@ -128,3 +128,19 @@ def test_centralised_run_has_the_sites_example_gradients_under_the_default_sched
     assert central_steps([100, 60], dp) == DP_STEPS  # q·100·T + q·60·T = q·160·T
     assert central_steps([100, 60], FinetuneConfig(epochs=2)) is None
     assert central_steps([100, 60], FinetuneConfig(steps=7)) == 7
+
+
+def test_a_statistics_head_simulation_exports_and_merges_its_sites(tmp_path: Path) -> None:
+    """`train stats-head:P` sites export statistics vectors (with the count their run released, none declared at
+    export) and the `lda-head` merge of them is evaluated like any other."""
+    from taskvec.io.files import read_kind
+
+    data = write_classification_npz(tmp_path / "data.npz", n_train=120, n_val=30, n_test=40, size=32, seed=5)
+    cfg = SimulationConfig(data=str(data), out=str(tmp_path / "r"), sites=2, arch="test_convnext", img_size=32,
+                           base_epochs=1, train="stats-head:8", methods=["lda-head"], calibrate=False)
+    res = simulate(cfg)
+    assert [r["name"] for r in res.rows if r["group"] == "merged"] == ["lda-head"]
+    for i in range(2):
+        vector = read_kind(tmp_path / "r" / "vectors" / f"site{i}.safetensors", "vector").vector
+        site = next(r for r in res.rows if r["name"] == f"site{i}")
+        assert vector.sufficient is not None and vector.samples == site["samples"]
