@@ -3,13 +3,17 @@
 Table 1 (`--compare N`): N fine-tuned copies of one timm model, merged into their mean delta by
   taskvec  - `taskvec merge v1..vN --base base --method mean` (every input's sha256 verified)
   mergekit - `mergekit-pytorch` with `task_arithmetic`, weight 1/N per model (the same result)
-each in a fresh process, interleaved, medians of --repeats: wall time, peak RSS (the child's own ru_maxrss),
-and the largest absolute difference between the two merged models.
-Table 2 (`--counts`): `taskvec merge` with `sum` and `ties` for growing N, next to `startup` (`taskvec merge
---help`: the imports alone, to subtract from the peaks).
+  floor    - the I/O floor: the merge engine's own reader (`taskvec.merging.reading`, the same hash threads)
+             reads and sha256-verifies the same N vector files and reads the base, with no arithmetic and no output
+each in a fresh process, interleaved, medians of --repeats, every input read once before (in the page cache):
+wall time, peak RSS (the child's own ru_maxrss), and the largest absolute difference between the two merges.
+Table 2 (`--counts`): `taskvec merge` with each of --methods for growing N, next to `startup` (`taskvec merge
+--help`: the imports alone, to subtract from the peaks): wall time with the ratio to `sum`, then peak RSS.
+Table 3 (`--profile METHOD:N`, repeatable): where one merge's time goes, from cProfile in this process (the main
+thread's calls; helper threads' hashing and column blocks show as waits).
 
   python benchmarks/merge_vs_mergekit.py --arch vit_base_patch16_224 --compare 16 --counts '' --repeats 3
-  python benchmarks/merge_vs_mergekit.py --arch vit_small_patch16_224 --compare 0 --counts 1,4,16,64
+  python benchmarks/merge_vs_mergekit.py --arch vit_tiny_patch16_224 --compare 0 --counts 1,4,16,64
 
 mergekit: `pip install -c constraints.txt mergekit` (here, in its own virtual environment: --mergekit PATH).
 """
@@ -27,6 +31,7 @@ import time
 from pathlib import Path
 
 TASKVEC = [sys.executable, "-m", "taskvec.cli.app"]
+METHODS = "sum,ties,dare_ties,median,trimmed_mean"
 
 
 def make_inputs(workdir: Path, arch: str, n: int, keep: int) -> None:
@@ -93,10 +98,15 @@ def compare(workdir: Path, base: Path, fts: list[Path], vecs: list[Path], mergek
         "taskvec": [*TASKVEC, "merge", *map(str, vecs), "--base", str(base), "--method", "mean", "--out",
                     str(out_tv), "--force"],
         "mergekit": [mergekit, str(config), str(out_mk)],
+        "floor": [sys.executable, __file__, "--floor", str(base), *map(str, vecs)],
     }
+    for f in [base, *fts, *vecs]:  # every input in the page cache before the first timed run
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(1 << 24):
+                pass
     res: dict[str, list[dict[str, float]]] = {j: [] for j in jobs}
     for _ in range(repeats):
-        for j, cmd in jobs.items():  # interleaved: machine noise hits both alike
+        for j, cmd in jobs.items():  # interleaved: machine noise hits all alike
             if j == "mergekit":
                 shutil.rmtree(out_mk, ignore_errors=True)
             res[j].append(run(cmd))
@@ -104,38 +114,90 @@ def compare(workdir: Path, base: Path, fts: list[Path], vecs: list[Path], mergek
     diff = float(subprocess.run([sys.executable, __file__, "--difference", str(out_tv), str(out_mk)],
                                 capture_output=True, text=True, check=True).stdout)
     size = sum(v.stat().st_size for v in vecs) / 1e9
-    print(f"{n} vectors ({size:.2f} GB of vector files); medians of {repeats}; max |taskvec − mergekit| = {diff:.2e}")
+    print(f"{n} vectors ({size:.2f} GB of vector files, in the page cache); medians of {repeats}; "
+          f"max |taskvec − mergekit| = {diff:.2e}")
     print()
     print("| | wall s | peak RSS MB |")
     print("|---|---|---|")
+    names = {"floor": "I/O floor (read + sha256, no arithmetic)"}
     for j in jobs:
-        print(f"| {j} | {median(res[j], 'seconds'):.2f} | {median(res[j], 'peak_mb'):.0f} |")
-    t, m = (median(res[j], "seconds") for j in jobs), (median(res[j], "peak_mb") for j in jobs)
-    print(f"| taskvec / mergekit | {next(t) / next(t):.2f}x | {next(m) / next(m):.2f}x |")
+        print(f"| {names.get(j, j)} | {median(res[j], 'seconds'):.2f} | {median(res[j], 'peak_mb'):.0f} |")
+    for other in ("mergekit", "floor"):
+        t, m = (median(res[j], "seconds") for j in ("taskvec", other)), (median(res[j], "peak_mb") for j in
+                                                                        ("taskvec", other))
+        print(f"| taskvec / {other} | {next(t) / next(t):.2f}x | {next(m) / next(m):.2f}x |")
     print(flush=True)
 
 
-def scaling(base: Path, vecs: list[Path], counts: list[int], repeats: int, workdir: Path) -> None:
+def floor(base: Path, vecs: list[Path]) -> None:
+    """Read and verify every vector file with the merge's own reader and read the base: what a merge cannot avoid."""
+    from taskvec.io.files import read_kind
+    from taskvec.merging.reading import Reading
+
+    with Reading([read_kind(v, "vector") for v in vecs]) as reading:
+        for f in reading.files:
+            for k in sorted(f.header.tensors):
+                f.read(k)
+        reading.verify()
+    with open(base, "rb", buffering=0) as fb:
+        while fb.read(1 << 24):
+            pass
+
+
+def scaling(base: Path, vecs: list[Path], counts: list[int], methods: list[str], repeats: int,
+            workdir: Path) -> None:
     model_mb = base.stat().st_size / 1e6
-    print(f"model file {model_mb:.0f} MB; medians of {repeats}; peak RSS per process")
+    print(f"model file {model_mb:.0f} MB; medians of {repeats}, jobs interleaved; in brackets: time / `sum` time")
     print()
-    print("| vectors | startup s | startup MB | sum s | sum MB | ties s | ties MB | ties / sum time |"
-          " (sum − startup) / model | (ties − startup) / model |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     out = str(workdir / "scaling.safetensors")
     for n in counts:
         jobs = {"startup": [*TASKVEC, "merge", "--help"]}
-        for m in ("sum", "ties"):
+        for m in methods:
             jobs[m] = [*TASKVEC, "merge", *map(str, vecs[:n]), "--base", str(base), "--method", m, "--out", out,
                        "--force"]
         res: dict[str, list[dict[str, float]]] = {j: [] for j in jobs}
         for _ in range(repeats):
             for j, cmd in jobs.items():
                 res[j].append(run(cmd))
-        med = {j: (median(r, "seconds"), median(r, "peak_mb")) for j, r in res.items()}
-        cells = " | ".join(f"{med[j][0]:.2f} | {med[j][1]:.0f}" for j in jobs)
-        over = [(med[m][1] - med["startup"][1]) / model_mb for m in ("sum", "ties")]
-        print(f"| {n} | {cells} | {med['ties'][0] / med['sum'][0]:.2f} | {over[0]:.2f} | {over[1]:.2f} |", flush=True)
+        rows.append((n, {j: (median(r, "seconds"), median(r, "peak_mb")) for j, r in res.items()}))
+    print("| vectors | startup s | " + " | ".join(f"{m} s" for m in methods) + " |")
+    print("|---" * (2 + len(methods)) + "|")
+    for n, med in rows:
+        cells = [f"{med[m][0]:.2f}" + (f" ({med[m][0] / med['sum'][0]:.2f}x)" if m != "sum" else "") for m in methods]
+        print(f"| {n} | {med['startup'][0]:.2f} | " + " | ".join(cells) + " |")
+    print()
+    print("peak RSS MB; in brackets: (peak − startup) / model file size")
+    print()
+    print("| vectors | startup MB | " + " | ".join(f"{m} MB" for m in methods) + " |")
+    print("|---" * (2 + len(methods)) + "|")
+    for n, med in rows:
+        cells = [f"{med[m][1]:.0f} ({(med[m][1] - med['startup'][1]) / model_mb:.2f})" for m in methods]
+        print(f"| {n} | {med['startup'][1]:.0f} | " + " | ".join(cells) + " |", flush=True)
+
+
+def profile(base: Path, vecs: list[Path], spec: str, workdir: Path, top: int = 8) -> None:
+    """cProfile of one in-process merge (`METHOD:N`): the calls with the most own time, as a table."""
+    import cProfile
+    import pstats
+
+    from taskvec.merging.stream import merge_vectors
+
+    method, n = spec.split(":")
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.runcall(merge_vectors, vecs[: int(n)], base, workdir / "profile.safetensors", method=method, force=True)
+    wall = time.perf_counter() - t0
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    rows = sorted(((tt, nc, fn) for fn, (_, nc, tt, _, _) in stats.items()), reverse=True)[:top]
+    print(f"`{method}` over {n} vectors in this process: {wall:.2f} s wall; main thread's own time by call")
+    print()
+    print("| call | calls | own s | share of wall |")
+    print("|---|---|---|---|")
+    for tt, nc, (file, line, name) in rows:
+        where = name if file == "~" else f"{Path(file).name}:{line}({name})"
+        print(f"| `{where}` | {nc} | {tt:.2f} | {tt / wall:.0%} |")
+    print(flush=True)
 
 
 def main() -> None:
@@ -143,19 +205,29 @@ def main() -> None:
     ap.add_argument("--arch", default="vit_base_patch16_224")
     ap.add_argument("--compare", type=int, default=16, help="vectors in the mergekit comparison (0: skip it)")
     ap.add_argument("--counts", default="1,4,16", help="vector counts of the scaling table ('': skip it)")
+    ap.add_argument("--methods", default=METHODS, help="methods of the scaling table (the first one: `sum`)")
+    ap.add_argument("--profile", action="append", default=[], metavar="METHOD:N",
+                    help="profile one in-process merge of N vectors (repeatable)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mergekit", default=shutil.which("mergekit-pytorch"), help="the mergekit-pytorch executable")
     ap.add_argument("--workdir", default=None, help="keep the generated files here between runs")
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--difference", nargs=2, type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--floor", nargs="+", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.difference:
         print(max_abs_difference(*args.difference))
         return
+    if args.floor:
+        floor(args.floor[0], args.floor[1:])
+        return
     counts = [int(c) for c in args.counts.split(",") if c]
+    methods = args.methods.split(",")
+    if counts and methods[0] != "sum":
+        ap.error("--methods must start with sum (the others' times are given relative to it)")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="taskvec-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    n = max([args.compare, *counts])
+    n = max([args.compare, *counts, *(int(p.split(":")[1]) for p in args.profile)])
     if args.make_only:
         make_inputs(workdir, args.arch, n, args.compare)
         return
@@ -173,7 +245,9 @@ def main() -> None:
         else:
             compare(workdir, base, fts[: args.compare], vecs[: args.compare], args.mergekit, args.repeats)
     if counts:
-        scaling(base, vecs, counts, args.repeats, workdir)
+        scaling(base, vecs, counts, methods, args.repeats, workdir)
+    for spec in args.profile:
+        profile(base, vecs, spec, workdir)
 
 
 if __name__ == "__main__":
