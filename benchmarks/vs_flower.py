@@ -80,7 +80,7 @@ from taskvec.privacy.accounting import (
 )
 from taskvec.privacy.dpsgd import DPConfig
 from taskvec.simulation.simulate import SimulationConfig, _evaluate, _prepare_data, open_simulation, simulate
-from taskvec.simulation.sites import site_indices
+from taskvec.simulation.sites import data_spec, site_indices
 from taskvec.training.data import ImageDataset
 from taskvec.training.loop import FinetuneConfig, finetune
 from taskvec.training.schedule import plan_steps
@@ -118,8 +118,9 @@ def subsample(data: Path, out: Path, train: int | None, val: int | None, test: i
 
 def taskvec_arms(args: argparse.Namespace, data: Path, split: str, seed: int, out: Path) -> dict[str, Any]:
     """Run (or reuse) the taskvec simulations of one split and seed; their rows, the base and the run config."""
+    labels = data_spec(data).labels  # the data's classes, as `taskvec split` reads them
     common = dict(data=str(data), task="classification", sites=args.sites, split=split, arch=args.arch,
-                  num_classes=args.num_classes, img_size=args.img_size, weights=str(args.weights),
+                  num_classes=len(labels), labels=labels, img_size=args.img_size, weights=str(args.weights),
                   epochs=args.epochs, seed=seed, device=args.device, delta=args.delta)
     speeds = [1.0] * (args.sites - 1) + [args.slow]
     oneshot = SimulationConfig(out=str(out / "oneshot"), methods=args.methods, epsilons=args.epsilons, **common)
@@ -420,7 +421,7 @@ def smoke_setup(args: argparse.Namespace) -> None:
     args.weights = args.out / "test_convnext.safetensors"
     if not args.weights.exists():
         save_file(timm.create_model("test_convnext", pretrained=False).state_dict(), str(args.weights))
-    args.arch, args.num_classes, args.img_size, args.sites = "test_convnext", 2, 32, 2
+    args.arch, args.img_size, args.sites = "test_convnext", 32, 2
     args.rounds, args.epochs, args.stats_dim = 1, 1, 8
     args.seeds, args.splits, args.epsilons, args.methods = [0], ["iid"], [8.0], ["mean"]
     args.images_per_site = args.test_images = None
@@ -431,7 +432,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "pbc_blood_cells_128")
     ap.add_argument("--weights", type=Path, default=ROOT / "weights" / "tf_efficientnet_lite0.in1k.safetensors")
     ap.add_argument("--arch", default="tf_efficientnet_lite0")
-    ap.add_argument("--num-classes", type=int, default=8)
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--sites", type=int, default=5)
     ap.add_argument("--splits", default="iid,dirichlet:0.5", help="comma-separated simulate --split rules")
