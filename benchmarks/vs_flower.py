@@ -10,7 +10,7 @@ the base's default training mode: `norm-bias` for pretrained weights) and site/r
 
 Arms:
 - taskvec one-shot: each site fine-tunes the base once, the vectors merged by each of `--methods`
-  (`taskvec.simulation.simulate.simulate`; `+cal`: calibrated on the validation share);
+  (`taskvec.simulation.simulate.simulate`; `+cal`: calibrated on the validation share, unless `--no-calibrate`);
 - taskvec asynchronous rounds (`simulate --rounds R`): every site arrives R times, re-basing on the newest
   version, merged (mean, staleness-weighted) every `--buffer` arrivals (default: the number of sites);
 - taskvec statistics head: `stats-head:P` vectors (one forward pass, no gradient) merged by `lda-head`;
@@ -123,7 +123,8 @@ def taskvec_arms(args: argparse.Namespace, data: Path, split: str, seed: int, ou
                   num_classes=len(labels), labels=labels, img_size=args.img_size, weights=str(args.weights),
                   epochs=args.epochs, seed=seed, device=args.device, delta=args.delta)
     speeds = [1.0] * (args.sites - 1) + [args.slow]
-    oneshot = SimulationConfig(out=str(out / "oneshot"), methods=args.methods, epsilons=args.epsilons, **common)
+    oneshot = SimulationConfig(out=str(out / "oneshot"), methods=args.methods, calibrate=args.calibrate,
+                               epsilons=args.epsilons, **common)
     rounds = SimulationConfig(out=str(out / "rounds"), methods=["mean"], calibrate=False, rounds=args.rounds,
                               speeds=speeds, buffer=args.buffer,
                               epsilons=[per_arrival_epsilon(args, e) for e in args.epsilons], **common)
@@ -444,6 +445,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--slow", type=float, default=3.0, help="relative time per fine-tune of the last site")
     ap.add_argument("--buffer", type=int, default=None, help="taskvec rounds: merge every this many arrivals")
     ap.add_argument("--methods", default="mean,ties", help="taskvec one-shot merge methods")
+    ap.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                    help="also calibrate each one-shot merge on the validation share (one evaluation per scale tried)")
     ap.add_argument("--stats-dim", type=int, default=64, help="P of stats-head:P")
     ap.add_argument("--images-per-site", type=int, default=None, help="subsample the training split to this many "
                     "images per site (and the validation share to as many)")
