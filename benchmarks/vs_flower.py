@@ -62,12 +62,13 @@ import random
 import shlex
 import statistics
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from taskvec.errors import OutputExistsError
 from taskvec.io.files import read_kind, write_json
 from taskvec.models.spec import ModelSpec, create_module, save_model
 from taskvec.privacy.accounting import (
@@ -234,10 +235,15 @@ def flower_arm(name: str, root: Path, base: Path, sites: list[ImageDataset], tes
     from flwr.supercore.task_identity import TaskIdentity
     from safetensors.torch import load_file
 
-    done = root / "rows.json"
+    done, record = root / "rows.json", root / "settings.json"
+    settings = json.loads(json.dumps({"rounds": rounds, "seed": seed, "client_dp": client_dp, "sites": len(sites),
+                                      "finetune": asdict(run_cfg)}, default=str))
+    if record.exists() and json.loads(record.read_text()) != settings:
+        raise OutputExistsError(f"{root}: holds a Flower run with other settings; choose another --out", path=root)
     if done.exists():
         return list(json.loads(done.read_text()))
     root.mkdir(parents=True, exist_ok=True)
+    write_json(record, settings)
     header = read_kind(base, "model").model
     spec = ModelSpec.from_dict(header.model)
     base_state = load_file(str(base))
@@ -411,6 +417,7 @@ def tables(args: argparse.Namespace, per_seed: dict[str, list[list[Row]]]) -> li
 def smoke_setup(args: argparse.Namespace) -> None:
     """A tiny synthetic data set and a tiny randomly initialised timm model as the "pretrained" weights."""
     import timm
+    import torch
     from safetensors.torch import save_file
 
     from taskvec.simulation.synthetic import write_classification_npz
@@ -421,6 +428,7 @@ def smoke_setup(args: argparse.Namespace) -> None:
         write_classification_npz(args.data, n_train=48, n_val=16, n_test=32, size=32)
     args.weights = args.out / "test_convnext.safetensors"
     if not args.weights.exists():
+        torch.manual_seed(0)
         save_file(timm.create_model("test_convnext", pretrained=False).state_dict(), str(args.weights))
     args.arch, args.img_size, args.sites = "test_convnext", 32, 2
     args.rounds, args.epochs, args.stats_dim = 1, 1, 8
