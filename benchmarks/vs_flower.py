@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from taskvec.errors import OutputExistsError
+from taskvec.errors import OutputExistsError, TaskvecError
 from taskvec.io.files import read_kind, write_json
 from taskvec.models.spec import ModelSpec, create_module, save_model
 from taskvec.privacy.accounting import (
@@ -516,4 +516,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except TaskvecError as e:  # settings refused, or an --out holding other settings
+        sys.exit(f"vs_flower: {e}")
