@@ -20,10 +20,11 @@ TYPES = {"bool": "", "int": "INTEGER", "float": "FLOAT", "str": "TEXT", "path": 
 
 def _plain_types(command: Any) -> None:
     """Help names value types as click does (TEXT, PATH, FLOAT; nothing for a flag), not as typer's annotations
-    (`<bool>`, `<list[Path]>`), in `command` and every command under it."""
+    (`<bool>`, `<list[Path]>`, typer 0.29 on; older versions name them as click does), in `command` and every
+    command under it."""
     ctx = typer.Context(command)
     for param in [*command.params, command.get_help_option(ctx)]:
-        if param is None:
+        if param is None or not hasattr(param, "display_type"):
             continue
         shown = param.display_type(ctx).strip("<>")
         label = TYPES.get(shown.removeprefix("list[").removesuffix("]"), shown.upper())
