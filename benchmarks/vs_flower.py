@@ -80,7 +80,7 @@ from taskvec.privacy.accounting import (
     gaussian_noise_multiplier,
 )
 from taskvec.privacy.dpsgd import DPConfig
-from taskvec.simulation.simulate import SimulationConfig, _evaluate, _prepare_data, open_simulation, simulate
+from taskvec.simulation.simulate import SimulationConfig, evaluate_row, open_simulation, prepare_data, simulate
 from taskvec.simulation.sites import data_spec, site_indices
 from taskvec.training.data import ImageDataset
 from taskvec.training.loop import FinetuneConfig, finetune
@@ -278,7 +278,7 @@ def flower_arm(name: str, root: Path, base: Path, sites: list[ImageDataset], tes
     def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
         if rnd > 0:
             path = model_file(arrays, root / f"global-r{rnd}.safetensors")
-            rows.append(_evaluate(f"{name}-r{rnd}", "flower", path, test, eps, "fedavg", {"round": rnd}))
+            rows.append(evaluate_row(f"{name}-r{rnd}", "flower", path, test, eps, "fedavg", {"round": rnd}))
         return MetricRecord({})
 
     strategy: Any = FedAvg(fraction_evaluate=0.0, min_train_nodes=len(sites), min_available_nodes=len(sites))
@@ -301,7 +301,7 @@ def flower_arms(args: argparse.Namespace, tv: dict[str, Any], out: Path) -> dict
     """Every Flower arm of one split and seed, on the sites the taskvec simulation used."""
     cfg: SimulationConfig = tv["config"]
     spec = ModelSpec.from_dict(read_kind(tv["base"], "model").model.model)
-    pool, test, _, _ = _prepare_data(cfg, spec)
+    pool, test, _, _ = prepare_data(cfg, spec)
     sites = [pool.subset(idx.tolist()) for idx in site_indices(pool, cfg.split, cfg.sites, cfg.seed, cfg.data)]
     run_cfg: FinetuneConfig = tv["train"]
     arms = {"flower": flower_arm("fedavg", out / "fedavg", tv["base"], sites, test, run_cfg, args.rounds,

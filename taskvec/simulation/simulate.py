@@ -131,10 +131,11 @@ class SimulationResult:
     plots: list[Path]
 
 
-def _prepare_data(
+def prepare_data(
     cfg: SimulationConfig, spec: Any
 ) -> tuple[ImageDataset, ImageDataset, ImageDataset | None, list[str]]:
-    """(pool for public + sites, test, merger validation, notes)."""
+    """The data cut as a simulation cuts it: (pool for the public share and the sites, test split, the merger's
+    validation share, notes)."""
     splits = load_data(cfg.data, spec, img_size=cfg.img_size, val_fraction=0.0, seed=cfg.seed)
     notes = list(splits.warnings)
     pool = splits.train
@@ -151,8 +152,9 @@ def _prepare_data(
     return pool, test, val, notes
 
 
-def _evaluate(name: str, group: str, path: Path | str, test: ImageDataset, epsilon: float | None,
-              method: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate_row(name: str, group: str, path: Path | str, test: ImageDataset, epsilon: float | None,
+                 method: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A results-table row: the model at `path` evaluated on `test` (the primary metric and the others)."""
     m = evaluate_model(path, DataSplits(None, None, test, source="test"), "test", device="cpu").metrics
     metric, value = primary_metric(m)
     keep = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "dice", "jaccard", "pixel_accuracy")
@@ -195,7 +197,7 @@ def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> Simu
     module, spec = build_base(cfg.arch, cfg.task, cfg.num_classes, cfg.in_chans, cfg.img_size, cfg.labels,
                               cfg.pretrained, cfg.weights, dp_compatible=bool(cfg.epsilons) or pretrained,
                               seed=cfg.seed, zero_head=False if cfg.head == "frozen" else None)
-    pool, test, val, notes = _prepare_data(cfg, spec)
+    pool, test, val, notes = prepare_data(cfg, spec)
     decoded = cached_splits(DataSplits(pool, val, test), cfg.image_cache)  # once for every run and evaluation
     pool, val, test = decoded.train or pool, decoded.val, decoded.test or test
     train_cfg = FinetuneConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, img_size=cfg.img_size,
@@ -205,7 +207,7 @@ def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> Simu
     site_idx = site_indices(pool, cfg.split, cfg.sites, cfg.seed, cfg.data)
     sites = [pool.subset(idx.tolist()) for idx in site_idx]
     union = pool.subset([i for idx in site_idx for i in idx])
-    rows = [_evaluate("base", "base", base, test, None)]
+    rows = [evaluate_row("base", "base", base, test, None)]
     for eps in [None, *cfg.epsilons]:
         rows += _variant(cfg, out, base, sites, union, test, val, train_cfg, eps, progress)
     summary = {"config": asdict(cfg), "notes": notes, "test_samples": len(test),
@@ -275,8 +277,8 @@ def _variant(cfg: SimulationConfig, out: Path, base: Path, sites: list[ImageData
     vectors, rows = [], []
     for i, model in enumerate(models[:-1]):
         vectors.append(export_site_vector(model, base, vec_dir / f"site{i}.safetensors", i))
-        rows.append(_evaluate(f"site{i}{tag}", "local", model, test, eps, extra={"samples": len(sites[i])}))
-    rows.append(_evaluate(f"centralised{tag}", "centralised", models[-1], test, eps, extra={"samples": len(union)}))
+        rows.append(evaluate_row(f"site{i}{tag}", "local", model, test, eps, extra={"samples": len(sites[i])}))
+    rows.append(evaluate_row(f"centralised{tag}", "centralised", models[-1], test, eps, extra={"samples": len(union)}))
     merged_dir = out / f"merged{tag}"
     merged_dir.mkdir(exist_ok=True)
     methods = cfg.methods if timeline is None else list(dict.fromkeys([*cfg.methods, cfg.round_method]))
@@ -284,17 +286,17 @@ def _variant(cfg: SimulationConfig, out: Path, base: Path, sites: list[ImageData
         progress(f"merging {len(vectors)} vectors with {method}{tag}")
         path = merged_dir / f"{method}.safetensors"
         merge_vectors(vectors, base, path, method=method, seed=cfg.seed, force=True)
-        rows.append(_evaluate(f"{method}{tag}", "merged", path, test, eps, method))
+        rows.append(evaluate_row(f"{method}{tag}", "merged", path, test, eps, method))
         if cfg.calibrate and val is not None:
             cal = Calibrator(DataSplits(None, val, None, source="validation share"), device="cpu")
             path = merged_dir / f"{method}-calibrated.safetensors"
             merge_vectors(vectors, base, path, method=method, seed=cfg.seed, force=True, calibrate=cal)
-            rows.append(_evaluate(f"{method}+cal{tag}", "calibrated", path, test, eps, method,
+            rows.append(evaluate_row(f"{method}+cal{tag}", "calibrated", path, test, eps, method,
                                   extra={"scale": cal.record["chosen"]}))
     if timeline is not None:
         setup = RoundsSetup(cfg.round_method, cfg.staleness, cfg.seed,
                             None if eps is None else PrivacyBudget(unit="image"))
-        evaluate = lambda name, path, extra: _evaluate(  # noqa: E731
+        evaluate = lambda name, path, extra: evaluate_row(  # noqa: E731
             f"{name}{tag}", "async", path, test, eps, cfg.round_method, extra)
         rows += run_rounds(timeline, setup, out / f"rounds{tag}", base, sites, run_cfg, vectors, evaluate, progress)
     return rows
