@@ -43,8 +43,8 @@ from taskvec.privacy.accounting import calibrate_noise, epsilon_spent, max_steps
 from taskvec.privacy.mechanisms.dp_sgd import DpSgd
 
 # Opacus grad-sample mode, chosen by benchmarks/dp_overhead.py on this project's CPU (docs/results/performance.md):
-# Opacus's per-layer samplers ("hooks") were fastest for ResNet-18/50, ConvNeXt-T and ViT-S, and within noise of
-# "functorch" (vmap over each layer) for ViT-Ti and ConvNeXt-atto. A timm ViT or ConvNeXt block with parameters
+# Opacus's per-layer samplers ("hooks") were fastest for ResNet-18/50 and ConvNeXt-T, and within noise of
+# "functorch" (vmap over each layer) for ViT-Ti/S and ConvNeXt-atto. A timm ViT or ConvNeXt block with parameters
 # of its own (cls_token, layer scale) is vmapped whole in either mode.
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 
