@@ -3,8 +3,11 @@
 # BreastMNIST (3 iid or Dirichlet-0.5 sites), MoNuSeg (3 TCGA source sites) and ISBI 2012 EM (3 iid sites; its
 # unlabelled test folder is left out, so a test share of the training tiles is held out), per training mode, without DP and
 # with DP-SGD at one target ε (δ = 1e-5, per-image clipping at 1.0; class-means: its one Gaussian release at ε 1, 3
-# and 8), seeds 0-2, mean ± sd. BreastMNIST at 32 px and at 64 px (bm64-*).
-# Usage, from the repository root: bash benchmarks/evidence.sh [OUT_DIR] [NAME ...]   (default: every experiment)
+# and 8), seeds 0-2, mean ± sd. BreastMNIST at 32 px and at 64 px (bm64-*). PBC blood cells (pbc-*: 5 sites of
+# about 2,400 images, iid or Dirichlet 0.5, DP-SGD at ε 8 and without DP) is sized for GPUs: several hours per
+# simulation on 2 CPU cores.
+# Usage, from the repository root: bash benchmarks/evidence.sh [OUT_DIR] [NAME ...]   (default: every experiment but
+#   the pbc-* ones)
 #   JOBS=N runs N (experiment, seed) simulations at once (default 1). The published tables: JOBS=15 on one H100 with 16
 #   CPU cores, about 5 minutes for the first 15 and 7 for the other 12; on 2 CPU cores one BreastMNIST seed takes
 #   about 40 minutes. Resumable: every simulation reuses its finished runs.
@@ -23,6 +26,9 @@ mo="--data $shared/data/monuseg_256 --task segmentation --sites 3 --split by-gro
     --weights $weights --in-chans 3 --img-size 64 --num-classes 2 --methods mean,ties --no-calibrate --dp"
 isbi="--data $shared/data/isbi2012_em --task segmentation --sites 3 --split iid --arch tf_efficientnet_lite0
     --weights $weights --in-chans 1 --img-size 64 --num-classes 2 --methods mean,ties --no-calibrate --dp"
+pbc="--data $shared/data/pbc_blood_cells_128 --sites 5 --arch tf_efficientnet_lite0 --weights $weights --in-chans 3
+    --img-size 64 --num-classes 8 --labels basophil,eosinophil,erythroblast,ig,lymphocyte,monocyte,neutrophil,platelet
+    --methods mean,ties --no-calibrate --dp --target-epsilons 8"
 declare -A grid=(
   [bm-nb-e1]="$bm --split iid --train norm-bias --target-epsilons 1"
   [bm-nb-e3]="$bm --split iid --train norm-bias --target-epsilons 3"
@@ -40,8 +46,15 @@ declare -A grid=(
   [bm64-dir-cm]="$bm64 --split dirichlet:0.5 --train class-means --target-epsilons 1,3,8"
   [bm64-head-e8]="$bm64 --split iid --train head --target-epsilons 8"
   [bm64-nb-e8]="$bm64 --split iid --train norm-bias --target-epsilons 8"
+  [pbc-nb-e8]="$pbc --split iid --train norm-bias"
+  [pbc-lora8-e8]="$pbc --split iid --train lora:8"
+  [pbc-dir-nb-e8]="$pbc --split dirichlet:0.5 --train norm-bias"
+  [pbc-dir-lora8-e8]="$pbc --split dirichlet:0.5 --train lora:8"
 )
-names=("$@"); [ ${#names[@]} -gt 0 ] || names=("${!grid[@]}")
+names=("$@")
+if [ ${#names[@]} -eq 0 ]; then  # every experiment but PBC's, which are run by name
+  for name in "${!grid[@]}"; do [[ $name == pbc-* ]] || names+=("$name"); done
+fi
 executor=""
 if [ "${EXECUTOR:-local}" = ray ]; then
   executor="--executor ray --address ${ADDRESS:-auto} --task-cpus ${TASK_CPUS:-1} --task-gpus ${TASK_GPUS:-0}"
