@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 Job = tuple[str, "ImageDataset", str, "FinetuneConfig"]  # (base, data, run folder, config)
 Progress = Callable[[str], None]
+RAY_MISSING = "executor ray needs Ray: pip install 'taskvec[ray]'"
 RAY_RETRIES = 3  # a Ray task whose worker died is run again (resuming its run) up to this many times
 
 
@@ -81,11 +82,8 @@ def run_local(jobs: list[Job], res: Resources, progress: Progress) -> list[str]:
 def run_ray(jobs: list[Job], res: Resources, progress: Progress) -> list[str]:
     """As Ray tasks of `res.cpus` CPUs and `res.gpus` GPUs each, on the instance at `res.address` (started
     here, with this machine's cores, when None); a task whose worker dies is retried and resumes its run."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("executor ray needs Ray: pip install 'taskvec[ray]'", field="executor",
-                          got="ray") from None
+    import ray
+
     if not ray.is_initialized():
         ray.init(address=res.address, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": str(res.cpus)}})
@@ -106,9 +104,14 @@ EXECUTORS: dict[str, Callable[[list[Job], Resources, Progress], list[str]]] = {"
 
 
 def check_executor(name: str) -> None:
+    """Refuse an unknown executor, and `ray` where Ray is not installed, before anything runs."""
+    import importlib.util
+
     if name not in EXECUTORS:
         raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {name!r}", field="executor",
                           expected=list(EXECUTORS), got=name)
+    if name == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError(RAY_MISSING, field="executor", got=name)
 
 
 def run_jobs(jobs: list[Job], executor: str, res: Resources, progress: Progress) -> list[str]:

@@ -105,8 +105,15 @@ def test_simulation_on_ray_equals_local_and_resumes_across_executors(tmp_path: P
     assert {r["name"]: r["value"] for r in again.rows} == rows
 
 
-def test_unknown_executor_is_refused_before_any_file(tmp_path: Path) -> None:
+def test_unknown_executor_or_missing_ray_is_refused_before_any_file(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
     cfg = SimulationConfig(data=str(tmp_path / "none.npz"), out=str(tmp_path / "out"), executor="slurm")
     with pytest.raises(ConfigError, match="executor must be one of local, ray"):
         simulate(cfg)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install 'taskvec\[ray\]'"):
+        simulate(replace(cfg, executor="ray"))
     assert not (tmp_path / "out").exists()
