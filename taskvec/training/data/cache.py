@@ -13,19 +13,18 @@ alone: they hold the site's images, as sensitive as the data itself.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
 from taskvec.progress import Track, no_track
 from taskvec.training.data.dataset import DataSplits, DecodedImages, ImageDataset
@@ -71,7 +70,7 @@ def cached(ds: ImageDataset, root: Path, track: Track[Any] = no_track) -> ImageD
         return ds
     folder = root / entry_key(ds)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with _locked(root / f".{folder.name}.lock"):
+    with FileLock(str(root / f".{folder.name}.lock")):
         entry = _reopen(folder, ds)
         if entry is None:
             for stale in root.glob(f".{folder.name}-*"):  # a build killed before its cleanup (we hold the lock)
@@ -115,18 +114,6 @@ def cached_splits(splits: DataSplits, setting: str, track: Track[Any] = no_track
 def _room_for(ds: ImageDataset, root: Path) -> bool:
     size = len(ds) * ds.img_size ** 2 * (ds.in_chans + (4 if ds.task == "segmentation" else 0))
     return shutil.disk_usage(root).free > size + SPARE_BYTES
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _build(ds: ImageDataset, folder: Path, track: Track[Any]) -> None:
