@@ -157,7 +157,7 @@ def export_vector(
     bh = read_kind(base, "model")
     fh = read_header(resolve_model_path(finetuned))
     _check_finetuned(bh, fh)
-    released = _statistics_of(fh)
+    released = released_statistics(fh)
     if released is not None:
         return _export_statistics(bh, fh, released, out, request, dtype, contributor, samples, force)
     deltas, stats, layout = read_deltas(bh, fh)
@@ -250,7 +250,7 @@ def _warnings(release: _Release, clip: float | None, earlier: list[dict[str, Any
     return out
 
 
-def _statistics_of(fh: Header) -> tuple[dict[str, Any], dict[str, Any]] | None:
+def released_statistics(fh: Header) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The tensors and `sufficient` record a run's mode releases instead of deltas (None: deltas)."""
     if fh.kind != "model":
         return None

@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from taskvec.io.files import read_kind
-from taskvec.merging.export import export_vector
+from taskvec.merging.export import export_vector, released_statistics
 from taskvec.merging.stream import merge_vectors
 from taskvec.privacy.ledger import PrivacyBudget
 from taskvec.simulation.schedule import Arrival, Schedule
 from taskvec.training.data import ImageDataset
 from taskvec.training.loop import METRICS_FILE, FinetuneConfig, finetune
-from taskvec.training.modes import VectorLayout, parse_mode
 
 Evaluate = Callable[[str, Path, dict[str, Any]], dict[str, Any]]
 
@@ -43,9 +42,7 @@ def export_site_vector(model: Path | str, base: Path, out: Path, site: int) -> P
     again). A simulation declares each site's training count public, `weighted` needs it, except for a run whose
     mode releases statistics instead of deltas: those carry their own (noised) counts."""
     if not out.exists():
-        header = read_kind(model, "model").model
-        mode = parse_mode(VectorLayout.from_record((header.training or {}).get("train")).mode)
-        statistics = mode.release(Path(model), header.run_id, header.parent) is not None
+        statistics = released_statistics(read_kind(model, "model")) is not None
         trained = json.loads((Path(model).parent / METRICS_FILE).read_text())["samples"]["train"]
         export_vector(model, base, out, contributor=f"site{site}", samples=None if statistics else trained)
     return out
