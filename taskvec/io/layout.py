@@ -3,6 +3,7 @@ against base) and registry push (vector against the registry's base) share. Read
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -153,8 +154,9 @@ def _sufficient_problem(r: Any, tensors: Mapping[str, TensorInfo]) -> str | None
         and (r["features"]["projection"]["seed"] is None or count(r["features"]["projection"]["seed"])
              and r["features"]["projection"]["seed"] < 2**64),
         "head": lambda: len(r["head"]) == 2 and all(k in tensors for k in r["head"])
-        and list(tensors[r["head"][0]].shape) == [tensors[r["head"][1]].shape[0], r["features"]["dim"]]
-        and len(tensors[r["head"][1]].shape) == 1,
+        and len(tensors[r["head"][1]].shape) == 1 and len(tensors[r["head"][0]].shape) in (2, 4)  # linear or conv
+        and tensors[r["head"][0]].shape[0] == tensors[r["head"][1]].shape[0]
+        and math.prod(tensors[r["head"][0]].shape[1:]) == r["features"]["dim"],
         "clip": lambda: r.get("clip") is None or (number(r["clip"]) and r["clip"] > 0),
         "noise_std": lambda: r.get("noise_std") is None or (
             sorted(r["noise_std"]) == ["counts", "log_norms", "moments", "sums"]
@@ -177,8 +179,8 @@ def sufficient_shapes(h: Header, tensors: Mapping[str, TensorInfo]) -> dict[str,
     problem = _sufficient_problem(r, tensors)
     if problem is not None:
         fld = f"sufficient.{problem}".rstrip(".")
-        raise FileFormatError(f"{h.path}: {fld} is missing or invalid (for the base's classifier)", path=h.path,
-                              field=fld)
+        raise FileFormatError(f"{h.path}: {fld} is missing or invalid (for the base's classifier or segmentation "
+                              "head)", path=h.path, field=fld)
     if set(h.tensors) != set(SUFFICIENT):
         raise MismatchError(f"{h.path}: keys differ from a statistics vector's: "
                             f"{key_difference(SUFFICIENT, h.tensors)}", path=h.path, field="keys")

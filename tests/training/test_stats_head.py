@@ -17,7 +17,7 @@ import torch
 from dp_reference import pld_epsilon
 from safetensors.numpy import load_file
 from stats_reference import lda_reference, pooled_features, unit_projected
-from synthetic_data import npz_file, seg_folder
+from synthetic_data import npz_file
 
 from taskvec.errors import ConfigError, PrivacyConfigError, TaskvecError
 from taskvec.io.files import read_kind
@@ -185,11 +185,6 @@ def test_refusals_come_before_anything_is_written(setup: tuple[Path, Path], tmp_
     with pytest.raises(PrivacyConfigError, match="above target_epsilon 1"):
         _run(base, data, tmp_path / "over", dp=over)
     assert not (tmp_path / "over").exists()
-    net, spec = build_base("test_efficientnet", task="segmentation", num_classes=2, img_size=32, seed=0)
-    save_model(net, spec, tmp_path / "seg.safetensors")
-    with pytest.raises(ConfigError, match="stats-head:4 is for classification"):
-        _run(tmp_path / "seg.safetensors", seg_folder(tmp_path / "segdata"), tmp_path / "seg")
-    assert not (tmp_path / "seg").exists()
     with pytest.raises(ConfigError, match="^epochs does not apply to `train` stats-head:4"):
         FinetuneConfig(train="stats-head:4", epochs=2).check()
     with pytest.raises(ConfigError, match="train must be one of"):

@@ -1,9 +1,17 @@
-"""`stats-head:P`: no weights, but the sufficient statistics of the base's pooled unit-length features in at
-most P dimensions (per-class counts and sums, second moments, the log-norm sum; `taskvec.training.sufficient`),
-from one pass with no gradient step. The run's model gets the site's own LDA head solved from them; its vector
+"""`stats-head:P`: no weights, but the sufficient statistics of the base's unit-length features in at most P
+dimensions (per-class counts and sums, second moments, the log-norm sum; `taskvec.training.sufficient`), from
+one pass with no gradient step. The run's model gets the site's own LDA head solved from them; its vector
 carries the statistics alone, which an `lda-head` (or `ridge-head`) merge sums and solves once. With DP the
 statistics are one `gaussian-sum` release of sensitivity `max_grad_norm` (each unit's scaled contribution has
-at most that L2 norm), not DP-SGD. Classification only, one process."""
+at most that L2 norm), not DP-SGD. One process.
+
+Classification: a feature per image, timm's pooled feature; the head is the linear classifier. Segmentation:
+a feature per pixel, what the segmentation head's convolution reads at that pixel (the frozen decoder's output
+in the convolution's window, unfolded: channels × kernel height × kernel width, and brought to the mask's size
+by the head's own upsampling, which commutes with the convolution); the head is that convolution, solved as a
+linear classifier of pixels. Each pixel of an image weighs 1/(its number of pixels), so an image's
+contribution is bounded as one classification image's is. The decoder stays the base's: its features are as
+good as its initialisation (smp's FPN decoder's 128 channels carry far more than the U-Net's last 16)."""
 
 from __future__ import annotations
 
@@ -34,6 +42,10 @@ class StatsHead(OnePassHead):
     help = ("dimensions: the noised sufficient statistics of the base's features (class counts and sums, second "
             "moments in at most P dimensions), one pass, no gradient step; merged by summing, the head solved once")
     pass_name = "feature statistics"
+    segmentation = True
+
+    def trainable_names(self, net: nn.Module, task: str) -> list[str]:
+        return [f"{_HEAD_CONV}.{p}" for p in ("weight", "bias")] if task == "segmentation" else head_names(net, task)
 
     def fit(self, net: nn.Module, spec: ModelSpec, data: ImageDataset, *, device: torch.device, batch_size: int,
             dp: DPConfig | None, run_id: str, track: Track[Any], run_dir: Path) -> list[dict[str, Any]]:
@@ -47,20 +59,15 @@ class StatsHead(OnePassHead):
         from taskvec.privacy.mechanisms.gaussian_sum import GaussianSum, release_noise
         from taskvec.training import sufficient
 
-        timm_net: Any = net.eval()
-        head: Any = timm_net.get_classifier()
-        if not isinstance(head, torch.nn.Linear):
-            raise ConfigError(f"train {self.name} needs a linear classifier; {spec.arch}'s is "
-                              f"{type(head).__name__}", field="train", got=self.name)
+        head, dim = _head(net.eval(), spec, self.name)
         if len(data) == 0:
             raise TaskvecError(f"train {self.name}: no training images")
-        keys = head_names(net, "classification")
-        weight_key = next(k for k in keys if k.endswith("weight"))
-        bias_key = next(k for k in keys if k.endswith("bias"))
+        keys = self.trainable_names(net, spec.task)
+        weight_key, bias_key = (next(k for k in keys if k.endswith(end)) for end in ("weight", "bias"))
         state = net.state_dict()
         parent = state_digest(state)
         features = sufficient.features_record(state_digest({k: v for k, v in state.items() if k not in keys}),
-                                              spec.arch, head.in_features, self.k)
+                                              spec.arch, dim, self.k)
         unit = "patient" if dp is not None and data.groups is not None else "image"
         z, entry = 0.0, None
         if dp is not None:  # the mechanism first: an over-budget release is refused before the pass
@@ -71,7 +78,7 @@ class StatsHead(OnePassHead):
         p = features["projection"]["dim"]
         bound = sufficient.clip_bound(features["dim"], p)  # of ‖g‖, under DP
         clip = bound if dp is not None else None
-        stats = _statistics(timm_net, spec, data, features, clip, unit == "patient", device, batch_size, track,
+        stats = _statistics(net, spec, data, features, clip, unit == "patient", device, batch_size, track,
                             self.name)
         std = None
         if dp is not None:
@@ -87,7 +94,7 @@ class StatsHead(OnePassHead):
         save_tensors({sufficient.KEYS[k]: torch.from_numpy(np.ascontiguousarray(v)) for k, v in stats.items()},
                      run_dir / STATISTICS_FILE, meta, force=True)  # nothing of it has left the site yet
         with torch.no_grad():
-            head.weight.copy_(torch.from_numpy(weight))
+            head.weight.copy_(torch.from_numpy(weight).reshape(head.weight.shape))
             head.bias.copy_(torch.from_numpy(bias))
         return [entry] if entry is not None else []
 
@@ -110,10 +117,52 @@ class StatsHead(OnePassHead):
         return load_file(str(path)), dict(h.meta["sufficient"])
 
 
+_HEAD_CONV = "segmentation_head.0"  # smp's segmentation head: the convolution, then the upsampling
+
+
+def _head(net: Any, spec: ModelSpec, name: str) -> tuple[Any, int]:
+    """The layer the mode solves (timm's linear classifier, or smp's head convolution) and its input's
+    dimension per image or pixel; refuses a layer it cannot solve as a linear map of unfolded features."""
+    import torch
+
+    if spec.task == "classification":
+        head = net.get_classifier()
+        if not isinstance(head, torch.nn.Linear):
+            raise ConfigError(f"train {name} needs a linear classifier; {spec.arch}'s is {type(head).__name__}",
+                              field="train", got=name)
+        return head, head.in_features
+    conv = net.get_submodule(_HEAD_CONV)
+    if not (type(conv) is torch.nn.Conv2d and conv.groups == 1 and conv.bias is not None
+            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)):
+        raise ConfigError(f"train {name} needs the segmentation head to be one plain convolution with a bias; "
+                          f"this base's is {conv}", field="train", got=name)
+    return conv, conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+
+
+def _pixel_features(net: Any, x: torch.Tensor) -> torch.Tensor:
+    """Per image, what the segmentation head's convolution reads at each pixel of the mask: (images, pixels,
+    in_channels × kernel height × kernel width)."""
+    import torch
+
+    conv = net.get_submodule(_HEAD_CONV)
+    seen: dict[str, torch.Tensor] = {}
+    hook = conv.register_forward_hook(lambda _m, args, out: seen.update(x=args[0], out=out))
+    try:
+        net(x)
+    finally:
+        hook.remove()
+    windows = torch.nn.functional.unfold(seen["x"], conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
+                                         stride=conv.stride)
+    grid = windows.view(len(x), windows.shape[1], *seen["out"].shape[-2:])
+    return net.segmentation_head[1](grid).flatten(2).transpose(1, 2)  # the head's upsampling, linear per channel
+
+
 def _statistics(net: Any, spec: ModelSpec, data: ImageDataset, features: dict[str, Any], clip: float | None,
                 patients: bool, device: torch.device, batch_size: int, track: Track[Any], name: str
                 ) -> dict[str, np.ndarray]:
-    """The un-noised statistics of `data`'s pooled features, one pass (`sufficient.contributions`)."""
+    """The un-noised statistics of `data`'s features (per image, or per pixel weighing 1/pixels), one pass
+    (`sufficient.contributions`)."""
+    import numpy as np
     import torch
 
     from taskvec.training import sufficient
@@ -128,11 +177,22 @@ def _statistics(net: Any, spec: ModelSpec, data: ImageDataset, features: dict[st
     with torch.no_grad():
         for x, y in track(make_loader(data, batch_size, device), "feature statistics",
                           math.ceil(len(data) / batch_size)):
-            feats = net.forward_head(net.forward_features(norm(x.to(device))), pre_logits=True).double()
-            if not feats.isfinite().all():
-                raise TaskvecError(f"train {name}: the base's features of a training image are not finite")
-            part = sufficient.contributions(feats.cpu().numpy(), y.tolist(), weights[seen:seen + len(y)],
-                                            spec.num_classes, proj, clip)
-            total = {k: total[k] + v for k, v in part.items()} if total else part
+            x = norm(x.to(device))
+            if spec.task == "classification":
+                parts = [(net.forward_head(net.forward_features(x), pre_logits=True), y, weights[seen:seen + len(y)])]
+            else:
+                pixels = _pixel_features(net, x)
+                if pixels.shape[1] != y[0].numel():
+                    raise TaskvecError(f"train {name}: the segmentation head reads {pixels.shape[1]} pixels of an "
+                                       f"image whose mask has {y[0].numel()}")
+                parts = [(f, m.flatten(), weights[seen + i] / m.numel() * torch.ones(m.numel(), dtype=torch.float64))
+                         for i, (f, m) in enumerate(zip(pixels, y))]
+            for feats, labels, w in parts:
+                feats = feats.double()
+                if not feats.isfinite().all():
+                    raise TaskvecError(f"train {name}: the base's features of a training image are not finite")
+                part = sufficient.contributions(feats.cpu().numpy(), labels.tolist(), np.asarray(w),
+                                                spec.num_classes, proj, clip)
+                total = {k: total[k] + v for k, v in part.items()} if total else part
             seen += len(y)
     return total
