@@ -3,7 +3,8 @@
 # BreastMNIST (3 iid or Dirichlet-0.5 sites), MoNuSeg (3 TCGA source sites) and ISBI 2012 EM (3 iid sites; its
 # unlabelled test folder is left out, so a test share of the training tiles is held out), per training mode, without DP and
 # with DP-SGD at one target ε (δ = 1e-5, per-image clipping at 1.0; class-means: its one Gaussian release at ε 1, 3
-# and 8), seeds 0-2, mean ± sd. BreastMNIST at 32 px and at 64 px (bm64-*). PBC blood cells (pbc-*: 5 sites of
+# and 8; *-pixel-stats: the per-pixel statistics head over an FPN decoder at ε 1, 3 and 8, against DP-SGD on the same
+# decoder, *-fpn-nb-e8), seeds 0-2, mean ± sd. BreastMNIST at 32 px and at 64 px (bm64-*). PBC blood cells (pbc-*: 5 sites of
 # about 2,400 images, iid or Dirichlet 0.5, DP-SGD at ε 8 and without DP) is sized for GPUs: several hours per
 # simulation on 2 CPU cores.
 # Usage, from the repository root: bash benchmarks/evidence.sh [OUT_DIR] [NAME ...]   (default: every experiment but
@@ -22,10 +23,13 @@ breast="--data $shared/data/breastmnist/breastmnist.npz --sites 3 --arch tf_effi
     --in-chans 1 --labels malignant,normal_benign --methods mean,ties --no-calibrate --dp"
 bm="$breast --img-size 32"
 bm64="$breast --img-size 64"
-mo="--data $shared/data/monuseg_256 --task segmentation --sites 3 --split by-group:tcga --arch tf_efficientnet_lite0
-    --weights $weights --in-chans 3 --img-size 64 --num-classes 2 --methods mean,ties --no-calibrate --dp"
-isbi="--data $shared/data/isbi2012_em --task segmentation --sites 3 --split iid --arch tf_efficientnet_lite0
-    --weights $weights --in-chans 1 --img-size 64 --num-classes 2 --methods mean,ties --no-calibrate --dp"
+monuseg="--data $shared/data/monuseg_256 --task segmentation --sites 3 --split by-group:tcga
+    --arch tf_efficientnet_lite0 --weights $weights --in-chans 3 --img-size 64 --num-classes 2 --no-calibrate --dp"
+em="--data $shared/data/isbi2012_em --task segmentation --sites 3 --split iid --arch tf_efficientnet_lite0
+    --weights $weights --in-chans 1 --img-size 64 --num-classes 2 --no-calibrate --dp"
+mo="$monuseg --methods mean,ties"
+isbi="$em --methods mean,ties"
+pixel_stats="--decoder fpn --train stats-head:128 --methods lda-head --target-epsilons 1,3,8"
 pbc="--data $shared/data/pbc_blood_cells_128 --sites 5 --arch tf_efficientnet_lite0 --weights $weights --in-chans 3
     --img-size 64 --num-classes 8 --labels basophil,eosinophil,erythroblast,ig,lymphocyte,monocyte,neutrophil,platelet
     --methods mean,ties --no-calibrate --dp --target-epsilons 8"
@@ -42,6 +46,10 @@ declare -A grid=(
   [mo-lora8-e8]="$mo --train lora:8 --target-epsilons 8"
   [mo-all-e8]="$mo --train all --target-epsilons 8"
   [isbi-nb-e8]="$isbi --train norm-bias --target-epsilons 8"
+  [mo-pixel-stats]="$monuseg $pixel_stats"
+  [isbi-pixel-stats]="$em $pixel_stats"
+  [mo-fpn-nb-e8]="$mo --decoder fpn --train norm-bias --target-epsilons 8"
+  [isbi-fpn-nb-e8]="$isbi --decoder fpn --train norm-bias --target-epsilons 8"
   [bm64-cm]="$bm64 --split iid --train class-means --target-epsilons 1,3,8"
   [bm64-dir-cm]="$bm64 --split dirichlet:0.5 --train class-means --target-epsilons 1,3,8"
   [bm64-head-e8]="$bm64 --split iid --train head --target-epsilons 8"

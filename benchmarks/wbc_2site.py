@@ -45,6 +45,7 @@ SHARED = ROOT.parent / "shared"
 WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
 SEG_LABELS = ["background", "cytoplasm", "nucleus"]
 SEG_CLASSES = ("nucleus", "cytoplasm")
+DECODERS = {"unet": "U-Net", "fpn": "FPN"}
 
 
 def sites(task: str, args: argparse.Namespace, spec: Any) -> dict[str, Any]:
@@ -81,20 +82,20 @@ def class_labels(args: argparse.Namespace) -> list[str]:
     return sorted(set(cells_column(args, "label")))
 
 
-def make_base(task: str, args: argparse.Namespace, seed: int, path: Path) -> Any:
+def make_base(task: str, args: argparse.Namespace, seed: int, path: Path, decoder: str) -> Any:
     from taskvec import build_base, model_spec, save_model
 
     if not path.exists():
         labels = class_labels(args) if task == "classification" else SEG_LABELS
         size = args.img_size if task == "classification" else args.seg_img_size
         net, spec = build_base("tf_efficientnet_lite0", task, len(labels), img_size=size, labels=labels,
-                               weights=WEIGHTS, dp_compatible=True, seed=seed)
+                               weights=WEIGHTS, dp_compatible=True, decoder=decoder, seed=seed)
         save_model(net, spec, path, extra={"source": {"pretrained": False, "weights": str(WEIGHTS)}})
     return model_spec(path)
 
 
-def one_variant(task: str, mode: str, eps: float | None, seed: int, args: argparse.Namespace, out: Path
-                ) -> dict[str, dict[str, dict[str, Any]]]:
+def one_variant(task: str, mode: str, eps: float | None, decoder: str, seed: int, args: argparse.Namespace,
+                out: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """{model: {test source: metrics}} of one training variant and seed (cached in `out/results.json`)."""
     from taskvec import DPConfig, FinetuneConfig, evaluate, export_vector, finetune, merge
     from taskvec.simulation.simulate import central_steps
@@ -104,8 +105,8 @@ def one_variant(task: str, mode: str, eps: float | None, seed: int, args: argpar
     if done.exists():
         return json.loads(done.read_text())  # type: ignore[no-any-return]
     out.mkdir(parents=True, exist_ok=True)
-    base = out.parent / "base.safetensors"
-    spec = make_base(task, args, seed, base)
+    base = out.parent / ("base.safetensors" if decoder == "unet" else f"base-{decoder}.safetensors")
+    spec = make_base(task, args, seed, base, decoder)
     parts = {s: test_split(ds, args, seed) for s, ds in sites(task, args, spec).items()}
     steps = args.steps if task == "classification" else args.seg_steps
     dp = None if eps is None else DPConfig(max_grad_norm=1.0, delta=args.delta, target_epsilon=eps)
@@ -122,7 +123,8 @@ def one_variant(task: str, mode: str, eps: float | None, seed: int, args: argpar
             export_vector(run.model_path, base, vectors[-1], contributor=site)
     merged = out / "merged.safetensors"
     if not merged.exists():
-        merge(vectors, base, merged, method="ridge-head" if one_pass else "mean")
+        merge(vectors, base, merged, method=("ridge-head" if task == "classification" else "lda-head") if one_pass
+              else "mean")
     models["merged"] = merged
     trains = [t for t, _ in parts.values()]
     union = trains[0].concat(trains[1])
@@ -168,16 +170,19 @@ def metric_columns(task: str) -> list[tuple[str, Any]]:
             for c in SEG_CLASSES for k in ("Dice", "Jaccard")]
 
 
-def table(task: str, variants: list[tuple[str, float | None]], args: argparse.Namespace, root: Path) -> list[str]:
+def table(task: str, variants: list[tuple[str, float | None, str]], args: argparse.Namespace, root: Path
+          ) -> list[str]:
     cols = metric_columns(task)
     rows, names = [], None
-    for mode, eps in variants:
-        runs = [one_variant(task, mode, eps, seed, args, root / task / f"seed{seed}" / f"{mode}-eps{eps}")
+    for mode, eps, decoder in variants:
+        folder = f"{mode}-eps{eps}" + ("" if decoder == "unet" else f"-{decoder}")
+        runs = [one_variant(task, mode, eps, decoder, seed, args, root / task / f"seed{seed}" / folder)
                 for seed in args.seeds]
+        label = mode if task == "classification" else f"{mode}, {DECODERS[decoder]}"
         names = [s for s in dict.fromkeys(cells_column(args, "site")) if s in runs[0]["merged"]]
         for model in [*names, "merged", "centralised"]:
             cells = [ms([f(r[model][site]) for r in runs]) for site in names for _, f in cols]
-            rows.append(f"| {mode} | {'∞' if eps is None else f'{eps:g}'} | {model} | " + " | ".join(cells) + " |")
+            rows.append(f"| {label} | {'∞' if eps is None else f'{eps:g}'} | {model} | " + " | ".join(cells) + " |")
             print(rows[-1], flush=True)
     assert names is not None
     head = [f"{c} on {site}" for site in names for c, _ in cols]
@@ -218,20 +223,23 @@ def main() -> None:
              f"(wbc_2site: jiangxi_tecom, cellavision_blog; each with a {args.test_fraction:.0%} keyed test part), "
              f"each site alone, their merge and centralised training, evaluated on both test parts; "
              f"tf_efficientnet_lite0 (ImageNet weights), classification of 5 cell types at {args.img_size} px, "
-             f"U-Net segmentation at {args.seg_img_size} px; without DP and at ε = {args.epsilon:g} "
-             f"(δ = {args.delta:g}, unit image); one DP-ready base (frozen BatchNorm statistics) per seed and task for "
-             f"every row; {schedule}; mean ± sd over seeds {args.seeds}. "
+             f"segmentation at {args.seg_img_size} px (smp U-Net or FPN decoder); without DP and at "
+             f"ε = {args.epsilon:g} (δ = {args.delta:g}, unit image); one DP-ready base (frozen BatchNorm statistics) "
+             f"per seed, task and decoder for every row; {schedule}; mean ± sd over seeds {args.seeds}. "
              f"Generated by `{command}` with {version()}.", ""]
     tasks = args.tasks.split(",")
     eps = [None, args.epsilon]
     if "classification" in tasks:
         lines += ["## Classification", "", "Macro one-vs-rest AUROC and balanced accuracy over the cell types "
                   "present in each test part (merge: `mean` for norm-bias, `ridge-head` for the statistics head).",
-                  "", *table("classification", [("norm-bias", e) for e in eps]
-                             + [(f"stats-head:{args.stats_dim}", e) for e in eps], args, root), ""]
+                  "", *table("classification", [("norm-bias", e, "unet") for e in eps]
+                             + [(f"stats-head:{args.stats_dim}", e, "unet") for e in eps], args, root), ""]
     if "segmentation" in tasks:
-        lines += ["## Segmentation", "", "Dice and Jaccard of nucleus and cytoplasm (merge: `mean`).", "",
-                  *table("segmentation", [("norm-bias", e) for e in eps], args, root), ""]
+        lines += ["## Segmentation", "", "Dice and Jaccard of nucleus and cytoplasm (merge: `mean` for norm-bias, "
+                  "`lda-head` for the per-pixel statistics head, whose decoder is the base's at random: FPN).", "",
+                  *table("segmentation", [(m, e, d) for m, d in (("norm-bias", "unet"), ("norm-bias", "fpn"),
+                                                                 (f"stats-head:{args.stats_dim}", "fpn")) for e in eps],
+                         args, root), ""]
     lines += ["## Test parts", "", *split_summary(args), ""]
     page = "\n".join(lines)
     print(page)

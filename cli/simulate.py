@@ -40,6 +40,7 @@ def simulate(
     data: Path = typer.Option(..., help="Data set (as for `taskvec finetune`) to split into sites."),
     out: Path = typer.Option(..., help="Report folder (resumed when it holds the same simulation)."),
     task: str = typer.Option("classification", help="classification | segmentation"),
+    decoder: str = typer.Option("unet", help="Segmentation decoder (segmentation-models-pytorch): unet | fpn."),
     sites: int = typer.Option(3, help="Number of simulated hospitals."),
     split: str = typer.Option("iid", help=SPLIT_HELP),
     arch: str = typer.Option("test_convnext", help="timm architecture of the base."),
@@ -95,7 +96,8 @@ def simulate(
     from taskvec.simulation.simulate import simulate as run
 
     cfg = SimulationConfig(
-        data=str(data), out=str(out), task=task, sites=sites, split=split, arch=arch, num_classes=num_classes,
+        data=str(data), out=str(out), task=task, decoder=decoder, sites=sites, split=split, arch=arch,
+        num_classes=num_classes,
         labels=[s.strip() for s in labels.split(",")] if labels else None, in_chans=in_chans, img_size=img_size,
         pretrained=pretrained, weights=str(weights) if weights else None, train=train, epochs=epochs,
         prox=prox, head=head, base_epochs=base_epochs, batch_size=batch_size, lr=lr, calibrate=calibrate,

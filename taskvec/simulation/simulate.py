@@ -29,6 +29,7 @@ from taskvec.io.files import write_json
 from taskvec.io.lineage import DEFAULT_STALENESS
 from taskvec.merging.methods import COMPARED, DEFAULT_METHOD, MERGE_METHODS
 from taskvec.merging.stream import merge_vectors
+from taskvec.models.segmentation import decoder_spec
 from taskvec.models.spec import ModelSpec, build_base, save_model
 from taskvec.privacy import DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM
 from taskvec.privacy.ledger import PrivacyBudget
@@ -55,6 +56,7 @@ class SimulationConfig:
     data: str
     out: str
     task: str = "classification"
+    decoder: str = "unet"  # segmentation: smp's decoder over the encoder (taskvec.models.segmentation)
     sites: int = 3
     split: str = "iid"
     arch: str = "test_convnext"
@@ -99,6 +101,7 @@ class SimulationConfig:
                 raise ConfigError(f"{name} must be among {', '.join(MERGE_METHODS)}, got {m!r}", field=name,
                                   expected=list(MERGE_METHODS), got=m)
         check_executor(self.executor)
+        decoder_spec(self.decoder)
         check_range("task_gpus", self.task_gpus, low=0, low_open=False)
         for name in ("sites", "jobs", "epochs", "rounds", "buffer", "task_cpus"):  # None: the default
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -196,7 +199,7 @@ def simulate(cfg: SimulationConfig, progress: Progress = lambda s: None) -> Simu
     pretrained = cfg.pretrained or cfg.weights is not None
     module, spec = build_base(cfg.arch, cfg.task, cfg.num_classes, cfg.in_chans, cfg.img_size, cfg.labels,
                               cfg.pretrained, cfg.weights, dp_compatible=bool(cfg.epsilons) or pretrained,
-                              seed=cfg.seed, zero_head=False if cfg.head == "frozen" else None)
+                              decoder=cfg.decoder, seed=cfg.seed, zero_head=False if cfg.head == "frozen" else None)
     pool, test, val, notes = prepare_data(cfg, spec)
     decoded = cached_splits(DataSplits(pool, val, test), cfg.image_cache)  # once for every run and evaluation
     pool, val, test = decoded.train or pool, decoded.val, decoded.test or test

@@ -144,3 +144,26 @@ def test_a_statistics_head_simulation_exports_and_merges_its_sites(tmp_path: Pat
         vector = read_kind(tmp_path / "r" / "vectors" / f"site{i}.safetensors", "vector").vector
         site = next(r for r in res.rows if r["name"] == f"site{i}")
         assert vector.sufficient is not None and vector.samples == site["samples"]
+
+
+def test_a_pixel_statistics_simulation_merges_to_the_centralised_head(tmp_path: Path) -> None:
+    """Segmentation sites over an FPN decoder (`--decoder fpn`) release per-pixel statistics; without DP their
+    `lda-head` merge is the centralised run's head, so both score the same on the test split. An unknown decoder
+    is refused before anything is written."""
+    from synthetic_data import seg_folder
+
+    from taskvec.errors import ConfigError
+    from taskvec.io.files import read_kind
+
+    data = seg_folder(tmp_path / "seg", n=24, size=32)
+    cfg = SimulationConfig(data=str(data), out=str(tmp_path / "r"), task="segmentation", decoder="fpn", sites=2,
+                           arch="test_efficientnet", img_size=32, base_epochs=1, train="stats-head:16",
+                           methods=["lda-head"], calibrate=False)
+    res = simulate(cfg)
+    assert read_kind(tmp_path / "r" / "base.safetensors", "model").meta["model"]["decoder"]["arch"] == "fpn"
+    rows = {r["name"]: r for r in res.rows}
+    assert rows["lda-head"]["metrics"]["dice"] == pytest.approx(rows["centralised"]["metrics"]["dice"], abs=1e-6)
+    assert rows["lda-head"]["metrics"]["dice"] != pytest.approx(rows["base"]["metrics"]["dice"], abs=1e-3)
+    with pytest.raises(ConfigError, match="decoder must be one of"):
+        simulate(replace(cfg, decoder="deeplab", out=str(tmp_path / "bad")))
+    assert not (tmp_path / "bad").exists()
