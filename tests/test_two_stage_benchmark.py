@@ -1,0 +1,37 @@
+"""`benchmarks/two_stage.py` end to end on a tiny random model: both stages run at ε and without DP, the
+merge's composed ε lies between either stage's target and the total, and a second run reuses the first's
+results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from taskvec.simulation.synthetic import write_classification_npz
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_two_stages_compose_under_the_total_and_rerun_from_the_cache(tmp_path: Path) -> None:
+    data = write_classification_npz(tmp_path / "d.npz", n_train=90, n_val=10, n_test=40, size=32, seed=2)
+    command = [sys.executable, str(ROOT / "benchmarks" / "two_stage.py"), "--data", str(data), "--sites", "2",
+               "--arch", "test_efficientnet", "--weights", "none", "--num-classes", "2", "--in-chans", "1",
+               "--img-size", "32", "--stats-dim", "4", "--steps", "2", "--epsilons", "4", "--stats-share", "0.5",
+               "--seeds", "0,1", "--device", "cpu", "--cache", str(tmp_path / "cache"),
+               "--markdown", str(tmp_path / "t.md")]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (root,) = (tmp_path / "cache").iterdir()
+    for seed in (0, 1):
+        no_dp, dp = json.loads((root / f"seed{seed}" / "results.json").read_text())
+        assert no_dp["epsilon"] is None and no_dp["spent"] is None
+        assert dp["epsilon"] == 4 and 2 < dp["spent"] <= 4  # composed: more than either stage's 2, at most 4
+        assert all(0 <= r[s]["auroc"] <= 1 for r in (no_dp, dp) for s in ("stage1", "stage2"))
+    table = (tmp_path / "t.md").read_text()
+    assert "| 4 | " in table and "| ∞ | – |" in table
+    (root / "seed0" / "no-dp" / "stage1" / "merged.safetensors").unlink()  # reused results: nothing is rebuilt
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and not (root / "seed0" / "no-dp" / "stage1" / "merged.safetensors").exists()
+    assert (tmp_path / "t.md").read_text().splitlines()[2:] == table.splitlines()[2:]
