@@ -73,6 +73,5 @@ for name in "${names[@]}"; do
 done | xargs -P "${JOBS:-1}" -L 1 taskvec simulate > "$out.log" 2>&1
 for name in "${names[@]}"; do  # every seed finished: the report over seeds (mean ± sd, error bars) reuses them
   taskvec simulate ${grid[$name]} --out "$out/$name" --seeds 0,1,2 >> "$out.log" 2>&1
-  echo "== $name"
-  python "$(dirname "$0")/evidence_summary.py" "$out/$name" | grep '^|'
+  python "$(dirname "$0")/evidence_summary.py" "$out/$name"
 done

@@ -235,8 +235,8 @@ def main() -> None:
                   "", *table("classification", [("norm-bias", e, "unet") for e in eps]
                              + [(f"stats-head:{args.stats_dim}", e, "unet") for e in eps], args, root), ""]
     if "segmentation" in tasks:
-        lines += ["## Segmentation", "", "Dice and Jaccard of nucleus and cytoplasm (merge: `mean` for norm-bias, "
-                  "`lda-head` for the per-pixel statistics head, whose decoder is the base's at random: FPN).", "",
+        lines += ["## Segmentation", "", "Dice and Jaccard of nucleus and cytoplasm (merge: `mean` for norm-bias; "
+                  "`lda-head` for the per-pixel statistics head, which keeps the base's decoder as initialised).", "",
                   *table("segmentation", [(m, e, d) for m, d in (("norm-bias", "unet"), ("norm-bias", "fpn"),
                                                                  (f"stats-head:{args.stats_dim}", "fpn")) for e in eps],
                          args, root), ""]
