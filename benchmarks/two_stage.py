@@ -102,7 +102,7 @@ def one_seed(args: argparse.Namespace, seed: int, root: Path) -> list[dict[str, 
             m = evaluate(model, DataSplits(None, None, test, "test split"), "test", device=args.device).metrics
             row[name] = {"auroc": m["auroc"], "balanced_accuracy": m["balanced_accuracy"]}
         rows.append(row)
-        print(json.dumps({"seed": seed, **row}), flush=True)
+        print(json.dumps({"seed": seed, **row}), file=sys.stderr, flush=True)  # stdout: the table alone
     done.write_text(json.dumps(rows))
     return rows
 
