@@ -23,6 +23,8 @@ from taskvec.errors import ConfigError, FileFormatError, TaskvecError
 from taskvec.training.modes.base import OnePassHead, head_names, register
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
     import numpy as np
     import torch
     from torch import nn
@@ -139,9 +141,9 @@ def _head(net: Any, spec: ModelSpec, name: str) -> tuple[Any, int]:
     return conv, conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
 
 
-def _pixel_features(net: Any, x: torch.Tensor) -> torch.Tensor:
-    """Per image, what the segmentation head's convolution reads at each pixel of the mask: (images, pixels,
-    in_channels × kernel height × kernel width)."""
+def _pixel_features(net: Any, x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Per image of `x`, one at a time (memory of one image's pixels), what the segmentation head's convolution
+    reads at each pixel of the mask: (pixels, in_channels × kernel height × kernel width)."""
     import torch
 
     conv = net.get_submodule(_HEAD_CONV)
@@ -151,10 +153,11 @@ def _pixel_features(net: Any, x: torch.Tensor) -> torch.Tensor:
         net(x)
     finally:
         hook.remove()
-    windows = torch.nn.functional.unfold(seen["x"], conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
-                                         stride=conv.stride)
-    grid = windows.view(len(x), windows.shape[1], *seen["out"].shape[-2:])
-    return net.segmentation_head[1](grid).flatten(2).transpose(1, 2)  # the head's upsampling, linear per channel
+    for image in seen["x"]:
+        windows = torch.nn.functional.unfold(image[None], conv.kernel_size, dilation=conv.dilation,
+                                             padding=conv.padding, stride=conv.stride)
+        grid = windows.view(1, windows.shape[1], *seen["out"].shape[-2:])
+        yield net.segmentation_head[1](grid)[0].flatten(1).T  # the head's upsampling, linear per channel
 
 
 def _statistics(net: Any, spec: ModelSpec, data: ImageDataset, features: dict[str, Any], clip: float | None,
@@ -179,20 +182,19 @@ def _statistics(net: Any, spec: ModelSpec, data: ImageDataset, features: dict[st
                           math.ceil(len(data) / batch_size)):
             x = norm(x.to(device))
             if spec.task == "classification":
-                parts = [(net.forward_head(net.forward_features(x), pre_logits=True), y, weights[seen:seen + len(y)])]
-            else:
-                pixels = _pixel_features(net, x)
-                if pixels.shape[1] != y[0].numel():
-                    raise TaskvecError(f"train {name}: the segmentation head reads {pixels.shape[1]} pixels of an "
-                                       f"image whose mask has {y[0].numel()}")
-                parts = [(f, m.flatten(), weights[seen + i] / m.numel() * torch.ones(m.numel(), dtype=torch.float64))
-                         for i, (f, m) in enumerate(zip(pixels, y))]
+                parts: Iterable[tuple[torch.Tensor, torch.Tensor, np.ndarray]] = [
+                    (net.forward_head(net.forward_features(x), pre_logits=True), y, weights[seen:seen + len(y)])]
+            else:  # each pixel weighs 1/pixels of its image's unit weight
+                parts = ((f, m.flatten(), np.full(m.numel(), weights[seen + i] / m.numel()))
+                         for i, (f, m) in enumerate(zip(_pixel_features(net, x), y)))
             for feats, labels, w in parts:
+                if len(feats) != len(labels):
+                    raise TaskvecError(f"train {name}: the segmentation head reads {len(feats)} pixels of an image "
+                                       f"whose mask has {len(labels)}")
                 feats = feats.double()
                 if not feats.isfinite().all():
                     raise TaskvecError(f"train {name}: the base's features of a training image are not finite")
-                part = sufficient.contributions(feats.cpu().numpy(), labels.tolist(), np.asarray(w),
-                                                spec.num_classes, proj, clip)
+                part = sufficient.contributions(feats.cpu().numpy(), labels.tolist(), w, spec.num_classes, proj, clip)
                 total = {k: total[k] + v for k, v in part.items()} if total else part
             seen += len(y)
     return total
