@@ -24,6 +24,11 @@ the PBC benchmark (docs/results/stats_head.md, 5 iid sites): among P = 64, 128, 
 best balanced accuracy for the merged, single-site and centralised heads at ε = 1, 3 and 8 (256 where it
 would pick 512, untested).
 
+On a segmentation base the units are images and the statistics are per pixel (the features the segmentation
+head's convolution reads; each image's pixels weigh 1/pixels, so an image is bounded as one classification
+unit is): the same formulas hold with N images, d the pixel feature's dimension and N/k read as a class's
+share of the pixel mass.
+
 The recommendation is the mode with the smallest ratio (DP-SGD modes and the statistics head compared by the
 ratios above, a coarse rule), with a warning when even that is above 1.
 """
@@ -79,6 +84,7 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
     from taskvec.privacy.mechanisms.gaussian_sum import release_noise
     from taskvec.training.config import FinetuneConfig
     from taskvec.training.modes import parse_mode, registered
+    from taskvec.training.modes.stats_head import head_layer
     from taskvec.training.schedule import plan_steps
 
     counts = {"units": units, "sites": sites} | ({} if stats_dim is None else {"stats_dim": stats_dim})
@@ -88,9 +94,7 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
     dp = DPConfig(max_grad_norm=clip, delta=delta, target_epsilon=epsilon, sample_rate=sample_rate)
     dp.check()
     spec = ModelSpec.from_dict(read_kind(base, "model").model.model)
-    if spec.task != "classification":
-        raise ConfigError(f"plan-dp predicts classification runs; {base} is a {spec.task} base", field="base")
-    dim = create_module(spec).get_classifier().in_features  # type: ignore[operator]
+    dim = head_layer(create_module(spec), spec, "stats-head")[1]  # a pooled feature's, or a pixel's
     z1 = release_noise(dp, "feature statistics")[0]
     best_dim = recommend_stats_dim(z1, dim, units, sites)
     names = modes or [m.name if not m.arg else f"{m.name}:{stats_dim or best_dim}" for m in registered()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 from stats_reference import pooled_features
 from synthetic_data import npz_file
@@ -121,3 +122,38 @@ def test_dp_sgd_predictions_match_a_measured_run(tmp_path: Path) -> None:
     assert entry["steps"] == head.steps == run.steps == 12
     assert head.coordinates == 256 * 2 + 2  # the classifier of test_efficientnet: 256 features, 2 classes
     assert head.noise_norms["step"] == pytest.approx(head.noise_multiplier * 2.0 * math.sqrt(head.coordinates))
+
+
+def test_a_segmentation_plan_matches_a_measured_pixel_release(tmp_path: Path) -> None:
+    """On a U-Net base the statistics head's features are the head convolution's 16 × 3 × 3 window per pixel:
+    the plan's noise multiplier is the run's, and the noise its per-pixel statistics release added has the
+    predicted norm."""
+    from synthetic_data import seg_folder
+
+    from taskvec.models.spec import ModelSpec, load_model
+    from taskvec.progress import no_track
+    from taskvec.training.data import load_data
+    from taskvec.training.modes.stats_head import STATISTICS_FILE, _statistics
+
+    net, spec = build_base("test_efficientnet", task="segmentation", num_classes=2, img_size=32, seed=0)
+    base = tmp_path / "seg.safetensors"
+    save_model(net, spec, base)
+    r = CliRunner().invoke(app, ["plan-dp", "--base", str(base), "--units", "12", "--epsilon", "3",
+                                 "--stats-dim", "64", "--json"])
+    assert r.exit_code == 0, r.output
+    stats = {m["mode"]: m for m in json.loads(r.stdout)["modes"]}["stats-head:64"]
+    assert stats["coordinates"] == 2 * 64 + 2 + 64 * 64 + 1
+    train = load_data(seg_folder(tmp_path / "data", n=12), ModelSpec.from_dict(spec.to_dict()), val_fraction=0.0).train
+    assert train is not None
+    dp = DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=3.0, seed=2)
+    run = finetune(base, train, tmp_path / "dp", FinetuneConfig(train="stats-head:64", val_fraction=0.0,
+                                                                 device="cpu", dp=dp)).model_path
+    (entry,) = read_kind(run, "model").meta["privacy"]
+    assert entry["noise_multiplier"] == pytest.approx(stats["noise_multiplier"])
+    record = read_kind(run.parent / STATISTICS_FILE, "statistics").meta["sufficient"]
+    assert record["features"]["dim"] == 16 * 9
+    clear = _statistics(load_model(base, "cpu").eval(), spec, train, record["features"], record["clip"], False,
+                        torch.device("cpu"), 4, no_track, "t")
+    noisy = load_file(str(run.parent / STATISTICS_FILE))
+    measured = float(np.linalg.norm(noisy["sufficient.sums"] - clear["sums"]))
+    assert measured == pytest.approx(stats["noise_norms"]["sums"], rel=0.3)

@@ -61,7 +61,7 @@ class StatsHead(OnePassHead):
         from taskvec.privacy.mechanisms.gaussian_sum import GaussianSum, release_noise
         from taskvec.training import sufficient
 
-        head, dim = _head(net.eval(), spec, self.name)
+        head, dim = head_layer(net.eval(), spec, self.name)
         if len(data) == 0:
             raise TaskvecError(f"train {self.name}: no training images")
         keys = self.trainable_names(net, spec.task)
@@ -122,7 +122,7 @@ class StatsHead(OnePassHead):
 _HEAD_CONV = "segmentation_head.0"  # smp's segmentation head: the convolution, then the upsampling
 
 
-def _head(net: Any, spec: ModelSpec, name: str) -> tuple[Any, int]:
+def head_layer(net: Any, spec: ModelSpec, name: str) -> tuple[Any, int]:
     """The layer the mode solves (timm's linear classifier, or smp's head convolution) and its input's
     dimension per image or pixel; refuses a layer it cannot solve as a linear map of unfolded features."""
     import torch
