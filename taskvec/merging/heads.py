@@ -3,13 +3,14 @@ them, and the head an `lda-head` or `ridge-head` merge solves from their sums.
 
 A statistics vector carries the tensors `sufficient.counts`, `.sums`, `.moments` and `.log_norms` (float64)
 and a header record `sufficient`: the features they describe (`features`: the backbone's content identity,
-architecture, feature dimension, projection), the classifier's weight and bias keys (`head`), the clip of the
+architecture, feature dimension, projection), the weight and bias keys of the layer solved (`head`: a
+classifier, or a segmentation head's convolution, whose weight is the solved matrix reshaped), the clip of the
 projected unit features (null without DP), the unit and the sd of each tensor's noise (`noise_std`, null
 without DP; the sum's sd is √Σ σᵢ² over the vectors). Statistics are summed only when every record agrees
 on the features, the head and the clip, and the features' backbone is the merge base's; weight vectors and
 statistics vectors are never merged together. The sums are exact (float64, no weighting or staleness
 discount: the counts weigh each site, and the features are checked to be the base's). The merged model is the
-base with its classifier replaced by base + λ·(solved − base) (λ = 1: the solved head).
+base with that layer replaced by base + λ·(solved − base) (λ = 1: the solved head).
 """
 
 from __future__ import annotations
