@@ -84,7 +84,7 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
     from taskvec.privacy.mechanisms.gaussian_sum import release_noise
     from taskvec.training.config import FinetuneConfig
     from taskvec.training.modes import parse_mode, registered
-    from taskvec.training.modes.stats_head import head_layer
+    from taskvec.training.modes.stats_head import StatsHead, head_layer
     from taskvec.training.schedule import plan_steps
 
     counts = {"units": units, "sites": sites} | ({} if stats_dim is None else {"stats_dim": stats_dim})
@@ -94,7 +94,7 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
     dp = DPConfig(max_grad_norm=clip, delta=delta, target_epsilon=epsilon, sample_rate=sample_rate)
     dp.check()
     spec = ModelSpec.from_dict(read_kind(base, "model").model.model)
-    dim = head_layer(create_module(spec), spec, "stats-head")[1]  # a pooled feature's, or a pixel's
+    dim = head_layer(create_module(spec), spec, StatsHead.name)[1]  # a pooled feature's, or a pixel's
     z1 = release_noise(dp, "feature statistics")[0]
     best_dim = recommend_stats_dim(z1, dim, units, sites)
     names = modes or [m.name if not m.arg else f"{m.name}:{stats_dim or best_dim}" for m in registered()
