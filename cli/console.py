@@ -35,7 +35,7 @@ class SafeConsole(Console):
         return super().render_str(clean(text), **{**kwargs, "markup": False, "emoji": False})
 
 
-console = SafeConsole(highlight=False)
+console = SafeConsole(highlight=False, soft_wrap=True)  # a line is never broken (a path in it stays whole)
 
 
 # Parameters whose flag is not `--` + the name with dashes.

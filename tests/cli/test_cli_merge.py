@@ -21,9 +21,10 @@ def test_default_method_is_the_librarys_mean(make_base, make_finetuned, tmp_path
         vectors.append(tmp_path / f"v{i}.safetensors")
         code, _, err = invoke("export", make_finetuned(base, i), "--base", base, "--out", vectors[-1])
         assert code == 0, err
-    code, out, err = invoke("merge", *vectors, "--base", base, "--out", tmp_path / "m.safetensors")
-    assert code == 0 and "mean of 3 vectors" in out, err
-    merged, b = load_file(str(tmp_path / "m.safetensors")), load_file(str(base))
+    out_path = tmp_path / ("a-long-folder-name" * 5) / "m.safetensors"  # the line is longer than 80 columns
+    code, out, err = invoke("merge", *vectors, "--base", base, "--out", out_path)
+    assert code == 0 and f"wrote {out_path}: mean of 3 vectors" in out, err  # never broken across lines
+    merged, b = load_file(str(out_path)), load_file(str(base))
     deltas = [load_file(str(v)) for v in vectors]
     for k, t in b.items():
         if t.is_floating_point():  # base + (τ1 + τ2 + τ3) / 3, from the vector files themselves
