@@ -1,5 +1,5 @@
 """`benchmarks/two_stage.py` end to end on a tiny random model: both stages run at ε and without DP, the
-merge's composed ε lies between either stage's target and the total, and a second run reuses the first's
+merge's composed ε is the total (stage 2 calibrated to spend what stage 1 left), and a second run reuses the first's
 results."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_two_stages_compose_under_the_total_and_rerun_from_the_cache(tmp_path: P
     for seed in (0, 1):
         no_dp, dp = json.loads((root / f"seed{seed}" / "results.json").read_text())
         assert no_dp["epsilon"] is None and no_dp["spent"] is None
-        assert dp["epsilon"] == 4 and 2 < dp["spent"] <= 4  # composed: more than either stage's 2, at most 4
+        assert dp["epsilon"] == 4 and 0.97 * 4 <= dp["spent"] <= 4  # stage 2 spends what stage 1 left
         assert all(0 <= r[s]["auroc"] <= 1 for r in (no_dp, dp) for s in ("stage1", "stage2"))
     table = (tmp_path / "t.md").read_text()
     assert "| 4 | " in table and "| ∞ | – |" in table

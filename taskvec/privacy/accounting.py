@@ -160,13 +160,21 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
     return dp_sgd_epsilon([(noise_multiplier, sample_rate, steps)], delta)
 
 
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    prior: Sequence[tuple[float, float, int]] = ()) -> float:
     """Smallest noise multiplier (ε within 1% below the target) whose ε after `steps` steps is at most the
-    target: Opacus's search (`get_noise_multiplier`: double, then bisect), on `epsilon_spent`, whose every
-    call is bounded in memory (Opacus's own would run PRV at any noise it tries)."""
+    target: Opacus's search (`get_noise_multiplier`: double, then bisect), on `dp_sgd_epsilon`, whose every
+    call is bounded in memory (Opacus's own would run PRV at any noise it tries).
+
+    `prior`: releases on the same data that the target covers too, each (noise multiplier, sample rate, steps)
+    (a Gaussian release is one step at rate 1): the steps are then calibrated so that all of them compose to the
+    target, a second stage spending exactly what the first left of one budget."""
+    if prior and dp_sgd_epsilon(prior, delta)[0] >= target_epsilon:
+        raise PrivacyError(f"the earlier releases already spend ε ≥ {target_epsilon:g}; nothing is left for these "
+                           "steps")
 
     def epsilon(z: float) -> float:
-        return epsilon_spent(z, sample_rate, steps, delta)[0]
+        return dp_sgd_epsilon([*prior, (z, sample_rate, steps)], delta)[0] if steps else 0.0
 
     low, high, eps_high = 0.0, 10.0, math.inf
     while eps_high > target_epsilon:

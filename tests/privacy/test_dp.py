@@ -10,6 +10,7 @@ import pytest
 import torch
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+from dp_reference import dp_sgd_steps, pld_epsilon
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -66,6 +67,20 @@ def test_calibration_and_step_limit() -> None:
     limit = max_steps(z, q, 1e-5, target)
     assert limit >= steps
     assert epsilon_spent(z, q, limit, 1e-5)[0] <= target < epsilon_spent(z, q, limit + 1, 1e-5)[0]
+
+
+def test_calibration_after_earlier_releases_spends_the_rest_of_one_budget() -> None:
+    """A second stage calibrated after a Gaussian release (stage 1, 3/8 of ε = 8): both compose to the target, by
+    dp-accounting's PLD, where stage 2 calibrated alone on the rest (ε 5) would compose to less."""
+    q, steps, target, delta = 0.25, 100, 8.0, 1e-5
+    z1 = calibrate_noise(3.0, delta, 1.0, 1)
+    z2 = calibrate_noise(target, delta, q, steps, prior=[(z1, 1.0, 1)])
+    both = pld_epsilon([dpa.GaussianDpEvent(z1), dp_sgd_steps(z2, q, steps)], delta)
+    assert target * 0.97 <= both <= target * 1.02
+    alone = calibrate_noise(5.0, delta, q, steps)
+    assert z2 < alone and pld_epsilon([dpa.GaussianDpEvent(z1), dp_sgd_steps(alone, q, steps)], delta) < 0.9 * target
+    with pytest.raises(PrivacyError, match="already spend"):
+        calibrate_noise(2.0, delta, q, steps, prior=[(z1, 1.0, 1)])
 
 
 @pytest.fixture
