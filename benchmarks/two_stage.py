@@ -5,11 +5,11 @@ test split and sites for the same settings and seed), over one DP-ready base wit
 For each total ε (and without DP):
   stage 1  every site releases `stats-head:P` statistics at ε·`--stats-share` (one `gaussian-sum`); the merger
            solves the head (`lda-head`): version 1;
-  stage 2  every site fine-tunes `--train` from version 1 with DP-SGD (library defaults otherwise), its noise
-           calibrated for its planned steps so that the two releases compose to ε (`calibrate_noise` with
-           stage 1 as `prior`: the rest of the budget, not ε·(1 − share), which would compose to less); the
-           merger averages the vectors onto version 1 (`mean`) under a budget of ε per image (`PrivacyBudget`),
-           which composes each site's two releases (PRV accountant over both): version 2.
+  stage 2  every site fine-tunes `--train` from version 1 with DP-SGD at a target of ε that includes its
+           release in version 1's lineage (`DPConfig.include_lineage`: the noise calibrated so that both
+           releases compose to ε, where a target of ε·(1 − share) would compose to less; library defaults
+           otherwise); the merger averages the vectors onto version 1 (`mean`) under a budget of ε per image
+           (`PrivacyBudget`), which composes each site's two releases (PRV accountant over both): version 2.
 Both versions are evaluated on the test split (macro one-vs-rest AUROC and balanced accuracy); the composed ε
 column is the largest site's total as the merge computed it. Without DP both stages run without noise (stage 2
 on the library's default schedule). Runs, vectors and merges are kept under `--cache`, so a second run reuses
@@ -77,21 +77,6 @@ def _stage(base: Path, sites: list[Any], out: Path, config: Any, method: str, bu
     return merged, max(c["epsilon"] for c in spent.values()) if spent else None
 
 
-def _split(eps: float, args: argparse.Namespace, first: Any, second: Any) -> tuple[Any, Any]:
-    """The two stages' DP settings under one budget ε: stage 1's release at ε·share, stage 2's noise calibrated
-    for its planned steps so that both compose to ε (PRV over both, as the merge's budget composes them)."""
-    from taskvec import DPConfig
-    from taskvec.privacy.accounting import calibrate_noise
-    from taskvec.training.schedule import plan_steps
-
-    dp = DPConfig(max_grad_norm=1.0, delta=args.delta, target_epsilon=eps * args.stats_share)
-    z1 = calibrate_noise(eps * args.stats_share, args.delta, 1.0, 1)  # as the release calibrates it
-    second = replace(second, dp=replace(dp, target_epsilon=None, noise_multiplier=1.0))
-    steps = plan_steps(second)[0]
-    z2 = calibrate_noise(eps, args.delta, second.dp.sample_rate, steps, prior=[(z1, 1.0, 1)])
-    return replace(first, dp=dp), replace(second, dp=replace(second.dp, noise_multiplier=z2))
-
-
 def one_seed(args: argparse.Namespace, seed: int, root: Path) -> list[dict[str, Any]]:
     """The rows of one seed: per ε, both versions' test metrics and the composed ε (cached as results.json)."""
     from taskvec import DPConfig, FinetuneConfig, PrivacyBudget, evaluate
@@ -105,15 +90,15 @@ def one_seed(args: argparse.Namespace, seed: int, root: Path) -> list[dict[str, 
     for eps in [None, *args.epsilons]:
         out = root / f"seed{seed}" / ("no-dp" if eps is None else f"eps{eps:g}")
 
+        def dp(target: float, eps: float | None = eps, **kw: Any) -> Any:
+            return None if eps is None else DPConfig(max_grad_norm=1.0, delta=args.delta, target_epsilon=target, **kw)
+
         common = FinetuneConfig(val_fraction=0.0, device=args.device, seed=seed + 10, resume=True)
-        first = replace(common, train=f"stats-head:{args.stats_dim}")
-        second = replace(common, train=args.train, steps=args.steps)
-        budget = None
-        if eps is not None:
-            first, second = _split(eps, args, first, second)
-            budget = PrivacyBudget(max_epsilon=eps, unit="image")
-        v1, _ = _stage(base, sites, out / "stage1", first, "lda-head", None)
-        v2, spent = _stage(v1, sites, out / "stage2", second, "mean", budget)
+        budget = None if eps is None else PrivacyBudget(max_epsilon=eps, unit="image")
+        v1, _ = _stage(base, sites, out / "stage1", replace(common, train=f"stats-head:{args.stats_dim}",
+                                                             dp=dp((eps or 0) * args.stats_share)), "lda-head", None)
+        v2, spent = _stage(v1, sites, out / "stage2", replace(common, train=args.train, steps=args.steps,
+                                                               dp=dp(eps or 0, include_lineage=True)), "mean", budget)
         row: dict[str, Any] = {"epsilon": eps, "spent": spent}
         for name, model in (("stage1", v1), ("stage2", v2)):
             m = evaluate(model, DataSplits(None, None, test, "test split"), "test", device=args.device).metrics

@@ -130,6 +130,10 @@ def finetune(
     noise_multiplier: float | None = typer.Option(
         None, "--noise-multiplier", help="--dp: fix the noise multiplier σ and report ε (stops at --target-epsilon)."
     ),
+    include_lineage: bool = typer.Option(
+        False, "--epsilon-includes-lineage",
+        help="--dp: --target-epsilon spans this run and the --contributor's releases already merged into the base "
+             "(its stage-1 statistics): the noise is calibrated for what they left of it."),
     delta: float = typer.Option(DEFAULT_DELTA, help="--dp: δ of the guarantee (keep it below 1 / number of patients)."),
     max_grad_norm: float = typer.Option(
         DEFAULT_MAX_GRAD_NORM, "--max-grad-norm", help="--dp: clip each unit's gradient to this norm."),
@@ -159,9 +163,9 @@ def finetune(
         from taskvec.privacy.dpsgd import DPConfig
 
         private = DPConfig(max_grad_norm, delta, target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
-                           augmult=augmult, sample_rate=sample_rate)
-    elif target_epsilon is not None or noise_multiplier is not None:
-        usage("--target-epsilon and --noise-multiplier set up DP-SGD: add --dp")
+                           augmult=augmult, sample_rate=sample_rate, include_lineage=include_lineage)
+    elif target_epsilon is not None or noise_multiplier is not None or include_lineage:
+        usage("--target-epsilon, --noise-multiplier and --epsilon-includes-lineage set up DP-SGD: add --dp")
     config = FinetuneConfig(
         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, train=train, ema=ema, weight_decay=weight_decay,
         img_size=img_size, device=device, seed=seed, resume=resume, val_fraction=val_fraction, contributor=contributor,

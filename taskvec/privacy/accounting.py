@@ -194,11 +194,13 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     return high
 
 
-def max_steps(noise_multiplier: float, sample_rate: float, delta: float, target_epsilon: float) -> int:
-    """The largest number of steps whose ε is at most the target (0 if even one step is over it)."""
+def max_steps(noise_multiplier: float, sample_rate: float, delta: float, target_epsilon: float,
+              prior: Sequence[tuple[float, float, int]] = ()) -> int:
+    """The largest number of steps whose ε (composed with the `prior` releases, as in `calibrate_noise`) is at
+    most the target (0 if even one step is over it)."""
 
     def within(steps: int) -> bool:
-        return epsilon_spent(noise_multiplier, sample_rate, steps, delta)[0] <= target_epsilon
+        return dp_sgd_epsilon([*prior, (noise_multiplier, sample_rate, steps)], delta)[0] <= target_epsilon
 
     if not within(1):
         return 0

@@ -17,7 +17,7 @@ from typing import Any
 
 from taskvec.errors import PrivacyConfigError, PrivacyError, check_range
 from taskvec.io.files import Header
-from taskvec.io.schema import VectorSummary
+from taskvec.io.schema import ModelHeader, VectorSummary
 from taskvec.privacy.entries import best_guarantee, verify_ledger
 from taskvec.privacy.mechanism import RELATIONS, UNITS, Composition, Contribution, Entry, compositions, mechanism_of
 
@@ -91,6 +91,29 @@ def _contributor_epsilon(vectors: Sequence[Contribution], unit: str, relation: s
         options.append((sum(b[0] for b in found), sum(b[1] for b in found), BASIC_COMPOSITION,
                         sum(b[3] for b in found)))
     return min(options, key=lambda b: b[0], default=(math.inf, 1.0, "none", len(groups)))
+
+
+def lineage_history(base: ModelHeader, contributor: str, unit: str, relation: str = "add-remove"
+                    ) -> tuple[tuple[float, float, int], ...]:
+    """(noise multiplier, sample rate, steps) of each distinct release of `contributor` already merged into `base`
+    (its lineage), as a merge's budget composes them with a DP-SGD run on `base` (one accountant over all
+    steps): the `prior` of a run whose target ε spans them. A release that does not compose that way (no
+    guarantee per `unit`, or one of another kind) is refused: its share cannot be calibrated for."""
+    from taskvec.privacy.mechanisms.dp_sgd import DpSgd
+
+    found = []
+    for k, v in base.merged_summaries():
+        if v.contributor != contributor:
+            continue
+        where = f"v{k} input {v.sha256[:12]}"
+        e = best_guarantee([e for e in verify_ledger(v.privacy, where)
+                            if mechanism_of(e).composition is DpSgd.composition], unit, relation)
+        if e is None:
+            raise PrivacyError(f"{where} of contributor {contributor!r} has no DP-SGD or Gaussian-sum guarantee per "
+                               f"{unit} ({relation}) that composes with this run; give this run's own target ε",
+                               field="include_lineage")
+        found.append((Contribution(v.sha256, v.run_id, [e]), e))
+    return tuple((e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in DpSgd.composition.distinct(found))
 
 
 def _check_seeded(ledger: list[Entry], where: str, budget: PrivacyBudget) -> None:

@@ -57,7 +57,13 @@ class DPConfig:
     batch q·n is never released.
 
     `augmult` K (De et al. 2022): the training loop feeds K augmented copies of every image, and each unit's
-    gradient is the mean over its copies before clipping, so the sensitivity stays the clipping bound."""
+    gradient is the mean over its copies before clipping, so the sensitivity stays the clipping bound.
+
+    `prior`: earlier releases on the same units that `target_epsilon` covers too, each (noise multiplier, sample
+    rate, steps), a Gaussian release being one step at rate 1: the noise is calibrated, and the steps limited, so
+    that this run and they compose to the target. `include_lineage`: `finetune` sets `prior` to the contributor's
+    releases already merged into the base (`taskvec.privacy.budget.lineage_history`), so that one budget spans
+    both stages of a statistics head and DP-SGD from it."""
 
     max_grad_norm: float
     delta: float
@@ -68,6 +74,8 @@ class DPConfig:
     augmult: int = 1  # augmentation multiplicity K (`finetune --dp` defaults to 2): mean over K augmented copies
     max_physical_batch: int = 64  # images per forward/backward pass (× augmult copies); logical batches accumulate
     sample_rate: float = DEFAULT_SAMPLE_RATE
+    prior: tuple[tuple[float, float, int], ...] = ()
+    include_lineage: bool = False
 
     def check(self) -> None:
         check_range("max_grad_norm", self.max_grad_norm, low=0, error=PrivacyConfigError)
@@ -78,6 +86,13 @@ class DPConfig:
                                      field="target_epsilon")
         if self.target_epsilon is not None:
             check_range("target_epsilon", self.target_epsilon, low=0, error=PrivacyConfigError)
+        if (self.prior or self.include_lineage) and self.target_epsilon is None:
+            raise PrivacyConfigError("earlier releases (`prior`, `include_lineage`) count against a `target_epsilon`: "
+                                     "give one", field="target_epsilon")
+        for z, q, steps in self.prior:
+            if not (z > 0 and 0 < q <= 1 and isinstance(steps, int) and steps >= 1):
+                raise PrivacyConfigError(f"prior release ({z}, {q}, {steps}) is not (noise multiplier > 0, sample rate "
+                                         "in (0, 1], steps >= 1)", field="prior", got=[z, q, steps])
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise PrivacyConfigError(f"noise_multiplier must be > 0, got {self.noise_multiplier}: without noise "
                                      "there is no DP", field="noise_multiplier", got=self.noise_multiplier)
@@ -145,18 +160,21 @@ def noise_and_limit(config: DPConfig, steps: int) -> tuple[float, int | None]:
     """The noise multiplier (given, or calibrated so that `steps` steps reach the target ε) and the number of steps
     the target allows (None without one), from public parameters alone, so an unreachable target is refused
     before anything runs or is written. Cached: the run computes it again when it makes the optimizer private."""
-    return _noise_and_limit(config.noise_multiplier, config.target_epsilon, config.delta, config.sample_rate, steps)
+    prior = tuple((float(z), float(q), int(t)) for z, q, t in config.prior)
+    return _noise_and_limit(config.noise_multiplier, config.target_epsilon, config.delta, config.sample_rate, steps,
+                            prior)
 
 
 @functools.lru_cache(maxsize=32)
-def _noise_and_limit(z: float | None, target: float | None, delta: float, q: float, steps: int
-                     ) -> tuple[float, int | None]:
+def _noise_and_limit(z: float | None, target: float | None, delta: float, q: float, steps: int,
+                     prior: tuple[tuple[float, float, int], ...]) -> tuple[float, int | None]:
     if z is None:
         assert target is not None
-        z = calibrate_noise(target, delta, q, steps)
-    limit = None if target is None else max_steps(z, q, delta, target)
+        z = calibrate_noise(target, delta, q, steps, prior)
+    limit = None if target is None else max_steps(z, q, delta, target, prior)
     if limit == 0:
-        raise PrivacyError(f"even one step at noise multiplier {z} exceeds ε = {target}")
+        after = f" after {len(prior)} earlier release(s)" if prior else ""
+        raise PrivacyError(f"even one step at noise multiplier {z} exceeds ε = {target}{after}")
     return z, limit
 
 

@@ -32,9 +32,10 @@ from torch import nn
 
 from taskvec.errors import ConfigError, OutputExistsError, TaskvecError
 from taskvec.io.files import read_kind, write_json
+from taskvec.io.schema import ModelHeader
 from taskvec.io.tensors import state_digest
 from taskvec.models.spec import ModelSpec, create_module, load_model, save_model, starts_pretrained
-from taskvec.privacy.dpsgd import is_accumulating, noise_and_limit, require_dp_ready
+from taskvec.privacy.dpsgd import DPConfig, is_accumulating, noise_and_limit, require_dp_ready
 from taskvec.privacy.ledger import name_model
 from taskvec.progress import Track, no_track
 from taskvec.training.augment import augment
@@ -148,6 +149,8 @@ def finetune(
     if config.head != "train" and spec.task != "classification":
         raise ConfigError(f"head {config.head} is for classification; a {spec.task} base trains its head",
                           field="head", got=config.head)
+    if config.dp is not None and config.dp.include_lineage and splits.train is not None:
+        config = replace(config, dp=_with_lineage(config, header.model, splits.train.unit))
     mode = config.mode
     if not mode.segmentation and spec.task != "classification":
         raise ConfigError(f"train {mode} is for classification, not {spec.task}", field="train", got=config.train)
@@ -172,6 +175,17 @@ def finetune(
         else:
             history = _train(run, config, splits.val, track, on_epoch)
         return _save_run(run, config, splits, history)
+
+
+def _with_lineage(config: FinetuneConfig, base: ModelHeader, unit: str) -> DPConfig:
+    """`config.dp` with `prior` set to the contributor's releases already merged into the base, per `unit`."""
+    from taskvec.privacy.budget import lineage_history
+
+    assert config.dp is not None
+    if not config.contributor:
+        raise ConfigError("include_lineage counts the contributor's earlier releases: give `contributor`",
+                          field="contributor")
+    return replace(config.dp, prior=lineage_history(base, config.contributor, unit))
 
 
 def _check_frozen_head(base: str | os.PathLike[str], spec: ModelSpec) -> None:

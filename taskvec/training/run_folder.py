@@ -42,7 +42,8 @@ class FinetuneResult:
 
 def config_dict(config: FinetuneConfig) -> dict[str, Any]:
     """The settings a resumed run must repeat."""
-    return {k: v for k, v in asdict(config).items() if k not in RUNTIME_FIELDS}
+    stored = json.loads(json.dumps(asdict(config), default=str))  # as run.json holds it (tuples as lists)
+    return {k: v for k, v in stored.items() if k not in RUNTIME_FIELDS}
 
 
 def runtime_record(processes: int, device: torch.device) -> dict[str, Any]:

@@ -128,6 +128,23 @@ def test_finetune_dp_cli_reports_epsilon_and_refuses(make_base, tmp_path: Path) 
     assert "`dp_compatible`" in msg and not (tmp_path / "r3").exists()
 
 
+def test_finetune_epsilon_includes_lineage_flag(make_base, tmp_path: Path) -> None:
+    """`--epsilon-includes-lineage` reaches the library (its refusals) and needs --dp (the lineage's calibration:
+    tests/privacy/test_two_stages.py)."""
+    from synthetic_data import image_folder
+
+    from taskvec.errors import ConfigError
+
+    base = make_base("test_vit", num_classes=2)
+    data = image_folder(tmp_path / "data", n_per_class=4, size=32)
+    common = ("finetune", "--base", base, "--data", data, "--out", tmp_path / "run", "--epsilon-includes-lineage")
+    code, _, err = run(*common, "--target-epsilon", "3")
+    assert code == 2 and "add --dp" in err
+    r = CliRunner().invoke(app, [str(a) for a in (*common, "--dp", "--target-epsilon", "3", "--device", "cpu")])
+    assert isinstance(r.exception, ConfigError) and "give `contributor`" in str(r.exception)
+    assert "count against a `target_epsilon`" in refused(*common, "--dp", "--noise-multiplier", "1")
+    assert not (tmp_path / "run").exists()
+
 def test_dp_option_defaults_are_the_library_recipe() -> None:
     """The command line's DP defaults come from `taskvec.privacy`, not copies (simulate's too)."""
     import typer

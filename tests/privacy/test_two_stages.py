@@ -11,7 +11,7 @@ import pytest
 from dp_reference import dp_sgd_steps, pld_epsilon
 from synthetic_data import npz_file
 
-from taskvec.errors import PrivacyError
+from taskvec.errors import ConfigError, PrivacyError
 from taskvec.io.files import read_kind
 from taskvec.merging.export import export_vector
 from taskvec.merging.stream import merge_vectors
@@ -21,18 +21,27 @@ from taskvec.privacy.ledger import PrivacyBudget
 from taskvec.training.loop import FinetuneConfig, finetune
 
 
-def test_statistics_then_dp_sgd_compose_in_the_merge_budget(tmp_path: Path) -> None:
+def _stage_one(tmp_path: Path, dp: bool = True) -> tuple[Path, Path, Path]:
+    """(data, version 1, stage 1's vector) of contributor `h`: its statistics at ε = 1 (or without DP), merged."""
     net, spec = build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=32, dp_compatible=True, seed=0)
     base = tmp_path / "base.safetensors"
     save_model(net, spec, base)
     data = npz_file(tmp_path / "d.npz", n=40)
-
-    # stage 1: the statistics head, one Gaussian release at ε = 1
     probe = finetune(base, data, tmp_path / "probe", FinetuneConfig(
         train="stats-head:16", val_fraction=0.0, device="cpu", contributor="h",
-        dp=DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=1.0)))
+        dp=DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=1.0) if dp else None))
     stats = export_vector(probe.model_path, base, tmp_path / "stats.safetensors").path
-    v1 = merge_vectors([stats], base, tmp_path / "v1.safetensors", method="lda-head").path
+    return data, merge_vectors([stats], base, tmp_path / "v1.safetensors", method="lda-head").path, stats
+
+
+def _body(v1: Path, data: Path, out: Path, target: float, contributor: str | None = "h", resume: bool = False) -> Path:
+    return finetune(v1, data, out, FinetuneConfig(
+        train="norm-bias", steps=6, val_fraction=0.0, device="cpu", contributor=contributor, resume=resume,
+        dp=DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=target, include_lineage=True))).model_path
+
+
+def test_statistics_then_dp_sgd_compose_in_the_merge_budget(tmp_path: Path) -> None:
+    data, v1, stats = _stage_one(tmp_path)  # stage 1: the statistics head, one Gaussian release at ε = 1
     assert read_kind(v1, "model").model.number == 1
 
     # stage 2: DP-SGD of the norms, biases and head from version 1
@@ -56,3 +65,39 @@ def test_statistics_then_dp_sgd_compose_in_the_merge_budget(tmp_path: Path) -> N
     with pytest.raises(PrivacyError, match="1 already in the base's lineage"):  # a budget below the composition
         merge_vectors([vec], v1, tmp_path / "v2b.safetensors", method="mean",
                       budget=PrivacyBudget(max_epsilon=second["epsilon"] * 1.01, unit="image"))
+
+
+def test_a_run_that_includes_the_lineage_spends_what_stage_one_left(tmp_path: Path) -> None:
+    """Stage 2 with `include_lineage` at a total ε of 2: its noise is calibrated so that it and the contributor's
+    stage-1 release compose to 2 (dp-accounting's PLD), and a merge held to ε 2 accepts it."""
+    data, v1, stats = _stage_one(tmp_path)
+    model = _body(v1, data, tmp_path / "body", 2.0)
+    vec = export_vector(model, v1, tmp_path / "body.safetensors").path
+    (first,) = read_kind(stats, "vector").vector.ledger
+    (second,) = read_kind(vec, "vector").vector.ledger
+    both = pld_epsilon([dpa.GaussianDpEvent(first["noise_multiplier"]),
+                        dp_sgd_steps(second["noise_multiplier"], second["sample_rate"], second["steps"])], 1e-5)
+    assert 0.97 * 2.0 <= both <= 2.0 * 1.01 and second["steps"] == 6
+    merged = merge_vectors([vec], v1, tmp_path / "v2.safetensors", method="mean",
+                           budget=PrivacyBudget(max_epsilon=2.0, unit="image"))
+    assert 0.97 * 2.0 <= merged.record["privacy_budget"]["contributors"]["h"]["epsilon"] <= 2.0
+    assert _body(v1, data, tmp_path / "body", 2.0, resume=True) == model  # the same prior: the run resumes
+
+
+def test_a_run_that_includes_the_lineage_is_refused_before_it_starts(tmp_path: Path) -> None:
+    data, v1, _ = _stage_one(tmp_path)
+    with pytest.raises(PrivacyError, match="earlier releases already spend"):  # stage 1 spent 1 of a total 0.5
+        _body(v1, data, tmp_path / "over", 0.5)
+    with pytest.raises(ConfigError, match="give `contributor`"):
+        _body(v1, data, tmp_path / "nobody", 2.0, contributor=None)
+    assert not (tmp_path / "over").exists() and not (tmp_path / "nobody").exists()
+    other = _body(v1, data, tmp_path / "other", 2.0, contributor="k")  # nothing of `k` in the lineage: ε 2 alone
+    (entry,) = read_kind(export_vector(other, v1, tmp_path / "k.safetensors").path, "vector").vector.ledger
+    assert 0.97 * 2.0 <= entry["epsilon"] <= 2.0
+
+
+def test_a_lineage_release_without_dp_cannot_be_calibrated_for(tmp_path: Path) -> None:
+    data, v1, _ = _stage_one(tmp_path, dp=False)
+    with pytest.raises(PrivacyError, match="has no DP-SGD or Gaussian-sum guarantee per image"):
+        _body(v1, data, tmp_path / "body", 2.0)
+    assert not (tmp_path / "body").exists()

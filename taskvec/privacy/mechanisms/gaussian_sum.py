@@ -22,10 +22,14 @@ class GaussianSum(SubsampledGaussian):
 
 def release_noise(dp: DPConfig, what: str) -> tuple[float, float, str]:
     """(noise multiplier, ε, accountant) of one release of `what`: the given multiplier, or the one calibrated to
-    the target ε; a given multiplier whose ε passes a given target is refused."""
-    z = dp.noise_multiplier or calibrate_noise(float(dp.target_epsilon or 0), dp.delta, 1.0, 1)
+    the target ε (composed with `dp.prior`); a given multiplier whose ε passes a given target is refused. ε is
+    the release's own."""
+    z = dp.noise_multiplier or calibrate_noise(float(dp.target_epsilon or 0), dp.delta, 1.0, 1, dp.prior)
     eps, accountant = dp_sgd_epsilon([(z, 1.0, 1)], dp.delta)
-    if dp.target_epsilon is not None and eps > dp.target_epsilon:
-        raise PrivacyConfigError(f"noise_multiplier {z:g} gives ε = {eps:.3g} in the one {what} release, above "
-                                 f"target_epsilon {dp.target_epsilon:g}", field="noise_multiplier", got=z)
+    total = dp_sgd_epsilon([*dp.prior, (z, 1.0, 1)], dp.delta)[0] if dp.prior else eps
+    if dp.target_epsilon is not None and total > dp.target_epsilon:
+        with_prior = " composed with the earlier releases" if dp.prior else ""
+        raise PrivacyConfigError(f"noise_multiplier {z:g} gives ε = {total:.3g} in the one {what} release"
+                                 f"{with_prior}, above target_epsilon {dp.target_epsilon:g}", field="noise_multiplier",
+                                 got=z)
     return z, eps, accountant
