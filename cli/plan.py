@@ -25,6 +25,9 @@ def plan_dp(
     sites: int = typer.Option(1, "--sites", help="Sites of about as many units whose statistics a merge will sum "
                               "(for the recommended P)."),
     steps: int | None = typer.Option(None, help="DP-SGD's optimiser steps, as `finetune --steps` (default: its own)."),
+    stats_share: float | None = typer.Option(
+        None, "--stats-share", help="Plan two stages under the one ε: the statistics head at this share of it, each "
+                                    "DP-SGD mode from it at the rest (`finetune --epsilon-includes-lineage`)."),
     mode: list[str] | None = typer.Option(None, "--mode", help="Modes to predict (repeat); default: every DP-SGD "
                                           "mode without a count and the statistics head."),
     as_json: bool = typer.Option(False, "--json", help="Print the prediction as JSON."),
@@ -35,11 +38,12 @@ def plan_dp(
     from taskvec.training.planning import plan_dp as predict
 
     plan = predict(base, units, epsilon, delta, clip=clip, sample_rate=sample_rate, stats_dim=stats_dim,
-                   sites=sites, modes=mode or None, steps=steps)
+                   sites=sites, modes=mode or None, steps=steps, stats_share=stats_share)
     if as_json:
         print_json(asdict(plan))
         return
-    table = Table(title=f"{units} units, ε = {epsilon:g}, δ = {delta:g}, clip {clip:g}, q = {sample_rate:g}")
+    stages = "" if stats_share is None else f" (statistics at {stats_share:g} of it, DP-SGD at the rest)"
+    table = Table(title=f"{units} units, ε = {epsilon:g}{stages}, δ = {delta:g}, clip {clip:g}, q = {sample_rate:g}")
     for col in ("mode", "noise multiplier", "steps", "coordinates", "noise / signal"):
         table.add_column(col)
     for p in plan.modes:

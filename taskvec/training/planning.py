@@ -29,6 +29,10 @@ head's convolution reads; each image's pixels weigh 1/pixels, so an image is bou
 unit is): the same formulas hold with N images, d the pixel feature's dimension and N/k read as a class's
 share of the pixel mass.
 
+Two stages under one budget (`stats_share` s): the statistics head is planned at ε·s, and each DP-SGD mode from
+it at what that release leaves of ε (its noise calibrated so that both compose to ε, as `finetune
+--epsilon-includes-lineage` calibrates it).
+
 The recommendation is the mode with the smallest ratio (DP-SGD modes and the statistics head compared by the
 ratios above, a coarse rule), with a warning when even that is above 1.
 """
@@ -36,7 +40,7 @@ ratios above, a coarse rule), with a warning when even that is above 1.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from taskvec.errors import ConfigError
@@ -71,14 +75,17 @@ class DPPlan:
     recommended: str
     stats_dim: int  # the recommended P of `stats-head:P`
     warnings: list[str] = field(default_factory=list)
+    stats_share: float | None = None  # two stages: the statistics head's share of ε, DP-SGD from it at the rest
 
 
 def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *, clip: float = DEFAULT_MAX_GRAD_NORM,
             sample_rate: float = DEFAULT_SAMPLE_RATE, stats_dim: int | None = None, sites: int = 1,
-            modes: list[str] | None = None, steps: int | None = None) -> DPPlan:
+            modes: list[str] | None = None, steps: int | None = None, stats_share: float | None = None) -> DPPlan:
     """Predict the DP runs of `base` on `units` units at (ε, δ) for `modes` (default: every DP-SGD mode that
     takes no count, and `stats-head:stats_dim`, the recommended P for statistics summed over `sites` sites of
-    about `units` units each when None); DP-SGD runs of `steps` optimiser steps (default: `finetune`'s)."""
+    about `units` units each when None); DP-SGD runs of `steps` optimiser steps (default: `finetune`'s).
+    `stats_share`: plan two stages, the statistics head at ε·stats_share and each DP-SGD mode from it at the
+    rest of ε."""
     from taskvec.models.spec import ModelSpec, create_module
     from taskvec.privacy.dpsgd import DPConfig, noise_and_limit
     from taskvec.privacy.mechanisms.gaussian_sum import release_noise
@@ -91,11 +98,17 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}", field=name, got=value)
+    if stats_share is not None and not 0 < stats_share < 1:
+        raise ConfigError(f"stats_share must be in (0, 1), got {stats_share!r}", field="stats_share", got=stats_share)
     dp = DPConfig(max_grad_norm=clip, delta=delta, target_epsilon=epsilon, sample_rate=sample_rate)
     dp.check()
     spec = ModelSpec.from_dict(read_kind(base, "model").model.model)
     dim = head_layer(create_module(spec), spec, StatsHead.name)[1]  # a pooled feature's, or a pixel's
-    z1 = release_noise(dp, "feature statistics")[0]
+    if stats_share is not None:
+        z1 = release_noise(replace(dp, target_epsilon=epsilon * stats_share), "feature statistics")[0]
+        dp = replace(dp, prior=((z1, 1.0, 1),))  # DP-SGD at what the statistics leave of ε
+    else:
+        z1 = release_noise(dp, "feature statistics")[0]
     best_dim = recommend_stats_dim(z1, dim, units, sites)
     names = modes or [m.name if not m.arg else f"{m.name}:{stats_dim or best_dim}" for m in registered()
                       if m.arg and m.fits_in_one_pass or not m.arg and not m.fits_in_one_pass]
@@ -117,7 +130,7 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
     best = min(plans, key=lambda p: p.noise_to_signal)
     warnings = [] if best.noise_to_signal <= 1 else [
         f"even {best.mode}'s noise exceeds its signal ({best.noise_to_signal:.2g}×): more units or a larger ε"]
-    return DPPlan(units, epsilon, delta, clip, sample_rate, plans, best.mode, best_dim, warnings)
+    return DPPlan(units, epsilon, delta, clip, sample_rate, plans, best.mode, best_dim, warnings, stats_share)
 
 
 def moment_ratio(z: float, dim: int, p: int, units: int, sites: int = 1) -> float:

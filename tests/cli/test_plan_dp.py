@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -157,3 +158,39 @@ def test_a_segmentation_plan_matches_a_measured_pixel_release(tmp_path: Path) ->
     noisy = load_file(str(run.parent / STATISTICS_FILE))
     measured = float(np.linalg.norm(noisy["sufficient.sums"] - clear["sums"]))
     assert measured == pytest.approx(stats["noise_norms"]["sums"], rel=0.3)
+
+
+def test_a_two_stage_plan_predicts_both_stages_noise(tmp_path: Path) -> None:
+    """`--stats-share 0.5` at ε 2: the statistics run at ε 1 and the DP-SGD run from their merge that includes the
+    lineage (`--epsilon-includes-lineage`) record the noise multipliers the plan predicts."""
+    from taskvec.merging.export import export_vector
+    from taskvec.merging.stream import merge_vectors
+
+    net, spec = build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=32, dp_compatible=True, seed=0)
+    base = tmp_path / "base.safetensors"
+    save_model(net, spec, base)
+    r = CliRunner().invoke(app, ["plan-dp", "--base", str(base), "--units", "40", "--epsilon", "2", "--stats-share",
+                                 "0.5", "--stats-dim", "16", "--steps", "6", "--mode", "stats-head:16", "--mode",
+                                 "norm-bias", "--json"])
+    assert r.exit_code == 0, r.output
+    plan = {m["mode"]: m["noise_multiplier"] for m in json.loads(r.stdout)["modes"]}
+    data = npz_file(tmp_path / "d.npz", n=40)
+
+    def run(start: Path, out: str, train: str, **dp: Any) -> Path:
+        return finetune(start, data, tmp_path / out, FinetuneConfig(
+            train=train, steps=None if train.startswith("stats") else 6, val_fraction=0.0, device="cpu",
+            contributor="h", dp=DPConfig(max_grad_norm=1.0, delta=1e-5, **dp))).model_path
+
+    stats = run(base, "stats", "stats-head:16", target_epsilon=1.0)
+    v1 = merge_vectors([export_vector(stats, base, tmp_path / "s.safetensors").path], base, tmp_path / "v1.safetensors",
+                       method="lda-head").path
+    body = run(v1, "body", "norm-bias", target_epsilon=2.0, include_lineage=True)
+    recorded = {m: read_kind(p, "model").meta["privacy"][0]["noise_multiplier"]
+                for m, p in (("stats-head:16", stats), ("norm-bias", body))}
+    assert recorded == pytest.approx(plan)
+    alone = CliRunner().invoke(app, ["plan-dp", "--base", str(base), "--units", "40", "--epsilon", "2", "--steps", "6",
+                                     "--mode", "norm-bias", "--json"])
+    assert json.loads(alone.stdout)["modes"][0]["noise_multiplier"] < plan["norm-bias"]  # less ε left: more noise
+    bad = CliRunner().invoke(app, ["plan-dp", "--base", str(base), "--units", "40", "--epsilon", "2",
+                                   "--stats-share", "1"])
+    assert isinstance(bad.exception, ConfigError) and bad.exception.field == "stats_share"
