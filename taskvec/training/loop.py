@@ -151,6 +151,7 @@ def finetune(
                           field="head", got=config.head)
     if config.dp is not None and config.dp.include_lineage and splits.train is not None:
         config = replace(config, dp=_with_lineage(config, header.model, splits.train.unit))
+        config.check()  # a one-pass release over what the lineage left is refused here
     mode = config.mode
     if not mode.segmentation and spec.task != "classification":
         raise ConfigError(f"train {mode} is for classification, not {spec.task}", field="train", got=config.train)

@@ -88,6 +88,11 @@ def test_a_run_that_includes_the_lineage_is_refused_before_it_starts(tmp_path: P
     data, v1, _ = _stage_one(tmp_path)
     with pytest.raises(PrivacyError, match="earlier releases already spend"):  # stage 1 spent 1 of a total 0.5
         _body(v1, data, tmp_path / "over", 0.5)
+    with pytest.raises(PrivacyError, match="earlier releases already spend"):  # a second release of statistics
+        finetune(v1, data, tmp_path / "stats2", FinetuneConfig(
+            train="stats-head:16", val_fraction=0.0, device="cpu", contributor="h",
+            dp=DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=0.9, include_lineage=True)))
+    assert not (tmp_path / "stats2").exists()
     with pytest.raises(ConfigError, match="give `contributor`"):
         _body(v1, data, tmp_path / "nobody", 2.0, contributor=None)
     assert not (tmp_path / "over").exists() and not (tmp_path / "nobody").exists()

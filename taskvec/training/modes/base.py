@@ -130,8 +130,8 @@ class OnePassHead(TrainMode):
         from taskvec.privacy.mechanisms.gaussian_sum import release_noise
 
         super().check(head, dp)
-        if dp is not None and dp.noise_multiplier and dp.target_epsilon:
-            release_noise(dp, self.pass_name)  # refuses a multiplier over the target
+        if dp is not None and dp.target_epsilon and (dp.noise_multiplier or dp.prior):
+            release_noise(dp, self.pass_name)  # refuses a multiplier, or earlier releases, over the target
 
 
 def registered() -> list[type[TrainMode]]:
