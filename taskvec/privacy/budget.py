@@ -98,7 +98,8 @@ def lineage_history(base: ModelHeader, contributor: str, unit: str, relation: st
     """(noise multiplier, sample rate, steps) of each distinct release of `contributor` already merged into `base`
     (its lineage), as a merge's budget composes them with a DP-SGD run on `base` (one accountant over all
     steps): the `prior` of a run whose target ε spans them. A release that does not compose that way (no
-    guarantee per `unit`, or one of another kind) is refused: its share cannot be calibrated for."""
+    guarantee per `unit`, or one of another kind) is refused: its share cannot be calibrated for. The lineage is
+    the merger's record: releases it does not list are not counted."""
     from taskvec.privacy.mechanisms.dp_sgd import DpSgd
 
     found = []
