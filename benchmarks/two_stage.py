@@ -78,17 +78,18 @@ def _stage(base: Path, sites: list[Any], out: Path, config: Any, method: str, bu
 
 
 def one_seed(args: argparse.Namespace, seed: int, root: Path) -> list[dict[str, Any]]:
-    """The rows of one seed: per ε, both versions' test metrics and the composed ε (cached as results.json)."""
+    """The rows of one seed: per ε, both versions' test metrics and the composed ε (each cached as row.json, so
+    a run with more ε reuses the rows it has)."""
     from taskvec import DPConfig, FinetuneConfig, PrivacyBudget, evaluate
     from taskvec.training.data import DataSplits
 
-    done = root / f"seed{seed}" / "results.json"
-    if done.exists():
-        return json.loads(done.read_text())  # type: ignore[no-any-return]
-    base, sites, test = _sites(args, seed, root / f"seed{seed}")
-    rows = []
+    rows, data = [], None
     for eps in [None, *args.epsilons]:
         out = root / f"seed{seed}" / ("no-dp" if eps is None else f"eps{eps:g}")
+        if (out / "row.json").exists():
+            rows.append(json.loads((out / "row.json").read_text()))
+            continue
+        base, sites, test = data = data or _sites(args, seed, root / f"seed{seed}")
 
         def dp(target: float, eps: float | None = eps, **kw: Any) -> Any:
             return None if eps is None else DPConfig(max_grad_norm=1.0, delta=args.delta, target_epsilon=target, **kw)
@@ -103,9 +104,9 @@ def one_seed(args: argparse.Namespace, seed: int, root: Path) -> list[dict[str, 
         for name, model in (("stage1", v1), ("stage2", v2)):
             m = evaluate(model, DataSplits(None, None, test, "test split"), "test", device=args.device).metrics
             row[name] = {"auroc": m["auroc"], "balanced_accuracy": m["balanced_accuracy"]}
+        (out / "row.json").write_text(json.dumps(row))
         rows.append(row)
         print(json.dumps({"seed": seed, **row}), file=sys.stderr, flush=True)  # stdout: the table alone
-    done.write_text(json.dumps(rows))
     return rows
 
 

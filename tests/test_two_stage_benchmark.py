@@ -25,7 +25,7 @@ def test_two_stages_compose_under_the_total_and_rerun_from_the_cache(tmp_path: P
     assert first.returncode == 0, first.stderr[-2000:]
     (root,) = (tmp_path / "cache").iterdir()
     for seed in (0, 1):
-        no_dp, dp = json.loads((root / f"seed{seed}" / "results.json").read_text())
+        no_dp, dp = (json.loads((root / f"seed{seed}" / e / "row.json").read_text()) for e in ("no-dp", "eps4"))
         assert no_dp["epsilon"] is None and no_dp["spent"] is None
         assert dp["epsilon"] == 4 and 0.97 * 4 <= dp["spent"] <= 4  # stage 2 spends what stage 1 left
         assert all(0 <= r[s]["auroc"] <= 1 for r in (no_dp, dp) for s in ("stage1", "stage2"))
@@ -35,3 +35,9 @@ def test_two_stages_compose_under_the_total_and_rerun_from_the_cache(tmp_path: P
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and not (root / "seed0" / "no-dp" / "stage1" / "merged.safetensors").exists()
     assert (tmp_path / "t.md").read_text().splitlines()[2:] == table.splitlines()[2:]
+    at = command.index("--epsilons") + 1
+    more = subprocess.run([*command[:at], "2,4", *command[at + 1:]], capture_output=True, text=True,
+                          timeout=600)  # one more ε: the rows it has are reused
+    assert more.returncode == 0 and not (root / "seed0" / "no-dp" / "stage1" / "merged.safetensors").exists()
+    rows = (tmp_path / "t.md").read_text().splitlines()
+    assert rows[-1] == table.splitlines()[-1] and rows[-2].startswith("| 2 | ")
