@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from taskvec import evaluate
 from taskvec.simulation.synthetic import write_classification_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,11 +32,21 @@ def test_two_stages_compose_under_the_total_and_rerun_from_the_cache(tmp_path: P
         assert no_dp["epsilon"] is None and no_dp["spent"] is None
         assert dp["epsilon"] == 4 and 0.97 * 4 <= dp["spent"] <= 4  # stage 2 spends what stage 1 left
         assert all(0 <= r[s]["auroc"] <= 1 for r in (no_dp, dp) for s in ("stage1", "stage2"))
+    for i, site in enumerate(dp["sites"]):  # each site's own stage-2 model, as evaluate scores it
+        model = root / "seed1" / "eps4" / "stage2" / f"site{i}" / "model.safetensors"
+        assert site["auroc"] == pytest.approx(evaluate(model, data, "test", device="cpu").metrics["auroc"])
     table = (tmp_path / "t.md").read_text()
     assert "| 4 | " in table and "| ∞ | – |" in table
+    best = max(dp["sites"], key=lambda m: m["auroc"])
+    seed0 = json.loads((root / "seed0" / "eps4" / "row.json").read_text())
+    best0 = max(seed0["sites"], key=lambda m: m["auroc"])
+    mean_best = f"{(best['auroc'] + best0['auroc']) / 2:.3f} ± "
+    assert table.splitlines()[-1].split(" | ")[6].startswith(mean_best)
     (root / "seed0" / "no-dp" / "stage1" / "merged.safetensors").unlink()  # reused results: nothing is rebuilt
+    (root / "seed0" / "eps4" / "row.json").write_text(json.dumps({k: v for k, v in seed0.items() if k != "sites"}))
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and not (root / "seed0" / "no-dp" / "stage1" / "merged.safetensors").exists()
+    assert json.loads((root / "seed0" / "eps4" / "row.json").read_text()) == seed0  # a row without sites: filled in
     assert (tmp_path / "t.md").read_text().splitlines()[2:] == table.splitlines()[2:]
     at = command.index("--epsilons") + 1
     more = subprocess.run([*command[:at], "2,4", *command[at + 1:]], capture_output=True, text=True,
