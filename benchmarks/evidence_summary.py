@@ -1,33 +1,39 @@
 """Summarise simulation reports (results.json) into one markdown table per data set, for docs/results.
 
-Usage: python benchmarks/evidence_summary.py evidence/breastmnist [evidence/monuseg ...]
+Usage: python benchmarks/evidence_summary.py [--metric NAME] evidence/breastmnist [evidence/monuseg ...]
 A report of `simulate --seeds` shows each model's mean ± sd over the seeds (single sites: the mean of the
-sites' means, and the range of those means).
+sites' means, and the range of those means). The table is of the simulation's primary metric, or of `--metric`
+(one that every row records, e.g. balanced_accuracy).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 
-def _v(r: dict) -> str:
-    return f"{r['value']:.3f}" + (f" ± {r['value_sd']:.3f}" if r.get("value_sd") is not None else "")
+def summary(results: dict, metric: str | None = None) -> str:
+    """One markdown table of `metric` (default: the primary one) per ε, from a simulation's results.json."""
+    rows, metric = results["rows"], metric or results["metric"]
 
+    def value(r: dict) -> float:
+        return r["value"] if metric == r["metric"] else r["metrics"][metric]
 
-def summary(results: dict) -> str:
-    rows, metric = results["rows"], results["metric"]
-    base = _v(rows[0])
+    def cell(r: dict) -> str:
+        sd = r.get("value_sd") if metric == r["metric"] else r.get("metrics_sd", {}).get(metric)
+        return f"{value(r):.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+
+    base = cell(rows[0])
     eps_values = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None})
     lines = [f"| ε | base | single sites: mean (min–max) | {' | '.join(_methods(rows))} | centralised |",
              "|---|---|---|" + "---|" * len(_methods(rows)) + "---|"]
     for eps in [None, *eps_values]:
         sel = [r for r in rows if r["epsilon"] == eps]
-        local = [r["value"] for r in sel if r["group"] == "local"]
-        merged = {r["name"].removesuffix("" if eps is None else f"-eps{eps:g}"): _v(r)
+        local = [value(r) for r in sel if r["group"] == "local"]
+        merged = {r["name"].removesuffix("" if eps is None else f"-eps{eps:g}"): cell(r)
                   for r in sel if r["group"] in ("merged", "calibrated")}
-        central = next(_v(r) for r in sel if r["group"] == "centralised")
+        central = next(cell(r) for r in sel if r["group"] == "centralised")
         lines.append(
             f"| {'∞ (no DP)' if eps is None else f'{eps:g}'} | {base} | {sum(local) / len(local):.3f} "
             f"({min(local):.3f}–{max(local):.3f}) | "
@@ -41,7 +47,11 @@ def _methods(rows: list[dict]) -> list[str]:
 
 
 if __name__ == "__main__":
-    for folder in sys.argv[1:]:
-        print(f"### {Path(folder).name}\n")
-        print(summary(json.loads((Path(folder) / "results.json").read_text())))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--metric", help="the metric to tabulate (default: the simulation's primary metric)")
+    ap.add_argument("folders", nargs="+", type=Path)
+    args = ap.parse_args()
+    for folder in args.folders:
+        print(f"### {folder.name}\n")
+        print(summary(json.loads((folder / "results.json").read_text()), args.metric))
         print()

@@ -1,0 +1,39 @@
+"""`benchmarks/evidence_summary.py`: the table of a simulation's primary metric, or of another metric its rows
+record, with the sd over seeds where the report has one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _row(name: str, group: str, eps: float | None, auroc: float, bacc: float, sd: float | None = None) -> dict:
+    row = {"name": name, "group": group, "method": None, "epsilon": eps, "metric": "auroc", "value": auroc,
+           "metrics": {"auroc": auroc, "balanced_accuracy": bacc}}
+    return row | ({"value_sd": sd / 2, "metrics_sd": {"auroc": sd / 2, "balanced_accuracy": sd}} if sd else {})
+
+
+def _summary(folder: Path, *args: str) -> list[str]:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "evidence_summary.py"), *args, str(folder)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [line for line in done.stdout.splitlines() if line.startswith("| ")]
+
+
+def test_tables_of_the_primary_metric_and_of_balanced_accuracy(tmp_path: Path) -> None:
+    rows = [_row("base", "base", None, 0.5, 0.125),
+            _row("site0", "local", None, 0.9, 0.6), _row("site1", "local", None, 0.8, 0.4),
+            _row("mean", "merged", None, 0.95, 0.7, sd=0.02), _row("centralised", "centralised", None, 0.97, 0.8),
+            _row("site0-eps8", "local", 8.0, 0.7, 0.3), _row("site1-eps8", "local", 8.0, 0.6, 0.2),
+            _row("mean-eps8", "merged", 8.0, 0.75, 0.35), _row("centralised-eps8", "centralised", 8.0, 0.85, 0.5)]
+    (tmp_path / "results.json").write_text(json.dumps({"metric": "auroc", "rows": rows}))
+    assert _summary(tmp_path)[1:] == ["| ∞ (no DP) | 0.500 | 0.850 (0.800–0.900) | 0.950 ± 0.010 | 0.970 |",
+                                      "| 8 | 0.500 | 0.650 (0.600–0.700) | 0.750 | 0.850 |"]
+    header, no_dp, dp = _summary(tmp_path, "--metric", "balanced_accuracy")
+    assert header == "| ε | base | single sites: mean (min–max) | mean | centralised |"
+    assert no_dp == "| ∞ (no DP) | 0.125 | 0.500 (0.400–0.600) | 0.700 ± 0.020 | 0.800 |"
+    assert dp == "| 8 | 0.125 | 0.250 (0.200–0.300) | 0.350 | 0.500 |"
