@@ -328,7 +328,8 @@ def simulate_seeds(cfg: SimulationConfig, seeds: list[int], progress: Progress =
 
 def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
     v = np.array([x for x in values if x is not None], dtype=float)
-    return (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0) if len(v) else (None, None)
+    # one seed has no sample sd: None, so no report shows '± 0' for it
+    return (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None) if len(v) else (None, None)
 
 
 def aggregate_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:

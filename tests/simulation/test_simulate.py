@@ -167,3 +167,14 @@ def test_a_pixel_statistics_simulation_merges_to_the_centralised_head(tmp_path: 
     with pytest.raises(ConfigError, match="decoder must be one of"):
         simulate(replace(cfg, decoder="deeplab", out=str(tmp_path / "bad")))
     assert not (tmp_path / "bad").exists()
+
+
+def test_one_seed_reports_no_spread() -> None:
+    from taskvec.simulation.simulate import aggregate_rows
+
+    row = {"name": "mean", "group": "merged", "epsilon": None, "value": 0.8, "metrics": {"auroc": 0.8}}
+    (one,) = aggregate_rows([[row]])
+    assert one["value"] == 0.8 and one["value_sd"] is None and one["metrics_sd"] == {"auroc": None}
+    (two,) = aggregate_rows([[row], [row | {"value": 0.6, "metrics": {"auroc": 0.6}}]])
+    assert two["value_sd"] == pytest.approx(0.1414, abs=1e-4) and two["metrics_sd"]["auroc"] == two["value_sd"]
+
