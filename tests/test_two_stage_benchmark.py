@@ -54,3 +54,24 @@ def test_two_stages_compose_under_the_total_and_rerun_from_the_cache(tmp_path: P
     assert more.returncode == 0 and not (root / "seed0" / "no-dp" / "stage1" / "merged.safetensors").exists()
     rows = (tmp_path / "t.md").read_text().splitlines()
     assert rows[-1] == table.splitlines()[-1] and rows[-2].startswith("| 2 | ")
+
+
+def test_stage_two_with_a_frozen_head_keeps_the_statistics_head(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    data = write_classification_npz(tmp_path / "d.npz", n_train=60, n_val=10, n_test=30, size=32, seed=3)
+    command = [sys.executable, str(ROOT / "benchmarks" / "two_stage.py"), "--data", str(data), "--sites", "2",
+               "--arch", "test_efficientnet", "--weights", "none", "--num-classes", "2", "--in-chans", "1",
+               "--img-size", "32", "--stats-dim", "4", "--steps", "2", "--epsilons", "4", "--seeds", "0",
+               "--head", "frozen", "--device", "cpu", "--cache", str(tmp_path / "cache")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "with head frozen" in done.stdout
+    (root,) = (tmp_path / "cache").iterdir()
+    for eps in ("no-dp", "eps4"):
+        head = load_file(root / "seed0" / eps / "stage1" / "merged.safetensors")
+        names = [k for k in head if k.startswith("classifier.")]
+        for i in (0, 1):
+            site = load_file(root / "seed0" / eps / "stage2" / f"site{i}" / "model.safetensors")
+            assert names and all((site[k] == head[k]).all() for k in names)
+            assert any((site[k] != head[k]).any() for k in site if not k.startswith("classifier."))
