@@ -1,9 +1,9 @@
 """Summarise simulation reports (results.json) into one markdown table per data set, for docs/results.
 
-Usage: python benchmarks/evidence_summary.py [--metric NAME] evidence/breastmnist [evidence/monuseg ...]
+Usage: python benchmarks/evidence_summary.py [--metric NAME,...] evidence/breastmnist [evidence/monuseg ...]
 A report of `simulate --seeds` shows each model's mean ± sd over the seeds (single sites: the mean of the
-sites' means, and the range of those means). The table is of the simulation's primary metric, or of `--metric`
-(one that every row records, e.g. balanced_accuracy).
+sites' means, and the range of those means). One table per metric: the simulation's primary metric, or those
+of `--metric` (metrics every row records, e.g. auroc,balanced_accuracy).
 """
 
 from __future__ import annotations
@@ -48,10 +48,12 @@ def _methods(rows: list[dict]) -> list[str]:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--metric", help="the metric to tabulate (default: the simulation's primary metric)")
+    ap.add_argument("--metric", type=lambda s: s.split(","), default=[None],
+                    help="the metrics to tabulate, comma-separated (default: the simulation's primary metric)")
     ap.add_argument("folders", nargs="+", type=Path)
     args = ap.parse_args()
     for folder in args.folders:
         print(f"### {folder.name}\n")
-        print(summary(json.loads((folder / "results.json").read_text()), args.metric))
-        print()
+        for metric in args.metric:
+            print(summary(json.loads((folder / "results.json").read_text()), metric))
+            print()

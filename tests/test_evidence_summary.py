@@ -33,7 +33,8 @@ def test_tables_of_the_primary_metric_and_of_balanced_accuracy(tmp_path: Path) -
     (tmp_path / "results.json").write_text(json.dumps({"metric": "auroc", "rows": rows}))
     assert _summary(tmp_path)[1:] == ["| ∞ (no DP) | 0.500 | 0.850 (0.800–0.900) | 0.950 ± 0.010 | 0.970 |",
                                       "| 8 | 0.500 | 0.650 (0.600–0.700) | 0.750 | 0.850 |"]
-    header, no_dp, dp = _summary(tmp_path, "--metric", "balanced_accuracy")
+    auroc, (header, no_dp, dp) = _summary(tmp_path)[1:], _summary(tmp_path, "--metric", "balanced_accuracy")
+    assert _summary(tmp_path, "--metric", "auroc,balanced_accuracy") == [header, *auroc, header, no_dp, dp]
     assert header == "| ε | base | single sites: mean (min–max) | mean | centralised |"
     assert no_dp == "| ∞ (no DP) | 0.125 | 0.500 (0.400–0.600) | 0.700 ± 0.020 | 0.800 |"
     assert dp == "| 8 | 0.125 | 0.250 (0.200–0.300) | 0.350 | 0.500 |"
