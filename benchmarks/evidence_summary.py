@@ -17,11 +17,11 @@ def summary(results: dict, metric: str | None = None) -> str:
     """One markdown table of `metric` (default: the primary one) per ε, from a simulation's results.json."""
     rows, metric = results["rows"], metric or results["metric"]
 
-    def value(r: dict) -> float:
-        return r["value"] if metric == r["metric"] else r["metrics"][metric]
+    def value(r: dict) -> float:  # every row records the primary metric among its metrics too
+        return r["metrics"][metric]
 
     def cell(r: dict) -> str:
-        sd = r.get("value_sd") if metric == r["metric"] else r.get("metrics_sd", {}).get(metric)
+        sd = r.get("metrics_sd", {}).get(metric)
         return f"{value(r):.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
 
     base = cell(rows[0])
@@ -54,6 +54,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
     for folder in args.folders:
         print(f"### {folder.name}\n")
+        results = json.loads((folder / "results.json").read_text())
         for metric in args.metric:
-            print(summary(json.loads((folder / "results.json").read_text()), metric))
+            print(summary(results, metric))
             print()

@@ -96,16 +96,17 @@ def one_seed(args: argparse.Namespace, seed: int, root: Path) -> list[dict[str, 
     """The rows of one seed: per ε, both versions' test metrics and the composed ε (each cached as row.json, so
     a run with more ε reuses the rows it has)."""
     from taskvec import DPConfig, FinetuneConfig, PrivacyBudget
+    from taskvec.io.files import write_json
 
     rows, data = [], None
     for eps in [None, *args.epsilons]:
         out = root / f"seed{seed}" / ("no-dp" if eps is None else f"eps{eps:g}")
         if (out / "row.json").exists():
-            row = json.loads((out / "row.json").read_text())
+            row: dict[str, Any] = json.loads((out / "row.json").read_text())
             if "sites" not in row:  # a row cached before the single-site column: its site models are cached too
                 data = data or _sites(args, seed, root / f"seed{seed}")
                 row["sites"] = _site_metrics(out / "stage2", len(data[1]), data[2], args.device)
-                (out / "row.json").write_text(json.dumps(row))
+                write_json(out / "row.json", row)
             rows.append(row)
             continue
         base, sites, test = data = data or _sites(args, seed, root / f"seed{seed}")
@@ -120,10 +121,10 @@ def one_seed(args: argparse.Namespace, seed: int, root: Path) -> list[dict[str, 
         stage2 = replace(common, train=args.train, steps=args.steps, head=args.head,
                          dp=dp(eps or 0, include_lineage=True))
         v2, spent = _stage(v1, sites, out / "stage2", stage2, "mean", budget)
-        row: dict[str, Any] = {"epsilon": eps, "spent": spent, "stage1": _metrics(v1, test, args.device),
-                               "stage2": _metrics(v2, test, args.device),
-                               "sites": _site_metrics(out / "stage2", len(sites), test, args.device)}
-        (out / "row.json").write_text(json.dumps(row))
+        row = {"epsilon": eps, "spent": spent, "stage1": _metrics(v1, test, args.device),
+               "stage2": _metrics(v2, test, args.device),
+               "sites": _site_metrics(out / "stage2", len(sites), test, args.device)}
+        write_json(out / "row.json", row)
         rows.append(row)
         print(json.dumps({"seed": seed, **row}), file=sys.stderr, flush=True)  # stdout: the table alone
     return rows
@@ -182,11 +183,10 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     for i, eps in enumerate([None, *args.epsilons]):
         rows = [r[i] for r in runs]
-        for r in rows:  # the site whose own stage-2 model scores the highest AUROC
-            r["best_site"] = max(r["sites"], key=lambda m: m["auroc"])
+        best = [max(r["sites"], key=lambda m: m["auroc"]) for r in rows]  # by its own stage-2 model's AUROC
         spent = "–" if eps is None else f"{max(r['spent'] for r in rows):.2f}"
-        cells = [ms([r[s][k] for r in rows]) for s in ("stage1", "stage2", "best_site")
-                 for k in ("auroc", "balanced_accuracy")]
+        cells = [ms(v) for m in ([r["stage1"] for r in rows], [r["stage2"] for r in rows], best)
+                 for v in ([x["auroc"] for x in m], [x["balanced_accuracy"] for x in m])]
         lines.append(f"| {'∞' if eps is None else f'{eps:g}'} | {spent} | " + " | ".join(cells) + " |")
     page = "\n".join(lines)
     print(page)
