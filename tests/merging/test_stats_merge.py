@@ -67,6 +67,21 @@ def test_the_merged_head_is_the_pooled_data_head(sites: Any, tmp_path: Path, met
     assert merged["method"] == method and len(merged["vectors"]) == 3
 
 
+@pytest.mark.parametrize("method", ["lda-head", "ridge-head"])
+def test_the_merged_head_equals_one_run_on_the_pooled_data(sites: Any, tmp_path: Path, method: str) -> None:
+    """To float precision: three sites' summed statistics give the head that one site holding all their images
+    releases (the same code path, so only the order of the float64 sums differs)."""
+    base, vectors, pooled, _ = sites
+    run = finetune(base, pooled, tmp_path / "pooled", FinetuneConfig(train="stats-head:6", val_fraction=0.0,
+                                                                      device="cpu"))
+    one = export_vector(run.model_path, base, tmp_path / "one.safetensors").path
+    merge_vectors(vectors, base, tmp_path / "sites.safetensors", method=method)
+    merge_vectors([one], base, tmp_path / "pooled.safetensors", method=method)
+    got, want = (load_file(str(tmp_path / f"{n}.safetensors")) for n in ("sites", "pooled"))
+    for k in HEAD:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6 * float(np.abs(want[k]).max()))
+
+
 def test_order_and_increments_do_not_change_the_head(sites: Any, tmp_path: Path) -> None:
     base, vectors, *_ = sites
     merge_vectors(vectors, base, tmp_path / "a.safetensors", method="lda-head")

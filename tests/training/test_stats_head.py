@@ -89,7 +89,8 @@ def _released(feats: np.ndarray, labels: list[int], groups: list[str] | None, ke
 def test_one_unit_moves_the_released_sums_by_at_most_the_sensitivity(unit: str) -> None:
     """Removing one image (or one patient, whose images span classes and norms from 1e-3 to 1e7) moves the
     released vector by at most C (here 1: `_released` divides by it) in L2 norm, attained by an image at the
-    clip with a clamped log norm; without the clip it would not hold (the check that this test can fail)."""
+    clip with a clamped log norm; without the clip, or with each of a patient's images at full weight, it would not
+    hold (the checks that this test can fail)."""
     assert sum(sufficient.SHARES.values()) == pytest.approx(1.0)
     rng = np.random.default_rng(0)
     n, d, p = 30, 64, 4
@@ -101,15 +102,18 @@ def test_one_unit_moves_the_released_sums_by_at_most_the_sensitivity(unit: str) 
     bound = sufficient.clip_bound(d, p)
     assert bound == pytest.approx(1.25 * math.sqrt(p / d))
 
-    def largest_move(clip: float | None) -> float:
-        full = _released(feats, labels, groups, [True] * n, clip, bound, proj)
+    def largest_move(clip: float | None, weigh: list[str] | None = groups) -> float:
+        """The largest move when one unit leaves, each image weighted by its share of `weigh`'s groups."""
+        full = _released(feats, labels, weigh, [True] * n, clip, bound, proj)
         units = sorted(set(groups)) if groups else list(range(n))
         return max(float(np.linalg.norm(full - _released(
-            feats, labels, groups, [(groups[i] if groups else i) != u for i in range(n)], clip, bound, proj)))
+            feats, labels, weigh, [(groups[i] if groups else i) != u for i in range(n)], clip, bound, proj)))
             for u in units)
 
     assert largest_move(bound) <= 1 + 1e-9
     assert largest_move(None) > 2  # unclipped features break the bound
+    if groups:  # a patient's four images at full weight each would break it too
+        assert largest_move(bound, weigh=None) > 1.5
     at_clip = proj[:1] * math.exp(12)  # in P's row space (‖g‖ = 1 > b), log norm 12 clamped to 10
     assert np.linalg.norm(_released(at_clip, [0], None, [True], bound, bound, proj)) == pytest.approx(1.0)
     scales = sufficient.release_scales(bound)  # the noise N(0, (zC)²) on v is z/scale on each statistic
