@@ -1,7 +1,8 @@
 """Statistics heads vs class means on PBC blood cells, merged vs single sites vs centralised, with and without DP.
 
-The pretrained `tf_efficientnet_lite0` (../shared/weights) at 64 px extracts every image's pooled feature once
-(cached per base identity and image set under `--cache`); each method then works on those features with the
+The pretrained `tf_efficientnet_lite0` (../shared/weights) at 64 px, DP-ready as `taskvec simulate` builds it,
+extracts every image's pooled feature once (cached per base identity and image set under `--cache`); the
+projection is seeded from the backbone's identity, as a `stats-head:P` run seeds it; each method then works on those features with the
 library's own functions: the statistics heads sum `taskvec.training.sufficient` statistics over the sites (what
 an `lda-head` or `ridge-head` merge of `stats-head:P` vectors does, for each P of `--stats-dims`) and solve
 once; class means fits each site's head with `taskvec.training.class_means` and merges by the mean of the heads
@@ -31,6 +32,7 @@ import torch
 from torchmetrics.functional.classification import multiclass_auroc, multiclass_recall
 
 from taskvec.io.files import read_kind
+from taskvec.io.tensors import state_digest
 from taskvec.models.spec import ModelSpec, build_base, load_model, save_model
 from taskvec.privacy.dpsgd import DPConfig
 from taskvec.privacy.mechanisms.gaussian_sum import release_noise
@@ -38,22 +40,28 @@ from taskvec.simulation.splits import split_dirichlet, split_iid
 from taskvec.training import sufficient
 from taskvec.training.class_means import head_from_sums, unit_vectors
 from taskvec.training.data import Normalizer, load_data, make_loader
+from taskvec.training.modes.base import head_prefixes
 
 ROOT = Path(__file__).resolve().parents[2] / "shared"
 Fit = Callable[..., tuple[np.ndarray, np.ndarray]]  # (parts, ε, args=, rng=) -> (W, b)
 
 
-def features(args: argparse.Namespace) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(features, labels) of the train and test splits, cached per (base identity, image set)."""
+def features(args: argparse.Namespace) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
+    """(features, labels) of the train and test splits, cached per (base identity, image set), and the
+    backbone's identity (what a `stats-head:P` run seeds its projection from)."""
     args.cache.mkdir(parents=True, exist_ok=True)
     base = args.cache / "base.safetensors"
-    if not base.exists():
+    if not base.exists():  # as `taskvec simulate` builds it: DP-ready (frozen BatchNorm statistics)
         labels = sorted(d.name for d in (args.data / "train").iterdir() if d.is_dir())
         net, spec = build_base("tf_efficientnet_lite0", num_classes=len(labels), img_size=args.img_size,
-                               labels=labels, weights=ROOT / "weights" / "tf_efficientnet_lite0.in1k.safetensors")
+                               labels=labels, weights=ROOT / "weights" / "tf_efficientnet_lite0.in1k.safetensors",
+                               dp_compatible=True)
         save_model(net, spec, base)
     identity = read_kind(base, "model").model.identity
     spec = ModelSpec.from_dict(read_kind(base, "model").model.model)
+    model = load_model(base, "cpu")
+    head = head_prefixes(model, "classification")
+    backbone = state_digest({k: v for k, v in model.state_dict().items() if not k.startswith(head)})
     splits = load_data(args.data, spec)
     out = {}
     for name in ("train", "test"):
@@ -61,7 +69,7 @@ def features(args: argparse.Namespace) -> dict[str, tuple[np.ndarray, np.ndarray
         key = hashlib.sha256(f"{identity}:{args.img_size}:{sorted(map(str, data.sources))}".encode()).hexdigest()
         path = args.cache / f"{name}-{key[:16]}.npz"
         if not path.exists():
-            net: Any = load_model(base, "cpu").eval()
+            net: Any = model.eval()
             norm, feats = Normalizer(spec, torch.device("cpu")), []
             with torch.no_grad():
                 for x, _ in make_loader(data, 128, torch.device("cpu")):
@@ -69,7 +77,7 @@ def features(args: argparse.Namespace) -> dict[str, tuple[np.ndarray, np.ndarray
             np.savez(path, feats=np.concatenate(feats), labels=np.asarray(data.targets))
         f = np.load(path)
         out[name] = (f["feats"], f["labels"])
-    return out
+    return out, backbone
 
 
 CLEAN: dict[tuple[int, int, float | None], tuple[np.ndarray, dict[str, np.ndarray]]] = {}
@@ -89,7 +97,7 @@ def stats_head(parts: list[tuple[np.ndarray, np.ndarray]], eps: float | None, so
     """The head solved once from the sum of the sites' statistics (each released once at ε)."""
     d = parts[0][0].shape[1]
     p = min(d, dim)
-    proj = sufficient.projection(None if p == d else sufficient.projection_seed("pbc", d, p), d, p)
+    proj = sufficient.projection(None if p == d else sufficient.projection_seed(args.backbone, d, p), d, p)
     clip = sufficient.clip_bound(d, p) if eps is not None else None
     released = [clean_statistics(f, y, proj, clip) for f, y in parts]
     std = None
@@ -143,7 +151,7 @@ def main() -> None:
     ap.add_argument("--sites", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
-    feats = features(args)
+    feats, args.backbone = features(args)
     train, test = feats["train"], feats["test"]
     epsilons = [None if e == "inf" else float(e) for e in args.epsilons.split(",")]
     dims = [int(p) for p in args.stats_dims.split(",")]
