@@ -61,7 +61,7 @@ def features(args: argparse.Namespace) -> tuple[dict[str, tuple[np.ndarray, np.n
         save_model(net, spec, base)
     identity = read_kind(base, "model").model.identity
     spec = ModelSpec.from_dict(read_kind(base, "model").model.model)
-    model = load_model(base, "cpu")
+    model: Any = load_model(base, "cpu").eval()
     head = head_prefixes(model, "classification")
     backbone = state_digest({k: v for k, v in model.state_dict().items() if not k.startswith(head)})
     splits = load_data(args.data, spec)
@@ -71,11 +71,10 @@ def features(args: argparse.Namespace) -> tuple[dict[str, tuple[np.ndarray, np.n
         key = hashlib.sha256(f"{identity}:{args.img_size}:{sorted(map(str, data.sources))}".encode()).hexdigest()
         path = args.cache / f"{name}-{key[:16]}.npz"
         if not path.exists():
-            net: Any = model.eval()
             norm, feats = Normalizer(spec, torch.device("cpu")), []
             with torch.no_grad():
                 for x, _ in make_loader(data, 128, torch.device("cpu")):
-                    feats.append(net.forward_head(net.forward_features(norm(x)), pre_logits=True).double().numpy())
+                    feats.append(model.forward_head(model.forward_features(norm(x)), pre_logits=True).double().numpy())
             np.savez(path, feats=np.concatenate(feats), labels=np.asarray(data.targets))
         f = np.load(path)
         out[name] = (f["feats"], f["labels"])
@@ -108,7 +107,7 @@ def stats_head(parts: list[tuple[np.ndarray, np.ndarray]], eps: float | None, so
         one = sufficient.noise_std(z, clip)
         released = [sufficient.add_noise(r, one, rng.standard_normal) for r in released]
         std = {k: v * math.sqrt(len(parts)) for k, v in one.items()}  # of the sum (what the merge computes)
-    total = {k: sum(r[k] for r in released) for k in sufficient.KEYS}
+    total = {k: np.sum([r[k] for r in released], axis=0) for k in sufficient.KEYS}
     strength = sufficient.DEFAULT_SHRINK if solver == "lda" else sufficient.DEFAULT_RIDGE
     return sufficient.SOLVERS[solver](total, proj, strength, std)
 
