@@ -183,6 +183,14 @@ def main() -> None:
         cells = [ms(v) for m in ([r["stage1"] for r in rows], [r["stage2"] for r in rows], best)
                  for v in ([x["auroc"] for x in m], [x["balanced_accuracy"] for x in m])]
         lines.append(f"| {'∞' if eps is None else f'{eps:g}'} | {spent} | " + " | ".join(cells) + " |")
+    if len(runs) > 1:
+        lines += ["", "Per seed: the stage-2 merge against that seed's best single site (AUROC / balanced accuracy).",
+                  "", "| ε | " + " | ".join(f"seed {s}" for s in args.seeds) + " |", "|---|" + "---|" * len(runs)]
+        for i, eps in enumerate([None, *args.epsilons]):
+            pairs = [(r[i]["stage2"], max(r[i]["sites"], key=lambda m: m["auroc"])) for r in runs]
+            lines.append(f"| {'∞' if eps is None else f'{eps:g}'} | " + " | ".join(
+                f"{m['auroc']:.3f} / {m['balanced_accuracy']:.3f} against {b['auroc']:.3f} / "
+                f"{b['balanced_accuracy']:.3f}" for m, b in pairs) + " |")
     print("\n".join(lines))
 
 
