@@ -182,7 +182,7 @@ def table(task: str, variants: list[tuple[str, float | None, str]], args: argpar
         for model in [*names, "merged", "centralised"]:
             cells = [ms([f(r[model][site]) for r in runs]) for site in names for _, f in cols]
             rows.append(f"| {label} | {'∞' if eps is None else f'{eps:g}'} | {model} | " + " | ".join(cells) + " |")
-            print(rows[-1], flush=True)
+            print(rows[-1], file=sys.stderr, flush=True)  # progress
     assert names is not None
     head = [f"{c} on {site}" for site in names for c, _ in cols]
     return ["| training | ε | model | " + " | ".join(head) + " |", "|" + "---|" * (3 + len(head)), *rows]
