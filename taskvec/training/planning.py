@@ -21,8 +21,8 @@ spectral norm (√(2p)·σ_M; √K·σ_M once K sites of N units each are summed
 second moment of K·N projected unit features (K·N/d, as E‖g‖² = p/d). A larger p keeps more of the feature
 but lets the noise swamp more of the covariance, which the LDA head then floors. The threshold 3 is set on
 the PBC benchmark (docs/results/stats_head.md, 5 iid sites): among P = 64, 128, 256 it picks the one of the
-best balanced accuracy for the merged, single-site and centralised heads at ε = 1, 3 and 8 (256 where it
-would pick 512, untested).
+best balanced accuracy, or one within a seed's sd of it, for the merged, single-site and centralised heads at
+ε = 1, 3 and 8 (256 where it would pick 512, untested). AUROC favours the largest P measured at every ε.
 
 On a segmentation base the units are images and the statistics are per pixel (the features the segmentation
 head's convolution reads; each image's pixels weigh 1/pixels, so an image is bounded as one classification
