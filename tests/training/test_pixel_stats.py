@@ -131,3 +131,18 @@ def test_class_means_stays_classification_only(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="class-means is for classification"):
         finetune(base, train, tmp_path / "run", FinetuneConfig(train="class-means", val_fraction=0.0, device="cpu"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change, says", [({"bias": False}, "Conv2d(16, 2"), ({"groups": 2}, "groups=2"),
+                                          ({"padding_mode": "reflect"}, "padding_mode=reflect")])
+def test_a_head_that_is_not_one_plain_convolution_is_refused(change: dict[str, Any], says: str) -> None:
+    """The solve writes a linear map of unfolded features: a head without a bias, grouped or padded otherwise
+    than with zeros is not one, and is refused."""
+    net, spec = build_base("test_efficientnet", task="segmentation", num_classes=2, img_size=32, seed=0)
+    old, dim = stats_head.head_layer(net, spec, "stats-head:4")  # smp's own head is solvable
+    assert dim == old.in_channels * old.kernel_size[0] * old.kernel_size[1]
+    args = {"kernel_size": old.kernel_size, "padding": old.padding, "bias": True, **change}
+    net.segmentation_head[0] = torch.nn.Conv2d(old.in_channels, old.out_channels, **args)
+    with pytest.raises(ConfigError, match="needs the segmentation head to be one plain convolution") as err:
+        stats_head.head_layer(net, spec, "stats-head:4")
+    assert says in str(err.value)

@@ -203,3 +203,13 @@ def test_non_finite_features_are_refused_and_nothing_is_released(tmp_path: Path)
     with pytest.raises(TaskvecError, match="features of a training image are not finite"):
         _run(tmp_path / "base.safetensors", npz_file(tmp_path / "d.npz", n=20), tmp_path / "run")
     assert not (tmp_path / "run" / STATS).exists() and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_classifier_that_is_not_linear_is_refused() -> None:
+    from taskvec.training.modes.stats_head import head_layer
+
+    net, spec = build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=32, seed=0)
+    assert head_layer(net, spec, "stats-head:4")[1] == net.num_features
+    net.classifier = torch.nn.Sequential(torch.nn.Linear(net.num_features, 2))
+    with pytest.raises(ConfigError, match="needs a linear classifier; test_efficientnet's is Sequential"):
+        head_layer(net, spec, "stats-head:4")
