@@ -171,8 +171,10 @@ def finetune(
         with _undone_on_error(out, group):
             run = _start(base, header.model.identity, spec, splits.train, splits.val, out, config,
                          splits.source, group, say)
+            # a one-pass mode has nothing to resume before its pass ends: a pass that fails leaves nothing
+            fit = _fit_pass(run, config, splits.train, track) if mode.fits_in_one_pass and not run.history else None
         if mode.fits_in_one_pass:
-            history = _one_pass(run, config, splits.train, splits.val, track, on_epoch)
+            history = _one_pass(run, config, splits.train, splits.val, fit, on_epoch)
         else:
             history = _train(run, config, splits.val, track, on_epoch)
         return _save_run(run, config, splits, history)
@@ -386,19 +388,24 @@ def _train(run: _Run, config: FinetuneConfig, val: ImageDataset | None, track: T
     return run.history
 
 
-def _one_pass(run: _Run, config: FinetuneConfig, train: ImageDataset, val: ImageDataset | None,
-              track: Track[Any], on_epoch: Callable[[EpochRecord], None] | None) -> list[dict[str, Any]]:
-    """Fit a one-pass mode (`TrainMode.fit`) and record it as the run's one epoch. A resumed run keeps the
-    network and ledger of its checkpoint: a second noisy release would cost ε again."""
-    if run.history:  # resumed after the pass
-        ledger = run.history[-1]["privacy"]
-        run.setup = replace(run.setup, privacy=lambda: ledger)
-        return run.history
+def _fit_pass(run: _Run, config: FinetuneConfig, train: ImageDataset, track: Track[Any]) -> tuple[Any, float]:
+    """Fit a one-pass mode (`TrainMode.fit`): its privacy ledger and the seconds it took."""
     t0 = time.perf_counter()
     fitted = run.mode.fit(run.net, run.spec, train, device=run.device, batch_size=run.batch_size, dp=config.dp,
                           run_id=run.run_id, track=track, run_dir=run.out)
+    return fitted, time.perf_counter() - t0
+
+
+def _one_pass(run: _Run, config: FinetuneConfig, train: ImageDataset, val: ImageDataset | None,
+              fit: tuple[Any, float] | None, on_epoch: Callable[[EpochRecord], None] | None) -> list[dict[str, Any]]:
+    """Record a one-pass mode's fit as the run's one epoch. A resumed run (`fit` None) keeps the network and
+    ledger of its checkpoint: a second noisy release would cost ε again."""
+    if fit is None:  # resumed after the pass
+        ledger = run.history[-1]["privacy"]
+        run.setup = replace(run.setup, privacy=lambda: ledger)
+        return run.history
+    fitted, seconds = fit
     run.setup = replace(run.setup, privacy=lambda: fitted)
-    seconds = time.perf_counter() - t0
     record = EpochRecord(1, 0, None, 0.0, seconds, len(train) / seconds)
     _end_epoch(run, config, val, record)
     if on_epoch is not None:

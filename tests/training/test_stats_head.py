@@ -200,9 +200,13 @@ def test_non_finite_features_are_refused_and_nothing_is_released(tmp_path: Path)
     with torch.no_grad():
         net.conv_head.weight.fill_(float("inf"))  # type: ignore[operator, union-attr]
     save_model(net, spec, tmp_path / "base.safetensors")
+    data = npz_file(tmp_path / "d.npz", n=20)
     with pytest.raises(TaskvecError, match="features of a training image are not finite"):
-        _run(tmp_path / "base.safetensors", npz_file(tmp_path / "d.npz", n=20), tmp_path / "run")
-    assert not (tmp_path / "run" / STATS).exists() and not (tmp_path / "run" / "model.safetensors").exists()
+        _run(tmp_path / "base.safetensors", data, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing released, nothing to resume: no run folder is left
+    ok = tmp_path / "ok.safetensors"
+    save_model(*build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=32, seed=0), ok)
+    assert _run(ok, data, tmp_path / "run").exists()  # so the same folder takes the next try
 
 
 def test_a_classifier_that_is_not_linear_is_refused() -> None:
