@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import multiclass_auroc, multiclass_recall
 
-from taskvec.io.files import read_kind
-from taskvec.io.tensors import state_digest
+from taskvec.io.files import read_header, read_kind
+from taskvec.merging.heads import backbone_identity
 from taskvec.models.spec import ModelSpec, build_base, load_model, save_model
 from taskvec.privacy.dpsgd import DPConfig
 from taskvec.privacy.mechanisms.gaussian_sum import release_noise
@@ -42,7 +42,7 @@ from taskvec.simulation.splits import split_dirichlet, split_iid
 from taskvec.training import sufficient
 from taskvec.training.class_means import head_from_sums, unit_vectors
 from taskvec.training.data import Normalizer, load_data, make_loader
-from taskvec.training.modes.base import head_prefixes
+from taskvec.training.modes.base import head_names
 
 ROOT = Path(__file__).resolve().parents[2] / "shared"
 Fit = Callable[..., tuple[np.ndarray, np.ndarray]]  # (parts, ε, args=, rng=) -> (W, b)
@@ -62,8 +62,7 @@ def features(args: argparse.Namespace) -> tuple[dict[str, tuple[np.ndarray, np.n
     identity = read_kind(base, "model").model.identity
     spec = ModelSpec.from_dict(read_kind(base, "model").model.model)
     model: Any = load_model(base, "cpu").eval()
-    head = head_prefixes(model, "classification")
-    backbone = state_digest({k: v for k, v in model.state_dict().items() if not k.startswith(head)})
+    backbone = backbone_identity(read_header(base), head_names(model, "classification"))
     splits = load_data(args.data, spec)
     out = {}
     for name in ("train", "test"):

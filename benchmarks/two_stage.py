@@ -129,6 +129,11 @@ def one_seed(args: argparse.Namespace, seed: int, root: Path) -> list[dict[str, 
     return rows
 
 
+def best_site(row: dict[str, Any]) -> dict[str, float]:
+    """The single site of a row whose own stage-2 model has the highest AUROC."""
+    return max(row["sites"], key=lambda m: m["auroc"])
+
+
 def ms(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
@@ -178,7 +183,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     for i, eps in enumerate([None, *args.epsilons]):
         rows = [r[i] for r in runs]
-        best = [max(r["sites"], key=lambda m: m["auroc"]) for r in rows]  # by its own stage-2 model's AUROC
+        best = [best_site(r) for r in rows]
         spent = "–" if eps is None else f"{max(r['spent'] for r in rows):.2f}"
         cells = [ms(v) for m in ([r["stage1"] for r in rows], [r["stage2"] for r in rows], best)
                  for v in ([x["auroc"] for x in m], [x["balanced_accuracy"] for x in m])]
@@ -187,7 +192,7 @@ def main() -> None:
         lines += ["", "Per seed: the stage-2 merge against that seed's best single site (AUROC / balanced accuracy).",
                   "", "| ε | " + " | ".join(f"seed {s}" for s in args.seeds) + " |", "|---|" + "---|" * len(runs)]
         for i, eps in enumerate([None, *args.epsilons]):
-            pairs = [(r[i]["stage2"], max(r[i]["sites"], key=lambda m: m["auroc"])) for r in runs]
+            pairs = [(r[i]["stage2"], best_site(r[i])) for r in runs]
             lines.append(f"| {'∞' if eps is None else f'{eps:g}'} | " + " | ".join(
                 f"{m['auroc']:.3f} / {m['balanced_accuracy']:.3f} against {b['auroc']:.3f} / "
                 f"{b['balanced_accuracy']:.3f}" for m, b in pairs) + " |")
