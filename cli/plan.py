@@ -51,7 +51,8 @@ def plan_dp(
                       f"{p.noise_to_signal:.3g}")
     console.print(table)
     console.print(f"recommended: {plan.recommended}")
-    console.print(f"recommended statistics head: stats-head:{plan.stats_dim}")
+    if plan.stats_dim is not None:
+        console.print(f"recommended statistics head: stats-head:{plan.stats_dim}")
     for w in plan.warnings:
         console.print(f"warning: {w}", style="yellow")
 

@@ -110,7 +110,8 @@ def _check_layout(h: Header, tensors: Mapping[str, TensorInfo], name: str) -> No
                 expected |= factor_shapes(k, expected[k], int(f["rank"]))
         if "sufficient" in h.meta:
             expected |= sufficient_shapes(h, tensors)
-        carried = {logical_key(n) for n in h.tensors if n not in stats and n not in SUFFICIENT}
+        own = SUFFICIENT if "sufficient" in h.meta else ()  # a weight vector's are unknown keys
+        carried = {logical_key(n) for n in h.tensors if n not in stats and n not in own}
         factored = {logical_key(n) for n in h.tensors if n.endswith(FACTORS)}
         base_deltas = delta_keys(tensors)
         # a subset vector carries only what was trained (a key it lacks has a zero delta); others carry all
@@ -130,6 +131,9 @@ def _check_layout(h: Header, tensors: Mapping[str, TensorInfo], name: str) -> No
                                 path=h.path, field=k, expected=expected[k], got=list(t.shape))
         if h.kind == "vector" and t.dtype not in FLOAT_DTYPES:
             raise MismatchError(f"{h.path}: tensor {k} has dtype {t.dtype}, vectors hold floating tensors",
+                                path=h.path, field=k, got=t.dtype)
+        if h.kind == "vector" and k in SUFFICIENT and t.dtype != "F64":
+            raise MismatchError(f"{h.path}: tensor {k} has dtype {t.dtype}, statistics are F64",
                                 path=h.path, field=k, got=t.dtype)
 
 

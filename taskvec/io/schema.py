@@ -107,6 +107,10 @@ def _is_str(x: Any) -> bool:
     return isinstance(x, str)
 
 
+def _is_true(x: Any) -> bool:
+    return x is True
+
+
 @dataclass(frozen=True)
 class VectorSummary:
     """What a merged model records of one vector it merged."""
@@ -120,6 +124,7 @@ class VectorSummary:
     base_version: int | None = None
     staleness: int | None = None
     staleness_weight: float | None = None
+    statistics: bool | None = None  # True: sufficient statistics, whose head the merge solved (not added)
     extra: Json = field(default_factory=dict)
 
     @classmethod
@@ -135,6 +140,7 @@ class VectorSummary:
             base_version=_take(d, "base_version", _optional(is_count), "a version", default=None),
             staleness=_take(d, "staleness", _optional(is_count), "a count", default=None),
             staleness_weight=d.get("staleness_weight"),
+            statistics=_take(d, "statistics", _optional(_is_true), "true", default=None),
             extra=_extra(d, cls),
         )
 

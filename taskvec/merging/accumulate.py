@@ -17,6 +17,7 @@ import numpy as np
 from taskvec.errors import FileFormatError, TaskvecError
 from taskvec.io.files import Header
 from taskvec.io.layout import SUFFICIENT, is_statistic, vector_keys
+from taskvec.merging.heads import check_exact
 from taskvec.merging.methods import Array, Recipe, Sparsify, Windows, stock_factor, vector_seed
 from taskvec.merging.plan import MergePlan
 from taskvec.merging.reading import Reading, VectorFile
@@ -101,6 +102,7 @@ def _stream(plan: MergePlan, recipe: Recipe, reading: Reading, weights: Array, s
         for k in vector_keys(h):  # a subset vector lacks keys (zero deltas); factored keys are expanded
             if k in SUFFICIENT:  # sufficient statistics: exact float64 sums, neither weighted nor discounted
                 x = f.read(k, wide=True)
+                check_exact(h, k, x)
                 acc.sums[k] = acc.sums[k] + x if k in acc.sums else x.copy()
                 continue
             x = f.read_delta(k)

@@ -7,10 +7,14 @@ architecture, feature dimension, projection), the weight and bias keys of the la
 classifier, or a segmentation head's convolution, whose weight is the solved matrix reshaped), the clip of the
 projected unit features (null without DP), the unit and the sd of each tensor's noise (`noise_std`, null
 without DP; the sum's sd is √Σ σᵢ² over the vectors). Statistics are summed only when every record agrees
-on the features, the head and the clip, and the features' backbone is the merge base's; weight vectors and
-statistics vectors are never merged together. The sums are exact (float64, no weighting or staleness
-discount: the counts weigh each site, and the features are checked to be the base's). The merged model is the
-base with that layer replaced by base + λ·(solved − base) (λ = 1: the solved head).
+on the features, the head and the clip, the features' backbone is the merge base's, the head is the layer a
+statistics head solves on the base, and the clip and noise sds are those the vector's release implies (none
+without a release; then counts are non-negative and the moments positive semidefinite). Weight vectors and
+statistics vectors are never merged together, nor statistics onto a version whose head was already solved from
+statistics (the new head would drop them: every site's statistics are merged at once, onto the base). The
+sums are exact (float64, no weighting or staleness discount: the counts weigh each site, and the features are
+checked to be the base's). The merged model is the base with that layer replaced by base + λ·(solved − base)
+(λ = 1: the solved head).
 """
 
 from __future__ import annotations
@@ -82,11 +86,77 @@ def check_statistics(base: Header, headers: Sequence[Header], recipe: Recipe, me
                 raise MismatchError(f"{h.path}: sufficient.{fld} is {str(_field(record, fld))[:16]}, "
                                     f"{stats[0].path} has {str(_field(first, fld))[:16]}: statistics of different "
                                     "features are never summed", path=h.path, field=f"sufficient.{fld}")
+    for h in stats:
+        _check_noise(h)
+        if any(v.statistics for _, v in base.model.merged_summaries()):
+            raise MismatchError(
+                f"{base.path}: its head was already solved from sufficient statistics; a head-solving merge onto it "
+                "would replace that head with these vectors' alone. Merge every site's statistics in one merge onto "
+                "the base they describe (or add them one by one to an incremental merge's state)",
+                path=base.path, field="base")
+    from taskvec.training.modes.stats_head import solved_keys_of  # torch and timm: statistics merges only
+
+    if first["features"]["arch"] != base.model.arch:
+        raise MismatchError(f"{stats[0].path}: sufficient.features.arch is {first['features']['arch']}, base "
+                            f"{base.path}'s is {base.model.arch}", path=stats[0].path, field="sufficient.features.arch")
+    solved = solved_keys_of(base.model)
+    if list(first["head"]) != solved:
+        raise MismatchError(f"{stats[0].path}: sufficient.head is {first['head']}, but on base {base.path} a "
+                            f"statistics head solves {solved}", path=stats[0].path, field="sufficient.head")
     backbone = backbone_identity(base, first["head"])
     if first["features"]["backbone"] != backbone:
         raise MismatchError(f"{stats[0].path}: sufficient.features.backbone is {first['features']['backbone'][:12]}, "
                             f"base {base.path}'s is {backbone[:12]}: they describe another backbone's features",
                             path=stats[0].path, field="sufficient.features.backbone")
+
+
+def _check_noise(h: Header) -> None:
+    """Refuse a statistics vector whose clip and noise sds are not those of its ledger's release: b the public
+    bound of its features, σ = `sufficient.noise_std`(z, b) for the release's noise multiplier z; none of them
+    without a release."""
+    record = h.meta["sufficient"]
+    releases = [e for e in h.vector.privacy if isinstance(e, dict) and e.get("run_id") == h.vector.run_id]
+    z = releases[-1].get("noise_multiplier") if releases else None
+    features = record["features"]
+    if z is None:
+        want: tuple[Any, Any] = (None, None)  # no release: no noise
+    elif isinstance(z, (int, float)) and not isinstance(z, bool) and 0 < z < math.inf:
+        bound = sufficient.clip_bound(features["dim"], features["projection"]["dim"])
+        want = (bound, sufficient.noise_std(float(z), bound))
+    else:
+        raise FileFormatError(f"{h.path}: its release's noise_multiplier is {z!r}, not a positive number",
+                              path=h.path, field="privacy")
+    for fld, got, expected in zip(("clip", "noise_std"), (record.get("clip"), record.get("noise_std")), want):
+        if not _close(got, expected):
+            why = "it records no DP release" if z is None else f"its release (noise multiplier {z}) implies {expected}"
+            raise FileFormatError(f"{h.path}: sufficient.{fld} is {got}, but {why}", path=h.path,
+                                  field=f"sufficient.{fld}")
+
+
+def _close(got: Any, want: Any) -> bool:
+    """Whether a recorded number (or dict of them, or None) is the one expected, to float precision."""
+    if got is None or want is None:
+        return got is want
+    if isinstance(want, dict):
+        return all(math.isclose(got[k], v, rel_tol=1e-9) for k, v in want.items())
+    return math.isclose(got, want, rel_tol=1e-9)
+
+
+def check_exact(h: Header, key: str, x: np.ndarray) -> None:
+    """Refuse statistics without noise that no data gives: a negative count, or second moments that are not a
+    symmetric positive semidefinite matrix (under DP the noise makes both possible)."""
+    record = h.meta["sufficient"]
+    if record.get("noise_std") is not None:
+        return
+    if key == sufficient.KEYS["counts"] and (x < 0).any():
+        raise FileFormatError(f"{h.path}: {key} holds a negative count without noise", path=h.path, field=key)
+    if key == sufficient.KEYS["moments"]:
+        p = record["features"]["projection"]["dim"]
+        m = x.reshape(p, p)
+        scale = max(float(np.abs(m).max()), np.finfo(np.float64).tiny)
+        if not np.allclose(m, m.T, rtol=0, atol=1e-9 * scale) or np.linalg.eigvalsh(m).min() < -1e-9 * p * scale:
+            raise FileFormatError(f"{h.path}: {key} is not a positive semidefinite matrix, as second moments "
+                                  "without noise are", path=h.path, field=key)
 
 
 def noise_std(headers: Sequence[Header]) -> dict[str, float]:
@@ -109,12 +179,17 @@ def solve(deltas: dict[str, np.ndarray], base: Header, headers: Sequence[Header]
              for name, key in sufficient.KEYS.items()}
     proj = sufficient.projection(features["projection"]["seed"], features["dim"], p)
     solver, strength = recipe.head
-    head = sufficient.SOLVERS[solver](stats, proj, strength, noise_std(headers))
+    what = f"{len(headers)} statistics vector(s) ({', '.join(h.path.name for h in headers[:3])})"
+    head = sufficient.solve(solver, stats, proj, strength, noise_std(headers), what)
     with open_regular(base.path) as f:
         for key, value in zip(record["head"], head):
             t = base.tensors[key]
             f.seek(base.data_start + t.start)
-            deltas[key] = (value.ravel() - as_float64(f.read(t.end - t.start), t.dtype)).astype(np.float32)
+            delta = value.ravel() - as_float64(f.read(t.end - t.start), t.dtype)
+            if np.abs(delta).max(initial=0.0) > np.finfo(np.float32).max:
+                raise FileFormatError(f"{what}: the head solved from these statistics is out of float32's range "
+                                      "(statistics out of range)", field=key)
+            deltas[key] = delta.astype(np.float32)
 
 
 def export_statistics(base: Header, model: Header, tensors: dict[str, np.ndarray], record: dict[str, Any],

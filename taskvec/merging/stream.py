@@ -35,7 +35,7 @@ from taskvec.io.schema import MergeRecord, ModelHeader, VectorSummary
 from taskvec.io.tensors_np import as_float32, from_float32, save_arrays
 from taskvec.merging.accumulate import Combined, accumulate
 from taskvec.merging.diagnose import diagnose
-from taskvec.merging.heads import solve
+from taskvec.merging.heads import is_statistics, solve
 from taskvec.merging.methods import Array
 from taskvec.merging.plan import MergePlan
 from taskvec.progress import Track, no_track
@@ -66,7 +66,7 @@ def vector_summaries(plan: MergePlan, base: Header, headers: Sequence[Header]) -
     n = base.model.number
     _, scales = plan.weights(base, headers)
     return [VectorSummary(v.sha256, v.contributor, v.privacy, v.samples, h.path.name, v.run_id, v.base.number,
-                          n - v.base.number, float(s)).to_json()
+                          n - v.base.number, float(s), True if is_statistics(h) else None).to_json()
             for h, v, s in zip(headers, (h.vector for h in headers), scales)]
 
 

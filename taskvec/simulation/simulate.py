@@ -109,7 +109,12 @@ class SimulationConfig:
                                   got=getattr(self, name))
         for e in self.epsilons:
             check_range("epsilons", e, low=0)
-        FinetuneConfig(train=self.train, prox=self.prox, head=self.head).check()  # refused before any file
+        run = FinetuneConfig(train=self.train, prox=self.prox, head=self.head)
+        run.check()  # refused before any file
+        if self.rounds is not None and self.train is not None and run.mode.fits_in_one_pass:
+            raise ConfigError(f"rounds re-train each site from the newest version, but train {self.train} is one "
+                              "pass over the base's frozen features: a second arrival would only release them "
+                              "again (merge its vectors once, without rounds)", field="rounds", got=self.rounds)
         check_head(self.head, dp=bool(self.epsilons))
         check_range("staleness", self.staleness, low=0, low_open=False)
         if self.speeds is not None and len(self.speeds) != self.sites:

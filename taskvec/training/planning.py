@@ -73,7 +73,7 @@ class DPPlan:
     sample_rate: float
     modes: list[ModePlan]
     recommended: str
-    stats_dim: int  # the recommended P of `stats-head:P`
+    stats_dim: int | None  # the recommended P of `stats-head:P` (None: the base's classifier is not linear)
     warnings: list[str] = field(default_factory=list)
     stats_share: float | None = None  # two stages: the statistics head's share of ε, DP-SGD from it at the rest
 
@@ -82,8 +82,9 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
             sample_rate: float = DEFAULT_SAMPLE_RATE, stats_dim: int | None = None, sites: int = 1,
             modes: list[str] | None = None, steps: int | None = None, stats_share: float | None = None) -> DPPlan:
     """Predict the DP runs of `base` on `units` units at (ε, δ) for `modes` (default: every DP-SGD mode that
-    takes no count, and `stats-head:stats_dim`, the recommended P for statistics summed over `sites` sites of
-    about `units` units each when None); DP-SGD runs of `steps` optimiser steps (default: `finetune`'s).
+    takes no count, and, when the base's classifier is linear, `stats-head:stats_dim`, the recommended P for
+    statistics summed over `sites` sites of about `units` units each when None); DP-SGD runs of `steps`
+    optimiser steps (default: `finetune`'s). `class-means` is not predicted.
     `stats_share`: plan two stages, the statistics head at ε·stats_share and each DP-SGD mode from it at the
     rest of ε."""
     from taskvec.models.spec import ModelSpec, create_module
@@ -103,24 +104,32 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
     dp = DPConfig(max_grad_norm=clip, delta=delta, target_epsilon=epsilon, sample_rate=sample_rate)
     dp.check()
     spec = ModelSpec.from_dict(read_kind(base, "model").model.model)
-    dim = head_layer(create_module(spec), spec, StatsHead.name)[1]  # a pooled feature's, or a pixel's
+    wanted = [parse_mode(name) for name in dict.fromkeys(modes or ())]
+    for mode in wanted:
+        if mode.fits_in_one_pass and not mode.arg:
+            raise ConfigError(f"mode {mode} is not predicted: plan-dp predicts the DP-SGD modes and stats-head:P",
+                              field="mode", got=str(mode))
+    try:
+        dim: int | None = head_layer(create_module(spec), spec, StatsHead.name)[1]  # a pooled feature's, or a pixel's
+    except ConfigError:
+        if any(m.fits_in_one_pass for m in wanted):
+            raise
+        dim = None  # a classifier the statistics head cannot solve: DP-SGD modes only
     if stats_share is not None:
         z1 = release_noise(replace(dp, target_epsilon=epsilon * stats_share), "feature statistics")[0]
         dp = replace(dp, prior=((z1, 1.0, 1),))  # DP-SGD at what the statistics leave of ε
     else:
         z1 = release_noise(dp, "feature statistics")[0]
-    best_dim = recommend_stats_dim(z1, dim, units, sites)
-    names = modes or [m.name if not m.arg else f"{m.name}:{stats_dim or best_dim}" for m in registered()
-                      if m.arg and m.fits_in_one_pass or not m.arg and not m.fits_in_one_pass]
+    best_dim = None if dim is None else recommend_stats_dim(z1, dim, units, sites)
+    if not wanted:
+        wanted = [parse_mode(m.name if not m.arg else f"{m.name}:{stats_dim or best_dim}") for m in registered()
+                  if m.arg and m.fits_in_one_pass and dim is not None or not m.arg and not m.fits_in_one_pass]
     plans = []
-    for name in names:
-        mode = parse_mode(name)
-        net = create_module(spec)
-        if mode.fits_in_one_pass:
-            if not mode.arg:
-                continue  # a one-pass mode without statistics (class means): not predicted here
+    for mode in wanted:
+        if mode.fits_in_one_pass and dim is not None:
             plans.append(_stats_plan(str(mode), z1, units, spec.num_classes, dim, min(mode.k, dim)))
             continue
+        net = create_module(spec)
         total = plan_steps(FinetuneConfig(train=str(mode), dp=dp, steps=steps))[0]
         z = noise_and_limit(dp, total)[0]
         trained, _ = mode.prepare(net, spec.task)

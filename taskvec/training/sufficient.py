@@ -26,7 +26,8 @@ The head is linear discriminant analysis on g (`solve_lda`): with N = Σ n_c, cl
 the pooled within-class covariance Σ = (M − Σ_c S_c S_cᵀ/n_c + Σ_c σ_S²/n_c·I)/N (the last term removes
 the noise's expected share of the means' outer products), its eigenvalues floored at
 `NOISE_FLOOR`·√(2p)·σ_M/N (the scale of the symmetrised moment noise's spectral norm, on the covariance's
-scale) + shrink·tr(Σ)/p, and
+scale) + shrink·max(tr Σ, `MIN_WITHIN`·tr M/N)/p (the second term keeps the floor positive when the classes
+have no spread of their own, e.g. one unit each), and
 
     A_c = Σ⁻¹μ_c,   β_c = −½(μ_cᵀΣ⁻¹μ_c − (σ_S/n_c)²·tr Σ⁻¹) + log(n_c/N)
 
@@ -48,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from taskvec.errors import TaskvecError
+
 KEYS = {"counts": "sufficient.counts", "sums": "sufficient.sums", "moments": "sufficient.moments",
         "log_norms": "sufficient.log_norms"}
 CLIP_FACTOR = 1.25  # c: under DP ‖g‖ is clipped at c·√(p/d) (its mean square is p/d)
@@ -55,6 +58,7 @@ LOG_NORM_RANGE = 10.0  # log feature norms are clamped to ±10 (norms from 4.5e-
 SHARES = {"sums": 0.45, "counts": 0.05, "moments": 0.45, "log_norms": 0.05}  # a²: each statistic's share of ‖v_u‖²
 NOISE_FLOOR = 0.25  # the covariance's eigenvalue floor, in units of the moment noise's spectral scale
 DEFAULT_SHRINK = 1e-2  # the covariance's eigenvalue floor relative to its mean eigenvalue (without noise)
+MIN_WITHIN = 1e-3  # the within-class spread the floor assumes at least, relative to the second moment's
 DEFAULT_RIDGE = 1e-2
 
 
@@ -150,8 +154,9 @@ def solve_lda(stats: dict[str, np.ndarray], proj: np.ndarray, shrink: float,
     noise_share = sd["sums"] ** 2 * float((1 / counts[known]).sum())  # E of the noise's share of Σ_c S_c S_cᵀ/n_c
     within = m - (means[known].T * counts[known]) @ means[known] + noise_share * np.eye(p)
     values, vectors = np.linalg.eigh((within + within.T) / (2 * total))
-    floor = NOISE_FLOOR * math.sqrt(2 * p) * sd["moments"] / total + shrink * max(float(values.sum()), 0.0) / p
-    inverse = (vectors / np.maximum(values, max(floor, 1e-300))) @ vectors.T
+    spread = max(float(values.sum()), MIN_WITHIN * float(np.trace(m)) / total, 0.0)
+    floor = NOISE_FLOOR * math.sqrt(2 * p) * sd["moments"] / total + shrink * spread / p
+    inverse = (vectors / np.maximum(values, max(floor, np.finfo(np.float64).tiny))) @ vectors.T
     a = means @ inverse
     square = np.einsum("ij,ij->i", a, means) - np.where(known, (sd["sums"] / counts) ** 2, 0.0) * np.trace(inverse)
     return a @ proj / typical_norm(stats), -0.5 * square + np.log(counts / total)
@@ -178,3 +183,18 @@ def solve_ridge(stats: dict[str, np.ndarray], proj: np.ndarray, ridge: float,
 
 
 SOLVERS = {"lda": solve_lda, "ridge": solve_ridge}
+
+
+def solve(solver: str, stats: dict[str, np.ndarray], proj: np.ndarray, strength: float,
+          std: dict[str, float] | None, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) of `SOLVERS[solver]`; a TaskvecError naming `what` (the statistics' source) when they give no
+    finite head (statistics out of range, or features without spread)."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range statistics: refused below
+            weight, bias = SOLVERS[solver](stats, proj, strength, std)
+    except np.linalg.LinAlgError as e:
+        raise TaskvecError(f"{what}: the {solver} head cannot be solved from these statistics ({e})") from None
+    if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+        raise TaskvecError(f"{what}: the {solver} head solved from these statistics is not finite (statistics out "
+                           "of range, or features that do not vary)")
+    return weight, bias

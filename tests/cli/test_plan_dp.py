@@ -194,3 +194,28 @@ def test_a_two_stage_plan_predicts_both_stages_noise(tmp_path: Path) -> None:
     bad = CliRunner().invoke(app, ["plan-dp", "--base", str(base), "--units", "40", "--epsilon", "2",
                                    "--stats-share", "1"])
     assert isinstance(bad.exception, ConfigError) and bad.exception.field == "stats_share"
+
+
+def test_what_it_cannot_predict_is_refused_and_the_rest_planned(tmp_path: Path) -> None:
+    """`class-means` is refused by name, a repeated mode is planned once, and on a base whose classifier the
+    statistics head cannot solve (LeViT's two heads) the DP-SGD modes are still planned."""
+    base = tmp_path / "base.safetensors"
+    save_model(*build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=32, seed=0), base)
+    args = ["plan-dp", "--base", str(base), "--units", "100", "--epsilon", "1"]
+    r = CliRunner().invoke(app, [*args, "--mode", "stats-head:6", "--mode", "class-means"])
+    assert isinstance(r.exception, ConfigError) and r.exception.field == "mode"
+    assert str(r.exception).startswith("mode class-means is not predicted")
+    r = CliRunner().invoke(app, [*args, "--mode", "head", "--mode", "head", "--json"])
+    assert r.exit_code == 0, r.output
+    assert [m["mode"] for m in json.loads(r.stdout)["modes"]] == ["head"]
+    levit = tmp_path / "levit.safetensors"
+    save_model(*build_base("levit_128s", num_classes=2, in_chans=1, img_size=32, seed=0), levit)
+    args = ["plan-dp", "--base", str(levit), "--units", "1000", "--epsilon", "8"]
+    r = CliRunner().invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)
+    assert plan["stats_dim"] is None and {"head", "norm-bias"} <= {m["mode"] for m in plan["modes"]}
+    assert not any(m["mode"].startswith("stats-head") for m in plan["modes"])
+    r = CliRunner().invoke(app, [*args, "--mode", "stats-head:8"])
+    assert isinstance(r.exception, ConfigError) and "needs a linear classifier; levit_128s's is tuple" in str(
+        r.exception)

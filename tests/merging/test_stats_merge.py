@@ -14,8 +14,8 @@ from safetensors.numpy import load_file, save_file
 from stats_reference import lda_reference, pooled_features, ridge_reference
 from synthetic_data import npz_file
 
-from taskvec.errors import ConfigError, MismatchError, PrivacyConfigError
-from taskvec.io.files import read_header, read_kind
+from taskvec.errors import ConfigError, FileFormatError, MismatchError, PrivacyConfigError
+from taskvec.io.files import digest, read_header, read_kind
 from taskvec.merging.export import export_vector
 from taskvec.merging.incremental import merge_incremental
 from taskvec.merging.stream import merge_vectors
@@ -138,11 +138,24 @@ def test_dp_vectors_keep_the_run_ledger_and_no_count_and_their_noise_sums(sites:
     assert all(p.exists() for p in paths)
 
 
-def _tampered(src: Path, out: Path, change: Any) -> Path:
+def _tampered(src: Path, out: Path, change: Any = None, tensors: Any = None) -> Path:
+    """`src` with `change` applied to its `sufficient` record and `tensors` to its arrays (sha256 recomputed)."""
     h = read_header(src)
     meta = json.loads(json.dumps(h.meta))
-    change(meta["sufficient"])
-    save_file(load_file(str(src)), str(out), metadata={"format": "pt", "taskvec": json.dumps(meta)})
+    if change is not None:
+        change(meta["sufficient"])
+    arrays = load_file(str(src))
+    if tensors is not None:
+        tensors(arrays)
+    return _saved(arrays, meta, out)
+
+
+def _saved(arrays: dict[str, np.ndarray], meta: dict[str, Any], out: Path) -> Path:
+    """`arrays` saved with `meta`, its sha256 that of the arrays (a forged but well-formed vector)."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    dtypes = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32"}
+    meta["sha256"] = digest((k, dtypes[arrays[k].dtype], arrays[k].shape, arrays[k].tobytes()) for k in sorted(arrays))
+    save_file(arrays, str(out), metadata={"format": "pt", "taskvec": json.dumps(meta)})
     return out
 
 
@@ -179,10 +192,104 @@ def test_mixed_kinds_and_wrong_methods_are_refused(sites: Any, make_finetuned: A
 
 
 def test_a_malformed_record_is_refused_naming_the_field(sites: Any, tmp_path: Path) -> None:
-    from taskvec.errors import FileFormatError
-
     base, vectors, *_ = sites
     bad = _tampered(vectors[0], tmp_path / "bad.safetensors", lambda r: r["features"].update(dim="many"))
     with pytest.raises(FileFormatError, match="sufficient.features.dim is missing or invalid") as err:
         merge_vectors([bad], base, tmp_path / "m.safetensors", method="lda-head")
     assert err.value.field == "sufficient.features.dim"
+
+
+@pytest.mark.parametrize("error, message, tensors", [
+    (FileFormatError, "sufficient.counts holds a negative count without noise",
+     lambda t: t.update({"sufficient.counts": -t["sufficient.counts"]})),
+    (FileFormatError, "sufficient.moments is not a positive semidefinite matrix",
+     lambda t: t.update({"sufficient.moments": -t["sufficient.moments"]})),
+    (MismatchError, "tensor sufficient.counts has dtype F32, statistics are F64",
+     lambda t: t.update({k: v.astype(np.float32) for k, v in t.items()})),
+])
+def test_statistics_no_data_gives_are_refused(sites: Any, tmp_path: Path, error: type, message: str,
+                                              tensors: Any) -> None:
+    """Without noise a count is never negative and second moments are positive semidefinite; statistics are
+    float64. Each lie is refused with nothing written (they merged into a head before)."""
+    base, vectors, *_ = sites
+    bad = _tampered(vectors[1], tmp_path / "bad.safetensors", tensors=tensors)
+    with pytest.raises(error, match=message):
+        merge_vectors([vectors[0], bad], base, tmp_path / "m.safetensors", method="lda-head")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_noise_sds_and_clip_are_those_of_the_release(sites: Any, tmp_path: Path) -> None:
+    """A vector's `noise_std` and `clip` must be what its ledger's release implies: a site cannot claim more
+    noise than it added (which would shrink every site's head) or noise without a release."""
+    base, vectors, pooled, _ = sites
+    dp = DPConfig(max_grad_norm=1.0, delta=1e-5, noise_multiplier=2.0)
+    run = finetune(base, pooled, tmp_path / "run", FinetuneConfig(train="stats-head:6", val_fraction=0.0,
+                                                                  device="cpu", dp=dp))
+    honest = export_vector(run.model_path, base, tmp_path / "dp.safetensors").path
+    merge_vectors([honest], base, tmp_path / "ok.safetensors", method="lda-head")
+    implied = "its release .* implies"
+    lies = {
+        "noise_std": (honest, lambda r: r["noise_std"].update(sums=10 * r["noise_std"]["sums"]), implied),
+        "clip": (honest, lambda r: r.update(clip=r["clip"] / 2), implied),
+        "noise_std ": (vectors[0], lambda r: r.update(noise_std=dict.fromkeys(sufficient.KEYS, 1e6)),
+                       "it records no DP release"),
+    }
+    for name, (src, change, message) in lies.items():
+        bad = _tampered(src, tmp_path / "bad.safetensors", change)
+        with pytest.raises(FileFormatError, match=f"sufficient.{name.strip()} is .* but {message}") as err:
+            merge_vectors([bad], base, tmp_path / "m.safetensors", method="lda-head")
+        assert err.value.field == f"sufficient.{name.strip()}" and not (tmp_path / "m.safetensors").exists()
+
+
+def test_statistics_onto_a_version_that_holds_statistics_are_refused(sites: Any, tmp_path: Path) -> None:
+    """Its head came from earlier statistics; solving from the new ones alone would drop them."""
+    base, vectors, *_ = sites
+    merge_vectors(vectors[:2], base, tmp_path / "v1.safetensors", method="lda-head")
+    assert [v["statistics"] for v in read_kind(tmp_path / "v1.safetensors", "model").meta["merge"]["vectors"]] \
+        == [True, True]
+    with pytest.raises(MismatchError, match="its head was already solved from sufficient statistics") as err:
+        merge_vectors(vectors[2:], tmp_path / "v1.safetensors", tmp_path / "v2.safetensors", method="lda-head")
+    assert err.value.field == "base" and not (tmp_path / "v2.safetensors").exists()
+
+
+def test_the_solved_layer_is_the_bases_classifier(sites: Any, tmp_path: Path) -> None:
+    """A record naming another layer of the base (its backbone identity recomputed to match) would let the
+    merge overwrite that layer: refused."""
+    from taskvec.merging.heads import backbone_identity
+
+    base, vectors, *_ = sites
+    bh = read_kind(base, "model")
+    other = next(k[:-len(".weight")] for k, t in bh.tensors.items() if k.endswith(".weight") and k not in HEAD
+                 and len(t.shape) in (2, 4) and bh.tensors.get(k[:-len("weight")] + "bias") is not None)
+    keys = [f"{other}.weight", f"{other}.bias"]
+    k, dim = bh.tensors[keys[0]].shape[0], int(np.prod(bh.tensors[keys[0]].shape[1:]))
+    p = min(6, dim)
+
+    def change(r: dict[str, Any]) -> None:  # a record that fits that layer's shapes
+        r.update(head=keys)
+        r["features"].update(backbone=backbone_identity(bh, keys), dim=dim)
+        r["features"]["projection"].update(dim=p, seed=None if p == dim else 1)
+
+    def tensors(t: dict[str, np.ndarray]) -> None:
+        t.update({"sufficient.counts": np.ones(k), "sufficient.sums": np.zeros((k, p)),
+                  "sufficient.moments": np.eye(p)})
+
+    bad = _tampered(vectors[0], tmp_path / "bad.safetensors", change, tensors)
+    with pytest.raises(MismatchError, match=rf"sufficient.head is .*{other}.* a statistics head solves "
+                                            r"\['classifier.weight', 'classifier.bias'\]") as err:
+        merge_vectors([bad], base, tmp_path / "m.safetensors", method="lda-head")
+    assert err.value.field == "sufficient.head" and not (tmp_path / "m.safetensors").exists()
+    arch = _tampered(vectors[0], tmp_path / "arch.safetensors", lambda r: r["features"].update(arch="resnet50"))
+    with pytest.raises(MismatchError, match="sufficient.features.arch is resnet50"):
+        merge_vectors([arch], base, tmp_path / "m.safetensors", method="lda-head")
+
+
+def test_a_weight_vector_carrying_a_statistic_is_refused_by_name(sites: Any, make_finetuned: Any,
+                                                                 tmp_path: Path) -> None:
+    base, *_ = sites
+    weights = export_vector(make_finetuned(base, 1), base, tmp_path / "w.safetensors").path
+    bad = _saved(load_file(str(weights)) | {"sufficient.counts": np.ones(2, np.float32)},
+                 json.loads(json.dumps(read_header(weights).meta)), tmp_path / "bad.safetensors")
+    with pytest.raises(MismatchError, match="extra keys sufficient.counts"):
+        merge_vectors([bad], base, tmp_path / "m.safetensors", method="mean")
+    assert not (tmp_path / "m.safetensors").exists()

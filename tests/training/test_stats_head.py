@@ -172,6 +172,25 @@ def test_a_class_the_noise_hides_takes_no_side() -> None:
     assert np.isfinite(bias).all() and bias[2] < bias[:2].min()
 
 
+def test_classes_without_spread_give_a_finite_head() -> None:
+    """One unit per class: no within-class spread, so the covariance floor comes from the second moment and
+    each unit is its own class's (a nearest-mean head); statistics that give no finite head are refused."""
+    rng = np.random.default_rng(2)
+    d, p = 12, 5
+    proj = sufficient.projection(sufficient.projection_seed("c" * 64, d, p), d, p)
+    feats = rng.normal(size=(3, d))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)  # norm 1: the logits are exactly A g + b
+    stats = sufficient.contributions(feats, [0, 1, 2], np.ones(3), 3, proj, None)
+    for solver, strength in (("lda", sufficient.DEFAULT_SHRINK), ("ridge", sufficient.DEFAULT_RIDGE)):
+        weight, bias = sufficient.solve(solver, stats, proj, strength, None, "three units")
+        assert np.isfinite(weight).all() and np.isfinite(bias).all()
+        assert (np.argmax(feats @ weight.T + bias, axis=1) == [0, 1, 2]).all()
+        zero = {k: np.zeros_like(v) for k, v in stats.items()}
+        with pytest.raises(TaskvecError, match=f"^no units: the {solver} head (cannot be solved|solved from these "
+                                               "statistics is not finite)"):
+            sufficient.solve(solver, zero, proj, strength, None, "no units")
+
+
 def test_patients_are_the_unit_when_the_data_names_them(setup: tuple[Path, Path], tmp_path: Path) -> None:
     base, data = setup
     spec = ModelSpec.from_dict(read_kind(base, "model").meta["model"])

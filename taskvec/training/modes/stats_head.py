@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from taskvec.io.schema import ModelHeader
     from taskvec.models.spec import ModelSpec
     from taskvec.privacy.dpsgd import DPConfig
     from taskvec.progress import Track
@@ -47,7 +48,7 @@ class StatsHead(OnePassHead):
     segmentation = True
 
     def trainable_names(self, net: nn.Module, task: str) -> list[str]:
-        return [f"{_HEAD_CONV}.{p}" for p in ("weight", "bias")] if task == "segmentation" else head_names(net, task)
+        return solved_keys(net, task)
 
     def fit(self, net: nn.Module, spec: ModelSpec, data: ImageDataset, *, device: torch.device, batch_size: int,
             dp: DPConfig | None, run_id: str, track: Track[Any], run_dir: Path) -> list[dict[str, Any]]:
@@ -65,7 +66,7 @@ class StatsHead(OnePassHead):
         if len(data) == 0:
             raise TaskvecError(f"train {self.name}: no training images")
         keys = self.trainable_names(net, spec.task)
-        weight_key, bias_key = (next(k for k in keys if k.endswith(end)) for end in ("weight", "bias"))
+        weight_key, bias_key = keys
         state = net.state_dict()
         parent = state_digest(state)
         features = sufficient.features_record(state_digest({k: v for k, v in state.items() if k not in keys}),
@@ -89,7 +90,8 @@ class StatsHead(OnePassHead):
             stats = sufficient.add_noise(stats, std, lambda shape: torch.randn(shape, generator=gen,
                                                                                dtype=torch.float64).numpy())
         proj = sufficient.projection(features["projection"]["seed"], features["dim"], p)
-        weight, bias = sufficient.solve_lda(stats, proj, sufficient.DEFAULT_SHRINK, std)
+        weight, bias = sufficient.solve("lda", stats, proj, sufficient.DEFAULT_SHRINK, std,
+                                        f"train {self.name} on {len(data)} units")
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "statistics", "run_id": run_id,
                 "parent": parent, "sufficient": {"features": features, "head": [weight_key, bias_key], "clip": clip,
                                                  "unit": unit, "noise_std": std}}
@@ -120,6 +122,23 @@ class StatsHead(OnePassHead):
 
 
 _HEAD_CONV = "segmentation_head.0"  # smp's segmentation head: the convolution, then the upsampling
+
+
+def solved_keys(net: nn.Module, task: str) -> list[str]:
+    """[weight, bias] keys of the layer the mode solves: timm's classifier, or smp's head convolution."""
+    keys = [f"{_HEAD_CONV}.{p}" for p in ("weight", "bias")] if task == "segmentation" else head_names(net, task)
+    return [next((k for k in keys if k.endswith(end)), end) for end in ("weight", "bias")]
+
+
+def solved_keys_of(model: ModelHeader) -> list[str]:
+    """`solved_keys` of the network a model file's spec builds (on the meta device: no weights allocated)."""
+    import torch
+
+    from taskvec.models.spec import ModelSpec, create_module
+
+    spec = ModelSpec.from_dict(model.model)
+    with torch.device("meta"):
+        return solved_keys(create_module(spec), spec.task)
 
 
 def head_layer(net: Any, spec: ModelSpec, name: str) -> tuple[Any, int]:
