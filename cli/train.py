@@ -133,7 +133,11 @@ def finetune(
     include_lineage: bool = typer.Option(
         False, "--epsilon-includes-lineage",
         help="--dp: --target-epsilon spans this run and the --contributor's releases already merged into the base "
-             "(its stage-1 statistics): the noise is calibrated for what they left of it."),
+             "(its stage-1 statistics, as the merger recorded them): the noise is calibrated for what they left."),
+    earlier: list[Path] | None = typer.Option(
+        None, "--earlier-release",
+        help="--dp: a vector this site released before from the same images (repeat): --target-epsilon spans it "
+             "too, counted once whether the base's lineage lists it or not (the site's own record)."),
     delta: float = typer.Option(DEFAULT_DELTA, help="--dp: δ of the guarantee (keep it below 1 / number of patients)."),
     max_grad_norm: float = typer.Option(
         DEFAULT_MAX_GRAD_NORM, "--max-grad-norm", help="--dp: clip each unit's gradient to this norm."),
@@ -163,9 +167,11 @@ def finetune(
         from taskvec.privacy.dpsgd import DPConfig
 
         private = DPConfig(max_grad_norm, delta, target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
-                           augmult=augmult, sample_rate=sample_rate, include_lineage=include_lineage)
-    elif target_epsilon is not None or noise_multiplier is not None or include_lineage:
-        usage("--target-epsilon, --noise-multiplier and --epsilon-includes-lineage set up DP-SGD: add --dp")
+                           augmult=augmult, sample_rate=sample_rate, include_lineage=include_lineage,
+                           earlier=tuple(str(p) for p in earlier or ()))
+    elif target_epsilon is not None or noise_multiplier is not None or include_lineage or earlier:
+        usage("--target-epsilon, --noise-multiplier, --epsilon-includes-lineage and --earlier-release set up "
+              "DP-SGD: add --dp")
     config = FinetuneConfig(
         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, train=train, ema=ema, weight_decay=weight_decay,
         img_size=img_size, device=device, seed=seed, resume=resume, val_fraction=val_fraction, contributor=contributor,
@@ -186,7 +192,9 @@ def finetune(
     if r.history:
         from taskvec.privacy.ledger import summarize_ledger
 
-        console.print(f"privacy: {summarize_ledger(r.history[-1]['privacy'])}")
+        total = "" if r.composed_epsilon is None else \
+            f"; with the earlier releases it counted, ε = {r.composed_epsilon:.2f} in total"
+        console.print(f"privacy: {summarize_ledger(r.history[-1]['privacy'])}{total}")
     console.print(f"model identity {r.identity}; next: taskvec export {out} --base {base} --out VECTOR")
 
 

@@ -93,28 +93,49 @@ def _contributor_epsilon(vectors: Sequence[Contribution], unit: str, relation: s
     return min(options, key=lambda b: b[0], default=(math.inf, 1.0, "none", len(groups)))
 
 
-def lineage_history(base: ModelHeader, contributor: str, unit: str, relation: str = "add-remove"
-                    ) -> tuple[tuple[float, float, int], ...]:
-    """(noise multiplier, sample rate, steps) of each distinct release of `contributor` already merged into `base`
-    (its lineage), as a merge's budget composes them with a DP-SGD run on `base` (one accountant over all
-    steps): the `prior` of a run whose target ε spans them. A release that does not compose that way (no
-    guarantee per `unit`, or one of another kind) is refused: its share cannot be calibrated for. The lineage is
-    the merger's record: releases it does not list are not counted."""
+def earlier_history(base: ModelHeader, contributor: str | None, unit: str, own: Sequence[Header] = (),
+                    relation: str = "add-remove") -> tuple[tuple[tuple[float, float, int], ...], list[str]]:
+    """(noise multiplier, sample rate, steps) of each distinct earlier release on a run's units, as a merge's
+    budget composes them with a DP-SGD run on `base` (one accountant over all steps): the `prior` of a run whose
+    target ε spans them; and warnings. The releases are `contributor`'s already merged into `base` (its lineage,
+    the merger's record; None: not read) and the site's own earlier vectors `own` (its record), each counted once
+    whether the lineage lists it or not. A release that does not compose that way (no guarantee per `unit`, or
+    one of another kind) is refused: its share cannot be calibrated for."""
     from taskvec.privacy.mechanisms.dp_sgd import DpSgd
 
-    found = []
-    for k, v in base.merged_summaries():
-        if v.contributor != contributor:
-            continue
-        where = f"v{k} input {v.sha256[:12]}"
-        e = best_guarantee([e for e in verify_ledger(v.privacy, where)
-                            if mechanism_of(e).composition is DpSgd.composition], unit, relation)
-        if e is None:
-            raise PrivacyError(f"{where} of contributor {contributor!r} has no DP-SGD or Gaussian-sum guarantee per "
-                               f"{unit} ({relation}) that composes with this run; give this run's own target ε",
-                               field="include_lineage")
-        found.append((Contribution(v.sha256, v.run_id, [e]), e))
-    return tuple((e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in DpSgd.composition.distinct(found))
+    found, warnings = [], []
+    lineage = base.merged_summaries()
+    if contributor is not None:
+        for k, v in lineage:
+            if v.contributor == contributor:
+                found.append(_composable(v.sha256, v.run_id, v.privacy, f"v{k} input {v.sha256[:12]}", unit, relation))
+        if not found and not own:
+            warnings.append(f"the base's lineage holds no release of contributor {contributor!r}: this run is "
+                            "calibrated as the first release from these units (if there were earlier ones, give "
+                            "those vectors as earlier releases)")
+    listed = {v.sha256: v.contributor for _, v in lineage}
+    for h in own:
+        vec = h.vector
+        found.append(_composable(vec.sha256, vec.run_id, vec.privacy, str(h.path), unit, relation))
+        if contributor is not None and listed.get(vec.sha256) != contributor:
+            where = "not in the base's lineage" if vec.sha256 not in listed else \
+                f"in the base's lineage under contributor {listed[vec.sha256]!r}"
+            warnings.append(f"{h.path}: {where}; counted from the file")
+    entries = DpSgd.composition.distinct(found)
+    return tuple((e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries), warnings
+
+
+def _composable(sha256: str, run: str | None, ledger: list[Entry], where: str, unit: str, relation: str
+                ) -> tuple[Contribution, Entry]:
+    """The release's guarantee per `unit` that composes with DP-SGD, else a PrivacyError."""
+    from taskvec.privacy.mechanisms.dp_sgd import DpSgd
+
+    e = best_guarantee([e for e in verify_ledger(ledger, where) if mechanism_of(e).composition is DpSgd.composition],
+                       unit, relation)
+    if e is None:
+        raise PrivacyError(f"{where} has no DP-SGD or Gaussian-sum guarantee per {unit} ({relation}) that composes "
+                           "with this run; give this run's own target ε", field="include_lineage")
+    return Contribution(sha256, run, [e]), e
 
 
 def _check_seeded(ledger: list[Entry], where: str, budget: PrivacyBudget) -> None:

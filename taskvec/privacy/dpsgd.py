@@ -62,8 +62,10 @@ class DPConfig:
     `prior`: earlier releases on the same units that `target_epsilon` covers too, each (noise multiplier, sample
     rate, steps), a Gaussian release being one step at rate 1: the noise is calibrated, and the steps limited, so
     that this run and they compose to the target. `include_lineage`: `finetune` sets `prior` to the contributor's
-    releases already merged into the base (`taskvec.privacy.budget.lineage_history`), so that one budget spans
-    both stages of a statistics head and DP-SGD from it."""
+    releases already merged into the base (`taskvec.privacy.budget.earlier_history`), so that one budget spans
+    both stages of a statistics head and DP-SGD from it. `earlier`: the site's own earlier vectors (files) on
+    the same units, added to `prior` too, each counted once whether the base's lineage (the merger's record)
+    lists it or not."""
 
     max_grad_norm: float
     delta: float
@@ -76,6 +78,7 @@ class DPConfig:
     sample_rate: float = DEFAULT_SAMPLE_RATE
     prior: tuple[tuple[float, float, int], ...] = ()
     include_lineage: bool = False
+    earlier: tuple[str, ...] = ()
 
     def check(self) -> None:
         check_range("max_grad_norm", self.max_grad_norm, low=0, error=PrivacyConfigError)
@@ -86,9 +89,9 @@ class DPConfig:
                                      field="target_epsilon")
         if self.target_epsilon is not None:
             check_range("target_epsilon", self.target_epsilon, low=0, error=PrivacyConfigError)
-        if (self.prior or self.include_lineage) and self.target_epsilon is None:
-            raise PrivacyConfigError("earlier releases (`prior`, `include_lineage`) count against a `target_epsilon`: "
-                                     "give one", field="target_epsilon")
+        if (self.prior or self.include_lineage or self.earlier) and self.target_epsilon is None:
+            raise PrivacyConfigError("earlier releases (`prior`, `include_lineage`, `earlier`) count against a "
+                                     "`target_epsilon`: give one", field="target_epsilon")
         for z, q, steps in self.prior:
             if not (z > 0 and 0 < q <= 1 and isinstance(steps, int) and steps >= 1):
                 raise PrivacyConfigError(f"prior release ({z}, {q}, {steps}) is not (noise multiplier > 0, sample rate "

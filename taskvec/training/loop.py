@@ -149,9 +149,9 @@ def finetune(
     if config.head != "train" and spec.task != "classification":
         raise ConfigError(f"head {config.head} is for classification; a {spec.task} base trains its head",
                           field="head", got=config.head)
-    if config.dp is not None and config.dp.include_lineage and splits.train is not None:
-        config = replace(config, dp=_with_lineage(config, header.model, splits.train.unit))
-        config.check()  # a one-pass release over what the lineage left is refused here
+    if config.dp is not None and (config.dp.include_lineage or config.dp.earlier) and splits.train is not None:
+        config = replace(config, dp=_with_earlier(config, header.model, splits.train.unit, say))
+        config.check()  # a one-pass release over what the earlier releases left is refused here
     mode = config.mode
     if not mode.segmentation and spec.task != "classification":
         raise ConfigError(f"train {mode} is for classification, not {spec.task}", field="train", got=config.train)
@@ -180,15 +180,32 @@ def finetune(
         return _save_run(run, config, splits, history)
 
 
-def _with_lineage(config: FinetuneConfig, base: ModelHeader, unit: str) -> DPConfig:
-    """`config.dp` with `prior` set to the contributor's releases already merged into the base, per `unit`."""
-    from taskvec.privacy.budget import lineage_history
+def _with_earlier(config: FinetuneConfig, base: ModelHeader, unit: str, say: Callable[[str], None]) -> DPConfig:
+    """`config.dp` with `prior` set to the earlier releases on the run's units, per `unit`: the contributor's
+    already merged into the base (`include_lineage`) and the site's own vectors (`earlier`)."""
+    from taskvec.privacy.budget import earlier_history
 
-    assert config.dp is not None
-    if not config.contributor:
+    dp = config.dp
+    assert dp is not None
+    if dp.include_lineage and not config.contributor:
         raise ConfigError("include_lineage counts the contributor's earlier releases: give `contributor`",
                           field="contributor")
-    return replace(config.dp, prior=lineage_history(base, config.contributor, unit))
+    own = [read_kind(p, "vector") for p in dp.earlier]
+    prior, warnings = earlier_history(base, config.contributor if dp.include_lineage else None, unit, own)
+    for w in warnings:
+        say(w)
+    return replace(dp, prior=prior)
+
+
+def _composed_epsilon(dp: DPConfig | None, ledger: list[dict[str, Any]]) -> float | None:
+    """ε of this run's release composed with its `prior` releases (None without them): what the site's units
+    have spent in all, by the accountant the calibration and the merge's budget use."""
+    if dp is None or not dp.prior or not ledger:
+        return None
+    from taskvec.privacy.accounting import dp_sgd_epsilon
+
+    e = ledger[-1]
+    return dp_sgd_epsilon([*dp.prior, (e["noise_multiplier"], e["sample_rate"], e["steps"])], e["delta"])[0]
 
 
 def _check_frozen_head(base: str | os.PathLike[str], spec: ModelSpec) -> None:
@@ -453,7 +470,8 @@ def _save_run(run: _Run, config: FinetuneConfig, splits: DataSplits, history: li
     identity = state_digest(run.net.state_dict())
     privacy = name_model(run.setup.privacy(), identity)  # two trainings are never taken for one
     result = FinetuneResult(out, out / MODEL_FILE, identity, run.run_id, len(train), epochs, total, history,
-                            val_metrics, run.start_epoch, len(splits.skipped), splits.warnings + run.notes)
+                            val_metrics, run.start_epoch, len(splits.skipped), splits.warnings + run.notes,
+                            _composed_epsilon(config.dp, privacy))
     if run.group.main:
         summary = {k: v for k, v in asdict(result).items() if k not in ("run_dir", "model_path")}
         name, value = primary_metric(val_metrics) if val_metrics else ("", None)

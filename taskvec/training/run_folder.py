@@ -38,6 +38,7 @@ class FinetuneResult:
     resumed_from_epoch: int = 0
     skipped: int = 0
     warnings: list[str] = field(default_factory=list)
+    composed_epsilon: float | None = None  # ε of this run and its earlier releases (`DPConfig.prior`) together
 
 
 def config_dict(config: FinetuneConfig) -> dict[str, Any]:
@@ -130,7 +131,7 @@ def finished(out: Path) -> FinetuneResult:
     m = json.loads((out / METRICS_FILE).read_text())
     return FinetuneResult(out, out / MODEL_FILE, m["identity"], m["run_id"], m["samples"]["train"], m["epochs"],
                           m["steps"], m["history"], m["val_metrics"], m["resumed_from_epoch"], m["skipped"],
-                          ["the run had already finished; nothing to do"])
+                          ["the run had already finished; nothing to do"], m.get("composed_epsilon"))
 
 
 def save_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor],

@@ -4,15 +4,20 @@ version 1 composes both of the site's releases in one ledger, as dp-accounting c
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import dp_accounting as dpa
 import pytest
 from dp_reference import dp_sgd_steps, pld_epsilon
+from safetensors.numpy import load_file, save_file
 from synthetic_data import npz_file
+from typer.testing import CliRunner
 
+from taskvec.cli.app import app
 from taskvec.errors import ConfigError, PrivacyError
-from taskvec.io.files import read_kind
+from taskvec.io.files import read_header, read_kind
 from taskvec.merging.export import export_vector
 from taskvec.merging.stream import merge_vectors
 from taskvec.models.spec import build_base, save_model
@@ -106,3 +111,48 @@ def test_a_lineage_release_without_dp_cannot_be_calibrated_for(tmp_path: Path) -
     with pytest.raises(PrivacyError, match="has no DP-SGD or Gaussian-sum guarantee per image"):
         _body(v1, data, tmp_path / "body", 2.0)
     assert not (tmp_path / "body").exists()
+
+
+def test_the_sites_own_earlier_releases_count_whatever_the_lineage_says(tmp_path: Path) -> None:
+    """Version 1 comes from the merger: one whose lineage credits the site's stage-1 release to another name
+    would have stage 2 calibrated as a first release (overspending the total, with a warning). Given as an earlier
+    release, the site's own vector is counted whatever the lineage says, and once when the lineage lists it."""
+    data, v1, stats = _stage_one(tmp_path)
+    meta = json.loads(json.dumps(read_header(v1).meta))
+    meta["merge"]["vectors"][0]["contributor"] = "x"  # a header edit: the model's identity (tensors) is unchanged
+    forged = tmp_path / "v1-forged.safetensors"
+    save_file(load_file(str(v1)), str(forged), metadata={"format": "pt", "taskvec": json.dumps(meta)})
+    (first,) = read_kind(stats, "vector").vector.ledger
+
+    def stage_two(base: Path, name: str, earlier: tuple[str, ...] = ()) -> tuple[dict[str, Any], Any, list[str]]:
+        said: list[str] = []
+        r = finetune(base, data, tmp_path / name, FinetuneConfig(
+            train="norm-bias", steps=6, val_fraction=0.0, device="cpu", contributor="h",
+            dp=DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=2.0, include_lineage=True, earlier=earlier)),
+            on_warning=said.append)
+        (entry,) = read_kind(r.model_path, "model").model.ledger
+        return entry, r, said
+
+    def total(entry: dict[str, Any]) -> float:
+        return pld_epsilon([dpa.GaussianDpEvent(first["noise_multiplier"]),
+                            dp_sgd_steps(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])], 1e-5)
+
+    fooled, _, said = stage_two(forged, "fooled")
+    assert total(fooled) > 2.1 and any("lineage holds no release of contributor 'h'" in w for w in said)
+    kept, result, said = stage_two(forged, "kept", (str(stats),))
+    assert 0.97 * 2.0 <= total(kept) <= 2.0 * 1.01
+    assert result.composed_epsilon == pytest.approx(total(kept), rel=0.01)
+    assert any("in the base's lineage under contributor 'x'; counted from the file" in w for w in said)
+    honest, _, _ = stage_two(v1, "honest")
+    once, _, said = stage_two(v1, "once", (str(stats),))
+    assert once["noise_multiplier"] == honest["noise_multiplier"] == kept["noise_multiplier"]
+    assert not [w for w in said if "lineage" in w]
+    args = ["finetune", "--base", str(forged), "--data", str(data), "--train", "norm-bias", "--steps", "6",
+            "--val-fraction", "0", "--device", "cpu", "--contributor", "h", "--earlier-release", str(stats)]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "cli"), "--dp", "--target-epsilon", "2",
+                                 "--epsilon-includes-lineage"])
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert f"with the earlier releases it counted, ε = {result.composed_epsilon:.2f} in total" in said
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "cli2")])
+    assert r.exit_code == 2 and "--earlier-release set up DP-SGD: add --dp" in " ".join(r.output.split())
