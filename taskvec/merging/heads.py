@@ -88,12 +88,12 @@ def check_statistics(base: Header, headers: Sequence[Header], recipe: Recipe, me
                                     "features are never summed", path=h.path, field=f"sufficient.{fld}")
     for h in stats:
         _check_noise(h)
-        if any(v.statistics for _, v in base.model.merged_summaries()):
-            raise MismatchError(
-                f"{base.path}: its head was already solved from sufficient statistics; a head-solving merge onto it "
-                "would replace that head with these vectors' alone. Merge every site's statistics in one merge onto "
-                "the base they describe (or add them one by one to an incremental merge's state)",
-                path=base.path, field="base")
+    if any(v.statistics for _, v in base.model.merged_summaries()):
+        raise MismatchError(
+            f"{base.path}: its head was already solved from sufficient statistics; a head-solving merge onto it "
+            "would replace that head with these vectors' alone. Merge every site's statistics in one merge onto "
+            "the base they describe (or add them one by one to an incremental merge's state)",
+            path=base.path, field="base")
     from taskvec.training.modes.stats_head import solved_keys_of  # torch and timm: statistics merges only
 
     if first["features"]["arch"] != base.model.arch:
