@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -432,12 +433,18 @@ LEDGER_FIELDS = (
 )
 
 
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+MAX_STEPS = 10**9  # more steps than any run takes: a ledger claiming more is refused
 
 
-def _positive(x: Any) -> bool:
-    return _number(x) and 0 < x < math.inf
+def is_number(x: Any) -> bool:
+    """A JSON number a float can hold (not a bool; no integer beyond float's range)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    return isinstance(x, float) or abs(x) <= sys.float_info.max
+
+
+def is_positive(x: Any) -> bool:
+    return is_number(x) and 0 < x < math.inf
 
 
 @dataclass(frozen=True)
@@ -498,18 +505,18 @@ def _entry_problem(e: Mapping[str, Any]) -> tuple[str, str] | None:
         return "model", f"model must be the released model's identity (64 hex digits), got {e['model']!r}"
     if not isinstance(e.get("seeded", False), bool):
         return "seeded", f"seeded must be true or false, got {e['seeded']!r}"
-    if not _positive(e["noise_multiplier"]):
+    if not is_positive(e["noise_multiplier"]):
         return "noise_multiplier", f"noise multiplier {e['noise_multiplier']!r}; without noise there is no DP"
-    if not _positive(e.get("max_grad_norm", e.get("clip"))):
+    if not is_positive(e.get("max_grad_norm", e.get("clip"))):
         return "clip", "no clipping bound (max_grad_norm or clip); noise without it gives no DP"
-    if not (_number(e["epsilon"]) and 0 <= e["epsilon"] < math.inf):
+    if not (is_number(e["epsilon"]) and 0 <= e["epsilon"] < math.inf):
         return "epsilon", f"epsilon must be a finite number >= 0, got {e['epsilon']!r}"
-    if not (_number(e["delta"]) and 0 < e["delta"] < 1):
+    if not (is_number(e["delta"]) and 0 < e["delta"] < 1):
         return "delta", f"delta must be in (0, 1), got {e['delta']!r}"
-    if not (_number(e["sample_rate"]) and 0 < e["sample_rate"] <= 1):
+    if not (is_number(e["sample_rate"]) and 0 < e["sample_rate"] <= 1):
         return "sample_rate", f"sample_rate must be in (0, 1], got {e['sample_rate']!r}"
-    if not (isinstance(e["steps"], int) and not isinstance(e["steps"], bool) and e["steps"] >= 1):
-        return "steps", f"steps must be an integer >= 1, got {e['steps']!r}"
+    if not (isinstance(e["steps"], int) and not isinstance(e["steps"], bool) and 1 <= e["steps"] <= MAX_STEPS):
+        return "steps", f"steps must be an integer in [1, {MAX_STEPS:.0e}], got {e['steps']!r}"
     if not isinstance(e["accountant"], str):
         return "accountant", f"accountant must be a name, got {e['accountant']!r}"
     return None

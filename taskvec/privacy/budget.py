@@ -94,30 +94,41 @@ def _contributor_epsilon(vectors: Sequence[Contribution], unit: str, relation: s
 
 
 def earlier_history(base: ModelHeader, contributor: str | None, unit: str, own: Sequence[Header] = (),
-                    relation: str = "add-remove") -> tuple[tuple[tuple[float, float, int], ...], list[str]]:
+                    relation: str = "add-remove", *, include_lineage: bool = True, seeded: bool = False
+                    ) -> tuple[tuple[tuple[float, float, int], ...], list[str]]:
     """(noise multiplier, sample rate, steps) of each distinct earlier release on a run's units, as a merge's
     budget composes them with a DP-SGD run on `base` (one accountant over all steps): the `prior` of a run whose
     target ε spans them; and warnings. The releases are `contributor`'s already merged into `base` (its lineage,
-    the merger's record; None: not read) and the site's own earlier vectors `own` (its record), each counted once
-    whether the lineage lists it or not. A release that does not compose that way (no guarantee per `unit`, or
-    one of another kind) is refused: its share cannot be calibrated for."""
+    the merger's record; read when `include_lineage` and a `contributor` is named) and the site's own earlier
+    vectors `own` (its record), each counted once whether the lineage lists it or not; the warnings name the
+    contributor's releases left out and files released under another name. A release that does not compose that
+    way (no guarantee per `unit`, or one of another kind) is refused: its share cannot be calibrated for; so is one
+    whose noise came from a given seed unless this run's does too (`seeded`: tests), since its ε does not hold."""
     from taskvec.privacy.mechanisms.dp_sgd import DpSgd
 
     found, warnings = [], []
     lineage = base.merged_summaries()
-    if contributor is not None:
-        for k, v in lineage:
-            if v.contributor == contributor:
-                found.append(_composable(v.sha256, v.run_id, v.privacy, f"v{k} input {v.sha256[:12]}", unit, relation))
+    mine = [(k, v) for k, v in lineage if v.contributor == contributor]
+    include_lineage = include_lineage and contributor is not None
+    files = {h.vector.sha256 for h in own}
+    if include_lineage:
+        found = [_composable(v.sha256, v.run_id, v.privacy, f"v{k} input {v.sha256[:12]}", unit, relation, seeded)
+                 for k, v in mine]
         if not found and not own:
             warnings.append(f"the base's lineage holds no release of contributor {contributor!r}: this run is "
                             "calibrated as the first release from these units (if there were earlier ones, give "
                             "those vectors as earlier releases)")
+    elif left := [f"v{k} input {v.sha256[:12]}" for k, v in mine if v.sha256 not in files]:
+        warnings.append(f"the base's lineage lists release(s) of contributor {contributor!r} that this run does not "
+                        f"count ({', '.join(left)}): its total ε leaves them out (include_lineage counts them)")
     listed = {v.sha256: v.contributor for _, v in lineage}
     for h in own:
         vec = h.vector
-        found.append(_composable(vec.sha256, vec.run_id, vec.privacy, str(h.path), unit, relation))
-        if contributor is not None and listed.get(vec.sha256) != contributor:
+        found.append(_composable(vec.sha256, vec.run_id, vec.privacy, str(h.path), unit, relation, seeded))
+        if contributor is not None and vec.contributor != contributor:
+            warnings.append(f"{h.path}: released as contributor {vec.contributor!r}, this run as {contributor!r}: "
+                            "counted here, but a merge budgets the two names apart")
+        elif include_lineage and listed.get(vec.sha256) != contributor:
             where = "not in the base's lineage" if vec.sha256 not in listed else \
                 f"in the base's lineage under contributor {listed[vec.sha256]!r}"
             warnings.append(f"{h.path}: {where}; counted from the file")
@@ -125,16 +136,21 @@ def earlier_history(base: ModelHeader, contributor: str | None, unit: str, own: 
     return tuple((e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries), warnings
 
 
-def _composable(sha256: str, run: str | None, ledger: list[Entry], where: str, unit: str, relation: str
-                ) -> tuple[Contribution, Entry]:
-    """The release's guarantee per `unit` that composes with DP-SGD, else a PrivacyError."""
+def _composable(sha256: str, run: str | None, ledger: list[Entry], where: str, unit: str, relation: str,
+                seeded: bool) -> tuple[Contribution, Entry]:
+    """The release's guarantee per `unit` that composes with DP-SGD, else a PrivacyError (also for seeded noise
+    unless `seeded`)."""
     from taskvec.privacy.mechanisms.dp_sgd import DpSgd
 
     e = best_guarantee([e for e in verify_ledger(ledger, where) if mechanism_of(e).composition is DpSgd.composition],
                        unit, relation)
     if e is None:
         raise PrivacyError(f"{where} has no DP-SGD or Gaussian-sum guarantee per {unit} ({relation}) that composes "
-                           "with this run; give this run's own target ε", field="include_lineage")
+                           "with this run; leave it out of this run's budget and give this run its own target ε",
+                           field="include_lineage")
+    if e.get("seeded") and not seeded:
+        raise PrivacyError(f"{where}: its noise came from a given seed, so it is not secret and its ε does not hold; "
+                           "release it again without `DPConfig.seed`", path=where, field="seeded")
     return Contribution(sha256, run, [e]), e
 
 

@@ -61,7 +61,7 @@ class DPConfig:
 
     `prior`: earlier releases on the same units that `target_epsilon` covers too, each (noise multiplier, sample
     rate, steps), a Gaussian release being one step at rate 1: the noise is calibrated, and the steps limited, so
-    that this run and they compose to the target. `include_lineage`: `finetune` sets `prior` to the contributor's
+    that this run and they compose to the target. `include_lineage`: `finetune` adds to `prior` the contributor's
     releases already merged into the base (`taskvec.privacy.budget.earlier_history`), so that one budget spans
     both stages of a statistics head and DP-SGD from it. `earlier`: the site's own earlier vectors (files) on
     the same units, added to `prior` too, each counted once whether the base's lineage (the merger's record)

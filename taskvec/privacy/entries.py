@@ -46,6 +46,10 @@ def validate_ledger(ledger: Any, where: str = "ledger") -> list[Entry]:
         problem = mechanism.scope_problem(e) or mechanism.problem(e)
         if problem:
             raise PrivacyError(f"{what}: {problem[1]}", path=where, field=problem[0])
+    trainings = [i for i, e in enumerate(ledger) if mechanism_of(e).releases_model]
+    if len(trainings) > 1:  # one model, one training: a second entry could only ever lower the ε read from it
+        raise PrivacyError(f"{where}: privacy entries {', '.join(map(str, trainings))} are each a training; a "
+                           "released model comes from one", path=where, field="privacy")
     return ledger
 
 
@@ -58,6 +62,9 @@ def verify_ledger(ledger: Any, where: str) -> list[Entry]:
             eps = mechanism_of(e).epsilon(e)
         except PrivacyError as err:
             raise PrivacyError(f"{where}: privacy entry {i}: {err}", path=where, field="epsilon") from None
+        except (ArithmeticError, ValueError) as err:  # parameters no accountant takes (a δ of 1e-300, say)
+            raise PrivacyError(f"{where}: privacy entry {i} ({e['mechanism']}): its parameters give no ε ({err})",
+                               path=where, field="epsilon") from None
         if not math.isclose(eps, e["epsilon"], rel_tol=EPSILON_TOLERANCE, abs_tol=1e-9):
             raise PrivacyError(
                 f"{where}: privacy entry {i} ({e['mechanism']}) claims epsilon {e['epsilon']:.6g}, but its "

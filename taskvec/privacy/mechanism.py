@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 import pkgutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Any, ClassVar, TypeVar
 
 from taskvec.io.schema import RELATIONS as RELATIONS  # the units and relations a ledger entry may name
 from taskvec.io.schema import UNITS
+from taskvec.io.schema import is_number as is_number  # JSON numbers a float holds
+from taskvec.io.schema import is_positive as is_positive
 
 Entry = dict[str, Any]  # one ledger entry, as it is stored in a header's `privacy` list (`LedgerEntry` its schema)
 
@@ -86,14 +87,6 @@ def register(cls: M) -> M:
         raise TypeError(f"privacy mechanism {cls.name!r} is registered twice")
     _REGISTRY[cls.name] = cls()
     return cls
-
-
-def is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def is_positive(x: Any) -> bool:
-    return is_number(x) and 0 < x < math.inf
 
 
 @functools.cache

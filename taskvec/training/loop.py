@@ -181,8 +181,8 @@ def finetune(
 
 
 def _with_earlier(config: FinetuneConfig, base: ModelHeader, unit: str, say: Callable[[str], None]) -> DPConfig:
-    """`config.dp` with `prior` set to the earlier releases on the run's units, per `unit`: the contributor's
-    already merged into the base (`include_lineage`) and the site's own vectors (`earlier`)."""
+    """`config.dp` with the earlier releases on the run's units, per `unit`, added to its `prior`: the
+    contributor's already merged into the base (`include_lineage`) and the site's own vectors (`earlier`)."""
     from taskvec.privacy.budget import earlier_history
 
     dp = config.dp
@@ -191,10 +191,13 @@ def _with_earlier(config: FinetuneConfig, base: ModelHeader, unit: str, say: Cal
         raise ConfigError("include_lineage counts the contributor's earlier releases: give `contributor`",
                           field="contributor")
     own = [read_kind(p, "vector") for p in dp.earlier]
-    prior, warnings = earlier_history(base, config.contributor if dp.include_lineage else None, unit, own)
+    prior, warnings = earlier_history(base, config.contributor, unit, own, include_lineage=dp.include_lineage,
+                                      seeded=dp.seed is not None)
     for w in warnings:
         say(w)
-    return replace(dp, prior=prior)
+    # the caller's own `prior` stays; the files by their full paths, so that resuming with another path to them
+    # repeats the run's options
+    return replace(dp, prior=(*dp.prior, *prior), earlier=tuple(str(Path(p).resolve()) for p in dp.earlier))
 
 
 def _composed_epsilon(dp: DPConfig | None, ledger: list[dict[str, Any]]) -> float | None:

@@ -79,6 +79,18 @@ def runtime_record(processes: int, device: torch.device) -> dict[str, Any]:
     return record
 
 
+def _differences(started: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """'name old (now new)' for each setting that differs, nested ones by their dotted name (dp.earlier)."""
+    found = []
+    for k, v in now.items():
+        old = started.get(k)
+        if isinstance(old, dict) and isinstance(v, dict):
+            found += _differences(old, v, f"{prefix}{k}.")
+        elif old != v:
+            found.append(f"{prefix}{k} {old!r} (now {v!r})")
+    return found
+
+
 def open_run(out: Path, parent: str, config: FinetuneConfig, source: str, split: dict[str, Any],
              runtime: dict[str, Any]) -> str:
     """Create or reopen a run folder and record its split and how it runs (`runtime_record`: `runtime` in
@@ -95,10 +107,9 @@ def open_run(out: Path, parent: str, config: FinetuneConfig, source: str, split:
         if run["parent"] != parent:
             raise MismatchError(f"{out}: was started from base {run['parent'][:12]}, not {parent[:12]}")
         started = config_dict(FinetuneConfig()) | run["config"]  # a field newer than the run: its default
-        diff = {k: (started.get(k), v) for k, v in config_dict(config).items() if started.get(k) != v}
+        diff = _differences(started, config_dict(config))
         if diff:
-            said = ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in diff.items())
-            raise MismatchError(f"{out}: the run was started with {said}; repeat its options to resume it")
+            raise MismatchError(f"{out}: the run was started with {', '.join(diff)}; repeat its options to resume it")
         _check_split(out / SPLIT_FILE, split)
         write_json(run_file, run | {"runtime": [*run.get("runtime", []), runtime]})
         return str(run["run_id"])

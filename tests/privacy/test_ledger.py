@@ -20,9 +20,12 @@ from taskvec.errors import PrivacyConfigError, PrivacyError
 from taskvec.io.files import Header, read_kind
 from taskvec.merging.export import export_vector
 from taskvec.privacy.ledger import (
+    PRV,
     RELEASES_FILE,
     PrivacyBudget,
+    accountant_epsilon,
     check_merge_budget,
+    dp_sgd_entry,
     gaussian_epsilon,
     gaussian_output_entries,
     name_model,
@@ -83,6 +86,10 @@ def _entry(**kw: Any) -> dict[str, Any]:
         ({"delta": 0.0}, "delta"),
         ({"steps": 0}, "steps"),
         ({"releases": [2.0, 2.0]}, "releases"),
+        ({"noise_multiplier": 10**400}, "without noise"),  # JSON integers beyond what a float holds
+        ({"epsilon": 10**400}, "finite"),
+        ({"steps": 10**400}, r"steps must be an integer in \[1, 1e\+09\]"),
+        ({"steps": 10**12}, r"steps must be an integer in \[1, 1e\+09\]"),
     ],
 )
 def test_validate_ledger_refuses_bad_entries(bad: dict[str, Any], match: str) -> None:
@@ -96,6 +103,27 @@ def test_validate_ledger_refuses_missing_fields() -> None:
     with pytest.raises(PrivacyError, match="lacks relation"):
         validate_ledger([e])
     assert validate_ledger([_entry()]) == [_entry()]
+
+
+def test_a_ledger_holds_one_training() -> None:
+    """A second training entry could only lower the ε a budget reads from the vector (the smallest covering
+    entry counts): no honest run writes one, so it is refused; a training and its export noise stay together."""
+    honest = _dp_sgd("image", PRV)
+    loud = _dp_sgd("image", PRV, z=1000.0)
+    with pytest.raises(PrivacyError, match="v.safetensors: privacy entries 0, 1 are each a training"):
+        validate_ledger([honest, loud], "v.safetensors")
+    assert validate_ledger([honest, *gaussian_output_entries([2.0], 1.0, 1e-5, "r")])
+
+
+def test_parameters_no_accountant_takes_are_a_privacy_error() -> None:
+    """A δ of 1e-300 in a Gaussian-sum entry makes the PRV accountant raise; the ledger names entry and file."""
+    e = dp_sgd_entry(mechanism="gaussian-sum", epsilon=accountant_epsilon(PRV, 3.79, 1.0, 1, 1e-5), delta=1e-5,
+                     accountant=PRV, noise_multiplier=3.79, sample_rate=1.0, steps=1, max_grad_norm=1.0,
+                     unit="image", run_id="r")
+    verify_ledger([e], "v.safetensors")
+    with pytest.raises(PrivacyError, match=r"v.safetensors: privacy entry 0 \(gaussian-sum\)") as err:
+        verify_ledger([{**e, "delta": 1e-300}], "v.safetensors")
+    assert err.value.field == "epsilon"
 
 
 @pytest.mark.parametrize("field, value", [("epsilon", 0.5), ("noise_multiplier", 4.0), ("delta", 1e-3)])

@@ -16,7 +16,7 @@ from synthetic_data import npz_file
 from typer.testing import CliRunner
 
 from taskvec.cli.app import app
-from taskvec.errors import ConfigError, PrivacyError
+from taskvec.errors import ConfigError, MismatchError, PrivacyError
 from taskvec.io.files import read_header, read_kind
 from taskvec.merging.export import export_vector
 from taskvec.merging.stream import merge_vectors
@@ -26,17 +26,20 @@ from taskvec.privacy.ledger import PrivacyBudget
 from taskvec.training.loop import FinetuneConfig, finetune
 
 
-def _stage_one(tmp_path: Path, dp: bool = True) -> tuple[Path, Path, Path]:
-    """(data, version 1, stage 1's vector) of contributor `h`: its statistics at ε = 1 (or without DP), merged."""
+def _stage_one(tmp_path: Path, dp: bool = True, seed: int | None = None) -> tuple[Path, Path, Path]:
+    """(data, version 1, stage 1's vector) of contributor `h`: its statistics at ε = 1 (or without DP; `seed`: from
+    seeded noise), merged."""
     net, spec = build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=32, dp_compatible=True, seed=0)
     base = tmp_path / "base.safetensors"
     save_model(net, spec, base)
     data = npz_file(tmp_path / "d.npz", n=40)
     probe = finetune(base, data, tmp_path / "probe", FinetuneConfig(
         train="stats-head:16", val_fraction=0.0, device="cpu", contributor="h",
-        dp=DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=1.0) if dp else None))
+        dp=DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=1.0, seed=seed) if dp else None))
     stats = export_vector(probe.model_path, base, tmp_path / "stats.safetensors").path
-    return data, merge_vectors([stats], base, tmp_path / "v1.safetensors", method="lda-head").path, stats
+    v1 = merge_vectors([stats], base, tmp_path / "v1.safetensors", method="lda-head",
+                       budget=PrivacyBudget(allow_seeded_noise=seed is not None)).path
+    return data, v1, stats
 
 
 def _body(v1: Path, data: Path, out: Path, target: float, contributor: str | None = "h", resume: bool = False) -> Path:
@@ -156,3 +159,86 @@ def test_the_sites_own_earlier_releases_count_whatever_the_lineage_says(tmp_path
     assert f"with the earlier releases it counted, ε = {result.composed_epsilon:.2f} in total" in said
     r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "cli2")])
     assert r.exit_code == 2 and "--earlier-release set up DP-SGD: add --dp" in " ".join(r.output.split())
+
+
+def test_every_earlier_release_counts_and_each_one_left_out_is_said(tmp_path: Path) -> None:
+    """The caller's own `prior` composes with what the lineage and the files add (the total is P, stage 1 and the
+    run by dp-accounting); a lineage release of the contributor that the run does not count, and a file released
+    under another name, are warned about."""
+    data, v1, stats = _stage_one(tmp_path)
+    (first,) = read_kind(stats, "vector").vector.ledger
+    said: list[str] = []
+
+    def run(name: str, contributor: str = "h", **dp: Any) -> Any:
+        return finetune(v1, data, tmp_path / name, FinetuneConfig(
+            train="norm-bias", steps=6, val_fraction=0.0, device="cpu", contributor=contributor,
+            dp=DPConfig(max_grad_norm=1.0, delta=1e-5, **{"target_epsilon": 4.0, **dp})), on_warning=said.append)
+
+    prior = (2.0, 1.0, 1)  # an earlier Gaussian release the caller counts itself (ε 2.4 alone)
+    for name, dp in (("lineage", {"include_lineage": True}), ("file", {"earlier": (str(stats),)})):
+        result = run(name, prior=(prior,), **dp)
+        (entry,) = read_kind(result.model_path, "model").model.ledger
+        total = pld_epsilon([dpa.GaussianDpEvent(prior[0]), dpa.GaussianDpEvent(first["noise_multiplier"]),
+                             dp_sgd_steps(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])], 1e-5)
+        assert 0.97 * 4.0 <= total <= 4.0 * 1.01, name
+        assert result.composed_epsilon == pytest.approx(total, rel=0.01)
+    run("alone", target_epsilon=2.0)  # neither the lineage nor a file asked for: nothing to count or warn about
+    assert not [w for w in said if "contributor" in w]
+    run("as-k", target_epsilon=2.0, earlier=(str(_forged_other_name(stats, tmp_path)),))
+    assert [w for w in said if "contributor" in w] == [
+        f"{tmp_path / 'as-k.safetensors'}: released as contributor 'k', this run as 'h': counted here, but a merge "
+        "budgets the two names apart"]  # the lineage's release of `h` is this file's (one identity): counted
+    probe = finetune(v1, data, tmp_path / "probe2", FinetuneConfig(  # another release of `h`, not in the lineage
+        train="stats-head:16", val_fraction=0.0, device="cpu", contributor="h",
+        dp=DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=1.0)))
+    again = export_vector(probe.model_path, v1, tmp_path / "stats2.safetensors").path
+    said.clear()
+    run("partial", target_epsilon=4.0, earlier=(str(again),))
+    assert any(f"lineage lists release(s) of contributor 'h' that this run does not count (v1 input "
+               f"{read_kind(stats, 'vector').vector.sha256[:12]})" in w for w in said)
+
+
+def _forged_other_name(vector: Path, tmp_path: Path) -> Path:
+    """The vector's header rewritten to name contributor `k` (a header edit: identity and ledger unchanged)."""
+    meta = json.loads(json.dumps(read_header(vector).meta))
+    meta["contributor"] = "k"
+    out = tmp_path / "as-k.safetensors"
+    save_file(load_file(str(vector)), str(out), metadata={"format": "pt", "taskvec": json.dumps(meta)})
+    return out
+
+
+def test_an_earlier_release_from_seeded_noise_counts_only_in_seeded_runs(tmp_path: Path) -> None:
+    data, v1, stats = _stage_one(tmp_path, seed=0)
+
+    def stage_two(name: str, seed: int | None) -> Path:
+        return finetune(v1, data, tmp_path / name, FinetuneConfig(
+            train="norm-bias", steps=6, val_fraction=0.0, device="cpu", contributor="h",
+            dp=DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=2.0, earlier=(str(stats),), seed=seed))
+        ).model_path
+
+    with pytest.raises(PrivacyError, match="noise came from a given seed, so it is not secret"):
+        stage_two("secret", None)
+    assert not (tmp_path / "secret").exists()
+    stage_two("seeded", 1)  # a test run: its own noise is not secret either
+
+
+def test_a_run_resumes_with_another_path_to_its_earlier_releases(tmp_path: Path, monkeypatch: Any) -> None:
+    """Interrupted after its first epoch, a run resumes given the same earlier release by another path; an option
+    that changed is named by its dotted name."""
+    data, v1, stats = _stage_one(tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    def stage_two(earlier: str, target: float = 2.0, resume: bool = True, on_epoch: Any = None) -> Path:
+        return finetune(v1, data, tmp_path / "body", FinetuneConfig(
+            train="norm-bias", steps=8, val_fraction=0.0, device="cpu", contributor="h", resume=resume,
+            dp=DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=target, earlier=(earlier,))),
+            on_epoch=on_epoch).model_path
+
+    def stop(record: Any) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stage_two(stats.name, resume=False, on_epoch=stop)
+    with pytest.raises(MismatchError, match=r"started with dp.target_epsilon 2.0 \(now 3.0\)"):
+        stage_two(str(stats), 3.0)
+    assert stage_two(str(stats)).exists()  # the same file by its full path: the same options
