@@ -137,7 +137,7 @@ def finetune(
     out = Path(out_dir)
     spec = ModelSpec.from_dict(header.model.model)
     if config.resume and (out / MODEL_FILE).exists():
-        done = finished(out)
+        done = finished(out, header.model.identity)
         for w in done.warnings:
             say(w)
         return done

@@ -91,6 +91,11 @@ def _differences(started: dict[str, Any], now: dict[str, Any], prefix: str = "")
     return found
 
 
+def _check_parent(out: Path, run: dict[str, Any], parent: str) -> None:
+    if run["parent"] != parent:
+        raise MismatchError(f"{out}: was started from base {run['parent'][:12]}, not {parent[:12]}")
+
+
 def open_run(out: Path, parent: str, config: FinetuneConfig, source: str, split: dict[str, Any],
              runtime: dict[str, Any]) -> str:
     """Create or reopen a run folder and record its split and how it runs (`runtime_record`: `runtime` in
@@ -104,8 +109,7 @@ def open_run(out: Path, parent: str, config: FinetuneConfig, source: str, split:
                                 path=out)
     if config.resume and run_file.exists():
         run = json.loads(run_file.read_text())
-        if run["parent"] != parent:
-            raise MismatchError(f"{out}: was started from base {run['parent'][:12]}, not {parent[:12]}")
+        _check_parent(out, run, parent)
         started = config_dict(FinetuneConfig()) | run["config"]  # a field newer than the run: its default
         diff = _differences(started, config_dict(config))
         if diff:
@@ -137,8 +141,9 @@ def _check_split(path: Path, split: dict[str, Any]) -> None:
                             "same data, or start a new run", path=path)
 
 
-def finished(out: Path) -> FinetuneResult:
-    """The result of a finished run, from its `metrics.json`."""
+def finished(out: Path, parent: str) -> FinetuneResult:
+    """The result of a finished run from base `parent` (another base is refused), from its `metrics.json`."""
+    _check_parent(out, json.loads((out / RUN_FILE).read_text()), parent)
     m = json.loads((out / METRICS_FILE).read_text())
     return FinetuneResult(out, out / MODEL_FILE, m["identity"], m["run_id"], m["samples"]["train"], m["epochs"],
                           m["steps"], m["history"], m["val_metrics"], m["resumed_from_epoch"], m["skipped"],

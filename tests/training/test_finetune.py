@@ -94,12 +94,17 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, make_ba
         finetune(base, data, tmp_path / "cut", cfg())
     with pytest.raises(MismatchError, match="lr 0.002 \\(now 0.001\\)"):
         finetune(base, data, tmp_path / "cut", cfg(lr=1e-3, resume=True))
+    other = make_base("test_vit", num_classes=2, in_chans=1, img_size=24, name="other.safetensors")
+    with pytest.raises(MismatchError, match="was started from base"):
+        finetune(other, data, tmp_path / "cut", cfg(resume=True))
     resumed = finetune(base, data, tmp_path / "cut", cfg(resume=True))
     assert resumed.resumed_from_epoch == 2 and len(resumed.history) == 3
     assert resumed.identity == full.identity
     assert resumed.history[-1]["train_loss"] == full.history[-1]["train_loss"]
     again = finetune(base, data, tmp_path / "cut", cfg(resume=True))  # finished: nothing to do
     assert again.identity == full.identity and again.warnings
+    with pytest.raises(MismatchError, match="was started from base"):  # a finished run is another base's too
+        finetune(other, data, tmp_path / "cut", cfg(resume=True))
 
 
 def test_kill_9_then_resume(tmp_path: Path, make_base: Callable[..., Path]) -> None:
