@@ -20,19 +20,26 @@ JSON
 """
 
 
-@pytest.mark.parametrize("seeds", [None, "1", "0,2"])
-def test_one_simulation_per_seed_then_the_report_over_them(tmp_path: Path, seeds: str | None) -> None:
-    rows = [{"name": n, "group": g, "epsilon": None, "metric": "auroc", "value": v, "metrics": {"auroc": v}}
-            for n, g, v in (("base", "base", 0.5), ("site0", "local", 0.8), ("mean", "merged", 0.9),
-                            ("ties", "merged", 0.85), ("centralised", "centralised", 0.95))]
+def _stubbed(tmp_path: Path, results: dict, seeds: str | None) -> dict[str, str]:
+    """The environment that runs a benchmark script with `taskvec` stubbed: each call is logged to
+    tmp_path/calls and writes `results` as OUT/results.json."""
     stub = tmp_path / "bin" / "taskvec"
     stub.parent.mkdir()
-    stub.write_text(STUB.format(log=tmp_path / "calls", rows=json.dumps({"metric": "auroc", "rows": rows})))
+    stub.write_text(STUB.format(log=tmp_path / "calls", rows=json.dumps(results)))
     stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "TASKVEC_SHARED": str(tmp_path / "shared")}
     env.pop("SEEDS", None)
     if seeds is not None:
         env["SEEDS"] = seeds
+    return env
+
+
+@pytest.mark.parametrize("seeds", [None, "1", "0,2"])
+def test_one_simulation_per_seed_then_the_report_over_them(tmp_path: Path, seeds: str | None) -> None:
+    rows = [{"name": n, "group": g, "epsilon": None, "metric": "auroc", "value": v, "metrics": {"auroc": v}}
+            for n, g, v in (("base", "base", 0.5), ("site0", "local", 0.8), ("mean", "merged", 0.9),
+                            ("ties", "merged", 0.85), ("centralised", "centralised", 0.95))]
+    env = _stubbed(tmp_path, {"metric": "auroc", "rows": rows}, seeds)
     out = tmp_path / "ev"
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "evidence.sh"), str(out), "pbc-nb-e8"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=120)
@@ -44,3 +51,34 @@ def test_one_simulation_per_seed_then_the_report_over_them(tmp_path: Path, seeds
     assert all("--train norm-bias" in r and f"{tmp_path}/shared/data/pbc_blood_cells_128" in r for r in runs)
     assert report.endswith(f"--out {out}/pbc-nb-e8 --seeds {seeds or '0,1,2'}")
     assert "| ∞ (no DP) | 0.500 | 0.800 (0.800–0.800) | 0.900 | 0.850 | 0.950 |" in done.stdout
+
+
+def test_rounds_runs_the_named_data_sets_then_summarises_them(tmp_path: Path) -> None:
+    """`rounds.sh OUT pbc`: one `simulate --rounds 3` per seed on PBC's Dirichlet sites, the report over the seeds,
+    then the summary table; an unknown name is refused before anything runs."""
+    def row(name: str, group: str, value: float, **extra: int) -> dict:
+        return {"name": name, "group": group, "epsilon": None, "value": value,
+                "metrics": {"auroc": value, "balanced_accuracy": value / 2}, **extra}
+
+    rows = [row("base", "base", 0.5), row("site0", "local", 0.8), row("site1", "local", 0.7),
+            row("mean", "merged", 0.85), row("async-v1", "async", 0.9, version=1, arrivals=2),
+            row("centralised", "centralised", 0.95)]
+    results = {"metric": "auroc", "rows": rows, "config": {"seed": 0, "rounds": 3}, "test_samples": 10,
+               "site_samples": [5, 6], "schedule": {"speeds": [1.0, 2.0]}}
+    env = _stubbed(tmp_path, results, "0,1")
+    script = str(ROOT / "benchmarks" / "rounds.sh")
+    out = tmp_path / "rounds"
+    done = subprocess.run(["bash", script, str(out), "pbc"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    *runs, report = (tmp_path / "calls").read_text().splitlines()
+    assert [r.split("--seed ")[1] for r in runs] == ["0", "1"]
+    assert all("--split dirichlet:0.5" in r and "--rounds 3" in r and "--train norm-bias" in r and
+               f"{tmp_path}/shared/data/pbc_blood_cells_128" in r for r in runs)
+    assert report.endswith(f"--out {out}/pbc --seeds 0,1")
+    assert "| best single site | 0.800 ± 0.000 | 0.400 ± 0.000 |" in done.stdout
+    assert "| async v1 (2 arrivals) | 0.900 ± 0.000 | 0.450 ± 0.000 |" in done.stdout
+    (tmp_path / "calls").unlink()
+    done = subprocess.run(["bash", script, str(out), "chest"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "unknown data set chest" in done.stderr and not (tmp_path / "calls").exists()
