@@ -19,8 +19,6 @@ from typing import Any, ClassVar, TypeVar
 
 from taskvec.io.schema import RELATIONS as RELATIONS  # the units and relations a ledger entry may name
 from taskvec.io.schema import UNITS
-from taskvec.io.schema import is_number as is_number  # JSON numbers a float holds
-from taskvec.io.schema import is_positive as is_positive
 
 Entry = dict[str, Any]  # one ledger entry, as it is stored in a header's `privacy` list (`LedgerEntry` its schema)
 

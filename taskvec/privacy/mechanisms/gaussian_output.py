@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from taskvec.errors import PrivacyConfigError, check_range
+from taskvec.io.schema import is_positive
 from taskvec.privacy.accounting import (
     ANALYTIC_GAUSSIAN,
     GDP_COMPOSITION,
@@ -23,7 +24,7 @@ from taskvec.privacy.accounting import (
     gaussian_epsilon,
     gaussian_noise_multiplier,
 )
-from taskvec.privacy.mechanism import Composition, Contribution, Entry, Mechanism, is_positive, register
+from taskvec.privacy.mechanism import Composition, Contribution, Entry, Mechanism, register
 
 
 @dataclass(frozen=True)
