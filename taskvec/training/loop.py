@@ -136,12 +136,7 @@ def finetune(
     config.check()
     out = Path(out_dir)
     spec = ModelSpec.from_dict(header.model.model)
-    if config.resume and (out / MODEL_FILE).exists():
-        done = finished(out, header.model.identity)
-        for w in done.warnings:
-            say(w)
-        return done
-    if (out / MODEL_FILE).exists():
+    if (out / MODEL_FILE).exists() and not config.resume:
         raise OutputExistsError(f"{out}: holds a finished run ({MODEL_FILE}); choose another `out_dir`", path=out)
     splits = as_splits(data, spec, img_size=config.img_size, val_fraction=config.val_fraction, seed=config.seed)
     for w in splits.warnings:
@@ -160,9 +155,15 @@ def finetune(
         noise_and_limit(config.dp, plan_steps(config)[0])
     if config.head == "frozen" and spec.task == "classification":
         _check_frozen_head(base, spec)
-    splits = cached_splits(splits, config.image_cache, track)
     if splits.train is None:
         raise TaskvecError(f"{splits.source}: no training split")
+    if (out / MODEL_FILE).exists():  # resumed after it finished: the same run, nothing to do
+        done = finished(out, header.model.identity, config, split_record(splits.train, splits.val))
+        for w in done.warnings:
+            say(w)
+        return done
+    splits = cached_splits(splits, config.image_cache, track)
+    assert splits.train is not None
     with process_group(resolve_device(config.device)) as group:
         if not mode.multi_process and group.world > 1:
             raise ConfigError(f"train {mode} runs in one process ({mode.refusal})", field="train")

@@ -91,9 +91,14 @@ def _differences(started: dict[str, Any], now: dict[str, Any], prefix: str = "")
     return found
 
 
-def _check_parent(out: Path, run: dict[str, Any], parent: str) -> None:
+def _check_same_run(out: Path, run: dict[str, Any], parent: str, config: FinetuneConfig) -> None:
+    """Refuse to resume a run from another base or with other settings than it started with."""
     if run["parent"] != parent:
         raise MismatchError(f"{out}: was started from base {run['parent'][:12]}, not {parent[:12]}")
+    started = config_dict(FinetuneConfig()) | run["config"]  # a field newer than the run: its default
+    diff = _differences(started, config_dict(config))
+    if diff:
+        raise MismatchError(f"{out}: the run was started with {', '.join(diff)}; repeat its options to resume it")
 
 
 def open_run(out: Path, parent: str, config: FinetuneConfig, source: str, split: dict[str, Any],
@@ -109,11 +114,7 @@ def open_run(out: Path, parent: str, config: FinetuneConfig, source: str, split:
                                 path=out)
     if config.resume and run_file.exists():
         run = json.loads(run_file.read_text())
-        _check_parent(out, run, parent)
-        started = config_dict(FinetuneConfig()) | run["config"]  # a field newer than the run: its default
-        diff = _differences(started, config_dict(config))
-        if diff:
-            raise MismatchError(f"{out}: the run was started with {', '.join(diff)}; repeat its options to resume it")
+        _check_same_run(out, run, parent, config)
         _check_split(out / SPLIT_FILE, split)
         write_json(run_file, run | {"runtime": [*run.get("runtime", []), runtime]})
         return str(run["run_id"])
@@ -141,9 +142,12 @@ def _check_split(path: Path, split: dict[str, Any]) -> None:
                             "same data, or start a new run", path=path)
 
 
-def finished(out: Path, parent: str) -> FinetuneResult:
-    """The result of a finished run from base `parent` (another base is refused), from its `metrics.json`."""
-    _check_parent(out, json.loads((out / RUN_FILE).read_text()), parent)
+def finished(out: Path, parent: str, config: FinetuneConfig, split: dict[str, Any]) -> FinetuneResult:
+    """The result of a finished run, from its `metrics.json`, if it ran from base `parent` with `config` on the
+    units of `split` (as `open_run` refuses to resume a run otherwise)."""
+    _check_same_run(out, json.loads((out / RUN_FILE).read_text()), parent, config)
+    if (out / SPLIT_FILE).exists():
+        _check_split(out / SPLIT_FILE, split)
     m = json.loads((out / METRICS_FILE).read_text())
     return FinetuneResult(out, out / MODEL_FILE, m["identity"], m["run_id"], m["samples"]["train"], m["epochs"],
                           m["steps"], m["history"], m["val_metrics"], m["resumed_from_epoch"], m["skipped"],

@@ -105,6 +105,10 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, make_ba
     assert again.identity == full.identity and again.warnings
     with pytest.raises(MismatchError, match="was started from base"):  # a finished run is another base's too
         finetune(other, data, tmp_path / "cut", cfg(resume=True))
+    with pytest.raises(MismatchError, match="lr 0.002 \\(now 0.001\\)"):  # or was trained otherwise
+        finetune(base, data, tmp_path / "cut", cfg(lr=1e-3, resume=True))
+    with pytest.raises(MismatchError, match="the data changed"):  # or on other images
+        finetune(base, image_folder(tmp_path / "d2", n_per_class=12), tmp_path / "cut", cfg(resume=True))
 
 
 def test_kill_9_then_resume(tmp_path: Path, make_base: Callable[..., Path]) -> None:
