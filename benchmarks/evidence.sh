@@ -5,8 +5,8 @@
 # with DP-SGD at one target ε (δ = 1e-5, per-image clipping at 1.0; class-means: its one Gaussian release at ε 1, 3
 # and 8; *-pixel-stats: the per-pixel statistics head over an FPN decoder at ε 1, 3 and 8, against DP-SGD on the same
 # decoder, *-fpn-nb-e8), seeds 0-2, mean ± sd. BreastMNIST at 32 px and at 64 px (bm64-*). PBC blood cells (pbc-*: 5 sites of
-# about 2,400 images, iid or Dirichlet 0.5, DP-SGD at ε 8 and without DP) is sized for GPUs: several hours per
-# simulation on 2 CPU cores.
+# about 2,400 images, iid or Dirichlet 0.5, DP-SGD at ε 8 and without DP) is sized for GPUs: about 90 minutes per
+# seed on 2 CPU cores for norm-bias, two hours for lora:8.
 # Usage, from the repository root: bash benchmarks/evidence.sh [OUT_DIR] [NAME ...]   (default: every experiment but
 #   the pbc-* ones)
 #   SEEDS=0,1 runs these seeds (default 0,1,2; the report over one seed shows no sd).

@@ -5,7 +5,7 @@
 # Dirichlet-0.5 sites of about 2,400 images (`norm-bias` at the product defaults); each seed's report in
 # OUT/<data>/seed<S>/.
 # Usage, from the repository root: bash benchmarks/rounds.sh [OUT_DIR] [DATA ...]   (DATA: breastmnist, monuseg,
-#   pbc; default breastmnist monuseg. Per seed 13 minutes for BreastMNIST, 6 for MoNuSeg and about 45 for PBC on
+#   pbc; default breastmnist monuseg. Per seed 13 minutes for BreastMNIST, 6 for MoNuSeg and about 40 for PBC on
 #   2 CPU cores; SEEDS=0,1 runs these seeds, default 0,1,2. Resumable: each seed is its own command, and a rerun
 #   reuses every finished fine-tune, vector and version)
 set -euo pipefail
