@@ -1,6 +1,6 @@
 """Summarise `simulate --rounds --seeds` (benchmarks/rounds.sh) into the results page's markdown: every model's
-mean ± sd over the seeds, and per seed whether the last asynchronous version reaches 0.98x centralised and beats the
-best single site of that seed.
+mean ± sd over the seeds, every model per seed, and per seed whether the last asynchronous version reaches 0.98x
+centralised and beats the best single site of that seed.
 
 Usage: python benchmarks/rounds_summary.py OUT/breastmnist [OUT/monuseg ...] [--readme docs/results/generated/rounds.md]
 With --readme, the block between the `rounds-evidence` markers in that file is replaced by the output.
@@ -40,6 +40,19 @@ def _seed_models(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _per_seed(runs: list[dict[str, dict]], results: list[dict], metric: str, other: str) -> list[str]:
+    """Every model per seed, `metric / other` (nothing for one seed: the table above is that seed)."""
+    if len(runs) == 1:
+        return []
+    lines = [f"Per seed ({metric} / {other}):", "",
+             "| model | " + " | ".join(f"seed {r['config']['seed']}" for r in results) + " |",
+             "|---|" + "---|" * len(runs)]
+    for name in runs[0]:
+        lines.append(f"| {name} | " + " | ".join(f"{run[name]['value']:.3f} / {run[name]['metrics'][other]:.3f}"
+                                                 for run in runs) + " |")
+    return [*lines, ""]
+
+
 def summary(folder: Path) -> str:
     seeds = sorted(folder.glob("seed*/results.json"), key=lambda p: int(p.parent.name.removeprefix("seed")))
     results = [json.loads(p.read_text()) for p in seeds]
@@ -61,6 +74,7 @@ def summary(folder: Path) -> str:
         f"(target {TARGET}x: met in {sum(r >= TARGET for r in ratio)} of {len(ratio)} seeds); against the best "
         f"single site of the same seed: {_ms(gain)} ({sum(g > 0 for g in gain)} of {len(gain)} seeds "
         "above it).", "",
+        *_per_seed(runs, results, metric, other),
         "Site sizes and speeds (relative time per fine-tune) per seed: " + "; ".join(
             f"seed {r['config']['seed']}: " + ", ".join(
                 f"{n} images at {s:g}" for n, s in zip(r["site_samples"], r["schedule"]["speeds"], strict=True))
