@@ -109,7 +109,8 @@ def finetune(
     device: str = device_option(),
     seed: int = typer.Option(DEFAULTS.seed, help="Seed of the validation split, shuffling, augmentation and dropout "
                                                  "(with --dp only of the split: the rest draws from a secret key)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last finished epoch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last finished epoch "
+                                "(repeat its options and data; a finished run is returned as it is)."),
     val_fraction: float = typer.Option(
         DEFAULTS.val_fraction, "--val-fraction",
         help="Validation share when the data has no val split (by patient when given)."
