@@ -91,6 +91,21 @@ def _differences(started: dict[str, Any], now: dict[str, Any], prefix: str = "")
     return found
 
 
+def _read_run(out: Path) -> dict[str, Any]:
+    """The run record in `out`, refused unless it has what taskvec writes there."""
+    path = out / RUN_FILE
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TaskvecError(f"{path}: cannot be read as a run record ({e}); start a new run in another folder",
+                           path=path) from e
+    if not (isinstance(run, dict) and isinstance(run.get("parent"), str) and isinstance(run.get("run_id"), str)
+            and isinstance(run.get("config"), dict) and isinstance(run.get("runtime", []), list)):
+        raise TaskvecError(f"{path}: not a taskvec run record (parent, run_id, config, runtime); start a new run "
+                           "in another folder", path=path)
+    return run
+
+
 def _check_same_run(out: Path, run: dict[str, Any], parent: str, config: FinetuneConfig) -> None:
     """Refuse to resume a run from another base or with other settings than it started with."""
     if run["parent"] != parent:
@@ -113,7 +128,7 @@ def open_run(out: Path, parent: str, config: FinetuneConfig, source: str, split:
         raise OutputExistsError(f"{out}: run folder exists; pass `resume` to continue it, or choose another `out_dir`",
                                 path=out)
     if config.resume and run_file.exists():
-        run = json.loads(run_file.read_text())
+        run = _read_run(out)
         _check_same_run(out, run, parent, config)
         _check_split(out / SPLIT_FILE, split)
         write_json(run_file, run | {"runtime": [*run.get("runtime", []), runtime]})
@@ -145,7 +160,7 @@ def _check_split(path: Path, split: dict[str, Any]) -> None:
 def finished(out: Path, parent: str, config: FinetuneConfig, split: dict[str, Any]) -> FinetuneResult:
     """The result of a finished run, from its `metrics.json`, if it ran from base `parent` with `config` on the
     units of `split` (as `open_run` refuses to resume a run otherwise)."""
-    _check_same_run(out, json.loads((out / RUN_FILE).read_text()), parent, config)
+    _check_same_run(out, _read_run(out), parent, config)
     if (out / SPLIT_FILE).exists():
         _check_split(out / SPLIT_FILE, split)
     m = json.loads((out / METRICS_FILE).read_text())

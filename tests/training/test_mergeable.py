@@ -243,3 +243,17 @@ def test_a_run_started_before_these_options_resumes_with_their_defaults(tmp_path
     assert open_run(tmp_path / "run", "parent", replace(cfg, resume=True), "data", split, {}) == run_id
     with pytest.raises(MismatchError, match=r"started with prox 0.0 \(now 1.0\)"):
         open_run(tmp_path / "run", "parent", replace(cfg, resume=True, prox=1.0), "data", split, {})
+
+
+@pytest.mark.parametrize("record", ["{not json", "[]", '{"parent": "parent", "run_id": 7, "config": {}}',
+                                    '{"parent": "parent", "run_id": "r", "config": []}'])
+def test_a_run_record_not_written_by_taskvec_is_refused_on_resume(tmp_path: Path, record: str) -> None:
+    from taskvec.errors import TaskvecError
+    from taskvec.training.run_folder import RUN_FILE, open_run
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / RUN_FILE).write_text(record)
+    split = {"unit": "image", "train": ["a.png"], "val": []}
+    with pytest.raises(TaskvecError, match=r"run\.json: (cannot be read as a run record|not a taskvec run record)"):
+        open_run(tmp_path / "run", "parent", FinetuneConfig(steps=2, device="cpu", resume=True), "data", split, {})
+    assert (tmp_path / "run" / RUN_FILE).read_text() == record  # left as it was
