@@ -91,19 +91,32 @@ def _differences(started: dict[str, Any], now: dict[str, Any], prefix: str = "")
     return found
 
 
-def _read_run(out: Path) -> dict[str, Any]:
-    """The run record in `out`, refused unless it has what taskvec writes there."""
-    path = out / RUN_FILE
+_Fields = dict[str, type | tuple[type, ...]]
+_RUN_FIELDS: _Fields = {"parent": str, "run_id": str, "config": dict, "runtime": (list, type(None))}
+_SPLIT_FIELDS: _Fields = {"train": list, "val": list}
+_METRICS_FIELDS: _Fields = {"identity": str, "run_id": str, "samples.train": int, "epochs": int, "steps": int,
+                            "history": list, "val_metrics": dict, "resumed_from_epoch": int, "skipped": int,
+                            "composed_epsilon": (float, int, type(None))}
+
+
+def _read_record(path: Path, fields: _Fields) -> dict[str, Any]:
+    """The JSON object in `path`, refused in one line naming the file unless each of `fields` (dotted names
+    reach into nested objects; a missing field is None) has its type, as when taskvec wrote it."""
     try:
-        run = json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise TaskvecError(f"{path}: cannot be read as a run record ({e}); start a new run in another folder",
-                           path=path) from e
-    if not (isinstance(run, dict) and isinstance(run.get("parent"), str) and isinstance(run.get("run_id"), str)
-            and isinstance(run.get("config"), dict) and isinstance(run.get("runtime", []), list)):
-        raise TaskvecError(f"{path}: not a taskvec run record (parent, run_id, config, runtime); start a new run "
-                           "in another folder", path=path)
-    return run
+        raise TaskvecError(f"{path}: cannot be read ({e}); start a new run in another folder", path=path) from e
+    wrong = [name for name, kind in fields.items() if not isinstance(_field(record, name), kind)]
+    if not isinstance(record, dict) or wrong:
+        raise TaskvecError(f"{path}: not what taskvec writes there ({', '.join(wrong or fields)} missing or of "
+                           "the wrong type); start a new run in another folder", path=path)
+    return record
+
+
+def _field(record: Any, name: str) -> Any:
+    for key in name.split("."):
+        record = record.get(key) if isinstance(record, dict) else None
+    return record
 
 
 def _check_same_run(out: Path, run: dict[str, Any], parent: str, config: FinetuneConfig) -> None:
@@ -128,10 +141,10 @@ def open_run(out: Path, parent: str, config: FinetuneConfig, source: str, split:
         raise OutputExistsError(f"{out}: run folder exists; pass `resume` to continue it, or choose another `out_dir`",
                                 path=out)
     if config.resume and run_file.exists():
-        run = _read_run(out)
+        run = _read_record(run_file, _RUN_FIELDS)
         _check_same_run(out, run, parent, config)
         _check_split(out / SPLIT_FILE, split)
-        write_json(run_file, run | {"runtime": [*run.get("runtime", []), runtime]})
+        write_json(run_file, run | {"runtime": [*(run.get("runtime") or []), runtime]})
         return str(run["run_id"])
     if config.resume and out.exists() and any(out.iterdir()):
         raise TaskvecError(f"{out}: holds no {RUN_FILE}; it is not a taskvec run folder")
@@ -149,7 +162,7 @@ def _check_split(path: Path, split: dict[str, Any]) -> None:
     if not path.exists():
         write_json(path, split)
         return
-    before = json.loads(path.read_text())
+    before = _read_record(path, _SPLIT_FIELDS)
     if before != split:
         moved = {side: len(set(before.get(side, [])) ^ set(split[side])) for side in ("train", "val")}
         raise MismatchError(f"{path.parent}: the data changed since the run started ({moved['train']} training and "
@@ -160,10 +173,10 @@ def _check_split(path: Path, split: dict[str, Any]) -> None:
 def finished(out: Path, parent: str, config: FinetuneConfig, split: dict[str, Any]) -> FinetuneResult:
     """The result of a finished run, from its `metrics.json`, if it ran from base `parent` with `config` on the
     units of `split` (as `open_run` refuses to resume a run otherwise)."""
-    _check_same_run(out, _read_run(out), parent, config)
+    _check_same_run(out, _read_record(out / RUN_FILE, _RUN_FIELDS), parent, config)
     if (out / SPLIT_FILE).exists():
         _check_split(out / SPLIT_FILE, split)
-    m = json.loads((out / METRICS_FILE).read_text())
+    m = _read_record(out / METRICS_FILE, _METRICS_FIELDS)
     return FinetuneResult(out, out / MODEL_FILE, m["identity"], m["run_id"], m["samples"]["train"], m["epochs"],
                           m["steps"], m["history"], m["val_metrics"], m["resumed_from_epoch"], m["skipped"],
                           ["the run had already finished; nothing to do"], m.get("composed_epsilon"))

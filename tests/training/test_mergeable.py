@@ -254,6 +254,30 @@ def test_a_run_record_not_written_by_taskvec_is_refused_on_resume(tmp_path: Path
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / RUN_FILE).write_text(record)
     split = {"unit": "image", "train": ["a.png"], "val": []}
-    with pytest.raises(TaskvecError, match=r"run\.json: (cannot be read as a run record|not a taskvec run record)"):
+    with pytest.raises(TaskvecError, match=r"run\.json: (cannot be read|not what taskvec writes there)"):
         open_run(tmp_path / "run", "parent", FinetuneConfig(steps=2, device="cpu", resume=True), "data", split, {})
     assert (tmp_path / "run" / RUN_FILE).read_text() == record  # left as it was
+
+
+_METRICS = {"identity": "i", "run_id": "r", "samples": {"train": 4, "val": 0}, "epochs": 1, "steps": 2,
+            "history": [], "val_metrics": {}, "resumed_from_epoch": 0, "skipped": 0}
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("split.json", "{not json"), ("split.json", '{"train": "a.png", "val": []}'),
+    ("metrics.json", "{not json"), ("metrics.json", "[]"),
+    ("metrics.json", json.dumps({**_METRICS, "samples": 4})), ("metrics.json", json.dumps({**_METRICS, "steps": "2"})),
+    ("metrics.json", json.dumps({k: v for k, v in _METRICS.items() if k != "history"})),
+    ("metrics.json", json.dumps({**_METRICS, "composed_epsilon": "8"}))])
+def test_a_finished_runs_records_not_written_by_taskvec_are_refused(tmp_path: Path, name: str, text: str) -> None:
+    from taskvec.errors import TaskvecError
+    from taskvec.training.run_folder import finished, open_run
+
+    split, cfg = {"unit": "image", "train": ["a.png"], "val": []}, FinetuneConfig(steps=2, device="cpu")
+    open_run(tmp_path / "run", "parent", cfg, "data", split, {})
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(_METRICS))
+    assert finished(tmp_path / "run", "parent", cfg, split).steps == 2  # as written, it is read back
+    (tmp_path / "run" / name).write_text(text)
+    with pytest.raises(TaskvecError, match=rf"{name.replace('.', '[.]')}: (cannot be read|not what taskvec writes)"):
+        finished(tmp_path / "run", "parent", cfg, split)
+    assert (tmp_path / "run" / name).read_text() == text
