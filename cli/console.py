@@ -8,6 +8,7 @@ interprets rich markup or emoji codes in them (`[/bold]x` prints as it is), and 
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from collections.abc import Iterable
@@ -99,7 +100,19 @@ def device_option() -> Any:
 
 
 def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    """`obj` as strict JSON: a NaN or infinity (a corrupt file's norm, say) is written as the string "nan",
+    "inf" or "-inf", which every JSON parser reads."""
+    print(json.dumps(_strict(obj), indent=2, sort_keys=True, default=str, allow_nan=False))
+
+
+def _strict(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
 
 
 def track(it: Iterable[T], description: str, total: int) -> Iterable[T]:

@@ -139,7 +139,7 @@ def _print_summary(info: Any) -> None:
 
     def merged(v: VectorSummary) -> tuple[str, str]:
         stale = "" if v.base_version is None else (
-            f"from v{v.base_version} (d={v.staleness}, s={v.staleness_weight or 1:.3g}) ")
+            f"from v{v.base_version} (d={v.staleness}, s={_number(v.staleness_weight or 1)}) ")
         where = f"{info.path}: merged vector {v.sha256[:12]}"
         return f"  {v.contributor}", f"{v.sha256[:12]} {stale}{ledger(v.privacy, where)}"
 
@@ -155,20 +155,25 @@ def _print_summary(info: Any) -> None:
                  for e in typed.lineage or ()]
         if typed.merge is not None:
             mg = typed.merge
-            stale = f", staleness a={mg.extra['staleness']:g}" if "staleness" in mg.extra else ""
-            rows.append(("merge", f"{mg.method} of {len(mg.vectors)} vectors, λ={mg.scale:g}{stale}"))
+            stale = f", staleness a={_number(mg.extra['staleness'])}" if "staleness" in mg.extra else ""
+            rows.append(("merge", f"{mg.method} of {len(mg.vectors)} vectors, λ={_number(mg.scale)}{stale}"))
             rows += [merged(v) for v in mg.vectors]
     elif typed is not None:
         b = typed.base
         rows += [("sha256", typed.sha256), ("base", f"{b.identity} ({b.arch}), version {b.number}"),
                  ("contributor", typed.contributor), ("samples", str(typed.samples)), ("dtype", str(typed.dtype))]
         if "pre_clip" in (typed.norm or {}):
-            rows.append(("norm before clip", f"{typed.norm['pre_clip']:.6g}"))  # type: ignore[index]
+            rows.append(("norm before clip", _number(typed.norm["pre_clip"])))  # type: ignore[index]
     if typed is not None:
         rows += [("created", typed.created or "?"), ("privacy", ledger(typed.ledger, info.path))]
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
+
+
+def _number(x: Any) -> str:
+    """A header number as inspect prints it; anything else (a field of a newer file) as its text."""
+    return f"{x:.6g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)[:40]
 
 
 def register(app: typer.Typer) -> None:

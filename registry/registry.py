@@ -14,7 +14,7 @@ from typing import Any
 from taskvec.errors import FileFormatError, MismatchError, TaskvecError
 from taskvec.io.files import atomic_output, file_digest, now, read_kind
 from taskvec.io.layout import check_against_base
-from taskvec.io.schema import is_sha
+from taskvec.io.schema import check_contributor, is_sha
 from taskvec.progress import Track, no_track
 from taskvec.registry.schema import (
     CARD_FILE,
@@ -36,7 +36,7 @@ from taskvec.registry.schema import (
     version_path,
 )
 from taskvec.registry.store import Reader, Store
-from taskvec.registry.trust import TrustError, TrustPolicy, check_contributor
+from taskvec.registry.trust import TrustError, TrustPolicy
 from taskvec.registry.verify import (
     base_layout,
     check_next_version,

@@ -26,8 +26,7 @@ from typing import Any
 from taskvec.errors import FileFormatError, TaskvecError
 from taskvec.io.files import DTYPE_SIZES, Header
 from taskvec.io.lineage import describe_versions as describe_identities
-from taskvec.io.schema import is_sha
-from taskvec.registry.trust import check_contributor
+from taskvec.io.schema import check_contributor, is_sha
 
 REGISTRY_FILE = "registry.json"
 INDEX_FILE = "index.json"
@@ -62,6 +61,25 @@ def _is_count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
+def _is_time(x: Any) -> bool:
+    try:
+        parse_time(x)
+    except (TaskvecError, TypeError):
+        return False
+    return True
+
+
+def _is_ledger(x: Any, where: str) -> bool:
+    """A ledger `list` and the card can summarise (`validate_ledger`)."""
+    from taskvec.privacy.entries import validate_ledger
+
+    try:
+        validate_ledger(x, where)
+    except TaskvecError:
+        return False
+    return True
+
+
 @dataclass
 class Entry:
     """One vector in a registry, as the index records it."""
@@ -84,11 +102,12 @@ class Entry:
         cls, h: Header, file_sha256: str, pushed: str, signature: dict[str, str] | None = None
     ) -> Entry:
         v = h.vector
-        return cls(
+        entry = cls(
             sha256=v.sha256, contributor=v.contributor, path=vector_path(v.contributor, v.sha256),
             file_sha256=file_sha256, size=h.size, base=v.base.identity, samples=v.samples, dtype=v.dtype or "?",
             privacy=v.privacy, created=v.created or "?", pushed=pushed, signature=signature,
         )
+        return cls.from_dict(entry.to_dict(), str(h.path))  # what the index will be read back as
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> Entry:
@@ -104,8 +123,8 @@ class Entry:
                 ("path", e.path == vector_path(e.contributor, e.sha256) if is_sha(e.sha256) else False),
                 ("size", _is_count(e.size)), ("base", isinstance(e.base, str)),
                 ("samples", e.samples is None or _is_count(e.samples)),
-                ("dtype", isinstance(e.dtype, str)), ("privacy", isinstance(e.privacy, list)),
-                ("created", isinstance(e.created, str)), ("pushed", isinstance(e.pushed, str)),
+                ("dtype", isinstance(e.dtype, str)), ("privacy", _is_ledger(e.privacy, where)),
+                ("created", isinstance(e.created, str)), ("pushed", _is_time(e.pushed)),
                 ("signature", e.signature is None or (isinstance(e.signature, dict)
                                                       and all(isinstance(v, str) for v in e.signature.values()))),
             ) if not ok
@@ -248,10 +267,12 @@ class RegistryInfo:
                 raise ValueError("trusted_keys")
             for c in keys:
                 check_contributor(c)
-            if not isinstance(info.card, dict) or not isinstance(info.created, str):
+            if not isinstance(info.card, dict):
                 raise ValueError("card")
+            if not isinstance(info.created, str):
+                raise ValueError("created")
             return info
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise RegistryError(f"{where}/{REGISTRY_FILE}: unreadable ({e})") from None
 
 
@@ -277,12 +298,17 @@ def load_index(text: str | None, where: str) -> list[Entry]:
         vectors = json.loads(text)["vectors"]
         if not isinstance(vectors, list):
             raise TypeError("vectors is not a list")
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise RegistryError(
             f"{where}/{INDEX_FILE}: unreadable ({e}); rebuild it with `taskvec registry reindex`"
         ) from None
     try:
-        return [Entry.from_dict(e, f"{where}/{INDEX_FILE}") for e in vectors]
+        entries = [Entry.from_dict(e, f"{where}/{INDEX_FILE}") for e in vectors]
+        twice = next((e for i, e in enumerate(entries) if e.sha256 in {f.sha256 for f in entries[:i]}), None)
+        if twice:
+            raise RegistryError(f"{where}/{INDEX_FILE}: vector {twice.sha256[:12]} of {twice.contributor} is listed "
+                                "twice", path=f"{where}/{INDEX_FILE}")
+        return entries
     except RegistryError as e:
         raise RegistryError(f"{e.message}; rebuild it with `taskvec registry reindex`", path=e.path,
                             field=e.field) from None

@@ -109,8 +109,8 @@ def verify(record: dict[str, str], file_sha256: str) -> bool:
 def load_signature(text: str, where: str) -> dict[str, str]:
     try:
         record = json.loads(text)
-        if not isinstance(record, dict):
-            raise ValueError("not an object")
-    except ValueError as e:
+        if not (isinstance(record, dict) and all(isinstance(v, str) for v in record.values())):
+            raise ValueError("not an object of strings")
+    except (ValueError, RecursionError) as e:
         raise TaskvecError(f"{where}: unreadable signature file ({e})") from None
     return record

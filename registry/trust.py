@@ -16,31 +16,16 @@ CONTRIBUTOR=KEY.pub` options, or an explicit `allow_unsigned`. A vector is accep
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from taskvec.errors import ConfigError, TaskvecError
 from taskvec.io.files import open_regular
+from taskvec.io.schema import check_contributor
 
 KEYRING_ENV = "TASKVEC_KEYRING"
 MAX_KEYRING_BYTES = 1 << 20
-
-
-_CONTRIBUTOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def check_contributor(name: Any) -> str:
-    """A contributor id that can name a folder: letters, digits, '.', '_' or '-', at most 64, starting with a
-    letter or digit (so never `.`, `..`, a path or a control character)."""
-    if not isinstance(name, str) or not _CONTRIBUTOR.fullmatch(name):
-        raise TaskvecError(
-            f"contributor id {name!r} cannot name a registry folder; re-export with `contributor` "
-            "using letters, digits, '.', '_' or '-' (at most 64)", field="contributor", got=name,
-        )
-    return name
 
 
 class TrustError(TaskvecError):

@@ -11,10 +11,10 @@ from typing import Any
 from taskvec.errors import FileFormatError, MismatchError
 from taskvec.io.files import Header, TensorInfo, file_digest, open_regular, read_kind
 from taskvec.io.layout import check_against_base
-from taskvec.io.schema import ModelHeader
+from taskvec.io.schema import ModelHeader, check_contributor
 from taskvec.io.tensors_np import non_finite
 from taskvec.registry.schema import Entry, IntegrityError, RegistryInfo, Version, describe_versions
-from taskvec.registry.trust import TrustError, check_contributor
+from taskvec.registry.trust import TrustError
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -26,10 +26,14 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-
 def check_vector_meta(h: Header) -> None:
-    """A registry also needs a contributor id that can name a folder (`read_kind` checked the other fields)."""
+    """A registry also needs a contributor id that can name a folder, and a ledger a merge accepts (every ε
+    recomputed), so that one bad push cannot block every merge of the registry (`read_kind` checked the rest)."""
+    from taskvec.privacy.entries import verify_ledger
+
     check_contributor(h.vector.contributor)
+    if h.vector.privacy:
+        verify_ledger(h.vector.privacy, str(h.path))
 
 
 

@@ -176,7 +176,7 @@ def _taskvec_meta(p: Path, raw_meta: Any) -> dict[str, Any]:
         return {}
     try:
         meta = json.loads(raw_meta[META_KEY], object_pairs_hook=_no_duplicates)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested deeper than the parser's stack
         raise FileFormatError(f"{p}: corrupt taskvec metadata", path=p) from None
     if not isinstance(meta, dict):
         raise FileFormatError(f"{p}: corrupt taskvec metadata (not a JSON object)", path=p)
@@ -212,7 +212,7 @@ def read_header(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -
         body = f.read(n)
     try:
         header = json.loads(body, object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise _not_safetensors(p, raw, f"corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise FileFormatError(f"{p}: corrupt safetensors header (not a JSON object)", path=p)

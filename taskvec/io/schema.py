@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from taskvec.errors import FileFormatError, PrivacyError
+from taskvec.errors import FileFormatError, PrivacyError, TaskvecError
 
 FORMAT = "taskvec"
 FORMAT_VERSION = 1
@@ -35,9 +36,26 @@ def is_sha(x: Any) -> bool:
     return isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x)
 
 
+MAX_COUNT = 2**53  # the largest count a float holds exactly: a file claiming more is refused
+
+
 def is_count(x: Any) -> bool:
-    """A whole number ≥ 0 (not a bool)."""
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    """A whole number in [0, 2**53] (not a bool)."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_COUNT
+
+
+_CONTRIBUTOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_contributor(name: Any) -> str:
+    """A contributor id that can name a registry folder: letters, digits, '.', '_' or '-', at most 64, starting
+    with a letter or digit (so never `.`, `..`, a path or a control character)."""
+    if not isinstance(name, str) or not _CONTRIBUTOR.fullmatch(name):
+        raise TaskvecError(
+            f"contributor id {str(name)[:80]!r} cannot name a registry folder; use letters, digits, '.', '_' or '-' "
+            "(at most 64, starting with a letter or digit)", field="contributor", got=name,
+        )
+    return name
 
 
 def _strings(x: Any) -> bool:
@@ -112,6 +130,41 @@ def _is_true(x: Any) -> bool:
     return x is True
 
 
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, bool)
+
+
+def _is_finite(x: Any) -> bool:
+    return is_number(x) and math.isfinite(x)
+
+
+def _finite_values(x: Any) -> bool:
+    return isinstance(x, dict) and all(map(_is_finite, x.values()))
+
+
+def _factors(x: Any) -> bool:
+    """{tensor name: {"rank": R ≥ 1, ...}}, as a factored vector records its low-rank tensors."""
+    return isinstance(x, dict) and all(isinstance(f, dict) and is_count(f.get("rank")) and f["rank"] >= 1
+                                       for f in x.values())
+
+
+def _ledger(d: Mapping[str, Any], name: str, default: Any) -> Any:
+    """`d[name]` if it is a privacy ledger whose entries' common fields are valid (`LedgerEntry`), else a
+    FileFormatError naming the entry and field."""
+    ledger = _take(d, name, _optional(_is_list) if default is None else _is_list, "a list", default=default)
+    for i, e in enumerate(ledger or ()):
+        try:
+            LedgerEntry.from_json(e)
+        except PrivacyError as err:
+            raise FileFormatError(f"{name} entry {i}: {err.message}", field=name) from None
+    return ledger
+
+
+def _run_source(x: Any) -> bool:
+    """A `source` object whose `run_id`, if any, is a name."""
+    return isinstance(x, dict) and isinstance(x.get("run_id", ""), (str, type(None)))
+
+
 @dataclass(frozen=True)
 class VectorSummary:
     """What a merged model records of one vector it merged."""
@@ -134,13 +187,13 @@ class VectorSummary:
         return cls(
             sha256=_take(d, "sha256", is_sha, "64 hex digits"),
             contributor=_take(d, "contributor", _is_str, "a name"),
-            privacy=_take(d, "privacy", _is_list, "a list", default=[]),
+            privacy=_ledger(d, "privacy", []),
             samples=_take(d, "samples", _optional(is_count), "a count", default=None),
             file=_take(d, "file", _optional(_is_str), "a file name", default=None),
-            run_id=d.get("run_id"),
+            run_id=_take(d, "run_id", _optional(_is_str), "a run id", default=None),
             base_version=_take(d, "base_version", _optional(is_count), "a version", default=None),
             staleness=_take(d, "staleness", _optional(is_count), "a count", default=None),
-            staleness_weight=d.get("staleness_weight"),
+            staleness_weight=_take(d, "staleness_weight", _optional(_is_finite), "a number", default=None),
             statistics=_take(d, "statistics", _optional(_is_true), "true", default=None),
             extra=_extra(d, cls),
         )
@@ -172,9 +225,9 @@ class MergeRecord:
         return cls(
             method=_take(d, "method", _is_str, "a method name", "merge.", default="?"),
             vectors=_summaries(d.get("vectors", []), "merge.vectors"),
-            scale=d.get("scale"),
+            scale=_take(d, "scale", _optional(_is_finite), "a number", "merge.", default=None),
             params=_take(d, "params", _is_object, "an object", "merge.", default={}),
-            privacy_budget=d.get("privacy_budget"),
+            privacy_budget=_take(d, "privacy_budget", _optional(_is_object), "an object", "merge.", default=None),
             extra=_extra(d, cls),
         )
 
@@ -215,6 +268,10 @@ def _lineage(d: Mapping[str, Any], version: int | None) -> tuple[LineageEntry, .
         vectors = _within("lineage", f"entry {i} (v{i})", _summaries, e["vectors"], "vectors") if i else None
         out.append(LineageEntry(i, e["identity"], vectors, _extra(e, LineageEntry)))
     return tuple(out)
+
+
+def _model_spec(x: Any) -> bool:
+    return isinstance(x, dict) and (x.get("labels") is None or _strings(x["labels"]))
 
 
 @dataclass(frozen=True)
@@ -289,14 +346,14 @@ class ModelHeader:
         version = _take(d, "version", is_count, "a whole number >= 0", default=None)
         h = cls(
             identity=_take(d, "identity", is_sha, "64 hex digits"),
-            model=_take(d, "model", _is_object, "an object"),
-            created=d.get("created"),
-            taskvec_version=d.get("taskvec_version"),
-            source=d.get("source"),
+            model=_take(d, "model", _model_spec, "an object whose labels are names"),
+            created=_take(d, "created", _optional(_is_str), "a time", default=None),
+            taskvec_version=_take(d, "taskvec_version", _optional(_is_str), "a version", default=None),
+            source=_take(d, "source", _optional(_run_source), "an object", default=None),
             parent=_take(d, "parent", _optional(is_sha), "64 hex digits", default=None),
-            run_id=d.get("run_id"),
+            run_id=_take(d, "run_id", _optional(_is_str), "a run id", default=None),
             training=_take(d, "training", _optional(_is_object), "an object", default=None),
-            privacy=_take(d, "privacy", _optional(_is_list), "a list", default=None),
+            privacy=_ledger(d, "privacy", None),
             version=version,
             lineage=_lineage(d, version),
             merge=merge,
@@ -390,21 +447,21 @@ class VectorHeader:
             sha256=_take(d, "sha256", is_sha, "64 hex digits"),
             base=BaseRef.from_json(_take(d, "base", _is_object, "an object")),
             contributor=_take(d, "contributor", _is_str, "a name"),
-            task=d.get("task"),
+            task=_take(d, "task", _optional(_is_str), "a task name", default=None),
             labels=_take(d, "labels", _optional(_strings), "a list of names", default=None),
             samples=_take(d, "samples", _optional(is_count), "a whole number >= 0 or null", default=None),
-            created=d.get("created"),
-            dtype=d.get("dtype"),
+            created=_take(d, "created", _optional(_is_str), "a time", default=None),
+            dtype=_take(d, "dtype", _optional(_is_str), "a dtype name", default=None),
             statistics=_take(d, "statistics", _strings, "a list of tensor names", default=[]),
-            train=d.get("train"),
-            subset=d.get("subset"),
-            factors=_take(d, "factors", _optional(_is_object), "an object", default=None),
-            source=_take(d, "source", _optional(_is_object), "an object", default=None),
-            clip=d.get("clip"),
-            noise_multiplier=d.get("noise_multiplier"),
-            privacy=_take(d, "privacy", _is_list, "a list", default=[]),
-            declared_public=d.get("declared_public"),
-            norm=d.get("norm"),
+            train=_take(d, "train", _optional(_is_str), "a mode name", default=None),
+            subset=_take(d, "subset", _optional(_is_bool), "true or false", default=None),
+            factors=_take(d, "factors", _optional(_factors), "{tensor: {rank: R >= 1}}", default=None),
+            source=_take(d, "source", _optional(_run_source), "an object", default=None),
+            clip=_take(d, "clip", _optional(_is_finite), "a number", default=None),
+            noise_multiplier=_take(d, "noise_multiplier", _optional(_is_finite), "a number", default=None),
+            privacy=_ledger(d, "privacy", []),
+            declared_public=_take(d, "declared_public", _optional(_strings), "a list of tensor names", default=None),
+            norm=_take(d, "norm", _optional(_finite_values), "an object of numbers", default=None),
             sufficient=_take(d, "sufficient", _optional(_is_object), "an object", default=None),
             format_version=d.get("format_version", FORMAT_VERSION),
             extra=_extra(d, cls),

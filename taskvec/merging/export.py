@@ -22,7 +22,7 @@ from safetensors import safe_open
 from taskvec.errors import FileFormatError, PrivacyConfigError, PrivacyError
 from taskvec.io.files import FLOAT_DTYPES, Header, check_output, file_digest, now, read_header, read_kind
 from taskvec.io.layout import check_against_base, is_statistic
-from taskvec.io.schema import BaseRef, LedgerEntry, ModelHeader, VectorHeader
+from taskvec.io.schema import BaseRef, LedgerEntry, ModelHeader, VectorHeader, check_contributor
 from taskvec.io.tensors import CAST_DTYPES, TORCH_TO_ST, all_finite, save_tensors, state_digest
 from taskvec.models.spec import resolve_model_path
 from taskvec.privacy.ledger import locked_releases, read_releases, record_release, releases_path
@@ -157,6 +157,8 @@ def export_vector(
     bh = read_kind(base, "model")
     fh = read_header(resolve_model_path(finetuned))
     _check_finetuned(bh, fh)
+    contributor = check_contributor(contributor if contributor is not None else
+                                    (_model_of(fh).training or {}).get("contributor") or "anonymous")
     released = released_statistics(fh)
     if released is not None:
         return _export_statistics(bh, fh, released, out, request, dtype, contributor, samples, force)
@@ -193,7 +195,7 @@ class _Release:
 def _release(
     bh: Header, fh: Header, deltas: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], layout: dict[str, Any],
     request: NoiseRequest,
-    earlier: list[dict[str, Any]], dtype: str, contributor: str | None, samples: int | None,
+    earlier: list[dict[str, Any]], dtype: str, contributor: str, samples: int | None,
     norms: tuple[float, float],
 ) -> _Release:
     """Noise the (clipped) deltas as requested and build the vector's tensors and header."""
@@ -207,12 +209,18 @@ def _release(
         assert request.clip is not None and request.delta is not None
         zs = [r["noise_multiplier"] for r in earlier]
         z = request.solve(zs)
+        privacy += _noise_entries(request, [*zs, z], fm.run_id, declared)
         add_noise_(deltas, z * request.clip, secret_generator("cpu"))
-        privacy += gaussian_output_entries([*zs, z], request.clip, request.delta, fm.run_id, declared)
         stats, left_out = {}, len(stats)
     training = fm.training or {}
     cast = CAST_DTYPES[dtype]
     tensors = {k: v.to(cast) for k, v in deltas.items()} | stats
+    unheld = next((k for k, v in tensors.items() if not all_finite(v)), None)
+    if unheld is not None:
+        other = "" if dtype == "fp32" else ", or in fp32"
+        raise PrivacyConfigError(f"dtype {dtype} does not hold the vector: tensor {unheld} is NaN or Inf after "
+                                 f"clipping, noise and casting; export with a smaller clip or noise{other}",
+                                 field="dtype", got=dtype)
     if z is None:  # without export noise, these are the released tensors' own (or a DP-SGD model's)
         source, norm = {"run_id": fm.run_id, "identity": fm.identity or None}, {"pre_clip": norms[0],
                                                                                 "post_clip": norms[1]}
@@ -223,7 +231,7 @@ def _release(
     header = VectorHeader(
         sha256=state_digest(tensors),
         base=BaseRef(base.identity, base.arch, base.number, base.versions()[:-1]),
-        contributor=contributor or training.get("contributor") or "anonymous",
+        contributor=contributor,
         task=base.task, labels=base.labels,
         samples=samples if privacy or samples is not None else training.get("samples"),
         created=now(), dtype=TORCH_TO_ST[cast], statistics=sorted(stats), **layout,
@@ -231,6 +239,25 @@ def _release(
         declared_public=declared if privacy else None, norm=norm,
     )
     return _Release(tensors, header, z, left_out)
+
+
+def _noise_entries(request: NoiseRequest, zs: list[float], run_id: str | None,
+                   declared: list[str]) -> list[dict[str, Any]]:
+    """The ledger entries of export noise `zs` (this run's releases, this one last), refused unless each has a
+    finite ε: a noise multiplier too small or too large for the accountant gives none."""
+    assert request.clip is not None and request.delta is not None
+    try:
+        entries = gaussian_output_entries(zs, request.clip, request.delta, run_id, declared)
+    except ArithmeticError as e:
+        entries, problem = [], str(e)
+    else:
+        problem = "" if all(math.isfinite(e["epsilon"]) for e in entries) else "ε is infinite"
+    if problem:
+        fld = "noise_multiplier" if request.noise_multiplier is not None else "epsilon"
+        raise PrivacyConfigError(f"{fld} {getattr(request, fld):.3g} gives no finite ε (noise multiplier "
+                                 f"{zs[-1]:.3g}: {problem}); give a larger noise multiplier or a smaller epsilon",
+                                 field=fld, got=getattr(request, fld))
+    return entries
 
 
 def _warnings(release: _Release, clip: float | None, earlier: list[dict[str, Any]]) -> list[str]:

@@ -104,7 +104,7 @@ def _read_record(path: Path, fields: _Fields) -> dict[str, Any]:
     reach into nested objects; a missing field is None) has its type, as when taskvec wrote it."""
     try:
         record = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise TaskvecError(f"{path}: cannot be read ({e}); start a new run in another folder", path=path) from e
     wrong = [name for name, kind in fields.items() if not isinstance(_field(record, name), kind)]
     if not isinstance(record, dict) or wrong:

@@ -26,3 +26,47 @@ def test_inspect_of_a_corrupted_vector_fails(as_json: bool, make_base, make_fine
         assert json.loads(out)["integrity"] is False
     else:
         assert "MISMATCH" in out
+
+
+def _rewritten(src: Path, dest: Path, change: dict, tensors: dict | None = None) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    from taskvec.io.files import read_header
+
+    meta = {**read_header(src).meta, **change}
+    save_file(tensors or load_file(str(src)), str(dest), metadata={"format": "pt", "taskvec": json.dumps(meta)})
+    return dest
+
+
+def test_inspect_json_stays_strict_json_for_a_file_holding_infinity(make_base, make_finetuned,
+                                                                    tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from taskvec.io.tensors import state_digest
+
+    base = make_base()
+    vec = tmp_path / "v.safetensors"
+    assert invoke("export", make_finetuned(base, 1), "--base", base, "--out", vec)[0] == 0
+    tensors = load_file(str(vec))
+    k = sorted(tensors)[0]
+    tensors[k].view(-1)[0] = float("inf")
+    bad = _rewritten(vec, tmp_path / "inf.safetensors", {"sha256": state_digest(tensors)}, tensors)
+    code, out, err = invoke("inspect", bad, "--json")
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    assert json.loads(out, parse_constant=refuse)["l2_norm"] == "inf", err
+
+
+def test_inspect_prints_a_merge_without_a_scale(make_base, make_finetuned, tmp_path: Path) -> None:
+    base = make_base()
+    vec, merged = tmp_path / "v.safetensors", tmp_path / "m.safetensors"
+    assert invoke("export", make_finetuned(base, 1), "--base", base, "--out", vec)[0] == 0
+    assert invoke("merge", vec, "--base", base, "--out", merged)[0] == 0
+    from taskvec.io.files import read_header
+
+    record = read_header(merged).meta["merge"]
+    odd = _rewritten(merged, tmp_path / "odd.safetensors", {"merge": {**record, "scale": None, "staleness": "a"}})
+    code, out, err = invoke("inspect", odd)
+    assert code == 0 and "λ=None" in out and "staleness a=a" in out, err

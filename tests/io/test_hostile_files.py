@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import struct
 import zipfile
@@ -18,7 +19,7 @@ from hostile import assert_refused, cli
 from safetensors.torch import load_file, save_file
 
 from taskvec.errors import ConfigError, FileFormatError, OutputExistsError, PrivacyError, TaskvecError
-from taskvec.io.files import MAX_HEADER_BYTES, atomic_output, private_copy, read_header
+from taskvec.io.files import MAX_HEADER_BYTES, atomic_output, private_copy, read_header, read_kind
 
 F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 
@@ -50,6 +51,8 @@ def _meta(version: object) -> dict:
     (_meta("1"), b"\0" * 8, "format_version"),
     (_meta(1.0), b"\0" * 8, "format_version"),
     ([1, 2], b"", "not a JSON object"),
+    (b"[" * 100_000 + b"]" * 100_000, b"", "corrupt safetensors header"),  # deeper than the parser's stack
+    ({"__metadata__": {"taskvec": "[" * 100_000 + "]" * 100_000}, "w": F32}, b"\0" * 8, "corrupt taskvec metadata"),
 ])
 def test_crafted_headers_are_refused(tmp_path: Path, header: bytes | dict, data: bytes, message: str) -> None:
     p = _raw(tmp_path / "x.safetensors", header, data)
@@ -264,6 +267,25 @@ def test_non_finite_options_are_refused_in_the_library(make_base, make_finetuned
         validate_ledger([{**entry, "epsilon": 1.0, "steps": True}])
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"clip": 1.0, "noise_multiplier": 1e6, "dtype": "fp16"}, "dtype fp16 does not hold the vector"),  # 65504
+    ({"clip": 1e38, "noise_multiplier": 10.0}, "dtype fp32 does not hold the vector"),
+    ({"clip": 1.0, "noise_multiplier": 1e-300}, "noise_multiplier 1e-300 gives no finite ε"),
+    ({"clip": 1.0, "noise_multiplier": 1e300}, "noise_multiplier 1e+300 gives no finite ε"),
+    ({"clip": 1.0, "epsilon": 1e300}, "epsilon 1e+300 gives no finite ε"),
+])
+def test_an_export_that_would_not_be_finite_writes_and_spends_nothing(make_base, make_finetuned, tmp_path: Path,
+                                                                      kwargs: dict, message: str) -> None:
+    from taskvec.merging.export import export_vector
+    from taskvec.privacy.ledger import releases_path
+
+    base = make_base()
+    ft = make_finetuned(base, 0)
+    with pytest.raises(PrivacyError, match=re.escape(message)):
+        export_vector(ft, base, tmp_path / "v.safetensors", delta=1e-5, **kwargs)
+    assert not (tmp_path / "v.safetensors").exists() and not releases_path(ft).exists()  # no release recorded
+
+
 # ---------------------------------------------------------------- output: as a user expects
 
 
@@ -309,8 +331,13 @@ def test_markup_and_escapes_in_names_print_as_text(make_base, make_finetuned, tm
 
     base = make_base()
     ft = make_finetuned(base, 0)
-    marked = tmp_path / "marked.safetensors"
-    export_vector(ft, base, marked, contributor="[/bold]x\x1b[31m")
+    with pytest.raises(TaskvecError, match="cannot name a registry folder"):  # export refuses such a name
+        export_vector(ft, base, tmp_path / "x.safetensors", contributor="[/bold]x\x1b[31m")
+    assert not (tmp_path / "x.safetensors").exists()
+    plain, marked = tmp_path / "plain.safetensors", tmp_path / "marked.safetensors"
+    export_vector(ft, base, plain, contributor="site0")  # a file from elsewhere may still carry one
+    meta = {**read_kind(plain, "vector").meta, "contributor": "[/bold]x\x1b[31m"}
+    save_file(load_file(str(plain)), str(marked), metadata={"format": "pt", "taskvec": json.dumps(meta)})
     r = cli("inspect", marked.name, cwd=tmp_path)
     assert r.code == 0, r.stderr
     assert "[/bold]x\\x1b[31m" in r.stdout and "\x1b" not in r.stdout
@@ -326,7 +353,6 @@ def test_markup_and_escapes_in_names_print_as_text(make_base, make_finetuned, tm
 
 
 def test_malformed_taskvec_metadata_is_refused(make_base, make_finetuned, tmp_path: Path) -> None:
-    from taskvec.io.files import read_kind
     from taskvec.merging.export import export_vector
 
     base = make_base()

@@ -135,12 +135,72 @@ def test_index_paths_and_fields_are_checked(sites, tmp_path: Path) -> None:
     reg.push(vector(0))
     good = _index(reg_dir)
     for field, value in (("path", "../../../etc/passwd"), ("sha256", "../x"), ("file_sha256", "zz"),
-                         ("size", -1), ("samples", True), ("signature", {"public_key": 7})):
+                         ("size", -1), ("samples", True), ("signature", {"public_key": 7}), ("created", 5),
+                         ("pushed", "garbage"), ("privacy", [1]), ("privacy", [{"mechanism": "gaussian-output"}])):
         d = json.loads(json.dumps(good))
         d["vectors"][0][field] = value
         _write_index(reg_dir, d)
         with pytest.raises(RegistryError, match=f"invalid {field}"):
             reg.entries()
+
+
+def test_an_index_listing_a_vector_twice_or_nested_too_deep_is_refused(sites, tmp_path: Path) -> None:
+    base, vector = sites
+    reg_dir = tmp_path / "reg"
+    reg = created(str(reg_dir), base)
+    reg.push(vector(0))
+    d = _index(reg_dir)
+    _write_index(reg_dir, {**d, "vectors": d["vectors"] * 2})
+    with pytest.raises(RegistryError, match="listed twice; rebuild it with `taskvec registry reindex`"):
+        reg.entries()
+    (reg_dir / "index.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(RegistryError, match="index.json: unreadable"):
+        reg.entries()
+    assert reg.reindex() == (1, [])
+
+
+def _forged(src: Path, dest: Path) -> Path:
+    """A copy of the noised vector `src` whose ledger claims ten times less ε than its noise gives."""
+    from safetensors.torch import load_file, save_file
+
+    meta = read_kind(src, "vector").meta
+    meta["privacy"] = [{**e, "epsilon": e["epsilon"] / 10} for e in meta["privacy"]]
+    save_file(load_file(str(src)), str(dest), metadata={"format": "pt", "taskvec": json.dumps(meta)})
+    return dest
+
+
+def test_a_ledger_a_merge_would_refuse_never_enters_the_registry(make_base, make_finetuned, tmp_path: Path) -> None:
+    """One push must not block every later merge of the registry: the ledger is verified (ε recomputed) on push
+    and on reindex, as a merge verifies it."""
+    from taskvec.merging.export import export_vector
+
+    base = make_base()
+    noised = tmp_path / "noised.safetensors"
+    export_vector(make_finetuned(base, 0), base, noised, contributor="site0", clip=1.0, noise_multiplier=2.0,
+                  delta=1e-5)
+    forged = _forged(noised, tmp_path / "forged.safetensors")
+    reg_dir = tmp_path / "reg"
+    reg = created(str(reg_dir), base)
+    with pytest.raises(TaskvecError, match="forged.safetensors: privacy entry 0"):
+        reg.push(forged)
+    assert reg.entries() == [] and not (reg_dir / "vectors" / "site0").exists()
+    sha = read_kind(forged, "vector").meta["sha256"]
+    (reg_dir / "vectors" / "site0").mkdir(parents=True)
+    (reg_dir / "vectors" / "site0" / f"{sha}.safetensors").write_bytes(forged.read_bytes())  # planted
+    count, skipped = reg.reindex()
+    assert count == 0 and len(skipped) == 1 and "privacy entry 0" in skipped[0]
+    assert reg.push(noised).entry.sha256 == sha  # the honest file with the same tensors is taken
+
+
+def test_reindex_leaves_out_a_signature_file_that_is_not_one(sites, tmp_path: Path) -> None:
+    base, vector = sites
+    reg_dir = tmp_path / "reg"
+    reg = created(str(reg_dir), base)
+    e = reg.push(vector(0)).entry
+    (reg_dir / e.path.removesuffix(".safetensors")).with_suffix(".sig").write_text('{"public_key": 7}')
+    count, skipped = reg.reindex()
+    assert count == 0 and "unreadable signature file" in skipped[0]
+    assert reg.entries() == []
 
 
 def test_pull_stays_in_out_and_creates_it(sites, tmp_path: Path) -> None:

@@ -230,6 +230,13 @@ def test_registry_json_versions_are_checked(sites, tmp_path: Path) -> None:
         (reg_dir / "registry.json").write_text(json.dumps({**good, "versions": versions}))
         with pytest.raises(RegistryError, match="unreadable"):
             reg.info()
+    for fld, value in (("created", 5), ("card", []), ("base", "x")):  # the error names the field
+        (reg_dir / "registry.json").write_text(json.dumps({**good, fld: value}))
+        with pytest.raises(RegistryError, match=rf"unreadable \({fld}\)"):
+            reg.info()
+    (reg_dir / "registry.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(RegistryError, match="registry.json: unreadable"):
+        reg.info()
 
 
 def test_registry_json_with_two_versions_of_one_identity_is_refused(address: str, sites, tmp_path: Path) -> None:
