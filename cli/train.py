@@ -139,15 +139,16 @@ def finetune(
         None, "--earlier-release",
         help="--dp: a vector this site released before from the same images (repeat): --target-epsilon spans it "
              "too, counted once whether the base's lineage lists it or not (the site's own record)."),
-    delta: float = typer.Option(DEFAULT_DELTA, help="--dp: δ of the guarantee (keep it below 1 / number of patients)."),
+    delta: float = typer.Option(
+        DEFAULT_DELTA, help="--dp: δ of the guarantee, at most 0.01 (keep it below 1 / number of patients)."),
     max_grad_norm: float = typer.Option(
         DEFAULT_MAX_GRAD_NORM, "--max-grad-norm", help="--dp: clip each unit's gradient to this norm."),
     sample_rate: float = typer.Option(
         DEFAULT_SAMPLE_RATE, "--sample-rate", help="--dp: each unit's chance to join a step's batch (Poisson "
                                                    "sampling; the expected batch, rate × units, is never written)."),
     augmult: int = typer.Option(
-        DEFAULT_AUGMULT, help="--dp: augmentation multiplicity K (De et al. 2022): average K augmented copies before "
-                              "clipping."
+        DEFAULT_AUGMULT, help="--dp: augmentation multiplicity K (De et al. 2022; at most 64): average K augmented "
+                              "copies before clipping."
     ),
     prox: float = typer.Option(
         DEFAULTS.prox, help="Pull the trained weights toward the base, FedProx's μ/2·||θ − θ_base||² (a proximal step "

@@ -34,6 +34,7 @@ from scipy import stats
 from taskvec.errors import ConfigError, PrivacyError, check_range
 
 DEFAULT_CANARIES = 1000
+MAX_CANARIES = 100_000  # each is one pass over the vector: beyond it the audit runs for hours and says no more
 DEFAULT_MAX_DIM = 1_000_000
 MIN_DIM = 1000  # below it the null N(0, 1/d) is not accurate enough
 
@@ -156,8 +157,9 @@ def audit_export_mechanism(
     check_range("noise_multiplier", noise_multiplier, low=0)
     check_range("delta", delta, low=0, high=1)
     check_range("confidence", confidence, low=0, high=1)
-    if not isinstance(canaries, int) or canaries < 10:
-        raise ConfigError(f"canaries must be an integer >= 10, got {canaries!r}", field="canaries", got=canaries)
+    if not isinstance(canaries, int) or not 10 <= canaries <= MAX_CANARIES:
+        raise ConfigError(f"canaries must be an integer in 10..{MAX_CANARIES}, got {canaries!r}", field="canaries",
+                          got=canaries)
     dim = sum(math.prod(s) for s in shapes)
     if dim < MIN_DIM:
         raise ConfigError(f"max_dim must give at least {MIN_DIM} coordinates, got {dim}", field="max_dim", got=dim)

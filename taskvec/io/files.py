@@ -362,6 +362,30 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+Fields = dict[str, type | tuple[type, ...]]  # a record's fields (dotted names reach into nested objects) and types
+
+
+def read_record(path: Path, fields: Fields, remedy: str) -> dict[str, Any]:
+    """The JSON object taskvec wrote in `path`, refused in one line naming the file and ending in `remedy` unless
+    each of `fields` has its type (a missing field is None)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise FileFormatError(f"{path}: cannot be read ({e}); {remedy}", path=path) from e
+    wrong = [name for name, kind in fields.items() if not isinstance(_field(record, name), kind)]
+    problem = ("not a JSON object" if not isinstance(record, dict) else
+               f"{', '.join(wrong)} missing or of the wrong type" if wrong else "")
+    if problem:
+        raise FileFormatError(f"{path}: not what taskvec writes there ({problem}); {remedy}", path=path)
+    return record
+
+
+def _field(record: Any, name: str) -> Any:
+    for key in name.split("."):
+        record = record.get(key) if isinstance(record, dict) else None
+    return record
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write `obj` as indented, key-sorted JSON, atomically, replacing any existing file."""
     with atomic_output(path, force=True) as tmp:

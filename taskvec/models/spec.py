@@ -241,7 +241,10 @@ def build_base(
     if weights is not None:
         read_header(weights)  # refuses pickle, corrupt or missing files with a clear message
     default_size = timm.get_pretrained_cfg(arch)
-    size = img_size or (default_size.input_size[-1] if default_size is not None else 224)
+    size = img_size if img_size is not None else (default_size.input_size[-1] if default_size is not None else 224)
+    for name, value, top in (("in_chans", in_chans, MAX_CHANNELS), ("img_size", size, MAX_IMG_SIZE)):
+        if not _int_in(value, 1, top):
+            raise ConfigError(f"{name} must be a whole number in 1..{top}, got {value!r}", field=name, got=value)
     spec = ModelSpec(arch, task, num_classes, in_chans, int(size), labels, {})
     if task == "segmentation":
         from taskvec.models.segmentation import decoder_spec

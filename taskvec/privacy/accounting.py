@@ -143,7 +143,7 @@ def dp_sgd_epsilon(history: Sequence[tuple[float, float, int]], delta: float) ->
     and such ε is large or the run very long), so every call is bounded in memory and time."""
     try:
         eps = history_epsilon(PRV, history, delta)
-        if math.isfinite(eps):
+        if math.isfinite(eps) and eps >= 0:  # PRV's ε can turn negative at a large δ
             return eps, PRV
     except PrivacyError:  # the grid over its limit
         return history_epsilon(RDP_LARGE, history, delta), RDP_LARGE

@@ -47,6 +47,11 @@ from taskvec.privacy.mechanisms.dp_sgd import DpSgd
 # "functorch" (vmap over each layer) for ViT-Ti/S and ConvNeXt-atto. A timm ViT or ConvNeXt block with parameters
 # of its own (cls_token, layer scale) is vmapped whole in either mode.
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
+# Bounds no real run comes near, each where an accountant or memory fails beyond it: δ above 0.01 guarantees
+# little (it belongs far below 1/n; PRV's ε even turns negative near 0.3); a noise multiplier above 1e4 leaves
+# ε near 0 while the accountants slow down (infinity stalls RDP); a rate below 1e-9 plans more steps than an
+# index holds; `augmult` copies every image in memory.
+MAX_DELTA, MAX_NOISE_MULTIPLIER, MIN_SAMPLE_RATE, MAX_AUGMULT = 0.01, 1e4, 1e-9, 64
 
 
 @dataclass
@@ -82,8 +87,9 @@ class DPConfig:
 
     def check(self) -> None:
         check_range("max_grad_norm", self.max_grad_norm, low=0, error=PrivacyConfigError)
-        check_range("delta", self.delta, low=0, high=1, error=PrivacyConfigError)
-        check_range("sample_rate", self.sample_rate, low=0, high=1, high_open=False, error=PrivacyConfigError)
+        check_range("delta", self.delta, low=0, high=MAX_DELTA, high_open=False, error=PrivacyConfigError)
+        check_range("sample_rate", self.sample_rate, low=MIN_SAMPLE_RATE, high=1, low_open=False, high_open=False,
+                    error=PrivacyConfigError)
         if self.target_epsilon is None and self.noise_multiplier is None:
             raise PrivacyConfigError("target_epsilon or `noise_multiplier` is needed for DP-SGD",
                                      field="target_epsilon")
@@ -99,10 +105,14 @@ class DPConfig:
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise PrivacyConfigError(f"noise_multiplier must be > 0, got {self.noise_multiplier}: without noise "
                                      "there is no DP", field="noise_multiplier", got=self.noise_multiplier)
-        for name in ("augmult", "max_physical_batch"):
+        if self.noise_multiplier is not None:
+            check_range("noise_multiplier", self.noise_multiplier, high=MAX_NOISE_MULTIPLIER, high_open=False,
+                        error=PrivacyConfigError)
+        for name, top in (("augmult", MAX_AUGMULT), ("max_physical_batch", 1 << 16)):
             value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise PrivacyConfigError(f"{name} must be an integer >= 1, got {value!r}", field=name, got=value)
+            if not (isinstance(value, int) and 1 <= value <= top):
+                raise PrivacyConfigError(f"{name} must be an integer in 1..{top}, got {value!r}", field=name,
+                                         got=value)
         if self.grad_sample_mode not in ("hooks", "functorch"):
             raise PrivacyConfigError(f"grad_sample_mode must be hooks or functorch, got {self.grad_sample_mode!r}",
                                      field="grad_sample_mode", expected=["hooks", "functorch"],

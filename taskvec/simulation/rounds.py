@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from taskvec.errors import MismatchError
 from taskvec.io.files import read_kind
 from taskvec.merging.export import export_vector, released_statistics
 from taskvec.merging.stream import merge_vectors
@@ -41,10 +42,15 @@ def export_site_vector(model: Path | str, base: Path, out: Path, site: int) -> P
     """`out`: the vector of `model` against `base` (exported once: re-exporting a DP run would spend its budget
     again). A simulation declares each site's training count public, `weighted` needs it, except for a run whose
     mode releases statistics instead of deltas: those carry their own (noised) counts."""
+    header = read_kind(model, "model")
     if not out.exists():
-        statistics = released_statistics(read_kind(model, "model")) is not None
+        statistics = released_statistics(header) is not None
         trained = json.loads((Path(model).parent / METRICS_FILE).read_text())["samples"]["train"]
         export_vector(model, base, out, contributor=f"site{site}", samples=None if statistics else trained)
+    source, m = read_kind(out, "vector").vector.source or {}, header.model
+    if source.get("run_id") != m.run_id or source.get("identity", m.identity) != m.identity:  # replaced since
+        raise MismatchError(f"{out}: is not the vector of {model} (another run or model); delete it to export "
+                            "that model's vector again", path=out)
     return out
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from taskvec.errors import ConfigError, OutputExistsError, TaskvecError, check_range
-from taskvec.io.files import write_json
+from taskvec.io.files import read_record, write_json
 from taskvec.io.lineage import DEFAULT_STALENESS
 from taskvec.merging.methods import COMPARED, DEFAULT_METHOD, MERGE_METHODS
 from taskvec.merging.stream import merge_vectors
@@ -178,7 +178,7 @@ def open_simulation(cfg: SimulationConfig) -> Path:
     record = out / "simulation.json"
     if record.exists():  # a setting the record predates has its default
         defaults = asdict(SimulationConfig(data=cfg.data, out=cfg.out))
-        kept = {**defaults, **json.loads(record.read_text())}
+        kept = {**defaults, **read_record(record, {}, "choose another `out`")}
         given = json.loads(json.dumps(asdict(cfg)))
         if {k: v for k, v in kept.items() if k not in RUNTIME} != {k: v for k, v in given.items() if k not in RUNTIME}:
             raise OutputExistsError(f"{out}: holds a simulation with other settings; choose another `out`", path=out)

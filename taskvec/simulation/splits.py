@@ -40,6 +40,7 @@ def split_by_group(groups: Sequence[str], sites: int) -> list[np.ndarray]:
     """Whole groups (hospital, scanner, tissue source) to sites, largest first to the smallest site."""
     g = np.asarray([str(x) for x in groups])
     names, counts = np.unique(g, return_counts=True)
+    _check(len(g), sites)
     if len(names) < sites:
         raise ConfigError(f"sites must be at most the {len(names)} groups ({', '.join(names)}), got {sites}",
                           field="sites", expected=f"<= {len(names)}", got=sites)

@@ -83,6 +83,14 @@ class FinetuneConfig:
                 raise ConfigError(f"{name} must be >= 1, got {v}", field=name, expected=">= 1", got=v)
         if self.lr is not None:
             check_range("lr", self.lr, low=0)
+        check_range("weight_decay", self.weight_decay, low=0, low_open=False)
+        check_range("warmup", self.warmup, low=0, high=1, low_open=False, high_open=False)
+        if self.img_size is not None:
+            from taskvec.models.spec import MAX_IMG_SIZE
+
+            check_range("img_size", self.img_size, low=1, high=MAX_IMG_SIZE, low_open=False, high_open=False)
+        if self.num_workers is not None:
+            check_range("num_workers", self.num_workers, low=0, high=1024, low_open=False, high_open=False)
         if self.ema is not None:
             check_range("ema", self.ema, low=0, high=1, low_open=False)
         check_range("prox", self.prox, low=0, low_open=False)

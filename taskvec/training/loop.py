@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from taskvec.errors import ConfigError, OutputExistsError, TaskvecError
+from taskvec.errors import ConfigError, FileFormatError, OutputExistsError, PrivacyError, TaskvecError
 from taskvec.io.files import read_kind, write_json
-from taskvec.io.schema import ModelHeader
+from taskvec.io.schema import ModelHeader, is_count
 from taskvec.io.tensors import state_digest
 from taskvec.models.spec import ModelSpec, create_module, load_model, save_model, starts_pretrained
 from taskvec.privacy.dpsgd import DPConfig, is_accumulating, noise_and_limit, require_dp_ready
@@ -128,7 +128,7 @@ def finetune(
     model file with parent, run id, training record and privacy ledger) and `metrics.json`. Under a launcher
     (torchrun), every process calls this; rank 0 alone writes and reports (`taskvec.training.distributed`).
     Each warning of the result goes to `on_warning` as soon as it is known, before training starts. A run
-    refused before its first step leaves `out_dir` as it was.
+    refused, or failing before its first checkpoint, leaves `out_dir` as it was.
     """
     say = on_warning or (lambda message: None)
     header = read_kind(base, "model")
@@ -157,6 +157,11 @@ def finetune(
         _check_frozen_head(base, spec)
     if splits.train is None:
         raise TaskvecError(f"{splits.source}: no training split")
+    twice = splits.train.repeated_image() if config.dp is not None and splits.train.unit == "image" else None
+    if twice is not None:  # one image as several units: the per-image guarantee would not cover it
+        raise PrivacyError(f"{splits.source}: image {twice} is listed more than once; DP per image needs each "
+                           "image once: remove the repeats, or give patient ids so that copies form one unit",
+                           path=splits.source)
     if (out / MODEL_FILE).exists():  # resumed after it finished: the same run, nothing to do
         done = finished(out, header.model.identity, config, split_record(splits.train, splits.val))
         for w in done.warnings:
@@ -174,10 +179,10 @@ def finetune(
                          splits.source, group, say)
             # a one-pass mode has nothing to resume before its pass ends: a pass that fails leaves nothing
             fit = _fit_pass(run, config, splits.train, track) if mode.fits_in_one_pass and not run.history else None
-        if mode.fits_in_one_pass:
-            history = _one_pass(run, config, splits.train, splits.val, fit, on_epoch)
-        else:
-            history = _train(run, config, splits.val, track, on_epoch)
+            if mode.fits_in_one_pass:
+                history = _one_pass(run, config, splits.train, splits.val, fit, on_epoch)
+            else:
+                history = _train(run, config, splits.val, track, on_epoch)
         return _save_run(run, config, splits, history)
 
 
@@ -292,19 +297,38 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
                criterion(spec, train, config.head).to(device), site)
     if (out / CHECKPOINT_FILE).exists():
         meta = load_checkpoint(out / CHECKPOINT_FILE, net, setup.optimizer, ema)
+        _check_checkpoint(meta, run, dp_sgd=config.dp is not None and not one_pass)
         run.start_epoch, run.history = meta["epoch"], meta["history"]
         setup.load_state(meta.get("setup", {}))
     return run
 
 
+def _check_checkpoint(meta: dict[str, Any], run: _Run, dp_sgd: bool) -> None:
+    """Refuse a checkpoint whose counts do not add up for this run (edited, or from another schedule): resumed,
+    it would skip or repeat steps, and under DP-SGD the ledger would count other steps than were taken."""
+    epoch, step, history, state = meta.get("epoch", -1), meta.get("step", -1), meta.get("history"), meta.get("setup")
+    fine = (is_count(epoch) and 1 <= epoch <= run.epochs and is_count(step) and step <= run.total
+            and isinstance(history, list) and len(history) == epoch and isinstance(state, (dict, type(None))))
+    if fine and dp_sgd:
+        fine = isinstance(state, dict) and state.get("dp_steps") == step
+    if not fine:
+        path = run.out / CHECKPOINT_FILE
+        raise FileFormatError(f"{path}: its epoch, step, history or DP step count do not add up for this run "
+                              f"(epoch {str(epoch)[:20]} of {run.epochs}, step {str(step)[:20]} of {run.total}); "
+                              "delete it to start the run over", path=path)
+
+
 @contextlib.contextmanager
 def _undone_on_error(out: Path, group: Group) -> Iterator[None]:
-    """Remove what the block adds to `out` (all of it, when it did not exist) if the block fails: a run refused
-    while it is set up leaves nothing behind."""
+    """Remove what the block adds to `out` (all of it, when it did not exist) if the block fails before a
+    checkpoint is there to resume from: a run refused while it is set up, or failing in its first epoch, leaves
+    nothing behind, so the corrected command does not meet "run folder exists"."""
     before = set(out.iterdir()) if out.is_dir() else None
     try:
         yield
     except BaseException:
+        if (out / CHECKPOINT_FILE).exists():
+            raise
         if group.main and before is None:
             shutil.rmtree(out, ignore_errors=True)
         elif group.main and before is not None:

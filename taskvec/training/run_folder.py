@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from taskvec.errors import MismatchError, OutputExistsError, TaskvecError
-from taskvec.io.files import read_kind, write_json
+from taskvec.io.files import Fields, read_kind, read_record, write_json
 from taskvec.io.schema import FORMAT, FORMAT_VERSION
 from taskvec.io.tensors import save_tensors
+from taskvec.privacy.dpsgd import DPConfig
 from taskvec.training.config import RUNTIME_FIELDS, FinetuneConfig
 
 MODEL_FILE, CHECKPOINT_FILE = "model.safetensors", "checkpoint.safetensors"
@@ -39,6 +40,9 @@ class FinetuneResult:
     skipped: int = 0
     warnings: list[str] = field(default_factory=list)
     composed_epsilon: float | None = None  # ε of this run and its earlier releases (`DPConfig.prior`) together
+
+
+_DP_DEFAULTS = json.loads(json.dumps({f.name: f.default for f in fields(DPConfig) if f.default is not MISSING}))
 
 
 def config_dict(config: FinetuneConfig) -> dict[str, Any]:
@@ -91,32 +95,15 @@ def _differences(started: dict[str, Any], now: dict[str, Any], prefix: str = "")
     return found
 
 
-_Fields = dict[str, type | tuple[type, ...]]
-_RUN_FIELDS: _Fields = {"parent": str, "run_id": str, "config": dict, "runtime": (list, type(None))}
-_SPLIT_FIELDS: _Fields = {"train": list, "val": list}
-_METRICS_FIELDS: _Fields = {"identity": str, "run_id": str, "samples.train": int, "epochs": int, "steps": int,
+_RUN_FIELDS: Fields = {"parent": str, "run_id": str, "config": dict, "runtime": (list, type(None))}
+_SPLIT_FIELDS: Fields = {"train": list, "val": list}
+_METRICS_FIELDS: Fields = {"identity": str, "run_id": str, "samples.train": int, "epochs": int, "steps": int,
                             "history": list, "val_metrics": dict, "resumed_from_epoch": int, "skipped": int,
                             "composed_epsilon": (float, int, type(None))}
 
 
-def _read_record(path: Path, fields: _Fields) -> dict[str, Any]:
-    """The JSON object in `path`, refused in one line naming the file unless each of `fields` (dotted names
-    reach into nested objects; a missing field is None) has its type, as when taskvec wrote it."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:
-        raise TaskvecError(f"{path}: cannot be read ({e}); start a new run in another folder", path=path) from e
-    wrong = [name for name, kind in fields.items() if not isinstance(_field(record, name), kind)]
-    if not isinstance(record, dict) or wrong:
-        raise TaskvecError(f"{path}: not what taskvec writes there ({', '.join(wrong or fields)} missing or of "
-                           "the wrong type); start a new run in another folder", path=path)
-    return record
-
-
-def _field(record: Any, name: str) -> Any:
-    for key in name.split("."):
-        record = record.get(key) if isinstance(record, dict) else None
-    return record
+def _read_record(path: Path, fields: Fields) -> dict[str, Any]:
+    return read_record(path, fields, "start a new run in another folder")
 
 
 def _check_same_run(out: Path, run: dict[str, Any], parent: str, config: FinetuneConfig) -> None:
@@ -124,6 +111,8 @@ def _check_same_run(out: Path, run: dict[str, Any], parent: str, config: Finetun
     if run["parent"] != parent:
         raise MismatchError(f"{out}: was started from base {run['parent'][:12]}, not {parent[:12]}")
     started = config_dict(FinetuneConfig()) | run["config"]  # a field newer than the run: its default
+    if isinstance(started.get("dp"), dict):  # and so for a DP field
+        started["dp"] = _DP_DEFAULTS | started["dp"]
     diff = _differences(started, config_dict(config))
     if diff:
         raise MismatchError(f"{out}: the run was started with {', '.join(diff)}; repeat its options to resume it")

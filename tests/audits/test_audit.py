@@ -189,3 +189,12 @@ def test_audit_canaries_cli(make_base, make_finetuned, tmp_path: Path) -> None:
     clear = export_vector(make_finetuned(base, 2), base, tmp_path / "c.safetensors").path
     res = CliRunner().invoke(app, ["audit", str(clear), "--canaries", "200", "--max-dim", "20000"])
     assert isinstance(res.exception, PrivacyError) and "no export-time noise" in str(res.exception)
+
+
+@pytest.mark.parametrize("canaries", [9, 10**8, 100.0])
+def test_the_canary_count_is_bounded(canaries: object) -> None:
+    from taskvec.audits.canaries import audit_export_mechanism
+    from taskvec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^canaries must be an integer in 10\.\.100000"):
+        audit_export_mechanism(SHAPES, clip=1.0, noise_multiplier=1.0, delta=1e-5, canaries=canaries)  # type: ignore[arg-type]

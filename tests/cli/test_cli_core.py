@@ -133,3 +133,12 @@ def test_python_m_taskvec_is_the_console_script(tmp_path: Path) -> None:
     bad = run("taskvec", "inspect", "missing.safetensors")
     errors = [line for line in bad.stderr.splitlines() if not line.startswith("import time:")]
     assert bad.returncode == 1 and len(errors) == 1 and errors[0].startswith("error: ") and "missing" in errors[0]
+
+
+@pytest.mark.parametrize(("args", "field"), [(["--img-size", "12000"], "img-size"), (["--img-size", "0"], "img-size"),
+                                             (["--img-size", "-3"], "img-size"), (["--in-chans", "0"], "in-chans")])
+def test_init_refuses_a_base_no_other_command_would_take(tmp_path: Path, args: list[str], field: str) -> None:
+    p = taskvec("init", "--arch", "test_convnext", "--num-classes", "2", "--out", "base.safetensors", *args,
+                cwd=tmp_path, ok=False)
+    assert p.returncode != 0 and p.stderr.startswith(f"error: --{field} must be a whole number in 1.."), p.stderr
+    assert not (tmp_path / "base.safetensors").exists()

@@ -147,6 +147,11 @@ def test_calibration_runs_prv_only_within_its_grid(prv_within_limit: list[float]
         ({"max_grad_norm": 1.0, "noise_multiplier": 0.0}, "noise_multiplier"),
         ({"max_grad_norm": 1.0, "target_epsilon": -1.0}, "target_epsilon"),
         ({"max_grad_norm": 1.0, "noise_multiplier": 1.0, "delta": 1.0}, "delta"),
+        ({"max_grad_norm": 1.0, "noise_multiplier": 1.0, "delta": 0.5}, "delta"),  # PRV's ε is negative there
+        ({"max_grad_norm": 1.0, "noise_multiplier": float("inf")}, "noise_multiplier"),  # stalled RDP
+        ({"max_grad_norm": 1.0, "noise_multiplier": 1e300}, "noise_multiplier"),
+        ({"max_grad_norm": 1.0, "noise_multiplier": 1.0, "sample_rate": 1e-300}, "sample_rate"),
+        ({"max_grad_norm": 1.0, "noise_multiplier": 1.0, "augmult": 10**7}, "augmult"),
     ],
 )
 def test_config_is_checked(kw: dict[str, Any], match: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from taskvec.errors import OutputExistsError
+from taskvec.errors import MismatchError, OutputExistsError
 from taskvec.simulation.simulate import SimulationConfig, simulate
 from taskvec.simulation.synthetic import write_classification_npz
 from taskvec.training.evaluate import evaluate_model
@@ -57,12 +57,18 @@ def test_resume_reuses_finished_sites_and_refuses_other_settings(sim) -> None:
     out = Path(cfg.out)
     done = out / "sites" / "site0" / "model.safetensors"
     before = done.stat().st_mtime_ns
-    (out / "sites" / "site1" / "model.safetensors").unlink()  # as if killed while site1 trained
+    (out / "sites" / "site1" / "model.safetensors").unlink()  # as if killed while site1 trained, before export
+    (out / "vectors" / "site1.safetensors").unlink()
     simulate(cfg)
     assert done.stat().st_mtime_ns == before
     assert (out / "sites" / "site1" / "model.safetensors").exists()
     with pytest.raises(OutputExistsError, match="other settings"):
         simulate(replace(cfg, sites=3))
+    mine = (out / "vectors" / "site1.safetensors").read_bytes()
+    (out / "vectors" / "site1.safetensors").write_bytes((out / "vectors" / "site0.safetensors").read_bytes())
+    with pytest.raises(MismatchError, match=r"site1\.safetensors: is not the vector of .*site1"):
+        simulate(cfg)  # a vector replaced since is not merged in its site's place
+    (out / "vectors" / "site1.safetensors").write_bytes(mine)
 
 
 def test_dp_runs_reach_their_budget_and_are_reported(tmp_path: Path) -> None:
@@ -178,3 +184,17 @@ def test_one_seed_reports_no_spread() -> None:
     (two,) = aggregate_rows([[row], [row | {"value": 0.6, "metrics": {"auroc": 0.6}}]])
     assert two["value_sd"] == pytest.approx(0.1414, abs=1e-4) and two["metrics_sd"]["auroc"] == two["value_sd"]
 
+
+
+@pytest.mark.parametrize(("text", "problem"), [("garbage", "cannot be read"), ("[1]", "not a JSON object"),
+                                               ('"str"', "not a JSON object")])
+def test_an_edited_simulation_record_is_refused(tmp_path: Path, text: str, problem: str) -> None:
+    from taskvec.errors import FileFormatError
+    from taskvec.simulation.simulate import open_simulation
+
+    (tmp_path / "sim").mkdir()
+    (tmp_path / "sim" / "simulation.json").write_text(text)
+    cfg = SimulationConfig(data=str(tmp_path / "d.npz"), out=str(tmp_path / "sim"), arch="test_vit")
+    with pytest.raises(FileFormatError, match=rf"simulation\.json: (not what taskvec writes there \()?{problem}"):
+        open_simulation(cfg)
+    assert (tmp_path / "sim" / "simulation.json").read_text() == text

@@ -60,6 +60,9 @@ def test_by_group_keeps_groups_whole_and_balances() -> None:
 def test_bad_specs() -> None:
     with pytest.raises(TaskvecError, match="sites must be at most the 2 groups"):
         split_by_group(["a", "b", "a"], 3)
+    for sites in (0, -2):  # was an argmin of an empty sequence
+        with pytest.raises(TaskvecError, match="^sites must be >= 1"):
+            split_by_group(["a", "b", "a"], sites)
     with pytest.raises(TaskvecError, match="class labels"):
         split_sites("dirichlet:0.5", 2, 0, n=10)
     with pytest.raises(TaskvecError, match="split must be iid"):

@@ -182,6 +182,22 @@ def test_segmentation_errors(tmp_path: Path) -> None:
         load_data(root2, spec())
 
 
+def test_all_of_an_npz_with_its_own_splits_stacks_their_arrays(tmp_path: Path) -> None:
+    import torch
+
+    from taskvec.simulation.synthetic import write_classification_npz
+
+    data = load_data(write_classification_npz(tmp_path / "d.npz", n_train=5, n_val=3, n_test=4, size=32),
+                     spec(chans=1))
+    everything = data.get("all")
+    parts = [data.train, data.val, data.test]
+    assert len(everything) == 12 and len(set(everything.image_ids())) == 12
+    expected = [d[i] for d in parts if d is not None for i in range(len(d))]
+    for i, (x, y) in enumerate(expected):
+        got = everything[i]
+        assert torch.equal(got[0], x) and got[1] == y, i
+
+
 def test_split_folders_and_missing_split(tmp_path: Path) -> None:
     seg_folder(tmp_path / "d" / "train", n=6, size=32)
     seg_folder(tmp_path / "d" / "test", n=2, size=32, seed=1)
@@ -215,3 +231,23 @@ def test_subset_keeps_groups(tmp_path: Path) -> None:
     sub = ds.subset([1, 2, 7])
     assert sub.groups == ["p0", "p1", "p3"] and sub.targets == [ds.targets[i] for i in (1, 2, 7)]
     assert np.array_equal(sub[2][0].numpy(), ds[7][0].numpy())
+
+
+def test_a_file_name_that_is_not_utf8_still_splits(tmp_path: Path) -> None:
+    """A name from a Latin-1 file system reads as a string with surrogates; its hold-out key hashes its bytes."""
+    import os
+
+    root = image_folder(tmp_path / "d", n_per_class=4)
+    first = sorted((root / "1").iterdir())[0]
+    odd = root / "1" / os.fsdecode(b"caf\xe9.png")
+    odd.write_bytes(first.read_bytes())
+    s = load_data(root, spec(), val_fraction=0.5, seed=0)
+    ids = s.train.image_ids() + (s.val.image_ids() if s.val is not None else [])
+    assert len(ids) == 9 and "1/caf\udce9.png" in ids
+
+
+def test_two_images_of_one_name_in_a_segmentation_folder_are_refused(tmp_path: Path) -> None:
+    root = seg_folder(tmp_path / "seg", n=3, size=32)
+    Image.open(root / "images" / "s0.png").convert("RGB").save(root / "images" / "s0.jpg")
+    with pytest.raises(TaskvecError, match=r"s0\.(png|jpg): s0\.(png|jpg) has the same name"):
+        load_data(root, spec("segmentation"))

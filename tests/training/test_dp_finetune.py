@@ -100,3 +100,52 @@ def test_an_unreachable_target_is_refused_before_the_run_folder(tmp_path: Path, 
     with pytest.raises(PrivacyError, match="even one step at noise multiplier 0.5 exceeds"):
         finetune(base, data, tmp_path / "run", cfg(DPConfig(1.0, 1e-5, target_epsilon=0.1, noise_multiplier=0.5)))
     assert not (tmp_path / "run").exists()
+
+
+def test_an_image_listed_twice_is_refused_under_dp_per_image(tmp_path: Path, make_base: Callable[..., Path]) -> None:
+    """Each row is sampled and clipped as its own unit: an image listed twice (by a repeated row, or by a link
+    to it) would be two units of a per-image guarantee that then does not hold for it."""
+    base = make_base("test_vit", num_classes=2)
+    data = image_folder(tmp_path / "data", n_per_class=4, size=32)
+    files = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
+    rows = [f"{f},{f.split('/')[0]}" for f in files]
+    (data / "twice.csv").write_text("path,label\n" + "\n".join([*rows, rows[0]]) + "\n")
+    dp = DPConfig(1.0, 1e-5, noise_multiplier=1.0)
+    with pytest.raises(PrivacyError, match=f"image {files[0]} is listed more than once"):
+        finetune(base, data / "twice.csv", tmp_path / "run", cfg(dp, epochs=1, val_fraction=0.0))
+    (data / files[-1]).unlink()
+    (data / files[-1]).symlink_to((data / files[0]).resolve())  # the same image under a second name
+    with pytest.raises(PrivacyError, match=rf"image {files[0]} \(also as {files[-1]}\) is listed more than once"):
+        finetune(base, data, tmp_path / "run", cfg(dp, epochs=1, val_fraction=0.0))
+    assert not (tmp_path / "run").exists()
+    finetune(base, data, tmp_path / "plain", cfg(None, epochs=1, val_fraction=0.0))  # without DP: no unit to count
+
+
+@pytest.mark.parametrize("change", [{"setup": {}}, {"epoch": 10**6}, {"history": []}, {"step": 1},
+                                    {"setup": {"dp_steps": 0, "noise_multiplier": 1.0, "sample_rate": 0.25}}])
+def test_a_checkpoint_whose_counts_do_not_add_up_is_refused(tmp_path: Path, make_base: Callable[..., Path],
+                                                            change: dict) -> None:
+    """Resumed from an edited checkpoint, DP-SGD would count its steps from another number than it took."""
+    from safetensors.torch import load_file, save_file
+
+    from taskvec.errors import FileFormatError
+    from taskvec.io.files import read_header
+
+    base = make_base("test_vit", num_classes=2)
+    data = image_folder(tmp_path / "data", n_per_class=8, size=32)
+    dp = DPConfig(1.0, 1e-5, noise_multiplier=1.0, sample_rate=0.25)
+
+    class Killed(Exception):
+        pass
+
+    def die(rec: object) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        finetune(base, data, tmp_path / "run", cfg(dp, epochs=3, val_fraction=0.0), on_epoch=die)
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    meta = read_header(ckpt).meta
+    assert meta["setup"]["dp_steps"] == meta["step"] > 1  # as written: the counts agree
+    save_file(load_file(str(ckpt)), str(ckpt), metadata={"format": "pt", "taskvec": json.dumps({**meta, **change})})
+    with pytest.raises(FileFormatError, match="checkpoint.safetensors: its epoch, step, history or DP step count"):
+        finetune(base, data, tmp_path / "run", cfg(dp, epochs=3, val_fraction=0.0, resume=True))

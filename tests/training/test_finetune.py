@@ -207,3 +207,22 @@ def test_state_dict_keys_are_plain(tmp_path: Path, make_base: Callable[..., Path
     r = finetune(base, seg_folder(tmp_path / "s", n=4), tmp_path / "run", cfg(epochs=1, val_fraction=0))
     a, b = load_file(str(base)), load_file(str(r.model_path))
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+
+
+def test_a_run_failing_in_its_first_epoch_leaves_no_folder(tmp_path: Path, make_base: Callable[..., Path],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing to resume before the first checkpoint: the corrected command must not meet "run folder exists"."""
+    import taskvec.training.loop as loop
+
+    base = make_base("test_vit", num_classes=2, in_chans=1)
+    data = npz_file(tmp_path / "d.npz", n=32)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise MemoryError("out of memory in the first validation")
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "evaluate_module", fail)  # the first epoch ends with validation, then its checkpoint
+        with pytest.raises(MemoryError):
+            finetune(base, data, tmp_path / "run", cfg(epochs=2))
+    assert not (tmp_path / "run").exists()
+    assert finetune(base, data, tmp_path / "run", cfg(epochs=2)).epochs == 2

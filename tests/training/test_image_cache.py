@@ -3,6 +3,7 @@ left by a failed build, and the same fine-tuned model with and without it."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import stat
@@ -133,13 +134,22 @@ def test_finetune_gives_the_same_model_with_and_without_cache(tmp_path: Path, ma
     assert any((tmp_path / "cache").iterdir())
 
 
-def test_a_damaged_entry_is_rebuilt(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["rows", "dtype", "sources", "deep"])
+def test_a_damaged_entry_is_rebuilt(tmp_path: Path, damage: str) -> None:
     root = image_folder(tmp_path / "d", n_per_class=3)
     ds = load_data(root, spec(), val_fraction=0).train
     assert ds is not None
     entry = cached(ds, tmp_path / "cache").decoded
     assert entry is not None
-    np.save(entry.folder / "images.npy", np.zeros((2, 24, 24, 3), np.uint8))  # too few rows
+    images, sources = entry.folder / "images.npy", entry.folder / "sources.json"
+    if damage == "rows":
+        np.save(images, np.zeros((2, 24, 24, 3), np.uint8))
+    elif damage == "dtype":  # the same shape, other values: read as they are, they would train on garbage
+        np.save(images, np.full(np.load(images).shape, 1e9))
+    elif damage == "sources":
+        sources.write_text(json.dumps([[i] for i in range(len(ds))]))
+    else:
+        sources.write_text("[" * 100_000 + "]" * 100_000)
     again = cached(ds, tmp_path / "cache")
     assert same(items(again), items(ds))
 

@@ -178,7 +178,8 @@ def test_refusals(tmp_path: Path, make_base: Callable[..., Path]) -> None:
         FinetuneConfig(head="balanced", dp=DPConfig(1.0, 1e-5, noise_multiplier=1.0)).check()
     assert e.value.field == "head"
     for bad in ({"head": "bogus"}, {"head": "frozen", "train": "head"}, {"head": "lp-ft", "train": "head"},
-                {"prox": -1.0}, {"prox": float("nan")}):
+                {"prox": -1.0}, {"prox": float("nan")}, {"weight_decay": float("nan")}, {"weight_decay": -1.0},
+                {"warmup": 2.0}, {"img_size": 12000}, {"img_size": -5}, {"num_workers": -1}):
         with pytest.raises(ConfigError) as e:
             FinetuneConfig(**bad).check()  # type: ignore[arg-type]
         assert str(e.value).startswith(e.value.field) and e.value.field in bad
@@ -243,6 +244,22 @@ def test_a_run_started_before_these_options_resumes_with_their_defaults(tmp_path
     assert open_run(tmp_path / "run", "parent", replace(cfg, resume=True), "data", split, {}) == run_id
     with pytest.raises(MismatchError, match=r"started with prox 0.0 \(now 1.0\)"):
         open_run(tmp_path / "run", "parent", replace(cfg, resume=True, prox=1.0), "data", split, {})
+
+
+def test_a_dp_run_started_before_a_dp_option_resumes_with_its_default(tmp_path: Path) -> None:
+    from taskvec.errors import MismatchError
+    from taskvec.training.run_folder import RUN_FILE, open_run
+
+    cfg = FinetuneConfig(steps=2, device="cpu", dp=DPConfig(1.0, 1e-5, target_epsilon=8.0))
+    split = {"unit": "image", "train": ["a.png"], "val": []}
+    run_id = open_run(tmp_path / "run", "parent", cfg, "data", split, {})
+    record = json.loads((tmp_path / "run" / RUN_FILE).read_text())
+    del record["config"]["dp"]["earlier"]  # as written before the option existed
+    (tmp_path / "run" / RUN_FILE).write_text(json.dumps(record))
+    assert open_run(tmp_path / "run", "parent", replace(cfg, resume=True), "data", split, {}) == run_id
+    other = replace(cfg, resume=True, dp=replace(cfg.dp, earlier=("v.safetensors",)))  # type: ignore[type-var]
+    with pytest.raises(MismatchError, match=r"started with dp.earlier \[\] \(now \['v.safetensors'\]\)"):
+        open_run(tmp_path / "run", "parent", other, "data", split, {})
 
 
 @pytest.mark.parametrize("record", ["{not json", "[]", '{"parent": "parent", "run_id": 7, "config": {}}',

@@ -92,7 +92,7 @@ def _reopen(folder: Path, ds: ImageDataset) -> DecodedImages | None:
         if entry.images.shape[1:] == (ds.in_chans, ds.img_size, ds.img_size) and all(
                 s in entry.rows for s in ds.sources) and (entry.masks is not None) == (ds.task == "segmentation"):
             return entry
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable or not what the cache writes: rebuilt
         pass
     shutil.rmtree(folder, ignore_errors=True)
     return None

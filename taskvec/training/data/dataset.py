@@ -38,8 +38,10 @@ class DecodedImages:
         sources = json.loads((folder / "sources.json").read_text())
         images = np.load(folder / "images.npy", mmap_mode="r")
         masks = np.load(folder / "masks.npy", mmap_mode="r") if (folder / "masks.npy").exists() else None
-        if images.ndim != 4 or images.shape[0] != len(sources) or (
-                masks is not None and masks.shape[0] != len(sources)):
+        if not (isinstance(sources, list) and all(isinstance(x, str) for x in sources)):
+            raise OSError(f"{folder}: sources.json is not a list of file names")
+        if images.ndim != 4 or images.dtype != np.uint8 or images.shape[0] != len(sources) or (
+                masks is not None and (masks.dtype != np.int32 or masks.shape[0] != len(sources))):
             raise OSError(f"{folder}: arrays and sources.json disagree")
         return cls(folder, {s: i for i, s in enumerate(sources)}, images, masks)
 
@@ -89,6 +91,17 @@ class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 out.append(Path(os.path.relpath(src, self.root)).as_posix() if self.root else str(src))
         return out
 
+    def repeated_image(self) -> str | None:
+        """An image this data set lists more than once (the same npz row, or the same file by two paths or a
+        link), named by its ids, if there is one."""
+        seen: dict[Any, str] = {}
+        for src, name in zip(self.sources, self.image_ids()):
+            key = src if isinstance(src, int) else os.path.realpath(src)
+            if key in seen:
+                return seen[key] if seen[key] == name else f"{seen[key]} (also as {name})"
+            seen[key] = name
+        return None
+
     def unit_ids(self) -> list[str]:
         """Each image's unit: its patient id, or its image id."""
         return list(self.groups) if self.groups is not None else self.image_ids()
@@ -136,13 +149,17 @@ class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         )
 
     def concat(self, other: ImageDataset) -> ImageDataset:
-        if self.array is not None or other.array is not None:
-            if self.array is not other.array:
-                raise TaskvecError("cannot join in-memory splits of different arrays")
+        """Both data sets' samples; rows of two different npz arrays index one array that stacks them."""
+        array, name, theirs = self.array, self.array_name, other.sources
+        if self.array is not other.array:
+            if self.array is None or other.array is None:
+                raise TaskvecError("cannot join image files and npz rows in one data set")
+            array, name = np.concatenate([self.array, other.array]), f"{self.array_name}+{other.array_name}"
+            theirs = [int(i) + len(self.array) for i in other.sources]
         g = self.groups + other.groups if self.groups is not None and other.groups is not None else None
         b = (self.binary_masks or [False] * len(self)) + (other.binary_masks or [False] * len(other))
-        return replace(self, sources=self.sources + other.sources, targets=self.targets + other.targets,
-                       groups=g, binary_masks=b if self.task == "segmentation" else None)
+        return replace(self, sources=self.sources + theirs, targets=self.targets + other.targets, array=array,
+                       array_name=name, groups=g, binary_masks=b if self.task == "segmentation" else None)
 
 
 @dataclass

@@ -147,8 +147,7 @@ class Reader:
 
     def seg_folder(self, root: Path) -> ImageDataset:
         img_dir, mask_dir = root / "images", root / "masks"
-        images = {p.relative_to(img_dir).with_suffix("").as_posix(): p for p in image_files(img_dir)}
-        masks = {p.relative_to(mask_dir).with_suffix("").as_posix(): p for p in image_files(mask_dir)}
+        images, masks = _by_stem(img_dir), _by_stem(mask_dir)
         if not images:
             raise TaskvecError(f"{img_dir}: no image files")
         for a, b, what in ((images, masks, "has no mask in"), (masks, images, "has no image in")):
@@ -290,3 +289,15 @@ def _split_name(value: str, where: str) -> str:
     if v not in SPLIT_ALIASES:
         raise TaskvecError(f"{where}: split {value!r} is not train, val or test")
     return SPLIT_ALIASES[v]
+
+
+def _by_stem(folder: Path) -> dict[str, Path]:
+    """The image files of `folder` by name without suffix (how images meet their masks); two files of one name
+    (`a.png`, `a.jpg`) are refused, as either could be meant."""
+    found: dict[str, Path] = {}
+    for p in image_files(folder):
+        stem = p.relative_to(folder).with_suffix("").as_posix()
+        if stem in found:
+            raise TaskvecError(f"{p}: {found[stem].name} has the same name; keep one file per image or mask")
+        found[stem] = p
+    return found

@@ -25,7 +25,7 @@ def _split_keys(ds: ImageDataset) -> list[str]:
 def in_holdout(key: str, fraction: float, seed: int) -> bool:
     """Whether the unit `key` falls in a held-out share `fraction`: SHA-256 of (seed, key) read as a number in
     [0, 1). Each unit's side depends on its own key alone."""
-    digest = hashlib.sha256(f"taskvec-holdout\0{seed}\0{key}".encode()).digest()
+    digest = hashlib.sha256(f"taskvec-holdout\0{seed}\0{key}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
