@@ -307,7 +307,8 @@ def _check_checkpoint(meta: dict[str, Any], run: _Run, dp_sgd: bool) -> None:
     """Refuse a checkpoint whose counts do not add up for this run (edited, or from another schedule): resumed,
     it would skip or repeat steps, and under DP-SGD the ledger would count other steps than were taken."""
     epoch, step, history, state = meta.get("epoch", -1), meta.get("step", -1), meta.get("history"), meta.get("setup")
-    fine = (is_count(epoch) and 1 <= epoch <= run.epochs and is_count(step) and step <= run.total
+    # a one-pass mode (no planned epochs) records its pass as epoch 1 at step 0
+    fine = (is_count(epoch) and 1 <= epoch <= max(run.epochs, 1) and is_count(step) and step <= run.total
             and isinstance(history, list) and len(history) == epoch and isinstance(state, (dict, type(None))))
     if fine and dp_sgd:
         fine = isinstance(state, dict) and state.get("dp_steps") == step
