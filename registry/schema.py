@@ -26,7 +26,7 @@ from typing import Any
 from taskvec.errors import FileFormatError, TaskvecError
 from taskvec.io.files import DTYPE_SIZES, Header
 from taskvec.io.lineage import describe_versions as describe_identities
-from taskvec.io.schema import check_contributor, is_sha
+from taskvec.io.schema import check_contributor, is_count, is_sha
 
 REGISTRY_FILE = "registry.json"
 INDEX_FILE = "index.json"
@@ -55,10 +55,6 @@ def parse_time(text: str) -> _dt.datetime:
             f"cannot read time {text!r}; give an ISO date such as 2025-03-01 or 2025-03-01T12:00"
         ) from None
     return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
-
-
-def _is_count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _is_time(x: Any) -> bool:
@@ -121,8 +117,8 @@ class Entry:
             name for name, ok in (
                 ("sha256", is_sha(e.sha256)), ("file_sha256", is_sha(e.file_sha256)),
                 ("path", e.path == vector_path(e.contributor, e.sha256) if is_sha(e.sha256) else False),
-                ("size", _is_count(e.size)), ("base", isinstance(e.base, str)),
-                ("samples", e.samples is None or _is_count(e.samples)),
+                ("size", is_count(e.size)), ("base", isinstance(e.base, str)),
+                ("samples", e.samples is None or is_count(e.samples)),
                 ("dtype", isinstance(e.dtype, str)), ("privacy", _is_ledger(e.privacy, where)),
                 ("created", isinstance(e.created, str)), ("pushed", _is_time(e.pushed)),
                 ("signature", e.signature is None or (isinstance(e.signature, dict)
@@ -240,7 +236,7 @@ class RegistryInfo:
             if not isinstance(d, dict) or d.get("format") != REGISTRY_FORMAT:
                 raise ValueError("not a taskvec registry")
             version = d.get("format_version", 0)
-            if not _is_count(version):
+            if not is_count(version):
                 raise ValueError(f"format_version {version!r}")
             if version > REGISTRY_VERSION:
                 raise RegistryError(f"{where}: registry format {version} is newer; upgrade taskvec")
@@ -252,7 +248,7 @@ class RegistryInfo:
             layout = b.get("tensors", {})
             if not (isinstance(layout, dict) and all(
                     isinstance(v, list) and len(v) == 2 and v[0] in DTYPE_SIZES and isinstance(v[1], list)
-                    and all(_is_count(n) for n in v[1]) for v in layout.values())):
+                    and all(is_count(n) for n in v[1]) for v in layout.values())):
                 raise ValueError("base tensors")
             raw = d.get("versions", [])
             if not isinstance(raw, list) or (version < 2 and raw) or (version >= 2 and not raw):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from taskvec.errors import MismatchError, OutputExistsError, TaskvecError
+from taskvec.errors import FileFormatError, MismatchError, OutputExistsError, TaskvecError
 from taskvec.io.files import Fields, read_kind, read_record, write_json
 from taskvec.io.schema import FORMAT, FORMAT_VERSION
 from taskvec.io.tensors import save_tensors
@@ -190,18 +190,24 @@ def save_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer
 
 def load_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer,
                     ema: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Restore model, optimizer and EMA in place; return the checkpoint's JSON state."""
+    """Restore model, optimizer and EMA in place; return the checkpoint's JSON state. A checkpoint whose tensors
+    or optimizer state do not fit this run (edited, truncated, or from another model) is a FileFormatError."""
     meta = read_kind(path, "checkpoint").meta
     tensors = load_file(str(path))
-    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
-    for k in ema:
-        ema[k].copy_(tensors[f"ema/{k}"])
-    state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optimizer/"):
-            _, pid, name = k.split("/", 2)
-            state.setdefault(int(pid), {})[name] = v
-    for pid, d in meta["optimizer"]["scalars"].items():
-        state.setdefault(int(pid), {}).update(d)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    try:
+        net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
+        for k in ema:
+            ema[k].copy_(tensors[f"ema/{k}"])
+        state: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optimizer/"):
+                _, pid, name = k.split("/", 2)
+                state.setdefault(int(pid), {})[name] = v
+        for pid, d in meta["optimizer"]["scalars"].items():
+            state.setdefault(int(pid), {}).update(d)
+        optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise FileFormatError(f"{path}: does not fit this run ({first}); delete it to start the run over",
+                              path=path) from None
     return meta

@@ -135,8 +135,9 @@ def test_index_paths_and_fields_are_checked(sites, tmp_path: Path) -> None:
     reg.push(vector(0))
     good = _index(reg_dir)
     for field, value in (("path", "../../../etc/passwd"), ("sha256", "../x"), ("file_sha256", "zz"),
-                         ("size", -1), ("samples", True), ("signature", {"public_key": 7}), ("created", 5),
-                         ("pushed", "garbage"), ("privacy", [1]), ("privacy", [{"mechanism": "gaussian-output"}])):
+                         ("size", -1), ("size", 2**60), ("samples", True), ("signature", {"public_key": 7}),
+                         ("created", 5), ("pushed", "garbage"), ("privacy", [1]),
+                         ("privacy", [{"mechanism": "gaussian-output"}])):
         d = json.loads(json.dumps(good))
         d["vectors"][0][field] = value
         _write_index(reg_dir, d)

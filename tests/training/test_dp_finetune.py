@@ -121,16 +121,8 @@ def test_an_image_listed_twice_is_refused_under_dp_per_image(tmp_path: Path, mak
     finetune(base, data, tmp_path / "plain", cfg(None, epochs=1, val_fraction=0.0))  # without DP: no unit to count
 
 
-@pytest.mark.parametrize("change", [{"setup": {}}, {"epoch": 10**6}, {"history": []}, {"step": 1},
-                                    {"setup": {"dp_steps": 0, "noise_multiplier": 1.0, "sample_rate": 0.25}}])
-def test_a_checkpoint_whose_counts_do_not_add_up_is_refused(tmp_path: Path, make_base: Callable[..., Path],
-                                                            change: dict) -> None:
-    """Resumed from an edited checkpoint, DP-SGD would count its steps from another number than it took."""
-    from safetensors.torch import load_file, save_file
-
-    from taskvec.errors import FileFormatError
-    from taskvec.io.files import read_header
-
+def _killed_dp_run(tmp_path: Path, make_base: Callable[..., Path]) -> tuple[Path, Path, DPConfig, Path]:
+    """A DP run of 3 epochs killed after its first: (base, data, its DP config, its checkpoint)."""
     base = make_base("test_vit", num_classes=2)
     data = image_folder(tmp_path / "data", n_per_class=8, size=32)
     dp = DPConfig(1.0, 1e-5, noise_multiplier=1.0, sample_rate=0.25)
@@ -143,9 +135,48 @@ def test_a_checkpoint_whose_counts_do_not_add_up_is_refused(tmp_path: Path, make
 
     with pytest.raises(Killed):
         finetune(base, data, tmp_path / "run", cfg(dp, epochs=3, val_fraction=0.0), on_epoch=die)
-    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    return base, data, dp, tmp_path / "run" / "checkpoint.safetensors"
+
+
+@pytest.mark.parametrize("change", [{"setup": {}}, {"epoch": 10**6}, {"history": []}, {"step": 1},
+                                    {"setup": {"dp_steps": 0, "noise_multiplier": 1.0, "sample_rate": 0.25}}])
+def test_a_checkpoint_whose_counts_do_not_add_up_is_refused(tmp_path: Path, make_base: Callable[..., Path],
+                                                            change: dict) -> None:
+    """Resumed from an edited checkpoint, DP-SGD would count its steps from another number than it took."""
+    from safetensors.torch import load_file, save_file
+
+    from taskvec.errors import FileFormatError
+    from taskvec.io.files import read_header
+
+    base, data, dp, ckpt = _killed_dp_run(tmp_path, make_base)
     meta = read_header(ckpt).meta
     assert meta["setup"]["dp_steps"] == meta["step"] > 1  # as written: the counts agree
     save_file(load_file(str(ckpt)), str(ckpt), metadata={"format": "pt", "taskvec": json.dumps({**meta, **change})})
     with pytest.raises(FileFormatError, match="checkpoint.safetensors: its epoch, step, history or DP step count"):
+        finetune(base, data, tmp_path / "run", cfg(dp, epochs=3, val_fraction=0.0, resume=True))
+
+
+@pytest.mark.parametrize("edit", ["drop model", "reshape model", "drop ema", "optimizer scalars"])
+def test_a_checkpoint_whose_tensors_do_not_fit_is_refused_in_one_line(tmp_path: Path, make_base: Callable[..., Path],
+                                                                     edit: str) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from taskvec.errors import FileFormatError
+    from taskvec.io.files import read_header
+
+    base, data, dp, ckpt = _killed_dp_run(tmp_path, make_base)
+    meta, tensors = read_header(ckpt).meta, load_file(str(ckpt))
+    model = sorted(k for k in tensors if k.startswith("model/"))[0]
+    if edit == "drop model":
+        del tensors[model]
+    elif edit == "reshape model":
+        tensors[model] = torch.zeros(3, 1, 7)
+    elif edit == "drop ema":
+        for k in [k for k in tensors if k.startswith("ema/")]:
+            del tensors[k]
+    else:
+        meta["optimizer"]["scalars"] = {"0": 5}
+    save_file(tensors, str(ckpt), metadata={"format": "pt", "taskvec": json.dumps(meta)})
+    with pytest.raises(FileFormatError, match=r"checkpoint.safetensors: does not fit this run \(.+\); delete it"):
         finetune(base, data, tmp_path / "run", cfg(dp, epochs=3, val_fraction=0.0, resume=True))
