@@ -112,14 +112,16 @@ def history_epsilon(accountant: str, history: Sequence[tuple[float, float, int]]
 
 @contextmanager
 def _quiet_rdp() -> Iterator[None]:
-    """Silence RDP's warning at large noise (PRV bounds its domain with RDP) and numpy's at sampling rate 1
-    (PRV's log(1 - q) is -inf there, which its formula handles)."""
+    """Silence RDP's warnings that its best order is at the edge of its grid of orders (at large noise, or at a
+    tiny sampling rate: PRV bounds its domain with RDP; RDP's ε stays an upper bound there) and numpy's at
+    sampling rate 1 (PRV's log(1 - q) is -inf there, which its formula handles) and at a tiny rate (exp
+    overflows far out in PRV's domain, where the privacy loss's density is 0)."""
     import warnings
 
     import numpy as np
 
-    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
         yield
 
 

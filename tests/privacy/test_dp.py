@@ -69,6 +69,19 @@ def test_calibration_and_step_limit() -> None:
     assert epsilon_spent(z, q, limit, 1e-5)[0] <= target < epsilon_spent(z, q, limit + 1, 1e-5)[0]
 
 
+def test_calibration_at_the_smallest_sampling_rate_is_quiet_and_holds() -> None:
+    """At q = 1e-9 RDP's best order is its smallest: Opacus warns once per call (hundreds per plan), while the
+    ε it bounds still holds."""
+    from taskvec.privacy.dpsgd import MIN_SAMPLE_RATE
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z = calibrate_noise(8.0, 1e-5, MIN_SAMPLE_RATE, 10)
+        eps = epsilon_spent(z, MIN_SAMPLE_RATE, 10, 1e-5)[0]
+    assert eps <= 8.0
+    assert reference_epsilon(z, MIN_SAMPLE_RATE, 10, 1e-5) <= 8.0 * 1.02
+
+
 def test_calibration_after_earlier_releases_spends_the_rest_of_one_budget() -> None:
     """A second stage calibrated after a Gaussian release (stage 1, 3/8 of ε = 8): both compose to the target, by
     dp-accounting's PLD, where stage 2 calibrated alone on the rest (ε 5) would compose to less."""
