@@ -89,7 +89,15 @@ class Registry:
     def entries(self) -> list[Entry]:
         reader = self.store.reader()
         self.info(reader)
-        return load_index(reader.read_text(INDEX_FILE), self.address)
+        return self._index(reader)
+
+    def _index(self, reader: Reader) -> list[Entry]:
+        """The entries of `index.json`; one unreadable (too large, not UTF-8, not an index) names the repair."""
+        try:
+            text = reader.read_text(INDEX_FILE)
+        except RegistryError as e:
+            raise RegistryError(f"{e.message}; rebuild it with `taskvec registry reindex`", path=e.path) from None
+        return load_index(text, self.address)
 
     def select(self, contributors: Sequence[str] | None = None, since: str | None = None) -> list[Entry]:
         """Entries by contributor and/or pushed at or after `since` (ISO date or time)."""
@@ -158,7 +166,7 @@ class Registry:
             if public_key in keys:
                 return None
             keys.append(public_key)
-            entries = load_index(r.read_text(INDEX_FILE), self.address)
+            entries = self._index(r)
             card = render_card(info, entries, self.address)
             return {REGISTRY_FILE: info.to_json().encode(), CARD_FILE: card.encode()}
 
@@ -187,7 +195,7 @@ class Registry:
         def change(r: Reader) -> dict[str, bytes | Path] | None:
             info = self.info(r)
             check_push_policy(info, contributor, signature, file_sha, str(h.path))
-            entries = load_index(r.read_text(INDEX_FILE), self.address)
+            entries = self._index(r)
             for e in entries:
                 if e.sha256 == h.vector.sha256:
                     if signature is None or e.signature == signature:
@@ -300,7 +308,7 @@ class Registry:
             v = Version(n, h.model.identity, file_sha, path, info.newest.identity, now(), signer, signature)
             info.versions.append(v)
             result[:] = [(v, True)]
-            entries = load_index(r.read_text(INDEX_FILE), self.address)
+            entries = self._index(r)
             return {path: h.path, REGISTRY_FILE: info.to_json().encode(),
                     CARD_FILE: render_card(info, entries, self.address).encode()}
 
@@ -350,7 +358,7 @@ class Registry:
         reader = self.store.reader()
         self.info(reader)
         try:  # only to keep push times; a corrupt index is what reindex repairs
-            pushed = {e.sha256: e.pushed for e in load_index(reader.read_text(INDEX_FILE), self.address)}
+            pushed = {e.sha256: e.pushed for e in self._index(reader)}
         except RegistryError:
             pushed = {}
         entries, skipped = [], []
@@ -371,8 +379,8 @@ class Registry:
                         raise IntegrityError(f"{self.address}/{path}: content does not match its name")
                     sig_text = reader.read_text(signature_path(path))
                     sig = load_signature(sig_text, path) if sig_text is not None else None
-                except TaskvecError as e:
-                    skipped.append(e.message)
+                except TaskvecError as e:  # named as the registry's file, not the temporary copy read
+                    skipped.append(e.message.replace(str(local), f"{self.address}/{path}"))
                     continue
                 finally:
                     local.unlink(missing_ok=True)
@@ -381,8 +389,11 @@ class Registry:
         entries.sort(key=lambda e: (e.pushed, e.sha256))
 
         def change(r: Reader) -> dict[str, bytes | Path] | None:
-            if r.read_text(INDEX_FILE) == dump_index(entries):
-                return None
+            try:
+                if r.read_text(INDEX_FILE) == dump_index(entries):
+                    return None
+            except RegistryError:  # an index too large or not text: rewritten
+                pass
             card = render_card(self.info(r), entries, self.address)
             return {INDEX_FILE: dump_index(entries).encode(), CARD_FILE: card.encode()}
 

@@ -247,6 +247,34 @@ def test_reindex_follows_no_symlink_and_survives_any_index(sites, tmp_path: Path
     assert stat.S_IMODE((reg_dir / "index.json").stat().st_mode) == 0o644  # colleagues can read it
 
 
+@pytest.mark.parametrize("too_large", [False, True])
+def test_reindex_repairs_an_index_that_is_not_text_or_too_large(sites, tmp_path: Path, too_large: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    base, vector = sites
+    reg_dir = tmp_path / "reg"
+    reg = created(str(reg_dir), base)
+    e = reg.push(vector(0)).entry
+    limit = 2 * max((reg_dir / name).stat().st_size for name in ("registry.json", "index.json"))
+    monkeypatch.setattr("taskvec.registry.store.MAX_TEXT_BYTES", limit)
+    (reg_dir / "index.json").write_bytes(b" " * (limit + 1) if too_large else b"\xff\xfe{}")
+    with pytest.raises(RegistryError, match="index.json: .*; rebuild it with `taskvec registry reindex`"):
+        reg.entries()
+    assert reg.reindex() == (1, [])
+    assert [x.sha256 for x in reg.entries()] == [e.sha256]
+
+
+def test_reindex_names_the_registry_file_it_leaves_out(sites, tmp_path: Path) -> None:
+    base, vector = sites
+    reg_dir = tmp_path / "reg"
+    reg = created(str(reg_dir), base)
+    sha = read_kind(vector(0), "vector").meta["sha256"]
+    planted = reg_dir / "vectors" / "site0" / f"{sha}.safetensors"
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(vector(0).read_bytes()[:100])  # truncated
+    count, (skipped,) = reg.reindex()
+    assert count == 0 and skipped.startswith(f"{reg_dir}/vectors/site0/{sha}.safetensors: ")
+
+
 def test_pushed_vectors_are_usable_by_merge(sites, tmp_path: Path) -> None:
     """push checks tensors as merge does: a NaN or a content mismatch never enters the registry."""
     from safetensors.torch import load_file, save_file
