@@ -11,7 +11,6 @@ while wrongly accusing at most 1% of non-members, the number that matters for in
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from taskvec.errors import ConfigError, MismatchError, TaskvecError
+from taskvec.io.files import Fields, read_record
 from taskvec.training.config import DEFAULT_DEVICE
 from taskvec.training.metrics import auroc
 
@@ -62,6 +62,10 @@ def per_example_losses(model: nn.Module, spec: Any, ds: Any, *, device: str | to
     return torch.cat(out).numpy().astype(np.float64)
 
 
+_RUN_FIELDS: Fields = {"run_id": str, "config.val_fraction": (int, float), "config.seed": int,
+                       "config.img_size": (int, type(None))}
+
+
 def _members(model: Path, run_id: str | None, data: Any, split: str, spec: Any) -> Any:
     """The images the model was trained on: with the run record beside the model, its training split rebuilt
     with the run's own validation fraction and seed (a data set without split column had images held out
@@ -70,8 +74,8 @@ def _members(model: Path, run_id: str | None, data: Any, split: str, spec: Any) 
     from taskvec.training.data import as_splits, split_record
     from taskvec.training.run_folder import RUN_FILE, SPLIT_FILE
 
-    record = model.parent / RUN_FILE
-    run = json.loads(record.read_text()) if record.exists() else {}
+    record, remedy = model.parent / RUN_FILE, "give the members as data of their own"
+    run = read_record(record, _RUN_FIELDS, remedy) if record.exists() else {}
     if run.get("run_id") is None or run["run_id"] != run_id:
         return as_splits(data, spec, val_fraction=0.0).get(split)
     if split not in ("train", "all"):
@@ -85,7 +89,7 @@ def _members(model: Path, run_id: str | None, data: Any, split: str, spec: Any) 
         raise MismatchError(f"{model.parent}: no {SPLIT_FILE}, so its training units cannot be told (an earlier "
                             "taskvec split validation another way); give the members as data of their own",
                             path=recorded)
-    if split_record(train, None)["train"] != json.loads(recorded.read_text())["train"]:
+    if split_record(train, None)["train"] != read_record(recorded, {"train": list}, remedy)["train"]:
         raise MismatchError(f"{data}: its training units are not the ones {recorded} lists; give the data the run "
                             "was trained on", path=recorded)
     return train

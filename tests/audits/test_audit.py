@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from taskvec.audits.membership import attack_metrics, audit_model, tpr_at_fpr
-from taskvec.errors import MismatchError
+from taskvec.errors import FileFormatError, MismatchError
 from taskvec.training.data import ImageDataset
 
 
@@ -129,6 +129,19 @@ def test_members_are_the_runs_training_split(make_base, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="^members_split 'val'"):
         audit_model(run, data, _dataset(20, 6), members_split="val")
     assert audit_model(base, data, _dataset(20, 6))["members"] == 40  # no run record: the data as given
+    with pytest.raises(ConfigError, match="^batch_size must be an integer >= 1, got 0"):
+        audit_model(run, data, _dataset(20, 6), batch_size=0)
+    (run / SPLIT_FILE).write_text("[1]")
+    with pytest.raises(FileFormatError, match=r"split.json: not what taskvec writes there \(not a JSON object\)"):
+        audit_model(run, data, _dataset(20, 6))
+    record = json.loads((run / RUN_FILE).read_text())
+    del record["config"]["val_fraction"]
+    (run / RUN_FILE).write_text(json.dumps(record))
+    with pytest.raises(FileFormatError, match="run.json: .*config.val_fraction missing or of the wrong type"):
+        audit_model(run, data, _dataset(20, 6))
+    (run / RUN_FILE).write_text("{ bad")
+    with pytest.raises(FileFormatError, match=r"run.json: cannot be read \(.*\); give the members as data"):
+        audit_model(run, data, _dataset(20, 6))
 
 
 SHAPES = [(40, 250), (10_000,)]  # 20,000 coordinates in two tensors

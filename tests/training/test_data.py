@@ -72,6 +72,16 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path: Path) -> None:
     assert any("skipped 2 unreadable" in w for w in s.warnings)
 
 
+@pytest.mark.parametrize("split", ["all", "train"])
+def test_a_csv_of_only_unreadable_images_is_one_error(tmp_path: Path, split: str) -> None:
+    (tmp_path / "a").mkdir()
+    for i in range(2):
+        (tmp_path / "a" / f"{i}.png").write_bytes(b"not an image")
+    (tmp_path / "d.csv").write_text("path,label\na/0.png,0\na/1.png,1\n")
+    with pytest.raises(TaskvecError, match=r"d.csv: no readable images \(2 unreadable files skipped\)"):
+        load_data(tmp_path / "d.csv", spec(), val_fraction=0).get(split)
+
+
 def test_csv_split_never_leaks_a_patient(tmp_path: Path) -> None:
     root = image_folder(tmp_path / "imgs", n_per_class=15)
     files = sorted(root.rglob("*.png"))

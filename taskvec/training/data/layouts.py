@@ -111,6 +111,8 @@ class Reader:
             srcs.append(str(p))
             tgts.append(self.label_index(r["label"].strip(), f"{path}:{line}"))
             grps.append(r.get("patient_id", "").strip())
+        if not by_split:
+            raise self.no_images(path)
         out = {s: self.dataset(v[0], v[1], v[2] if use_groups else None) for s, v in by_split.items()}
         return {s: self.nonempty(d, path) for s, d in out.items()}
 
@@ -182,8 +184,11 @@ class Reader:
 
     def nonempty(self, ds: ImageDataset, where: Path) -> ImageDataset:
         if len(ds) == 0:
-            raise TaskvecError(f"{where}: no readable images ({len(self.skipped)} unreadable files skipped)")
+            raise self.no_images(where)
         return ds
+
+    def no_images(self, where: Path) -> TaskvecError:
+        return TaskvecError(f"{where}: no readable images ({len(self.skipped)} unreadable files skipped)")
 
     def source(self, path: Path) -> dict[str, ImageDataset] | ImageDataset:
         """One source: a dict of its own splits, or a single pool of samples."""

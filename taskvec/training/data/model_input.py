@@ -7,6 +7,7 @@ import os
 import numpy as np
 import torch
 
+from taskvec.errors import ConfigError
 from taskvec.models.spec import ModelSpec
 from taskvec.training.data.dataset import ImageDataset
 
@@ -34,6 +35,9 @@ def make_loader(ds: ImageDataset, batch_size: int, device: torch.device, *, shuf
                 num_workers: int | None = None) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
     """A DataLoader: worker processes decode images when training on a GPU (none on CPU, where they would
     compete with the model for the same cores) and pinned memory feeds the GPU."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}", field="batch_size",
+                          got=batch_size)
     cuda = device.type == "cuda"
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1) if cuda else 0
