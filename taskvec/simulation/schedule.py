@@ -20,6 +20,7 @@ import numpy as np
 from taskvec.errors import ConfigError, check_range
 
 SPEED_RANGE = (1.0, 4.0)  # the default: relative time per fine-tune drawn uniformly from this range
+MAX_ARRIVALS = 10_000  # fine-tuning runs of one simulation; the timeline is planned in memory up front
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ def plan_schedule(speeds: list[float], rounds: int, buffer: int) -> Schedule:
     for name, v in (("rounds", rounds), ("buffer", buffer)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {v!r}", field=name, expected=">= 1", got=v)
+    if rounds * len(speeds) > MAX_ARRIVALS:
+        raise ConfigError(f"rounds must keep the arrivals (rounds × sites: {rounds} × {len(speeds)}) at most "
+                          f"{MAX_ARRIVALS:,}, each a fine-tuning run", field="rounds", got=rounds)
     running = {site: (0.0, 0) for site in range(len(speeds))}  # site -> (start, base version)
     done = dict.fromkeys(running, 0)
     arrivals: list[Arrival] = []

@@ -68,6 +68,7 @@ def test_default_speeds_follow_the_seed() -> None:
 
 @pytest.mark.parametrize(("speeds", "rounds", "buffer", "field"), [
     ([1.0, 0.0], 2, 2, "speeds"), ([], 2, 2, "speeds"), ([1.0], 0, 2, "rounds"), ([1.0], 2, 0, "buffer"),
+    ([1.0, 2.0], 5_001, 2, "rounds"), ([1.0], 10**9, 1, "rounds"),
 ])
 def test_bad_schedule_settings_name_the_parameter(speeds: list[float], rounds: int, buffer: int, field: str) -> None:
     with pytest.raises(ConfigError) as e:
