@@ -71,6 +71,7 @@ def run_rounds(schedule: Schedule, setup: RoundsSetup, root: Path, base: Path, s
             continue
         path = root / f"v{event.version}.safetensors"
         merged = [vectors[i] for i in event.arrivals]
+        _check_distinct(merged)
         if not path.exists():
             progress(f"merging {len(merged)} arrivals into version {event.version}")
             merge_vectors(merged, versions[-1], path, method=setup.method, seed=setup.seed,
@@ -85,6 +86,19 @@ def run_rounds(schedule: Schedule, setup: RoundsSetup, root: Path, base: Path, s
             extra["composed_epsilon"] = dict(sorted(composed.items()))
         rows.append(evaluate(f"async-v{event.version}@{extra['arrivals']}", path, extra))
     return rows
+
+
+def _check_distinct(vectors: list[Path]) -> None:
+    """Refuse a buffer holding one vector twice: two arrivals of a site from one version gave the same tensors,
+    as a deterministic run does (one full-batch step without DP), and merging them would count one run twice."""
+    seen: dict[str, Path] = {}
+    for p in vectors:
+        sha = read_kind(p, "vector").vector.sha256
+        if sha in seen:
+            raise MismatchError(f"{p}: fine-tuning again from the same version gave the same vector as {seen[sha]} "
+                                "(a deterministic run, e.g. one full-batch step); give the sites more steps or "
+                                "data per run, or fewer rounds", path=p)
+        seen[sha] = p
 
 
 def _arrival(a: Arrival, root: Path, base: Path, sites: list[ImageDataset], run_cfg: FinetuneConfig,

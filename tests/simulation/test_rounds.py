@@ -130,6 +130,21 @@ def test_each_arrival_fine_tunes_from_its_version_and_exports_against_it(rounds_
     assert max(seen_stale) == 1  # site1's second arrival trained on v0 and was merged onto v1
 
 
+def test_a_buffer_holding_one_vector_twice_is_refused_naming_why(rounds_sim, tmp_path: Path) -> None:
+    import shutil
+
+    from taskvec.errors import MismatchError
+    from taskvec.simulation.rounds import _check_distinct
+
+    cfg, _ = rounds_sim
+    first, other = (Path(cfg.out) / "vectors" / f"site{i}.safetensors" for i in (0, 1))
+    twin = shutil.copy(first, tmp_path / "site0-r2.safetensors")
+    with pytest.raises(MismatchError, match="site0-r2.safetensors: fine-tuning again from the same version gave the "
+                                            "same vector as .*site0.safetensors"):
+        _check_distinct([first, other, twin])
+    _check_distinct([first, other])
+
+
 def test_rounds_resume_from_their_files(rounds_sim) -> None:
     cfg, _ = rounds_sim
     rounds = Path(cfg.out) / "rounds"
