@@ -35,9 +35,16 @@ RETRY_STATUS = {409, 412, 429, 500, 502, 503, 504}  # conflict (412: parent move
 
 def parse_repo(address: str) -> str:
     """`ORG/REPO` from `hf://ORG/REPO`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     repo_id = address.removeprefix("hf://").strip("/")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise RegistryError(f"{address}: a Hub repo is hf://ORG/REPO (a model repo)")
+        raise RegistryError(f"{address}: a Hub repo is hf://ORG/REPO (a model repo)", path=address)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise RegistryError(f"{address}: not a Hub repo name ({str(e).splitlines()[0]})", path=address) from None
     return repo_id
 
 

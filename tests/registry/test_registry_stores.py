@@ -58,6 +58,9 @@ def test_addresses_reach_their_backend(tmp_path: Path) -> None:
         "hf://org/repo (revision dev)", "org/repo", "dev")
     with pytest.raises(RegistryError, match="a Hub repo is hf://ORG/REPO"):
         open_registry("hf://just-a-name")
+    for bad in ("hf://../..", "hf://org/a repo"):  # names the Hub refuses: one line, not the Hub library's error
+        with pytest.raises(RegistryError, match=f"^{re.escape(bad)}: not a Hub repo name"):
+            open_registry(bad)
     with pytest.raises(RegistryError, match=re.escape(f"unknown registry scheme; use {describe_addresses()}")):
         open_registry("s3://bucket/reg")
 
