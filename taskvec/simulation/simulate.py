@@ -117,6 +117,10 @@ class SimulationConfig:
                               "again (merge its vectors once, without rounds)", field="rounds", got=self.rounds)
         check_head(self.head, dp=bool(self.epsilons))
         check_range("staleness", self.staleness, low=0, low_open=False)
+        for name in ("speeds", "buffer"):
+            if self.rounds is None and getattr(self, name) is not None:
+                raise ConfigError(f"{name} shapes the asynchronous rounds; give rounds too, or leave {name} out",
+                                  field=name, got=getattr(self, name))
         if self.speeds is not None and len(self.speeds) != self.sites:
             raise ConfigError(f"speeds must give one relative time per site ({self.sites}), got {len(self.speeds)}",
                               field="speeds", expected=self.sites, got=self.speeds)

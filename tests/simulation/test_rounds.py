@@ -160,6 +160,9 @@ def test_rounds_resume_from_their_files(rounds_sim) -> None:
     assert (rounds / "v3.safetensors").exists() and (rounds / "site2-r3.safetensors").exists()
     with pytest.raises(ConfigError, match="speeds must give one relative time per site"):
         simulate(replace(cfg, speeds=[1.0]))
+    for name, value in (("speeds", SPEEDS), ("buffer", 2)):  # without rounds they would be ignored
+        with pytest.raises(ConfigError, match=f"^{name} shapes the asynchronous rounds; give rounds too"):
+            simulate(replace(cfg, **{"rounds": None, "speeds": None, name: value}))
 
 
 def test_a_simulation_recorded_before_rounds_existed_resumes(tmp_path: Path) -> None:
