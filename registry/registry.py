@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,17 +261,26 @@ class Registry:
         dest_dir = Path(out)
         if dest_dir.exists() and not dest_dir.is_dir():
             raise FileFormatError(f"{dest_dir}: is not a directory", path=dest_dir, field="out")
+        created = dest_dir.absolute()  # the topmost folder this pull creates (None: `out` exists)
+        while not created.parent.exists():
+            created = created.parent
+        new = None if dest_dir.exists() else created
         dest_dir.mkdir(parents=True, exist_ok=True)
         done = []
-        for e in track(entries, "pulling", len(entries)):
-            dest = dest_dir / f"{e.contributor}-{e.sha256[:16]}.safetensors"  # both checked by Entry.from_dict
-            if dest.is_file() and not dest.is_symlink() and sha256_file(dest) == e.file_sha256:
-                done.append((dest, False))
-                continue
-            with atomic_output(dest, force) as tmp:
-                tmp.unlink()
-                self.fetch(e, tmp, policy)
-            done.append((dest, True))
+        try:
+            for e in track(entries, "pulling", len(entries)):
+                dest = dest_dir / f"{e.contributor}-{e.sha256[:16]}.safetensors"  # both checked by Entry.from_dict
+                if dest.is_file() and not dest.is_symlink() and sha256_file(dest) == e.file_sha256:
+                    done.append((dest, False))
+                    continue
+                with atomic_output(dest, force) as tmp:
+                    tmp.unlink()
+                    self.fetch(e, tmp, policy)
+                done.append((dest, True))
+        except BaseException:
+            if new is not None and not done:  # a pull refused before its first file leaves no empty folder
+                shutil.rmtree(new, ignore_errors=True)
+            raise
         return done
 
     def publish_version(self, model: str | os.PathLike[str], key: Any = None,

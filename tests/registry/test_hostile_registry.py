@@ -210,8 +210,16 @@ def test_pull_stays_in_out_and_creates_it(sites, tmp_path: Path) -> None:
     reg = created(str(reg_dir), base)
     reg.push(vector(0))
     out = tmp_path / "new" / "folder"
+    with pytest.raises(TrustError):  # unsigned, and this policy wants signatures: refused before any file
+        reg.pull(reg.entries(), out, TrustPolicy())
+    assert not (tmp_path / "new").exists()  # the folders it made are gone
     (path, copied), = reg.pull(reg.entries(), out, OPEN)
     assert copied and path.parent == out and path.read_bytes() == vector(0).read_bytes()
+    path.unlink()
+    with pytest.raises(TrustError):
+        reg.pull(reg.entries(), out, TrustPolicy())
+    assert out.is_dir()  # a folder that was there stays
+    (path, copied), = reg.pull(reg.entries(), out, OPEN)
     d = _index(reg_dir)
     d["vectors"][0]["contributor"] = "../../escaped"
     _write_index(reg_dir, d)
