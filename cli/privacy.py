@@ -33,6 +33,9 @@ def audit(
     from taskvec.cli.console import usage
 
     if canaries is not None:
+        if members is not None or non_members is not None or reference is not None:
+            usage("--canaries audits a vector's export mechanism and reads no data: leave out --members, "
+                  "--non-members and --reference")
         return _canaries(model, canaries, max_dim, as_json)
     if members is None or non_members is None:
         usage("audit needs --members and --non-members (or --canaries N for a noised vector)")

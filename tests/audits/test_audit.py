@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dp_accounting as dpa
 import numpy as np
 import pytest
 import torch
+from dp_reference import pld_epsilon
 from torch import nn
 
 from taskvec.audits.membership import attack_metrics, audit_model, tpr_at_fpr
@@ -197,8 +199,10 @@ def test_audit_canaries_cli(make_base, make_finetuned, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["audit", str(v), "--canaries", "200", "--max-dim", "20000", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    assert out["claimed_epsilon"] == pytest.approx(4.377, rel=1e-3) and out["canaries"] == 200
-    assert out["epsilon_lower_bound"] < out["claimed_epsilon"]
+    assert out["claimed_epsilon"] == pytest.approx(pld_epsilon(dpa.GaussianDpEvent(1.0), 1e-5), rel=1e-3)
+    assert out["canaries"] == 200 and out["epsilon_lower_bound"] < out["claimed_epsilon"]
+    res = CliRunner().invoke(app, ["audit", str(v), "--canaries", "200", "--members", str(tmp_path)])
+    assert res.exit_code == 2 and "--canaries audits a vector's export mechanism and reads no data" in res.output
     clear = export_vector(make_finetuned(base, 2), base, tmp_path / "c.safetensors").path
     res = CliRunner().invoke(app, ["audit", str(clear), "--canaries", "200", "--max-dim", "20000"])
     assert isinstance(res.exception, PrivacyError) and "no export-time noise" in str(res.exception)
