@@ -38,6 +38,7 @@ from torch import nn
 
 from taskvec.errors import ConfigError, OutputExistsError, TaskvecError, check_range
 from taskvec.io.schema import ModelHeader, VectorHeader
+from taskvec.models.spec import MAX_IMG_SIZE
 from taskvec.progress import Track, no_track
 from taskvec.training.config import DEFAULT_DEVICE
 
@@ -74,6 +75,9 @@ class SiteAssumptions:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}", field=name, got=v)
+        if self.img_size > MAX_IMG_SIZE:
+            raise ConfigError(f"img_size must be at most {MAX_IMG_SIZE}, got {self.img_size}", field="img_size",
+                              got=self.img_size)
         check_range("lr", self.lr, low=0)
         check_range("weight_decay", self.weight_decay, low=0, low_open=False)
         if self.optimizer not in OPTIMIZERS:

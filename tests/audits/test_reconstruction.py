@@ -190,6 +190,9 @@ def test_assumptions_default_to_the_record_and_bad_input_is_refused(make_base, t
         audit_reconstruction(run.run_dir, base, ds, tmp_path / "c", assume={"steps": 5000})
     with pytest.raises(ConfigError, match="^lr must be"):
         audit_reconstruction(run.run_dir, base, ds, tmp_path / "d", assume={"lr": -1.0})
+    with pytest.raises(ConfigError, match="^img_size must be at most 4096, got 40000"):  # 153 GB of images
+        audit_reconstruction(run.run_dir, base, ds, tmp_path / "e", assume={"img_size": 40_000})
+    assert not any((tmp_path / n).exists() for n in "bcde")
     other = make_base("test_convnext", num_classes=2, in_chans=1, img_size=SIZE, name="other.safetensors")
     with torch.no_grad():
         from taskvec.models.spec import load_model, model_spec, save_model
