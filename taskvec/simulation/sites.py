@@ -116,14 +116,31 @@ def split_into_sites(data: str | os.PathLike[str], out: str | os.PathLike[str], 
     root = Path(out)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise OutputExistsError(f"{root}: exists and is not an empty folder; choose a new `out`", path=root)
+    if Path(data).is_dir() and root.resolve().is_relative_to(Path(data).resolve()):
+        raise ConfigError(f"out {root} is inside the data {data}: the sites' files would become part of the data; "
+                          "choose a folder outside it", field="out", got=str(root))
     spec = spec or data_spec(data)
     splits = load_data(data, spec, val_fraction=0.0, seed=seed)
     pool = splits.train
     if pool is None:
         raise TaskvecError(f"{data}: no training split to cut into sites", path=data)
+    repeated = pool.repeated_image()
+    if repeated is not None:
+        raise TaskvecError(f"{data}: lists image {repeated} twice; sites must not share an image (give each once)",
+                           path=data)
     parts = site_indices(pool, split, sites, seed, data)
+    new = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
-    written = [_write_site(pool.subset(idx.tolist()), root, f"site{k}", spec) for k, idx in enumerate(parts)]
+    try:
+        written = [_write_site(pool.subset(idx.tolist()), root, f"site{k}", spec, Path(data))
+                   for k, idx in enumerate(parts)]
+    except BaseException:  # nothing half-written is left: the folder is as it was
+        if new:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            for p in root.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        raise
     left = [s for s in ("val", "test") if getattr(splits, s) is not None]
     record = {"data": str(data), "split": split, "sites": sites, "seed": seed, "task": spec.task,
               "files": written, "samples": [len(idx) for idx in parts], "unit": pool.unit,
@@ -132,14 +149,14 @@ def split_into_sites(data: str | os.PathLike[str], out: str | os.PathLike[str], 
     return record
 
 
-def _write_site(ds: ImageDataset, root: Path, name: str, spec: ModelSpec) -> str:
+def _write_site(ds: ImageDataset, root: Path, name: str, spec: ModelSpec, data: Path) -> str:
     """Write one site's share under `root` in one rename; return its name."""
     if ds.task == "segmentation":
         final = root / name
         tmp = root / f".{name}.partial"
         for src, mask in zip(ds.sources, ds.targets):
             for file, folder in ((Path(str(src)), "images"), (Path(mask), "masks")):
-                _link(file, tmp / folder / _below(file, folder))
+                _link(file, tmp / folder / _below(file, folder, data))
         tmp.rename(final)
         return name
     if ds.array is not None:
@@ -160,15 +177,19 @@ def _write_site(ds: ImageDataset, root: Path, name: str, spec: ModelSpec) -> str
     return final.name
 
 
-def _below(file: Path, folder: str) -> Path:
-    """The path of `file` below its nearest `folder` (images/ or masks/) ancestor."""
-    parts = file.parts
-    at = len(parts) - 1 - parts[::-1].index(folder)
-    return Path(*parts[at + 1:])
+def _below(file: Path, folder: str, data: Path) -> Path:
+    """The path of `file` below the data's `folder` (images/ or masks/, the first below `data`): the name the
+    loader pairs images and masks by, so a folder of that name further down stays part of the path."""
+    parts = Path(os.path.abspath(file)).relative_to(os.path.abspath(data)).parts
+    return Path(*parts[parts.index(folder) + 1:])
 
 
 def _link(src: Path, dest: Path) -> None:
+    """`dest` as a hard link to `src` (a copy across file systems); never onto an existing file, which may be
+    a link to another of the data's own files."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(dest):
+        raise TaskvecError(f"{src}: maps onto {dest}, which another file of the data already took", path=src)
     try:
         os.link(src, dest)
     except OSError:  # another file system, or links not allowed

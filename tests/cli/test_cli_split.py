@@ -133,4 +133,34 @@ def test_refuses_a_non_empty_out_and_leaves_no_half_site(tmp_path: Path, monkeyp
     fresh = tmp_path / "fresh"
     code, _, err = invoke("split", data, "--sites", 2, "--out", fresh)
     assert code != 0 and len(calls) == 9
-    assert sorted(p.name for p in fresh.iterdir()) == [".site1.partial", "site0"]  # no site1, no sites.json
+    assert not fresh.exists()  # nothing half-written: the folder it created is gone
+
+
+def test_split_never_writes_into_the_data(tmp_path: Path) -> None:
+    """A folder named images/ inside images/ keeps its place (it once mapped two images onto one name, and the
+    copy onto the first one's hard link overwrote the user's file); an `out` inside the data is refused."""
+    data = seg_folder(tmp_path / "seg", n=4, size=16)
+    inner = seg_folder(tmp_path / "inner", n=2, size=16, seed=1)
+    for folder in ("images", "masks"):
+        (data / folder / "images").mkdir()
+        for i in range(2):
+            (data / folder / "images" / f"s{i}.png").write_bytes((inner / folder / f"s{i}.png").read_bytes())
+    before = {p: p.read_bytes() for p in data.rglob("*.png")}
+    _ok("split", data, "--sites", 1, "--out", tmp_path / "sites")
+    assert {p: p.read_bytes() for p in data.rglob("*.png")} == before  # the data as it was
+    site = tmp_path / "sites" / "site0"
+    assert sorted(p.relative_to(site / "images").as_posix() for p in (site / "images").rglob("*.png")) == sorted(
+        p.relative_to(data / "images").as_posix() for p in (data / "images").rglob("*.png"))  # all 6, in place
+    for out in (data / "images" / "sites", data / "sites"):
+        code, _, err = invoke("split", data, "--sites", 2, "--out", out)
+        assert code != 0 and "is inside the data" in err and not out.exists()
+
+
+def test_split_refuses_an_image_listed_twice(tmp_path: Path) -> None:
+    """Two sites would share the image (even with two labels)."""
+    image_folder(tmp_path / "img", n_per_class=4, size=16)
+    files = sorted((tmp_path / "img").glob("*/*.png"))
+    rows = [f"{p.relative_to(tmp_path).as_posix()},{p.parent.name}" for p in files]
+    (tmp_path / "d.csv").write_text("\n".join(["path,label", *rows, rows[0]]) + "\n")
+    code, _, err = invoke("split", tmp_path / "d.csv", "--sites", 3, "--out", tmp_path / "sites")
+    assert code != 0 and "twice; sites must not share an image" in err and not (tmp_path / "sites").exists()
