@@ -27,7 +27,7 @@ from taskvec.merging.plan import MergePlan
 from taskvec.models.spec import ModelSpec, create_module
 from taskvec.progress import Track, no_track
 from taskvec.training.data import DataSplits, ImageDataset, Normalizer, as_splits, make_loader
-from taskvec.training.evaluate import evaluate_module, resolve_device
+from taskvec.training.evaluate import NonFiniteOutputError, evaluate_module, resolve_device
 from taskvec.training.metrics import primary_metric
 
 DEFAULT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0)
@@ -127,7 +127,10 @@ class Calibrator:
         """The primary metric (and its companions) of `base + scale·combined` on the validation data."""
         ctx = self._context(base)
         self._build(ctx, comb, scale)
-        metrics = evaluate_module(ctx.model, ctx.spec, ctx.ds, device=ctx.device, batch_size=self.batch_size)
+        try:
+            metrics = evaluate_module(ctx.model, ctx.spec, ctx.ds, device=ctx.device, batch_size=self.batch_size)
+        except NonFiniteOutputError:  # this λ overflows: no score, never chosen
+            return {"scale": float(scale), "metric": None, "value": None, "non_finite": True}
         name, value = primary_metric(metrics)
         return {"scale": float(scale), "metric": name, "value": value,
                 **{k: metrics[k] for k in ("accuracy", "auroc", "dice", "jaccard") if k in metrics}}
@@ -141,6 +144,9 @@ class Calibrator:
         rows = [self.score(base, comb, float(s)) for s in self.track(self.grid, "calibrating λ", len(self.grid))]
         ctx = self._context(base)
         scored = [r for r in rows if r["value"] is not None]
+        if not scored and all(r.get("non_finite") for r in rows):
+            raise TaskvecError(f"{ctx.source}: the merged model's outputs are NaN or infinite at every λ of the grid; "
+                               "leave out the vector of outsized values (`taskvec inspect` shows each one's norm)")
         if not scored:
             raise TaskvecError(f"{ctx.source}: no metric is defined on this data (e.g. a single class)")
         best = max(scored, key=lambda r: (r["value"], -abs(r["scale"] - prefer)))

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from taskvec.errors import ConfigError, FileFormatError
+from taskvec.errors import ConfigError, FileFormatError, TaskvecError
 from taskvec.io.files import Digest, Header, check_output, now
 from taskvec.io.schema import MergeRecord, ModelHeader, VectorSummary
-from taskvec.io.tensors_np import as_float32, from_float32, save_arrays
+from taskvec.io.tensors_np import as_float32, from_float32, non_finite, save_arrays
 from taskvec.merging.accumulate import Combined, accumulate
 from taskvec.merging.diagnose import diagnose
 from taskvec.merging.heads import is_statistics, solve
@@ -80,13 +80,19 @@ def merged_arrays(bh: Header, comb: Combined, scale: float) -> Iterator[tuple[st
             raw = bytearray(t.end - t.start)
             if fb.readinto(raw) != len(raw):
                 raise FileFormatError(f"{bh.path}: truncated while reading {k}")
-            if k in comb.deltas:
-                d = comb.deltas.pop(k)
-                d *= np.float32(scale)
-                d += as_float32(raw, t.dtype)
-                yield k, t.dtype, t.shape, from_float32(d, t.dtype)
-            elif k in comb.stats:
-                yield k, t.dtype, t.shape, from_float32(comb.stats[k], t.dtype)
+            if k in comb.deltas or k in comb.stats:
+                if k in comb.deltas:
+                    d = comb.deltas.pop(k)
+                    d *= np.float32(scale)
+                    d += as_float32(raw, t.dtype)
+                else:
+                    d = comb.stats[k]
+                out = np.ascontiguousarray(from_float32(d, t.dtype))
+                if non_finite(out.tobytes(), t.dtype):
+                    raise TaskvecError(f"{k}: the merged weights overflow {t.dtype} (λ = {scale:g}); merge at a "
+                                       "smaller λ, or leave out the vector of outsized values (`taskvec inspect` "
+                                       "shows each one's norm)", field="scale", got=scale)
+                yield k, t.dtype, t.shape, out
             else:
                 yield k, t.dtype, t.shape, np.frombuffer(raw, np.uint8)
 

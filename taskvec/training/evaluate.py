@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from taskvec.errors import ConfigError, FileFormatError
+from taskvec.errors import ConfigError, FileFormatError, TaskvecError
 from taskvec.io.files import read_header, read_kind
+from taskvec.io.tensors import all_finite
 from taskvec.models.spec import ModelSpec, load_model, resolve_model_path
 from taskvec.progress import Track, no_track
 from taskvec.training.config import check_device
@@ -39,6 +40,10 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return torch.autocast("cuda", dtype=dtype)
 
 
+class NonFiniteOutputError(TaskvecError):
+    """A model's outputs hold NaN or ±Inf: any score of them would be an artefact (NaN ranks as it falls)."""
+
+
 @torch.no_grad()
 def evaluate_module(
     model: nn.Module, spec: ModelSpec, ds: ImageDataset, *, device: torch.device | str = "cpu",
@@ -56,6 +61,9 @@ def evaluate_module(
     for x, y in track(loader, "evaluating", len(loader)):
         with autocast(device):
             logits = model(norm(x.to(device, non_blocking=True))).float()
+        if not all_finite(logits):
+            raise NonFiniteOutputError("the model's outputs are NaN or infinite on this data (its weights overflow "
+                                       "or hold NaN), so no metric of it means anything")
         y = y.to(device, non_blocking=True)
         if spec.task == "classification":
             probs.append(logits.softmax(1).cpu())

@@ -122,3 +122,33 @@ def test_calibration_never_uses_test_data() -> None:
     assert len(calibration_set(DataSplits(train, None, None, "d"))) == 5
     with pytest.raises(ConfigError, match="^calibrate: d holds only a test split"):
         calibration_set(DataSplits(None, None, test, "d"))
+
+
+def test_a_lambda_whose_model_overflows_is_never_chosen(tmp_path: Path, two_vectors: tuple) -> None:
+    """NaN outputs rank as they fall (an AUROC of 1.0 is possible): such a λ is marked, never scored or chosen."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from taskvec.io.files import read_kind
+    from taskvec.io.tensors import state_digest
+    from taskvec.training.evaluate import NonFiniteOutputError, evaluate_module
+
+    base, vecs, val = two_vectors
+    state = load_file(str(vecs[0]))
+    state["classifier.bias"] = torch.tensor([3e38, 0.0])  # finite in float32; 1.5 times it is not
+    big = tmp_path / "big.safetensors"
+    meta = dict(read_kind(vecs[0], "vector").meta, sha256=state_digest(state))
+    save_file(state, str(big), metadata={"format": "pt", "taskvec": json.dumps(meta)})
+    out = tmp_path / "merged.safetensors"
+    r = merge_vectors([vecs[1], big], base, out, method="sum", calibrate=Calibrator(val, grid=GRID, device="cpu"))
+    grid = {row["scale"]: row for row in read_header(out).meta["merge"]["calibration"]["grid"]}
+    assert grid[1.5]["value"] is None and grid[1.5]["non_finite"] and r.scale != 1.5
+    assert all(torch.isfinite(t).all() for t in load_file(str(out)).values())
+
+    model, spec = load_model(base), model_spec(base)
+    with torch.no_grad():
+        model.classifier.bias.fill_(float("inf"))
+    ds = load_data(val, spec, val_fraction=0).get("all")
+    with pytest.raises(NonFiniteOutputError, match="outputs are NaN or infinite"):
+        evaluate_module(model, spec, ds)

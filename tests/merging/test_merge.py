@@ -189,6 +189,8 @@ def test_weighted_without_samples_and_bad_parameters(make_base, make_finetuned, 
         merge_vectors([v], base, tmp_path / "m.safetensors", scale=float("nan"))
     with pytest.raises(TaskvecError, match="model_stock' needs at least 2 vectors"):
         merge_vectors([v], base, tmp_path / "m.safetensors", method="model_stock")
+    with pytest.raises(TaskvecError, match=r"^[\w.]+: the merged weights overflow F32 \(λ = 1e\+39\); merge at"):
+        merge_vectors([v], base, tmp_path / "m.safetensors", scale=1e39)  # finite, but not in float32
     assert not (tmp_path / "m.safetensors").exists()
 
 
