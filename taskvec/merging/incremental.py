@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock
 
-from taskvec.errors import ConfigError, FileFormatError, MismatchError
+from taskvec.errors import ConfigError, FileFormatError, MismatchError, OutputExistsError
 from taskvec.io.files import (
     Header,
     atomic_output,
@@ -133,6 +133,9 @@ def merge_incremental(
     """
     if out is not None:
         check_output(out, force, inputs=[base, *vectors])
+        if Path(out).resolve().is_relative_to(Path(state).resolve()):
+            raise OutputExistsError(f"{out}: is inside the merge state {state}, whose files the next merge reads; "
+                                    "write the copy elsewhere", path=out)
     plan = plan or MergePlan.create(vectors, base, **options)
     if plan.exclude_outliers:
         raise ConfigError("exclude_outliers needs every vector at once: merge in full, not incrementally",

@@ -212,3 +212,19 @@ def test_nan_in_a_vector_is_refused_naming_it(three, tmp_path: Path) -> None:
         with pytest.raises(FileFormatError, match=f"v1.safetensors: tensor {key} holds NaN or Inf"):
             merge_vectors(vecs, base, tmp_path / "m.safetensors", method=method)
     assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["accumulator.safetensors", "history.json", "merged-v1.safetensors"])
+def test_an_incremental_copy_never_lands_in_its_state(three, tmp_path: Path, name: str) -> None:
+    """The state's files are what the next merge reads: a copy over one would break the state for good."""
+    from taskvec.errors import OutputExistsError
+    from taskvec.merging.incremental import merge_incremental
+
+    base, vecs = three
+    state = tmp_path / "state"
+    merge_incremental(vecs[:1], base, state)
+    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    with pytest.raises(OutputExistsError, match="is inside the merge state"):
+        merge_incremental(vecs[:2], base, state, out=state / name, force=True)
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == before
+    merge_incremental(vecs[:2], base, state, out=tmp_path / "copy.safetensors")  # the state still works
