@@ -95,7 +95,8 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
     from taskvec.training.modes.stats_head import StatsHead, head_layer
     from taskvec.training.schedule import plan_steps
 
-    counts = {"units": units, "sites": sites} | ({} if stats_dim is None else {"stats_dim": stats_dim})
+    counts = ({"units": units, "sites": sites} | ({} if stats_dim is None else {"stats_dim": stats_dim})
+              | ({} if steps is None else {"steps": steps}))
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}", field=name, got=value)
@@ -120,6 +121,9 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
         dp = replace(dp, prior=((z1, 1.0, 1),))  # DP-SGD at what the statistics leave of ε
     else:
         z1 = release_noise(dp, "feature statistics")[0]
+    if stats_dim is not None and dim is not None and stats_dim > dim:
+        raise ConfigError(f"stats_dim must be at most the base's feature dimension {dim}, got {stats_dim}",
+                          field="stats_dim", got=stats_dim)
     best_dim = None if dim is None else recommend_stats_dim(z1, dim, units, sites)
     if not wanted:
         wanted = [parse_mode(m.name if not m.arg else f"{m.name}:{stats_dim or best_dim}") for m in registered()

@@ -67,9 +67,12 @@ def test_too_few_units_are_warned_and_bad_counts_refused(tmp_path: Path) -> None
                                  "--epsilon", "0.5", "--mode", "head"])
     assert r.exit_code == 0, r.output
     assert "recommended: head" in r.stdout and "noise exceeds its signal" in r.stdout
-    r = CliRunner().invoke(app, ["plan-dp", "--base", str(tmp_path / "base.safetensors"), "--units", "0",
-                                 "--epsilon", "1"])
-    assert isinstance(r.exception, ConfigError) and r.exception.field == "units"
+    for option, value, field in (("--units", "0", "units"), ("--steps", "0", "steps"), ("--steps", "-5", "steps"),
+                                 ("--stats-dim", "100000", "stats_dim")):  # the base's features: 1280
+        units = [] if option == "--units" else ["--units", "10"]
+        r = CliRunner().invoke(app, ["plan-dp", "--base", str(tmp_path / "base.safetensors"), "--epsilon", "1",
+                                     *units, option, value])
+        assert isinstance(r.exception, ConfigError) and r.exception.field == field, (option, value, r.output)
 
 
 def test_the_recommended_projection_follows_the_moment_noise(tmp_path: Path) -> None:
