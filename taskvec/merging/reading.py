@@ -4,6 +4,7 @@ GIL), so a vector whose bytes do not match its header fails the merge before any
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from taskvec.errors import FileFormatError
+from taskvec.errors import FileFormatError, TaskvecError
 from taskvec.io.files import DTYPE_SIZES, Digest, Header
 from taskvec.io.layout import factor_names
 from taskvec.io.tensors_np import as_float32, as_float64
@@ -114,7 +115,17 @@ class Reading:
     def __init__(self, headers: Sequence[Header]) -> None:
         largest = max((sum(t.end - t.start for t in h.tensors.values()) for h in headers), default=0)
         self.hasher = Hasher(min(IN_FLIGHT_BYTES, largest))
-        self.files = [VectorFile(h, self.hasher, i) for i, h in enumerate(headers)]
+        self.files: list[VectorFile] = []
+        try:
+            for i, h in enumerate(headers):
+                self.files.append(VectorFile(h, self.hasher, i))
+        except OSError as e:
+            self.__exit__()
+            if e.errno != errno.EMFILE:
+                raise
+            raise TaskvecError(f"{len(headers)} vectors are more files than this process may open at once "
+                               f"({len(self.files)} opened); raise the limit (`ulimit -n`) or merge them in parts "
+                               "with `--incremental`") from None
 
     def __enter__(self) -> Reading:
         return self

@@ -228,3 +228,24 @@ def test_an_incremental_copy_never_lands_in_its_state(three, tmp_path: Path, nam
         merge_incremental(vecs[:2], base, state, out=state / name, force=True)
     assert {p.name: p.read_bytes() for p in state.iterdir()} == before
     merge_incremental(vecs[:2], base, state, out=tmp_path / "copy.safetensors")  # the state still works
+
+
+def test_more_vectors_than_open_files_is_one_error(three, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+    import errno
+
+    import taskvec.merging.reading as reading
+
+    opened: list[object] = []
+
+    def limited(*args: object, **kw: object) -> object:
+        if len(opened) == 2:
+            raise OSError(errno.EMFILE, "Too many open files")
+        opened.append(f := builtins.open(*args, **kw))  # type: ignore[call-overload]
+        return f
+
+    monkeypatch.setattr(reading, "open", limited, raising=False)
+    base, vecs = three
+    with pytest.raises(TaskvecError, match=r"^3 vectors are more files than this process may open at once \(2 "):
+        merge_vectors(vecs, base, tmp_path / "m.safetensors")
+    assert all(f.closed for f in opened) and not (tmp_path / "m.safetensors").exists()  # type: ignore[attr-defined]
