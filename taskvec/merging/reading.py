@@ -124,8 +124,8 @@ class Reading:
             if e.errno != errno.EMFILE:
                 raise
             raise TaskvecError(f"{len(headers)} vectors are more files than this process may open at once "
-                               f"({len(self.files)} opened); raise the limit (`ulimit -n`) or merge them in parts "
-                               "with `--incremental`") from None
+                               f"({len(self.files)} opened); raise the limit (`ulimit -n`) or merge them in parts, "
+                               "incrementally") from None
 
     def __enter__(self) -> Reading:
         return self
