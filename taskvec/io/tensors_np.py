@@ -29,8 +29,9 @@ _EXPONENT = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7
              "F64": ("<u8", 0x7FF0000000000000)}
 
 
-def non_finite(data: bytes | memoryview, dtype: str) -> bool:
-    """True when raw floating tensor bytes hold a NaN or ±Inf (all exponent bits set), without a float copy."""
+def non_finite(data: bytes | memoryview | np.ndarray, dtype: str) -> bool:
+    """True when raw floating tensor bytes (or a contiguous array holding them) hold a NaN or ±Inf (all exponent
+    bits set), without a float copy."""
     if dtype not in _EXPONENT:
         return False
     bits, mask = _EXPONENT[dtype]

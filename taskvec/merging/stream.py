@@ -80,21 +80,21 @@ def merged_arrays(bh: Header, comb: Combined, scale: float) -> Iterator[tuple[st
             raw = bytearray(t.end - t.start)
             if fb.readinto(raw) != len(raw):
                 raise FileFormatError(f"{bh.path}: truncated while reading {k}")
-            if k in comb.deltas or k in comb.stats:
-                if k in comb.deltas:
-                    d = comb.deltas.pop(k)
-                    d *= np.float32(scale)
-                    d += as_float32(raw, t.dtype)
-                else:
-                    d = comb.stats[k]
-                out = np.ascontiguousarray(from_float32(d, t.dtype))
-                if non_finite(out.tobytes(), t.dtype):
-                    raise TaskvecError(f"{k}: the merged weights overflow {t.dtype} (λ = {scale:g}); merge at a "
-                                       "smaller λ, or leave out the vector of outsized values (`taskvec inspect` "
-                                       "shows each one's norm)", field="scale", got=scale)
-                yield k, t.dtype, t.shape, out
+            if k in comb.deltas:
+                d = comb.deltas.pop(k)
+                d *= np.float32(scale)
+                d += as_float32(raw, t.dtype)
+            elif k in comb.stats:
+                d = comb.stats[k]
             else:
                 yield k, t.dtype, t.shape, np.frombuffer(raw, np.uint8)
+                continue
+            out = np.ascontiguousarray(from_float32(d, t.dtype))
+            if non_finite(out, t.dtype):
+                raise TaskvecError(f"{k}: the merged weights overflow {t.dtype} (λ = {scale:g}); merge at a "
+                                   "smaller λ, or leave out the vector of outsized values (`taskvec inspect` "
+                                   "shows each one's norm)", field="scale", got=scale)
+            yield k, t.dtype, t.shape, out
 
 
 def save_merged(bh: Header, comb: Combined, headers: Sequence[Header], out: str | os.PathLike[str], *,

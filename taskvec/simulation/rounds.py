@@ -71,8 +71,8 @@ def run_rounds(schedule: Schedule, setup: RoundsSetup, root: Path, base: Path, s
             continue
         path = root / f"v{event.version}.safetensors"
         merged = [vectors[i] for i in event.arrivals]
-        _check_distinct(merged)
         if not path.exists():
+            _check_distinct(merged)
             progress(f"merging {len(merged)} arrivals into version {event.version}")
             merge_vectors(merged, versions[-1], path, method=setup.method, seed=setup.seed,
                           staleness=setup.staleness, budget=setup.budget or PrivacyBudget())
