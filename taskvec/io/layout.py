@@ -57,7 +57,8 @@ def check_against_base(h: Header, base: Header | Mapping[str, Any], where: str =
     `MismatchError` naming the file and the field.
 
     `base` is the base model's header, or the base record a registry keeps (`identity`, `arch`, `task`,
-    `num_classes`, `labels`; `where` names the registry), which has no tensors to compare layouts with.
+    `num_classes`, `labels`), which has no tensors to compare layouts with. `where` names the registry the base
+    comes from, if any (also for a header built from its record).
     Checked: the base identity `h` records (a vector's `base.identity`, which may also be any of `versions`, the
     identities of the versions v0..vN of a merged base, named in the error; a model's `parent` when it has one);
     task and labels (and arch and num_classes for a model); then, given a header, keys and shapes, and that a
@@ -65,7 +66,8 @@ def check_against_base(h: Header, base: Header | Mapping[str, Any], where: str =
     """
     model: Mapping[str, Any]
     if isinstance(base, Header):
-        identity, model, name, tensors = base.model.identity, base.model.model, f"base {base.path}", base.tensors
+        name = f"the base of {where}" if where else f"base {base.path}"  # a registry's address, not a Path of it
+        identity, model, tensors = base.model.identity, base.model.model, base.tensors
     else:
         identity, model, name, tensors = base["identity"], base, f"the base of {where}", None
     _check_identity(h, identity, model, name, versions)

@@ -343,6 +343,7 @@ def test_push_checks_the_base_layout(sites, tmp_path: Path) -> None:
     meta = {**read_kind(src, "vector").meta, "sha256": state_digest(tensors)}
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata={"format": "pt", "taskvec": json.dumps(meta)})
-    with pytest.raises(MismatchError, match=f"shape of {k}"):
+    with pytest.raises(MismatchError, match=f"shape of {k}") as e:
         reg.push(bad)
+    assert f"the base of registry {reg.address}" in e.value.message  # the address as given (hf://org/x stays whole)
     assert reg.entries() == []
