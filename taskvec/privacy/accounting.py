@@ -23,6 +23,7 @@ DP_SGD_ACCOUNTANTS = (PRV, RDP, RDP_LARGE)
 # is ~350 MB and a few seconds. A noise multiplier of 0.05 at rate 0.5 over 50 steps would need 49M points (19 GB).
 MAX_PRV_POINTS = 2_000_000
 GDP_COMPOSITION = "gaussian-dp (Dong, Roth & Su 2019)"
+MAX_NOISE_MULTIPLIER = 1e6  # the calibration's ceiling, as Opacus's: past it the noise drowns any clipped gradient
 
 
 def _phi(x: float) -> float:
@@ -181,8 +182,10 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     low, high, eps_high = 0.0, 10.0, math.inf
     while eps_high > target_epsilon:
         high *= 2
-        if high > 1e6:
-            raise PrivacyError(f"ε = {target_epsilon} is out of reach in {steps} steps at rate {sample_rate:.3g}")
+        if high > MAX_NOISE_MULTIPLIER:
+            raise PrivacyError(f"ε = {target_epsilon:g} is out of reach in {steps} step{'s' * (steps != 1)} at rate "
+                               f"{sample_rate:.3g}: it needs a noise multiplier above {MAX_NOISE_MULTIPLIER:g}, "
+                               "noise under which nothing is learnt; raise the target ε")
         eps_high = epsilon(high)
     for _ in range(60):  # ε jumps where PRV gives way to RDP: the tolerance may never be met there
         if target_epsilon - eps_high <= 0.01 * target_epsilon:

@@ -95,7 +95,7 @@ def test_an_unreachable_target_is_refused_before_the_run_folder(tmp_path: Path, 
     before anything is written, so the corrected command does not meet "run folder exists"."""
     base = make_base("test_vit", num_classes=2)
     data = image_folder(tmp_path / "data", n_per_class=4, size=32)
-    with pytest.raises(PrivacyError, match="out of reach in 3 steps at rate 0.25"):
+    with pytest.raises(PrivacyError, match="out of reach in 3 steps at rate 0.25: it needs a noise multiplier above"):
         finetune(base, data, tmp_path / "run", cfg(DPConfig(1.0, 1e-5, target_epsilon=1e-4), epochs=None, steps=3))
     with pytest.raises(PrivacyError, match="even one step at noise multiplier 0.5 exceeds"):
         finetune(base, data, tmp_path / "run", cfg(DPConfig(1.0, 1e-5, target_epsilon=0.1, noise_multiplier=0.5)))
