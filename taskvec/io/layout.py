@@ -118,6 +118,8 @@ def _check_layout(h: Header, tensors: Mapping[str, TensorInfo], name: str) -> No
         base_deltas = delta_keys(tensors)
         # a subset vector carries only what was trained (a key it lacks has a zero delta); others carry all
         diff = key_difference(carried & set(base_deltas) if h.vector.subset else base_deltas, carried)
+        if not diff and h.vector.subset and not carried and "sufficient" not in h.meta:
+            diff = "it carries no delta at all (in a merge it would count as a site that learnt nothing)"
         if not diff and factored != set(factors):
             diff = f"factors of {', '.join(sorted(factored ^ set(factors))[:5])} do not match its header"
         unknown = sorted(stats - {k for k in tensors if is_statistic(k)})

@@ -78,3 +78,16 @@ def test_layout_keys_shapes_dtypes() -> None:
     assert "missing keys w" in refused(v).message
     v = vector(w=("F32", [2, 3]), other_running_var=("F32", [3]), statistics=["other_running_var"])
     assert "statistics other_running_var are not statistics of the base" in refused(v).message
+
+
+def test_a_subset_vector_carries_some_of_the_base_deltas() -> None:
+    """A subset vector (what one mode trained) may leave keys out, but not all: an empty one would merge as a zero
+    delta, a site that learnt nothing diluting a mean."""
+    def subset(**shapes: Any) -> Header:
+        return vector_header(task="classification", labels=["a", "b"], tensors=tensors(**shapes), subset=True,
+                             statistics=[k for k in shapes if k.startswith("bn_")])
+
+    check_against_base(subset(w=("F32", [2, 3])), BASE)
+    e = refused(subset())
+    assert e.field == "keys" and "no delta at all" in e.message
+    assert "no delta" in refused(subset(bn_running_mean=("F32", [3]))).message  # statistics alone
