@@ -173,4 +173,11 @@ def merge_vectors(
             scale, extra["calibration"] = calibrate(bh, comb)
     if contributions is not None:
         extra["contributions"] = contributions.contributions(plan, bh, headers, plan.scale if scale is None else scale)
-    return save_merged(bh, comb, headers, out, plan=plan, scale=scale, force=force, extra=extra)
+    report = save_merged(bh, comb, headers, out, plan=plan, scale=scale, force=force, extra=extra)
+    chosen = [k for k in ("selection", "calibration", "contributions") if k in extra]
+    if chosen and any(h.vector.privacy for h in headers):
+        report.warnings.append(
+            f"the {' and '.join(chosen)} recorded in the merged model (with λ and any re-estimated BatchNorm "
+            "statistics) are computed from the merger's data without noise: the model's DP guarantees cover the "
+            "sites' vectors, not that data; use data that may be disclosed")
+    return report

@@ -152,3 +152,25 @@ def test_a_lambda_whose_model_overflows_is_never_chosen(tmp_path: Path, two_vect
     ds = load_data(val, spec, val_fraction=0).get("all")
     with pytest.raises(NonFiniteOutputError, match="outputs are NaN or infinite"):
         evaluate_module(model, spec, ds)
+
+
+def test_a_dp_merge_chosen_on_the_merger_data_says_that_data_is_not_covered(tmp_path: Path,
+                                                                            two_vectors: tuple) -> None:
+    """λ, the scores and re-estimated BatchNorm statistics come from the merger's data without noise: a merge of DP
+    vectors that records them says its guarantees do not cover that data; a merge claiming no DP has nothing to
+    qualify."""
+    base, vecs, val = two_vectors
+    plain = merge_vectors(vecs, base, tmp_path / "plain.safetensors", method="mean",
+                          calibrate=Calibrator(val, grid=GRID, device="cpu"))
+    assert not any("merger's data" in w for w in plain.warnings)
+    noised = []
+    for seed in (1, 2):
+        data = image_folder(tmp_path / f"site{seed}", n_per_class=6, seed=seed)
+        cfg = FinetuneConfig(epochs=1, batch_size=8, device="cpu", seed=seed, val_fraction=0)
+        r = finetune(base, data, tmp_path / f"run{seed}", cfg)
+        noised.append(export_vector(r.run_dir, base, tmp_path / f"n{seed}.safetensors", clip=1.0,
+                                    noise_multiplier=1.0, delta=1e-5).path)
+    cal = Calibrator(val, grid=GRID, device="cpu")
+    dp = merge_vectors(noised, base, tmp_path / "dp.safetensors", method="mean", calibrate=cal, contributions=cal)
+    (said,) = [w for w in dp.warnings if "merger's data" in w]
+    assert said.startswith("the calibration and contributions recorded") and "not that data" in said
