@@ -73,10 +73,12 @@ def verify_ledger(ledger: Any, where: str) -> list[Entry]:
     return ledger  # type: ignore[no-any-return]
 
 
-def name_model(ledger: list[Entry], identity: str) -> list[Entry]:
-    """The ledger with its training entries naming the model they released by its content identity, so that
-    two trainings (from copies of one run folder, say) are never counted as one."""
-    return validate_ledger([{**e, "model": identity} if mechanism_of(e).releases_model else e
+def name_model(ledger: list[Entry], name: str) -> list[Entry]:
+    """The ledger with its training entries naming the model they released: every vector of that model file
+    then counts its training once, and two trainings (from copies of one run folder, say) are never counted as
+    one. The name is drawn at random when the model is saved, not its content identity, which a noised export of
+    the model must not carry (it is covered by the training's ε alone, not by the export noise's)."""
+    return validate_ledger([{**e, "model": name} if mechanism_of(e).releases_model else e
                             for e in validate_ledger(ledger)])
 
 

@@ -134,6 +134,10 @@ def finetune(
     header = read_kind(base, "model")
     config = (config or FinetuneConfig()).for_base(starts_pretrained(header.model))
     config.check()
+    if config.dp is not None and header.model.run_id is not None:  # e.g. a base pretrained on public data
+        say(f"{base} is a fine-tuned model (run {header.model.run_id}): this run's DP guarantee does not cover the "
+            "data it was fine-tuned on, which its weights and identity depend on; unless those data are public, "
+            "start from the base it was fine-tuned from")
     out = Path(out_dir)
     spec = ModelSpec.from_dict(header.model.model)
     if (out / MODEL_FILE).exists() and not config.resume:
@@ -497,7 +501,7 @@ def _save_run(run: _Run, config: FinetuneConfig, splits: DataSplits, history: li
         "train": run.layout.to_record(), "prox": config.prox, "head": config.head,
     }
     identity = state_digest(run.net.state_dict())
-    privacy = name_model(run.setup.privacy(), identity)  # two trainings are never taken for one
+    privacy = name_model(run.setup.privacy(), secrets.token_hex(32))  # two trainings are never taken for one
     result = FinetuneResult(out, out / MODEL_FILE, identity, run.run_id, len(train), epochs, total, history,
                             val_metrics, run.start_epoch, len(splits.skipped), splits.warnings + run.notes,
                             _composed_epsilon(config.dp, privacy))

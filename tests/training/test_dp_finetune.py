@@ -102,6 +102,44 @@ def test_an_unreachable_target_is_refused_before_the_run_folder(tmp_path: Path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_a_noised_export_of_a_dp_sgd_model_does_not_carry_its_identity(tmp_path: Path,
+                                                                        make_base: Callable[..., Path]) -> None:
+    """The DP-SGD model's content identity is covered by its training's ε alone: its ledger names the model by a
+    random name, which every vector of it carries (so a merge counts the training once), and a vector exported
+    from it with noise (whose guarantee may be the smaller export ε) carries nothing that identifies its weights."""
+    base = make_base("test_vit", num_classes=2)
+    data = image_folder(tmp_path / "data", n_per_class=4, size=32)
+    runs = [finetune(base, data, tmp_path / f"run{i}", cfg(DPConfig(1.0, 1e-5, noise_multiplier=1.0, seed=0),
+                                                            epochs=None, steps=2, seed=0)) for i in range(2)]
+    model = read_kind(runs[0].model_path, "model").meta
+    (entry,) = model["privacy"]
+    assert runs[0].identity == runs[1].identity == model["identity"]  # seeded: the same weights twice
+    names = [read_kind(r.model_path, "model").meta["privacy"][0]["model"] for r in runs]
+    assert names[0] != names[1] and model["identity"] not in names and len(names[0]) == 64
+    v = export_vector(tmp_path / "run0", base, tmp_path / "v.safetensors", clip=1.0, noise_multiplier=0.5, delta=1e-5)
+    meta = read_kind(v.path, "vector").meta
+    assert meta["privacy"][0] == entry and model["identity"] not in json.dumps(meta)
+
+
+def test_dp_from_a_fine_tuned_model_warns_before_training(tmp_path: Path, make_base: Callable[..., Path]) -> None:
+    """A fine-tuned model's weights, and the identity a vector from it would name, depend on the data it was
+    fine-tuned on, which a DP run from it does not cover: said before training (a base pretrained on public data
+    is such a model too). A DP run from the base, or a run without DP from the fine-tuned model, says nothing."""
+    base = make_base("test_vit", num_classes=2)
+    data = image_folder(tmp_path / "data", n_per_class=4, size=32)
+    first = finetune(base, data, tmp_path / "m0", FinetuneConfig(steps=1, epochs=None, device="cpu", augment=False))
+    dp = DPConfig(1.0, 1e-5, target_epsilon=8.0)
+    said: list[str] = []
+    finetune(first.model_path, data, tmp_path / "m1", cfg(dp, epochs=None, steps=1), on_warning=said.append)
+    assert any(f"is a fine-tuned model (run {first.run_id}): this run's DP guarantee does not cover" in w
+               for w in said)
+    for start, run_cfg in ((first.model_path, FinetuneConfig(steps=1, epochs=None, device="cpu")),
+                           (base, cfg(dp, epochs=None, steps=1))):
+        said.clear()
+        finetune(start, data, tmp_path / f"run{len(list(tmp_path.iterdir()))}", run_cfg, on_warning=said.append)
+        assert not any("fine-tuned model" in w for w in said)
+
+
 def test_an_image_listed_twice_is_refused_under_dp_per_image(tmp_path: Path, make_base: Callable[..., Path]) -> None:
     """Each row is sampled and clipped as its own unit: an image listed twice (by a repeated row, or by a link
     to it) would be two units of a per-image guarantee that then does not hold for it."""
