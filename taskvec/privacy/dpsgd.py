@@ -48,10 +48,10 @@ from taskvec.privacy.mechanisms.dp_sgd import DpSgd
 # of its own (cls_token, layer scale) is vmapped whole in either mode.
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 # Bounds no real run comes near, each where an accountant or memory fails beyond it: δ above 0.01 guarantees
-# little (it belongs far below 1/n; PRV's ε even turns negative near 0.3); a noise multiplier above 1e4 leaves
+# little (it belongs far below 1/n; PRV's ε even turns negative near 0.3); a given noise multiplier above 1e4 leaves
 # ε near 0 while the accountants slow down (infinity stalls RDP); a rate below 1e-9 plans more steps than an
 # index holds; `augmult` copies every image in memory.
-MAX_DELTA, MAX_NOISE_MULTIPLIER, MIN_SAMPLE_RATE, MAX_AUGMULT = 0.01, 1e4, 1e-9, 64
+MAX_DELTA, MAX_GIVEN_NOISE_MULTIPLIER, MIN_SAMPLE_RATE, MAX_AUGMULT = 0.01, 1e4, 1e-9, 64
 
 
 @dataclass
@@ -106,7 +106,7 @@ class DPConfig:
             raise PrivacyConfigError(f"noise_multiplier must be > 0, got {self.noise_multiplier}: without noise "
                                      "there is no DP", field="noise_multiplier", got=self.noise_multiplier)
         if self.noise_multiplier is not None:
-            check_range("noise_multiplier", self.noise_multiplier, high=MAX_NOISE_MULTIPLIER, high_open=False,
+            check_range("noise_multiplier", self.noise_multiplier, high=MAX_GIVEN_NOISE_MULTIPLIER, high_open=False,
                         error=PrivacyConfigError)
         for name, top in (("augmult", MAX_AUGMULT), ("max_physical_batch", 1 << 16)):
             value = getattr(self, name)

@@ -4,8 +4,9 @@ recomputed by the entry's own mechanism), which entries cover a unit and relatio
 Every guarantee taskvec records is one entry naming its mechanism (`taskvec.privacy.mechanisms`), its unit of
 privacy (image, patient, site), its neighbouring relation (add-remove: one unit's data present or absent;
 replace-one: one unit's data changed) and how ε was computed. Nothing without noise is ever recorded as DP.
-A training entry names the model it released (`model`, its content identity, a DP output itself) and whether
-its noise came from a given seed (`seeded`: reproducible, so not secret; a merge refuses it unless allowed).
+A training entry names the model it released (`model`, a random name drawn when the model is saved, so that
+every vector of that model counts its training once) and whether its noise came from a given seed (`seeded`:
+reproducible, so not secret; a merge refuses it unless allowed).
 
 The site is trusted to describe its own mechanism: every ε is recomputed from the entry's parameters, but a
 ledger edited with its ε recomputed (a noise multiplier raised, a unit changed) passes. Signatures authenticate
