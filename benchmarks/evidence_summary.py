@@ -1,9 +1,10 @@
 """Summarise simulation reports (results.json) into one markdown table per data set, for docs/results.
 
-Usage: python benchmarks/evidence_summary.py [--metric NAME,...] evidence/breastmnist [evidence/monuseg ...]
+Usage: python benchmarks/evidence_summary.py [--metric NAME,...] [--per-seed] evidence/breastmnist [...]
 A report of `simulate --seeds` shows each model's mean ± sd over the seeds (single sites: the mean of the
 sites' means, and the range of those means). One table per metric: the simulation's primary metric, or those
-of `--metric` (metrics every row records, e.g. auroc,balanced_accuracy).
+of `--metric` (metrics every row records, e.g. auroc,balanced_accuracy). `--per-seed` adds, per metric, each
+seed's best single site, merges and centralised run (from its `seedN/results.json`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,28 @@ def summary(results: dict, metric: str | None = None) -> str:
     return f"{metric} on the test split:\n\n" + "\n".join(lines)
 
 
+def per_seed(folder: Path, metric: str | None = None) -> str:
+    """One markdown table of `metric` per seed and ε: the best single site, each merge and centralised, from the
+    `seedN/results.json` under `folder`."""
+    seeds = sorted(folder.glob("seed*/results.json"), key=lambda f: int(f.parent.name.removeprefix("seed")))
+    lines: list[str] = []
+    for path in seeds:
+        results = json.loads(path.read_text())
+        rows, name = results["rows"], metric or results["metric"]
+        if not lines:
+            lines = [f"| seed | ε | best single site | {' | '.join(_methods(rows))} | centralised |",
+                     "|---|---|---|" + "---|" * len(_methods(rows)) + "---|"]
+        for eps in [None, *sorted({r["epsilon"] for r in rows if r["epsilon"] is not None})]:
+            sel = {r["name"].removesuffix("" if eps is None else f"-eps{eps:g}"): r for r in rows
+                   if r["epsilon"] == eps}
+            best = max(r["metrics"][name] for r in sel.values() if r["group"] == "local")
+            central = next(r for r in sel.values() if r["group"] == "centralised")
+            lines.append(f"| {path.parent.name.removeprefix('seed')} | {'∞' if eps is None else f'{eps:g}'} | "
+                         f"{best:.3f} | " + " | ".join(f"{sel[m]['metrics'][name]:.3f}" for m in _methods(rows))
+                         + f" | {central['metrics'][name]:.3f} |")
+    return f"{metric or 'the primary metric'} per seed:\n\n" + "\n".join(lines)
+
+
 def _methods(rows: list[dict]) -> list[str]:
     return [r["name"] for r in rows if r["epsilon"] is None and r["group"] in ("merged", "calibrated")]
 
@@ -50,6 +73,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--metric", type=lambda s: s.split(","), default=[None],
                     help="the metrics to tabulate, comma-separated (default: the simulation's primary metric)")
+    ap.add_argument("--per-seed", action="store_true", help="add each seed's table (best single site, merges)")
     ap.add_argument("folders", nargs="+", type=Path)
     args = ap.parse_args()
     for folder in args.folders:
@@ -57,4 +81,7 @@ if __name__ == "__main__":
         results = json.loads((folder / "results.json").read_text())
         for metric in args.metric:
             print(summary(results, metric))
+            print()
+        for metric in args.metric if args.per_seed else ():
+            print(per_seed(folder, metric))
             print()
