@@ -68,7 +68,7 @@ def simulate(
     jobs: int = typer.Option(1, help="--executor local: fine-tune sites in this many parallel processes."),
     executor: str = typer.Option(
         "local", help="Where the fine-tunes run: local (this machine's processes) | ray (Ray tasks; pip install "
-                      "'taskvec[ray]'). Either resumes what the other started."),
+                      "'taskvec\\[ray]'). Either resumes what the other started."),
     address: str | None = typer.Option(
         None, help="--executor ray: the Ray instance (auto: the one `ray start` runs here; ray://HOST:10001: a "
                    "cluster's head); default: start one on this machine."),

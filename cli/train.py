@@ -121,8 +121,8 @@ def finetune(
     image_cache: str = typer.Option(
         DEFAULTS.image_cache, "--image-cache",
         help="Image files decoded once into an array on disk that later epochs and runs read: auto ($TASKVEC_CACHE, "
-             "else ~/.cache/taskvec/images) | off | a folder. It holds the site's images: keep it where the data "
-             "may be."),
+             "else $XDG_CACHE_HOME/taskvec/images, else ~/.cache/taskvec/images) | off | a folder. It holds the "
+             "site's images: keep it where the data may be."),
     dp: bool = typer.Option(False, "--dp", help=f"DP-SGD (Opacus; {ONE_PASS}: its one Gaussian release); unit: "
                                                 "patient given patient ids, else image."),
     target_epsilon: float | None = typer.Option(

@@ -28,3 +28,14 @@ def test_help_shows_no_typer_annotations(name: str, monkeypatch: pytest.MonkeyPa
     assert not TYPER_TYPE.findall(out), out
     if name == "merge":  # the types are still named
         assert re.search(r"--scale +FLOAT", out) and re.search(r"--out +PATH", out), out
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_keeps_its_brackets(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rich markup would swallow a bracketed word (`pip install 'taskvec[ray]'` shown as 'taskvec'): every one in
+    an option's help is escaped so that it is shown."""
+    monkeypatch.setitem(os.environ, "COLUMNS", "200")
+    words = {w for p in dict(commands())[name].params for w in re.findall(r"\[\w[\w,=-]*\]", p.help or "")}
+    code, out, err = invoke(*name.split(), "--help")
+    assert code == 0, err
+    assert not [w for w in words if w not in out], out
