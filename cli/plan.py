@@ -33,8 +33,9 @@ def plan_dp(
     as_json: bool = typer.Option(False, "--json", help="Print the prediction as JSON."),
 ) -> None:
     """Predict a DP run before it runs: each mode's noise multiplier for the target ε, its per-step noise-to-signal
-    ratio z·√d/(q·N) (DP-SGD) or its class-sum ratio z·√p·k/(a_S·N) (statistics head), the recommended mode and
-    the recommended P of the statistics head."""
+    ratio z·√d/(q·N) (DP-SGD) or its class-sum ratio z·√p·k/(a_S·N) (statistics head), the recommended mode (and
+    the DP-SGD mode to run from a recommended statistics head, when its steps' noise allows) and the recommended
+    P of the statistics head."""
     from taskvec.training.planning import plan_dp as predict
 
     plan = predict(base, units, epsilon, delta, clip=clip, sample_rate=sample_rate, stats_dim=stats_dim,
@@ -51,6 +52,10 @@ def plan_dp(
                       f"{p.noise_to_signal:.3g}")
     console.print(table)
     console.print(f"recommended: {plan.recommended}")
+    if plan.then is not None:
+        share = "" if stats_share is not None else "; --stats-share plans the split"
+        console.print(f"then: {plan.then} from the merged statistics head under the same ε (finetune "
+                      f"--epsilon-includes-lineage{share})")
     if plan.stats_dim is not None:
         console.print(f"recommended statistics head: stats-head:{plan.stats_dim}")
     for w in plan.warnings:

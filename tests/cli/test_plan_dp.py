@@ -60,6 +60,32 @@ def test_predictions_match_a_measured_release(tmp_path: Path) -> None:
     assert measured == pytest.approx(stats["noise_norms"]["moments"], rel=0.1)
 
 
+@pytest.mark.parametrize(("units", "modes", "follows"), [(100_000, [], True), (50, [], False),
+                                                      (100_000, ["--mode", "head", "--mode", "lora:4"], False)])
+def test_a_dp_sgd_stage_follows_the_statistics_head_where_its_noise_allows(
+        tmp_path: Path, units: int, modes: list[str], follows: bool) -> None:
+    """With a statistics head recommended, the feature-training DP-SGD mode of the smallest step ratio follows it
+    when that ratio is at most 2 (not `head`, which trains the head alone); without a statistics head, or with too
+    few units, none does."""
+    net, spec = build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=32, seed=0)
+    save_model(net, spec, tmp_path / "base.safetensors")
+    r = CliRunner().invoke(app, ["plan-dp", "--base", str(tmp_path / "base.safetensors"), "--units", str(units),
+                                 "--epsilon", "8", *modes, "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)
+    ratios = {m["mode"]: m["noise_to_signal"] for m in plan["modes"]}
+    bodies = {m: v for m, v in ratios.items() if m != "head" and not m.startswith("stats-head:")}
+    assert plan["recommended"] == min(ratios, key=ratios.__getitem__)
+    if follows:
+        assert plan["recommended"].startswith("stats-head:") and plan["then"] == min(bodies, key=bodies.__getitem__)
+        assert min(ratios.values()) < ratios["head"] < bodies[plan["then"]] <= 2  # head: least noisy, not a body
+    else:
+        assert plan["then"] is None and (not plan["recommended"].startswith("stats-head:") or min(bodies.values()) > 2)
+    r = CliRunner().invoke(app, ["plan-dp", "--base", str(tmp_path / "base.safetensors"), "--units", str(units),
+                                 "--epsilon", "8", *modes])
+    assert (f"then: {plan['then']} from the merged statistics head" in r.stdout) == follows, r.stdout
+
+
 def test_too_few_units_are_warned_and_bad_counts_refused(tmp_path: Path) -> None:
     net, spec = build_base("test_efficientnet", num_classes=2, in_chans=1, img_size=32, seed=0)
     save_model(net, spec, tmp_path / "base.safetensors")
