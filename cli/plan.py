@@ -52,12 +52,15 @@ def plan_dp(
                       f"{p.noise_to_signal:.3g}")
     console.print(table)
     console.print(f"recommended: {plan.recommended}")
-    if plan.then is not None:
-        share = "" if stats_share is not None else "; --stats-share plans the split"
-        console.print(f"then: {plan.then} from the merged statistics head under the same ε (finetune "
-                      f"--epsilon-includes-lineage{share})")
     if plan.stats_dim is not None:
         console.print(f"recommended statistics head: stats-head:{plan.stats_dim}")
+    if plan.then is not None:
+        share = f"{stats_share:g}" if stats_share is not None else "0.375 (--stats-share)"
+        ratio = f"{plan.then_noise_to_signal:.3g}"
+        console.print(f"then: {plan.then} from the model {plan.recommended} gives (merged over the sites), under the "
+                      f"same ε (finetune --epsilon-includes-lineage): step noise / signal {ratio} with the statistics "
+                      f"at {share} of ε. On PBC this second stage raised AUROC at every ratio measured (0.71 to 4.0), "
+                      "and balanced accuracy on iid sites at up to 1.54.")
     for w in plan.warnings:
         console.print(f"warning: {w}", style="yellow")
 

@@ -35,12 +35,14 @@ it at what that release leaves of ε (its noise calibrated so that both compose 
 
 The recommendation is the mode with the smallest ratio (DP-SGD modes and the statistics head compared by the ratios
 above, a coarse rule), with a warning when even that is above 1. The statistics head's one release is nearly always
-the least noisy, but it learns only what a linear head on the frozen features can: when it is recommended and a
-DP-SGD mode that trains the features (not `head`) has a step ratio of at most `MAX_STEP_RATIO`, the least noisy
-such mode is recommended to follow it (`then`: two stages under one ε). The threshold 2 is read off the PBC
-benchmark (docs/results/two-stage.md, 5 iid sites of about 2,400 images, stage 1 at 3/8 of ε): `norm-bias` from the
-merged head beat the statistics head given the whole ε in AUROC and balanced accuracy at step ratios 0.71 (ε 8) and
-1.54 (ε 3), in AUROC only at 4.0 (ε 1); `lora:8` at 1.37 (ε 8) in AUROC only.
+the least noisy, but it learns only what a linear head on the frozen features can: when it is recommended, the
+DP-SGD mode that trains the features (not `head`) with the smallest ratio is recommended to follow it (`then`: two
+stages under one ε) if its ratio at what the statistics leave of ε (at `stats_share`, else `STAGE_SHARE`) is at
+most `MAX_STEP_RATIO`. The ratio's signal is the largest the clipped gradients can sum to, so it is a coarse guide,
+and the threshold 2 is read off the PBC benchmark (docs/results/two-stage.md, 5 sites of about 2,400 images, stage
+1 at 3/8 of ε): from the merged head, `norm-bias` beat the statistics head given the whole ε in AUROC and balanced
+accuracy on iid sites at step ratios 0.71 (ε 8) and 1.54 (ε 3), in AUROC only under Dirichlet-0.5 label skew at the
+same ratios and at 4.0 (ε 1, iid); `lora:8` at 1.37 (ε 8, iid) in AUROC only.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from taskvec.training.sufficient import SHARES, clip_bound, noise_std
 STATS_DIMS = (16, 32, 64, 128, 256, 512)  # the projection dims recommended from
 MAX_MOMENT_RATIO = 3.0  # the largest moment noise ratio ρ(p) of a recommended P
 MAX_STEP_RATIO = 2.0  # the largest DP-SGD step ratio of a mode recommended to follow the statistics head
+STAGE_SHARE = 0.375  # the statistics head's share of ε that a recommended second stage is planned at by default
 
 
 @dataclass
@@ -84,6 +87,7 @@ class DPPlan:
     warnings: list[str] = field(default_factory=list)
     stats_share: float | None = None  # two stages: the statistics head's share of ε, DP-SGD from it at the rest
     then: str | None = None  # two stages: the DP-SGD mode recommended from the merged statistics head
+    then_noise_to_signal: float | None = None  # its step ratio at what the statistics leave of ε
 
 
 def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *, clip: float = DEFAULT_MAX_GRAD_NORM,
@@ -154,9 +158,17 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
     warnings = [] if best.noise_to_signal <= 1 else [
         f"even {best.mode}'s noise exceeds its signal ({best.noise_to_signal:.2g}×): more units or a larger ε"]
     body = min(bodies, key=lambda p: p.noise_to_signal, default=None)
-    stats_first = best.mode.startswith(f"{StatsHead.name}:")
-    then = body.mode if body and stats_first and body.noise_to_signal <= MAX_STEP_RATIO else None
-    return DPPlan(units, epsilon, delta, clip, sample_rate, plans, best.mode, best_dim, warnings, stats_share, then)
+    then = None
+    if body is not None and best.mode.startswith(f"{StatsHead.name}:"):
+        if stats_share is None:  # the second stage runs at what the statistics leave of ε
+            z1 = release_noise(replace(dp, target_epsilon=epsilon * STAGE_SHARE), "feature statistics")[0]
+            z = noise_and_limit(replace(dp, prior=((z1, 1.0, 1),)), body.steps)[0]
+            then = body.noise_to_signal * z / body.noise_multiplier
+        else:
+            then = body.noise_to_signal
+    follow = then is not None and then <= MAX_STEP_RATIO
+    return DPPlan(units, epsilon, delta, clip, sample_rate, plans, best.mode, best_dim, warnings, stats_share,
+                  body.mode if follow and body else None, then if follow else None)
 
 
 def moment_ratio(z: float, dim: int, p: int, units: int, sites: int = 1) -> float:
