@@ -44,9 +44,12 @@ def summary(results: dict, metric: str | None = None) -> str:
 
 
 def per_seed(folder: Path, metric: str | None = None) -> str:
-    """One markdown table of `metric` per seed and ε: the best single site, each merge and centralised, from the
-    `seedN/results.json` under `folder`."""
-    seeds = sorted(folder.glob("seed*/results.json"), key=lambda f: int(f.parent.name.removeprefix("seed")))
+    """One markdown table of `metric` per seed and ε: the best single site (the largest site value of this
+    metric), each merge and centralised, from the `seedN/results.json` under `folder`."""
+    seeds = sorted((f for f in folder.glob("seed*/results.json") if f.parent.name.removeprefix("seed").isdigit()),
+                   key=lambda f: int(f.parent.name.removeprefix("seed")))
+    if not seeds:
+        raise SystemExit(f"{folder}: no seedN/results.json for --per-seed")
     lines: list[str] = []
     for path in seeds:
         results = json.loads(path.read_text())
