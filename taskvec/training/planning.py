@@ -158,17 +158,15 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
     warnings = [] if best.noise_to_signal <= 1 else [
         f"even {best.mode}'s noise exceeds its signal ({best.noise_to_signal:.2g}×): more units or a larger ε"]
     body = min(bodies, key=lambda p: p.noise_to_signal, default=None)
-    then = None
+    ratio = None  # the body's step ratio in a second stage
     if body is not None and best.mode.startswith(f"{StatsHead.name}:"):
+        ratio = body.noise_to_signal
         if stats_share is None:  # the second stage runs at what the statistics leave of ε
-            z1 = release_noise(replace(dp, target_epsilon=epsilon * STAGE_SHARE), "feature statistics")[0]
-            z = noise_and_limit(replace(dp, prior=((z1, 1.0, 1),)), body.steps)[0]
-            then = body.noise_to_signal * z / body.noise_multiplier
-        else:
-            then = body.noise_to_signal
-    follow = then is not None and then <= MAX_STEP_RATIO
+            z_stats = release_noise(replace(dp, target_epsilon=epsilon * STAGE_SHARE), "feature statistics")[0]
+            ratio *= noise_and_limit(replace(dp, prior=((z_stats, 1.0, 1),)), body.steps)[0] / body.noise_multiplier
+    follow = body is not None and ratio is not None and ratio <= MAX_STEP_RATIO
     return DPPlan(units, epsilon, delta, clip, sample_rate, plans, best.mode, best_dim, warnings, stats_share,
-                  body.mode if follow and body else None, then if follow else None)
+                  body.mode if follow and body else None, ratio if follow else None)
 
 
 def moment_ratio(z: float, dim: int, p: int, units: int, sites: int = 1) -> float:
