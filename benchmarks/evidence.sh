@@ -6,9 +6,10 @@
 # and 8; *-pixel-stats: the per-pixel statistics head over an FPN decoder at ε 1, 3 and 8, against DP-SGD on the same
 # decoder, *-fpn-nb-e8), seeds 0-2, mean ± sd. BreastMNIST at 32 px and at 64 px (bm64-*). PBC blood cells (pbc-*: 5 sites of
 # about 2,400 images, iid or Dirichlet 0.5, DP-SGD at ε 8 and without DP) is sized for GPUs: about 90 minutes per
-# seed on 2 CPU cores for norm-bias, two hours for lora:8.
+# seed on 2 CPU cores for norm-bias, two hours for lora:8. pbc128-* (iid, 128 px, norm-bias, lora:8 and all at ε 1,
+# 3 and 8) is for a GPU only.
 # Usage, from the repository root: bash benchmarks/evidence.sh [OUT_DIR] [NAME ...]   (default: every experiment but
-#   the pbc-* ones)
+#   the PBC ones, pbc-* and pbc128-*)
 #   SEEDS=0,1 runs these seeds (default 0,1,2; the report over one seed shows no sd).
 #   JOBS=N runs N (experiment, seed) simulations at once (default 1). The published tables: JOBS=15 on one H100 with 16
 #   CPU cores, about 5 minutes for the first 15 and 7 for the other 12; on 2 CPU cores one BreastMNIST seed takes
@@ -31,9 +32,11 @@ em="--data $shared/data/isbi2012_em --task segmentation --sites 3 --split iid --
 mo="$monuseg --methods mean,ties"
 isbi="$em --methods mean,ties"
 pixel_stats="--decoder fpn --train stats-head:128 --methods lda-head --target-epsilons 1,3,8"
-pbc="--data $shared/data/pbc_blood_cells_128 --sites 5 --arch tf_efficientnet_lite0 --weights $weights --in-chans 3
-    --img-size 64 --num-classes 8 --labels basophil,eosinophil,erythroblast,ig,lymphocyte,monocyte,neutrophil,platelet
-    --methods mean,ties --no-calibrate --dp --target-epsilons 8"
+pbc_sites="--data $shared/data/pbc_blood_cells_128 --sites 5 --arch tf_efficientnet_lite0 --weights $weights
+    --in-chans 3 --num-classes 8 --labels basophil,eosinophil,erythroblast,ig,lymphocyte,monocyte,neutrophil,platelet
+    --methods mean,ties --no-calibrate --dp"
+pbc="$pbc_sites --img-size 64 --target-epsilons 8"
+pbc128="$pbc_sites --img-size 128 --split iid --target-epsilons 1,3,8"
 declare -A grid=(
   [bm-nb-e1]="$bm --split iid --train norm-bias --target-epsilons 1"
   [bm-nb-e3]="$bm --split iid --train norm-bias --target-epsilons 3"
@@ -59,11 +62,17 @@ declare -A grid=(
   [pbc-lora8-e8]="$pbc --split iid --train lora:8"
   [pbc-dir-nb-e8]="$pbc --split dirichlet:0.5 --train norm-bias"
   [pbc-dir-lora8-e8]="$pbc --split dirichlet:0.5 --train lora:8"
+  [pbc128-nb]="$pbc128 --train norm-bias"
+  [pbc128-lora8]="$pbc128 --train lora:8"
+  [pbc128-all]="$pbc128 --train all"
 )
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then  # every experiment but PBC's, which are run by name
-  for name in "${!grid[@]}"; do [[ $name == pbc-* ]] || names+=("$name"); done
+  for name in "${!grid[@]}"; do [[ $name == pbc* ]] || names+=("$name"); done
 fi
+for name in "${names[@]}"; do
+  [ -n "${grid[$name]:-}" ] || { echo "evidence.sh: unknown experiment $name (known: ${!grid[*]})" >&2; exit 2; }
+done
 executor=""
 if [ "${EXECUTOR:-local}" = ray ]; then
   executor="--executor ray --address ${ADDRESS:-auto} --task-cpus ${TASK_CPUS:-1} --task-gpus ${TASK_GPUS:-0}"

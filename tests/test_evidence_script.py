@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
+import typer.main
+
+from taskvec.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 STUB = """#!/bin/sh
@@ -51,6 +56,47 @@ def test_one_simulation_per_seed_then_the_report_over_them(tmp_path: Path, seeds
     assert all("--train norm-bias" in r and f"{tmp_path}/shared/data/pbc_blood_cells_128" in r for r in runs)
     assert report.endswith(f"--out {out}/pbc-nb-e8 --seeds {seeds or '0,1,2'}")
     assert "| ∞ (no DP) | 0.500 | 0.800 (0.800–0.800) | 0.900 | 0.850 | 0.950 |" in done.stdout
+
+
+def test_every_experiment_is_a_simulate_command_line(tmp_path: Path) -> None:
+    """Every experiment of the grid, GPU-sized ones included, parses as `taskvec simulate` parses it (each option
+    known, each number or path a number or path, none given twice, where the last would silently win); a run
+    without names leaves out PBC's; an unknown name is refused before anything runs."""
+    script = ROOT / "benchmarks" / "evidence.sh"
+    names = re.findall(r"^  \[([\w-]+)\]=", script.read_text(), flags=re.M)
+    assert {"pbc-nb-e8", "pbc128-all", "mo-pixel-stats"} <= set(names)
+    rows = [{"name": n, "group": g, "epsilon": None, "metric": "auroc", "value": 0.5, "metrics": {"auroc": 0.5}}
+            for n, g in (("base", "base"), ("site0", "local"), ("mean", "merged"), ("centralised", "centralised"))]
+    env = _stubbed(tmp_path, {"metric": "auroc", "rows": rows}, "0")
+    done = subprocess.run(["bash", str(script), str(tmp_path / "ev"), *names], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    simulate = typer.main.get_command(app).commands["simulate"]  # type: ignore[attr-defined]
+    calls = {}
+    for line in (tmp_path / "calls").read_text().splitlines():
+        command, *args = shlex.split(line)
+        assert command == "simulate", line
+        options = [a for a in args if a.startswith("--")]
+        assert len(options) == len(set(options)), line
+        simulate.make_context("simulate", list(args))  # raises a usage error on an unknown option or a bad value
+        calls[args[args.index("--out") + 1]] = args
+    ev = tmp_path / "ev"
+    assert set(calls) == {str(ev / n / "seed0") for n in names} | {str(ev / n) for n in names}  # runs, reports
+    gpu = calls[str(ev / "pbc128-all" / "seed0")]
+    assert " ".join(gpu).count("--img-size 128") == 1 and "--target-epsilons 1,3,8" in " ".join(gpu)
+    with pytest.raises(Exception, match="No such option"):  # the check above can fail
+        simulate.make_context("simulate", [*gpu, "--no-such-option"])
+    (tmp_path / "calls").unlink()
+    done = subprocess.run(["bash", str(script), str(tmp_path / "all")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = (tmp_path / "calls").read_text().splitlines()
+    runs = {Path(line.split("--out ")[1].split()[0]).parent.name for line in lines if "--seed " in line}
+    assert runs == {n for n in names if not n.startswith("pbc")}
+    (tmp_path / "calls").unlink()
+    done = subprocess.run(["bash", str(script), str(ev), "pbc-nb-e8", "chest"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown experiment chest" in done.stderr and not (tmp_path / "calls").exists()
 
 
 def test_rounds_runs_the_named_data_sets_then_summarises_them(tmp_path: Path) -> None:
