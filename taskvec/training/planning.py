@@ -42,7 +42,8 @@ most `MAX_STEP_RATIO`. The ratio's signal is the largest the clipped gradients c
 and the threshold 2 is read off the PBC benchmark (docs/results/two-stage.md, 5 sites of about 2,400 images, stage
 1 at 3/8 of ε): from the merged head, `norm-bias` beat the statistics head given the whole ε in AUROC and balanced
 accuracy on iid sites at step ratios 0.71 (ε 8) and 1.54 (ε 3), in AUROC only under Dirichlet-0.5 label skew at the
-same ratios and at 4.0 (ε 1, iid); `lora:8` at 1.37 (ε 8, iid) in AUROC only.
+same ratios and at 4.0 (ε 1, iid); `lora:8` at 1.37 (ε 8, iid) in AUROC only. No second stage is recommended on a
+segmentation base, where none was measured.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
         f"even {best.mode}'s noise exceeds its signal ({best.noise_to_signal:.2g}×): more units or a larger ε"]
     body = min(bodies, key=lambda p: p.noise_to_signal, default=None)
     ratio = None  # the body's step ratio in a second stage
-    if body is not None and best.mode.startswith(f"{StatsHead.name}:"):
+    if body is not None and best.mode.startswith(f"{StatsHead.name}:") and spec.task == "classification":
         ratio = body.noise_to_signal
         if stats_share is None:  # the second stage runs at what the statistics leave of ε
             z_stats = release_noise(replace(dp, target_epsilon=epsilon * STAGE_SHARE), "feature statistics")[0]

@@ -181,6 +181,10 @@ def test_a_segmentation_plan_matches_a_measured_pixel_release(tmp_path: Path) ->
     assert r.exit_code == 0, r.output
     stats = {m["mode"]: m for m in json.loads(r.stdout)["modes"]}["stats-head:64"]
     assert stats["coordinates"] == 2 * 64 + 2 + 64 * 64 + 1
+    r = CliRunner().invoke(app, ["plan-dp", "--base", str(base), "--units", "100000", "--epsilon", "8", "--json"])
+    many = json.loads(r.stdout)  # DP-SGD noise allows a second stage, but none was measured for segmentation
+    assert many["recommended"].startswith("stats-head:") and many["then"] is None
+    assert min(m["noise_to_signal"] for m in many["modes"] if m["mode"] in ("norm-bias", "all")) < 1
     train = load_data(seg_folder(tmp_path / "data", n=12), ModelSpec.from_dict(spec.to_dict()), val_fraction=0.0).train
     assert train is not None
     dp = DPConfig(max_grad_norm=1.0, delta=1e-5, target_epsilon=3.0, seed=2)
