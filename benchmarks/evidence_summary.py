@@ -46,12 +46,12 @@ def summary(results: dict, metric: str | None = None) -> str:
 def per_seed(folder: Path, metric: str | None = None) -> str:
     """One markdown table of `metric` per seed and ε: the best single site (the largest site value of this
     metric), each merge and centralised, from the `seedN/results.json` under `folder`."""
-    seeds = sorted((f for f in folder.glob("seed*/results.json") if f.parent.name.removeprefix("seed").isdigit()),
-                   key=lambda f: int(f.parent.name.removeprefix("seed")))
+    found = folder.glob("seed*/results.json")
+    seeds = sorted((int(f.parent.name[4:]), f) for f in found if f.parent.name[4:].isdigit())
     if not seeds:
         raise SystemExit(f"{folder}: no seedN/results.json for --per-seed")
     lines: list[str] = []
-    for path in seeds:
+    for seed, path in seeds:
         results = json.loads(path.read_text())
         rows, name = results["rows"], metric or results["metric"]
         if not lines:
@@ -62,7 +62,7 @@ def per_seed(folder: Path, metric: str | None = None) -> str:
                    if r["epsilon"] == eps}
             best = max(r["metrics"][name] for r in sel.values() if r["group"] == "local")
             central = next(r for r in sel.values() if r["group"] == "centralised")
-            lines.append(f"| {path.parent.name.removeprefix('seed')} | {'∞' if eps is None else f'{eps:g}'} | "
+            lines.append(f"| {seed} | {'∞' if eps is None else f'{eps:g}'} | "
                          f"{best:.3f} | " + " | ".join(f"{sel[m]['metrics'][name]:.3f}" for m in _methods(rows))
                          + f" | {central['metrics'][name]:.3f} |")
     return f"{metric or 'the primary metric'} per seed:\n\n" + "\n".join(lines)

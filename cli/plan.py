@@ -36,6 +36,7 @@ def plan_dp(
     ratio z·√d/(q·N) (DP-SGD) or its class-sum ratio z·√p·k/(a_S·N) (statistics head), the recommended mode (and
     the DP-SGD mode to run from a recommended statistics head, when its steps' noise allows) and the recommended
     P of the statistics head."""
+    from taskvec.training.planning import STAGE_SHARE
     from taskvec.training.planning import plan_dp as predict
 
     plan = predict(base, units, epsilon, delta, clip=clip, sample_rate=sample_rate, stats_dim=stats_dim,
@@ -55,7 +56,7 @@ def plan_dp(
     if plan.stats_dim is not None:
         console.print(f"recommended statistics head: stats-head:{plan.stats_dim}")
     if plan.then is not None:
-        share = f"{stats_share:g}" if stats_share is not None else "0.375 (--stats-share)"
+        share = f"{stats_share:g}" if stats_share is not None else f"{STAGE_SHARE:g} (--stats-share)"
         ratio = f"{plan.then_noise_to_signal:.3g}"
         console.print(f"then: {plan.then} from the model {plan.recommended} gives (merged over the sites), under the "
                       f"same ε (finetune --epsilon-includes-lineage): step noise / signal {ratio} with the statistics "

@@ -51,11 +51,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from taskvec.errors import ConfigError
 from taskvec.io.files import read_kind
 from taskvec.privacy import DEFAULT_MAX_GRAD_NORM, DEFAULT_SAMPLE_RATE
 from taskvec.training.sufficient import SHARES, clip_bound, noise_std
+
+if TYPE_CHECKING:
+    from taskvec.privacy.dpsgd import DPConfig
 
 STATS_DIMS = (16, 32, 64, 128, 256, 512)  # the projection dims recommended from
 MAX_MOMENT_RATIO = 3.0  # the largest moment noise ratio ρ(p) of a recommended P
@@ -130,8 +134,7 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
             raise
         dim = None  # a classifier the statistics head cannot solve: DP-SGD modes only
     if stats_share is not None:
-        z1 = release_noise(replace(dp, target_epsilon=epsilon * stats_share), "feature statistics")[0]
-        dp = replace(dp, prior=((z1, 1.0, 1),))  # DP-SGD at what the statistics leave of ε
+        z1, dp = _after_statistics(dp, epsilon * stats_share)
     else:
         z1 = release_noise(dp, "feature statistics")[0]
     if stats_dim is not None and dim is not None and stats_dim > dim:
@@ -159,15 +162,24 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
     warnings = [] if best.noise_to_signal <= 1 else [
         f"even {best.mode}'s noise exceeds its signal ({best.noise_to_signal:.2g}×): more units or a larger ε"]
     body = min(bodies, key=lambda p: p.noise_to_signal, default=None)
-    ratio = None  # the body's step ratio in a second stage
+    then, ratio = None, None  # the second stage's mode and its step ratio
     if body is not None and best.mode.startswith(f"{StatsHead.name}:") and spec.task == "classification":
         ratio = body.noise_to_signal
         if stats_share is None:  # the second stage runs at what the statistics leave of ε
-            z_stats = release_noise(replace(dp, target_epsilon=epsilon * STAGE_SHARE), "feature statistics")[0]
-            ratio *= noise_and_limit(replace(dp, prior=((z_stats, 1.0, 1),)), body.steps)[0] / body.noise_multiplier
-    follow = body is not None and ratio is not None and ratio <= MAX_STEP_RATIO
+            second = _after_statistics(dp, epsilon * STAGE_SHARE)[1]
+            ratio *= noise_and_limit(second, body.steps)[0] / body.noise_multiplier
+        then, ratio = (body.mode, ratio) if ratio <= MAX_STEP_RATIO else (None, None)
     return DPPlan(units, epsilon, delta, clip, sample_rate, plans, best.mode, best_dim, warnings, stats_share,
-                  body.mode if follow and body else None, ratio if follow else None)
+                  then, ratio)
+
+
+def _after_statistics(dp: DPConfig, epsilon: float) -> tuple[float, DPConfig]:
+    """The statistics release's noise multiplier at `epsilon`, and `dp` for DP-SGD at what that release leaves of
+    its target (calibrated so that both compose to it)."""
+    from taskvec.privacy.mechanisms.gaussian_sum import release_noise
+
+    z = release_noise(replace(dp, target_epsilon=epsilon), "feature statistics")[0]
+    return z, replace(dp, prior=((z, 1.0, 1),))
 
 
 def moment_ratio(z: float, dim: int, p: int, units: int, sites: int = 1) -> float:
