@@ -152,7 +152,16 @@ def _incremental(plan: Any, state: Path, out: Path | None, force: bool) -> None:
 
 
 def _print_record(rec: dict[str, Any]) -> None:
-    """The tables a merge recorded: diagnostics, selection, calibration, contributions."""
+    """The tables a merge recorded: privacy per contributor, diagnostics, selection, calibration, contributions."""
+    spent = rec.get("privacy_budget") or {}
+    if spent.get("contributors"):
+        per = spent["composed_per"]
+        t = Table("contributor", "ε", "δ", "vectors (in earlier versions)", "composition",
+                  title=f"each contributor's releases composed per {per['unit']} ({per['relation']})")
+        for who, c in sorted(spent["contributors"].items()):
+            t.add_row(who, f"{c['epsilon']:.3g}", f"{c['delta']:.1e}", f"{c['vectors']} ({c['earlier']})",
+                      c["composition"])
+        console.print(t)
     if "diagnostics" in rec:
         t = Table("contributor", "sha256", "norm", "cos to median", "sign agreement", "flag",
                   title="diagnostics against the coordinate-wise median")

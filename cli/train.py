@@ -78,6 +78,8 @@ class _TrainProgress:
                 line += f", val accuracy {_fmt(r.val['accuracy'])}"
         for e in r.privacy:
             line += f", {e['mechanism']} ε {e['epsilon']:.3g} (δ {e['delta']:.0e}, per {e['unit']})"
+        if r.composed_epsilon is not None:
+            line += f", with the earlier releases ε {r.composed_epsilon:.3g}"
         self.progress.console.print(line, soft_wrap=True)  # one line per epoch, whatever the terminal's width
 
 

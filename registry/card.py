@@ -65,7 +65,24 @@ def render_model_card(m: ModelHeader, repo_id: str, card: dict[str, Any], versio
         f"{len(vectors)} sites: `{method}`, λ = {scale}, on base "
         f"`{m.parent or '?'}`. Model identity `{m.identity}`.\n\n"
         f"```python\nimport timm\nmodel = timm.create_model('hf-hub:{repo_id}', pretrained=True)\n```\n\n"
-        "| contributor | vector sha256 | samples | privacy |\n|---|---|---|---|\n"
-        f"{rows}\n"
+        "| contributor | vector sha256 | samples | privacy of the vector's own release |\n|---|---|---|---|\n"
+        f"{rows}\n\n{_composed(m.merge.privacy_budget if m.merge else None)}"
     )
     return _card(body, m.task, ["merged", "timm", "image-classification"], card)
+
+
+def _composed(spent: dict[str, Any] | None) -> str:
+    """What the merge recorded of each contributor's releases composed (this version's vectors and those already
+    in the base's lineage): the ε a contributor has spent on this model."""
+    per = (spent or {}).get("composed_per")
+    if not per or not spent or not spent.get("contributors"):
+        return ("No contributor's releases were composed by this merge (its vectors name no single unit of "
+                "privacy, or none): each row above is one release only, and a contributor's releases in earlier "
+                "versions of this model add to it.\n")
+    rows = "\n".join(
+        f"| {who} | {c['epsilon']:.3g} | {c['delta']:.1e} | {c['vectors']} ({c['earlier']} in earlier versions) | "
+        f"{c['composition']} |" for who, c in sorted(spent["contributors"].items()))
+    return (f"Each contributor's releases composed per {per['unit']} ({per['relation']}), its vectors here and "
+            "those already merged into earlier versions (the model is a function of all of them):\n\n"
+            "| contributor | ε | δ | vectors | composition |\n|---|---|---|---|---|\n"
+            f"{rows}\n")

@@ -191,8 +191,10 @@ def check_merge_budget(headers: Sequence[Header], budget: PrivacyBudget,
     summary) of the vectors already merged into the base's lineage (the merged model is a function of all of
     them); return the record a merge saves. `headers` are vector `Header`s. Every distinct noised release and
     every distinct training is counted unless the files prove one includes another (`Composition.distinct`
-    of each kind), however the model files were copied. Contributors without a vector here are not checked
-    again. The ledgers are the sites' own descriptions of their mechanisms, trusted as such."""
+    of each kind), however the model files were copied. Without `budget.unit` the contributors are composed
+    per the finest (unit, relation) that all their guarantees cover, if there is one (`composed_per`). Contributors
+    without a vector here are not checked again. The ledgers are the sites' own descriptions of their
+    mechanisms, trusted as such."""
     budget.check()
     vectors: dict[str, list[Contribution]] = {}
     for h in headers:
@@ -205,9 +207,13 @@ def check_merge_budget(headers: Sequence[Header], budget: PrivacyBudget,
         _check_seeded(ledger, str(h.path), budget)
         vectors.setdefault(v.contributor, []).append(Contribution(v.sha256, v.run_id, ledger))
     _check_one_name(vectors, earlier)
-    record: dict[str, Any] = {**asdict(budget), "contributors": {}}
-    if budget.unit is None:
+    unit, relation = (budget.unit, budget.relation) if budget.unit is not None else _common_guarantee(
+        [c.ledger for given in vectors.values() for c in given]
+        + [v.privacy for _, v in earlier if v.contributor in vectors])
+    record: dict[str, Any] = {**asdict(budget), "composed_per": None, "contributors": {}}
+    if unit is None:
         return record
+    record["composed_per"] = {"unit": unit, "relation": relation}
     before: dict[str, int] = {}
     for where, summary in earlier:
         who = summary.contributor
@@ -218,7 +224,7 @@ def check_merge_budget(headers: Sequence[Header], budget: PrivacyBudget,
             vectors[who].append(Contribution(summary.sha256, run, ledger))
             before[who] = before.get(who, 0) + 1
     for who, given in vectors.items():
-        eps, delta, how, runs = _contributor_epsilon(given, budget.unit, budget.relation)
+        eps, delta, how, runs = _contributor_epsilon(given, unit, relation)
         record["contributors"][who] = {"epsilon": eps, "delta": delta, "vectors": len(given),
                                        "earlier": before.get(who, 0), "runs": runs, "composition": how}
         if budget.max_epsilon is not None and eps > budget.max_epsilon:
@@ -229,6 +235,18 @@ def check_merge_budget(headers: Sequence[Header], budget: PrivacyBudget,
                              "every distinct training and noised release counted unless the files prove one includes "
                              f"another: composed {kinds}, else basically (ε and δ add); contributors in parallel")
     return record
+
+
+def _common_guarantee(ledgers: Sequence[Sequence[Entry]]) -> tuple[str | None, str]:
+    """The finest (unit, relation) that the ledgers name and that every ledger with a guarantee covers, so that a
+    merge without a budget's unit still composes each contributor's releases; (None, "add-remove") if none."""
+    ledgers = [led for led in ledgers if led]
+    named = {(e.get("unit"), e.get("relation")) for led in ledgers for e in led}
+    known = [(u, r) for u, r in named if u in UNITS and r in RELATIONS]
+    for unit, relation in sorted(known, key=lambda p: (UNITS.index(p[0]), RELATIONS.index(p[1]))):
+        if all(best_guarantee(led, unit, relation) for led in ledgers):
+            return unit, relation
+    return None, "add-remove"
 
 
 def _over_budget(who: str, eps: float, delta: float, n: int, runs: int, budget: PrivacyBudget,

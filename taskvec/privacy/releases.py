@@ -36,10 +36,31 @@ def read_releases(record: Path, key: str) -> list[dict[str, Any]]:
         return []
     try:
         runs = json.loads(record.read_text())["runs"]
-        return list(runs.get(key, []))
+        found = runs.get(key, [])
+        if not isinstance(found, list):
+            raise TypeError(f"run {key[:12]} lists no releases")
+        for i, release in enumerate(found):
+            _check_release(release, i)
+        return list(found)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise PrivacyError(f"{record}: unreadable release record ({e}); it is needed to compose exports",
                            path=record) from None
+
+
+def _check_release(release: Any, i: int) -> None:
+    """A TypeError unless `release` is what `record_release` writes: a noise multiplier that is a positive finite
+    number with a clip that is one, or null (an export without noise) with a clip that is one or null."""
+    import math
+
+    def positive(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+    if not isinstance(release, dict) or not all(k in release for k in ("noise_multiplier", "clip")):
+        raise TypeError(f"release {i} is not an object with a noise_multiplier and a clip")
+    z, clip = release["noise_multiplier"], release["clip"]
+    if not (z is None or positive(z)) or not (clip is None or positive(clip)) or (z is not None and clip is None):
+        raise TypeError(f"release {i}: noise_multiplier {z!r} and clip {clip!r} must be numbers > 0 (a null "
+                        "noise_multiplier: an export without noise)")
 
 
 def record_release(record: Path, key: str, release: dict[str, Any]) -> None:

@@ -89,6 +89,7 @@ class EpochRecord:
     images_per_s: float
     val: dict[str, Any] = field(default_factory=dict)
     privacy: list[dict[str, Any]] = field(default_factory=list)  # the ledger so far (DP-SGD: ε spent)
+    composed_epsilon: float | None = None  # with `DPConfig.prior`: ε so far of this run and those releases together
 
 
 def mixed_precision(device: torch.device, dp: bool) -> str | None:
@@ -466,6 +467,7 @@ def _one_pass(run: _Run, config: FinetuneConfig, train: ImageDataset, val: Image
 def _end_epoch(run: _Run, config: FinetuneConfig, val: ImageDataset | None, record: EpochRecord) -> None:
     """Complete the epoch's record (privacy ledger, validation metrics), add it to the history, checkpoint."""
     record.privacy = run.setup.privacy()
+    record.composed_epsilon = _composed_epsilon(config.dp, record.privacy)
     if val is not None:
         record.val = evaluate_module(run.net, run.spec, val, device=run.device, batch_size=run.batch_size,
                                      num_workers=config.num_workers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,9 +80,10 @@ def test_merge_budget_refusals(vectors: tuple[Path, list[Path]], tmp_path: Path)
                        timeout=300)
     assert p.returncode == 1 and p.stderr.startswith("error: ") and "ε = ∞" in p.stderr
 
-    code, _, err = run("merge", loose, tight, "--base", base, "--out", out, "--max-epsilon", "7", "--unit", "site",
-                       "--require-dp")
+    code, printed, err = run("merge", loose, tight, "--base", base, "--out", out, "--max-epsilon", "7", "--unit",
+                             "site", "--require-dp")
     assert code == 0, err
+    assert "composed per site (add-remove)" in printed and re.search(rf"anonymous\s*│\s*{composed:.3g}\s", printed)
     code, js, _ = run("inspect", out, "--json")
     merged = json.loads(js)["metadata"]["merge"]
     assert [v["privacy"][0]["epsilon"] for v in merged["vectors"]] == pytest.approx(

@@ -185,9 +185,27 @@ def test_budget_composes_the_vectors_of_one_contributor() -> None:
     assert check_merge_budget(both, PrivacyBudget(50.0, "patient"))["contributors"]["c"]["epsilon"] == dp["epsilon"]
 
 
+def test_no_budget_composes_per_the_one_unit_the_guarantees_name() -> None:
+    a1, b = (gaussian_output_entries([2.0], 1.0, 1e-5, r)[:1] for r in ("r1", "r2"))  # per site, add-remove
+    two_runs = [_header("x1", "a", "r1", a1), _header("y", "a", "r2", b)]
+    rec = check_merge_budget(two_runs, PrivacyBudget())
+    assert rec["composed_per"] == {"unit": "site", "relation": "add-remove"}
+    assert rec["contributors"]["a"] == check_merge_budget(two_runs, PrivacyBudget(unit="site"))["contributors"]["a"]
+    image = _dp_sgd("image", "opacus-prv (Gopi et al. 2021)", z=3.0, steps=20)
+    mixed = [*two_runs, _header("z", "c", "r3", [image])]  # no unit that every guarantee covers
+    rec = check_merge_budget(mixed, PrivacyBudget())
+    assert rec["composed_per"] is None and rec["contributors"] == {}
+    both = gaussian_output_entries([2.0], 1.0, 1e-5, "r4")  # site add-remove and replace-one (covers an image)
+    rec = check_merge_budget([_header("w", "d", "r4", both), _header("z", "c", "r3", [image])], PrivacyBudget())
+    assert rec["composed_per"] == {"unit": "image", "relation": "add-remove"}
+    assert (rec["contributors"]["c"]["epsilon"], rec["contributors"]["d"]["epsilon"]) == (
+        image["epsilon"], both[1]["epsilon"])
+
+
 def test_require_dp_and_no_budget() -> None:
     clear = [_header("c.safetensors", "a", None, [])]
-    assert check_merge_budget(clear, PrivacyBudget())["contributors"] == {}
+    rec = check_merge_budget(clear, PrivacyBudget())
+    assert rec["contributors"] == {} and rec["composed_per"] is None
     for budget in (PrivacyBudget(require_dp=True), PrivacyBudget(10.0, "site")):
         with pytest.raises(PrivacyError, match="c.safetensors: carries no DP guarantee"):
             check_merge_budget(clear, budget)
@@ -412,3 +430,24 @@ def test_incremental_state_checks_its_own_recipe(make_base, make_finetuned, tmp_
     (state / "history.json").unlink()
     with pytest.raises(TaskvecError, match="accumulator.safetensors: not a merge state of this recipe"):
         merge_incremental(vecs, base, state, method="dare", seed=3)
+
+
+@pytest.mark.parametrize("bad", [{"noise_multiplier": -5.0, "clip": 1.0}, {"noise_multiplier": "NaN", "clip": 1.0},
+                                 {"noise_multiplier": 2.0, "clip": None}, "abc", {"clip": 1.0}])
+def test_a_corrupted_release_record_is_refused_before_it_is_composed(bad: Any, make_base, make_finetuned,
+                                                                      tmp_path: Path) -> None:
+    """An earlier export's entry that is not a positive noise multiplier and clip would compose into a wrong ε (a
+    negative one silently, a string as an internal error): the export refuses the record and writes nothing."""
+    import json
+
+    base = make_base()
+    ft = make_finetuned(base, 5)
+    export_vector(ft, base, tmp_path / "v1.safetensors", clip=1.0, noise_multiplier=1.0, delta=1e-5)
+    record = ft.parent / RELEASES_FILE
+    d = json.loads(record.read_text())
+    (key,) = d["runs"]
+    d["runs"][key] = [bad]
+    record.write_text(json.dumps(d))
+    with pytest.raises(PrivacyError, match="unreadable release record .*release 0"):
+        export_vector(ft, base, tmp_path / "v2.safetensors", clip=1.0, noise_multiplier=1.0, delta=1e-5)
+    assert not (tmp_path / "v2.safetensors").exists()

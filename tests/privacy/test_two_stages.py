@@ -23,6 +23,7 @@ from taskvec.merging.stream import merge_vectors
 from taskvec.models.spec import build_base, save_model
 from taskvec.privacy.dpsgd import DPConfig
 from taskvec.privacy.ledger import PrivacyBudget
+from taskvec.registry.card import render_model_card
 from taskvec.training.loop import FinetuneConfig, finetune
 
 
@@ -88,8 +89,23 @@ def test_a_run_that_includes_the_lineage_spends_what_stage_one_left(tmp_path: Pa
     assert 0.97 * 2.0 <= both <= 2.0 * 1.01 and second["steps"] == 6
     merged = merge_vectors([vec], v1, tmp_path / "v2.safetensors", method="mean",
                            budget=PrivacyBudget(max_epsilon=2.0, unit="image"))
-    assert 0.97 * 2.0 <= merged.record["privacy_budget"]["contributors"]["h"]["epsilon"] <= 2.0
+    composed = merged.record["privacy_budget"]["contributors"]["h"]["epsilon"]
+    assert 0.97 * 2.0 <= composed <= 2.0
+    metrics = json.loads((model.parent / "metrics.json").read_text())
+    so_far = [e["composed_epsilon"] for e in metrics["history"]]  # each epoch's total, growing to the run's
+    assert len(so_far) > 1 and so_far == sorted(so_far) and first["epsilon"] < so_far[0]
+    assert so_far[-1] == metrics["composed_epsilon"] == pytest.approx(composed, rel=1e-6)
     assert _body(v1, data, tmp_path / "body", 2.0, resume=True) == model  # the same prior: the run resumes
+
+    # without a budget the merge still composes both releases (their one unit), and the model card says so
+    free = merge_vectors([vec], v1, tmp_path / "v2free.safetensors", method="mean").path
+    m = read_kind(free, "model").model
+    assert m.merge is not None and m.merge.privacy_budget is not None
+    assert m.merge.privacy_budget["composed_per"] == {"unit": "image", "relation": "add-remove"}
+    assert m.merge.privacy_budget["contributors"]["h"]["epsilon"] == composed
+    card = render_model_card(m, "org/model", {}, "v2")
+    assert f"| h | {composed:.3g} | 1.0e-05 | 2 (1 in earlier versions) |" in card
+    assert f"dp-sgd ε={second['epsilon']:.3g}" in card and f"{second['epsilon']:.3g}" != f"{composed:.3g}"
 
 
 def test_a_run_that_includes_the_lineage_is_refused_before_it_starts(tmp_path: Path) -> None:
@@ -157,6 +173,7 @@ def test_the_sites_own_earlier_releases_count_whatever_the_lineage_says(tmp_path
     assert r.exit_code == 0, r.output
     said = " ".join(r.output.split())
     assert f"with the earlier releases it counted, ε = {result.composed_epsilon:.2f} in total" in said
+    assert f"with the earlier releases ε {result.composed_epsilon:.3g}" in said  # the last epoch's line
     r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "cli2")])
     assert r.exit_code == 2 and "--earlier-release set up DP-SGD: add --dp" in " ".join(r.output.split())
 
