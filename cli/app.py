@@ -36,10 +36,20 @@ def _plain_types(command: Any) -> None:
         _plain_types(sub)
 
 
+def _one_line_summaries(group: Any) -> None:
+    """Each command's summary in a group's command list: its help's first paragraph as one line, so that the
+    list wraps it to the terminal instead of keeping the docstring's line breaks."""
+    for sub in getattr(group, "commands", {}).values():
+        if sub.short_help is None and sub.help:
+            sub.short_help = " ".join(sub.help.split("\n\n")[0].split())
+        _one_line_summaries(sub)
+
+
 class _Group(typer.core.TyperGroup):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _plain_types(self)
+        _one_line_summaries(self)
 
 
 app = typer.Typer(
@@ -81,22 +91,38 @@ plan.register(app)
 simulate.register(app)
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler stopping the job), raised in the main thread so that the work unwinds as on Ctrl-C
+    (partial files and scratch folders removed); not a KeyboardInterrupt, which click ends silently with 130."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main() -> None:
     """Console entry point: one clear line on stderr and a non-zero exit for any error."""
+    import signal
+
     from taskvec.errors import ConfigError, TaskvecError
 
+    before = signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except TaskvecError as e:
         if STATE["debug"]:
             raise
         fail(error_message(e), code=USAGE if isinstance(e, ConfigError) else 1)
+    except Terminated:
+        fail("terminated", code=128 + signal.SIGTERM)
     except KeyboardInterrupt:
         fail("interrupted", code=130)
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
         if STATE["debug"]:
             raise
         fail(f"{type(e).__name__}: {e} (run `taskvec --debug ...` for the traceback)")
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
 ) -> None:
     """Show what a file is: kind, metadata, tensor/parameter counts, size, norm, integrity, DP ledger; exits 1
-    when its tensors do not match the content hash it stores (as merge and push refuse it)."""
+    when its tensors do not match the content hash it stores or hold NaN or Inf (as merge and push refuse it)."""
     from taskvec.errors import FileFormatError
     from taskvec.io.inspection import inspect_file
 
@@ -112,6 +112,8 @@ def inspect(
     if info.integrity is False:
         raise FileFormatError(f"{file}: its tensors do not match the content hash it stores (corrupted or altered)",
                               path=file)
+    if not info.finite:
+        raise FileFormatError(f"{file}: holds NaN or Inf values (merge and push refuse it)", path=file)
 
 
 def _print_summary(info: Any) -> None:
@@ -135,6 +137,7 @@ def _print_summary(info: Any) -> None:
         ("parameters", f"{info.parameters:,}"),
         ("L2 norm", f"{info.l2_norm:.6g}"),
         ("integrity", {True: "ok", False: "MISMATCH", None: "no stored hash"}[info.integrity]),
+        ("values", "finite" if info.finite else "NaN or Inf"),
     ]
 
     def merged(v: VectorSummary) -> tuple[str, str]:

@@ -15,7 +15,8 @@ from taskvec.privacy import DEFAULT_DELTA, DEFAULT_MAX_GRAD_NORM, DEFAULT_SAMPLE
 
 def plan_dp(
     base: Path = typer.Option(..., help="The base model file the site would fine-tune."),
-    units: int = typer.Option(..., help="The site's own count of units (images, or patients)."),
+    units: int = typer.Option(..., help="The site's count of units (images, or patients). The recommended P and "
+                              "mode show in released vectors: give a count the site may disclose (e.g. rounded)."),
     epsilon: float = typer.Option(..., help="Target ε of the run."),
     delta: float = typer.Option(DEFAULT_DELTA, help="δ of the guarantee."),
     clip: float = typer.Option(DEFAULT_MAX_GRAD_NORM, "--max-grad-norm", help="Clip C of each unit's contribution."),
@@ -32,10 +33,11 @@ def plan_dp(
                                           "mode without a count and the statistics head."),
     as_json: bool = typer.Option(False, "--json", help="Print the prediction as JSON."),
 ) -> None:
-    """Predict a DP run before it runs: each mode's noise multiplier for the target ε, its per-step noise-to-signal
-    ratio z·√d/(q·N) (DP-SGD) or its class-sum ratio z·√p·k/(a_S·N) (statistics head), the recommended mode (and
-    the DP-SGD mode to run from a recommended statistics head, when its steps' noise allows) and the recommended
-    P of the statistics head."""
+    """Predict a DP run before it runs: each mode's noise, its noise-to-signal ratio and the recommended mode.
+
+    Each mode's noise multiplier for the target ε, its per-step noise-to-signal ratio z·√d/(q·N) (DP-SGD) or its
+    class-sum ratio z·√p·k/(a_S·N) (statistics head), the recommended mode (and the DP-SGD mode to run from a
+    recommended statistics head, when its steps' noise allows) and the recommended P of the statistics head."""
     from taskvec.training.planning import STAGE_SHARE
     from taskvec.training.planning import plan_dp as predict
 

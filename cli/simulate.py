@@ -152,9 +152,10 @@ def split(
         None, help="Read the data for this base (task, labels); default: the labels the data names (class folders, "
                    "a CSV's label column, an npz's numbers), segmentation for images/ + masks/ folders."),
 ) -> None:
-    """Cut one data set into site data sets by simulate's rules: siteK.csv (path,label[,patient_id], pointing to the
-    original images) for classification images, siteK.npz for an npz, siteK/images + siteK/masks (hard links or
-    copies) for segmentation. The data's val and test splits are not cut (keep them for the merger)."""
+    """Cut one data set into site data sets by simulate's rules; its val and test splits stay whole for the merger.
+
+    siteK.csv (path,label[,patient_id], pointing to the original images) for classification images, siteK.npz for
+    an npz, siteK/images + siteK/masks (hard links or copies) for segmentation."""
     from taskvec.simulation.sites import split_into_sites
 
     spec = None

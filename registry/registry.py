@@ -140,6 +140,10 @@ class Registry:
             if text is not None:
                 existing.append(RegistryInfo.from_json(text, self.address))
                 return None
+            if clash := [p for p in (INDEX_FILE, CARD_FILE) if r.read_text(p) is not None]:
+                raise RegistryError(f"{self.address}: holds {', '.join(clash)} but no {REGISTRY_FILE}: not a "
+                                    f"registry (or one that lost its {REGISTRY_FILE}); nothing was written: create "
+                                    "the registry in a new folder or repository", path=self.address)
             return {version_path(0): bh.path, REGISTRY_FILE: info.to_json().encode(),
                     INDEX_FILE: dump_index([]).encode(), CARD_FILE: render_card(info, [], self.address).encode()}
 

@@ -300,10 +300,12 @@ def load_index(text: str | None, where: str) -> list[Entry]:
         ) from None
     try:
         entries = [Entry.from_dict(e, f"{where}/{INDEX_FILE}") for e in vectors]
-        twice = next((e for i, e in enumerate(entries) if e.sha256 in {f.sha256 for f in entries[:i]}), None)
-        if twice:
-            raise RegistryError(f"{where}/{INDEX_FILE}: vector {twice.sha256[:12]} of {twice.contributor} is listed "
-                                "twice", path=f"{where}/{INDEX_FILE}")
+        seen: set[str] = set()
+        for entry in entries:
+            if entry.sha256 in seen:
+                raise RegistryError(f"{where}/{INDEX_FILE}: vector {entry.sha256[:12]} of {entry.contributor} is "
+                                    "listed twice", path=f"{where}/{INDEX_FILE}")
+            seen.add(entry.sha256)
         return entries
     except RegistryError as e:
         raise RegistryError(f"{e.message}; rebuild it with `taskvec registry reindex`", path=e.path,

@@ -19,7 +19,9 @@ from typing import TypeVar
 from taskvec.io.files import open_regular
 from taskvec.registry.schema import RegistryError
 
-MAX_TEXT_BYTES = 64 * 1024 * 1024  # registry.json, index.json, signatures
+# registry.json, index.json (about 25,000 vectors of 650 B), signatures: an index of empty entries this size
+# parses within 0.5 GiB
+MAX_TEXT_BYTES = 16 * 1024 * 1024
 MAX_TENSOR_FILE_BYTES = 32 * 1024**3  # vectors and versions: a 7B-parameter float32 model is 28 GB
 
 

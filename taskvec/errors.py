@@ -75,3 +75,10 @@ def check_range(field: str, value: float, *, low: float | None = None, high: flo
         raise error(f"{field} must be a finite number in {interval}, got {value!r}", field=field,
                     expected=interval, got=value)
     return float(value)
+
+
+def check_seed(seed: object, field: str = "seed") -> int:
+    """`seed` if it is a whole number >= 0 (what numpy's and torch's generators take), else a `ConfigError`."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"{field} must be a non-negative integer, got {seed!r}", field=field, got=seed)
+    return seed

@@ -27,6 +27,7 @@ class FileInfo:
     l2_norm: float
     content_sha256: str
     integrity: bool | None
+    finite: bool  # every float tensor free of NaN and Inf (merge and push refuse a vector that is not)
     privacy: list[dict[str, Any]]
     metadata: dict[str, Any]
 
@@ -41,15 +42,18 @@ def inspect_file(path: str | os.PathLike[str]) -> FileInfo:
     meta = h.meta
     listed = meta.get("statistics", [])
     stats = set(listed) if isinstance(listed, list) and all(isinstance(k, str) for k in listed) else set()
-    sq = 0.0
+    sq, finite = 0.0, True
 
     def norm(name: str, t: TensorInfo, piece: bytes) -> None:
-        nonlocal sq
-        if t.dtype in FLOAT_DTYPES and name not in stats:
-            sq += float(np.square(as_float64(piece, t.dtype)).sum())
+        nonlocal sq, finite
+        if t.dtype in FLOAT_DTYPES:
+            values = as_float64(piece, t.dtype)
+            finite = finite and bool(np.isfinite(values).all())
+            if name not in stats:
+                sq += float(np.square(values).sum())
 
     content = scan(h, norm)
     params = sum(t.numel for t in h.tensors.values() if t.dtype in FLOAT_DTYPES)
     stored = meta.get("identity") if h.kind == "model" else meta.get("sha256")
     return FileInfo(str(h.path), h.kind, h.size, len(h.tensors), params, math.sqrt(sq), content,
-                    None if stored is None else stored == content, meta.get("privacy", []), meta)
+                    None if stored is None else stored == content, finite, meta.get("privacy", []), meta)

@@ -45,16 +45,19 @@ def is_count(x: Any) -> bool:
 
 
 _CONTRIBUTOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CONTRIBUTOR_ID = "letters, digits, '.', '_' or '-' (at most 64, starting with a letter or digit)"
 
 
-def check_contributor(name: Any) -> str:
-    """A contributor id that can name a registry folder: letters, digits, '.', '_' or '-', at most 64, starting
-    with a letter or digit (so never `.`, `..`, a path or a control character)."""
-    if not isinstance(name, str) or not _CONTRIBUTOR.fullmatch(name):
-        raise TaskvecError(
-            f"contributor id {str(name)[:80]!r} cannot name a registry folder; use letters, digits, '.', '_' or '-' "
-            "(at most 64, starting with a letter or digit)", field="contributor", got=name,
-        )
+def _is_contributor(x: Any) -> bool:
+    return isinstance(x, str) and _CONTRIBUTOR.fullmatch(x) is not None
+
+
+def check_contributor(name: Any, error: type[TaskvecError] = TaskvecError) -> str:
+    """A contributor id that can name a registry folder: `CONTRIBUTOR_ID` (so never `.`, `..`, a path or a
+    control character); else `error`."""
+    if not _is_contributor(name):
+        raise error(f"contributor id {str(name)[:80]!r} cannot name a registry folder; use {CONTRIBUTOR_ID}",
+                    field="contributor", got=name)
     return name
 
 
@@ -186,7 +189,7 @@ class VectorSummary:
         d = _object(d, "summary")
         return cls(
             sha256=_take(d, "sha256", is_sha, "64 hex digits"),
-            contributor=_take(d, "contributor", _is_str, "a name"),
+            contributor=_take(d, "contributor", _is_contributor, f"a contributor id: {CONTRIBUTOR_ID}"),
             privacy=_ledger(d, "privacy", []),
             samples=_take(d, "samples", _optional(is_count), "a count", default=None),
             file=_take(d, "file", _optional(_is_str), "a file name", default=None),
@@ -446,7 +449,7 @@ class VectorHeader:
         return cls(
             sha256=_take(d, "sha256", is_sha, "64 hex digits"),
             base=BaseRef.from_json(_take(d, "base", _is_object, "an object")),
-            contributor=_take(d, "contributor", _is_str, "a name"),
+            contributor=_take(d, "contributor", _is_contributor, f"a contributor id: {CONTRIBUTOR_ID}"),
             task=_take(d, "task", _optional(_is_str), "a task name", default=None),
             labels=_take(d, "labels", _optional(_strings), "a list of names", default=None),
             samples=_take(d, "samples", _optional(is_count), "a whole number >= 0 or null", default=None),

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from taskvec.errors import FileFormatError, PrivacyConfigError, PrivacyError
 from taskvec.io.files import FLOAT_DTYPES, Header, check_output, file_digest, now, read_header, read_kind
 from taskvec.io.layout import check_against_base, is_statistic
-from taskvec.io.schema import BaseRef, LedgerEntry, ModelHeader, VectorHeader, check_contributor
+from taskvec.io.schema import MAX_COUNT, BaseRef, LedgerEntry, ModelHeader, VectorHeader, check_contributor
 from taskvec.io.tensors import CAST_DTYPES, TORCH_TO_ST, all_finite, save_tensors, state_digest
 from taskvec.models.spec import resolve_model_path
 from taskvec.privacy.ledger import locked_releases, read_releases, record_release, releases_path
@@ -150,8 +150,9 @@ def export_vector(
     check_output(out, force, inputs=[finetuned, base])
     if dtype not in CAST_DTYPES:
         raise PrivacyConfigError(f"dtype must be one of {', '.join(CAST_DTYPES)}, got {dtype!r}", field="dtype")
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
-        raise PrivacyConfigError(f"samples must be an integer >= 1, got {samples!r}", field="samples")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int)
+                                or not 1 <= samples <= MAX_COUNT):
+        raise PrivacyConfigError(f"samples must be an integer in 1..2**53, got {samples!r}", field="samples")
     request = NoiseRequest(clip, noise_multiplier, epsilon, delta)
     request.check()
     bh = read_kind(base, "model")

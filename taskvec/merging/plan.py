@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from taskvec.errors import ConfigError, FileFormatError, MismatchError, TaskvecError, check_range
+from taskvec.errors import FileFormatError, MismatchError, TaskvecError, check_range, check_seed
 from taskvec.io.files import Header, read_kind
 from taskvec.io.layout import check_against_base
 from taskvec.io.lineage import DEFAULT_STALENESS, STALENESS_RULE, describe_versions, staleness_weight
@@ -100,8 +100,7 @@ class MergePlan:
         resolved = get_method(method).resolve(given)
         check_range("scale", scale)
         check_range("staleness", staleness, low=0, low_open=False)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}", field="seed", got=seed)
+        check_seed(seed)
         budget = budget or PrivacyBudget()
         budget.check()
         return cls(tuple(Path(v) for v in vectors), Path(base), method, resolved, float(scale), seed, budget,

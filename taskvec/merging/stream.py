@@ -82,8 +82,9 @@ def merged_arrays(bh: Header, comb: Combined, scale: float) -> Iterator[tuple[st
                 raise FileFormatError(f"{bh.path}: truncated while reading {k}")
             if k in comb.deltas:
                 d = comb.deltas.pop(k)
-                d *= np.float32(scale)
-                d += as_float32(raw, t.dtype)
+                with np.errstate(over="ignore"):  # overflow to ±inf is refused below, with its remedy
+                    d *= np.float32(scale)
+                    d += as_float32(raw, t.dtype)
             elif k in comb.stats:
                 d = comb.stats[k]
             else:

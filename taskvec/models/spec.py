@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from taskvec.errors import ConfigError, FileFormatError
+from taskvec.errors import ConfigError, FileFormatError, check_seed
 from taskvec.io.files import now, read_header, read_kind
 from taskvec.io.schema import ModelHeader
 from taskvec.io.tensors import save_tensors, state_digest
@@ -231,13 +232,18 @@ def build_base(
     if num_classes < 2 and task == "segmentation":
         raise ConfigError(f"num_classes must be >= 2 for segmentation (background + foreground), got {num_classes}",
                           field="num_classes", expected=">= 2", got=num_classes)
-    if num_classes < 1:
-        raise ConfigError(f"num_classes must be >= 1, got {num_classes}", field="num_classes", expected=">= 1",
-                          got=num_classes)
+    if seed is not None:
+        check_seed(seed)
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise ConfigError(f"num_classes must be in 1..{MAX_CLASSES}, got {num_classes}", field="num_classes",
+                          expected=f"1..{MAX_CLASSES}", got=num_classes)
     labels = list(labels) if labels else [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:
         raise ConfigError(f"labels names {len(labels)} classes but `num_classes` is {num_classes}", field="labels",
                           expected=num_classes, got=len(labels))
+    if twice := sorted(x for x, n in Counter(labels).items() if n > 1):
+        raise ConfigError(f"labels must name each class once, got {', '.join(map(repr, twice))} more than once",
+                          field="labels", got=labels)
     if weights is not None:
         read_header(weights)  # refuses pickle, corrupt or missing files with a clear message
     default_size = timm.get_pretrained_cfg(arch)

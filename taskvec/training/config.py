@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
-from taskvec.errors import ConfigError, PrivacyConfigError, TaskvecError, check_range
+from taskvec.errors import ConfigError, PrivacyConfigError, TaskvecError, check_range, check_seed
+from taskvec.io.schema import check_contributor
 from taskvec.training.modes import TrainMode, default_mode, parse_mode
 
 if TYPE_CHECKING:
@@ -75,6 +76,9 @@ class FinetuneConfig:
 
     def check(self) -> None:
         check_device(self.device)
+        check_seed(self.seed)
+        if self.contributor is not None:
+            check_contributor(self.contributor, error=ConfigError)
         if self.epochs is not None and self.steps is not None:
             raise ConfigError("epochs and `steps` exclude each other: give one", field="epochs")
         for name in ("epochs", "steps", "batch_size"):

@@ -53,8 +53,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from taskvec.errors import ConfigError
+from taskvec.errors import ConfigError, check_range
 from taskvec.io.files import read_kind
+from taskvec.io.schema import MAX_COUNT, MAX_STEPS
 from taskvec.privacy import DEFAULT_MAX_GRAD_NORM, DEFAULT_SAMPLE_RATE
 from taskvec.training.sufficient import SHARES, clip_bound, noise_std
 
@@ -115,14 +116,19 @@ def plan_dp(base: str | Path, units: int, epsilon: float, delta: float = 1e-5, *
     counts = ({"units": units, "sites": sites} | ({} if stats_dim is None else {"stats_dim": stats_dim})
               | ({} if steps is None else {"steps": steps}))
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}", field=name, got=value)
+        top = MAX_STEPS if name == "steps" else MAX_COUNT
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+            raise ConfigError(f"{name} must be an integer in 1..{top}, got {value!r}", field=name, got=value)
     if stats_share is not None and not 0 < stats_share < 1:
         raise ConfigError(f"stats_share must be in (0, 1), got {stats_share!r}", field="stats_share", got=stats_share)
+    check_range("epsilon", epsilon, low=0)
     dp = DPConfig(max_grad_norm=clip, delta=delta, target_epsilon=epsilon, sample_rate=sample_rate)
     dp.check()
     spec = ModelSpec.from_dict(read_kind(base, "model").model.model)
-    wanted = [parse_mode(name) for name in dict.fromkeys(modes or ())]
+    try:
+        wanted = [parse_mode(name) for name in dict.fromkeys(modes or ())]
+    except ConfigError as e:  # parse_mode speaks of the `train` option
+        raise ConfigError("mode" + e.message.removeprefix(e.field or ""), field="mode", got=e.got) from None
     for mode in wanted:
         if mode.fits_in_one_pass and not mode.arg:
             raise ConfigError(f"mode {mode} is not predicted: plan-dp predicts the DP-SGD modes and stats-head:P",

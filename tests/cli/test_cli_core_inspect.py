@@ -38,7 +38,7 @@ def _rewritten(src: Path, dest: Path, change: dict, tensors: dict | None = None)
     return dest
 
 
-def test_inspect_json_stays_strict_json_for_a_file_holding_infinity(make_base, make_finetuned,
+def test_inspect_of_a_vector_holding_infinity_or_nan_fails_in_strict_json(make_base, make_finetuned,
                                                                     tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -56,7 +56,13 @@ def test_inspect_json_stays_strict_json_for_a_file_holding_infinity(make_base, m
     def refuse(constant: str) -> None:
         raise ValueError(f"not strict JSON: {constant}")
 
-    assert json.loads(out, parse_constant=refuse)["l2_norm"] == "inf", err
+    report = json.loads(out, parse_constant=refuse)
+    assert report["l2_norm"] == "inf" and report["integrity"] is True and report["finite"] is False
+    assert code == 1 and "holds NaN or Inf values" in err  # as merge and push refuse it
+    tensors[k].view(-1)[0] = float("nan")
+    bad = _rewritten(vec, tmp_path / "nan.safetensors", {"sha256": state_digest(tensors)}, tensors)
+    code, out, err = invoke("inspect", bad)
+    assert code == 1 and "NaN or Inf" in out and "holds NaN or Inf values" in err
 
 
 def test_inspect_prints_a_merge_without_a_scale(make_base, make_finetuned, tmp_path: Path) -> None:

@@ -39,3 +39,14 @@ def test_help_keeps_its_brackets(name: str, monkeypatch: pytest.MonkeyPatch) -> 
     code, out, err = invoke(*name.split(), "--help")
     assert code == 0, err
     assert not [w for w in words if w not in out], out
+
+
+def test_command_list_summaries_are_one_line_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`taskvec --help` lists each command by its help's first paragraph, wrapped to the terminal: no line of the
+    list ends mid-phrase where the docstring broke its line."""
+    monkeypatch.setitem(os.environ, "COLUMNS", "300")
+    code, out, err = invoke("--help")
+    assert code == 0, err
+    listed = [line for line in out.splitlines() if line.startswith("│ ")]
+    names = [line.split()[1] for line in listed if not line.startswith("│  ")]
+    assert {"plan-dp", "split", "inspect", "registry"} <= set(names) and len(names) == len(listed), out

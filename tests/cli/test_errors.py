@@ -4,6 +4,7 @@ the parameter, and the same value on the command line prints its flag on one std
 from __future__ import annotations
 
 import ast
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -102,8 +103,23 @@ CASES = [
     (_simulate, {"rounds": 2, "train": "stats-head:8"}, "rounds",
      ["simulate", "--data", "{base}", "--out", "{run}", "--rounds", "2", "--train", "stats-head:8"],
      "--rounds re-train each site"),
+    (_export, {"samples": 2**60}, "samples",
+     ["export", "{ft}", "--base", "{base}", "--out", "{out}", "--samples", str(2**60)], "--samples must be"),
+    (_finetune, {"seed": -1}, "seed",
+     ["finetune", "--base", "{base}", "--data", "{run}", "--out", "{run}", "--seed", "-1"],
+     "--seed must be a non-negative integer"),
+    (_finetune, {"contributor": "../x"}, "contributor",
+     ["finetune", "--base", "{base}", "--data", "{run}", "--out", "{run}", "--contributor", "../x"],
+     "--contributor id '../x' cannot name a registry folder"),
     (_init, {"num_classes": 0}, "num_classes",
-     ["init", "--arch", "test_vit", "--num-classes", "0", "--out", "{out}"], "--num-classes must be >= 1"),
+     ["init", "--arch", "test_vit", "--num-classes", "0", "--out", "{out}"], "--num-classes must be in 1..100000"),
+    (_init, {"num_classes": 10**8}, "num_classes",  # refused before a 10⁸-row head is allocated
+     ["init", "--arch", "test_vit", "--num-classes", str(10**8), "--out", "{out}"], "--num-classes must be in"),
+    (_init, {"num_classes": 2, "labels": ["a", "a"]}, "labels",
+     ["init", "--arch", "test_vit", "--num-classes", "2", "--labels", "a,a", "--out", "{out}"],
+     "--labels must name each class once, got 'a' more than once"),
+    (_init, {"num_classes": 2, "seed": -1}, "seed",
+     ["init", "--arch", "test_vit", "--num-classes", "2", "--seed", "-1", "--out", "{out}"], "--seed must be"),
     (_init, {"num_classes": 2, "labels": ["a"]}, "labels",
      ["init", "--arch", "test_vit", "--num-classes", "2", "--labels", "a", "--out", "{out}"],
      "--labels names 1 classes but --num-classes is 2"),
@@ -177,3 +193,22 @@ def test_no_library_message_names_a_flag() -> None:
                 if re.search(r"--[a-z]", re.sub(r"`taskvec [^`]*`?", "", text)):
                     found.append(f"{path.relative_to(ROOT)}:{n.lineno}: {text[:80]!r}")
     assert not found, "\n".join(found)
+
+
+def test_sigterm_unwinds_like_ctrl_c(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM ends the command with one line and exit 143, after the scratch folder of registry
+    copies is removed (the default action would kill the process and leave it)."""
+    import subprocess
+
+    code = ("import os, signal, sys, time\n"
+            "from taskvec.cli import app\n"
+            "from taskvec.cli.exchange import scratch_dir\n"
+            "@app.app.command('work')\n"
+            "def work() -> None:\n"
+            "    d = scratch_dir(); (d / 'copy').write_bytes(b'x'); print(d, flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(60)\n"
+            "sys.argv = ['taskvec', 'work']; app.main()\n")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert (p.returncode, p.stderr) == (143, "error: terminated\n"), p.stderr
+    assert Path(p.stdout.strip()).parent == tmp_path and not list(tmp_path.iterdir())

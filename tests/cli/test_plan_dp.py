@@ -18,6 +18,7 @@ from synthetic_data import npz_file
 from typer.testing import CliRunner
 
 from taskvec.cli.app import app
+from taskvec.cli.console import error_message
 from taskvec.errors import ConfigError
 from taskvec.io.files import read_kind
 from taskvec.models.spec import build_base, save_model
@@ -102,11 +103,14 @@ def test_too_few_units_are_warned_and_bad_counts_refused(tmp_path: Path) -> None
     assert r.exit_code == 0, r.output
     assert "recommended: head" in r.stdout and "noise exceeds its signal" in r.stdout
     for option, value, field in (("--units", "0", "units"), ("--steps", "0", "steps"), ("--steps", "-5", "steps"),
-                                 ("--stats-dim", "100000", "stats_dim")):  # the base's features: 1280
+                                 ("--stats-dim", "100000", "stats_dim"),  # the base's features: 1280
+                                 ("--steps", str(10**10), "steps"), ("--units", str(2**60), "units"),
+                                 ("--epsilon", "-1", "epsilon"), ("--mode", "bogus", "mode")):
         units = [] if option == "--units" else ["--units", "10"]
         r = CliRunner().invoke(app, ["plan-dp", "--base", str(tmp_path / "base.safetensors"), "--epsilon", "1",
                                      *units, option, value])
         assert isinstance(r.exception, ConfigError) and r.exception.field == field, (option, value, r.output)
+        assert error_message(r.exception).startswith(option)  # the flag plan-dp has, not finetune's
 
 
 def test_the_recommended_projection_follows_the_moment_noise(tmp_path: Path) -> None:

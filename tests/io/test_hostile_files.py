@@ -338,14 +338,14 @@ def test_markup_and_escapes_in_names_print_as_text(make_base, make_finetuned, tm
     export_vector(ft, base, plain, contributor="site0")  # a file from elsewhere may still carry one
     meta = {**read_kind(plain, "vector").meta, "contributor": "[/bold]x\x1b[31m"}
     save_file(load_file(str(plain)), str(marked), metadata={"format": "pt", "taskvec": json.dumps(meta)})
-    r = cli("inspect", marked.name, cwd=tmp_path)
-    assert r.code == 0, r.stderr
-    assert "[/bold]x\\x1b[31m" in r.stdout and "\x1b" not in r.stdout
     reg = tmp_path / "reg"
     assert cli("registry", "init", reg, "--base", base, cwd=tmp_path).code == 0
-    r = cli("push", marked.name, "--registry", reg, cwd=tmp_path)  # the id cannot name a folder: refused, cleanly
-    assert_refused(r, "contributor id")
-    assert "\x1b" not in r.stderr
+    for args in (["inspect", marked.name], ["push", marked.name, "--registry", reg],
+                 ["merge", marked.name, "--base", base, "--out", "m.safetensors"]):
+        r = cli(*args, cwd=tmp_path)  # the id cannot name a folder: refused by every reader, cleanly
+        assert_refused(r, "contributor must be a contributor id")
+        assert "[/bold]x\\x1b[31m" in r.stderr and "\x1b" not in r.stderr
+    assert not (tmp_path / "m.safetensors").exists()
     (tmp_path / "v[").mkdir()
     export_vector(ft, base, tmp_path / "v[/x].safetensors", contributor="site0")
     r = cli("push", "v[/x].safetensors", "--registry", reg, cwd=tmp_path)
@@ -361,7 +361,7 @@ def test_malformed_taskvec_metadata_is_refused(make_base, make_finetuned, tmp_pa
     meta = read_kind(v, "vector").meta
     tensors = load_file(str(v))
     for i, (field, value) in enumerate([("base", None), ("sha256", "../x"), ("samples", True), ("statistics", 3),
-                                        ("contributor", ["a"])]):
+                                        ("contributor", ["a"]), ("contributor", "../../etc")]):
         bad = tmp_path / f"bad{i}.safetensors"
         save_file(tensors, str(bad), metadata={"format": "pt", "taskvec": json.dumps({**meta, field: value})})
         with pytest.raises(FileFormatError, match=f"taskvec vector metadata: {field} must be") as err:

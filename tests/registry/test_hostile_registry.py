@@ -347,3 +347,19 @@ def test_push_checks_the_base_layout(sites, tmp_path: Path) -> None:
         reg.push(bad)
     assert f"the base of registry {reg.address}" in e.value.message  # the address as given (hf://org/x stays whole)
     assert reg.entries() == []
+
+
+def test_an_index_of_tiny_entries_is_refused_within_bounded_memory(sites, tmp_path: Path) -> None:
+    """An index.json at the size limit holding millions of empty entries (the most JSON objects per byte) is
+    refused with one line, and parsing it stays within the memory bound of hostile input."""
+    from taskvec.registry.store import MAX_TEXT_BYTES
+
+    base, _ = sites
+    reg_dir = tmp_path / "reg"
+    created(str(reg_dir), base)
+    head = b'{"format": "taskvec-registry-index", "format_version": 2, "vectors": ['
+    count = (MAX_TEXT_BYTES - len(head) - 2) // 3
+    (reg_dir / "index.json").write_bytes(head + b"{}," * (count - 1) + b"{}]}")
+    assert (reg_dir / "index.json").stat().st_size <= MAX_TEXT_BYTES
+    r = cli("list", "--registry", reg_dir, cwd=tmp_path)
+    assert_refused(r, "index.json: an entry")  # within the memory bound of hostile input

@@ -94,3 +94,16 @@ def test_file_url_and_missing_folder(sites, tmp_path: Path) -> None:
         open_registry(str(tmp_path / "plain")).push(vector(0))
     reg = created(f"file://{tmp_path}/reg", base)
     assert reg.push(vector(0)).added and (tmp_path / "reg" / "index.json").is_file()
+
+
+@pytest.mark.parametrize("found", ["README.md", "index.json"])
+def test_init_never_overwrites_files_that_are_not_a_registry(found: str, sites, tmp_path: Path) -> None:
+    """A project folder's README, or the index of a registry that lost registry.json, is refused, not replaced."""
+    base, _ = sites
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / found).write_text("mine\n")
+    r = CliRunner().invoke(app, ["registry", "init", str(folder), "--base", str(base)])
+    assert isinstance(r.exception, RegistryError) and f"holds {found} but no registry.json" in str(r.exception)
+    assert [p.name for p in folder.iterdir() if p.name != ".taskvec.lock"] == [found]  # the store's lock stays
+    assert (folder / found).read_text() == "mine\n"
