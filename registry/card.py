@@ -74,8 +74,9 @@ def render_model_card(m: ModelHeader, repo_id: str, card: dict[str, Any], versio
 def _composed(spent: dict[str, Any] | None) -> str:
     """What the merge recorded of each contributor's releases composed (this version's vectors and those already
     in the base's lineage): the ε a contributor has spent on this model."""
-    per = (spent or {}).get("composed_per")
-    if not per or not spent or not spent.get("contributors"):
+    spent = spent or {}
+    per = spent.get("composed_per")
+    if not per or not spent.get("contributors"):
         return ("No contributor's releases were composed by this merge (its vectors name no single unit of "
                 "privacy, or none): each row above is one release only, and a contributor's releases in earlier "
                 "versions of this model add to it.\n")
