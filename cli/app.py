@@ -6,6 +6,7 @@ Commands live in small modules beside this one and import torch/timm only inside
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import typer
@@ -36,20 +37,22 @@ def _plain_types(command: Any) -> None:
         _plain_types(sub)
 
 
-def _one_line_summaries(group: Any) -> None:
-    """Each command's summary in a group's command list: its help's first paragraph as one line, so that the
-    list wraps it to the terminal instead of keeping the docstring's line breaks."""
+def _one_line_paragraphs(group: Any) -> None:
+    """Each command's help, and its summary in a group's command list, as paragraphs of one line each, so that
+    rich wraps them to the terminal instead of keeping the docstring's line breaks."""
     for sub in getattr(group, "commands", {}).values():
-        if sub.short_help is None and sub.help:
-            sub.short_help = " ".join(sub.help.split("\n\n")[0].split())
-        _one_line_summaries(sub)
+        if sub.help:
+            sub.help = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(sub.help).split("\n\n"))
+            if sub.short_help is None:
+                sub.short_help = sub.help.split("\n\n")[0]
+        _one_line_paragraphs(sub)
 
 
 class _Group(typer.core.TyperGroup):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _plain_types(self)
-        _one_line_summaries(self)
+        _one_line_paragraphs(self)
 
 
 app = typer.Typer(

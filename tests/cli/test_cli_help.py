@@ -50,3 +50,15 @@ def test_command_list_summaries_are_one_line_each(monkeypatch: pytest.MonkeyPatc
     listed = [line for line in out.splitlines() if line.startswith("│ ")]
     names = [line.split()[1] for line in listed if not line.startswith("│  ")]
     assert {"plan-dp", "split", "inspect", "registry"} <= set(names) and len(names) == len(listed), out
+
+
+@pytest.mark.parametrize("name", ["plan-dp", "split", "finetune"])
+def test_help_paragraphs_wrap_to_the_terminal(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command's help shows each paragraph of its docstring as one wrapped paragraph: on a terminal wide enough,
+    one line each, not broken where the source broke its lines."""
+    monkeypatch.setitem(os.environ, "COLUMNS", "2000")
+    code, out, err = invoke(*name.split(), "--help")
+    assert code == 0, err
+    lines = {line.strip() for line in out.splitlines()}
+    paragraphs = [" ".join(p.split()) for p in (dict(commands())[name].help or "").split("\n\n")]
+    assert len(paragraphs) > 1 and all(p in lines for p in paragraphs), out
