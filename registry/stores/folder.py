@@ -72,10 +72,14 @@ class FolderStore(Store):
         return _FolderReader(self.root, self.address)
 
     def exists(self) -> bool:
+        """Whether the folder exists; a file at its path is refused."""
+        if self.root.exists() and not self.root.is_dir():
+            raise RegistryError(f"{self.address}: a file, not a registry folder")
         return self.root.is_dir()
 
     def create(self) -> None:
-        make_folder(self.root)
+        if not self.exists():
+            make_folder(self.root)
 
     def list_files(self, prefix: str) -> dict[str, str]:
         """Regular files under `prefix`, not following symbolic links (to files or folders) nor hidden names."""

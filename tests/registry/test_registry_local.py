@@ -94,6 +94,11 @@ def test_file_url_and_missing_folder(sites, tmp_path: Path) -> None:
         open_registry(str(tmp_path / "plain")).push(vector(0))
     reg = created(f"file://{tmp_path}/reg", base)
     assert reg.push(vector(0)).added and (tmp_path / "reg" / "index.json").is_file()
+    (tmp_path / "file").write_text("x")
+    for use in (lambda r: r.entries(), lambda r: r.create(base)):  # not `registry init FILE` as the remedy
+        with pytest.raises(RegistryError, match="a file, not a registry folder"):
+            use(open_registry(str(tmp_path / "file")))
+    assert (tmp_path / "file").read_text() == "x"
 
 
 @pytest.mark.parametrize("found", ["README.md", "index.json"])
