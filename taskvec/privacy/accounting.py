@@ -8,6 +8,7 @@ Mechanisms (`taskvec.privacy.mechanisms`) say which of these computes their ε; 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -23,6 +24,9 @@ DP_SGD_ACCOUNTANTS = (PRV, RDP, RDP_LARGE)
 # is ~350 MB and a few seconds. A noise multiplier of 0.05 at rate 0.5 over 50 steps would need 49M points (19 GB).
 MAX_PRV_POINTS = 2_000_000
 GDP_COMPOSITION = "gaussian-dp (Dong, Roth & Su 2019)"
+# PRV's ε saturates at ln(float max) ≈ 709.8 (one Gaussian release at noise multiplier 0.026 gave 709.8, exactly
+# 903.7): above this bound it is refused, and ε is RDP's, an upper bound
+PRV_MAX_EPSILON = 500.0
 MAX_NOISE_MULTIPLIER = 1e6  # the calibration's ceiling, as Opacus's: past it the noise drowns any clipped gradient
 
 
@@ -95,7 +99,7 @@ def accountant_epsilon(accountant: str, noise_multiplier: float, sample_rate: fl
 def history_epsilon(accountant: str, history: Sequence[tuple[float, float, int]], delta: float) -> float:
     """ε of DP-SGD runs composed, each (noise multiplier, sample rate, steps), by the named accountant over all
     their steps (Opacus's accountants take such a history). PRV is refused where its grid would pass
-    `MAX_PRV_POINTS` (a header naming PRV is hostile input too)."""
+    `MAX_PRV_POINTS` (a header naming PRV is hostile input too), and where its ε is not exact (`PrvInexact`)."""
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     if accountant not in DP_SGD_ACCOUNTANTS:
@@ -107,8 +111,26 @@ def history_epsilon(accountant: str, history: Sequence[tuple[float, float, int]]
                            f"limit of {MAX_PRV_POINTS:.3g} (memory); such ε is RDP's", field="accountant")
     acc: Any = PRVAccountant() if accountant == PRV else RDPAccountant()
     acc.history = [(float(z), float(q), int(t)) for z, q, t in history]
-    with _quiet_rdp():
-        return float(acc.get_epsilon(delta))
+    if accountant != PRV:
+        with _quiet_rdp():
+            return float(acc.get_epsilon(delta))
+    from scipy.integrate import IntegrationWarning
+
+    try:
+        with _quiet_rdp(), warnings.catch_warnings():
+            warnings.simplefilter("error", IntegrationWarning)
+            eps = float(acc.get_epsilon(delta))
+    except (IntegrationWarning, ValueError, RuntimeError, ArithmeticError) as err:
+        raise PrvInexact(f"the PRV accountant fails for this history ({err}); such ε is RDP's",
+                         field="accountant") from None
+    if not 0 <= eps <= PRV_MAX_EPSILON:  # negative at a large δ; saturated far out
+        raise PrvInexact(f"the PRV accountant's ε {eps:.6g} is not exact outside [0, {PRV_MAX_EPSILON:g}]; such ε is "
+                         "RDP's", field="accountant")
+    return eps
+
+
+class PrvInexact(PrivacyError):
+    """The PRV accountant's ε is not exact for a history (its integration fails, or ε is past its range)."""
 
 
 @contextmanager
@@ -117,8 +139,6 @@ def _quiet_rdp() -> Iterator[None]:
     tiny sampling rate: PRV bounds its domain with RDP; RDP's ε stays an upper bound there) and numpy's at
     sampling rate 1 (PRV's log(1 - q) is -inf there, which its formula handles) and at a tiny rate (exp
     overflows far out in PRV's domain, where the privacy loss's density is 0)."""
-    import warnings
-
     import numpy as np
 
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -141,18 +161,16 @@ def prv_grid_points(history: Sequence[tuple[float, float, int]], delta: float) -
 
 
 def dp_sgd_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> tuple[float, str]:
-    """ε of DP-SGD runs composed over all their steps and the accountant that computed it: PRV, RDP where PRV
-    fails (it can, far out in its domain) or its grid would pass `MAX_PRV_POINTS` (RDP only bounds ε from above,
-    and such ε is large or the run very long), so every call is bounded in memory and time."""
+    """ε of DP-SGD runs composed over all their steps and the accountant that computed it: PRV, RDP where PRV's
+    ε is not exact (its integration fails far out in its domain, or ε is past `PRV_MAX_EPSILON`) or its grid
+    would pass `MAX_PRV_POINTS` (RDP only bounds ε from above, and such ε is large or the run very long), so
+    every call is bounded in memory and time."""
     try:
-        eps = history_epsilon(PRV, history, delta)
-        if math.isfinite(eps) and eps >= 0:  # PRV's ε can turn negative at a large δ
-            return eps, PRV
+        return history_epsilon(PRV, history, delta), PRV
+    except PrvInexact:
+        return history_epsilon(RDP, history, delta), RDP
     except PrivacyError:  # the grid over its limit
         return history_epsilon(RDP_LARGE, history, delta), RDP_LARGE
-    except (ValueError, RuntimeError, OverflowError, FloatingPointError):
-        pass
-    return history_epsilon(RDP, history, delta), RDP
 
 
 def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> tuple[float, str]:

@@ -62,7 +62,8 @@ def verify_ledger(ledger: Any, where: str) -> list[Entry]:
         try:
             eps = mechanism_of(e).epsilon(e)
         except PrivacyError as err:
-            raise PrivacyError(f"{where}: privacy entry {i}: {err}", path=where, field="epsilon") from None
+            raise PrivacyError(f"{where}: privacy entry {i} ({e['mechanism']}): {err.message}", path=where,
+                               field="epsilon") from None
         except (ArithmeticError, ValueError) as err:  # parameters no accountant takes (a δ of 1e-300, say)
             raise PrivacyError(f"{where}: privacy entry {i} ({e['mechanism']}): its parameters give no ε ({err})",
                                path=where, field="epsilon") from None

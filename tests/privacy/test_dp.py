@@ -135,7 +135,7 @@ def test_tiny_noise_is_accounted_by_rdp_in_bounded_memory(prv_within_limit: list
 def test_header_naming_prv_beyond_its_grid_is_refused(prv_within_limit: list[float]) -> None:
     entry = dict(epsilon=1e4, delta=1e-5, noise_multiplier=0.05, sample_rate=0.5, steps=50, max_grad_norm=1.0,
                  unit="image", run_id="r")
-    with pytest.raises(PrivacyError, match="privacy entry 0: the PRV accountant would need 4.95e[+]07 grid points"):
+    with pytest.raises(PrivacyError, match=r"entry 0 \(dp-sgd\): the PRV accountant would need 4.95e[+]07 grid points"):
         verify_ledger([dp_sgd_entry(accountant=PRV, **entry)], "v")  # type: ignore[arg-type]
     entry["epsilon"] = history_epsilon(RDP, [(0.05, 0.5, 50)], 1e-5)
     verify_ledger([dp_sgd_entry(accountant=RDP_LARGE, **entry)], "v")  # type: ignore[arg-type]

@@ -126,6 +126,26 @@ def test_parameters_no_accountant_takes_are_a_privacy_error() -> None:
     assert err.value.field == "epsilon"
 
 
+@pytest.mark.parametrize("z", [0.025, 0.026, 0.028])
+def test_prv_past_its_range_gives_way_to_rdp_never_below_the_exact_epsilon(z: float) -> None:
+    """One Gaussian release at rate 1, whose exact ε is the analytic Gaussian's (against PLD above): PRV's ε
+    saturates near 709.8 below it (0.026, 0.028), or its integration fails with a warning (0.025). ε is then RDP's,
+    at least the exact one, with no warning; a header naming PRV there is refused."""
+    import warnings
+
+    from taskvec.privacy.accounting import PRV_MAX_EPSILON, RDP, dp_sgd_epsilon
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eps, accountant = dp_sgd_epsilon([(z, 1.0, 1)], 1e-5)
+    assert accountant == RDP and eps >= gaussian_epsilon(z, 1e-5) > PRV_MAX_EPSILON
+    e = dp_sgd_entry(mechanism="gaussian-sum", epsilon=709.79, delta=1e-5, accountant=PRV, noise_multiplier=z,
+                     sample_rate=1.0, steps=1, max_grad_norm=1.0, unit="image", run_id="r")
+    with pytest.raises(PrivacyError, match=r"v: privacy entry 0 \(gaussian-sum\): the PRV accountant"):
+        verify_ledger([e], "v")
+    assert verify_ledger([{**e, "epsilon": eps, "accountant": RDP}], "v")
+
+
 @pytest.mark.parametrize("field, value", [("epsilon", 0.5), ("noise_multiplier", 4.0), ("delta", 1e-3)])
 def test_tampered_entry_is_refused_naming_file_and_field(field: str, value: float) -> None:
     e = _entry(**{field: value})
