@@ -195,6 +195,23 @@ def create_module(spec: ModelSpec, pretrained: bool = False, weights: str | None
     return net
 
 
+def _check_runs(module: nn.Module, spec: ModelSpec) -> None:
+    """One forward pass of a blank image at the spec's size, so that a size the network cannot run (a ViT below
+    its patch, a segmentation encoder's total stride above it) is refused when the base is made, not in every
+    site's fine-tune."""
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, spec.in_chans, spec.img_size, spec.img_size))
+    except (RuntimeError, ValueError, AssertionError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"img_size {spec.img_size} does not run through {spec.arch} ({reason}); choose a larger "
+                          "size", field="img_size", got=spec.img_size) from None
+    finally:
+        module.train(was)
+
+
 def build_base(
     arch: str,
     task: str = "classification",
@@ -275,6 +292,7 @@ def build_base(
                 module = create_module(spec, pretrained, str(weights) if weights else None)
         else:
             module = create_module(spec, pretrained, str(weights) if weights else None)
+    _check_runs(module, spec)
     if zero_head is None:
         zero_head = pretrained or weights is not None
     if zero_head and task == "classification":
