@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from taskvec.errors import FileFormatError, MismatchError, TaskvecError, check_range, check_seed
-from taskvec.io.files import Header, read_kind
+from taskvec.io.files import Header, file_digest, read_kind
 from taskvec.io.layout import check_against_base
 from taskvec.io.lineage import DEFAULT_STALENESS, STALENESS_RULE, describe_versions, staleness_weight
 from taskvec.io.schema import VectorSummary
@@ -31,7 +31,7 @@ def check_vectors(base: Header, paths: Sequence[str | os.PathLike[str]]) -> list
     ids = base.model.versions()
     merged = base.model.merged_vectors()
     headers: list[Header] = []
-    seen: dict[str, Path] = {}
+    seen: dict[str, Header] = {}
     for p in paths:
         h = read_kind(p, "vector")
         sha = h.vector.sha256
@@ -43,8 +43,12 @@ def check_vectors(base: Header, paths: Sequence[str | os.PathLike[str]]) -> list
                 f"{h.path}: already merged into v{k} ({ids[k][:12]}), on which base {base.path} (v{len(ids) - 1}) "
                 f"builds (sha256 {sha[:12]}); give only vectors not merged yet", path=h.path, field="sha256")
         if sha in seen:
-            raise MismatchError(f"{h.path}: same vector as {seen[sha]} (sha256 {sha[:12]}); give it once")
-        seen[sha] = h.path
+            for same in (seen[sha], h):  # two files claiming one content: the same vector, or one altered
+                if file_digest(same) != sha:
+                    raise FileFormatError(f"{same.path}: content does not match its sha256; the file is corrupted",
+                                          path=same.path, field="sha256")
+            raise MismatchError(f"{h.path}: same vector as {seen[sha].path} (sha256 {sha[:12]}); give it once")
+        seen[sha] = h
         headers.append(h)
     return headers
 

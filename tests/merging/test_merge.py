@@ -160,9 +160,20 @@ def test_vector_from_another_base_fails_before_reading(make_base, make_finetuned
 
 
 def test_duplicate_and_corrupted_vectors(three, tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
     base, vecs = three
     with pytest.raises(MismatchError, match="same vector"):
         merge_vectors([vecs[0], vecs[1], vecs[0]], base, tmp_path / "m.safetensors")
+    # another vector's content under vecs[0]'s sha256: corrupted, not the same vector given twice
+    forged = tmp_path / "forged.safetensors"
+    meta = dict(read_kind(vecs[1], "vector").meta, sha256=read_kind(vecs[0], "vector").vector.sha256)
+    save_file(load_file(str(vecs[1])), str(forged), metadata={"format": "pt", "taskvec": json.dumps(meta)})
+    for order in ([vecs[0], forged], [forged, vecs[0]]):
+        with pytest.raises(FileFormatError, match="forged.safetensors: content does not match its sha256"):
+            merge_vectors(order, base, tmp_path / "m.safetensors")
     data = bytearray(vecs[1].read_bytes())
     data[-3] ^= 0xFF  # flip bits inside the last tensor's bytes
     vecs[1].write_bytes(bytes(data))
