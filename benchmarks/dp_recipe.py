@@ -117,7 +117,8 @@ def ms(values: list[float]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(SHARED / "data/breastmnist/breastmnist.npz"))
-    p.add_argument("--weights", default=str(SHARED / "weights/tf_efficientnet_lite0.in1k.safetensors"))
+    p.add_argument("--weights", type=lambda s: None if s == "none" else s,
+                   default=str(SHARED / "weights/tf_efficientnet_lite0.in1k.safetensors"), help="or none: random")
     p.add_argument("--arch", default="tf_efficientnet_lite0")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--in-chans", type=int, default=1)
