@@ -375,7 +375,7 @@ class Registry:
             pushed = {e.sha256: e.pushed for e in self._index(reader)}
         except RegistryError:
             pushed = {}
-        entries, skipped = [], []
+        entries, skipped = [], self.store.left_out(VECTOR_DIR)
         files = self.store.list_files(VECTOR_DIR)
         with tempfile.TemporaryDirectory(prefix="taskvec-reindex-") as tmp:
             for path in sorted(p for p in files if p.endswith(".safetensors")):

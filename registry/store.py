@@ -69,6 +69,11 @@ class Store(ABC):
     def list_files(self, prefix: str) -> dict[str, str]:
         """Every file under `prefix`, with the ISO time it was last written (folder) or committed (Hub)."""
 
+    def left_out(self, prefix: str) -> list[str]:
+        """Why entries under `prefix` are not among `list_files` (a folder's symbolic links, never followed), one
+        line each; none where the store holds only files."""
+        return []
+
     @abstractmethod
     def copy_to(self, path: str, dest: Path, expected_sha256: str | None) -> str:
         """Copy the file at `path` to the new private file `dest`; return the sha256 of the bytes copied.

@@ -81,17 +81,30 @@ class FolderStore(Store):
         if not self.exists():
             make_folder(self.root)
 
-    def list_files(self, prefix: str) -> dict[str, str]:
-        """Regular files under `prefix`, not following symbolic links (to files or folders) nor hidden names."""
-        found = {}
+    def _walk(self, prefix: str) -> tuple[dict[str, str], list[str]]:
+        """(regular files under `prefix` with their times, the other entries), not following symbolic links (to
+        files or folders) nor hidden names."""
+        found, other = {}, []
         for folder, dirs, files in os.walk(_inside(self.root, prefix, self.address), followlinks=False):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            other += [Path(folder, d).relative_to(self.root).as_posix() for d in dirs if Path(folder, d).is_symlink()]
             for name in sorted(files):
                 st = os.lstat(os.path.join(folder, name))
-                if not name.startswith(".") and stat.S_ISREG(st.st_mode):
-                    rel = Path(folder, name).relative_to(self.root).as_posix()
-                    found[rel] = _iso(st.st_mtime)
-        return found
+                rel = Path(folder, name).relative_to(self.root).as_posix()
+                if not name.startswith("."):
+                    if stat.S_ISREG(st.st_mode):
+                        found[rel] = _iso(st.st_mtime)
+                    else:
+                        other.append(rel)
+        return found, other
+
+    def list_files(self, prefix: str) -> dict[str, str]:
+        """Regular files under `prefix`, not following symbolic links (to files or folders) nor hidden names."""
+        return self._walk(prefix)[0]
+
+    def left_out(self, prefix: str) -> list[str]:
+        return [f"{self.address}/{rel}: a symbolic link or special file, never followed; left out"
+                for rel in sorted(self._walk(prefix)[1])]
 
     def copy_to(self, path: str, dest: Path, expected_sha256: str | None) -> str:
         p = _inside(self.root, path, self.address)

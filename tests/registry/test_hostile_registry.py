@@ -251,7 +251,9 @@ def test_reindex_follows_no_symlink_and_survives_any_index(sites, tmp_path: Path
     finally:
         os.umask(old)
     assert count == 1 and [x.sha256 for x in reg.entries()] == [e.sha256]
-    assert len(skipped) == 1 and "junk" in skipped[0]
+    links = "a symbolic link or special file, never followed; left out"  # named, not dropped silently
+    assert skipped[:2] == [f"{reg_dir}/vectors/site1: {links}", f"{reg_dir}/vectors/site2/{sha2}.safetensors: {links}"]
+    assert len(skipped) == 3 and "junk" in skipped[2]
     assert stat.S_IMODE((reg_dir / "index.json").stat().st_mode) == 0o644  # colleagues can read it
 
 
