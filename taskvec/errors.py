@@ -82,3 +82,9 @@ def check_seed(seed: object, field: str = "seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"{field} must be a non-negative integer, got {seed!r}", field=field, got=seed)
     return seed
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message, first line only (or its type's name when it has none), to quote in one line."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

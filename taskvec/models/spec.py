@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from taskvec.errors import ConfigError, FileFormatError, check_seed
+from taskvec.errors import ConfigError, FileFormatError, check_seed, first_line
 from taskvec.io.files import now, read_header, read_kind
 from taskvec.io.schema import ModelHeader
 from taskvec.io.tensors import save_tensors, state_digest
@@ -195,21 +195,20 @@ def create_module(spec: ModelSpec, pretrained: bool = False, weights: str | None
     return net
 
 
-def _check_runs(module: nn.Module, spec: ModelSpec) -> None:
-    """One forward pass of a blank image at the spec's size, so that a size the network cannot run (a ViT below
-    its patch, a segmentation encoder's total stride above it) is refused when the base is made, not in every
-    site's fine-tune."""
-    was = module.training
-    module.eval()
+def check_size(net: nn.Module, spec: ModelSpec, size: int, device: str | torch.device = "cpu") -> None:
+    """One forward pass of blank images at `size` (the spec's when the base is made, a run's when it fine-tunes
+    at another), so that a size the network cannot run (a ViT below its patch or off its position grid, a
+    segmentation encoder's total stride above it) is refused before anything is trained or written."""
+    was = net.training
     try:
         with torch.no_grad():
-            module(torch.zeros(1, spec.in_chans, spec.img_size, spec.img_size))
-    except (RuntimeError, ValueError, AssertionError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"img_size {spec.img_size} does not run through {spec.arch} ({reason}); choose a larger "
-                          "size", field="img_size", got=spec.img_size) from None
+            net.eval()(torch.zeros(2, spec.in_chans, size, size, device=device))
+    except Exception as e:  # noqa: BLE001 - any failure means this size does not fit the architecture
+        built = f" (built for {spec.img_size})" if size != spec.img_size else ""
+        raise ConfigError(f"img_size {size} does not fit {spec.arch}{built}: {first_line(e)}", field="img_size",
+                          expected=spec.img_size, got=size) from None
     finally:
-        module.train(was)
+        net.train(was)
 
 
 def build_base(
@@ -292,7 +291,7 @@ def build_base(
                 module = create_module(spec, pretrained, str(weights) if weights else None)
         else:
             module = create_module(spec, pretrained, str(weights) if weights else None)
-    _check_runs(module, spec)
+    check_size(module, spec, spec.img_size)
     if zero_head is None:
         zero_head = pretrained or weights is not None
     if zero_head and task == "classification":

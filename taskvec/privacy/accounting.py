@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from taskvec.errors import PrivacyConfigError, PrivacyError, check_range
+from taskvec.errors import PrivacyConfigError, PrivacyError, check_range, first_line
 
 ANALYTIC_GAUSSIAN = "analytic-gaussian (Balle & Wang 2018)"
 PRV = "opacus-prv (Gopi et al. 2021)"
@@ -121,7 +121,7 @@ def history_epsilon(accountant: str, history: Sequence[tuple[float, float, int]]
             warnings.simplefilter("error", IntegrationWarning)
             eps = float(acc.get_epsilon(delta))
     except (IntegrationWarning, ValueError, RuntimeError, ArithmeticError) as err:
-        raise PrvInexact(f"the PRV accountant fails for this history ({err}); such ε is RDP's",
+        raise PrvInexact(f"the PRV accountant fails for this history ({first_line(err)}); such ε is RDP's",
                          field="accountant") from None
     if not 0 <= eps <= PRV_MAX_EPSILON:  # negative at a large δ; saturated far out
         raise PrvInexact(f"the PRV accountant's ε {eps:.6g} is not exact outside [0, {PRV_MAX_EPSILON:g}]; such ε is "

@@ -34,7 +34,7 @@ from taskvec.errors import ConfigError, FileFormatError, OutputExistsError, Priv
 from taskvec.io.files import read_kind, write_json
 from taskvec.io.schema import ModelHeader, is_count
 from taskvec.io.tensors import state_digest
-from taskvec.models.spec import ModelSpec, create_module, load_model, save_model, starts_pretrained
+from taskvec.models.spec import ModelSpec, check_size, create_module, load_model, save_model, starts_pretrained
 from taskvec.privacy.dpsgd import DPConfig, is_accumulating, noise_and_limit, require_dp_ready
 from taskvec.privacy.ledger import name_model
 from taskvec.progress import Track, no_track
@@ -101,17 +101,6 @@ def mixed_precision(device: torch.device, dp: bool) -> str | None:
     if torch.cuda.is_bf16_supported():
         return "bf16"
     return None if dp else "fp16"
-
-
-def _check_size(net: nn.Module, spec: ModelSpec, size: int, device: torch.device) -> None:
-    if size == spec.img_size:
-        return
-    try:
-        with torch.no_grad():
-            net.eval()(torch.zeros(2, spec.in_chans, size, size, device=device))
-    except Exception as e:  # noqa: BLE001 - any failure means this size does not fit the architecture
-        raise ConfigError(f"img_size {size} does not fit {spec.arch} (built for {spec.img_size}): "
-                          f"{str(e).splitlines()[0]}", field="img_size", expected=spec.img_size, got=size) from None
 
 
 def finetune(
@@ -270,7 +259,8 @@ def _start(base: str | os.PathLike[str], parent: str, spec: ModelSpec, train: Im
                                             runtime_record(group.world, group.device)))
     device = group.device
     net = load_model(base, device)
-    _check_size(net, spec, train.img_size, device)
+    if train.img_size != spec.img_size:
+        check_size(net, spec, train.img_size, device)
     import timm.optim
 
     mode = config.mode

@@ -125,7 +125,7 @@ CASES = [
      "--labels names 1 classes but --num-classes is 2"),
     (_init, {"num_classes": 2, "img_size": 4}, "img_size",  # below the ViT's patch: no site could fine-tune it
      ["init", "--arch", "test_vit", "--num-classes", "2", "--img-size", "4", "--out", "{out}"],
-     "--img-size 4 does not run through test_vit"),
+     "--img-size 4 does not fit test_vit"),
     (_registry, {"revision": "v1"}, "revision", ["list", "--registry", "{run}", "--revision", "v1"],
      "--revision applies"),
 ]

@@ -94,7 +94,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, make_ba
         finetune(base, data, tmp_path / "cut", cfg())
     with pytest.raises(MismatchError, match="lr 0.002 \\(now 0.001\\)"):
         finetune(base, data, tmp_path / "cut", cfg(lr=1e-3, resume=True))
-    other = make_base("test_vit", num_classes=2, in_chans=1, img_size=24, name="other.safetensors")
+    other = make_base("test_vit", num_classes=2, in_chans=1, img_size=48, name="other.safetensors")
     with pytest.raises(MismatchError, match="was started from base"):
         finetune(other, data, tmp_path / "cut", cfg(resume=True))
     resumed = finetune(base, data, tmp_path / "cut", cfg(resume=True))
