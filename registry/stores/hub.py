@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from taskvec.errors import first_line
 from taskvec.io.files import private_copy
 from taskvec.registry.schema import IntegrityError, RegistryError
 from taskvec.registry.store import (
@@ -44,7 +45,7 @@ def parse_repo(address: str) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise RegistryError(f"{address}: not a Hub repo name ({str(e).splitlines()[0]})", path=address) from None
+        raise RegistryError(f"{address}: not a Hub repo name ({first_line(e)})", path=address) from None
     return repo_id
 
 

@@ -340,7 +340,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise FileFormatError(f"{path}: weights do not fit its architecture: {str(e).splitlines()[0]}") from None
+        raise FileFormatError(f"{path}: weights do not fit its architecture: {first_line(e)}") from None
     return module.to(device)
 
 

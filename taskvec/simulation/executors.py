@@ -18,7 +18,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from taskvec.errors import ConfigError, TaskvecError
+from taskvec.errors import ConfigError, TaskvecError, first_line
 from taskvec.training.run_folder import METRICS_FILE
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def run_ray(jobs: list[Job], res: Resources, progress: Progress) -> list[str]:
         cause = getattr(e, "cause", None)
         if isinstance(cause, TaskvecError):
             raise cause from None
-        raise TaskvecError(f"a Ray task failed: {str(e).splitlines()[0]}") from None
+        raise TaskvecError(f"a Ray task failed: {first_line(e)}") from None
 
 
 EXECUTORS: dict[str, Callable[[list[Job], Resources, Progress], list[str]]] = {"local": run_local, "ray": run_ray}

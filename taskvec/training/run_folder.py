@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from taskvec.errors import FileFormatError, MismatchError, OutputExistsError, TaskvecError
+from taskvec.errors import FileFormatError, MismatchError, OutputExistsError, TaskvecError, first_line
 from taskvec.io.files import Fields, read_kind, read_record, write_json
 from taskvec.io.schema import FORMAT, FORMAT_VERSION
 from taskvec.io.tensors import save_tensors
@@ -207,7 +207,6 @@ def load_checkpoint(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer
             state.setdefault(int(pid), {}).update(d)
         optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise FileFormatError(f"{path}: does not fit this run ({first}); delete it to start the run over",
+        raise FileFormatError(f"{path}: does not fit this run ({first_line(e)[:200]}); delete it to start the run over",
                               path=path) from None
     return meta
