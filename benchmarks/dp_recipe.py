@@ -5,8 +5,9 @@ Each seed builds the base (seeded, as `taskvec simulate` does), cuts the trainin
 `simulate --split` does, and fine-tunes site `--site` alone with every recipe; every run is evaluated on the test
 split (AUROC: binary, or macro one-vs-rest; balanced accuracy). A recipe is `name:key=value,...` over
 FinetuneConfig fields (`dp.KEY` for DPConfig fields, `eps` for the target ε, `eps=none` for no DP); the defaults
-are `finetune`'s. Each finished run's row is kept under `--cache` (keyed by the settings and the recipe's text),
-so a second run reuses it and an interrupted fine-tune resumes from its checkpoint. Examples:
+are `finetune`'s. Each finished run's row is kept under `--cache` (keyed by the settings and the recipe's text,
+not by the code or the data's content: give another `--cache` after changing either), so a second run reuses it
+and an interrupted fine-tune resumes from its checkpoint. Examples:
   # BreastMNIST, site 0 of 3 iid sites, 32 px (the defaults)
   OMP_NUM_THREADS=1 python benchmarks/dp_recipe.py --seeds 0,1,2 --recipes 'no-dp:eps=none' 'dp:eps=8'
   # PBC blood cells, site 0 of 5 iid sites (about 2,150 training images), 64 px
@@ -136,6 +137,9 @@ def main() -> None:
     args = p.parse_args()
     if not 0 <= args.site < args.sites:
         p.error(f"--site must be in [0, {args.sites})")
+    names = [r.partition(":")[0] for r in args.recipes]
+    if len(set(names)) != len(names):
+        p.error("--recipes: give each recipe its own name")
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = {k: str(v) for k, v in vars(args).items() if k not in ("cache", "seeds", "recipes", "device")}
     root = args.cache / hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]

@@ -72,9 +72,9 @@ class FolderStore(Store):
         return _FolderReader(self.root, self.address)
 
     def exists(self) -> bool:
-        """Whether the folder exists; a file at its path is refused."""
-        if self.root.exists() and not self.root.is_dir():
-            raise RegistryError(f"{self.address}: a file, not a registry folder")
+        """Whether the folder exists; a file or a broken link at its path is refused."""
+        if (self.root.exists() or self.root.is_symlink()) and not self.root.is_dir():
+            raise RegistryError(f"{self.address}: a file or a broken link, not a registry folder")
         return self.root.is_dir()
 
     def create(self) -> None:

@@ -202,8 +202,10 @@ def check_size(net: nn.Module, spec: ModelSpec, size: int, device: str | torch.d
     was = net.training
     try:
         with torch.no_grad():
-            net.eval()(torch.zeros(2, spec.in_chans, size, size, device=device))
-    except Exception as e:  # noqa: BLE001 - any failure means this size does not fit the architecture
+            net.eval()(torch.zeros(1, spec.in_chans, size, size, device=device))
+    except (MemoryError, torch.OutOfMemoryError):
+        raise  # memory, not the size's fit
+    except Exception as e:  # noqa: BLE001 - any other failure means this size does not fit the architecture
         built = f" (built for {spec.img_size})" if size != spec.img_size else ""
         raise ConfigError(f"img_size {size} does not fit {spec.arch}{built}: {first_line(e)}", field="img_size",
                           expected=spec.img_size, got=size) from None

@@ -95,10 +95,12 @@ def test_file_url_and_missing_folder(sites, tmp_path: Path) -> None:
     reg = created(f"file://{tmp_path}/reg", base)
     assert reg.push(vector(0)).added and (tmp_path / "reg" / "index.json").is_file()
     (tmp_path / "file").write_text("x")
-    for use in (lambda r: r.entries(), lambda r: r.create(base)):  # not `registry init FILE` as the remedy
-        with pytest.raises(RegistryError, match="a file, not a registry folder"):
-            use(open_registry(str(tmp_path / "file")))
-    assert (tmp_path / "file").read_text() == "x"
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    for name in ("file", "broken"):
+        for use in (lambda r: r.entries(), lambda r: r.create(base)):  # not `registry init FILE` as the remedy
+            with pytest.raises(RegistryError, match="a file or a broken link, not a registry folder"):
+                use(open_registry(str(tmp_path / name)))
+    assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "nowhere").exists()
 
 
 @pytest.mark.parametrize("found", ["README.md", "index.json"])
