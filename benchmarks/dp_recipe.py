@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import statistics
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from tables import ms
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -110,10 +111,6 @@ def run(seed: int, recipes: list[str], args: argparse.Namespace, root: Path) -> 
         out[name] = row
         print(json.dumps({"seed": seed, **row}), file=sys.stderr, flush=True)  # stdout: the table alone
     return out
-
-
-def ms(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def main() -> None:

@@ -26,11 +26,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from tables import ms
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
@@ -132,10 +133,6 @@ def one_seed(args: argparse.Namespace, seed: int, root: Path) -> list[dict[str, 
 def best_site(row: dict[str, Any]) -> dict[str, float]:
     """The single site of a row whose own stage-2 model has the highest AUROC."""
     return max(row["sites"], key=lambda m: m["auroc"])
-
-
-def ms(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def main() -> None:

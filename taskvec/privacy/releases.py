@@ -5,6 +5,7 @@ caught). A record is per folder: a copy of the model file elsewhere keeps its ow
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,7 +51,6 @@ def read_releases(record: Path, key: str) -> list[dict[str, Any]]:
 def _check_release(release: Any, i: int) -> None:
     """A TypeError unless `release` is what `record_release` writes: a noise multiplier that is a positive finite
     number with a clip that is one, or null (an export without noise) with a clip that is one or null."""
-    import math
 
     def positive(x: Any) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
