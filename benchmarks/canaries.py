@@ -11,9 +11,9 @@ noise). The last row removes the noise (the tests' hook), which the audit must f
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
+from tables import ms
 
 from taskvec.audits.canaries import audit_export_mechanism
 from taskvec.merging import export
@@ -24,11 +24,8 @@ def row(label: str, z: float, args: argparse.Namespace) -> str:
     runs = [audit_export_mechanism(shapes, clip=1.0, noise_multiplier=z, delta=args.delta, canaries=args.canaries,
                                    seed=1000 * s) for s in range(args.seeds)]
 
-    def ms(xs: list[float]) -> str:
-        return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
-
-    return (f"| {label} | {runs[0].claimed_epsilon:.2f} | {ms([r.epsilon_estimate for r in runs])} | "
-            f"{ms([r.epsilon_lower_bound for r in runs])} |")
+    return (f"| {label} | {runs[0].claimed_epsilon:.2f} | {ms([r.epsilon_estimate for r in runs], 2)} | "
+            f"{ms([r.epsilon_lower_bound for r in runs], 2)} |")
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """Statistics heads vs class means on PBC blood cells, merged vs single sites vs centralised, with and without DP.
 
-The pretrained `tf_efficientnet_lite0` (../shared/weights) at 64 px, DP-ready as `taskvec simulate` builds it,
-extracts every image's pooled feature once (cached per base identity and image set under `--cache`). Each
-method then works on those features with the library's own functions:
+The pretrained `tf_efficientnet_lite0` (../shared/weights) at `--img-size` px (64 by default), DP-ready as
+`taskvec simulate` builds it, extracts every image's pooled feature once (cached per base identity and image
+set under `--cache`). Each method then works on those features with the library's own functions:
 - the statistics heads sum `taskvec.training.sufficient` statistics over the sites and solve once (what an
   `lda-head` or `ridge-head` merge of `stats-head:P` vectors does, for each P of `--stats-dims`), with the
   projection seeded from the backbone's identity as a `stats-head:P` run seeds it;
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import statistics
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tables import ms
 from torchmetrics.functional.classification import multiclass_auroc, multiclass_recall
 
 from taskvec.io.files import read_header, read_kind
@@ -52,7 +52,7 @@ def features(args: argparse.Namespace) -> tuple[dict[str, tuple[np.ndarray, np.n
     """(features, labels) of the train and test splits, cached per (base identity, image set), and the
     backbone's identity (what a `stats-head:P` run seeds its projection from)."""
     args.cache.mkdir(parents=True, exist_ok=True)
-    base = args.cache / "base.safetensors"
+    base = args.cache / f"base-{args.img_size}.safetensors"
     if not base.exists():  # as `taskvec simulate` builds it: DP-ready (frozen BatchNorm statistics)
         labels = sorted(d.name for d in (args.data / "train").iterdir() if d.is_dir())
         net, spec = build_base("tf_efficientnet_lite0", num_classes=len(labels), img_size=args.img_size,
@@ -184,9 +184,6 @@ def main() -> None:
                     cells["single"].append(tuple(np.mean(single, 0)))  # type: ignore[arg-type]
                     cells["best"].append(max(single))  # by AUROC
                     cells["central"].append(scores(fit([train], eps, args=args, rng=rng), test))
-
-                def ms(xs: list[float]) -> str:
-                    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
                 row = [ms([c[i] for c in cells[k]]) for k in ("merged", "single", "best", "central") for i in (0, 1)]
                 lines.append(f"| {split} | {name} | {'∞' if eps is None else f'{eps:g}'} | " + " | ".join(row) + " |")

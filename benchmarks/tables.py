@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 
 
-def ms(values: list[float]) -> str:
-    """`mean ± sd` (the sample sd) over seeds to 3 decimals, or the one value."""
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+def ms(values: list[float], digits: int = 3) -> str:
+    """`mean ± sd` (the sample sd) over seeds to `digits` decimals, or the one value."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"

@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tables import ms
 
 from taskvec.errors import OutputExistsError, TaskvecError
 from taskvec.io.files import read_kind, write_json
@@ -364,10 +365,6 @@ def points(args: argparse.Namespace, tv: dict[str, Any], fl: dict[str, list[Row]
                 add(f"{label} round {row['round']}", eps, u, row["round"], row["round"] * k * epochs,
                     row["round"] * slow, row, composed)
     return out
-
-
-def ms(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
 def fmt(x: float | None) -> str:

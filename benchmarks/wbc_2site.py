@@ -33,11 +33,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import tables
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -157,7 +158,7 @@ def ms(values: list[float | None]) -> str:
     xs = [v for v in values if v is not None]
     if not xs:
         return "n/a"
-    text = f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+    text = tables.ms(xs)
     return text if len(xs) == len(values) else f"{text} ({len(xs)} of {len(values)} seeds)"
 
 
