@@ -11,12 +11,13 @@ from taskvec.privacy.ledger import summarize_ledger
 PIPELINE_TAGS = {"classification": "image-classification", "segmentation": "image-segmentation"}
 
 
-def _card(body: str, task: str, tags: list[str], card: dict[str, Any]) -> str:
+def _card(body: str, task: str, tags: list[str], card: dict[str, Any], library: str | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
         license=card.get("license", "other"),
         base_model=card.get("base_model"),
+        library_name=library,
         pipeline_tag=PIPELINE_TAGS.get(task),
         tags=["taskvec", *tags],
     )
@@ -59,16 +60,26 @@ def render_model_card(m: ModelHeader, repo_id: str, card: dict[str, Any], versio
         for v in vectors
     )
     method, scale = (m.merge.method, m.merge.scale) if m.merge else ("?", "?")
+    library, loader = _loader(m.task, repo_id)
     body = (
         f"# {m.arch} merged with taskvec{f' ({version})' if version else ''}\n\n"
         f"A {m.task} model (labels {', '.join(m.labels or [])}) made by merging data vectors from "
         f"{len(vectors)} sites: `{method}`, λ = {scale}, on base "
         f"`{m.parent or '?'}`. Model identity `{m.identity}`.\n\n"
-        f"```python\nimport timm\nmodel = timm.create_model('hf-hub:{repo_id}', pretrained=True)\n```\n\n"
+        f"```python\n{loader}\n```\n\n"
         "| contributor | vector sha256 | samples | privacy of the vector's own release |\n|---|---|---|---|\n"
         f"{rows}\n\n{_composed(m.merge.privacy_budget if m.merge else None)}"
     )
-    return _card(body, m.task, ["merged", "timm", "image-classification"], card)
+    return _card(body, m.task, ["merged"], card, library)
+
+
+def _loader(task: str, repo_id: str) -> tuple[str, str]:
+    """The library that loads a published model of `task` (as `publish_model` writes its config) and the
+    Python lines that load it."""
+    if task == "classification":
+        return "timm", f"import timm\nmodel = timm.create_model('hf-hub:{repo_id}', pretrained=True)"
+    return ("segmentation-models-pytorch",
+            f"import segmentation_models_pytorch as smp\nmodel = smp.from_pretrained('{repo_id}')")
 
 
 def _composed(spent: dict[str, Any] | None) -> str:
