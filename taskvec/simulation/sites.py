@@ -128,6 +128,11 @@ def split_into_sites(data: str | os.PathLike[str], out: str | os.PathLike[str], 
     if repeated is not None:
         raise TaskvecError(f"{data}: lists image {repeated} twice; sites must not share an image (give each once)",
                            path=data)
+    if pool.task == "classification" and pool.array is None:  # each site's share is a UTF-8 CSV of paths
+        odd = next((str(src) for src in pool.sources if _not_utf8(str(src))), None)
+        if odd is not None:
+            raise TaskvecError(f"{data}: file name {odd!r} is not UTF-8, which a site's CSV is; rename the file",
+                               path=data)
     parts = site_indices(pool, split, sites, seed, data)
     new = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
@@ -147,6 +152,14 @@ def split_into_sites(data: str | os.PathLike[str], out: str | os.PathLike[str], 
               "not_cut": left, "warnings": splits.warnings}
     write_json(root / SITES_FILE, record)
     return record
+
+
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _write_site(ds: ImageDataset, root: Path, name: str, spec: ModelSpec, data: Path) -> str:

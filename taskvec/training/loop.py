@@ -151,11 +151,13 @@ def finetune(
         _check_frozen_head(base, spec)
     if splits.train is None:
         raise TaskvecError(f"{splits.source}: no training split")
-    twice = splits.train.repeated_image() if config.dp is not None and splits.train.unit == "image" else None
-    if twice is not None:  # one image as several units: the per-image guarantee would not cover it
-        raise PrivacyError(f"{splits.source}: image {twice} is listed more than once; DP per image needs each "
-                           "image once: remove the repeats, or give patient ids so that copies form one unit",
-                           path=splits.source)
+    twice = splits.train.repeated_image(across_units=True) if config.dp is not None else None
+    if twice is not None:  # one image in several units: the guarantee per unit would not cover it
+        raise PrivacyError(f"{splits.source}: image {twice} is listed "
+                           + ("more than once; DP per image needs each image once: remove the repeats, or give "
+                              "patient ids so that copies form one unit" if splits.train.unit == "image" else
+                              "under two patient ids; DP per patient needs each image in one patient's unit: "
+                              "give its copies the patient id it belongs to"), path=splits.source)
     if (out / MODEL_FILE).exists():  # resumed after it finished: the same run, nothing to do
         done = finished(out, header.model.identity, config, split_record(splits.train, splits.val))
         for w in done.warnings:

@@ -164,3 +164,16 @@ def test_split_refuses_an_image_listed_twice(tmp_path: Path) -> None:
     (tmp_path / "d.csv").write_text("\n".join(["path,label", *rows, rows[0]]) + "\n")
     code, _, err = invoke("split", tmp_path / "d.csv", "--sites", 3, "--out", tmp_path / "sites")
     assert code != 0 and "twice; sites must not share an image" in err and not (tmp_path / "sites").exists()
+
+
+def test_split_refuses_a_file_name_its_csv_cannot_hold(tmp_path: Path) -> None:
+    """A name from a Latin-1 file system loads (as surrogates), but a site's CSV is UTF-8: one line, nothing
+    written."""
+    import os
+
+    root = image_folder(tmp_path / "img", n_per_class=4, size=16)
+    first = sorted((root / "1").iterdir())[0]
+    (root / "1" / os.fsdecode(b"caf\xe9.png")).write_bytes(first.read_bytes())
+    code, _, err = invoke("split", root, "--sites", 2, "--out", tmp_path / "sites")
+    assert code != 0 and "caf\\udce9.png' is not UTF-8, which a site's CSV is; rename the file" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "sites").exists()

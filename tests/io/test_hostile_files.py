@@ -8,6 +8,7 @@ import os
 import re
 import stat
 import struct
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -174,16 +175,19 @@ def _spec(in_chans: int = 1):
     return ModelSpec("test_vit", "classification", 2, in_chans, 32, ["a", "b"])
 
 
-def test_huge_images_are_refused_from_their_header(tmp_path: Path) -> None:
+@pytest.mark.parametrize("side", [9000, 10000, 20000])  # under, over Pillow's warning limit, and its error limit
+def test_huge_images_are_refused_from_their_header(tmp_path: Path, side: int) -> None:
     from taskvec.training.data import load_data
 
     root = tmp_path / "data"
     for c in ("a", "b"):
         (root / c).mkdir(parents=True)
         Image_small(root / c / "ok.png")
-    _png_header(root / "a" / "huge.png", 9000, 9000)
-    with pytest.raises(TaskvecError, match="pixel limit"):
-        load_data(root, _spec(), val_fraction=0)
+    _png_header(root / "a" / "huge.png", side, side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's own warning is not printed: the refusal says it all
+        with pytest.raises(TaskvecError, match="pixel limit"):
+            load_data(root, _spec(), val_fraction=0)
     os.mkfifo(root / "b" / "pipe.png")  # never opened, so never blocks
     (root / "a" / "huge.png").unlink()
     assert len(load_data(root, _spec(), val_fraction=0).train) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import re
 from pathlib import Path
 
@@ -121,6 +122,28 @@ def test_csv_own_splits_labels_and_errors(tmp_path: Path) -> None:
     (tmp_path / "table.csv").write_text(f"site,image,mask,label\nx,{rel[0]},,1\n")  # image (and mask) columns
     s = load_data(tmp_path / "table.csv", spec(), val_fraction=0.0)
     assert s.train.sources == [str((tmp_path / rel[0]).resolve())] and s.train.targets == [1]
+
+
+def test_an_image_in_two_splits_is_refused(tmp_path: Path) -> None:
+    """By a repeated CSV row, a hard link or a symbolic link: the model would be tested on an image it trained
+    on. An image listed twice within one split is not a leak."""
+    root = image_folder(tmp_path / "imgs", n_per_class=2)
+    rel = sorted(str(p.relative_to(tmp_path)) for p in root.rglob("*.png"))
+    rows = ["path,label,split", f"{rel[0]},0,train", f"{rel[1]},0,train", f"{rel[2]},1,test"]
+    (tmp_path / "d.csv").write_text("\n".join([*rows, f"{rel[1]},0,test"]) + "\n")
+    with pytest.raises(TaskvecError, match=f"image {re.escape(rel[1])} is in both the train and test splits"):
+        load_data(tmp_path / "d.csv", spec())
+    (tmp_path / "ok.csv").write_text("\n".join([*rows, f"{rel[1]},0,train"]) + "\n")
+    assert len(load_data(tmp_path / "ok.csv", spec(), val_fraction=0).train) == 3
+    for link in ("hard", "symbolic"):
+        data = image_folder(tmp_path / link / "train", n_per_class=3)
+        (tmp_path / link / "test" / "0").mkdir(parents=True)
+        copy = tmp_path / link / "test" / "0" / "copy.png"
+        first = sorted((data / "0").glob("*.png"))[0]
+        copy.hardlink_to(first) if link == "hard" else copy.symlink_to(first)
+        with pytest.raises(TaskvecError, match=r"image train/0/\S+ is in both the train and test splits "
+                                               r"\(also as test/0/copy.png\)"):
+            load_data(tmp_path / link, spec(), val_fraction=0)
 
 
 @pytest.mark.parametrize(("tail", "line", "said"), [
@@ -261,3 +284,84 @@ def test_two_images_of_one_name_in_a_segmentation_folder_are_refused(tmp_path: P
     Image.open(root / "images" / "s0.png").convert("RGB").save(root / "images" / "s0.jpg")
     with pytest.raises(TaskvecError, match=r"s0\.(png|jpg): s0\.(png|jpg) has the same name"):
         load_data(root, spec("segmentation"))
+
+
+def test_numbers_are_names_when_the_base_labels_are_numbers(tmp_path: Path) -> None:
+    """With labels 1, 2, 3 a "1" is the class named 1 (index 0) and a "0" could mean either: refused, where
+    it used to be read as index 0 beside "1" read as a name (two classes merged)."""
+    root = image_folder(tmp_path / "imgs", n_per_class=2)
+    rel = sorted(str(p.relative_to(tmp_path)) for p in root.rglob("*.png"))
+    grades = spec(k=3, labels=["1", "2", "3"])
+    (tmp_path / "names.csv").write_text(f"path,label\n{rel[0]},1\n{rel[1]},3\n")
+    assert load_data(tmp_path / "names.csv", grades, val_fraction=0).train.targets == [0, 2]
+    (tmp_path / "index.csv").write_text(f"path,label\n{rel[0]},1\n{rel[1]},0\n")
+    with pytest.raises(MismatchError, match=r"class '0' is not one of the base's labels .*read as a label's name"):
+        load_data(tmp_path / "index.csv", grades, val_fraction=0)
+    (tmp_path / "plain.csv").write_text(f"path,label\n{rel[0]},a\n{rel[1]},1\n")  # names a, b: 1 is an index
+    assert load_data(tmp_path / "plain.csv", spec(labels=["a", "b"]), val_fraction=0).train.targets == [0, 1]
+
+
+@pytest.mark.parametrize(("labels", "said"), [
+    (np.array([0.9, 1.0] * 4), "train_labels must be whole class indices, got float64 0.9"),
+    (np.array([np.nan, 1.0] * 4), "got float64 nan"),
+    (np.array(["a", "b"] * 4), "got <U1 'a'"),
+    (np.array([0.0, 1.0] * 4), None),
+])
+def test_npz_labels_must_be_whole_numbers(tmp_path: Path, labels: np.ndarray, said: str | None) -> None:
+    np.savez(tmp_path / "d.npz", train_images=np.zeros((8, 28, 28), np.uint8), train_labels=labels)
+    if said is None:
+        assert load_data(tmp_path / "d.npz", spec(), val_fraction=0).train.targets == [0, 1] * 4
+    else:
+        with pytest.raises(TaskvecError, match=re.escape(said)):
+            load_data(tmp_path / "d.npz", spec(), val_fraction=0)
+
+
+def test_npz_channel_layouts(tmp_path: Path) -> None:
+    """(N,H,W,1) is one channel (MedMNIST writes it); channels-first or 5 channels are refused when loaded."""
+    gray = np.random.default_rng(0).integers(0, 255, (6, 28, 28, 1), dtype=np.uint8)
+    np.savez(tmp_path / "c1.npz", train_images=gray, train_labels=np.arange(6) % 2)
+    ds = load_data(tmp_path / "c1.npz", spec(chans=1, size=32), val_fraction=0).train
+    assert ds[0][0].shape == (1, 32, 32) and len(ds) == 6
+    for shape in ((6, 3, 32, 32), (6, 28, 28, 5)):
+        np.savez(tmp_path / "bad.npz", train_images=np.zeros(shape, np.uint8), train_labels=np.arange(6) % 2)
+        with pytest.raises(TaskvecError, match=re.escape(f"channels-last (N,H,W,C) with C 1, 3 or 4 and H, W >= 1, "
+                                                         f"got uint8 {shape}")):
+            load_data(tmp_path / "bad.npz", spec(), val_fraction=0)
+
+
+def test_two_folders_of_one_split_and_a_repeated_csv_column_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    image_folder(root / "train", n_per_class=2)
+    image_folder(root / "val", n_per_class=1, seed=1)
+    image_folder(root / "extra", n_per_class=1, seed=2)
+    s = load_data(root, spec())
+    assert len(s.val) == 2 and any("extra beside them is not read" in w for w in s.warnings)
+    image_folder(root / "Valid", n_per_class=1, seed=3)
+    with pytest.raises(TaskvecError, match="folders Valid/ and val/ both hold the val split; keep one"):
+        load_data(root, spec())
+    rel = sorted(str(p.relative_to(tmp_path)) for p in (root / "train").rglob("*.png"))
+    (tmp_path / "cols.csv").write_text(f"path,label,label\n{rel[0]},0,1\n")
+    with pytest.raises(TaskvecError, match="cols.csv:1: column 'label' appears twice in the header"):
+        load_data(tmp_path / "cols.csv", spec())
+
+
+def test_an_image_that_fails_to_decode_is_named(tmp_path: Path) -> None:
+    """A truncated JPEG passes the header check; decoding it is an error naming the file, not a bare OSError."""
+    root = image_folder(tmp_path / "d", n_per_class=2)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (root / "0" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    ds = load_data(root, spec(), val_fraction=0).train
+    cut = ds.sources.index(str(root / "0" / "cut.jpg"))
+    with pytest.raises(TaskvecError, match=r"cut.jpg: cannot decode image \(image file is truncated.*remove or re"):
+        ds[cut]
+
+
+def test_npz_arrays_that_cannot_be_read_are_named(tmp_path: Path) -> None:
+    """An object array (pickled, never loaded) and a 0-d image array: one error naming the file and array."""
+    np.savez(tmp_path / "obj.npz", train_images=np.array([{"a": 1}] * 2, dtype=object), train_labels=np.zeros(2))
+    with pytest.raises(TaskvecError, match=r"obj.npz: array train_images cannot be read \(Object arrays"):
+        load_data(tmp_path / "obj.npz", spec(), val_fraction=0)
+    np.savez(tmp_path / "zero.npz", train_images=np.uint8(3), train_labels=np.zeros(2))
+    with pytest.raises(TaskvecError, match=r"zero.npz: train_images must be uint8 .* got uint8 \(\)"):
+        load_data(tmp_path / "zero.npz", spec(), val_fraction=0)

@@ -32,12 +32,14 @@ def _spec() -> ModelSpec:
 
 
 def _patients_csv(root: Path, patients: list[int], per_patient: int = 2) -> Path:
-    """A CSV of `per_patient` rows per patient id `p<i>`, over a few shared image files."""
+    """A CSV of `per_patient` rows per patient id `p<i>`, each its own image file."""
     rng = np.random.default_rng(0)
     (root / "img").mkdir(parents=True, exist_ok=True)
-    for j in range(4):
-        Image.fromarray(blob_image(rng, 28, j % 2 == 1)[0]).save(root / "img" / f"{j}.png")
-    rows = [f"img/{(p + k) % 4}.png,{(p + k) % 2},p{p}" for p in patients for k in range(per_patient)]
+    rows = []
+    for p in patients:
+        for k in range(per_patient):
+            Image.fromarray(blob_image(rng, 28, (p + k) % 2 == 1)[0]).save(root / "img" / f"{p}-{k}.png")
+            rows.append(f"img/{p}-{k}.png,{(p + k) % 2},p{p}")
     path = root / "data.csv"
     path.write_text("path,label,patient_id\n" + "\n".join(rows) + "\n")
     return path

@@ -16,10 +16,10 @@ is not kept and nothing at the borders is lost. Images stay uint8; `Normalizer` 
 
 Splits: the data's own (npz keys, a CSV `split` column, `train/val/test` folders); else about `val_fraction`
 of the units (patients when patient ids are given, else images) go to validation, each by a keyed hash of its
-own id (`hold_out`), so no patient is in two splits (a patient found in two of the data's own splits is an
-error) and adding or removing one unit never moves another: a DP guarantee for the training set is then one
-for the data set the site holds. Unreadable image files are skipped and counted (`DataSplits.skipped`);
-every other problem is a `TaskvecError` naming the file.
+own id (`hold_out`), so no patient is in two splits (a patient, or an image file by any path or link, found
+in two splits is an error) and adding or removing one unit never moves another: a DP guarantee for the
+training set is then one for the data set the site holds. Unreadable image files are skipped and counted
+(`DataSplits.skipped`); every other problem is a `TaskvecError` naming the file.
 """
 
 from __future__ import annotations
@@ -34,7 +34,14 @@ from taskvec.training.data.dataset import SPLITS, DataSplits, ImageDataset
 from taskvec.training.data.images import to_array
 from taskvec.training.data.layouts import Reader
 from taskvec.training.data.model_input import Normalizer, make_loader
-from taskvec.training.data.splits import check_patients, hold_out, hold_out_by_patient, in_holdout, split_record
+from taskvec.training.data.splits import (
+    check_images,
+    check_patients,
+    hold_out,
+    hold_out_by_patient,
+    in_holdout,
+    split_record,
+)
 
 __all__ = ["SPLITS", "DataSplits", "ImageDataset", "Normalizer", "as_splits", "check_patients", "hold_out",
            "hold_out_by_patient", "in_holdout", "load_data", "make_loader", "split_record", "to_array"]
@@ -60,6 +67,7 @@ def load_data(
                                    "no validation metrics")
         else:
             splits["val"] = val
+    check_images(splits, str(p))
     if reader.skipped:
         reader.warnings.append(f"skipped {len(reader.skipped)} unreadable image file(s), e.g. {reader.skipped[0]}")
     return DataSplits(splits.get("train"), splits.get("val"), splits.get("test"), str(p), own,

@@ -15,10 +15,20 @@ import torch
 from PIL import Image
 
 from taskvec.errors import ConfigError, TaskvecError
-from taskvec.training.data.images import open_image, to_array
+from taskvec.training.data.images import load_pixels, to_array
 
 SPLITS = ("train", "val", "test")
 Source = str | int  # a file path, or a row of an in-memory array
+
+
+def file_key(path: str) -> tuple[int, int] | str:
+    """A file's identity: (device, inode) of what the path leads to, or its resolved path where it cannot be
+    read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return st.st_dev, st.st_ino
 
 
 @dataclass(eq=False)
@@ -91,15 +101,22 @@ class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 out.append(Path(os.path.relpath(src, self.root)).as_posix() if self.root else str(src))
         return out
 
-    def repeated_image(self) -> str | None:
+    def image_keys(self) -> list[Any]:
+        """What makes each sample's image the same as another's: its npz row, or its file (device and inode,
+        so two paths, a symbolic link and a hard link to one file are one image)."""
+        return [src if isinstance(src, int) else file_key(src) for src in self.sources]
+
+    def repeated_image(self, across_units: bool = False) -> str | None:
         """An image this data set lists more than once (the same npz row, or the same file by two paths or a
-        link), named by its ids, if there is one."""
-        seen: dict[Any, str] = {}
-        for src, name in zip(self.sources, self.image_ids()):
-            key = src if isinstance(src, int) else os.path.realpath(src)
-            if key in seen:
-                return seen[key] if seen[key] == name else f"{seen[key]} (also as {name})"
-            seen[key] = name
+        link), named by its ids, if there is one; with `across_units`, only one that two units list (under
+        the patient unit, one image under two patient ids)."""
+        seen: dict[Any, tuple[str, str | None]] = {}
+        patients = self.groups if across_units and self.groups is not None else [None] * len(self)
+        for key, name, unit in zip(self.image_keys(), self.image_ids(), patients):
+            if key in seen and (unit is None or seen[key][1] != unit):
+                first = seen[key][0]
+                return first if first == name else f"{first} (also as {name})"
+            seen.setdefault(key, (name, unit))
         return None
 
     def unit_ids(self) -> list[str]:
@@ -123,15 +140,15 @@ class ImageDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 else:
                     a = to_array(Image.fromarray(a), self.in_chans, self.img_size)
             else:
-                a = to_array(open_image(str(src)), self.in_chans, self.img_size)
+                a = load_pixels(str(src), lambda img: to_array(img, self.in_chans, self.img_size))
             x = torch.from_numpy(np.array(a.transpose(2, 0, 1), order="C"))  # an own contiguous copy: stacks fast
         if self.task == "classification":
             return x, int(self.targets[i])
         if cache is not None and row is not None and cache.masks is not None:
             mask = np.array(cache.masks[row])
         else:
-            mask = np.asarray(open_image(self.targets[i]).resize((self.img_size, self.img_size),
-                                                                 Image.Resampling.NEAREST))
+            size = (self.img_size, self.img_size)
+            mask = load_pixels(self.targets[i], lambda img: np.asarray(img.resize(size, Image.Resampling.NEAREST)))
         if self.binary_masks is not None and self.binary_masks[i]:
             mask = mask > 0
         return x, torch.from_numpy(mask.astype(np.int64))

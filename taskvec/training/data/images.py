@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from taskvec.errors import TaskvecError
+from taskvec.errors import TaskvecError, first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 
@@ -29,8 +31,13 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
     if not Path(path).is_file():
         raise TaskvecError(f"{path}: not a regular file", path=path)
     try:
-        img = Image.open(path)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():  # the limit below is ours: Pillow's warning under its own is noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{path}: {e}; over the {MAX_IMAGE_PIXELS:,}-pixel limit, downsample it first",
+                                 path=path) from None
+    except (OSError, UnidentifiedImageError, ValueError) as e:
         raise TaskvecError(f"{path}: cannot read image ({e})") from None
     w, h = img.size
     if w * h > MAX_IMAGE_PIXELS:
@@ -38,6 +45,17 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
         raise ImageTooLargeError(f"{path}: image of {w}x{h} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit; "
                                  "downsample it first", path=path)
     return img
+
+
+def load_pixels(path: str | os.PathLike[str], convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
+    """`convert` applied to the image in `path`, which decodes it in full: a file that fails there (a truncated
+    JPEG passes `readable`'s header check) is a TaskvecError naming it."""
+    with open_image(path) as img:
+        try:
+            return convert(img)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise TaskvecError(f"{path}: cannot decode image ({first_line(e)}); remove or replace the file",
+                               path=path) from None
 
 
 def to_array(img: Image.Image, in_chans: int, size: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from taskvec.errors import MismatchError, TaskvecError
+from taskvec.errors import MismatchError, TaskvecError, first_line
 from taskvec.models.spec import ModelSpec
 from taskvec.training.data.dataset import SPLITS, ImageDataset, Source
 from taskvec.training.data.images import IMAGE_SUFFIXES, check_npz, image_files, open_image, readable
@@ -36,16 +36,20 @@ class Reader:
         return ImageDataset(s.task, s.in_chans, self.img_size, s.num_classes, sources, targets, groups, array, binary)
 
     def label_index(self, label: str, where: str) -> int:
+        """A label's class: its name among the base's labels, else a class index, unless some label of the
+        base is a number other than its own index (then a number that is not a label's name is refused, as it
+        could mean either)."""
         labels = self.spec.labels
         if label in labels:
             return labels.index(label)
-        try:
-            i = int(label)
-        except ValueError:
+        numeric_names = any(_integer(name) is not None and name != str(i) for i, name in enumerate(labels))
+        i = None if numeric_names else _integer(label)
+        if i is None:
             raise MismatchError(
                 f"{where}: class {label!r} is not one of the base's labels {labels}; rename it or use a base "
-                "made with matching `labels`", path=where, field="labels", expected=labels, got=label
-            ) from None
+                "made with matching `labels`" + (" (the base's labels are numbers, so a number is read as a "
+                                                 "label's name, never as a class index)" if numeric_names else ""),
+                path=where, field="labels", expected=labels, got=label)
         self.check_range(np.array([i]), where)
         return i
 
@@ -126,18 +130,27 @@ class Reader:
         for split in SPLITS:
             if f"{split}_images" not in z.files:
                 continue
-            images = np.asarray(z[f"{split}_images"])
-            labels = np.asarray(z[f"{split}_labels"]) if f"{split}_labels" in z.files else None
-            if labels is None:
+            if f"{split}_labels" not in z.files:
                 raise TaskvecError(f"{path}: has {split}_images but no {split}_labels")
+            images, labels = _array(z, f"{split}_images", path), _array(z, f"{split}_labels", path)
+            if images.ndim == 4 and images.shape[3] == 1:  # (N,H,W,1): one channel, as (N,H,W)
+                images = images[..., 0]
+            if (images.ndim not in (3, 4) or images.dtype != np.uint8 or 0 in images.shape[1:]
+                    or (images.ndim == 4 and images.shape[3] not in (3, 4))):
+                raise TaskvecError(f"{path}: {split}_images must be uint8 (N,H,W) or channels-last (N,H,W,C) with "
+                                   f"C 1, 3 or 4 and H, W >= 1, got {images.dtype} {images.shape}")
             if labels.ndim == 2 and labels.shape[1] == 1:
                 labels = labels[:, 0]
             if labels.ndim != 1 or len(labels) != len(images):
                 raise TaskvecError(f"{path}: {split}_labels has shape {labels.shape}, expected ({len(images)},) "
                                    "or (N, 1) (multi-label sets are not supported)")
-            if images.ndim not in (3, 4) or images.dtype != np.uint8 or 0 in images.shape[1:]:
-                raise TaskvecError(f"{path}: {split}_images must be uint8 (N,H,W) or (N,H,W,C) with H, W, C >= 1, "
-                                   f"got {images.dtype} {images.shape}")
+            if labels.dtype.kind not in "iub":  # floats only when each is a whole number
+                flat = labels.ravel()
+                whole = (np.isfinite(flat) & (flat == np.round(flat))) if labels.dtype.kind == "f" \
+                    else np.zeros(flat.shape, bool)
+                if not np.all(whole):
+                    raise TaskvecError(f"{path}: {split}_labels must be whole class indices, got {labels.dtype} "
+                                       f"{flat[~whole][0].item()!r}")
             self.check_range(labels.astype(np.int64), f"{path} ({split}_labels)")
             ds = self.dataset(list(range(len(images))), labels.astype(np.int64).tolist(), array=images)
             out[split] = self.nonempty(replace(ds, array_name=f"{split}_images"), path)
@@ -204,8 +217,21 @@ class Reader:
             raise TaskvecError(f"{path}: unknown data file; give a folder, a .csv or a .npz")
         if not path.is_dir():
             raise TaskvecError(f"{path}: no such file or folder")
-        split_dirs = {SPLIT_ALIASES[p.name.lower()]: p for p in path.iterdir()
-                      if p.is_dir() and p.name.lower() in SPLIT_ALIASES}
+        split_dirs: dict[str, Path] = {}
+        for p in sorted(path.iterdir()):
+            if p.is_dir() and p.name.lower() in SPLIT_ALIASES:
+                name = SPLIT_ALIASES[p.name.lower()]
+                if name in split_dirs:
+                    raise TaskvecError(f"{path}: folders {split_dirs[name].name}/ and {p.name}/ both hold the "
+                                       f"{name} split; keep one", path=path)
+                split_dirs[name] = p
+        if split_dirs:
+            unread = sorted(p.name for p in path.iterdir() if not p.name.startswith(".") and p not in
+                            split_dirs.values() and (p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES))
+            if unread:
+                self.warnings.append(f"{path}: read as split folders ({', '.join(sorted(split_dirs))}); "
+                                     f"{', '.join(unread[:3])}{' ...' if len(unread) > 3 else ''} beside them "
+                                     "is not read")
         if seg:  # a challenge's test images without masks cannot be scored: left out, not fatal
             for name, p in list(split_dirs.items()):
                 if name != "train" and (p / "images").is_dir() and not (p / "masks").exists():
@@ -276,6 +302,9 @@ def csv_rows(path: Path) -> tuple[list[int], list[dict[str, str]]]:
     rows: list[dict[str, str]] = []
     try:
         header = next(reader, [])
+        twice = next((c for i, c in enumerate(header) if c in header[:i]), None)
+        if twice is not None:
+            raise TaskvecError(f"{path}:1: column {twice!r} appears twice in the header; keep one", path=path)
         for fields in reader:
             if not fields:  # a blank line
                 continue
@@ -287,6 +316,22 @@ def csv_rows(path: Path) -> tuple[list[int], list[dict[str, str]]]:
     except csv.Error as e:
         raise TaskvecError(f"{path}:{reader.line_num}: malformed CSV ({e})", path=path) from None
     return lines, rows
+
+
+def _array(z: Any, name: str, path: Path) -> np.ndarray:
+    """Array `name` of an open npz; one that cannot be read without pickle (an object array) is refused."""
+    try:
+        return np.asarray(z[name])
+    except (OSError, ValueError) as e:
+        raise TaskvecError(f"{path}: array {name} cannot be read ({first_line(e)})", path=path) from None
+
+
+def _integer(text: str) -> int | None:
+    """`text` as a whole number (such as "2" or " 2"), else None."""
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 def _split_name(value: str, where: str) -> str:

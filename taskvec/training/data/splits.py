@@ -1,5 +1,6 @@
 """Splitting: a site's validation units by a keyed hash of their own ids (`hold_out`), the drawn hold-out of
-experiments (`hold_out_by_patient`), the record of a run's units (`split_record`), and the patient check."""
+experiments (`hold_out_by_patient`), the record of a run's units (`split_record`), and the checks that no
+patient and no image is in two splits."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from taskvec.errors import TaskvecError, check_range
-from taskvec.training.data.dataset import ImageDataset
+from taskvec.training.data.dataset import SPLITS, ImageDataset
 
 
 def _split_keys(ds: ImageDataset) -> list[str]:
@@ -74,6 +75,22 @@ def split_record(train: ImageDataset, val: ImageDataset | None) -> dict[str, Any
     (sorted ids: patient ids, or image ids, `ImageDataset.image_ids`). For the site's own records only."""
     return {"unit": train.unit, "train": sorted(set(train.unit_ids())),
             "val": sorted(set(val.unit_ids())) if val is not None else []}
+
+
+def check_images(splits: dict[str, ImageDataset], where: str) -> None:
+    """Refuse splits that share an image file (by any path or link): the model would be validated or tested
+    on images it trained on."""
+    seen: dict[Any, tuple[str, str]] = {}
+    for name, ds in sorted(splits.items(), key=lambda item: SPLITS.index(item[0]) if item[0] in SPLITS else 3):
+        if ds.array is not None:  # npz rows: each split is its own array
+            continue
+        for key, image in zip(ds.image_keys(), ds.image_ids()):
+            if key in seen and seen[key][0] != name:
+                first, other = seen[key]
+                raise TaskvecError(f"{where}: image {other} is in both the {first} and {name} splits"
+                                   f"{'' if other == image else f' (also as {image})'}; an image belongs to one "
+                                   "split: remove the copy, or give its copies one patient id")
+            seen.setdefault(key, (name, image))
 
 
 def check_patients(splits: dict[str, ImageDataset], where: str) -> None:
