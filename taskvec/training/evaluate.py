@@ -116,10 +116,15 @@ def evaluate_model(
     header = read_kind(path, "model")
     spec = ModelSpec.from_dict(header.model.model)
     splits = as_splits(data, spec, img_size=img_size, val_fraction=0.0)
+    warnings = list(splits.warnings)
+    if split is None and splits.test is None and splits.own_splits:
+        warnings.append(f"{splits.source}: no test split; scored on all of it, its "
+                        f"{' and '.join(s for s in ('train', 'val') if getattr(splits, s) is not None)} split "
+                        "included (give `split` to choose one)")
     split = split or ("test" if splits.test is not None else "all")
     ds = splits.get(split)
     dev = resolve_device(device)
     model = load_model(path, dev)
     metrics = evaluate_module(model, spec, ds, device=dev, batch_size=batch_size, track=track)
     return Evaluation(str(path), header.model.identity, spec.task, splits.source, split, len(ds), ds.img_size,
-                      len(splits.skipped), splits.warnings, metrics)
+                      len(splits.skipped), warnings, metrics)

@@ -72,3 +72,16 @@ def test_errors_and_cli_json(tmp_path: Path, make_base: Callable[..., Path]) -> 
     r = CliRunner().invoke(app, ["evaluate", str(base), "--data", str(data), "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.output  # no test split: the default is every sample
     assert json.loads(r.output)["split"] == "all" and json.loads(r.output)["samples"] == 2
+
+
+def test_no_test_split_scores_all_and_says_the_training_images_are_in_it(tmp_path: Path,
+                                                                         make_base: Callable[..., Path]) -> None:
+    base = make_base("test_convnext", task="segmentation", num_classes=2)
+    seg_folder(tmp_path / "d" / "train", n=3, size=32)
+    seg_folder(tmp_path / "d" / "val", n=2, size=32, seed=1)
+    e = evaluate_model(base, tmp_path / "d", device="cpu")
+    assert e.split == "all" and e.samples == 5
+    assert any("no test split; scored on all of it, its train and val split included" in w for w in e.warnings)
+    assert not any("no test split" in w for w in evaluate_model(base, tmp_path / "d", "all", device="cpu").warnings)
+    single = evaluate_model(base, tmp_path / "d" / "train", device="cpu")  # no splits of its own: nothing to say
+    assert single.samples == 3 and not any("no test split" in w for w in single.warnings)
