@@ -365,3 +365,17 @@ def test_npz_arrays_that_cannot_be_read_are_named(tmp_path: Path) -> None:
     np.savez(tmp_path / "zero.npz", train_images=np.uint8(3), train_labels=np.zeros(2))
     with pytest.raises(TaskvecError, match=r"zero.npz: train_images must be uint8 .* got uint8 \(\)"):
         load_data(tmp_path / "zero.npz", spec(), val_fraction=0)
+
+
+def test_a_class_without_training_images_is_a_warning_in_every_layout(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "imgs", n_per_class=2)
+    rel = sorted(str(p.relative_to(tmp_path)) for p in (root / "0").glob("*.png"))
+    (tmp_path / "d.csv").write_text("path,label\n" + "".join(f"{r},0\n" for r in rel))
+    np.savez(tmp_path / "d.npz", train_images=np.zeros((4, 28, 28), np.uint8), train_labels=np.zeros(4, np.uint8),
+             test_images=np.zeros((2, 28, 28), np.uint8), test_labels=np.array([0, 1]))
+    (root / "1").rename(tmp_path / "elsewhere")
+    for data in (tmp_path / "d.csv", tmp_path / "d.npz", root):
+        s = load_data(data, spec(k=3, labels=["0", "1", "2"]), val_fraction=0)
+        assert f"{data}: no training images of class 1, 2" in s.warnings
+    np.savez(tmp_path / "ok.npz", train_images=np.zeros((4, 28, 28), np.uint8), train_labels=np.arange(4) % 2)
+    assert not any("no training images" in w for w in load_data(tmp_path / "ok.npz", spec(), val_fraction=0).warnings)

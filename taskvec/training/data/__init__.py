@@ -60,6 +60,7 @@ def load_data(
     root = str(p if p.is_dir() else p.parent)
     splits = {name: replace(ds, root=root) for name, ds in splits.items()}
     check_patients(splits, str(p))
+    reader.warn_missing_classes(splits.get("train"), p)
     if "val" not in splits and "train" in splits and val_fraction > 0:
         splits["train"], val = hold_out(splits["train"], val_fraction, seed)
         if val is None:

@@ -59,6 +59,15 @@ class Reader:
         if bad.size:
             raise MismatchError(f"{where}: label {int(bad[0])} is outside the base's classes 0..{k - 1}")
 
+    def warn_missing_classes(self, ds: ImageDataset | None, where: Path) -> None:
+        """Warn when a classification training split holds no image of some class."""
+        if ds is None or self.spec.task != "classification":
+            return
+        missing = set(range(self.spec.num_classes)) - set(ds.targets)
+        if missing:
+            names = [self.spec.labels[i] for i in sorted(missing)]
+            self.warnings.append(f"{where}: no training images of class {', '.join(names)}")
+
     def keep_readable(self, paths: list[Path]) -> list[bool]:
         ok = [readable(p) for p in paths]
         self.skipped += [str(p) for p, good in zip(paths, ok) if not good]
@@ -80,10 +89,6 @@ class Reader:
             files = [f for f, ok in zip(files, self.keep_readable(files)) if ok]
             sources += [str(f) for f in files]
             targets += [idx] * len(files)
-        missing = set(range(self.spec.num_classes)) - set(targets)
-        if missing:
-            names = [self.spec.labels[i] for i in sorted(missing)]
-            self.warnings.append(f"{root}: no images of class {', '.join(names)}")
         return self.nonempty(self.dataset(sources, targets), root)
 
     def csv_file(self, path: Path) -> dict[str, ImageDataset]:
