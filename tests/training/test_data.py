@@ -135,6 +135,9 @@ def test_an_image_in_two_splits_is_refused(tmp_path: Path) -> None:
         load_data(tmp_path / "d.csv", spec())
     (tmp_path / "ok.csv").write_text("\n".join([*rows, f"{rel[1]},0,train"]) + "\n")
     assert len(load_data(tmp_path / "ok.csv", spec(), val_fraction=0).train) == 3
+    (tmp_path / "relabel.csv").write_text("\n".join([*rows, f"{rel[1]},1,train"]) + "\n")
+    with pytest.raises(TaskvecError, match=f"image {re.escape(rel[1])} is listed with two labels, classes 0 and 1"):
+        load_data(tmp_path / "relabel.csv", spec(), val_fraction=0)
     for link in ("hard", "symbolic"):
         data = image_folder(tmp_path / link / "train", n_per_class=3)
         (tmp_path / link / "test" / "0").mkdir(parents=True)

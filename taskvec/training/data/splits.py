@@ -79,18 +79,25 @@ def split_record(train: ImageDataset, val: ImageDataset | None) -> dict[str, Any
 
 def check_images(splits: dict[str, ImageDataset], where: str) -> None:
     """Refuse splits that share an image file (by any path or link): the model would be validated or tested
-    on images it trained on."""
-    seen: dict[Any, tuple[str, str]] = {}
-    for name, ds in sorted(splits.items(), key=lambda item: SPLITS.index(item[0]) if item[0] in SPLITS else 3):
+    on images it trained on; and a classification image listed under two labels."""
+    seen: dict[Any, tuple[str, str, Any]] = {}
+    order = {name: i for i, name in enumerate(SPLITS)}
+    for name, ds in sorted(splits.items(), key=lambda item: order.get(item[0], len(SPLITS))):
         if ds.array is not None:  # npz rows: each split is its own array
             continue
-        for key, image in zip(ds.image_keys(), ds.image_ids()):
-            if key in seen and seen[key][0] != name:
-                first, other = seen[key]
-                raise TaskvecError(f"{where}: image {other} is in both the {first} and {name} splits"
-                                   f"{'' if other == image else f' (also as {image})'}; an image belongs to one "
-                                   "split: remove the copy, or give its copies one patient id")
-            seen.setdefault(key, (name, image))
+        labels = ds.targets if ds.task == "classification" else [None] * len(ds)
+        for key, image, label in zip(ds.image_keys(), ds.image_ids(), labels):
+            if key not in seen:
+                seen[key] = (name, image, label)
+                continue
+            first, other, before = seen[key]
+            also = "" if other == image else f" (also as {image})"
+            if first != name:
+                raise TaskvecError(f"{where}: image {other} is in both the {first} and {name} splits{also}; an "
+                                   "image belongs to one split: remove the copy, or give its copies one patient id")
+            if label != before:
+                raise TaskvecError(f"{where}: image {other} is listed with two labels{also}, classes {before} and "
+                                   f"{label}; keep the row with its right label")
 
 
 def check_patients(splits: dict[str, ImageDataset], where: str) -> None:
