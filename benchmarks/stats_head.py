@@ -8,8 +8,9 @@ set under `--cache`). Each method then works on those features with the library'
   projection seeded from the backbone's identity as a `stats-head:P` run seeds it;
 - class means fits each site's head with `taskvec.training.class_means` and merges by the mean of the heads
   (what a `mean` merge of `class-means` vectors does).
-Under DP each site releases once at ε (δ = `--delta`, the noise multiplier its run would calibrate), units are
-images; "centralised" is one site holding every training image (one release at ε under DP). Sites
+Under DP each site makes the statistics head's release at ε as its run would (δ = `--delta`, the noise
+multiplier its run would calibrate; the centre, then the statistics centred on it), units are images;
+"centralised" is one site holding every training image (one release at ε under DP). Sites
 (`taskvec.simulation.splits`): 5 iid, or 5 with class proportions Dirichlet(0.5). Test split: macro one-vs-rest
 AUROC and balanced accuracy, mean ± sd over `--seeds` (each seed: a new split and new noise; single sites: the
 mean over the 5, and the one with the highest AUROC).
@@ -80,15 +81,15 @@ def features(args: argparse.Namespace) -> tuple[dict[str, tuple[np.ndarray, np.n
     return out, backbone
 
 
-CLEAN: dict[tuple[int, int, float | None], tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+CLEAN: dict[tuple[int, int], tuple[np.ndarray, dict[str, np.ndarray]]] = {}
 
 
-def clean_statistics(f: np.ndarray, y: np.ndarray, proj: np.ndarray, clip: float | None) -> dict[str, np.ndarray]:
-    """A site's un-noised statistics, computed once per feature array, P and clip (the array kept alive with
-    them, so that its id stays its own)."""
-    key = (id(f), proj.shape[0], clip)
+def clean_statistics(f: np.ndarray, y: np.ndarray, proj: np.ndarray) -> dict[str, np.ndarray]:
+    """A site's statistics without DP, computed once per feature array and P (the array kept alive with them,
+    so that its id stays its own)."""
+    key = (id(f), proj.shape[0])
     if key not in CLEAN:
-        CLEAN[key] = (f, sufficient.contributions(f, y.tolist(), np.ones(len(y)), 8, proj, clip))
+        CLEAN[key] = (f, sufficient.contributions(f, y.tolist(), np.ones(len(y)), 8, proj, None))
     return CLEAN[key][1]
 
 
@@ -98,14 +99,15 @@ def stats_head(parts: list[tuple[np.ndarray, np.ndarray]], eps: float | None, so
     d = parts[0][0].shape[1]
     p = min(d, dim)
     proj = sufficient.projection(None if p == d else sufficient.projection_seed(args.backbone, d, p), d, p)
-    clip = sufficient.clip_bound(d, p) if eps is not None else None
-    released = [clean_statistics(f, y, proj, clip) for f, y in parts]
     std = None
-    if clip is not None:
+    if eps is None:
+        released = [clean_statistics(f, y, proj) for f, y in parts]
+    else:  # the run's two releases (centre, then the statistics centred on it), as `stats-head:P` makes them
         z = release_noise(DPConfig(max_grad_norm=1.0, delta=args.delta, target_epsilon=eps), "feature statistics")[0]
-        one = sufficient.noise_std(z, clip)
-        released = [sufficient.add_noise(r, one, rng.standard_normal) for r in released]
-        std = {k: v * math.sqrt(len(parts)) for k, v in one.items()}  # of the sum (what the merge computes)
+        runs = [sufficient.dp_release(partial(lambda part, f, y: part(f, y.tolist(), np.ones(len(y))), f=f, y=y), z,
+                                      sufficient.clip_bound(d, p), 8, proj, rng.standard_normal) for f, y in parts]
+        released = [r[0] for r in runs]
+        std = {k: math.sqrt(sum(r[1][k] ** 2 for r in runs)) for k in sufficient.KEYS}  # of the sum, as merged
     total = {k: np.sum([r[k] for r in released], axis=0) for k in sufficient.KEYS}
     strength = sufficient.DEFAULT_SHRINK if solver == "lda" else sufficient.DEFAULT_RIDGE
     return sufficient.SOLVERS[solver](total, proj, strength, std)
@@ -161,10 +163,10 @@ def main() -> None:
     lines = [f"Statistics heads (`stats-head:P` merged by `lda-head` or `ridge-head`) vs class means (clip "
              f"{args.clip_cm:g}), PBC blood cells, tf_efficientnet_lite0 (ImageNet) at {args.img_size} px, "
              f"{args.sites} sites; under DP each site (and the centralised one) makes one `gaussian-sum` release at "
-             f"ε, δ = {args.delta:g}, per image (add-remove neighbours); test macro AUROC / balanced accuracy, mean "
-             f"± sd over {args.seeds} seeds. A statistics head's merged and centralised rows do not depend on the "
-             f"split: the summed statistics are those of the pooled data, and a seed draws the same noise for both "
-             f"splits.", "",
+             f"ε (a statistics head's: its centre, then the statistics centred on it), δ = {args.delta:g}, per image "
+             f"(add-remove neighbours); test macro AUROC / balanced accuracy, mean ± sd over {args.seeds} seeds. "
+             f"Without DP a statistics head's merged and centralised rows do not depend on the split: the summed "
+             f"statistics are those of the pooled data.", "",
              "| split | method | ε | merged AUROC | merged bal. acc. | single sites' mean AUROC | single sites' mean "
              "bal. acc. | best single site AUROC | best single site bal. acc. | centralised AUROC | centralised bal. "
              "acc. |", "|" + "---|" * 11]

@@ -166,6 +166,12 @@ def _sufficient_problem(r: Any, tensors: Mapping[str, TensorInfo]) -> str | None
         and tensors[r["head"][0]].shape[0] == tensors[r["head"][1]].shape[0]
         and math.prod(tensors[r["head"][0]].shape[1:]) == r["features"]["dim"],
         "clip": lambda: r.get("clip") is None or (number(r["clip"]) and r["clip"] > 0),
+        "centre": lambda: r.get("centre") is None or (
+            number(r["centre"]["share"]) and 0 < r["centre"]["share"] < 1
+            and isinstance(r["centre"]["point"], list)
+            and len(r["centre"]["point"]) == r["features"]["projection"]["dim"]
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                    for x in r["centre"]["point"])),
         "noise_std": lambda: r.get("noise_std") is None or (
             sorted(r["noise_std"]) == ["counts", "log_norms", "moments", "sums"]
             and all(map(number, r["noise_std"].values()))),

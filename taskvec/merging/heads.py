@@ -35,7 +35,7 @@ from taskvec.merging.methods import Recipe
 from taskvec.training import sufficient
 
 CHECKED = ("features.backbone", "features.arch", "features.dim", "features.projection.dim",
-           "features.projection.seed", "head", "clip")  # what statistics summed together must share
+           "features.projection.seed", "head")  # what statistics summed together must share
 
 
 def is_statistics(h: Header) -> bool:
@@ -111,22 +111,29 @@ def check_statistics(base: Header, headers: Sequence[Header], recipe: Recipe, me
 
 
 def _check_noise(h: Header) -> None:
-    """Refuse a statistics vector whose clip and noise sds are not those of its ledger's release: b the public
-    bound of its features, σ = `sufficient.noise_std`(z, b) for the release's noise multiplier z; none of them
-    without a release."""
+    """Refuse a statistics vector whose clip and noise sds are not those of its ledger's release of noise
+    multiplier z: centred (`centre`) at share ρ, a clip b_c ≤ b (the public bound of its features) and
+    σ = `sufficient.noise_std`(z/√(1−ρ), b_c); without a centre, the clip b and σ = `noise_std`(z, b); none of
+    them without a release."""
     record = h.meta["sufficient"]
     releases = [e for e in h.vector.privacy if isinstance(e, dict) and e.get("run_id") == h.vector.run_id]
     z = releases[-1].get("noise_multiplier") if releases else None
     features = record["features"]
+    share = (record.get("centre") or {}).get("share")
     if z is None:
-        want: tuple[Any, Any] = (None, None)  # no release: no noise
+        want: tuple[Any, Any, Any] = (None, None, None)  # no release: no noise
     elif isinstance(z, (int, float)) and not isinstance(z, bool) and 0 < z < math.inf:
         bound = sufficient.clip_bound(features["dim"], features["projection"]["dim"])
-        want = (bound, sufficient.noise_std(float(z), bound))
+        clip = record.get("clip") if share is not None and 0 < (record.get("clip") or 0) <= bound else bound
+        want = (share, clip, sufficient.noise_std(float(z) / math.sqrt(1 - (share or 0.0)), clip))
     else:
         raise FileFormatError(f"{h.path}: its release's noise_multiplier is {z!r}, not a positive number",
                               path=h.path, field="privacy")
-    for fld, got, expected in zip(("clip", "noise_std"), (record.get("clip"), record.get("noise_std")), want):
+    if share is not None and want[0] is None:
+        raise FileFormatError(f"{h.path}: sufficient.centre is {str(record['centre'])[:40]}, but it records no DP "
+                              "release",
+                              path=h.path, field="sufficient.centre")
+    for fld, got, expected in zip(("clip", "noise_std"), (record.get("clip"), record.get("noise_std")), want[1:]):
         if not _close(got, expected):
             why = "it records no DP release" if z is None else f"its release (noise multiplier {z}) implies {expected}"
             raise FileFormatError(f"{h.path}: sufficient.{fld} is {got}, but {why}", path=h.path,

@@ -8,12 +8,14 @@ trained coordinates) over the largest norm the sum of the expected q·N clipped 
 (all aligned; real gradients are less aligned, so the true ratio is larger). Above 1 the noise dominates every
 step.
 
-For the statistics head (`stats-head:P`, one `gaussian-sum` release at rate 1; `taskvec.training.sufficient`):
-z₁ for the target ε, the noise sd of each statistic (`sufficient.noise_std` at the clip b of ‖g‖, p = min(P,
-feature dimension d)), and the noise-to-signal ratio of a class's feature sum, σ_S·√p / ((N/k)·b) =
-z₁·√p·k / (a_S·N) (noise norm over p coordinates against the largest norm of the sum of a class's N/k
-clipped projected unit features; k classes, a_S² the sums' share); also the expected noise norms of the
-released tensors, √(k·p)·σ_S, √k·σ_n, p·σ_M (before symmetrising) and σ_L.
+For the statistics head (`stats-head:P`, one `gaussian-sum` release at rate 1, made of a centre release and the
+statistics' release at z₁/√(1−ρ); `taskvec.training.sufficient`): z₁ for the target ε, the largest noise sd of
+each statistic (`sufficient.noise_bound`: at the clip b of ‖g‖, p = min(P, feature dimension d); the run's
+own is smaller by b_c/b on the sums and (b_c/b)² on the moments, b_c the clip its centre release sets), and the
+noise-to-signal ratio of a class's feature sum, σ_S·√p / ((N/k)·b) = z₁·√p·k / (√(1−ρ)·a_S·N) (noise norm
+over p coordinates against the largest norm of the sum of a class's N/k clipped projected unit features; k
+classes, a_S² the sums' share); also the largest expected noise norms of the released tensors, √(k·p)·σ_S,
+√k·σ_n, p·σ_M (before symmetrising) and σ_L.
 
 P itself is recommended (`stats_dim`) as the largest of `STATS_DIMS` (at most d) whose moment noise ratio
 ρ(p) = √(2p)·σ_M·d / (√K·N) is at most `MAX_MOMENT_RATIO`: the scale of the symmetrised moment noise's
@@ -57,7 +59,7 @@ from taskvec.errors import ConfigError, check_range
 from taskvec.io.files import read_kind
 from taskvec.io.schema import MAX_COUNT, MAX_STEPS
 from taskvec.privacy import DEFAULT_MAX_GRAD_NORM, DEFAULT_SAMPLE_RATE
-from taskvec.training.sufficient import SHARES, clip_bound, noise_std
+from taskvec.training.sufficient import CENTRE_SHARE, SHARES, noise_bound
 
 if TYPE_CHECKING:
     from taskvec.privacy.dpsgd import DPConfig
@@ -190,7 +192,7 @@ def _after_statistics(dp: DPConfig, epsilon: float) -> tuple[float, DPConfig]:
 
 def moment_ratio(z: float, dim: int, p: int, units: int, sites: int = 1) -> float:
     """ρ(p) = √(2p)·σ_M·d / (√K·N) (see the module docstring)."""
-    return math.sqrt(2 * p) * noise_std(z, clip_bound(dim, p))["moments"] * dim / (math.sqrt(sites) * units)
+    return math.sqrt(2 * p) * noise_bound(z, dim, p)["moments"] * dim / (math.sqrt(sites) * units)
 
 
 def recommend_stats_dim(z: float, dim: int, units: int, sites: int = 1) -> int:
@@ -202,8 +204,8 @@ def recommend_stats_dim(z: float, dim: int, units: int, sites: int = 1) -> int:
 
 
 def _stats_plan(mode: str, z: float, units: int, k: int, dim: int, p: int) -> ModePlan:
-    sd = noise_std(z, clip_bound(dim, p))
+    sd = noise_bound(z, dim, p)
     norms = {"sums": math.sqrt(k * p) * sd["sums"], "counts": math.sqrt(k) * sd["counts"], "moments": p * sd["moments"],
              "log_norms": sd["log_norms"]}
-    return ModePlan(mode, z, 1, k * p + k + p * p + 1, z * math.sqrt(p) * k / (math.sqrt(SHARES["sums"]) * units),
-                    norms)
+    ratio = z / math.sqrt(1 - CENTRE_SHARE) * math.sqrt(p) * k / (math.sqrt(SHARES["sums"]) * units)
+    return ModePlan(mode, z, 1, k * p + k + p * p + 1, ratio, norms)

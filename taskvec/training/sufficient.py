@@ -12,7 +12,7 @@ Sums over sites are sums over the pooled data, so summing vectors is exact.
 Under DP g is clipped to ‖g‖ ≤ b = min(1, `CLIP_FACTOR`·√(p/d)), a public bound: for any fixed unit vector
 f̂ and a random orthonormal P independent of it, ‖P f̂‖² ~ Beta(p/2, (d−p)/2), of mean p/d and sd about
 √(2/p)·p/d, so at c = 1.25 the bound clips only features more than 2 (p = 32) to 4 (p = 128) sd above the
-mean (and never at p = d). One release adds Gaussian noise N(0, (zC)²) once to every coordinate of Σ_u v_u,
+mean (and never at p = d). A release adds Gaussian noise N(0, (zC)²) once to every coordinate of Σ_u v_u,
 C = `max_grad_norm` and v_u = C·(a_S·S_u/b, a_n·n_u, a_M·M_u/b², a_L·L_u/`LOG_NORM_RANGE`) the unit u's
 scaled contribution (an image, or a patient whose images each weigh 1/their number), a² the `SHARES`
 (summing to 1). For an image ‖S_u‖ = ‖g‖ ≤ b, n_u = 1, ‖M_u‖_F = ‖g‖² ≤ b², |L_u| ≤ `LOG_NORM_RANGE`, so
@@ -21,6 +21,17 @@ is C, attained by an image with ‖g‖ = b and a clamped log norm. Rescaled bac
 statistic's noise sd is z/(its scale): z·b/a_S on the sums, z/a_n on the counts, z·b²/a_M on the moments
 (before symmetrising), z·`LOG_NORM_RANGE`/a_L on the log-norm sum (`noise_std`). C cancels: it sets the
 ledger's sensitivity, not the noise on the statistics.
+
+Most of a unit feature's norm is what all images share (on PBC blood cells at 224 px, the mean of f̂ has
+squared norm 0.75), so the noise at the clip b swamps the spread that separates the classes. A DP run
+therefore makes two releases (`dp_release`): first the centre sums Σ_u C·(√0.9·g/b, √0.05, √0.05·‖g‖²/b²)
+at noise multiplier z/√ρ (ρ = `CENTRE_SHARE`; sensitivity C as above), from which it computes the centre c
+and a clip b_c ≤ b of ‖g − c‖ (`centre_of`, post-processing); then the statistics above of h = g − c
+clipped to ‖h‖ ≤ b_c in place of g (b_c in place of b in the scales) at z/√(1−ρ). Both are Gaussian
+mechanisms of sensitivity C, so by the composition of Gaussian DP (Dong, Roth and Su 2022) the pair is
+exactly one Gaussian release at z: 1/z² = ρ/z² + (1−ρ)/z², the `gaussian-sum` entry the run records. The
+released statistics are brought back to those of g (`uncentre`, exact algebra on noisy values), so vectors
+with different centres sum like any others; the noise sds the file records are `noise_std`(z/√(1−ρ), b_c).
 
 The head is linear discriminant analysis on g (`solve_lda`): with N = Σ n_c, class means μ_c = S_c/n_c,
 the pooled within-class covariance Σ = (M − Σ_c S_c S_cᵀ/n_c + Σ_c σ_S²/n_c·I)/N (the last term removes
@@ -44,7 +55,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,6 +65,9 @@ from taskvec.errors import TaskvecError
 
 KEYS = {"counts": "sufficient.counts", "sums": "sufficient.sums", "moments": "sufficient.moments",
         "log_norms": "sufficient.log_norms"}
+CENTRE_SHARE = 0.1  # ρ: the centre's share of the release's 1/z² (noise multipliers z/√ρ and z/√(1−ρ))
+CENTRE_CLIP = 1.0  # κ: under DP ‖g − c‖ is clipped at κ × its root mean square, as the centre release estimates it
+CENTRE_SHARES = {"sum": 0.9, "count": 0.05, "square": 0.05}  # each part's share of a unit's ‖v_u‖² in the centre
 CLIP_FACTOR = 1.25  # c: under DP ‖g‖ is clipped at c·√(p/d) (its mean square is p/d)
 LOG_NORM_RANGE = 10.0  # log feature norms are clamped to ±10 (norms from 4.5e-5 to 2.2e4)
 SHARES = {"sums": 0.45, "counts": 0.05, "moments": 0.45, "log_norms": 0.05}  # a²: each statistic's share of ‖v_u‖²
@@ -97,14 +112,35 @@ def clip_bound(dim: int, rank: int) -> float:
     return min(1.0, CLIP_FACTOR * math.sqrt(rank / dim))
 
 
-def contributions(feats: np.ndarray, labels: Sequence[int], weights: np.ndarray, num_classes: int,
-                  proj: np.ndarray, clip: float | None) -> dict[str, np.ndarray]:
-    """Σ over the images of weight × (count in its class, g = P f̂ (clipped to ‖g‖ ≤ `clip`) in its class's
-    row, g gᵀ, clamped log ‖f‖): the un-noised statistics of `feats` (n × d, float64)."""
+@dataclass(frozen=True)
+class Centre:
+    """What the centre release gives, by post-processing of its noisy sums: the point c (‖c‖ ≤ b) that the
+    statistics are centred on, and the clip b_c ≤ b of ‖g − c‖."""
+
+    point: np.ndarray
+    clip: float
+
+
+def _clipped(x: np.ndarray, clip: float | None) -> np.ndarray:
+    if clip is None:
+        return x
+    return x * np.minimum(1.0, clip / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-300))
+
+
+def _projected(feats: np.ndarray, proj: np.ndarray, clip: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(g = P f̂ clipped to ‖g‖ ≤ `clip`, ‖f‖) of each row f of `feats` (n × d, float64)."""
     norms = np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-300)
-    g = (feats / norms) @ proj.T
-    if clip is not None:
-        g = g * np.minimum(1.0, clip / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-300))
+    return _clipped((feats / norms) @ proj.T, clip), norms
+
+
+def contributions(feats: np.ndarray, labels: Sequence[int], weights: np.ndarray, num_classes: int,
+                  proj: np.ndarray, clip: float | None, centre: Centre | None = None) -> dict[str, np.ndarray]:
+    """Σ over the images of weight × (count in its class, g = P f̂ (clipped to ‖g‖ ≤ `clip`) in its class's
+    row, g gᵀ, clamped log ‖f‖): the un-noised statistics of `feats` (n × d, float64). With a `centre`, of
+    h = g − c clipped to ‖h‖ ≤ b_c in place of g (`uncentre` brings their noised sums back to g's)."""
+    g, norms = _projected(feats, proj, clip)
+    if centre is not None:
+        g = _clipped(g - centre.point, centre.clip)
     onehot = np.zeros((len(labels), num_classes))
     onehot[np.arange(len(labels)), np.asarray(labels, dtype=int)] = 1.0
     w = np.asarray(weights, dtype=np.float64)[:, None]
@@ -126,12 +162,73 @@ def noise_std(z: float, clip: float) -> dict[str, float]:
     return {k: z / s for k, s in release_scales(clip).items()}
 
 
+def noise_bound(z: float, dim: int, rank: int) -> dict[str, float]:
+    """The largest sd of each statistic's noise in a DP release at noise multiplier z (before the data is
+    seen): `noise_std` of the statistics' share, z/√(1−ρ), at the clip b ≥ b_c."""
+    return noise_std(z / math.sqrt(1 - CENTRE_SHARE), clip_bound(dim, rank))
+
+
 def add_noise(stats: dict[str, np.ndarray], std: dict[str, float], normal: Any) -> dict[str, np.ndarray]:
     """The statistics plus N(0, std²) per coordinate (`normal(shape)` draws standard normals), moments
     symmetrised."""
-    out = {k: v + std[k] * normal(v.shape) for k, v in stats.items()}
-    out["moments"] = (out["moments"] + out["moments"].T) / 2
+    out = {k: v + std[k] * normal(np.shape(v)) for k, v in stats.items()}
+    if "moments" in out:
+        out["moments"] = (out["moments"] + out["moments"].T) / 2
     return out
+
+
+def centre_contributions(feats: np.ndarray, weights: np.ndarray, proj: np.ndarray, clip: float
+                         ) -> dict[str, np.ndarray]:
+    """Σ over the images of weight × (g, 1, ‖g‖²), g = P f̂ clipped to ‖g‖ ≤ `clip`: what the centre release
+    sums."""
+    g = _projected(feats, proj, clip)[0]
+    w = np.asarray(weights, dtype=np.float64)
+    return {"sum": w @ g, "count": np.asarray(w.sum()), "square": np.asarray(w @ (g * g).sum(1))}
+
+
+def centre_noise_std(z: float, clip: float) -> dict[str, float]:
+    """The sd of each centre sum's noise after rescaling (as `noise_std`, with the `CENTRE_SHARES`)."""
+    bound = {"sum": clip, "count": 1.0, "square": clip**2}
+    return {k: z * bound[k] / math.sqrt(a) for k, a in CENTRE_SHARES.items()}
+
+
+def centre_of(noisy: dict[str, np.ndarray], std: dict[str, float], clip: float) -> Centre:
+    """The centre and its clip from the noised centre sums (post-processing): with n̂ = max(count, 1),
+    c = sum/n̂ (scaled into ‖c‖ ≤ b) and b_c = κ·√(square/n̂ − ‖c‖² + 2p(σ_sum/n̂)² + 2σ_square/n̂) in
+    [b/1000, b]: κ × the root mean square of ‖g − c‖ as estimated (‖c‖²'s noise added back, once more for
+    c's own error, and 2 sd of the square's noise: noisy sums widen the clip rather than cut the features)."""
+    n = max(float(noisy["count"]), 1.0)
+    c = _clipped(noisy["sum"] / n, clip)
+    p = len(c)
+    square = float(noisy["square"]) / n - float(c @ c) + 2 * p * (std["sum"] / n) ** 2 + 2 * std["square"] / n
+    return Centre(c, min(max(CENTRE_CLIP * math.sqrt(max(square, 0.0)), clip / 1000), clip))
+
+
+def uncentre(stats: dict[str, np.ndarray], centre: Centre) -> dict[str, np.ndarray]:
+    """The statistics of g from (noised) statistics of h = g − c: S_c + n_c·c, M + c sᵀ + s cᵀ + N·c cᵀ with
+    s = Σ_c S_c and N = Σ_c n_c (exact algebra: the within-class scatter is unchanged, noise included)."""
+    c, n, s = centre.point, stats["counts"], stats["sums"].sum(0)
+    cross = np.outer(c, s)
+    moments = stats["moments"] + (cross + cross.T) + float(n.sum()) * np.outer(c, c)  # symmetric to the bit
+    return {**stats, "sums": stats["sums"] + np.outer(n, c), "moments": moments}
+
+
+Pass = Callable[[Callable[[np.ndarray, Sequence[int], np.ndarray], dict[str, np.ndarray]]], dict[str, np.ndarray]]
+
+
+def dp_release(one_pass: Pass, z: float, clip: float, num_classes: int, proj: np.ndarray, normal: Any
+               ) -> tuple[dict[str, np.ndarray], dict[str, float], Centre]:
+    """The DP statistics: two Gaussian releases of sensitivity C, the centre sums at noise multiplier z/√ρ,
+    then the statistics of h = g − c at z/√(1−ρ) (ρ = `CENTRE_SHARE`), which compose to exactly one Gaussian
+    release at z (Gaussian DP: 1/z² = ρ/z² + (1−ρ)/z²). `one_pass(part)` sums `part(feats, labels, weights)`
+    over the data; `normal(shape)` draws standard normals. Returns the statistics of g (`uncentre`), the sd of
+    their noise (at b_c) and the centre."""
+    first = centre_noise_std(z / math.sqrt(CENTRE_SHARE), clip)
+    centre = centre_of(add_noise(one_pass(lambda f, _y, w: centre_contributions(f, w, proj, clip)), first, normal),
+                       first, clip)
+    std = noise_std(z / math.sqrt(1 - CENTRE_SHARE), centre.clip)
+    stats = one_pass(lambda f, y, w: contributions(f, y, w, num_classes, proj, clip, centre))
+    return uncentre(add_noise(stats, std, normal), centre), std, centre
 
 
 def typical_norm(stats: dict[str, np.ndarray]) -> float:

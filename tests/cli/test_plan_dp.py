@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
-from stats_reference import pooled_features
+from stats_reference import pooled_features, release_noise_drawn
 from synthetic_data import npz_file
 from typer.testing import CliRunner
 
@@ -40,7 +40,8 @@ def test_predictions_match_a_measured_release(tmp_path: Path) -> None:
     d = 256 * 2 + 2  # the head's weight and bias
     assert head["coordinates"] == d
     assert head["noise_to_signal"] == pytest.approx(head["noise_multiplier"] * math.sqrt(d) / (0.25 * 40))
-    assert stats["noise_to_signal"] == pytest.approx(stats["noise_multiplier"] * math.sqrt(64) * 2 / (0.45**0.5 * 40))
+    assert stats["noise_to_signal"] == pytest.approx(
+        stats["noise_multiplier"] / 0.9**0.5 * math.sqrt(64) * 2 / (0.45**0.5 * 40))
     assert plan["recommended"] == min(plan["modes"], key=lambda m: m["noise_to_signal"])["mode"]
 
     data = npz_file(tmp_path / "d.npz", n=40)
@@ -52,13 +53,18 @@ def test_predictions_match_a_measured_release(tmp_path: Path) -> None:
     noisy = load_file(str(run.parent / "statistics.safetensors"))
     record = read_kind(run.parent / "statistics.safetensors", "statistics").meta["sufficient"]
     feats, labels = pooled_features(base, data)  # the clear statistics, clipped as under DP
-    proj = sufficient.projection(record["features"]["projection"]["seed"], feats.shape[1], 64)
-    clear = sufficient.contributions(feats, labels.tolist(), np.ones(len(labels)), 2, proj, record["clip"])
-    measured = float(np.linalg.norm(noisy["sufficient.sums"] - clear["sums"]))
-    assert measured == pytest.approx(stats["noise_norms"]["sums"], rel=0.3)  # 128 coordinates: sd of the norm ~6%
+    d = feats.shape[1]
+    proj = sufficient.projection(record["features"]["projection"]["seed"], d, 64)
+    bound, centre = 1.25 * math.sqrt(64 / d), sufficient.Centre(np.array(record["centre"]["point"]), record["clip"])
+    clear = sufficient.contributions(feats, labels.tolist(), np.ones(len(labels)), 2, proj, bound, centre)
+    noise = release_noise_drawn(noisy, clear, record["centre"]["point"])
+    shrink = record["clip"] / bound  # the plan's noise is at the clip b; the run's at its centre's b_c ≤ b
+    assert 0 < shrink <= 1
+    measured = float(np.linalg.norm(noise["sums"]))
+    assert measured == pytest.approx(stats["noise_norms"]["sums"] * shrink, rel=0.3)  # 128 coordinates: sd ~6%
     sym = (np.eye(64) + 1) / 2  # the variance of a symmetrised coordinate, relative to the noise's
-    measured = float(np.linalg.norm((noisy["sufficient.moments"] - clear["moments"]) / np.sqrt(sym)))
-    assert measured == pytest.approx(stats["noise_norms"]["moments"], rel=0.1)
+    measured = float(np.linalg.norm(noise["moments"] / np.sqrt(sym)))
+    assert measured == pytest.approx(stats["noise_norms"]["moments"] * shrink**2, rel=0.1)
 
 
 @pytest.mark.parametrize(("units", "modes", "follows"), [(100_000, [], True), (50, [], False),
@@ -175,7 +181,7 @@ def test_a_segmentation_plan_matches_a_measured_pixel_release(tmp_path: Path) ->
     from taskvec.models.spec import ModelSpec, load_model
     from taskvec.progress import no_track
     from taskvec.training.data import load_data
-    from taskvec.training.modes.stats_head import STATISTICS_FILE, _statistics
+    from taskvec.training.modes.stats_head import STATISTICS_FILE, _one_pass
 
     net, spec = build_base("test_efficientnet", task="segmentation", num_classes=2, img_size=32, seed=0)
     base = tmp_path / "seg.safetensors"
@@ -198,11 +204,14 @@ def test_a_segmentation_plan_matches_a_measured_pixel_release(tmp_path: Path) ->
     assert entry["noise_multiplier"] == pytest.approx(stats["noise_multiplier"])
     record = read_kind(run.parent / STATISTICS_FILE, "statistics").meta["sufficient"]
     assert record["features"]["dim"] == 16 * 9
-    clear = _statistics(load_model(base, "cpu").eval(), spec, train, record["features"], record["clip"], False,
-                        torch.device("cpu"), 4, no_track, "t")
-    noisy = load_file(str(run.parent / STATISTICS_FILE))
-    measured = float(np.linalg.norm(noisy["sufficient.sums"] - clear["sums"]))
-    assert measured == pytest.approx(stats["noise_norms"]["sums"], rel=0.3)
+    proj = sufficient.projection(record["features"]["projection"]["seed"], 16 * 9, 64)
+    bound, centre = 1.25 * math.sqrt(64 / (16 * 9)), sufficient.Centre(np.array(record["centre"]["point"]),
+                                                                       record["clip"])
+    clear = _one_pass(load_model(base, "cpu").eval(), spec, train, False, torch.device("cpu"), 4, no_track, "t",
+                      lambda f, y, w: sufficient.contributions(f, y, w, 2, proj, bound, centre))
+    noise = release_noise_drawn(load_file(str(run.parent / STATISTICS_FILE)), clear, record["centre"]["point"])
+    measured = float(np.linalg.norm(noise["sums"]))
+    assert measured == pytest.approx(stats["noise_norms"]["sums"] * record["clip"] / bound, rel=0.3)
 
 
 def test_a_two_stage_plan_predicts_both_stages_noise(tmp_path: Path) -> None:

@@ -109,8 +109,8 @@ def test_the_vector_carries_the_statistics_alone(sites: Any, tmp_path: Path) -> 
 
 
 def test_dp_vectors_keep_the_run_ledger_and_no_count_and_their_noise_sums(sites: Any, tmp_path: Path) -> None:
-    """Two DP vectors: each keeps its run's ledger, the merge solves the head from the summed statistics with
-    the summed noise sds √(σ₁² + σ₂²)."""
+    """Two DP vectors: each keeps its run's ledger and its own centre's clip, the merge solves the head from the
+    summed statistics with the summed noise sds √(σ₁² + σ₂²)."""
     base, _, pooled, _ = sites
     paths, sds = [], []
     for j, z in enumerate((2.0, 3.0)):
@@ -121,8 +121,9 @@ def test_dp_vectors_keep_the_run_ledger_and_no_count_and_their_noise_sums(sites:
         vec = read_kind(paths[-1], "vector").meta
         (entry,) = read_kind(run.model_path, "model").meta["privacy"]
         assert vec["samples"] is None and vec["privacy"] == [entry] and entry["mechanism"] == "gaussian-sum"
-        b = 1.25 * (6 / vec["sufficient"]["features"]["dim"]) ** 0.5
-        assert vec["sufficient"]["noise_std"]["sums"] == pytest.approx(z * b / 0.45**0.5)
+        b, clip = 1.25 * (6 / vec["sufficient"]["features"]["dim"]) ** 0.5, vec["sufficient"]["clip"]
+        assert 0 < clip <= b and vec["sufficient"]["centre"]["share"] == 0.1
+        assert vec["sufficient"]["noise_std"]["sums"] == pytest.approx(z / 0.9**0.5 * clip / 0.45**0.5)
         sds.append(vec["sufficient"]["noise_std"])
     merge_vectors(paths, base, tmp_path / "m.safetensors", method="lda-head")
     merged = read_kind(tmp_path / "m.safetensors", "model").meta["merge"]
@@ -162,7 +163,6 @@ def _saved(arrays: dict[str, np.ndarray], meta: dict[str, Any], out: Path) -> Pa
 @pytest.mark.parametrize("field, change", [
     ("sufficient.features.backbone", lambda r: r["features"].update(backbone="0" * 64)),
     ("sufficient.features.projection.seed", lambda r: r["features"]["projection"].update(seed=7)),
-    ("sufficient.clip", lambda r: r.update(clip=3.0)),
 ])
 def test_statistics_of_other_features_are_never_summed(sites: Any, tmp_path: Path, field: str, change: Any) -> None:
     base, vectors, *_ = sites
@@ -191,12 +191,18 @@ def test_mixed_kinds_and_wrong_methods_are_refused(sites: Any, make_finetuned: A
     assert not out.exists()
 
 
-def test_a_malformed_record_is_refused_naming_the_field(sites: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("field, change", [
+    ("features.dim", lambda r: r["features"].update(dim="many")),
+    ("centre", lambda r: r.update(centre={"share": 0.1, "point": [0.0] * 5})),  # P is 6
+    ("centre", lambda r: r.update(centre={"share": 0.1, "point": [float("nan")] * 6})),
+    ("centre", lambda r: r.update(centre={"share": 1.0, "point": [0.0] * 6})),
+])
+def test_a_malformed_record_is_refused_naming_the_field(sites: Any, tmp_path: Path, field: str, change: Any) -> None:
     base, vectors, *_ = sites
-    bad = _tampered(vectors[0], tmp_path / "bad.safetensors", lambda r: r["features"].update(dim="many"))
-    with pytest.raises(FileFormatError, match="sufficient.features.dim is missing or invalid") as err:
+    bad = _tampered(vectors[0], tmp_path / "bad.safetensors", change)
+    with pytest.raises(FileFormatError, match=f"sufficient.{field} is missing or invalid") as err:
         merge_vectors([bad], base, tmp_path / "m.safetensors", method="lda-head")
-    assert err.value.field == "sufficient.features.dim"
+    assert err.value.field == f"sufficient.{field}"
 
 
 @pytest.mark.parametrize("error, message, tensors", [
@@ -227,10 +233,20 @@ def test_noise_sds_and_clip_are_those_of_the_release(sites: Any, tmp_path: Path)
                                                                   device="cpu", dp=dp))
     honest = export_vector(run.model_path, base, tmp_path / "dp.safetensors").path
     merge_vectors([honest], base, tmp_path / "ok.safetensors", method="lda-head")
+
+    def tighter(r: dict[str, Any]) -> None:  # another site's centre clip, its noise consistent with it
+        r.update(clip=r["clip"] / 2, noise_std=sufficient.noise_std(2.0 / 0.9**0.5, r["clip"] / 2))
+
+    other = _tampered(honest, tmp_path / "other.safetensors", tighter,
+                      lambda a: a.update({"sufficient.log_norms": a["sufficient.log_norms"] + 1}))  # another vector
+    merge_vectors([honest, other], base, tmp_path / "ok2.safetensors", method="lda-head")  # clips may differ
     implied = "its release .* implies"
     lies = {
         "noise_std": (honest, lambda r: r["noise_std"].update(sums=10 * r["noise_std"]["sums"]), implied),
-        "clip": (honest, lambda r: r.update(clip=r["clip"] / 2), implied),
+        "clip": (honest, lambda r: r.update(clip=r["clip"] * 100), implied),  # above the features' bound
+        "noise_std  ": (honest, lambda r: r["centre"].update(share=0.5), implied),  # the statistics' share
+        "centre": (vectors[0], lambda r: r.update(centre={"share": 0.1, "point": [0.0] * 6}),
+                   "it records no DP release"),
         "noise_std ": (vectors[0], lambda r: r.update(noise_std=dict.fromkeys(sufficient.KEYS, 1e6)),
                        "it records no DP release"),
     }

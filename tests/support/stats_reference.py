@@ -61,3 +61,17 @@ def lda_reference(feats: np.ndarray, labels: np.ndarray, k: int, proj: np.ndarra
     inverse = vectors @ np.diag(1 / np.maximum(values, shrink * values.mean())) @ vectors.T
     prior = np.log(np.bincount(labels, minlength=k) / len(g))
     return means @ inverse @ proj / nu, np.array([-0.5 * m @ inverse @ m for m in means]) + prior
+
+
+def release_noise_drawn(noisy: dict[str, np.ndarray], clear: dict[str, np.ndarray], centre: list[float]
+                        ) -> dict[str, np.ndarray]:
+    """The noise a centred DP release drew: the file's statistics of g (keys with or without `sufficient.`)
+    taken back to those of h = g − c (S_c − n_c·c, M − c sᵀ − s cᵀ − N·c cᵀ with s = Σ_c S_c and the file's
+    noised counts) minus `clear`, the un-noised statistics of h."""
+    stats = {k.removeprefix("sufficient."): v for k, v in noisy.items()}
+    c = np.asarray(centre)
+    sums = stats["sums"] - stats["counts"][:, None] * c
+    s = sums.sum(0)
+    moments = stats["moments"] - np.outer(c, s) - np.outer(s, c) - stats["counts"].sum() * np.outer(c, c)
+    held = {"counts": stats["counts"], "sums": sums, "moments": moments, "log_norms": stats["log_norms"]}
+    return {k: held[k] - np.asarray(clear[k]) for k in held}

@@ -87,25 +87,34 @@ def test_pixel_statistics_and_head_match_the_model_s_own_pixels(tmp_path: Path, 
 
 
 def test_one_image_moves_the_released_vector_by_at_most_the_clip(tmp_path: Path) -> None:
-    """Each image's contribution, computed by the mode and scaled as released, has L2 norm at most C (1 here);
-    weighing each pixel 1 instead of 1/pixels would break it (checked on the same features)."""
+    """Each image's contribution to each release (the centre sums, the statistics of g, those of g − c), computed
+    by the mode's pass and scaled as released, has L2 norm at most C (1 here); weighing each pixel 1 instead of
+    1/pixels would break it (checked on the same features)."""
     base, train = _base(tmp_path, "fpn")
     net: Any = load_model(base, "cpu").eval()
     spec = ModelSpec.from_dict(read_kind(base, "model").meta["model"])
     features = sufficient.features_record("b" * 64, spec.arch, 128, P)
     bound = sufficient.clip_bound(128, P)
-    scales = sufficient.release_scales(bound)
-
-    def released(stats: dict[str, np.ndarray]) -> float:
-        return math.sqrt(sum(float(((stats[k] * scales[k]) ** 2).sum()) for k in sufficient.KEYS))
-
-    norms = [released(stats_head._statistics(net, spec, train.subset([i]), features, bound, False,
-                                             torch.device("cpu"), 4, no_track, "t")) for i in range(len(train))]
-    assert max(norms) <= 1 + 1e-9 and max(norms) > 0.5
-    feats, labels = _reference_pixels(base, train.subset([0]))
     proj = sufficient.projection(features["projection"]["seed"], 128, P)
+    centre = sufficient.Centre(np.full(P, 0.5 * bound / math.sqrt(P)), 0.2 * bound)
+    centre_scales = {"sum": math.sqrt(0.9) / bound, "count": math.sqrt(0.05), "square": math.sqrt(0.05) / bound**2}
+
+    def released(stats: dict[str, np.ndarray], scales: dict[str, float]) -> float:
+        return math.sqrt(sum(float(((stats[k] * scales[k]) ** 2).sum()) for k in scales))
+
+    def one_image(i: int, part: Any) -> dict[str, np.ndarray]:
+        return stats_head._one_pass(net, spec, train.subset([i]), False, torch.device("cpu"), 4, no_track, "t", part)
+
+    for part, scales in [
+            (lambda f, y, w: sufficient.contributions(f, y, w, 2, proj, bound), sufficient.release_scales(bound)),
+            (lambda f, y, w: sufficient.contributions(f, y, w, 2, proj, bound, centre),
+             sufficient.release_scales(centre.clip)),
+            (lambda f, y, w: sufficient.centre_contributions(f, w, proj, bound), centre_scales)]:
+        norms = [released(one_image(i, part), scales) for i in range(len(train))]
+        assert max(norms) <= 1 + 1e-9 and max(norms) > 0.5
+    feats, labels = _reference_pixels(base, train.subset([0]))
     unweighted = sufficient.contributions(feats, labels.tolist(), np.ones(len(labels)), 2, proj, bound)
-    assert released(unweighted) > 100
+    assert released(unweighted, sufficient.release_scales(bound)) > 100
 
 
 def test_merged_pixel_head_is_the_pooled_data_head(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from dp_reference import pld_epsilon
 from safetensors.numpy import load_file
-from stats_reference import lda_reference, pooled_features, unit_projected
+from stats_reference import lda_reference, pooled_features, release_noise_drawn, unit_projected
 from synthetic_data import npz_file
 
 from taskvec.errors import ConfigError, PrivacyConfigError, TaskvecError
@@ -74,24 +74,37 @@ def test_statistics_and_head_match_the_pooled_features(setup: tuple[Path, Path],
 
 
 def _released(feats: np.ndarray, labels: list[int], groups: list[str] | None, keep: list[bool], clip: float | None,
-              bound: float, proj: np.ndarray) -> np.ndarray:
-    """The released (pre-noise) vector Σ v_u over the units kept, divided by C: each statistic (clipped at
-    `clip`, unclipped if None) times its share's root over its bound (b for the sums, b² for the moments,
-    1 for the counts, the log-norm range for the log norms), as the module docstring defines it."""
+              top: float, proj: np.ndarray, centre: sufficient.Centre | None = None) -> np.ndarray:
+    """The released (pre-noise) statistics vector Σ v_u over the units kept, divided by C: each statistic (of g
+    clipped at `clip`, unclipped if None; of h = g − c clipped at the centre's clip with a `centre`) times its
+    share's root over its bound (`top` for the sums, `top`² for the moments, 1 for the counts, the log-norm range
+    for the log norms), as the module docstring defines it."""
     idx = [i for i, on in enumerate(keep) if on]
     w = unit_weights([groups[i] for i in idx] if groups else None, len(idx)).numpy()
-    s = sufficient.contributions(feats[idx], [labels[i] for i in idx], w, 3, proj, clip)
-    bounds = {"sums": bound, "counts": 1.0, "moments": bound**2, "log_norms": sufficient.LOG_NORM_RANGE}
+    s = sufficient.contributions(feats[idx], [labels[i] for i in idx], w, 3, proj, clip, centre)
+    bounds = {"sums": top, "counts": 1.0, "moments": top**2, "log_norms": sufficient.LOG_NORM_RANGE}
     return np.concatenate([s[k].ravel() * math.sqrt(sufficient.SHARES[k]) / bounds[k] for k in sufficient.KEYS])
+
+
+def _centre_released(feats: np.ndarray, groups: list[str] | None, keep: list[bool], clip: float | None,
+                     bound: float, proj: np.ndarray) -> np.ndarray:
+    """The centre release's (pre-noise) vector over C: Σ w·(√0.9·g/b, √0.05, √0.05·‖g‖²/b²)."""
+    idx = [i for i, on in enumerate(keep) if on]
+    w = unit_weights([groups[i] for i in idx] if groups else None, len(idx)).numpy()
+    s = sufficient.centre_contributions(feats[idx], w, proj, clip)  # type: ignore[arg-type]
+    bounds = {"sum": bound, "count": 1.0, "square": bound**2}
+    return np.concatenate([np.ravel(s[k]) * math.sqrt(sufficient.CENTRE_SHARES[k]) / bounds[k] for k in bounds])
 
 
 @pytest.mark.parametrize("unit", ["image", "patient"])
 def test_one_unit_moves_the_released_sums_by_at_most_the_sensitivity(unit: str) -> None:
-    """Removing one image (or one patient, whose images span classes and norms from 1e-3 to 1e7) moves the
-    released vector by at most C (here 1: `_released` divides by it) in L2 norm, attained by an image at the
-    clip with a clamped log norm; without the clip, or with each of a patient's images at full weight, it would not
-    hold (the checks that this test can fail)."""
+    """Removing one image (or one patient, whose images span classes and norms from 1e-3 to 1e7) moves each
+    released vector (the centre sums, the statistics of g, and those of g − c for a centre c) by at most C (here
+    1: the vectors are divided by it) in L2 norm, attained by an image at the clip with a clamped log norm; without
+    the clip, or with each of a patient's images at full weight, it would not hold (the checks that this test can
+    fail)."""
     assert sum(sufficient.SHARES.values()) == pytest.approx(1.0)
+    assert sum(sufficient.CENTRE_SHARES.values()) == pytest.approx(1.0)
     rng = np.random.default_rng(0)
     n, d, p = 30, 64, 4
     feats = rng.normal(size=(n, d)) * np.logspace(-3, 7, n)[:, None]
@@ -101,52 +114,72 @@ def test_one_unit_moves_the_released_sums_by_at_most_the_sensitivity(unit: str) 
     groups = [f"p{i // 4}" for i in range(n)] if unit == "patient" else None
     bound = sufficient.clip_bound(d, p)
     assert bound == pytest.approx(1.25 * math.sqrt(p / d))
+    centre = sufficient.Centre(np.full(p, 0.4 * bound), 0.3 * bound)  # ‖c‖ = 0.8 b
 
-    def largest_move(clip: float | None, weigh: list[str] | None = groups) -> float:
-        """The largest move when one unit leaves, each image weighted by its share of `weigh`'s groups."""
-        full = _released(feats, labels, weigh, [True] * n, clip, bound, proj)
+    def largest_move(release: Any, weigh: list[str] | None = groups) -> float:
+        """The largest move of `release(weigh, keep)` when one unit leaves."""
+        full = release(weigh, [True] * n)
         units = sorted(set(groups)) if groups else list(range(n))
-        return max(float(np.linalg.norm(full - _released(
-            feats, labels, weigh, [(groups[i] if groups else i) != u for i in range(n)], clip, bound, proj)))
-            for u in units)
+        return max(float(np.linalg.norm(full - release(weigh, [(groups[i] if groups else i) != u for i in range(n)])))
+                   for u in units)
 
-    assert largest_move(bound) <= 1 + 1e-9
-    assert largest_move(None) > 2  # unclipped features break the bound
-    if groups:  # a patient's four images at full weight each would break it too
-        assert largest_move(bound, weigh=None) > 1.5
+    def stats(clip: float | None, c: sufficient.Centre | None = None, top: float = bound) -> Any:
+        return lambda weigh, keep: _released(feats, labels, weigh, keep, clip, top, proj, c)
+
+    def centre_sums(clip: float | None) -> Any:
+        return lambda weigh, keep: _centre_released(feats, weigh, keep, clip, bound, proj)
+
+    for release in (stats(bound), stats(bound, centre, centre.clip), centre_sums(bound)):
+        assert largest_move(release) <= 1 + 1e-9
+        if groups:  # a patient's four images at full weight each would break it
+            assert largest_move(release, weigh=None) > 1.5
+    assert largest_move(stats(None)) > 2  # unclipped features break the bound
+    assert largest_move(centre_sums(None)) > 1.5
+    assert largest_move(stats(bound, sufficient.Centre(centre.point, bound), centre.clip)) > 2  # h not clipped at b_c
     at_clip = proj[:1] * math.exp(12)  # in P's row space (‖g‖ = 1 > b), log norm 12 clamped to 10
     assert np.linalg.norm(_released(at_clip, [0], None, [True], bound, bound, proj)) == pytest.approx(1.0)
     scales = sufficient.release_scales(bound)  # the noise N(0, (zC)²) on v is z/scale on each statistic
     assert sufficient.noise_std(1.7, bound) == pytest.approx({k: 1.7 / scales[k] for k in sufficient.KEYS})
     assert sum((scales[k] * top) ** 2 for k, top in (("sums", bound), ("counts", 1), ("moments", bound**2),
                                                       ("log_norms", 10))) == pytest.approx(1.0)
+    assert sufficient.centre_noise_std(1.7, bound) == pytest.approx({"sum": 1.7 * bound / math.sqrt(0.9), "count": 1.7
+                                                                     / math.sqrt(0.05), "square": 1.7 * bound**2
+                                                                     / math.sqrt(0.05)})
 
 
 def test_dp_release_is_one_gaussian_sum_of_sensitivity_c(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """Two releases, the centre sums at z/√0.1 and the statistics centred on it at z/√0.9, which compose to
+    exactly one Gaussian release at z (checked with dp-accounting); the statistics' noise, undone from the
+    uncentred sums the file carries, has the recorded sds."""
     base, data = setup
     dp = DPConfig(max_grad_norm=2.0, delta=1e-5, noise_multiplier=1.5, seed=3)
     model = _run(base, data, tmp_path / "a", dp=dp)
     again = _run(base, data, tmp_path / "b", dp=dp)
-    noisy = load_file(str(model.parent / STATS))
-    assert all(np.array_equal(noisy[k], load_file(str(again.parent / STATS))[k]) for k in noisy)  # seeded
+    noisy = {k[len("sufficient."):]: v for k, v in load_file(str(model.parent / STATS)).items()}
+    assert all(np.array_equal(noisy[k], load_file(str(again.parent / STATS))[f"sufficient.{k}"]) for k in noisy)
     feats, labels = pooled_features(base, data)
     d, p = feats.shape[1], 4
     b = 1.25 * math.sqrt(p / d)
     record = read_kind(model.parent / STATS, "statistics").meta["sufficient"]
+    bc, c = record["clip"], np.array(record["centre"]["point"])
+    assert record["centre"]["share"] == 0.1 and 0 < bc <= b and len(c) == p and np.linalg.norm(c) <= b * (1 + 1e-12)
     proj = sufficient.projection(record["features"]["projection"]["seed"], d, p)
     g, nu = unit_projected(feats, proj)
     g *= np.minimum(1, b / np.linalg.norm(g, axis=1))[:, None]
-    clear = {"counts": np.bincount(labels, minlength=2), "sums": np.stack([g[labels == c].sum(0) for c in range(2)]),
-             "moments": g.T @ g, "log_norms": [len(g) * np.log(nu)]}
-    sd = {"sums": 1.5 * b / math.sqrt(0.45), "counts": 1.5 / math.sqrt(0.05), "moments": 1.5 * b * b / math.sqrt(0.45),
-          "log_norms": 1.5 * 10 / math.sqrt(0.05)}
-    assert record["clip"] == pytest.approx(b) and record["noise_std"] == pytest.approx(sd)
+    h = (g - c) * np.minimum(1, bc / np.linalg.norm(g - c, axis=1))[:, None]
+    clear = {"counts": np.bincount(labels, minlength=2), "sums": np.stack([h[labels == k].sum(0) for k in range(2)]),
+             "moments": h.T @ h, "log_norms": [len(h) * np.log(nu)]}
+    z = 1.5 / math.sqrt(0.9)
+    sd = {"sums": z * bc / math.sqrt(0.45), "counts": z / math.sqrt(0.05), "moments": z * bc * bc / math.sqrt(0.45),
+          "log_norms": z * 10 / math.sqrt(0.05)}
+    assert record["noise_std"] == pytest.approx(sd)
+    noise = release_noise_drawn(noisy, clear, record["centre"]["point"])
     upper = np.triu_indices(p, 1)
-    z = [(noisy[f"sufficient.{k}"] - clear[k]).ravel() / sd[k] for k in ("sums", "counts", "log_norms")]
-    diff = noisy["sufficient.moments"] - clear["moments"]
-    z += [np.diag(diff) / sd["moments"], diff[upper] * math.sqrt(2) / sd["moments"]]  # symmetrised: off-diagonal /√2
-    assert np.std(np.concatenate(z)) == pytest.approx(1.0, rel=0.3)  # 21 standardised noise draws
-    assert np.array_equal(noisy["sufficient.moments"], noisy["sufficient.moments"].T)
+    draws = [noise[k].ravel() / sd[k] for k in ("sums", "counts", "log_norms")]
+    diff = noise["moments"]
+    draws += [np.diag(diff) / sd["moments"], diff[upper] * math.sqrt(2) / sd["moments"]]  # symmetrised: /√2
+    assert np.std(np.concatenate(draws)) == pytest.approx(1.0, rel=0.3)  # 21 standardised noise draws
+    assert np.array_equal(noisy["moments"], noisy["moments"].T)
     header = read_kind(model, "model").meta
     (entry,) = header["privacy"]
     assert "samples" not in header["training"]
@@ -154,6 +187,8 @@ def test_dp_release_is_one_gaussian_sum_of_sensitivity_c(setup: tuple[Path, Path
     assert (entry["sample_rate"], entry["steps"], entry["noise_multiplier"]) == (1.0, 1, 1.5)
     assert entry["max_grad_norm"] == pytest.approx(2.0)
     assert entry["epsilon"] == pytest.approx(pld_epsilon(dpa.GaussianDpEvent(1.5), 1e-5), rel=0.02)
+    two = [dpa.GaussianDpEvent(1.5 / math.sqrt(0.1)), dpa.GaussianDpEvent(1.5 / math.sqrt(0.9))]
+    assert pld_epsilon(two, 1e-5) == pytest.approx(pld_epsilon(dpa.GaussianDpEvent(1.5), 1e-5), rel=1e-3)
     verify_ledger([entry], "model")
 
 

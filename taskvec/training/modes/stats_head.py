@@ -1,9 +1,10 @@
 """`stats-head:P`: no weights, but the sufficient statistics of the base's unit-length features in at most P
 dimensions (per-class counts and sums, second moments, the log-norm sum; `taskvec.training.sufficient`), from
-one pass with no gradient step. The run's model gets the site's own LDA head solved from them; its vector
-carries the statistics alone, which an `lda-head` (or `ridge-head`) merge sums and solves once. With DP the
+one pass with no gradient step (two under DP). The run's model gets the site's own LDA head solved from them;
+its vector carries the statistics alone, which an `lda-head` (or `ridge-head`) merge sums and solves once. With DP the
 statistics are one `gaussian-sum` release of sensitivity `max_grad_norm` (each unit's scaled contribution has
-at most that L2 norm), not DP-SGD. One process.
+at most that L2 norm), made as two passes: the features' centre, then the statistics centred on it
+(`sufficient.dp_release`). Not DP-SGD. One process.
 
 Classification: a feature per image, timm's pooled feature; the head is the linear classifier. Segmentation:
 a feature per pixel, what the segmentation head's convolution reads at that pixel (the frozen decoder's output
@@ -16,6 +17,7 @@ good as its initialisation (smp's FPN decoder's 128 channels carry far more than
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,7 @@ from taskvec.errors import ConfigError, FileFormatError, TaskvecError
 from taskvec.training.modes.base import OnePassHead, head_names, register
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
 
     import numpy as np
     import torch
@@ -43,7 +45,8 @@ class StatsHead(OnePassHead):
     name = "stats-head"
     arg = "P"
     help = ("dimensions: the noised sufficient statistics of the base's features (class counts and sums, second "
-            "moments in at most P dimensions), one pass, no gradient step; merged by summing, the head solved once")
+            "moments in at most P dimensions), one pass (two under DP), no gradient step; merged by summing, the "
+            "head solved once")
     pass_name = "feature statistics"
     segmentation = True
 
@@ -79,22 +82,23 @@ class StatsHead(OnePassHead):
                                       sample_rate=1.0, steps=1, max_grad_norm=dp.max_grad_norm,
                                       unit=unit, run_id=run_id, seeded=dp.seed is not None)
         p = features["projection"]["dim"]
-        bound = sufficient.clip_bound(features["dim"], p)  # of ‖g‖, under DP
-        clip = bound if dp is not None else None
-        stats = _statistics(net, spec, data, features, clip, unit == "patient", device, batch_size, track,
-                            self.name)
-        std = None
-        if dp is not None:
-            std = sufficient.noise_std(z, bound)
-            gen = secret_generator("cpu", dp.seed)
-            stats = sufficient.add_noise(stats, std, lambda shape: torch.randn(shape, generator=gen,
-                                                                               dtype=torch.float64).numpy())
         proj = sufficient.projection(features["projection"]["seed"], features["dim"], p)
-        weight, bias = sufficient.solve("lda", stats, proj, sufficient.DEFAULT_SHRINK, std,
+        one_pass = partial(_one_pass, net, spec, data, unit == "patient", device, batch_size, track, self.name)
+        record: dict[str, Any] = {"features": features, "head": [weight_key, bias_key], "clip": None, "unit": unit,
+                                  "noise_std": None}
+        if dp is None:
+            stats = one_pass(lambda f, y, w: sufficient.contributions(f, y, w, spec.num_classes, proj, None))
+        else:
+            gen = secret_generator("cpu", dp.seed)
+            stats, std, centre = sufficient.dp_release(
+                one_pass, z, sufficient.clip_bound(features["dim"], p), spec.num_classes, proj,
+                lambda shape: torch.randn(shape, generator=gen, dtype=torch.float64).numpy())
+            record.update(clip=centre.clip, noise_std=std,
+                          centre={"share": sufficient.CENTRE_SHARE, "point": centre.point.tolist()})
+        weight, bias = sufficient.solve("lda", stats, proj, sufficient.DEFAULT_SHRINK, record["noise_std"],
                                         f"train {self.name} on {len(data)} units")
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "statistics", "run_id": run_id,
-                "parent": parent, "sufficient": {"features": features, "head": [weight_key, bias_key], "clip": clip,
-                                                 "unit": unit, "noise_std": std}}
+                "parent": parent, "sufficient": record}
         save_tensors({sufficient.KEYS[k]: torch.from_numpy(np.ascontiguousarray(v)) for k, v in stats.items()},
                      run_dir / STATISTICS_FILE, meta, force=True)  # nothing of it has left the site yet
         with torch.no_grad():
@@ -179,19 +183,17 @@ def _pixel_features(net: Any, x: torch.Tensor) -> Iterator[torch.Tensor]:
         yield net.segmentation_head[1](grid)[0].flatten(1).T  # the head's upsampling, linear per channel
 
 
-def _statistics(net: Any, spec: ModelSpec, data: ImageDataset, features: dict[str, Any], clip: float | None,
-                patients: bool, device: torch.device, batch_size: int, track: Track[Any], name: str
-                ) -> dict[str, np.ndarray]:
-    """The un-noised statistics of `data`'s features (per image, or per pixel weighing 1/pixels), one pass
-    (`sufficient.contributions`)."""
+def _one_pass(net: Any, spec: ModelSpec, data: ImageDataset, patients: bool, device: torch.device, batch_size: int,
+              track: Track[Any], name: str, part: Callable[[np.ndarray, list[int], np.ndarray], dict[str, np.ndarray]]
+              ) -> dict[str, np.ndarray]:
+    """The sum over `data` of `part(features, labels, weights)` (per image, or per pixel weighing 1/pixels of its
+    image's unit weight), one pass with no gradient."""
     import numpy as np
     import torch
 
-    from taskvec.training import sufficient
     from taskvec.training.class_means import unit_weights
     from taskvec.training.data import Normalizer, make_loader
 
-    proj = sufficient.projection(features["projection"]["seed"], features["dim"], features["projection"]["dim"])
     weights = unit_weights(data.groups if patients else None, len(data)).numpy()
     norm = Normalizer(spec, device)
     total: dict[str, np.ndarray] = {}
@@ -213,7 +215,7 @@ def _statistics(net: Any, spec: ModelSpec, data: ImageDataset, features: dict[st
                 feats = feats.double()
                 if not feats.isfinite().all():
                     raise TaskvecError(f"train {name}: the base's features of a training image are not finite")
-                part = sufficient.contributions(feats.cpu().numpy(), labels.tolist(), w, spec.num_classes, proj, clip)
-                total = {k: total[k] + v for k, v in part.items()} if total else part
+                out = part(feats.cpu().numpy(), labels.tolist(), w)
+                total = {k: total[k] + v for k, v in out.items()} if total else out
             seen += len(y)
     return total
