@@ -5,11 +5,12 @@ A statistics vector carries the tensors `sufficient.counts`, `.sums`, `.moments`
 and a header record `sufficient`: the features they describe (`features`: the backbone's content identity,
 architecture, feature dimension, projection), the weight and bias keys of the layer solved (`head`: a
 classifier, or a segmentation head's convolution, whose weight is the solved matrix reshaped), the clip of the
-projected unit features (null without DP), the unit and the sd of each tensor's noise (`noise_std`, null
-without DP; the sum's sd is √Σ σᵢ² over the vectors). Statistics are summed only when every record agrees
-on the features, the head and the clip, the features' backbone is the merge base's, the head is the layer a
-statistics head solves on the base, and the clip and noise sds are those the vector's release implies (none
-without a release; then counts are non-negative and the moments positive semidefinite). Weight vectors and
+projected unit features (null without DP; under DP each site's own, around its `centre`), the unit and the sd
+of each tensor's noise (`noise_std`, null without DP; the sum's sd is √Σ σᵢ² over the vectors). Statistics
+are summed only when every record agrees on the features and the head, the features' backbone is the merge
+base's, the head is the layer a statistics head solves on the base, and the clip and noise sds are those the
+vector's release implies (none without a release; then counts are non-negative and the moments positive
+semidefinite). Weight vectors and
 statistics vectors are never merged together, nor statistics onto a version whose head was already solved from
 statistics (the new head would drop them: every site's statistics are merged at once, onto the base). The
 sums are exact (float64, no weighting or staleness discount: the counts weigh each site, and the features are
