@@ -194,14 +194,16 @@ def centre_noise_std(z: float, clip: float) -> dict[str, float]:
 
 def centre_of(noisy: dict[str, np.ndarray], std: dict[str, float], clip: float) -> Centre:
     """The centre and its clip from the noised centre sums (post-processing): with n̂ = max(count, 1),
-    c = sum/n̂ (scaled into ‖c‖ ≤ b) and b_c = κ·√(square/n̂ − ‖c‖² + 2p(σ_sum/n̂)² + 2σ_square/n̂) in
-    [b/1000, b]: κ × the root mean square of ‖g − c‖ as estimated (‖c‖²'s noise added back, once more for
-    c's own error, and 2 sd of the square's noise: noisy sums widen the clip rather than cut the features)."""
+    c = sum/n̂ (scaled into ‖c‖ ≤ b) and b_c = κ·√(square/n̂ − ‖c‖² + 2p(σ_sum/n̂)² + 2σ_square/n̂), at least
+    b/1000: κ × the root mean square of ‖g − c‖ as estimated (‖c‖²'s noise added back, once more for c's own
+    error, and 2 sd of the square's noise: noisy sums widen the clip rather than cut the features). Where that
+    is not below b (too few units for the centre to tighten anything) the centre is 0 and the clip b."""
     n = max(float(noisy["count"]), 1.0)
     c = _clipped(noisy["sum"] / n, clip)
     p = len(c)
     square = float(noisy["square"]) / n - float(c @ c) + 2 * p * (std["sum"] / n) ** 2 + 2 * std["square"] / n
-    return Centre(c, min(max(CENTRE_CLIP * math.sqrt(max(square, 0.0)), clip / 1000), clip))
+    tight = max(CENTRE_CLIP * math.sqrt(max(square, 0.0)), clip / 1000)
+    return Centre(c, tight) if tight < clip else Centre(np.zeros(p), clip)
 
 
 def uncentre(stats: dict[str, np.ndarray], centre: Centre) -> dict[str, np.ndarray]:

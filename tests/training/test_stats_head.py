@@ -192,6 +192,22 @@ def test_dp_release_is_one_gaussian_sum_of_sensitivity_c(setup: tuple[Path, Path
     verify_ledger([entry], "model")
 
 
+def test_the_centre_sets_a_tighter_clip_only_where_its_noise_allows() -> None:
+    """From noised centre sums: c = sum/count scaled into the ball of radius b, b_c = √(square/count − ‖c‖²
+    + 2p(σ_sum/count)² + 2σ_square/count); where that is not below b (a few units, much noise) the statistics
+    are not centred at all (c = 0, clip b)."""
+    b, p = 0.5, 4
+    noisy = {"sum": np.full(p, 3.0), "count": np.asarray(10.0), "square": np.asarray(2.6)}
+    c = np.full(p, 0.3) * b / 0.6  # ‖sum/count‖ = 0.6 > b
+    sds = {"sum": 0.5, "count": 0.1, "square": 0.2}
+    want = math.sqrt(2.6 / 10 - b**2 + 2 * p * (0.5 / 10) ** 2 + 2 * 0.2 / 10)
+    got = sufficient.centre_of(noisy, sds, b)
+    assert got.clip == pytest.approx(want) and want < b
+    np.testing.assert_allclose(got.point, c)
+    loose = sufficient.centre_of(noisy, {"sum": 5.0, "count": 20.0, "square": 5.0}, b)
+    assert loose.clip == b and not loose.point.any()
+
+
 def test_a_class_the_noise_hides_takes_no_side() -> None:
     """A class whose count is below 3 sd of the count noise gets the direction of the mean of all units: with
     W linear in the means, the count-weighted mean of the known classes' rows."""
