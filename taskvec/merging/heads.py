@@ -113,9 +113,9 @@ def check_statistics(base: Header, headers: Sequence[Header], recipe: Recipe, me
 
 def _check_noise(h: Header) -> None:
     """Refuse a statistics vector whose clip and noise sds are not those of its ledger's release of noise
-    multiplier z: centred (`centre`) at share ρ, a clip b_c ≤ b (the public bound of its features) and
-    σ = `sufficient.noise_std`(z/√(1−ρ), b_c); without a centre, the clip b and σ = `noise_std`(z, b); none of
-    them without a release."""
+    multiplier z: centred (`centre`) at the share ρ = `sufficient.CENTRE_SHARE`, a clip b_c in [b·
+    `sufficient.MIN_CENTRE_CLIP`, b] (b the public bound of its features) and σ = `sufficient.noise_std`(z/√(1−ρ),
+    b_c); without a centre, the clip b and σ = `noise_std`(z, b); none of them without a release."""
     record = h.meta["sufficient"]
     releases = [e for e in h.vector.privacy if isinstance(e, dict) and e.get("run_id") == h.vector.run_id]
     z = releases[-1].get("noise_multiplier") if releases else None
@@ -124,8 +124,14 @@ def _check_noise(h: Header) -> None:
     if z is None:
         want: tuple[Any, Any, Any] = (None, None, None)  # no release: no noise
     elif isinstance(z, (int, float)) and not isinstance(z, bool) and 0 < z < math.inf:
+        if share is not None and share != sufficient.CENTRE_SHARE:
+            raise FileFormatError(f"{h.path}: sufficient.centre is of share {share}, but a statistics head's centre "
+                                  f"release is of share {sufficient.CENTRE_SHARE}", path=h.path,
+                                  field="sufficient.centre")
         bound = sufficient.clip_bound(features["dim"], features["projection"]["dim"])
-        clip = record.get("clip") if share is not None and 0 < (record.get("clip") or 0) <= bound else bound
+        clip = record.get("clip")
+        if share is None or not bound * sufficient.MIN_CENTRE_CLIP <= (clip or 0) <= bound:
+            clip = bound  # without a centre the clip is b, with one at most b
         want = (share, clip, sufficient.noise_std(float(z) / math.sqrt(1 - (share or 0.0)), clip))
     else:
         raise FileFormatError(f"{h.path}: its release's noise_multiplier is {z!r}, not a positive number",

@@ -30,11 +30,16 @@ and a clip b_c ≤ b of ‖g − c‖ (`centre_of`, post-processing); then the s
 clipped to ‖h‖ ≤ b_c in place of g (b_c in place of b in the scales) at z/√(1−ρ). Both are Gaussian
 mechanisms of sensitivity C, so by the composition of Gaussian DP (Dong, Roth and Su 2022) the pair is
 exactly one Gaussian release at z: 1/z² = ρ/z² + (1−ρ)/z², the `gaussian-sum` entry the run records. The
-released statistics are brought back to those of g (`uncentre`, exact algebra on noisy values), so vectors
-with different centres sum like any others; the noise sds the file records are `noise_std`(z/√(1−ρ), b_c).
+released statistics are brought back to the frame of g (`uncentre`, exact algebra on noisy values: they are
+the statistics of c + h, which are g's for the units inside the clip), so vectors with different centres sum
+like any others. The noise sds the file records are `noise_std`(z/√(1−ρ), b_c), those of the centred release;
+bringing it back adds the count noise times c to the sums and c ξᵀ + ξ cᵀ + η c cᵀ to the moments (ξ the sums'
+noise, η the counts'), which the LDA head's within-class covariance, about the overall mean, cancels.
 
 The head is linear discriminant analysis on g (`solve_lda`): with N = Σ n_c, class means μ_c = S_c/n_c,
-the pooled within-class covariance Σ = (M − Σ_c S_c S_cᵀ/n_c + Σ_c σ_S²/n_c·I)/N (the last term removes
+the overall mean ḡ = Σ_c S_c/N, the pooled within-class covariance
+Σ = (M − Nḡḡᵀ − Σ_c n_c(μ_c − ḡ)(μ_c − ḡ)ᵀ + Σ_c σ_S²/n_c·I)/N (= M − Σ_c S_c S_cᵀ/n_c + …; written about ḡ
+so that it does not depend on the centre of a DP release when a class is left out below; the last term removes
 the noise's expected share of the means' outer products), its eigenvalues floored at
 `NOISE_FLOOR`·√(2p)·σ_M/N (the scale of the symmetrised moment noise's spectral norm, on the covariance's
 scale) + shrink·max(tr Σ, `MIN_WITHIN`·tr M/N)/p (the second term keeps the floor positive when the classes
@@ -67,7 +72,8 @@ KEYS = {"counts": "sufficient.counts", "sums": "sufficient.sums", "moments": "su
         "log_norms": "sufficient.log_norms"}
 CENTRE_SHARE = 0.1  # ρ: the centre's share of the release's 1/z² (noise multipliers z/√ρ and z/√(1−ρ))
 CENTRE_CLIP = 1.0  # κ: under DP ‖g − c‖ is clipped at κ × its root mean square, as the centre release estimates it
-CENTRE_SHARES = {"sum": 0.9, "count": 0.05, "square": 0.05}  # each part's share of a unit's ‖v_u‖² in the centre
+CENTRE_SHARES = {"sum": 0.9, "count": 0.05, "square": 0.05}
+MIN_CENTRE_CLIP = 1e-3  # b_c is at least this × b  # each part's share of a unit's ‖v_u‖² in the centre
 CLIP_FACTOR = 1.25  # c: under DP ‖g‖ is clipped at c·√(p/d) (its mean square is p/d)
 LOG_NORM_RANGE = 10.0  # log feature norms are clamped to ±10 (norms from 4.5e-5 to 2.2e4)
 SHARES = {"sums": 0.45, "counts": 0.05, "moments": 0.45, "log_norms": 0.05}  # a²: each statistic's share of ‖v_u‖²
@@ -163,8 +169,9 @@ def noise_std(z: float, clip: float) -> dict[str, float]:
 
 
 def noise_bound(z: float, dim: int, rank: int) -> dict[str, float]:
-    """The largest sd of each statistic's noise in a DP release at noise multiplier z (before the data is
-    seen): `noise_std` of the statistics' share, z/√(1−ρ), at the clip b ≥ b_c."""
+    """The largest sd of each statistic's centred noise in a DP release at noise multiplier z (before the data is
+    seen): `noise_std` of the statistics' share, z/√(1−ρ), at the clip b ≥ b_c (the uncentred tensors add the
+    terms along the centre, see the module docstring)."""
     return noise_std(z / math.sqrt(1 - CENTRE_SHARE), clip_bound(dim, rank))
 
 
@@ -195,20 +202,21 @@ def centre_noise_std(z: float, clip: float) -> dict[str, float]:
 def centre_of(noisy: dict[str, np.ndarray], std: dict[str, float], clip: float) -> Centre:
     """The centre and its clip from the noised centre sums (post-processing): with n̂ = max(count, 1),
     c = sum/n̂ (scaled into ‖c‖ ≤ b) and b_c = κ·√(square/n̂ − ‖c‖² + 2p(σ_sum/n̂)² + 2σ_square/n̂), at least
-    b/1000: κ × the root mean square of ‖g − c‖ as estimated (‖c‖²'s noise added back, once more for c's own
-    error, and 2 sd of the square's noise: noisy sums widen the clip rather than cut the features). Where that
-    is not below b (too few units for the centre to tighten anything) the centre is 0 and the clip b."""
+    b·`MIN_CENTRE_CLIP`: κ × the root mean square of ‖g − c‖ as estimated (‖c‖²'s noise added back, once more
+    for c's own error, and 2 sd of the square's noise: noisy sums widen the clip rather than cut the features).
+    Where that is not below b (too few units for the centre to tighten anything) the centre is 0, the clip b."""
     n = max(float(noisy["count"]), 1.0)
     c = _clipped(noisy["sum"] / n, clip)
     p = len(c)
     square = float(noisy["square"]) / n - float(c @ c) + 2 * p * (std["sum"] / n) ** 2 + 2 * std["square"] / n
-    tight = max(CENTRE_CLIP * math.sqrt(max(square, 0.0)), clip / 1000)
+    tight = max(CENTRE_CLIP * math.sqrt(max(square, 0.0)), clip * MIN_CENTRE_CLIP)
     return Centre(c, tight) if tight < clip else Centre(np.zeros(p), clip)
 
 
 def uncentre(stats: dict[str, np.ndarray], centre: Centre) -> dict[str, np.ndarray]:
-    """The statistics of g from (noised) statistics of h = g − c: S_c + n_c·c, M + c sᵀ + s cᵀ + N·c cᵀ with
-    s = Σ_c S_c and N = Σ_c n_c (exact algebra: the within-class scatter is unchanged, noise included)."""
+    """The statistics of c + h from (noised) statistics of h = g − c clipped at b_c (those of g for the units
+    inside the clip): S_c + n_c·c, M + c sᵀ + s cᵀ + N·c cᵀ with s = Σ_c S_c and N = Σ_c n_c (exact algebra:
+    the scatter about the overall mean and each class's is unchanged, noise included)."""
     c, n, s = centre.point, stats["counts"], stats["sums"].sum(0)
     cross = np.outer(c, s)
     moments = stats["moments"] + (cross + cross.T) + float(n.sum()) * np.outer(c, c)  # symmetric to the bit
@@ -249,9 +257,11 @@ def solve_lda(stats: dict[str, np.ndarray], proj: np.ndarray, shrink: float,
     total = max(float(n.sum()), 1.0)
     known = n > 3 * sd["counts"]
     counts = np.where(known, n, 1.0)
-    means = np.where(known[:, None], s / counts[:, None], s.sum(0) / total)
+    mean = s.sum(0) / total
+    means = np.where(known[:, None], s / counts[:, None], mean)
     noise_share = sd["sums"] ** 2 * float((1 / counts[known]).sum())  # E of the noise's share of Σ_c S_c S_cᵀ/n_c
-    within = m - (means[known].T * counts[known]) @ means[known] + noise_share * np.eye(p)
+    offsets = means[known] - mean  # scatter about the overall mean: the same whatever the statistics' centre
+    within = m - total * np.outer(mean, mean) - (offsets.T * counts[known]) @ offsets + noise_share * np.eye(p)
     values, vectors = np.linalg.eigh((within + within.T) / (2 * total))
     spread = max(float(values.sum()), MIN_WITHIN * float(np.trace(m)) / total, 0.0)
     floor = NOISE_FLOOR * math.sqrt(2 * p) * sd["moments"] / total + shrink * spread / p

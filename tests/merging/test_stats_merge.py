@@ -244,7 +244,8 @@ def test_noise_sds_and_clip_are_those_of_the_release(sites: Any, tmp_path: Path)
     lies = {
         "noise_std": (honest, lambda r: r["noise_std"].update(sums=10 * r["noise_std"]["sums"]), implied),
         "clip": (honest, lambda r: r.update(clip=r["clip"] * 100), implied),  # above the features' bound
-        "noise_std  ": (honest, lambda r: r["centre"].update(share=0.5), implied),  # the statistics' share
+        "centre ": (honest, lambda r: r["centre"].update(share=1 - 1e-12), "a statistics head's centre release is"),
+        "clip ": (honest, lambda r: r.update(clip=1e-200), implied),  # below the centre's smallest clip
         "centre": (vectors[0], lambda r: r.update(centre={"share": 0.1, "point": [0.0] * 6}),
                    "it records no DP release"),
         "noise_std ": (vectors[0], lambda r: r.update(noise_std=dict.fromkeys(sufficient.KEYS, 1e6)),
@@ -252,7 +253,7 @@ def test_noise_sds_and_clip_are_those_of_the_release(sites: Any, tmp_path: Path)
     }
     for name, (src, change, message) in lies.items():
         bad = _tampered(src, tmp_path / "bad.safetensors", change)
-        with pytest.raises(FileFormatError, match=f"sufficient.{name.strip()} is .* but {message}") as err:
+        with pytest.raises(FileFormatError, match=f"sufficient.{name.strip()} is .*, but {message}") as err:
             merge_vectors([bad], base, tmp_path / "m.safetensors", method="lda-head")
         assert err.value.field == f"sufficient.{name.strip()}" and not (tmp_path / "m.safetensors").exists()
 

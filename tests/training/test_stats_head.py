@@ -208,6 +208,28 @@ def test_the_centre_sets_a_tighter_clip_only_where_its_noise_allows() -> None:
     assert loose.clip == b and not loose.point.any()
 
 
+def test_the_head_does_not_depend_on_the_centre_the_statistics_were_released_around() -> None:
+    """Noised statistics of h = g − c brought back around two different centres c describe the same features
+    shifted by c: the heads solved from them must score each feature's shifted copy alike (logits equal up to
+    a constant per feature), with noise and a class the noise hides (class 2 has no units). The within-class
+    covariance is taken about the overall mean, so the hidden class's count noise along c cancels."""
+    rng = np.random.default_rng(1)
+    p, k = 6, 3
+    h = rng.normal(size=(50, p)) * 0.1
+    labels = rng.integers(0, 2, 50)
+    stats = {"counts": np.bincount(labels, minlength=k).astype(float), "sums": np.zeros((k, p)), "moments": h.T @ h,
+             "log_norms": np.zeros(1)}
+    np.add.at(stats["sums"], labels, h)
+    std = {"sums": 0.05, "counts": 2.0, "moments": 0.05, "log_norms": 0.0}
+    stats = sufficient.add_noise(stats, std, rng.standard_normal)
+    logits = []
+    for c in (np.zeros(p), np.full(p, 0.4)):
+        weight, bias = sufficient.solve_lda(sufficient.uncentre(stats, sufficient.Centre(c, 1.0)), np.eye(p), 1e-2, std)
+        z = (h + c) @ weight.T + bias
+        logits.append(z - z.mean(1, keepdims=True))
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-9, atol=1e-9 * np.abs(logits[0]).max())
+
+
 def test_a_class_the_noise_hides_takes_no_side() -> None:
     """A class whose count is below 3 sd of the count noise gets the direction of the mean of all units: with
     W linear in the means, the count-weighted mean of the known classes' rows."""
