@@ -93,6 +93,11 @@ def clean_statistics(f: np.ndarray, y: np.ndarray, proj: np.ndarray) -> dict[str
     return CLEAN[key][1]
 
 
+def site_pass(f: np.ndarray, y: np.ndarray) -> sufficient.Pass:
+    """A pass over one site's cached features (each image weighs 1), as a run's pass over its images."""
+    return lambda part: part(f, y.tolist(), np.ones(len(y)))
+
+
 def stats_head(parts: list[tuple[np.ndarray, np.ndarray]], eps: float | None, solver: str, dim: int,
                args: argparse.Namespace, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """The head solved once from the sum of the sites' statistics (each released once at ε)."""
@@ -104,8 +109,8 @@ def stats_head(parts: list[tuple[np.ndarray, np.ndarray]], eps: float | None, so
         released = [clean_statistics(f, y, proj) for f, y in parts]
     else:  # the run's two releases (centre, then the statistics centred on it), as `stats-head:P` makes them
         z = release_noise(DPConfig(max_grad_norm=1.0, delta=args.delta, target_epsilon=eps), "feature statistics")[0]
-        runs = [sufficient.dp_release(partial(lambda part, f, y: part(f, y.tolist(), np.ones(len(y))), f=f, y=y), z,
-                                      sufficient.clip_bound(d, p), 8, proj, rng.standard_normal) for f, y in parts]
+        runs = [sufficient.dp_release(site_pass(f, y), z, sufficient.clip_bound(d, p), 8, proj, rng.standard_normal)
+                for f, y in parts]
         released = [r[0] for r in runs]
         std = {k: math.sqrt(sum(r[1][k] ** 2 for r in runs)) for k in sufficient.KEYS}  # of the sum, as merged
     total = {k: np.sum([r[k] for r in released], axis=0) for k in sufficient.KEYS}

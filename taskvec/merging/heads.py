@@ -122,7 +122,10 @@ def _check_noise(h: Header) -> None:
     features = record["features"]
     share = (record.get("centre") or {}).get("share")
     if z is None:
-        want: tuple[Any, Any, Any] = (None, None, None)  # no release: no noise
+        if share is not None:
+            raise FileFormatError(f"{h.path}: sufficient.centre is {str(record['centre'])[:40]}, but it records no "
+                                  "DP release", path=h.path, field="sufficient.centre")
+        want: tuple[Any, Any] = (None, None)  # no release: no noise
     elif isinstance(z, (int, float)) and not isinstance(z, bool) and 0 < z < math.inf:
         if share is not None and share != sufficient.CENTRE_SHARE:
             raise FileFormatError(f"{h.path}: sufficient.centre is of share {share}, but a statistics head's centre "
@@ -132,15 +135,11 @@ def _check_noise(h: Header) -> None:
         clip = record.get("clip")
         if share is None or not bound * sufficient.MIN_CENTRE_CLIP <= (clip or 0) <= bound:
             clip = bound  # without a centre the clip is b, with one at most b
-        want = (share, clip, sufficient.noise_std(float(z) / math.sqrt(1 - (share or 0.0)), clip))
+        want = (clip, sufficient.noise_std(float(z) / math.sqrt(1 - (share or 0.0)), clip))
     else:
         raise FileFormatError(f"{h.path}: its release's noise_multiplier is {z!r}, not a positive number",
                               path=h.path, field="privacy")
-    if share is not None and want[0] is None:
-        raise FileFormatError(f"{h.path}: sufficient.centre is {str(record['centre'])[:40]}, but it records no DP "
-                              "release",
-                              path=h.path, field="sufficient.centre")
-    for fld, got, expected in zip(("clip", "noise_std"), (record.get("clip"), record.get("noise_std")), want[1:]):
+    for fld, got, expected in zip(("clip", "noise_std"), (record.get("clip"), record.get("noise_std")), want):
         if not _close(got, expected):
             why = "it records no DP release" if z is None else f"its release (noise multiplier {z}) implies {expected}"
             raise FileFormatError(f"{h.path}: sufficient.{fld} is {got}, but {why}", path=h.path,

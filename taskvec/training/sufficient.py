@@ -72,8 +72,8 @@ KEYS = {"counts": "sufficient.counts", "sums": "sufficient.sums", "moments": "su
         "log_norms": "sufficient.log_norms"}
 CENTRE_SHARE = 0.1  # ρ: the centre's share of the release's 1/z² (noise multipliers z/√ρ and z/√(1−ρ))
 CENTRE_CLIP = 1.0  # κ: under DP ‖g − c‖ is clipped at κ × its root mean square, as the centre release estimates it
-CENTRE_SHARES = {"sum": 0.9, "count": 0.05, "square": 0.05}
-MIN_CENTRE_CLIP = 1e-3  # b_c is at least this × b  # each part's share of a unit's ‖v_u‖² in the centre
+CENTRE_SHARES = {"sum": 0.9, "count": 0.05, "square": 0.05}  # each part's share of a unit's ‖v_u‖² in the centre
+MIN_CENTRE_CLIP = 1e-3  # b_c is at least this × b
 CLIP_FACTOR = 1.25  # c: under DP ‖g‖ is clipped at c·√(p/d) (its mean square is p/d)
 LOG_NORM_RANGE = 10.0  # log feature norms are clamped to ±10 (norms from 4.5e-5 to 2.2e4)
 SHARES = {"sums": 0.45, "counts": 0.05, "moments": 0.45, "log_norms": 0.05}  # a²: each statistic's share of ‖v_u‖²
