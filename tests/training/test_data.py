@@ -382,3 +382,18 @@ def test_a_class_without_training_images_is_a_warning_in_every_layout(tmp_path: 
         assert f"{data}: no training images of class 1, 2" in s.warnings
     np.savez(tmp_path / "ok.npz", train_images=np.zeros((4, 28, 28), np.uint8), train_labels=np.arange(4) % 2)
     assert not any("no training images" in w for w in load_data(tmp_path / "ok.npz", spec(), val_fraction=0).warnings)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_float_image_with_non_finite_pixels_is_refused(tmp_path: Path, bad: float) -> None:
+    """A float TIFF holding NaN or inf has no image to scale: an error naming it, not a black image."""
+    root = image_folder(tmp_path / "d", n_per_class=2)
+    pixels = np.linspace(0, 2, 64 * 64, dtype=np.float32).reshape(64, 64)
+    Image.fromarray(pixels).save(root / "0" / "fine.tif")
+    pixels[3, 5] = bad
+    Image.fromarray(pixels).save(root / "0" / "bad.tif")
+    ds = load_data(root, spec(), val_fraction=0).train
+    fine = ds[ds.sources.index(str(root / "0" / "fine.tif"))][0]
+    assert float(fine.float().max()) > 200  # a finite float image still loads, scaled to its maximum
+    with pytest.raises(TaskvecError, match=r"bad.tif: cannot decode image \(pixel values that are NaN or infinite"):
+        ds[ds.sources.index(str(root / "0" / "bad.tif"))]

@@ -62,6 +62,8 @@ def to_array(img: Image.Image, in_chans: int, size: int) -> np.ndarray:
     """An image as uint8 `size × size × in_chans` under the module's conversion policy."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         a = np.asarray(img)
+        if img.mode == "F" and not np.isfinite(a).all():
+            raise ValueError("pixel values that are NaN or infinite")
         top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
         f = a.astype(np.float32)  # one float32 copy, scaled in place (no float64 copies of a large image)
         f *= 255.0 / top
