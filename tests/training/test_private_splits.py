@@ -283,3 +283,19 @@ def test_dp_sgd_draws_augmentation_and_dropout_from_a_secret_key() -> None:
     keys = {randomness_key(private) for _ in range(3)}
     assert len(keys) == 3 and 7 not in keys
     assert randomness_key(FinetuneConfig(seed=7, dp=DPConfig(1.0, 1e-5, noise_multiplier=1.0, seed=3))) == 3
+
+
+@pytest.mark.parametrize(("first", "second"), [("7", "7.0"), ("0012", "12"), ("P3", "p3")])
+def test_one_patient_id_written_two_ways_is_refused(tmp_path: Path, first: str, second: str) -> None:
+    """A spreadsheet that rewrote some ids (`7` as `7.0`) would make one patient two units: refused, naming both
+    lines. Ids that differ as numbers or as text stay distinct patients."""
+    csv = _patients_csv(tmp_path, [4, 5, 6])
+    rows = csv.read_text().splitlines()
+    rows[1], rows[2] = (r.rsplit(",", 1)[0] + "," + pid for r, pid in zip(rows[1:3], (first, second)))
+    csv.write_text("\n".join(rows) + "\n")
+    with pytest.raises(Exception, match=rf"data.csv:3: patient_id '{second}' reads as '{first}' \(line 2\) written"):
+        load_data(csv, _spec())
+    rows[2] = rows[2].rsplit(",", 1)[0] + f",{second}1"  # 71, 121, p31: another patient
+    csv.write_text("\n".join(rows) + "\n")
+    assert sorted(set(load_data(csv, _spec(), val_fraction=0).train.groups or [])) == sorted(
+        {first, f"{second}1", "p5", "p6"})

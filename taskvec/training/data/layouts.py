@@ -7,6 +7,7 @@ import codecs
 import csv
 import io
 from dataclasses import replace
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,7 @@ class Reader:
             if blank is not None:
                 raise TaskvecError(f"{path}:{blank}: no patient_id; give every row its patient's id, or drop the "
                                    "column to make each image its own unit", path=path, field="patient_id")
+            _one_spelling_each(path, lines, [r["patient_id"].strip() for r in rows])
         ok = self.keep_readable(paths)
         by_split: dict[str, tuple[list[Source], list[Any], list[str]]] = {}
         for line, p, r, good in zip(lines, paths, rows, ok):
@@ -337,6 +339,26 @@ def _integer(text: str) -> int | None:
         return int(text)
     except ValueError:
         return None
+
+
+def _id_key(text: str) -> str:
+    """What two spellings of one patient id share: the number it writes (`7`, `7.0`, `007`), else its casefold."""
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        return text.casefold()
+    return f"#{number.normalize()}" if number.is_finite() else text.casefold()
+
+
+def _one_spelling_each(path: Path, lines: list[int], ids: list[str]) -> None:
+    """Refuse one patient id written two ways (`7` and `7.0`, `P7` and `p7`, as spreadsheets rewrite ids): it
+    would be two units of a guarantee meant for one patient."""
+    first: dict[str, tuple[str, int]] = {}
+    for line, pid in zip(lines, ids):
+        other, at = first.setdefault(_id_key(pid), (pid, line))
+        if other != pid:
+            raise TaskvecError(f"{path}:{line}: patient_id {pid!r} reads as {other!r} (line {at}) written another "
+                               "way; write each patient's id one way", path=path, field="patient_id")
 
 
 def _split_name(value: str, where: str) -> str:
