@@ -14,6 +14,7 @@ multiplier its run would calibrate; the centre, then the statistics centred on i
 (`taskvec.simulation.splits`): 5 iid, or 5 with class proportions Dirichlet(0.5). Test split: macro one-vs-rest
 AUROC and balanced accuracy, mean ± sd over `--seeds` (each seed: a new split and new noise; single sites: the
 mean over the 5, and the one with the highest AUROC).
+`--per-class P` prints each class's test recall under the merged and centralised LDA heads instead.
 Example:
   python docs/results/capture.py stats-head-pbc -- nice -n 10 python benchmarks/stats_head.py
 """
@@ -146,6 +147,37 @@ def scores(head: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarr
             float(multiclass_recall(logits.argmax(1), y, 8, average="macro")))
 
 
+def per_class(args: argparse.Namespace, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+              epsilons: list[float | None]) -> list[str]:
+    """Each class's test recall under the merged (iid sites) and centralised LDA head at P = `--per-class`."""
+    names = sorted(d.name for d in (args.data / "train").iterdir() if d.is_dir())
+    fit = partial(stats_head, solver="lda", dim=args.per_class, args=args)
+    y = torch.from_numpy(test[1]).long()
+    cells: dict[tuple[str, float | None], list[np.ndarray]] = {}
+    for seed in range(args.seeds):
+        parts = [(train[0][i], train[1][i]) for i in split_iid(len(train[1]), args.sites, seed)]
+        for eps in epsilons:
+            for where, data in (("merged", parts), ("centralised", [train])):
+                if where == "centralised" and eps is None:
+                    continue  # without DP the merged head is the centralised one
+                weight, bias = fit(data, eps, rng=np.random.default_rng(seed))
+                logits = torch.from_numpy(test[0] @ weight.T + bias)
+                recall = multiclass_recall(logits.argmax(1), y, 8, average=None)
+                cells.setdefault((where, eps), []).append(recall.double().numpy())
+    label = {None: "no DP"} | {e: f"ε = {e:g}" for e in epsilons if e is not None}
+    keys = sorted(cells, key=lambda k: (k[0] != "merged", -math.inf if k[1] is None else -k[1]))
+    lines = [f"Test recall of each class, LDA head at P = {args.per_class} from the statistics of {args.sites} iid "
+             f"sites (merged) or of one site holding every training image (centralised), PBC blood cells, "
+             f"tf_efficientnet_lite0 at {args.img_size} px, δ = {args.delta:g}, per image; mean ± sd over "
+             f"{args.seeds} seeds (the mean of the rows is the balanced accuracy).", "",
+             "| class | training images | " + " | ".join(f"{w} {label[e]}" for w, e in keys) + " |",
+             "|" + "---|" * (len(keys) + 2)]
+    for k, name in enumerate(names):
+        lines.append(f"| {name} | {int((train[1] == k).sum()):,} | "
+                     + " | ".join(ms([r[k] for r in cells[key]]) for key in keys) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "pbc_blood_cells_128")
@@ -157,10 +189,15 @@ def main() -> None:
     ap.add_argument("--stats-dims", default="64,128,256", help="P of the LDA heads (the ridge head: the middle one)")
     ap.add_argument("--sites", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--per-class", type=int, metavar="P",
+                    help="print only each class's recall under the merged and centralised LDA head at this P")
     args = ap.parse_args()
     feats, args.backbone = features(args)
     train, test = feats["train"], feats["test"]
     epsilons = [None if e == "inf" else float(e) for e in args.epsilons.split(",")]
+    if args.per_class:
+        print("\n".join(per_class(args, train, test, epsilons)))
+        return
     dims = [int(p) for p in args.stats_dims.split(",")]
     methods: list[tuple[str, Fit]] = [(f"LDA head, P = {p}", partial(stats_head, solver="lda", dim=p)) for p in dims]
     mid = dims[len(dims) // 2]
