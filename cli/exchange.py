@@ -313,6 +313,9 @@ def merge_inputs(
 ) -> tuple[list[Path], Path]:
     """The vector files and base `taskvec merge` works on (`taskvec.registry.merge_inputs` decides what a
     registry gives: `policy` is the merger's `TrustPolicy`); exits when the registry's newest version is up to date."""
+    if not vectors and registry is None:
+        usage("give the vectors to merge, e.g. `taskvec merge a.safetensors b.safetensors --base base.safetensors "
+              "--out merged.safetensors` (or --registry R for a registry's)")
     if incremental != (state is not None):
         usage("--incremental and --state DIR go together (the state keeps the running merge)")
     if out is None and not incremental:
@@ -331,7 +334,7 @@ def merge_inputs(
         _report_inputs(reg.address, got)
         paths, base = got.vectors, got.base
     if not paths:
-        usage("no vectors given: pass vector files or --registry R")
+        usage(f"no vectors to merge: {registry} holds none that the selection takes")
     assert base is not None
     return paths, base
 

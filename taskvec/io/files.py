@@ -207,8 +207,10 @@ def read_header(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER_BYTES and 8 + n <= size:
             raise _not_safetensors(p, raw, f"header of {n} B is over the {MAX_HEADER_BYTES} B limit")
-        if 8 + n > size:
-            raise _not_safetensors(p, raw, f"not a safetensors file or truncated (header length {n}, file {size} B)")
+        if 8 + n > size:  # a header longer than any this format writes: text or other bytes, not a cut file
+            what = "not a safetensors file" if n > MAX_HEADER_BYTES else "a truncated safetensors file (or not one)"
+            raise _not_safetensors(p, raw, f"{what}: its first 8 bytes give a header of {n:,} B in a file of "
+                                           f"{size:,} B")
         body = f.read(n)
     try:
         header = json.loads(body, object_pairs_hook=_no_duplicates)

@@ -52,6 +52,15 @@ def test_truncated_file_is_refused(tmp_path: Path) -> None:
     p.write_bytes(data[:6])
     with pytest.raises(FileFormatError, match="too short"):
         read_header(p)
+    p.write_bytes(data[:20])  # cut inside the header
+    n = int.from_bytes(data[:8], "little")
+    with pytest.raises(FileFormatError, match=rf"a truncated safetensors file \(or not one\): its first 8 bytes give "
+                                              rf"a header of {n:,} B in a file of 20 B"):
+        read_header(p)
+    p.write_text("# A README\n\nSome text.\n")  # text: its first 8 bytes read as a huge length
+    with pytest.raises(FileFormatError, match=r"a.safetensors: not a safetensors file: its first 8 bytes give a "
+                                              r"header of [\d,]{20,} B in a file of 23 B$"):
+        read_header(p)
 
 
 def test_corrupt_header_is_refused(tmp_path: Path) -> None:

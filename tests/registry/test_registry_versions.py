@@ -335,6 +335,10 @@ def test_cli_refusals_are_one_line(sites, tmp_path: Path) -> None:
     assert_refused(cli("pull-version", "7", "--registry", reg_dir, "--out", "x.safetensors", "--allow-unsigned",
                        cwd=tmp_path), "no version 7; it has v0", code=1)
     assert_refused(cli("merge", vector(0), "--out", "m.safetensors", cwd=tmp_path), "give --base BASE", code=2)
+    assert_refused(cli("merge", cwd=tmp_path), "give the vectors to merge, e.g. `taskvec merge a.safetensors", code=2)
+    none_since = ("--registry", reg_dir, "--base", base, "--since", "2999-01-01", "--allow-unsigned")
+    assert_refused(cli("merge", *none_since, "--out", "m.safetensors", cwd=tmp_path),
+                   f"no vectors to merge: {reg_dir} holds none", code=2)
     assert not (tmp_path / "x.safetensors").exists() and reg.info().versions[-1].version == 0
 
 
