@@ -105,6 +105,8 @@ def list_vectors(
     signed = {v.version: f"signed by {v.signer}" if v.signature else "unsigned" for v in info.versions}
     console.print("versions: " + ", ".join(f"{v.label} ({signed[v.version]})" for v in info.versions))
     t = Table("contributor", "sha256", "base", "samples", "privacy", "signed", "pushed", "created")
+    for c in t.columns[:2]:  # a narrow terminal cuts the other columns, never the contributor or the hash
+        c.no_wrap, c.min_width = True, len(str(c.header))
     for e in entries:
         n = base_version(e.base)
         t.add_row(e.contributor, e.sha256[:16], "?" if n is None else f"v{n}",

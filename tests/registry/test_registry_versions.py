@@ -189,7 +189,10 @@ def test_push_against_published_versions(address: str, sites, tmp_path: Path) ->
     assert [(v["version"], v["identity"]) for v in listed["versions"]] == [(0, _id(base)), (1, _id(m1))]
     table = _cli("list", "--registry", address, flat=False)
     assert f"versions: v0 {_id(base)[:12]} (unsigned), v1 {_id(m1)[:12]} (unsigned)" in " ".join(table.split())
-    assert [row.split("│")[3].strip() for row in table.splitlines() if "site" in row] == ["v0", "v1"]
+    rows = [row.split("│") for row in table.splitlines() if "site" in row]
+    assert [r[3].strip() for r in rows] == ["v0", "v1"]
+    pushed = [e.sha256[:16] for e in reg.entries()]  # whole at 80 columns, where the later columns are cut
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("site0", pushed[0]), ("site5", pushed[1])]
 
 
 def test_tampered_version_is_refused(address: str, sites, tmp_path: Path, request: pytest.FixtureRequest) -> None:
