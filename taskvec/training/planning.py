@@ -59,7 +59,7 @@ from taskvec.errors import ConfigError, check_range
 from taskvec.io.files import read_kind
 from taskvec.io.schema import MAX_COUNT, MAX_STEPS
 from taskvec.privacy import DEFAULT_MAX_GRAD_NORM, DEFAULT_SAMPLE_RATE
-from taskvec.training.sufficient import CENTRE_SHARE, SHARES, noise_bound
+from taskvec.training.sufficient import clip_bound, noise_bound
 
 if TYPE_CHECKING:
     from taskvec.privacy.dpsgd import DPConfig
@@ -207,5 +207,5 @@ def _stats_plan(mode: str, z: float, units: int, k: int, dim: int, p: int) -> Mo
     sd = noise_bound(z, dim, p)
     norms = {"sums": math.sqrt(k * p) * sd["sums"], "counts": math.sqrt(k) * sd["counts"], "moments": p * sd["moments"],
              "log_norms": sd["log_norms"]}
-    ratio = z / math.sqrt(1 - CENTRE_SHARE) * math.sqrt(p) * k / (math.sqrt(SHARES["sums"]) * units)
+    ratio = sd["sums"] * math.sqrt(p) / (units / k * clip_bound(dim, p))  # σ_S·√p / ((N/k)·b)
     return ModePlan(mode, z, 1, k * p + k + p * p + 1, ratio, norms)
